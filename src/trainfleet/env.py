@@ -1,0 +1,20 @@
+"""Environment variables trainfleet reads or sets, defined once (all prefixed ``TRAINFLEET_``)."""
+
+# Read by the CLI.
+URL = "TRAINFLEET_URL"  # coordinator base URL, e.g. http://127.0.0.1:8470
+TOKEN = "TRAINFLEET_TOKEN"  # operator token for operator / read commands
+JOIN_TOKEN = "TRAINFLEET_JOIN_TOKEN"  # token a worker presents to register
+STATE_DIR = "TRAINFLEET_STATE_DIR"  # coordinator state dir (db, artifacts, tokens)
+HOST = "TRAINFLEET_HOST"  # worker host name override
+
+# Set by the worker for every job process it starts.
+JOB_ID = "TRAINFLEET_JOB_ID"
+JOB_NAME = "TRAINFLEET_JOB_NAME"
+ATTEMPT = "TRAINFLEET_ATTEMPT"
+MODE = "TRAINFLEET_MODE"  # the job's mode (manifest `mode`)
+OUTPUT_DIR = "TRAINFLEET_OUTPUT_DIR"  # everything written here is packed and uploaded
+NUM_THREADS = "TRAINFLEET_NUM_THREADS"  # CPU threads the job may use
+
+DEFAULT_PORT = 8470
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_STATE_DIR = ".trainfleet"

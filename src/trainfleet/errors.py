@@ -1,0 +1,93 @@
+"""The trainfleet exception tree.
+
+::
+
+    TrainfleetError                 base of everything we raise on purpose
+    ├── ManifestError               a manifest is invalid (names file, job and field)
+    ├── ApiError                    an HTTP-level error; carries status_code and a JSON body
+    │   ├── BadRequest          400 malformed request / failed validation
+    │   ├── Unauthorized        401 missing or wrong token
+    │   ├── NotFound            404 no such job / worker / artifact
+    │   ├── Conflict            409 state conflict, e.g. the job is not in a state for this
+    │   │   └── StaleEpoch      409 the claim's fencing epoch is no longer current
+    │   └── IntegrityError      422 uploaded bytes do not match their declared digest / size
+    ├── CoordinatorUnavailable  the coordinator cannot be reached (client side)
+    └── JobFailed               a job's process failed (worker side)
+
+User mistakes (bad manifest, bad flag, bad request) surface as these, and the CLI turns them
+into a one-line message and a non-zero exit; the HTTP API turns ``ApiError`` into a JSON body
+``{"error": <code>, "message": <text>, ...}`` with its status code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrainfleetError(Exception):
+    """Base class of every error trainfleet raises on purpose."""
+
+
+class ManifestError(TrainfleetError):
+    """The manifest is invalid. ``problems`` lists each as 'file: where: what'."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+class ApiError(TrainfleetError):
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, **details: Any):
+        self.message = message
+        self.details = details
+        super().__init__(message)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.details}
+
+
+class BadRequest(ApiError):
+    status_code = 400
+    code = "bad_request"
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotFound(ApiError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status_code = 409
+    code = "conflict"
+
+
+class StaleEpoch(Conflict):
+    code = "stale_epoch"
+
+
+class IntegrityError(ApiError):
+    status_code = 422
+    code = "integrity_error"
+
+
+API_ERRORS: dict[str, type[ApiError]] = {
+    cls.code: cls
+    for cls in (BadRequest, Unauthorized, NotFound, Conflict, StaleEpoch, IntegrityError)
+}
+
+
+class CoordinatorUnavailable(TrainfleetError):
+    """The coordinator could not be reached (connection refused, timeout, 5xx)."""
+
+
+class JobFailed(TrainfleetError):
+    """A job's process exited unsuccessfully."""

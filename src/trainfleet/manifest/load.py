@@ -1,0 +1,146 @@
+"""Load a TOML manifest into a validated ``Manifest``, naming file, job and field on error."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from trainfleet.capability.model import Capability
+from trainfleet.errors import ManifestError
+from trainfleet.manifest.spec import Defaults, HostPolicy, JobSpec, Manifest
+from trainfleet.queue.matching import blockers
+from trainfleet.train.recipes import RECIPES
+
+_TOP_LEVEL = {"defaults", "hosts", "jobs"}
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _problems(prefix: str, err: ValidationError) -> list[str]:
+    return [f"{prefix}{_where(e['loc'])}: {e['msg']}" for e in err.errors()]
+
+
+def _validate(model: type[BaseModel], raw: Any, prefix: str, problems: list[str]) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(_problems(prefix, err))
+        return None
+
+
+def _check_job(job: JobSpec, hosts: dict[str, HostPolicy], where: str) -> list[str]:
+    problems = []
+    if job.kind == "train":
+        recipe = RECIPES.get(job.recipe or "")
+        if recipe is None:
+            return [f"{where}.recipe: unknown recipe {job.recipe!r}; known: {sorted(RECIPES)}"]
+        if job.command is not None:
+            problems.append(f"{where}.command: only kind='command' jobs take a command")
+        if job.mode not in recipe.modes:
+            problems.append(f"{where}.mode: recipe {recipe.name!r} has modes {recipe.modes}")
+        try:
+            recipe.params.model_validate(job.hyper)
+        except ValidationError as err:
+            problems.extend(_problems(f"{where}.hyper.", err))
+    else:
+        if not job.command:
+            problems.append(f"{where}.command: kind='command' jobs need a non-empty command")
+        if job.recipe is not None:
+            problems.append(f"{where}.recipe: only kind='train' jobs take a recipe")
+    if job.min_vram_gib > 0 and not job.require_cuda:
+        problems.append(f"{where}.min_vram_gib: a VRAM minimum needs require_cuda = true")
+    # Impossible placement: every allowed host is declared and none of them can run it.
+    if job.allowed_hosts and all(h in hosts for h in job.allowed_hosts):
+        reasons = []
+        for host in job.allowed_hosts:
+            policy = hosts[host]
+            why = blockers(job, _declared_capability(host, policy), policy)
+            if not why:
+                break
+            reasons.append(f"{host}: {'; '.join(why)}")
+        else:
+            problems.append(
+                f"{where}.allowed_hosts: no allowed host can run this job ({' | '.join(reasons)})"
+            )
+    return problems
+
+
+def _declared_capability(host: str, policy: HostPolicy) -> Capability:
+    """The most a declared host could offer (undeclared fields are unbounded)."""
+    big = 1e9
+    cuda = policy.cuda is not False and policy.num_gpus != 0
+    return Capability(
+        host=host,
+        hostname=host,
+        cores=policy.cores or 10**9,
+        ram_gib=policy.ram_gib if policy.ram_gib is not None else big,
+        cuda=cuda,
+        num_gpus=(policy.num_gpus or 1) if cuda else 0,
+        vram_gib=(policy.vram_gib if policy.vram_gib is not None else big) if cuda else 0.0,
+    )
+
+
+def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
+    """Parse and validate manifest text. Raises ``ManifestError`` listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ManifestError(path, [f"not valid TOML: {err}"]) from None
+    problems: list[str] = []
+    for key in sorted(set(raw) - _TOP_LEVEL):
+        problems.append(f"{key}: unknown top-level key (expected one of {sorted(_TOP_LEVEL)})")
+    defaults = _validate(Defaults, raw.get("defaults", {}), "defaults.", problems) or Defaults()
+    hosts: dict[str, HostPolicy] = {}
+    raw_hosts = raw.get("hosts", {})
+    if not isinstance(raw_hosts, dict):
+        problems.append("hosts: must be a table of [hosts.NAME] tables")
+        raw_hosts = {}
+    for name, body in raw_hosts.items():
+        policy = _validate(HostPolicy, body, f"hosts.{name}.", problems)
+        if policy is not None:
+            hosts[name] = policy
+    raw_jobs = raw.get("jobs", [])
+    if not isinstance(raw_jobs, list):
+        problems.append("jobs: must be an array of [[jobs]] tables")
+        raw_jobs = []
+    jobs: list[JobSpec] = []
+    seen: dict[str, int] = {}
+    for i, body in enumerate(raw_jobs):
+        label = body.get("name") if isinstance(body, dict) else None
+        where = f"jobs[{i}] ({label!r})" if label else f"jobs[{i}]"
+        if not isinstance(body, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        merged = defaults.apply(body)
+        if merged.get("kind", "train") == "train":
+            merged.setdefault("recipe", "gpt")
+        job = _validate(JobSpec, merged, f"{where}.", problems)
+        if job is None:
+            continue
+        if job.name in seen:
+            problems.append(f"{where}.name: duplicate job name (first at jobs[{seen[job.name]}])")
+            continue
+        seen[job.name] = i
+        problems.extend(_check_job(job, hosts, where))
+        jobs.append(job)
+    if problems:
+        raise ManifestError(path, problems)
+    return Manifest(defaults=defaults, hosts=hosts, jobs=jobs)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and parse a manifest file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ManifestError(str(p), [f"cannot read: {err.strerror or err}"]) from None
+    return parse_manifest(text, str(p))

@@ -1,0 +1,152 @@
+"""Typed, frozen manifest specs. Unknown keys are rejected; every field says what it means.
+
+The field names here are the manifest keys, the JSON keys of the HTTP API and the names in the
+docs: one name per concept.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+Scalar = str | int | float | bool
+JobKind = Literal["train", "command"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostPolicy(_Spec):
+    """What the operator allows a host to do, and what it declares it has.
+
+    Declared capability is intersected with what the worker detects; the more restrictive
+    wins (a host declared with a GPU where none is found is CPU-only).
+    """
+
+    description: str = Field("", description="free text shown in `trainfleet workers`")
+    priority: int = Field(
+        0,
+        description="among idle eligible hosts, a job goes to the highest priority first",
+    )
+    allow_jobs: list[str] = Field(
+        default_factory=lambda: ["*"], description="glob patterns of job names this host may run"
+    )
+    deny_jobs: list[str] = Field(
+        default_factory=list, description="glob patterns of job names it may not run; deny wins"
+    )
+    cuda: bool | None = Field(None, description="declared CUDA; unset = trust detection")
+    num_gpus: int | None = Field(None, ge=0, description="cap on GPUs used; unset = detected")
+    vram_gib: float | None = Field(None, ge=0, description="cap on VRAM per GPU; unset = detected")
+    ram_gib: float | None = Field(None, ge=0, description="cap on RAM; unset = detected")
+    cores: int | None = Field(None, ge=1, description="cap on CPU cores; unset = detected")
+
+
+_JOB_DEFAULTABLE = (
+    "kind",
+    "recipe",
+    "model",
+    "mode",
+    "priority",
+    "require_cuda",
+    "prefer_cuda",
+    "min_vram_gib",
+    "min_ram_gib",
+    "min_cores",
+    "allowed_hosts",
+    "max_attempts",
+    "timeout_s",
+)
+
+
+class JobSpec(_Spec):
+    """One unit of independent training work."""
+
+    name: Name = Field(description="unique job name (letters, digits, . _ -)")
+    kind: JobKind = Field("train", description="'train' (built-in trainer) or 'command'")
+    recipe: str | None = Field(None, description="built-in recipe for kind='train' (e.g. 'gpt')")
+    command: list[str] | None = Field(
+        None, description="argv for kind='command'; hyper.* are appended as --key value"
+    )
+    model: str = Field("", description="label for what is trained (shown in tables)")
+    mode: str = Field("full", description="run mode; for 'gpt': 'full' or 'smoke'")
+    priority: int = Field(0, description="higher runs first; FIFO within a priority")
+    hyper: dict[str, Scalar] = Field(
+        default_factory=dict, description="hyperparameters (recipe params or --flags)"
+    )
+    require_cuda: bool = Field(False, description="only CUDA hosts may claim it")
+    prefer_cuda: bool = Field(
+        False, description="wait prefer_cuda_wait_s for a CUDA host before a CPU host may take it"
+    )
+    min_vram_gib: float = Field(0, ge=0, description="minimum VRAM of one GPU; needs require_cuda")
+    min_ram_gib: float = Field(0, ge=0, description="minimum host RAM")
+    min_cores: int = Field(1, ge=1, description="minimum CPU cores")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="host names that may run it; empty = any"
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="failed or lost attempts before failing")
+    timeout_s: float = Field(3600, gt=0, description="wall-clock limit of one attempt")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that make a job the same job (scheduling fields may change freely)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "recipe": self.recipe,
+            "command": self.command,
+            "mode": self.mode,
+            "hyper": self.hyper,
+        }
+
+    def scheduling(self) -> dict[str, Any]:
+        """Fields a reload may change on an existing job without changing its identity."""
+        return self.model_dump(exclude={"name", "kind", "recipe", "command", "mode", "hyper"})
+
+
+class Defaults(_Spec):
+    """Values every job inherits unless it sets its own (hyper tables are merged)."""
+
+    kind: JobKind | None = None
+    recipe: str | None = None
+    model: str | None = None
+    mode: str | None = None
+    priority: int | None = None
+    hyper: dict[str, Scalar] = Field(default_factory=dict)
+    require_cuda: bool | None = None
+    prefer_cuda: bool | None = None
+    min_vram_gib: float | None = Field(None, ge=0)
+    min_ram_gib: float | None = Field(None, ge=0)
+    min_cores: int | None = Field(None, ge=1)
+    allowed_hosts: list[str] | None = None
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    timeout_s: float | None = Field(None, gt=0)
+    prefer_cuda_wait_s: float = Field(
+        30.0, ge=0, description="how long prefer_cuda jobs wait for a CUDA host"
+    )
+
+    def apply(self, raw_job: dict[str, Any]) -> dict[str, Any]:
+        merged = {k: getattr(self, k) for k in _JOB_DEFAULTABLE if getattr(self, k) is not None}
+        merged.update(raw_job)
+        if merged.get("kind") == "command" and "recipe" not in raw_job:
+            merged.pop("recipe", None)  # a default recipe is for train jobs only
+        merged["hyper"] = {**self.hyper, **raw_job.get("hyper", {})}
+        return merged
+
+
+class Manifest(_Spec):
+    """A whole manifest: defaults, host policies and jobs."""
+
+    defaults: Defaults = Field(default_factory=Defaults)
+    hosts: dict[Name, HostPolicy] = Field(default_factory=dict)
+    jobs: list[JobSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Manifest:
+        seen: set[str] = set()
+        for job in self.jobs:
+            if job.name in seen:
+                raise ValueError(f"duplicate job name {job.name!r}")
+            seen.add(job.name)
+        return self

@@ -1,0 +1,1 @@
+"""The built-in trainer (``kind = "train"`` jobs): a small byte-level GPT in plain PyTorch."""
