@@ -1,7 +1,7 @@
-"""What a worker has: detected capability, intersected with its host's declared policy."""
+"""What a worker has: detected capability (``detect``), intersected with its host's declared
+policy (``policy``)."""
 
 from trainfleet.capability.detect import detect_capability
 from trainfleet.capability.model import Capability
-from trainfleet.capability.policy import effective_capability, job_allowed_on_host
 
-__all__ = ["Capability", "detect_capability", "effective_capability", "job_allowed_on_host"]
+__all__ = ["Capability", "detect_capability"]

@@ -113,7 +113,9 @@ class Defaults(_Spec):
     model: str | None = None
     mode: str | None = None
     priority: int | None = None
-    hyper: dict[str, Scalar] = Field(default_factory=dict)
+    hyper: dict[str, Scalar] = Field(
+        default_factory=dict, description="merged under the hyper of every train job"
+    )
     require_cuda: bool | None = None
     prefer_cuda: bool | None = None
     min_vram_gib: float | None = Field(None, ge=0)
@@ -129,9 +131,12 @@ class Defaults(_Spec):
     def apply(self, raw_job: dict[str, Any]) -> dict[str, Any]:
         merged = {k: getattr(self, k) for k in _JOB_DEFAULTABLE if getattr(self, k) is not None}
         merged.update(raw_job)
-        if merged.get("kind") == "command" and "recipe" not in raw_job:
-            merged.pop("recipe", None)  # a default recipe is for train jobs only
-        merged["hyper"] = {**self.hyper, **raw_job.get("hyper", {})}
+        if merged.get("kind", "train") == "command":
+            # Default recipe and hyper are for train jobs: a program's flags are its own.
+            if "recipe" not in raw_job:
+                merged.pop("recipe", None)
+        else:
+            merged["hyper"] = {**self.hyper, **raw_job.get("hyper", {})}
         return merged
 
 

@@ -1,0 +1,241 @@
+"""Queue records and the ``JobQueue`` interface every backend implements.
+
+State machine of a job::
+
+    pending ──claim──▶ claimed ──first heartbeat──▶ running ──complete──▶ completed
+       ▲                  │                            │
+       └── lost heartbeat / retryable fail / hand-back ┘──fail (attempts used up)──▶ failed
+    pending | claimed | running ──cancel──▶ cancelled      (any non-active) ──requeue──▶ pending
+
+Each claim increments the job's ``epoch``; heartbeat, log, upload, complete and fail name the
+epoch and are refused with ``StaleEpoch`` unless it is still current.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainfleet.capability.model import Capability
+from trainfleet.manifest.spec import JobSpec, Manifest
+
+JobState = Literal["pending", "claimed", "running", "completed", "failed", "cancelled"]
+ACTIVE_STATES: tuple[JobState, ...] = ("claimed", "running")
+TERMINAL_STATES: tuple[JobState, ...] = ("completed", "failed", "cancelled")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class QueueSettings(_Record):
+    """Timing rules of the queue (coordinator flags set these)."""
+
+    heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="an active job whose last heartbeat is older is requeued"
+    )
+    idle_window_s: float = Field(
+        10.0, gt=0, description="a worker seen this recently with no job counts as idle"
+    )
+    offline_after_s: float = Field(60.0, gt=0, description="a worker unseen this long is offline")
+
+
+class JobRecord(_Record):
+    id: str
+    name: str
+    state: JobState
+    spec: JobSpec
+    priority: int
+    attempt: int = Field(description="number of claims so far")
+    num_failures: int = Field(description="attempts that failed or were lost")
+    epoch: int = Field(description="fencing epoch of the current (or last) claim")
+    worker_id: str | None
+    host: str | None
+    created_at: float
+    updated_at: float
+    pending_since: float | None
+    claimed_at: float | None
+    heartbeat_at: float | None
+    finished_at: float | None
+    in_manifest: bool = Field(
+        description="false once a reload removed it (it stays until cancelled)"
+    )
+    manifest_hash: str
+    result: dict[str, Any] | None
+    error: str | None
+
+
+class Claim(_Record):
+    job: JobRecord
+    epoch: int
+    attempt: int
+
+
+class HeartbeatReply(_Record):
+    cancel: bool = Field(description="the job was cancelled: stop it and report nothing more")
+    state: JobState
+
+
+class Event(_Record):
+    seq: int
+    job_id: str
+    at: float
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    worker_id: str | None
+    epoch: int | None
+    detail: str
+
+
+class WorkerRecord(_Record):
+    id: str
+    host: str
+    capability: Capability = Field(description="what the worker detected")
+    effective: Capability = Field(description="detected intersected with the host's policy")
+    notes: list[str] = Field(description="corrections made by the intersection")
+    state: Literal["online", "offline", "stopped"]
+    registered_at: float
+    last_seen: float
+    current_job: str | None
+
+
+class LogLine(_Record):
+    seq: int
+    attempt: int
+    epoch: int
+    at: float
+    line: str
+
+
+class ArtifactRecord(_Record):
+    sha256: str
+    size: int
+    name: str
+    job_id: str
+    attempt: int
+    epoch: int
+    worker_id: str
+    capability: Capability
+    manifest_hash: str
+    created_at: float
+
+
+class PlanEntry(_Record):
+    id: str
+    name: str
+    state: str | None = None
+    changes: dict[str, list[Any]] = Field(default_factory=dict, description="field: [old, new]")
+
+
+class ReloadPlan(_Record):
+    manifest_hash: str
+    added: list[PlanEntry]
+    kept: list[PlanEntry]
+    changed: list[PlanEntry]
+    removed: list[PlanEntry]
+    applied: bool
+
+
+class JobQueue(abc.ABC):
+    """The queue contract. Backends: ``SQLiteQueue`` (Postgres arrives in its own issue)."""
+
+    settings: QueueSettings
+
+    # operator ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def apply_manifest(self, manifest: Manifest, *, dry_run: bool = False) -> ReloadPlan:
+        """Reload: add new jobs, update scheduling of existing ones, mark removed ones."""
+
+    @abc.abstractmethod
+    def cancel(self, job_id: str, reason: str = "cancelled by operator") -> JobRecord: ...
+
+    @abc.abstractmethod
+    def requeue(self, job_id: str, reason: str = "requeued by operator") -> JobRecord: ...
+
+    # workers -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def register_worker(self, capability: Capability) -> tuple[WorkerRecord, str]:
+        """Register a worker; returns its record and its secret credential."""
+
+    @abc.abstractmethod
+    def authenticate_worker(self, token: str) -> str:
+        """The worker id owning ``token``; raises ``Unauthorized``."""
+
+    @abc.abstractmethod
+    def deregister_worker(self, worker_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def claim(self, worker_id: str) -> Claim | None:
+        """Atomically claim the best job this worker may run, or None."""
+
+    @abc.abstractmethod
+    def heartbeat(self, job_id: str, worker_id: str, epoch: int) -> HeartbeatReply: ...
+
+    @abc.abstractmethod
+    def append_log(self, job_id: str, worker_id: str, epoch: int, lines: list[str]) -> int: ...
+
+    @abc.abstractmethod
+    def record_artifact(
+        self, job_id: str, worker_id: str, epoch: int, sha256: str, size: int, name: str
+    ) -> ArtifactRecord:
+        """Bind an already-stored artifact to the attempt that produced it (fenced)."""
+
+    @abc.abstractmethod
+    def check_epoch(self, job_id: str, worker_id: str, epoch: int) -> JobRecord:
+        """Raise ``StaleEpoch``/``Conflict`` unless this worker holds this epoch of the job."""
+
+    @abc.abstractmethod
+    def complete(
+        self, job_id: str, worker_id: str, epoch: int, result: dict[str, Any]
+    ) -> JobRecord: ...
+
+    @abc.abstractmethod
+    def fail(
+        self,
+        job_id: str,
+        worker_id: str,
+        epoch: int,
+        error: str,
+        *,
+        retryable: bool = True,
+        release: bool = False,
+    ) -> JobRecord:
+        """Record a failed attempt; ``release`` hands the job back without counting a failure."""
+
+    @abc.abstractmethod
+    def reap(self) -> list[JobRecord]:
+        """Requeue (or fail) active jobs whose heartbeats stopped or whose time ran out."""
+
+    # reads ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def get_job(self, ref: str) -> JobRecord:
+        """A job by full id, unique id prefix, or name; raises ``NotFound``."""
+
+    @abc.abstractmethod
+    def list_jobs(self, state: str | None = None) -> list[JobRecord]: ...
+
+    @abc.abstractmethod
+    def events(self, job_id: str) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def logs(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[LogLine]: ...
+
+    @abc.abstractmethod
+    def artifacts(self, job_id: str) -> list[ArtifactRecord]: ...
+
+    @abc.abstractmethod
+    def list_workers(self) -> list[WorkerRecord]: ...
+
+    @abc.abstractmethod
+    def explain(self, ref: str) -> dict[str, Any]:
+        """Why a job is (not) running: requirements, eligible hosts online, per-host reasons."""
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
