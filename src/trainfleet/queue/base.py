@@ -234,6 +234,10 @@ class JobQueue(abc.ABC):
         """Why a job is (not) running: requirements, eligible hosts online, per-host reasons."""
 
     @abc.abstractmethod
+    def current_manifest_hash(self) -> str | None:
+        """Digest of the last manifest applied, None before the first."""
+
+    @abc.abstractmethod
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state."""
 

@@ -801,6 +801,10 @@ class SQLiteQueue(JobQueue):
             now=self.clock(),
         )
 
+    def current_manifest_hash(self) -> str | None:
+        value = self._meta(self._conn(), "manifest_hash", "")
+        return value or None
+
     def counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}

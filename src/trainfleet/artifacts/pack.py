@@ -1,0 +1,147 @@
+"""Deterministic directory archives (tar + zstandard) and safe extraction.
+
+A job's output directory travels as one artifact: :func:`pack_dir` writes it as a tar
+stream compressed with zstandard, normalized so that the same tree always gives the same
+bytes, and therefore the same sha256 (entries sorted by path, mtime 0, uid/gid 0, empty
+owner names, modes 0o644 or 0o755). :func:`unpack` extracts only regular files and
+directories that land inside the destination; anything else refuses the whole archive.
+Both stream through zstandard, so an archive is never held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tarfile
+from pathlib import Path, PurePosixPath
+
+import zstandard
+
+from trainfleet.artifacts.store import sha256_file
+from trainfleet.errors import IntegrityError
+
+logger = logging.getLogger(__name__)
+
+ZSTD_LEVEL = 3
+
+
+def pack_dir(src_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> tuple[str, int]:
+    """Archive every file and directory under ``src_dir`` into ``dest`` (``.tar.zst``).
+
+    Returns ``(sha256, size)`` of ``dest``. Packing the same tree twice gives identical
+    bytes. Symlinks and special files (sockets, fifos, devices) are skipped with a warning:
+    :func:`unpack` would refuse them, and following a link could leak files from outside
+    ``src_dir``.
+    """
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise NotADirectoryError(f"cannot pack {src}: not a directory")
+    entries = sorted(_walk(src))
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
+    with (
+        open(dest, "wb") as raw,
+        cctx.stream_writer(raw, closefd=False) as zw,
+        tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for rel, path, is_dir in entries:
+            info = tarfile.TarInfo(rel)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if is_dir:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tar.addfile(info)
+                continue
+            st = path.stat()
+            info.size = st.st_size
+            info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+    return sha256_file(dest)
+
+
+def _walk(src: Path) -> list[tuple[str, Path, bool]]:
+    """``(relative posix path, path, is_dir)`` for every directory and regular file."""
+
+    def fail(err: OSError) -> None:
+        raise err
+
+    out: list[tuple[str, Path, bool]] = []
+    for root, dirnames, filenames in os.walk(src, onerror=fail):
+        for name in [*dirnames, *filenames]:
+            path = Path(root, name)
+            mode = path.lstat().st_mode
+            rel = path.relative_to(src).as_posix()
+            if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                out.append((rel, path, stat.S_ISDIR(mode)))
+            else:
+                logger.warning("pack %s: skipping %s (not a regular file or directory)", src, rel)
+    return out
+
+
+def unpack(archive: str | os.PathLike[str], dest_dir: str | os.PathLike[str]) -> list[str]:
+    """Extract a :func:`pack_dir` archive into ``dest_dir``; return the files' relative paths.
+
+    Refuses, with :class:`IntegrityError`, an archive that is corrupt or holds an absolute
+    path, a ``..`` component, a path that would resolve outside ``dest_dir``, a symlink, a
+    hard link or a device/fifo. Members are checked one by one as the archive streams; on
+    refusal, every file and directory this call created is removed again (files it
+    overwrote stay overwritten), and nothing is ever written outside ``dest_dir``.
+    """
+    root = Path(dest_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()
+    created: list[Path] = []
+    files: list[str] = []
+    try:
+        with (
+            open(archive, "rb") as raw,
+            zstandard.ZstdDecompressor().stream_reader(raw) as reader,
+            tarfile.open(fileobj=reader, mode="r|") as tar,
+        ):
+            for member in tar:
+                target = _check_member(member, root)
+                for path in [*reversed(target.parents), target]:
+                    if root in path.parents and not path.exists():
+                        created.append(path)
+                # The data filter repeats our checks and clears setuid and group/other write.
+                tar.extract(member, root, filter="data")
+                if member.isfile():
+                    files.append(member.name)
+    except (tarfile.TarError, zstandard.ZstdError) as e:
+        _remove(created)
+        raise IntegrityError(f"cannot unpack {os.fspath(archive)}: {e}") from e
+    except BaseException:
+        _remove(created)
+        raise
+    return files
+
+
+def _check_member(member: tarfile.TarInfo, root: Path) -> Path:
+    """The path ``member`` would be written to, or :class:`IntegrityError` if it is unsafe."""
+    name = member.name
+    if not (member.isfile() or member.isdir()):
+        kind = "link" if member.issym() or member.islnk() else "special file"
+        raise IntegrityError(f"unsafe archive member {name!r}: {kind} not allowed")
+    if not name or PurePosixPath(name).is_absolute() or os.path.isabs(name):
+        raise IntegrityError(f"unsafe archive member {name!r}: absolute path")
+    if ".." in PurePosixPath(name).parts:
+        raise IntegrityError(f"unsafe archive member {name!r}: '..' in path")
+    target = Path(os.path.realpath(root / name))
+    if target != root and root not in target.parents:
+        raise IntegrityError(f"unsafe archive member {name!r}: resolves outside {root}")
+    return target
+
+
+def _remove(created: list[Path]) -> None:
+    """Undo a partial extraction: delete what was created, deepest first."""
+    for path in reversed(created):
+        if path.is_dir() and not path.is_symlink():
+            try:
+                path.rmdir()
+            except OSError:
+                logger.warning("unpack: could not remove %s after refusal", path)
+        else:
+            path.unlink(missing_ok=True)

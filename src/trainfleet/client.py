@@ -1,0 +1,155 @@
+"""HTTP client of the coordinator API, used by the worker daemon and the CLI.
+
+Error bodies come back as the same ``ApiError`` subclasses the server raised (``StaleEpoch``,
+``Unauthorized``...); an unreachable coordinator or a 5xx is ``CoordinatorUnavailable``, which
+callers may retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from trainfleet.errors import API_ERRORS, ApiError, CoordinatorUnavailable
+
+
+class Client:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.url = url.rstrip("/")
+        self.token = token
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, headers=self._headers(), **kwargs)
+        except httpx.TransportError as err:
+            raise CoordinatorUnavailable(f"cannot reach coordinator at {self.url}: {err}") from err
+        return self._decode(response)
+
+    def _decode(self, response: httpx.Response) -> Any:
+        if response.status_code >= 500:
+            raise CoordinatorUnavailable(
+                f"coordinator error {response.status_code}: {response.text[:300]}"
+            )
+        if response.status_code == 204:
+            return None
+        try:
+            data = response.json()
+        except ValueError:
+            data = {"message": response.text[:300]}
+        if response.status_code >= 400:
+            cls = API_ERRORS.get(data.get("error", ""), ApiError)
+            details = {k: v for k, v in data.items() if k not in ("error", "message")}
+            err = cls(data.get("message", f"HTTP {response.status_code}"), **details)
+            err.status_code = response.status_code
+            raise err
+        return data
+
+    # worker calls -----------------------------------------------------------------------
+    def register(self, capability: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/v1/workers/register", json={"capability": capability})
+
+    def deregister(self) -> None:
+        self.request("POST", "/v1/workers/deregister")
+
+    def claim(self) -> dict[str, Any] | None:
+        return self.request("POST", "/v1/workers/claim")["claim"]
+
+    def heartbeat(self, job_id: str, epoch: int) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{job_id}/heartbeat", json={"epoch": epoch})
+
+    def append_log(self, job_id: str, epoch: int, lines: list[str]) -> None:
+        self.request("POST", f"/v1/jobs/{job_id}/logs", json={"epoch": epoch, "lines": lines})
+
+    def upload(self, job_id: str, epoch: int, path: Path, sha256: str, name: str) -> Any:
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return self.request(
+            "PUT",
+            f"/v1/jobs/{job_id}/artifacts/{sha256}",
+            params={"epoch": epoch, "size": size, "name": name},
+            content=chunks(),
+            headers={**self._headers(), "Content-Length": str(size)},
+        )
+
+    def complete(self, job_id: str, epoch: int, result: dict[str, Any]) -> Any:
+        return self.request(
+            "POST", f"/v1/jobs/{job_id}/complete", json={"epoch": epoch, "result": result}
+        )
+
+    def fail(
+        self, job_id: str, epoch: int, error: str, *, retryable: bool = True, release: bool = False
+    ) -> Any:
+        body = {"epoch": epoch, "error": error, "retryable": retryable, "release": release}
+        return self.request("POST", f"/v1/jobs/{job_id}/fail", json=body)
+
+    # operator and read calls ------------------------------------------------------------
+    def reload(self, text: str, path: str, dry_run: bool = False) -> dict[str, Any]:
+        body = {"text": text, "path": path, "dry_run": dry_run}
+        return self.request("POST", "/v1/manifest", json=body)
+
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/status")
+
+    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+        params = {"state": state} if state else {}
+        return self.request("GET", "/v1/jobs", params=params)["jobs"]
+
+    def job(self, ref: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{ref}")
+
+    def logs(self, ref: str, after: int = 0) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{ref}/logs", params={"after": after})
+
+    def explain(self, ref: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{ref}/explain")
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/workers")["workers"]
+
+    def cancel(self, ref: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{ref}/cancel")
+
+    def requeue(self, ref: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{ref}/requeue")
+
+    def download(self, sha256: str, dest: Path) -> None:
+        try:
+            with self._http.stream(
+                "GET", f"/v1/artifacts/{sha256}", headers=self._headers()
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._decode(response)
+                with dest.open("wb") as f:
+                    for chunk in response.iter_bytes():
+                        f.write(chunk)
+        except httpx.TransportError as err:
+            raise CoordinatorUnavailable(f"cannot reach coordinator at {self.url}: {err}") from err

@@ -1,0 +1,1 @@
+"""The coordinator: the HTTP control plane (Starlette app, served by uvicorn)."""

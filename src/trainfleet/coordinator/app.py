@@ -1,0 +1,94 @@
+"""Build the coordinator's ASGI app: routes, JSON errors, OpenAPI, metrics and the reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from trainfleet import __version__
+from trainfleet.coordinator import routes_operator, routes_read, routes_worker
+from trainfleet.coordinator.routing import Router
+from trainfleet.coordinator.state import Coordinator
+
+log = logging.getLogger(__name__)
+
+
+def api_router() -> Router:
+    router = Router()
+    for module in (routes_worker, routes_operator, routes_read):
+        router.include(module.router)
+    return router
+
+
+async def _reap_forever(coord: Coordinator) -> None:
+    """Requeue lost attempts within ``heartbeat_timeout_s + reap_interval_s`` of the last beat."""
+    while True:
+        await asyncio.sleep(coord.reap_interval_s)
+        try:
+            reaped = await run_in_threadpool(coord.queue.reap)
+        except Exception:
+            log.exception("reaper pass failed; retrying")
+            continue
+        for job in reaped:
+            coord.metrics.requeues.inc()
+            log.warning("job %s (%s) lost its worker: now %s", job.name, job.id[:12], job.state)
+
+
+def create_app(coord: Coordinator) -> Starlette:
+    router = api_router()
+    spec = router.openapi(__version__)
+
+    async def openapi(_: Request) -> Response:
+        return JSONResponse(spec)
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"ok": True, "version": __version__})
+
+    async def metrics(_: Request) -> Response:
+        body = await run_in_threadpool(coord.metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4")
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": code, "message": exc.detail}, status_code=exc.status_code)
+
+    async def server_error(_: Request, exc: Exception) -> Response:
+        log.error("internal error", exc_info=exc)
+        return JSONResponse(
+            {"error": "internal", "message": "internal error; see the coordinator log"},
+            status_code=500,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(_reap_forever(coord))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+
+    routes = [
+        Route("/openapi.json", openapi),
+        Route("/health", health),
+        Route("/metrics", metrics),
+        *router.starlette_routes(coord),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.coordinator = coord
+    return app

@@ -1,0 +1,126 @@
+"""Read endpoints (operator token): jobs, job detail with events, logs, explain, workers,
+status, artifact download."""
+
+from __future__ import annotations
+
+from starlette.responses import StreamingResponse
+
+from trainfleet import __version__
+from trainfleet.artifacts import check_digest
+from trainfleet.coordinator.routing import Ctx, Router
+from trainfleet.coordinator.schemas import (
+    Body,
+    Explanation,
+    JobDetail,
+    JobList,
+    Status,
+    WorkerList,
+)
+from trainfleet.errors import BadRequest, NotFound
+from trainfleet.queue.base import JobRecord, LogLine
+
+router = Router()
+
+STATES = {"pending", "claimed", "running", "completed", "failed", "cancelled"}
+
+
+class LogPage(Body):
+    job_id: str
+    state: str
+    lines: list[LogLine]
+    next_after: int
+
+
+@router.route("GET", "/v1/status", auth="operator", summary="Counts by state", response=Status)
+async def status(ctx: Ctx) -> Status:
+    queue = ctx.coord.queue
+    counts = await ctx.run(queue.counts)
+    workers = await ctx.run(queue.list_workers)
+    return Status(
+        counts=counts,
+        workers_online=sum(w.state == "online" for w in workers),
+        manifest_hash=await ctx.run(queue.current_manifest_hash),
+        version=__version__,
+    )
+
+
+@router.route(
+    "GET", "/v1/jobs", auth="operator", summary="List jobs (query: state)", response=JobList
+)
+async def list_jobs(ctx: Ctx) -> JobList:
+    state = ctx.request.query_params.get("state")
+    if state is not None and state not in STATES:
+        raise BadRequest(f"unknown state {state!r}; one of {sorted(STATES)}")
+    return JobList(jobs=await ctx.run(ctx.coord.queue.list_jobs, state))
+
+
+async def _job(ctx: Ctx) -> JobRecord:
+    return await ctx.run(ctx.coord.queue.get_job, ctx.path("job_id"))
+
+
+@router.route(
+    "GET",
+    "/v1/jobs/{job_id}",
+    auth="operator",
+    summary="One job (by id, id prefix or name) with its events and artifacts",
+    response=JobDetail,
+)
+async def job_detail(ctx: Ctx) -> JobDetail:
+    job = await _job(ctx)
+    events = await ctx.run(ctx.coord.queue.events, job.id)
+    artifacts = await ctx.run(ctx.coord.queue.artifacts, job.id)
+    return JobDetail(job=job, events=events, artifacts=artifacts)
+
+
+@router.route(
+    "GET",
+    "/v1/jobs/{job_id}/logs",
+    auth="operator",
+    summary="Log lines after a sequence number (query: after, limit)",
+    response=LogPage,
+)
+async def job_logs(ctx: Ctx) -> LogPage:
+    job = await _job(ctx)
+    after, limit = ctx.query_int("after", 0), min(ctx.query_int("limit", 1000), 10_000)
+    lines = await ctx.run(ctx.coord.queue.logs, job.id, after, limit)
+    return LogPage(
+        job_id=job.id, state=job.state, lines=lines, next_after=lines[-1].seq if lines else after
+    )
+
+
+@router.route(
+    "GET",
+    "/v1/jobs/{job_id}/explain",
+    auth="operator",
+    summary="Why a job is or is not running",
+    response=Explanation,
+)
+async def explain(ctx: Ctx) -> Explanation:
+    return Explanation(**await ctx.run(ctx.coord.queue.explain, ctx.path("job_id")))
+
+
+@router.route("GET", "/v1/workers", auth="operator", summary="All workers", response=WorkerList)
+async def workers(ctx: Ctx) -> WorkerList:
+    return WorkerList(workers=await ctx.run(ctx.coord.queue.list_workers))
+
+
+@router.route(
+    "GET",
+    "/v1/artifacts/{sha256}",
+    auth="operator",
+    summary="Download an artifact's bytes",
+    raw_body=None,
+)
+async def download(ctx: Ctx) -> StreamingResponse:
+    sha = check_digest(ctx.path("sha256"))
+    store = ctx.coord.store
+    if not await ctx.run(store.exists, sha):
+        raise NotFound(f"no artifact {sha}")
+    handle = await ctx.run(store.open, sha)
+
+    def chunks():  # type: ignore[no-untyped-def]
+        with handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type="application/octet-stream")

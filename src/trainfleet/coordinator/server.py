@@ -1,0 +1,90 @@
+"""Run a coordinator: state directory layout, tokens, and uvicorn.
+
+State directory (``--state-dir``, default ``.trainfleet``)::
+
+    queue.db          the SQLite queue (unless --queue-url says otherwise)
+    artifacts/        the artifact store (unless --artifacts says otherwise)
+    staging/          uploads in flight
+    operator.token    the operator token (0600); the CLI reads it from here by default
+    join.token        the token workers present to register (0600)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from trainfleet.artifacts import ArtifactStore
+from trainfleet.coordinator.app import create_app
+from trainfleet.coordinator.state import Coordinator
+from trainfleet.queue import QueueSettings, open_queue
+
+log = logging.getLogger(__name__)
+
+OPERATOR_TOKEN_FILE = "operator.token"
+JOIN_TOKEN_FILE = "join.token"
+
+
+def ensure_token(path: Path, given: str | None) -> str:
+    """Use ``given`` (and record it), else the token already in ``path``, else a new one."""
+    if given:
+        token = given
+    elif path.exists():
+        return path.read_text().strip()
+    else:
+        token = secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    state_dir: Path
+    queue_url: str | None = None
+    artifacts: str | None = None
+    operator_token: str | None = None
+    join_token: str | None = None
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 30.0
+    reap_interval_s: float = 1.0
+
+
+def build_coordinator(cfg: ServeConfig) -> Coordinator:
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    queue = open_queue(
+        cfg.queue_url or f"sqlite:///{cfg.state_dir / 'queue.db'}",
+        QueueSettings(
+            heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+            idle_window_s=max(5 * cfg.heartbeat_interval_s, 5.0),
+            offline_after_s=max(2 * cfg.heartbeat_timeout_s, 10.0),
+        ),
+    )
+    return Coordinator(
+        queue=queue,
+        store=ArtifactStore(cfg.artifacts or str(cfg.state_dir / "artifacts")),
+        staging_dir=cfg.state_dir / "staging",
+        operator_token=ensure_token(cfg.state_dir / OPERATOR_TOKEN_FILE, cfg.operator_token),
+        join_token=ensure_token(cfg.state_dir / JOIN_TOKEN_FILE, cfg.join_token),
+        heartbeat_interval_s=cfg.heartbeat_interval_s,
+        reap_interval_s=cfg.reap_interval_s,
+    )
+
+
+def serve(cfg: ServeConfig, host: str, port: int) -> None:
+    coord = build_coordinator(cfg)
+    app = create_app(coord)
+    log.info(
+        "coordinator on http://%s:%d  state=%s  store=%s", host, port, cfg.state_dir, coord.store
+    )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        coord.queue.close()
