@@ -31,8 +31,14 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make_cap(host: str = "cpu-a", *, cuda: bool = False, vram_gib: float = 0.0, cores: int = 4,
-             ram_gib: float = 16.0) -> Capability:
+def make_cap(
+    host: str = "cpu-a",
+    *,
+    cuda: bool = False,
+    vram_gib: float = 0.0,
+    cores: int = 4,
+    ram_gib: float = 16.0,
+) -> Capability:
     return Capability(
         host=host,
         hostname=host,

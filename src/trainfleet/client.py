@@ -42,8 +42,9 @@ class Client:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = {**self._headers(), **kwargs.pop("headers", {})}
         try:
-            response = self._http.request(method, path, headers=self._headers(), **kwargs)
+            response = self._http.request(method, path, headers=headers, **kwargs)
         except httpx.TransportError as err:
             raise CoordinatorUnavailable(f"cannot reach coordinator at {self.url}: {err}") from err
         return self._decode(response)
@@ -96,7 +97,7 @@ class Client:
             f"/v1/jobs/{job_id}/artifacts/{sha256}",
             params={"epoch": epoch, "size": size, "name": name},
             content=chunks(),
-            headers={**self._headers(), "Content-Length": str(size)},
+            headers={"Content-Length": str(size)},
         )
 
     def complete(self, job_id: str, epoch: int, result: dict[str, Any]) -> Any:

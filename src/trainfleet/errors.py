@@ -12,7 +12,8 @@
     │   │   └── StaleEpoch      409 the claim's fencing epoch is no longer current
     │   └── IntegrityError      422 uploaded bytes do not match their declared digest / size
     ├── CoordinatorUnavailable  the coordinator cannot be reached (client side)
-    └── JobFailed               a job's process failed (worker side)
+    ├── JobFailed               a job's process failed (worker side)
+    └── CorpusTooSmall          a corpus split is shorter than one training window
 
 User mistakes (bad manifest, bad flag, bad request) surface as these, and the CLI turns them
 into a one-line message and a non-zero exit; the HTTP API turns ``ApiError`` into a JSON body
@@ -91,3 +92,7 @@ class CoordinatorUnavailable(TrainfleetError):
 
 class JobFailed(TrainfleetError):
     """A job's process exited unsuccessfully."""
+
+
+class CorpusTooSmall(TrainfleetError):
+    """A train or held-out split is shorter than one window of seq_len + 1 bytes."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import make_cap, manifest_of
 
+from conftest import make_cap, manifest_of
 from trainfleet.errors import Conflict, NotFound, StaleEpoch, Unauthorized
 from trainfleet.queue import JobQueue
 

@@ -3,6 +3,8 @@ status, artifact download."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from starlette.responses import StreamingResponse
 
 from trainfleet import __version__
@@ -118,7 +120,7 @@ async def download(ctx: Ctx) -> StreamingResponse:
         raise NotFound(f"no artifact {sha}")
     handle = await ctx.run(store.open, sha)
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[bytes]:
         with handle:
             while chunk := handle.read(1 << 20):
                 yield chunk

@@ -78,12 +78,10 @@ def build_coordinator(cfg: ServeConfig) -> Coordinator:
     )
 
 
-def serve(cfg: ServeConfig, host: str, port: int) -> None:
-    coord = build_coordinator(cfg)
+def serve(coord: Coordinator, host: str, port: int) -> None:
+    """Serve ``coord`` with uvicorn until interrupted; closes its queue afterwards."""
     app = create_app(coord)
-    log.info(
-        "coordinator on http://%s:%d  state=%s  store=%s", host, port, cfg.state_dir, coord.store
-    )
+    log.info("coordinator on http://%s:%d  store=%s", host, port, coord.store)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     finally:

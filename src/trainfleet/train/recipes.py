@@ -28,7 +28,7 @@ class GPTParams(BaseModel):
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps, then cosine decay")
     steps: int = Field(200, ge=1, le=10_000_000, description="optimizer steps")
     eval_batches: int = Field(8, ge=1, le=10_000, description="held-out batches per evaluation")
-    seed: int = Field(0, ge=0, description="seed for init, batch order and dropout")
+    seed: int = Field(0, ge=0, description="seed for init and batch order")
     corpus: Literal["stdlib", "synthetic"] = Field(
         "stdlib", description="stdlib: this Python's own Lib/*.py sources; synthetic: seeded text"
     )

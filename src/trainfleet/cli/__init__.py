@@ -1,0 +1,1 @@
+"""The trainfleet command line."""

@@ -1,0 +1,1 @@
+"""Corpora the built-in trainer reads: deterministic byte strings split into train and held-out."""

@@ -1,0 +1,218 @@
+"""The ``gpt`` recipe's training loop: a byte-level GPT on a built-in corpus, on CPU.
+
+``train`` loads the corpus, trains with AdamW (linear warmup, then cosine decay to 10% of the
+peak learning rate, gradients clipped to norm 1) on random contiguous windows of the training
+bytes, evaluates the held-out loss once at the end, and writes ``model.safetensors``,
+``config.json`` and ``metrics.json`` into the output directory.
+
+Reproducibility: initialisation and batch order come from ``params.seed`` alone, and torch runs
+with deterministic algorithms, so the same params on the same thread count give bit-identical
+losses. Only ``tokens_per_s`` and ``elapsed_s`` vary between such runs. Torch's global state
+(RNG, thread count, determinism flag) is restored on return.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainfleet.data.corpus import load_corpus
+from trainfleet.errors import CorpusTooSmall
+from trainfleet.train.model import GPT
+from trainfleet.train.recipes import RECIPES, GPTParams
+
+SMOKE_STEPS = 5
+MIN_LR_RATIO = 0.1  # cosine decay ends at this fraction of the peak learning rate
+GRAD_CLIP = 1.0
+NUM_PROGRESS_LINES = 10
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate for 0-based ``step``: linear warmup to ``peak_lr``, cosine to 10% of it."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps - 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return peak_lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * cosine)
+
+
+@contextmanager
+def deterministic_torch(seed: int, num_threads: int | None = None) -> Iterator[None]:
+    """Seed torch, turn on deterministic algorithms and set threads; restore all on exit."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+            torch.set_num_threads(previous_threads)
+
+
+def as_tensor(data: bytes) -> torch.Tensor:
+    """Bytes as a 1-D uint8 tensor (copied: torch wants a writable buffer)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, ...]:
+    """Inputs and next-byte targets, (len(starts), seq_len) each, for windows at ``starts``."""
+    chunk = data[starts[:, None] + torch.arange(seq_len + 1)].long()
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: torch.Tensor, batch_size: int, num_batches: int) -> float:
+    """Mean cross-entropy, nats per byte, over evenly spaced windows covering ``data``."""
+    seq_len = model.seq_len
+    num_windows = batch_size * num_batches
+    starts = torch.linspace(0, len(data) - seq_len - 1, num_windows).long()
+    was_training = model.training
+    model.eval()
+    losses = []
+    for batch_starts in starts.split(batch_size):
+        _, loss = model(*windows(data, batch_starts, seq_len))
+        assert loss is not None
+        losses.append(loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def save_checkpoint(model: GPT, params: GPTParams, mode: str, output_dir: Path) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (recipe, mode, params) to ``output_dir``."""
+    config = {"recipe": "gpt", "mode": mode, "params": params.model_dump()}
+    (output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(model.state_dict(), str(output_dir / WEIGHTS_FILE), metadata={"recipe": "gpt"})
+
+
+def load_checkpoint(output_dir: Path) -> tuple[GPT, GPTParams]:
+    """The model and params a ``train`` run saved in ``output_dir``."""
+    config = json.loads((output_dir / CONFIG_FILE).read_text())
+    params = GPTParams.model_validate(config["params"])
+    model = GPT(params.n_layers, params.d_model, params.n_heads, params.seq_len)
+    model.load_state_dict(load_file(str(output_dir / WEIGHTS_FILE)))
+    return model, params
+
+
+def _optimizer(model: GPT, params: GPTParams) -> torch.optim.AdamW:
+    # Decay weight matrices and embeddings only, not biases or LayerNorm gains.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": params.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=params.lr, betas=(0.9, 0.95))
+
+
+def _run_steps(
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    data: torch.Tensor,
+    params: GPTParams,
+    steps: int,
+    log: Callable[[str], None],
+) -> tuple[list[float], float]:
+    """Take ``steps`` optimizer steps; return each step's loss and the wall time they took."""
+    batches = torch.Generator().manual_seed(params.seed)
+    tokens_per_step = params.batch_size * params.seq_len
+    log_every = max(1, steps // NUM_PROGRESS_LINES)
+    losses: list[float] = []
+    started = last_log_time = time.perf_counter()
+    last_log_step = 0
+    for step in range(steps):
+        lr = lr_at(step, params.lr, params.warmup_steps, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        high = len(data) - params.seq_len  # exclusive bound: a window needs seq_len + 1 bytes
+        starts = torch.randint(0, high, (params.batch_size,), generator=batches)
+        _, loss = model(*windows(data, starts, params.seq_len))
+        assert loss is not None
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            now = time.perf_counter()
+            recent_tokens = (step + 1 - last_log_step) * tokens_per_step
+            log(
+                f"step {step + 1}/{steps} loss {losses[-1]:.4f} lr {lr:.1e} "
+                f"tok/s {recent_tokens / (now - last_log_time):.0f}"
+            )
+            last_log_step, last_log_time = step + 1, now
+    return losses, time.perf_counter() - started
+
+
+def train(
+    params: GPTParams,
+    mode: str,
+    output_dir: Path,
+    num_threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the ``gpt`` recipe in ``mode`` ("full" or "smoke"); write outputs; return metrics."""
+    if mode not in RECIPES["gpt"].modes:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {RECIPES['gpt'].modes}")
+    started = time.perf_counter()
+    steps = min(SMOKE_STEPS, params.steps) if mode == "smoke" else params.steps
+    corpus = load_corpus(params.corpus, params.corpus_bytes, params.heldout_fraction, params.seed)
+    for split, data in (("train", corpus.train), ("held-out", corpus.heldout)):
+        if len(data) < params.seq_len + 1:
+            raise CorpusTooSmall(
+                f"{split} split of corpus {params.corpus!r} has {len(data)} bytes, fewer than "
+                f"seq_len + 1 = {params.seq_len + 1}; raise corpus_bytes or heldout_fraction"
+            )
+    train_data, heldout_data = as_tensor(corpus.train), as_tensor(corpus.heldout)
+
+    with deterministic_torch(params.seed, num_threads):
+        threads = torch.get_num_threads()
+        model = GPT(params.n_layers, params.d_model, params.n_heads, params.seq_len)
+        optimizer = _optimizer(model, params)
+        log(
+            f"gpt {mode}: {model.num_params():,} params, {steps} steps, corpus {params.corpus} "
+            f"{len(corpus.train):,} train / {len(corpus.heldout):,} held-out bytes, "
+            f"threads {threads}"
+        )
+
+        losses, train_s = _run_steps(model, optimizer, train_data, params, steps, log)
+
+        heldout_loss = evaluate(model, heldout_data, params.batch_size, params.eval_batches)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, params, mode, output_dir)
+    last = losses[-min(10, steps) :]
+    metrics: dict[str, Any] = {
+        "heldout_loss": heldout_loss,
+        "heldout_bpb": heldout_loss / math.log(2),
+        "train_loss": sum(last) / len(last),
+        "tokens_per_s": steps * params.batch_size * params.seq_len / train_s,
+        "steps": steps,
+        "num_params": model.num_params(),
+        "seed": params.seed,
+        "num_threads": threads,
+        "torch_version": torch.__version__,
+        "elapsed_s": time.perf_counter() - started,
+        "corpus": corpus.info,
+    }
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    log(
+        f"held-out loss {heldout_loss:.4f} nats/byte ({metrics['heldout_bpb']:.4f} bpb) "
+        f"over {params.eval_batches * params.batch_size} windows; train loss "
+        f"{metrics['train_loss']:.4f}; {metrics['tokens_per_s']:.0f} tok/s"
+    )
+    return metrics

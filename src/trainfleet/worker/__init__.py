@@ -1,0 +1,1 @@
+"""The worker: ``trainfleet join URL`` detects, registers, claims, runs, heartbeats, reports."""
