@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from conftest import make_cap, manifest_of
+from fleetkit import make_cap, manifest_of
 from trainfleet.errors import Conflict, NotFound, StaleEpoch, Unauthorized
 from trainfleet.queue import JobQueue
 

@@ -12,11 +12,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from trainfleet import __version__
 from trainfleet.coordinator import routes_operator, routes_read, routes_worker
-from trainfleet.coordinator.routing import Router
+from trainfleet.coordinator.routing import Ctx, Router
 from trainfleet.coordinator.state import Coordinator
 
 log = logging.getLogger(__name__)
@@ -45,22 +44,33 @@ async def _reap_forever(coord: Coordinator) -> None:
 
 def create_app(coord: Coordinator) -> Starlette:
     router = api_router()
-    spec = router.openapi(__version__)
+    # Declared through the router too, so the OpenAPI document lists every served path.
+    service = Router()
 
-    async def openapi(_: Request) -> Response:
+    @service.route("GET", "/openapi.json", auth="none", summary="This OpenAPI 3.1 document")
+    async def openapi(_: Ctx) -> Response:
         return JSONResponse(spec)
 
-    async def health(_: Request) -> Response:
+    @service.route("GET", "/health", auth="none", summary="Liveness and the coordinator version")
+    async def health(_: Ctx) -> Response:
         return JSONResponse({"ok": True, "version": __version__})
 
-    async def metrics(_: Request) -> Response:
-        body = await run_in_threadpool(coord.metrics.render)
+    @service.route("GET", "/metrics", auth="none", summary="Prometheus metrics (text format)")
+    async def metrics(ctx: Ctx) -> Response:
+        body = await ctx.run(coord.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4")
+
+    router.include(service)
+    spec = router.openapi(__version__)
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": code, "message": exc.detail}, status_code=exc.status_code)
+        return JSONResponse(
+            {"error": code, "message": exc.detail},
+            status_code=exc.status_code,
+            headers=exc.headers,  # e.g. the Allow header a 405 must carry
+        )
 
     async def server_error(_: Request, exc: Exception) -> Response:
         log.error("internal error", exc_info=exc)
@@ -79,14 +89,8 @@ def create_app(coord: Coordinator) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
 
-    routes = [
-        Route("/openapi.json", openapi),
-        Route("/health", health),
-        Route("/metrics", metrics),
-        *router.starlette_routes(coord),
-    ]
     app = Starlette(
-        routes=routes,
+        routes=router.starlette_routes(coord),
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )

@@ -158,9 +158,12 @@ class Router:
         if auth == "worker":
             return await run_in_threadpool(coord.queue.authenticate_worker, token)
         expected = coord.join_token if auth == "join" else coord.operator_token
+        # Compared as bytes: compare_digest raises TypeError on non-ASCII str (headers are
+        # latin-1), which would turn a wrong token into a 500.
+        given = token.encode("latin-1")
         # An operator may do anything a joining worker may.
-        if hmac.compare_digest(token, expected) or (
-            auth == "join" and hmac.compare_digest(token, coord.operator_token)
+        if hmac.compare_digest(given, expected.encode()) or (
+            auth == "join" and hmac.compare_digest(given, coord.operator_token.encode())
         ):
             return None
         raise Unauthorized(f"wrong {auth} token")

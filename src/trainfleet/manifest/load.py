@@ -6,15 +6,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from trainfleet.capability.model import Capability
 from trainfleet.errors import ManifestError
-from trainfleet.manifest.spec import Defaults, HostPolicy, JobSpec, Manifest
+from trainfleet.manifest.spec import Defaults, HostPolicy, JobSpec, Manifest, Name
 from trainfleet.queue.matching import blockers
 from trainfleet.train.recipes import RECIPES
 
 _TOP_LEVEL = {"defaults", "hosts", "jobs"}
+_HOST_NAME: TypeAdapter[str] = TypeAdapter(Name)
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -25,7 +26,13 @@ def _where(loc: tuple[int | str, ...]) -> str:
 
 
 def _problems(prefix: str, err: ValidationError) -> list[str]:
-    return [f"{prefix}{_where(e['loc'])}: {e['msg']}" for e in err.errors()]
+    # An error about the whole value (empty loc) belongs to the prefix itself, e.g. "hyper".
+    return [
+        f"{prefix}{_where(e['loc'])}: {e['msg']}"
+        if e["loc"]
+        else f"{prefix.rstrip('.')}: {e['msg']}"
+        for e in err.errors()
+    ]
 
 
 def _validate(model: type[BaseModel], raw: Any, prefix: str, problems: list[str]) -> Any:
@@ -39,17 +46,20 @@ def _validate(model: type[BaseModel], raw: Any, prefix: str, problems: list[str]
 def _check_job(job: JobSpec, hosts: dict[str, HostPolicy], where: str) -> list[str]:
     problems = []
     if job.kind == "train":
-        recipe = RECIPES.get(job.recipe or "")
-        if recipe is None:
-            return [f"{where}.recipe: unknown recipe {job.recipe!r}; known: {sorted(RECIPES)}"]
         if job.command is not None:
             problems.append(f"{where}.command: only kind='command' jobs take a command")
-        if job.mode not in recipe.modes:
-            problems.append(f"{where}.mode: recipe {recipe.name!r} has modes {recipe.modes}")
-        try:
-            recipe.params.model_validate(job.hyper)
-        except ValidationError as err:
-            problems.extend(_problems(f"{where}.hyper.", err))
+        recipe = RECIPES.get(job.recipe or "")
+        if recipe is None:
+            problems.append(
+                f"{where}.recipe: unknown recipe {job.recipe!r}; known: {sorted(RECIPES)}"
+            )
+        else:
+            if job.mode not in recipe.modes:
+                problems.append(f"{where}.mode: recipe {recipe.name!r} has modes {recipe.modes}")
+            try:
+                recipe.params.model_validate(job.hyper)
+            except ValidationError as err:
+                problems.extend(_problems(f"{where}.hyper.", err))
     else:
         if not job.command:
             problems.append(f"{where}.command: kind='command' jobs need a non-empty command")
@@ -104,6 +114,11 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
         problems.append("hosts: must be a table of [hosts.NAME] tables")
         raw_hosts = {}
     for name, body in raw_hosts.items():
+        try:
+            _HOST_NAME.validate_python(name)
+        except ValidationError:
+            problems.append(f"hosts.{name!r}: invalid host name (letters, digits, . _ -)")
+            continue
         policy = _validate(HostPolicy, body, f"hosts.{name}.", problems)
         if policy is not None:
             hosts[name] = policy

@@ -135,7 +135,8 @@ class Defaults(_Spec):
             # Default recipe and hyper are for train jobs: a program's flags are its own.
             if "recipe" not in raw_job:
                 merged.pop("recipe", None)
-        else:
+        elif isinstance(raw_job.get("hyper", {}), dict):
+            # A non-table hyper is left as is, for validation to report.
             merged["hyper"] = {**self.hyper, **raw_job.get("hyper", {})}
         return merged
 
