@@ -83,7 +83,7 @@ async def job_detail(ctx: Ctx) -> JobDetail:
 )
 async def job_logs(ctx: Ctx) -> LogPage:
     job = await _job(ctx)
-    after, limit = ctx.query_int("after", 0), min(ctx.query_int("limit", 1000), 10_000)
+    after, limit = ctx.query_int("after", 0), max(1, min(ctx.query_int("limit", 1000), 10_000))
     lines = await ctx.run(ctx.coord.queue.logs, job.id, after, limit)
     return LogPage(
         job_id=job.id, state=job.state, lines=lines, next_after=lines[-1].seq if lines else after

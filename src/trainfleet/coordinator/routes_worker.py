@@ -105,6 +105,8 @@ async def upload(ctx: Ctx) -> ArtifactRecord:
     coord, job_id = ctx.coord, ctx.path("job_id")
     sha256 = check_digest(ctx.path("sha256"))
     epoch, size = ctx.query_int("epoch", 0), ctx.query_int("size", -1)
+    if epoch < 1:
+        raise BadRequest("query parameter 'epoch' (the claim's fencing epoch) is required")
     name = ctx.request.query_params.get("name", "outputs.tar.zst")
     if size < 0:
         raise BadRequest("query parameter 'size' (the artifact's length in bytes) is required")

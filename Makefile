@@ -1,0 +1,42 @@
+# The README's commands. Each target sets up what it needs first.
+#   make demo   create .venv, install, run the main job (a sweep on a 3-worker local fleet)
+#   make test   create .venv, install, lint + type-check + run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch first, so nothing pulls a multi-GB CUDA build. Elsewhere, point
+# TORCH_INDEX at https://download.pytorch.org/whl/cpu (or your CUDA index) if you like.
+TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+lint: setup
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src tests examples bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench.queue
+
+clean:
+	rm -rf $(VENV) .demo .trainfleet .pytest_cache .ruff_cache .mypy_cache

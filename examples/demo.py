@@ -1,0 +1,200 @@
+"""The main job: a small sweep across a three-host fleet, on this machine, in real processes.
+
+    python examples/demo.py            (what `make demo` runs)
+
+1. starts a coordinator (`trainfleet serve`, SQLite + local artifact directory in .demo/);
+2. starts three workers (`trainfleet join`) that declare different hosts: `gpu-box` declares a
+   GPU that detection does not find (so it is corrected to CPU-only), `cpu-a` and `cpu-b`
+   take different slices of the sweep through their allow lists;
+3. loads examples/fleet.toml with `trainfleet reload` (a sweep of built-in `train` jobs and
+   one `command` job), shows progress until every job is done, prints the results;
+4. stops the workers with SIGTERM (they deregister) and then the coordinator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from trainfleet.cli import render
+from trainfleet.client import Client
+from trainfleet.errors import CoordinatorUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+HOSTS = ("gpu-box", "cpu-a", "cpu-b")
+TERMINAL = {"completed", "failed", "cancelled"}
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def trainfleet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trainfleet.cli.main", *args]
+
+
+def wait_healthy(client: Client, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.request("GET", "/health")
+            return
+        except CoordinatorUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def progress_line(jobs: list[dict], started: float) -> str:
+    done = sum(j["state"] in TERMINAL for j in jobs)
+    states = ", ".join(
+        f"{s} {sum(j['state'] == s for j in jobs)}"
+        for s in ("pending", "claimed", "running", "completed", "failed")
+        if any(j["state"] == s for j in jobs)
+    )
+    return f"{done}/{len(jobs)} jobs done ({states}); {time.monotonic() - started:.0f}s elapsed"
+
+
+def watch(client: Client, timeout_s: float) -> float:
+    """Show progress until every job is done: a live table on a terminal, lines otherwise."""
+    started = time.monotonic()
+    last = ""
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+        while True:
+            jobs = client.jobs()
+            line = progress_line(jobs, started)
+            if console.is_terminal:
+                live.update(Group(Text(line), render.jobs_table(jobs, title="sweep")))
+            elif line.split(";")[0] != last.split(";")[0]:
+                console.print(line)
+            last = line
+            if all(j["state"] in TERMINAL for j in jobs):
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                console.print("[red]timed out; see the logs[/]")
+                return time.monotonic() - started
+            time.sleep(0.5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", default=str(REPO / "examples" / "fleet.toml"))
+    parser.add_argument("--dir", default=str(REPO / ".demo"), help="state and logs (recreated)")
+    parser.add_argument("--timeout-s", type=float, default=300)
+    args = parser.parse_args()
+
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "logs").mkdir(parents=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    state = root / "state"
+    env = {**os.environ, "TRAINFLEET_URL": url, "TRAINFLEET_STATE_DIR": str(state)}
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+
+    def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (root / "logs" / f"{name}.log").open("wb")
+        logs.append(log)
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, stdin=subprocess.DEVNULL
+        )
+        procs.append(proc)
+        return proc
+
+    console.rule("trainfleet demo")
+    console.print(f"coordinator  {url}  (state and logs in {root})")
+    server = spawn(
+        "coordinator",
+        trainfleet(
+            "serve",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(state),
+            "--heartbeat-interval-s",
+            "1",
+            "--heartbeat-timeout-s",
+            "10",
+        ),
+    )
+    ok = False
+    try:
+        client = Client(url, None)
+        wait_healthy(client)
+        client.token = (state / "operator.token").read_text().strip()
+        join_token = (state / "join.token").read_text().strip()
+
+        console.print(f"\n$ trainfleet reload {os.path.relpath(args.manifest, REPO)}")
+        subprocess.run(trainfleet("reload", args.manifest), env=env, cwd=REPO, check=True)
+
+        for host in HOSTS:
+            spawn(
+                f"worker-{host}",
+                trainfleet(
+                    "join",
+                    url,
+                    "--token",
+                    join_token,
+                    "--host",
+                    host,
+                    "--threads",
+                    "1",
+                    "--poll-interval-s",
+                    "0.5",
+                    "--workdir",
+                    str(root / f"work-{host}"),
+                ),
+            )
+        deadline = time.monotonic() + 60
+        while len(client.workers()) < len(HOSTS):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"workers did not register; see {root / 'logs'}")
+            time.sleep(0.3)
+        console.print(
+            "\n3 workers joined; the declared GPU of gpu-box is checked against detection:"
+        )
+        console.print(render.workers_table(client.workers()))
+        elapsed = watch(client, args.timeout_s)
+
+        console.rule("results")
+        jobs = client.jobs()
+        console.print(render.jobs_table(jobs, title="results"))
+        ok = all(j["state"] == "completed" for j in jobs)
+        verdict = "[green]all jobs completed[/]" if ok else "[red]some jobs did not complete[/]"
+        console.print(f"{verdict} in {elapsed:.0f}s. Logs: {root / 'logs'}")
+        console.print(
+            f"Everything is kept in {state}: `trainfleet serve --state-dir {state}`"
+            " reopens it, then try `trainfleet show gpt-lr3e-3 --state-dir"
+            f" {state}` and `trainfleet logs gpt-lr3e-3 --state-dir {state}`."
+        )
+        client.close()
+    finally:
+        for proc in procs[1:]:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs[1:]:
+            proc.wait(timeout=60)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        for log in logs:
+            log.close()
+    console.print("workers handed back their work and left; coordinator stopped.")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
