@@ -98,6 +98,21 @@ def _declared_capability(host: str, policy: HostPolicy) -> Capability:
     )
 
 
+def _normalized(job: JobSpec) -> JobSpec:
+    """A train job's hyper as its recipe reads it (``lr = 1`` and ``lr = 1.0`` are one job).
+
+    Only the keys the manifest set are kept, so adding a recipe default later changes no id.
+    """
+    recipe = RECIPES.get(job.recipe or "") if job.kind == "train" else None
+    if recipe is None:
+        return job
+    try:
+        params = recipe.params.model_validate(job.hyper)
+    except ValidationError:
+        return job  # already reported
+    return job.model_copy(update={"hyper": {k: getattr(params, k) for k in job.hyper}})
+
+
 def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
     """Parse and validate manifest text. Raises ``ManifestError`` listing every problem."""
     try:
@@ -145,7 +160,7 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
             continue
         seen[job.name] = i
         problems.extend(_check_job(job, hosts, where))
-        jobs.append(job)
+        jobs.append(_normalized(job))
     if problems:
         raise ManifestError(path, problems)
     return Manifest(defaults=defaults, hosts=hosts, jobs=jobs)

@@ -1,0 +1,361 @@
+"""Loading manifests: the example loads with defaults applied; every mistake names file,
+job and field, and all of them are reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetkit import manifest_of
+from trainfleet.errors import ManifestError
+from trainfleet.manifest import load_manifest, parse_manifest
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.toml"
+
+
+def problems_of(text: str, path: str = "test.toml") -> list[str]:
+    """Parse ``text`` expecting failure; check the message leads with the path."""
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(text, path)
+    err = info.value
+    assert err.path == path
+    assert str(err).startswith(f"{path}: ")
+    assert all(line.startswith(f"{path}: ") for line in str(err).splitlines())
+    assert err.problems
+    return err.problems
+
+
+def only_problem(text: str) -> str:
+    problems = problems_of(text)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# --- the example manifest ---------------------------------------------------------------
+
+
+def test_example_manifest_loads_with_defaults_applied():
+    manifest = load_manifest(EXAMPLE)
+    jobs = {job.name: job for job in manifest.jobs}
+    assert list(jobs) == [
+        "gpt-lr1e-3",
+        "gpt-lr3e-3",
+        "gpt-lr1e-2",
+        "gpt-wide-lr3e-3",
+        "linear-baseline",
+    ]
+    assert set(manifest.hosts) == {"gpu-box", "cpu-a", "cpu-b"}
+    assert manifest.defaults.prefer_cuda_wait_s == 5
+
+    default_hyper = {
+        "steps": 60,
+        "seq_len": 64,
+        "batch_size": 16,
+        "corpus": "stdlib",
+        "corpus_bytes": 400000,
+    }
+    # Train jobs: default hyper merged under their own, the job's value winning.
+    assert jobs["gpt-lr1e-3"].hyper == {**default_hyper, "lr": 1e-3}
+    assert jobs["gpt-wide-lr3e-3"].hyper == {**default_hyper, "lr": 3e-3, "d_model": 128}
+    for name in ("gpt-lr1e-3", "gpt-lr3e-3", "gpt-lr1e-2", "gpt-wide-lr3e-3"):
+        assert jobs[name].kind == "train"
+        assert jobs[name].recipe == "gpt"
+        assert jobs[name].max_attempts == 3
+        assert jobs[name].timeout_s == 600
+
+    # The command job keeps only its own hyper, gets no default recipe, but does inherit
+    # scheduling defaults it does not override.
+    command = jobs["linear-baseline"]
+    assert command.kind == "command"
+    assert command.hyper == {"steps": 200, "lr": 0.5}
+    assert command.recipe is None
+    assert command.command == ["python", "examples/scripts/train_bigram.py"]
+    assert command.timeout_s == 120
+    assert command.max_attempts == 3
+
+
+def test_job_values_override_scalar_defaults():
+    manifest = manifest_of(
+        """
+        [defaults]
+        priority = 2
+        min_cores = 2
+        [[jobs]]
+        name = "a"
+        [[jobs]]
+        name = "b"
+        priority = 9
+        """
+    )
+    a, b = manifest.jobs
+    assert (a.priority, a.min_cores) == (2, 2)
+    assert (b.priority, b.min_cores) == (9, 2)
+
+
+# --- unknown keys and wrong types -------------------------------------------------------
+
+
+def test_unknown_top_level_key():
+    problem = only_problem('jbos = []\n[[jobs]]\nname = "a"\n')
+    assert problem.startswith("jbos: unknown top-level key")
+
+
+def test_unknown_key_in_job_names_job_and_field():
+    problem = only_problem('[[jobs]]\nname = "a"\nlerning_rate = 1\n')
+    assert problem.startswith("jobs[0] ('a').lerning_rate: ")
+    assert "Extra inputs are not permitted" in problem
+
+
+def test_unknown_key_in_host_names_host_and_field():
+    problem = only_problem("[hosts.cpu-a]\ncudaa = true\n")
+    assert problem.startswith("hosts.cpu-a.cudaa: ")
+
+
+def test_unknown_key_in_defaults():
+    problem = only_problem("[defaults]\nretries = 3\n")
+    assert problem.startswith("defaults.retries: ")
+
+
+def test_wrong_type_names_job_and_field():
+    problem = only_problem('[[jobs]]\nname = "a"\npriority = "high"\n')
+    assert problem.startswith("jobs[0] ('a').priority: ")
+    assert "integer" in problem
+
+
+def test_invalid_host_name_is_a_manifest_error():
+    problem = only_problem('[hosts."bad name"]\ncuda = false\n')
+    assert problem.startswith("hosts.'bad name': invalid host name")
+
+
+def test_duplicate_job_names_mention_both_indexes():
+    problem = only_problem('[[jobs]]\nname = "a"\n[[jobs]]\nname = "b"\n[[jobs]]\nname = "a"\n')
+    assert problem.startswith("jobs[2] ('a').name: duplicate job name")
+    assert "jobs[0]" in problem
+
+
+# --- recipe, hyper and kind rules -------------------------------------------------------
+
+
+def test_train_job_with_unknown_recipe():
+    problem = only_problem('[[jobs]]\nname = "a"\nrecipe = "resnet"\n')
+    assert problem.startswith("jobs[0] ('a').recipe: unknown recipe 'resnet'")
+    assert "gpt" in problem
+
+
+def test_hyper_key_not_a_recipe_param():
+    problem = only_problem('[[jobs]]\nname = "a"\nhyper = { lerning_rate = 0.1 }\n')
+    assert problem.startswith("jobs[0] ('a').hyper.lerning_rate: ")
+
+
+def test_unknown_default_hyper_key_is_reported_on_each_train_job():
+    problems = problems_of(
+        '[defaults]\nhyper = { lerning_rate = 0.1 }\n[[jobs]]\nname = "a"\n[[jobs]]\nname = "b"\n'
+    )
+    assert [p.split(":")[0] for p in problems] == [
+        "jobs[0] ('a').hyper.lerning_rate",
+        "jobs[1] ('b').hyper.lerning_rate",
+    ]
+
+
+def test_hyper_value_out_of_range():
+    problem = only_problem('[[jobs]]\nname = "a"\nhyper = { lr = -1 }\n')
+    assert problem.startswith("jobs[0] ('a').hyper.lr: ")
+    assert "greater than 0" in problem
+
+
+def test_hyper_not_a_table_is_a_manifest_error():
+    problem = only_problem('[defaults]\nhyper = { lr = 0.1 }\n[[jobs]]\nname = "a"\nhyper = 3\n')
+    assert problem.startswith("jobs[0] ('a').hyper: ")
+    assert "dictionary" in problem
+
+
+def test_heads_must_divide_width():
+    problem = only_problem('[[jobs]]\nname = "a"\nhyper = { n_heads = 3, d_model = 64 }\n')
+    assert problem.startswith("jobs[0] ('a').hyper: ")
+    assert "n_heads (3) must divide d_model (64)" in problem
+
+
+def test_unknown_mode_for_recipe():
+    problem = only_problem('[[jobs]]\nname = "a"\nmode = "turbo"\n')
+    assert problem.startswith("jobs[0] ('a').mode: recipe 'gpt' has modes")
+    assert "smoke" in problem
+
+
+def test_command_job_needs_a_command():
+    problem = only_problem('[[jobs]]\nname = "a"\nkind = "command"\n')
+    assert problem.startswith("jobs[0] ('a').command: ")
+    assert "non-empty command" in problem
+
+
+def test_command_job_may_not_take_a_recipe():
+    problem = only_problem(
+        '[[jobs]]\nname = "a"\nkind = "command"\ncommand = ["x"]\nrecipe = "gpt"\n'
+    )
+    assert problem.startswith("jobs[0] ('a').recipe: only kind='train' jobs take a recipe")
+
+
+def test_train_job_may_not_take_a_command():
+    problem = only_problem('[[jobs]]\nname = "a"\ncommand = ["x"]\n')
+    assert problem.startswith("jobs[0] ('a').command: only kind='command' jobs take a command")
+
+
+def test_default_recipe_is_not_applied_to_command_jobs():
+    manifest = manifest_of(
+        '[defaults]\nrecipe = "gpt"\n[[jobs]]\nname = "a"\nkind = "command"\ncommand = ["x"]\n'
+    )
+    assert manifest.jobs[0].recipe is None
+
+
+def test_vram_minimum_needs_require_cuda():
+    problem = only_problem('[[jobs]]\nname = "a"\nmin_vram_gib = 8\n')
+    assert problem.startswith("jobs[0] ('a').min_vram_gib: ")
+    assert "require_cuda" in problem
+    manifest = manifest_of('[[jobs]]\nname = "a"\nmin_vram_gib = 8\nrequire_cuda = true\n')
+    assert manifest.jobs[0].min_vram_gib == 8
+
+
+# --- placement --------------------------------------------------------------------------
+
+
+def test_impossible_placement_cuda_job_on_cpu_host():
+    problem = only_problem(
+        """
+        [hosts.cpu-a]
+        cuda = false
+        [[jobs]]
+        name = "a"
+        require_cuda = true
+        allowed_hosts = ["cpu-a"]
+        """
+    )
+    assert problem.startswith("jobs[0] ('a').allowed_hosts: no allowed host can run this job")
+    assert "cpu-a: needs CUDA" in problem
+
+
+def test_impossible_placement_host_denies_job():
+    problem = only_problem(
+        """
+        [hosts.cpu-a]
+        deny_jobs = ["gpt-*"]
+        [[jobs]]
+        name = "gpt-big"
+        allowed_hosts = ["cpu-a"]
+        """
+    )
+    assert problem.startswith("jobs[0] ('gpt-big').allowed_hosts: no allowed host can run")
+    assert "deny_jobs pattern 'gpt-*'" in problem
+
+
+def test_impossible_placement_lists_every_allowed_host():
+    problem = only_problem(
+        """
+        [hosts.cpu-a]
+        cuda = false
+        [hosts.small]
+        ram_gib = 4
+        cuda = false
+        [[jobs]]
+        name = "a"
+        min_ram_gib = 8
+        allowed_hosts = ["cpu-a", "small"]
+        require_cuda = true
+        """
+    )
+    assert "cpu-a: needs CUDA" in problem
+    assert "small: needs CUDA; needs >= 8 GiB RAM (has 4)" in problem
+
+
+def test_possible_placement_is_accepted():
+    manifest = manifest_of(
+        """
+        [hosts.cpu-a]
+        cuda = false
+        [hosts.gpu-box]
+        cuda = true
+        vram_gib = 24
+        [[jobs]]
+        name = "a"
+        require_cuda = true
+        min_vram_gib = 16
+        allowed_hosts = ["cpu-a", "gpu-box"]
+        """
+    )
+    assert manifest.jobs[0].allowed_hosts == ["cpu-a", "gpu-box"]
+
+
+def test_allowed_hosts_with_an_undeclared_host_is_accepted():
+    # An undeclared host could have anything, so the job is not provably impossible.
+    manifest = manifest_of(
+        """
+        [hosts.cpu-a]
+        cuda = false
+        [[jobs]]
+        name = "a"
+        require_cuda = true
+        allowed_hosts = ["cpu-a", "somewhere-else"]
+        """
+    )
+    assert manifest.jobs[0].allowed_hosts == ["cpu-a", "somewhere-else"]
+
+
+# --- unreadable input and many problems -------------------------------------------------
+
+
+def test_invalid_toml():
+    problem = only_problem('[[jobs]]\nname = "a\n')
+    assert problem.startswith("not valid TOML: ")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("cannot read")
+
+
+def test_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text('[[jobs]]\nname = "a"\npriority = "high"\n', encoding="utf-8")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert info.value.path == str(path)
+    assert str(info.value).startswith(f"{path}: jobs[0] ('a').priority: ")
+
+
+def test_every_problem_is_reported_not_just_the_first():
+    problems = problems_of(
+        """
+        colour = "blue"
+        [hosts.cpu-a]
+        cudaa = true
+        [[jobs]]
+        name = "a"
+        lerning_rate = 1
+        [[jobs]]
+        name = "b"
+        recipe = "resnet"
+        min_vram_gib = 8
+        [[jobs]]
+        name = "c"
+        hyper = { lr = -1, n_heads = 3 }
+        [[jobs]]
+        name = "d"
+        kind = "command"
+        [[jobs]]
+        name = "b"
+        """
+    )
+    heads = [p.split(":")[0] for p in problems]
+    assert heads == [
+        "colour",
+        "hosts.cpu-a.cudaa",
+        "jobs[0] ('a').lerning_rate",
+        "jobs[1] ('b').recipe",
+        "jobs[1] ('b').min_vram_gib",
+        "jobs[2] ('c').hyper.lr",
+        "jobs[3] ('d').command",
+        "jobs[4] ('b').name",
+    ]
