@@ -61,6 +61,8 @@ def test_train_and_command_jobs_complete_with_artifacts(fleet: Fleet, tmp_path) 
 
     logs = fleet.cli("logs", "tiny-gpt", check=True).stdout
     assert "held-out loss" in logs
+    followed = fleet.cli("logs", "cmd", "--follow", check=True).stdout  # returns: job is done
+    assert followed.splitlines()[0] == "started attempt 1" and "finished" in followed
     listing = json.loads(fleet.cli("list", "--json", check=True).stdout)
     assert {j["name"]: j["state"] for j in listing} == {"tiny-gpt": "completed", "cmd": "completed"}
     workers = json.loads(fleet.cli("workers", "--json", check=True).stdout)

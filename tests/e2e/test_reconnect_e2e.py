@@ -1,0 +1,133 @@
+"""A worker started before its coordinator waits, with backoff, then joins and works; the
+coordinator restarting mid-run loses nothing it had accepted."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from livefleet import REPO, SLOW_JOB, wait_until
+from trainfleet.client import Client
+from trainfleet.errors import CoordinatorUnavailable
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(state: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainfleet.cli.main",
+            "serve",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(state),
+            "--join-token",
+            "join-me",
+            "--operator-token",
+            "op",
+            "--heartbeat-interval-s",
+            "0.5",
+            "--heartbeat-timeout-s",
+            "5",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def healthy(client: Client) -> bool:
+    try:
+        client.request("GET", "/health")
+        return True
+    except CoordinatorUnavailable:
+        return False
+
+
+def test_worker_waits_for_the_coordinator_and_survives_its_restart(tmp_path: Path) -> None:
+    with (
+        (tmp_path / "serve.log").open("wb") as serve_log,
+        (tmp_path / "worker.log").open("wb") as worker_out,
+    ):
+        run_scenario(tmp_path, serve_log, worker_out)
+
+
+def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) -> None:
+    port, state = free_port(), tmp_path / "state"
+    url = f"http://127.0.0.1:{port}"
+    worker_log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainfleet.cli.main",
+            "join",
+            url,
+            "--token",
+            "join-me",
+            "--host",
+            "early",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--poll-interval-s",
+            "0.2",
+        ],
+        stdout=worker_out,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
+    server = None
+    operator = Client(url, "op")
+    try:
+        wait_until(
+            lambda: "coordinator unreachable" in worker_log.read_text(),
+            30,
+            "the worker to report the coordinator unreachable",
+        )
+        server = serve(state, port, serve_log)
+        wait_until(lambda: healthy(operator), 30, "the coordinator")
+        manifest = (
+            f'[[jobs]]\nname = "first"\nkind = "command"\n'
+            f'command = ["{sys.executable}", "{SLOW_JOB}"]\nhyper = {{ seconds = 0.2 }}\n'
+        )
+        operator.reload(manifest, "m.toml")
+        wait_until(lambda: operator.job("first")["job"]["state"] == "completed", 60, "first job")
+
+        # Restart the coordinator: what it accepted is on disk; the worker reconnects.
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        server = serve(state, port, serve_log)
+        wait_until(lambda: healthy(operator), 30, "the restarted coordinator")
+        first = operator.job("first")
+        assert first["job"]["state"] == "completed" and len(first["artifacts"]) == 1
+        operator.reload(manifest.replace('"first"', '"second"') + "\n" + manifest, "m.toml")
+        wait_until(
+            lambda: operator.job("second")["job"]["state"] == "completed",
+            60,
+            "the second job, claimed after the restart",
+        )
+        assert operator.job("first")["job"]["attempt"] == 1  # nothing ran twice
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+        operator.close()
