@@ -72,3 +72,13 @@ def test_code_version_names_the_commit_in_a_checkout(monkeypatch):
 
     monkeypatch.setattr(detect.subprocess, "run", fake_git)
     assert code_version() == f"{trainfleet.__version__}+g0123456789ab"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_detection_reports_every_cuda_device_and_its_memory() -> None:
+    cap = detect_capability()
+    assert cap.cuda and cap.num_gpus == torch.cuda.device_count()
+    props = torch.cuda.get_device_properties(0)
+    assert cap.gpu_names[0] == props.name
+    assert cap.vram_gib >= props.total_memory / 1024**3 - 0.01

@@ -1,0 +1,343 @@
+"""The life of one attempt on the SQLite queue: claim, report, finish, or be reaped.
+
+A claim picks the first pending job (by priority, then manifest order) that the worker's
+effective capability fits and no scheduling rule defers, and bumps the job's *epoch*. Every
+later write of that attempt (heartbeat, log lines, artifact, complete, fail) names the epoch
+and is *fenced*: it is refused with ``StaleEpoch`` once the attempt has been written off, so a
+worker that lost its claim can never overwrite the attempt that replaced it. ``reap_jobs``
+writes off attempts whose heartbeats stopped or that ran past their timeout.
+
+Each function runs on a connection the caller has already put inside a write transaction,
+and ``clock`` is the queue's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from trainfleet.capability.model import Capability
+from trainfleet.capability.policy import effective_capability
+from trainfleet.errors import Conflict, NotFound, StaleEpoch
+from trainfleet.manifest.spec import JobSpec
+from trainfleet.queue.base import (
+    ACTIVE_STATES,
+    ArtifactRecord,
+    Claim,
+    HeartbeatReply,
+    JobRecord,
+)
+from trainfleet.queue.matching import blockers
+from trainfleet.queue.scheduling import Candidate, deferrals
+from trainfleet.queue.sqlite_schema import insert_event, load_job, read_hosts, read_meta
+from trainfleet.queue.sqlite_workers import candidates, touch
+
+_MAX_LOG_LINE = 4096
+
+
+def fenced(conn: sqlite3.Connection, job_id: str, worker_id: str, epoch: int) -> sqlite3.Row:
+    """The job's row, if ``worker_id`` still holds it at ``epoch`` and it is still active."""
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    if row["epoch"] != epoch or row["worker_id"] != worker_id:
+        raise StaleEpoch(
+            f"epoch {epoch} of job {row['name']} is stale (current epoch {row['epoch']});"
+            " this claim was written off and the job handed elsewhere",
+            current_epoch=row["epoch"],
+        )
+    if row["state"] == "cancelled":
+        raise Conflict(f"job {row['name']} was cancelled; nothing more is accepted for it")
+    if row["state"] not in ACTIVE_STATES:
+        raise Conflict(f"job {row['name']} is {row['state']}, not active")
+    return row
+
+
+def claim(
+    conn: sqlite3.Connection, worker_id: str, clock: Callable[[], float], idle_window_s: float
+) -> Claim | None:
+    wrow = touch(conn, worker_id, clock())
+    if wrow["current_job"] is not None:
+        held = conn.execute(
+            "SELECT state, epoch FROM jobs WHERE id = ?", (wrow["current_job"],)
+        ).fetchone()
+        if held is not None and held["state"] in ACTIVE_STATES:
+            raise Conflict(
+                f"worker {worker_id} still holds job {wrow['current_job'][:12]};"
+                " complete or fail it first"
+            )
+    hosts = read_hosts(conn)
+    policy = hosts.get(wrow["host"])
+    cap, _ = effective_capability(Capability.model_validate_json(wrow["capability"]), policy)
+    me = Candidate(worker_id, cap, policy, idle=True)
+    others = candidates(conn, hosts, clock(), idle_window_s)
+    wait_s = float(read_meta(conn, "prefer_cuda_wait_s", "30"))
+    now = clock()
+    rows = conn.execute(
+        "SELECT * FROM jobs WHERE state = 'pending'"
+        " AND (require_cuda = 0 OR ?) AND min_vram_gib <= ? AND min_ram_gib <= ?"
+        " AND min_cores <= ? ORDER BY priority DESC, seq",
+        (int(cap.cuda), cap.vram_gib, cap.ram_gib, cap.cores),
+    )
+    for row in rows:
+        spec = JobSpec.model_validate_json(row["spec"])
+        if blockers(spec, cap, policy):
+            continue
+        if deferrals(spec, me, others, now - row["pending_since"], wait_s):
+            continue
+        return _take(conn, row, worker_id, cap, clock)
+    return None
+
+
+def _take(
+    conn: sqlite3.Connection,
+    row: sqlite3.Row,
+    worker_id: str,
+    cap: Capability,
+    clock: Callable[[], float],
+) -> Claim:
+    now = clock()
+    epoch, attempt = row["epoch"] + 1, row["attempt"] + 1
+    mhash = read_meta(conn, "manifest_hash", row["manifest_hash"])
+    conn.execute(
+        "UPDATE jobs SET state = 'claimed', epoch = ?, attempt = ?, worker_id = ?, host = ?,"
+        " claimed_at = ?, heartbeat_at = ?, updated_at = ?, manifest_hash = ?, error = NULL"
+        " WHERE id = ?",
+        (epoch, attempt, worker_id, cap.host, now, now, now, mhash, row["id"]),
+    )
+    conn.execute("UPDATE workers SET current_job = ? WHERE id = ?", (row["id"], worker_id))
+    insert_event(
+        conn,
+        clock(),
+        row["id"],
+        "claimed",
+        "pending",
+        "claimed",
+        worker_id,
+        epoch,
+        detail=f"attempt {attempt} on host {cap.host}",
+    )
+    return Claim(job=load_job(conn, row["id"]), epoch=epoch, attempt=attempt)
+
+
+def heartbeat(
+    conn: sqlite3.Connection, job_id: str, worker_id: str, epoch: int, clock: Callable[[], float]
+) -> HeartbeatReply:
+    touch(conn, worker_id, clock())
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if (
+        row is not None
+        and row["state"] == "cancelled"
+        and row["epoch"] == epoch
+        and row["worker_id"] == worker_id
+    ):
+        return HeartbeatReply(cancel=True, state="cancelled")
+    row = fenced(conn, job_id, worker_id, epoch)
+    now = clock()
+    state = row["state"]
+    if state == "claimed":
+        state = "running"
+        insert_event(conn, clock(), job_id, "running", "claimed", "running", worker_id, epoch)
+    conn.execute(
+        "UPDATE jobs SET heartbeat_at = ?, state = ?, updated_at = ? WHERE id = ?",
+        (now, state, now, job_id),
+    )
+    return HeartbeatReply(cancel=False, state=state)
+
+
+def append_log(
+    conn: sqlite3.Connection,
+    job_id: str,
+    worker_id: str,
+    epoch: int,
+    lines: list[str],
+    clock: Callable[[], float],
+) -> int:
+    row = fenced(conn, job_id, worker_id, epoch)
+    now = clock()
+    conn.executemany(
+        "INSERT INTO logs (job_id, attempt, epoch, at, line) VALUES (?, ?, ?, ?, ?)",
+        [(job_id, row["attempt"], epoch, now, line[:_MAX_LOG_LINE]) for line in lines],
+    )
+    return len(lines)
+
+
+def record_artifact(
+    conn: sqlite3.Connection,
+    job_id: str,
+    worker_id: str,
+    epoch: int,
+    sha256: str,
+    size: int,
+    name: str,
+    clock: Callable[[], float],
+) -> ArtifactRecord:
+    """Record an uploaded artifact with the provenance of the attempt that made it."""
+    row = fenced(conn, job_id, worker_id, epoch)
+    wrow = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone()
+    cap, _ = effective_capability(
+        Capability.model_validate_json(wrow["capability"]),
+        read_hosts(conn).get(wrow["host"]),
+    )
+    record = ArtifactRecord(
+        sha256=sha256,
+        size=size,
+        name=name,
+        job_id=job_id,
+        attempt=row["attempt"],
+        epoch=epoch,
+        worker_id=worker_id,
+        capability=cap,
+        manifest_hash=row["manifest_hash"],
+        created_at=clock(),
+    )
+    conn.execute(
+        "INSERT INTO artifacts (sha256, size, name, job_id, attempt, epoch, worker_id,"
+        " capability, manifest_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            sha256,
+            size,
+            name,
+            job_id,
+            record.attempt,
+            epoch,
+            worker_id,
+            cap.model_dump_json(),
+            record.manifest_hash,
+            record.created_at,
+        ),
+    )
+    insert_event(
+        conn,
+        clock(),
+        job_id,
+        "artifact",
+        None,
+        None,
+        worker_id,
+        epoch,
+        f"{name} {sha256[:12]} ({size} bytes)",
+    )
+    return record
+
+
+def complete(
+    conn: sqlite3.Connection,
+    job_id: str,
+    worker_id: str,
+    epoch: int,
+    result: dict[str, Any],
+    clock: Callable[[], float],
+) -> JobRecord:
+    row = fenced(conn, job_id, worker_id, epoch)
+    now = clock()
+    conn.execute(
+        "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, updated_at = ?"
+        " WHERE id = ?",
+        (json.dumps(result), now, now, job_id),
+    )
+    conn.execute("UPDATE workers SET current_job = NULL WHERE id = ?", (worker_id,))
+    insert_event(conn, clock(), job_id, "completed", row["state"], "completed", worker_id, epoch)
+    return load_job(conn, job_id)
+
+
+def fail(
+    conn: sqlite3.Connection,
+    job_id: str,
+    worker_id: str,
+    epoch: int,
+    error: str,
+    clock: Callable[[], float],
+    *,
+    retryable: bool,
+    release: bool,
+) -> JobRecord:
+    row = fenced(conn, job_id, worker_id, epoch)
+    conn.execute("UPDATE workers SET current_job = NULL WHERE id = ?", (worker_id,))
+    kind = "released" if release else "attempt_failed"
+    _end_attempt(conn, row, error, clock, count=not release, retryable=retryable, kind=kind)
+    return load_job(conn, job_id)
+
+
+def _end_attempt(
+    conn: sqlite3.Connection,
+    row: sqlite3.Row,
+    error: str,
+    clock: Callable[[], float],
+    *,
+    count: bool,
+    retryable: bool,
+    kind: str,
+) -> None:
+    """Close the active attempt: back to pending, or failed when attempts are used up."""
+    now = clock()
+    failures = row["num_failures"] + int(count)
+    max_attempts = JobSpec.model_validate_json(row["spec"]).max_attempts
+    if retryable and failures < max_attempts:
+        to_state, finished = "pending", None
+        detail = f"{error} (failure {failures}/{max_attempts}; requeued)" if count else error
+    else:
+        to_state, finished = "failed", now
+        why = "not retryable" if not retryable else f"{failures}/{max_attempts} attempts used"
+        detail = f"{error} ({why})"
+    conn.execute(
+        "UPDATE jobs SET state = ?, num_failures = ?, worker_id = CASE WHEN ? = 'pending'"
+        " THEN NULL ELSE worker_id END, pending_since = ?, finished_at = ?, updated_at = ?,"
+        " error = ? WHERE id = ?",
+        (to_state, failures, to_state, now, finished, now, error, row["id"]),
+    )
+    insert_event(
+        conn,
+        clock(),
+        row["id"],
+        kind,
+        row["state"],
+        to_state,
+        row["worker_id"],
+        row["epoch"],
+        detail,
+    )
+
+
+def overdue_jobs(conn: sqlite3.Connection, now: float, heartbeat_timeout_s: float) -> list[str]:
+    """Ids of active jobs that look lost or timed out; cheap enough to run outside the lock."""
+    rows = conn.execute(
+        "SELECT id FROM jobs WHERE state IN ('claimed', 'running') AND heartbeat_at < ?"
+        " UNION SELECT id FROM jobs WHERE state IN ('claimed', 'running')"
+        " AND claimed_at + CAST(json_extract(spec, '$.timeout_s') AS REAL) + ? < ?",
+        (now - heartbeat_timeout_s, heartbeat_timeout_s, now),
+    ).fetchall()
+    return [jid for (jid,) in rows]
+
+
+def reap_jobs(
+    conn: sqlite3.Connection,
+    job_ids: list[str],
+    now: float,
+    heartbeat_timeout_s: float,
+    clock: Callable[[], float],
+) -> list[JobRecord]:
+    """Re-check each of ``job_ids`` under the lock and write off the attempts really lost."""
+    deadline = now - heartbeat_timeout_s
+    reaped = []
+    for jid in job_ids:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (jid,)).fetchone()
+        if row["state"] not in ACTIVE_STATES:
+            continue
+        timeout_s = JobSpec.model_validate_json(row["spec"]).timeout_s
+        if row["heartbeat_at"] < deadline:
+            silent_s = now - row["heartbeat_at"]
+            why = f"lost: no heartbeat for {silent_s:.0f}s from {row['worker_id']}"
+        elif now > row["claimed_at"] + timeout_s + heartbeat_timeout_s:
+            why = f"timed out after {timeout_s:g}s on {row['worker_id']}"
+        else:
+            continue
+        conn.execute(
+            "UPDATE workers SET current_job = NULL WHERE id = ? AND current_job = ?",
+            (row["worker_id"], jid),
+        )
+        _end_attempt(conn, row, why, clock, count=True, retryable=True, kind="lost")
+        reaped.append(load_job(conn, jid))
+    return reaped

@@ -1,0 +1,90 @@
+"""The worker registry of the SQLite queue: register, authenticate, deregister, liveness.
+
+A worker registers with its probed capability and gets a random bearer token; only the
+token's hash is stored. Every claim or heartbeat *touches* the worker (``last_seen``), and
+``candidates`` turns the online workers into what the scheduler compares a claimant with:
+effective capability under its host's policy, and whether it is idle right now.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from collections.abc import Callable
+
+from trainfleet.capability.model import Capability
+from trainfleet.capability.policy import effective_capability
+from trainfleet.errors import NotFound, Unauthorized
+from trainfleet.manifest.spec import HostPolicy
+from trainfleet.queue.base import WorkerRecord
+from trainfleet.queue.scheduling import Candidate
+from trainfleet.queue.sqlite_schema import read_hosts, token_hash, worker_record
+
+
+def register_worker(
+    conn: sqlite3.Connection,
+    capability: Capability,
+    clock: Callable[[], float],
+    offline_after_s: float,
+) -> tuple[WorkerRecord, str]:
+    """Insert a new online worker; returns its record and its bearer token."""
+    token = secrets.token_urlsafe(32)
+    worker_id = f"{capability.host}-{secrets.token_hex(3)}"
+    now = clock()
+    conn.execute(
+        "INSERT INTO workers (id, host, capability, token_hash, state, registered_at,"
+        " last_seen) VALUES (?, ?, ?, ?, 'online', ?, ?)",
+        (
+            worker_id,
+            capability.host,
+            capability.model_dump_json(),
+            token_hash(token),
+            now,
+            now,
+        ),
+    )
+    row = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone()
+    return worker_record(row, read_hosts(conn), clock, offline_after_s), token
+
+
+def authenticate_worker(conn: sqlite3.Connection, token: str) -> str:
+    """The id of the worker holding ``token``; ``Unauthorized`` if none or deregistered."""
+    row = conn.execute(
+        "SELECT id, state FROM workers WHERE token_hash = ?", (token_hash(token),)
+    ).fetchone()
+    if row is None:
+        raise Unauthorized("unknown worker credential; register again")
+    if row["state"] == "stopped":
+        raise Unauthorized(f"worker {row['id']} has deregistered; register again")
+    return str(row["id"])
+
+
+def deregister_worker(conn: sqlite3.Connection, worker_id: str, now: float) -> None:
+    conn.execute(
+        "UPDATE workers SET state = 'stopped', last_seen = ? WHERE id = ?", (now, worker_id)
+    )
+
+
+def touch(conn: sqlite3.Connection, worker_id: str, now: float) -> sqlite3.Row:
+    """Mark the worker seen (and online) now; returns its row."""
+    conn.execute(
+        "UPDATE workers SET last_seen = ?, state = 'online' WHERE id = ?", (now, worker_id)
+    )
+    row = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no worker {worker_id!r}")
+    return row
+
+
+def candidates(
+    conn: sqlite3.Connection, hosts: dict[str, HostPolicy], now: float, idle_window_s: float
+) -> list[Candidate]:
+    """Every online worker as the scheduler sees it."""
+    out = []
+    for row in conn.execute("SELECT * FROM workers WHERE state = 'online'"):
+        cap, _ = effective_capability(
+            Capability.model_validate_json(row["capability"]), hosts.get(row["host"])
+        )
+        idle = row["current_job"] is None and now - row["last_seen"] <= idle_window_s
+        out.append(Candidate(row["id"], cap, hosts.get(row["host"]), idle))
+    return out
