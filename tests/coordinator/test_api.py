@@ -774,3 +774,18 @@ def test_workers_and_status(api: Api) -> None:
     assert status["workers_online"] == 2
     assert status["manifest_hash"]
     assert status["version"]
+
+
+def test_a_restarted_coordinator_renews_leases_before_reaping(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    with serve(tmp_path, clock) as api:
+        api.reload(ONE_JOB)
+        worker = api.register()
+        job_id = api.claim(worker)["job"]["id"]
+    clock.advance(600)  # the coordinator was down far longer than the heartbeat timeout
+    with serve(tmp_path, clock, reap_interval_s=0.01) as api:  # same database, new process
+        job = api.job(job_id)["job"]
+        assert job["heartbeat_at"] == clock.now  # renewed at start, before the first reap
+        assert api.coord.queue.reap() == []
+        assert job["state"] == "claimed" and job["attempt"] == 1

@@ -124,6 +124,34 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
             "the second job, claimed after the restart",
         )
         assert operator.job("first")["job"]["attempt"] == 1  # nothing ran twice
+
+        # An outage longer than the heartbeat timeout, during which the job finishes: the
+        # worker holds its result and keeps heartbeating; when the coordinator is back the
+        # lease is renewed and the result lands, once.
+        outage = manifest.replace('"first"', '"through-outage"').replace("0.2", "1")
+        operator.reload(outage, "m.toml")
+        wait_until(
+            lambda: operator.job("through-outage")["job"]["state"] == "running",
+            60,
+            "the long job to start",
+        )
+        failures_before = worker_log.read_text().count("heartbeat failed")
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        wait_until(
+            lambda: worker_log.read_text().count("heartbeat failed") >= failures_before + 12,
+            60,
+            "the worker to miss more heartbeats than the 5 s timeout allows",
+        )
+        server = serve(state, port, serve_log)
+        wait_until(lambda: healthy(operator), 30, "the coordinator, back")
+        wait_until(
+            lambda: operator.job("through-outage")["job"]["state"] == "completed",
+            60,
+            "the job that ran through the outage",
+        )
+        detail = operator.job("through-outage")
+        assert detail["job"]["attempt"] == 1 and "lost" not in [e["kind"] for e in detail["events"]]
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0

@@ -411,3 +411,17 @@ def test_a_worker_cannot_hold_two_jobs(queue: JobQueue) -> None:
     assert queue.claim(w) is not None
     with pytest.raises(Conflict, match="still holds"):
         queue.claim(w)
+
+
+def test_a_coordinator_restart_renews_leases_instead_of_blaming_workers(
+    queue: JobQueue, clock
+) -> None:
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"'))
+    w = register(queue)
+    c = queue.claim(w)
+    assert c is not None
+    clock.advance(60)  # the coordinator was down for a minute: no heartbeat could land
+    assert queue.renew_leases() == 1
+    assert queue.reap() == []
+    queue.heartbeat(c.job.id, w, c.epoch)
+    assert queue.complete(c.job.id, w, c.epoch, {}).attempt == 1

@@ -81,6 +81,9 @@ def create_app(coord: Coordinator) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        renewed = await run_in_threadpool(coord.queue.renew_leases)
+        if renewed:
+            log.info("resuming: %d active job(s) get a fresh heartbeat deadline", renewed)
         reaper = asyncio.create_task(_reap_forever(coord))
         try:
             yield

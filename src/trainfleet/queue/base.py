@@ -206,6 +206,14 @@ class JobQueue(abc.ABC):
         """Record a failed attempt; ``release`` hands the job back without counting a failure."""
 
     @abc.abstractmethod
+    def renew_leases(self) -> int:
+        """Count a coordinator start as a heartbeat for every active job; returns how many.
+
+        Without it, a coordinator that was down longer than the heartbeat timeout would, on
+        restart, blame its own downtime on the workers and requeue jobs still running fine.
+        """
+
+    @abc.abstractmethod
     def reap(self) -> list[JobRecord]:
         """Requeue (or fail) active jobs whose heartbeats stopped or whose time ran out."""
 

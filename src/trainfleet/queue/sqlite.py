@@ -177,6 +177,14 @@ class SQLiteQueue(JobQueue):
                 release=release,
             )
 
+    def renew_leases(self) -> int:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET heartbeat_at = ? WHERE state IN ('claimed', 'running')",
+                (self.clock(),),
+            )
+            return cur.rowcount
+
     def reap(self) -> list[JobRecord]:
         now = self.clock()
         timeout_s = self.settings.heartbeat_timeout_s

@@ -21,6 +21,19 @@ from trainfleet.queue.reload import Diff, StoredJob, diff_manifest
 from trainfleet.queue.sqlite_schema import find_job_row, insert_event, load_job
 
 
+def _scheduling_columns(spec: JobSpec) -> tuple[str, int, int, float, float, int]:
+    """spec, priority, require_cuda, min_vram_gib, min_ram_gib, min_cores: what a claim's SQL
+    prefilter reads, kept in columns beside the JSON spec."""
+    return (
+        spec.model_dump_json(),
+        spec.priority,
+        int(spec.require_cuda),
+        spec.min_vram_gib,
+        spec.min_ram_gib,
+        spec.min_cores,
+    )
+
+
 def apply_manifest(
     conn: sqlite3.Connection, manifest: Manifest, clock: Callable[[], float], *, dry_run: bool
 ) -> ReloadPlan:
@@ -76,12 +89,7 @@ def _apply_diff(
                 jid,
                 seq,
                 spec.name,
-                spec.model_dump_json(),
-                spec.priority,
-                int(spec.require_cuda),
-                spec.min_vram_gib,
-                spec.min_ram_gib,
-                spec.min_cores,
+                *_scheduling_columns(spec),
                 now,
                 now,
                 now,
@@ -93,16 +101,7 @@ def _apply_diff(
         conn.execute(
             "UPDATE jobs SET spec = ?, priority = ?, require_cuda = ?, min_vram_gib = ?,"
             " min_ram_gib = ?, min_cores = ?, in_manifest = 1, updated_at = ? WHERE id = ?",
-            (
-                spec.model_dump_json(),
-                spec.priority,
-                int(spec.require_cuda),
-                spec.min_vram_gib,
-                spec.min_ram_gib,
-                spec.min_cores,
-                now,
-                entry.id,
-            ),
+            (*_scheduling_columns(spec), now, entry.id),
         )
         insert_event(
             conn, clock(), entry.id, "changed", None, None, detail=json.dumps(entry.changes)

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 TERM_GRACE_S = 10.0
 USAGE_ERROR_EXIT = 2  # a built-in trainer exiting 2 rejected its parameters: never retried
+MAX_UNSENT_LINES = 10_000  # log lines kept while the coordinator is unreachable
+REPORT_PATIENCE_S = 3600.0  # how long a finished attempt keeps trying to report
 
 
 def build_argv(spec: dict[str, Any], output_dir: Path) -> list[str]:
@@ -145,8 +147,11 @@ class Attempt:
             self.client.append_log(self.job_id, self.epoch, lines)
         except Conflict:
             self.fenced.set()
-        except (CoordinatorUnavailable, ApiError) as err:
-            log.warning("could not ship %d log lines: %s", len(lines), err)
+        except CoordinatorUnavailable:
+            with self._lines_lock:  # keep them for the next flush, within a bound
+                self._pending_lines = (lines + self._pending_lines)[-MAX_UNSENT_LINES:]
+        except ApiError as err:
+            log.warning("coordinator refused %d log lines: %s", len(lines), err)
 
     # the attempt ----------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -167,11 +172,13 @@ class Attempt:
             t.start()
         try:
             returncode, stopped_by = self._run_process(argv)
+            # Heartbeats go on until the report lands: a result waiting out a coordinator
+            # outage keeps its lease the moment the coordinator is back.
+            return self._report(returncode, stopped_by)
         finally:
             self._done.set()
             for t in threads:
                 t.join(timeout=30)
-        return self._report(returncode, stopped_by)
 
     def _run_process(self, argv: list[str]) -> tuple[int | None, str | None]:
         try:
@@ -268,10 +275,15 @@ class Attempt:
             return Outcome("fenced", "coordinator refused the result")
         return Outcome("completed", f"artifact {sha256[:12]} ({size} bytes)", result)
 
-    def _send(self, call: Any, attempts: int = 6) -> bool:
-        """Make a reporting call, retrying while the coordinator is unreachable."""
-        delay = 0.5
-        for i in range(attempts):
+    def _send(self, call: Any) -> bool:
+        """Make a reporting call, retrying while the coordinator is unreachable.
+
+        A finished attempt's result is worth waiting for: the coordinator renews every lease
+        when it comes back, so the claim is still ours unless it says otherwise (409). We
+        give up after ``REPORT_PATIENCE_S``, or after a few tries once asked to shut down.
+        """
+        delay, deadline, tries_after_stop = 0.5, time.monotonic() + REPORT_PATIENCE_S, 3
+        while True:
             try:
                 call()
                 return True
@@ -279,13 +291,14 @@ class Attempt:
                 log.warning("coordinator refused report for %s: %s", self.job["name"], err.message)
                 return False
             except CoordinatorUnavailable as err:
-                if i == attempts - 1:
+                if self.stop.is_set():
+                    tries_after_stop -= 1
+                if time.monotonic() > deadline or tries_after_stop <= 0:
                     log.error("giving up reporting %s: %s", self.job["name"], err)
                     return False
                 log.warning("report failed (%s); retrying in %.1fs", err, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 10)
-        return False
+                delay = min(delay * 2, 30.0)
 
 
 def _terminate(proc: subprocess.Popen[str]) -> None:
