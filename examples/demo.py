@@ -177,10 +177,12 @@ def main() -> int:
         ok = all(j["state"] == "completed" for j in jobs)
         verdict = "[green]all jobs completed[/]" if ok else "[red]some jobs did not complete[/]"
         console.print(f"{verdict} in {elapsed:.0f}s. Logs: {root / 'logs'}")
+        tf = os.path.relpath(Path(sys.executable).parent / "trainfleet")
+        rel = os.path.relpath(state)
         console.print(
-            f"Everything is kept in {state}: `trainfleet serve --state-dir {state}`"
-            " reopens it, then try `trainfleet show gpt-lr3e-3 --state-dir"
-            f" {state}` and `trainfleet logs gpt-lr3e-3 --state-dir {state}`."
+            f"Everything is kept in {rel}. To look around, `{tf} serve --state-dir {rel}`"
+            f" reopens it; then, in another shell: `{tf} show gpt-lr3e-3 --state-dir {rel}`"
+            f" or `{tf} logs gpt-lr3e-3 --state-dir {rel}`."
         )
         client.close()
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -190,6 +191,7 @@ def serve(
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_timeout_s=heartbeat_timeout_s,
     )
+    _check_port_free(host, port)
     with _errors():
         coord = build_coordinator(cfg)
         if manifest is not None:
@@ -205,6 +207,16 @@ def serve(
             highlight=False,
         )
         run_server(coord, host, port)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            _fail(
+                f"cannot listen on {host}:{port}: {err.strerror} (another coordinator? try --port)"
+            )
 
 
 @app.command()

@@ -153,12 +153,14 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
         if merged.get("kind", "train") == "train":
             merged.setdefault("recipe", "gpt")
         job = _validate(JobSpec, merged, f"{where}.", problems)
+        # Duplicates are judged on the raw name, so a job with other problems still counts.
+        if isinstance(label, str) and label in seen:
+            problems.append(f"{where}.name: duplicate job name (first at jobs[{seen[label]}])")
+            continue
+        if isinstance(label, str):
+            seen[label] = i
         if job is None:
             continue
-        if job.name in seen:
-            problems.append(f"{where}.name: duplicate job name (first at jobs[{seen[job.name]}])")
-            continue
-        seen[job.name] = i
         problems.extend(_check_job(job, hosts, where))
         jobs.append(_normalized(job))
     if problems:
