@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from trainfleet.client import Client
-from trainfleet.errors import CoordinatorUnavailable
 from trainfleet.manifest import parse_manifest
 from trainfleet.queue.sqlite import SQLiteQueue
 
@@ -112,17 +111,8 @@ def http_jobs_per_s(state: Path, n: int, num_clients: int) -> dict[str, float]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        probe = Client(url)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                probe.request("GET", "/health")
-                break
-            except CoordinatorUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        probe.close()
+        with Client(url) as probe:
+            probe.wait_healthy()
         join = (state / "join.token").read_text().strip()
         latencies: list[float] = []
         lock = threading.Lock()

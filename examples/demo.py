@@ -29,7 +29,6 @@ from rich.text import Text
 
 from trainfleet.cli import render
 from trainfleet.client import Client
-from trainfleet.errors import CoordinatorUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTS = ("gpu-box", "cpu-a", "cpu-b")
@@ -45,18 +44,6 @@ def free_port() -> int:
 
 def trainfleet(*args: str) -> list[str]:
     return [sys.executable, "-m", "trainfleet.cli.main", *args]
-
-
-def wait_healthy(client: Client, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.request("GET", "/health")
-            return
-        except CoordinatorUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def progress_line(jobs: list[dict], started: float) -> str:
@@ -135,7 +122,7 @@ def main() -> int:
     ok = False
     try:
         client = Client(url, None)
-        wait_healthy(client)
+        client.wait_healthy()
         client.token = (state / "operator.token").read_text().strip()
         join_token = (state / "join.token").read_text().strip()
 

@@ -7,6 +7,7 @@ callers may retry.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,18 @@ class Client:
             err.status_code = response.status_code
             raise err
         return data
+
+    def wait_healthy(self, timeout_s: float = 30.0) -> None:
+        """Block until ``/health`` answers; ``CoordinatorUnavailable`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.request("GET", "/health")
+                return
+            except CoordinatorUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     # worker calls -----------------------------------------------------------------------
     def register(self, capability: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,6 @@
     │   │   └── StaleEpoch      409 the claim's fencing epoch is no longer current
     │   └── IntegrityError      422 uploaded bytes do not match their declared digest / size
     ├── CoordinatorUnavailable  the coordinator cannot be reached (client side)
-    ├── JobFailed               a job's process failed (worker side)
     └── CorpusTooSmall          a corpus split is shorter than one training window
 
 User mistakes (bad manifest, bad flag, bad request) surface as these, and the CLI turns them
@@ -88,10 +87,6 @@ API_ERRORS: dict[str, type[ApiError]] = {
 
 class CoordinatorUnavailable(TrainfleetError):
     """The coordinator could not be reached (connection refused, timeout, 5xx)."""
-
-
-class JobFailed(TrainfleetError):
-    """A job's process exited unsuccessfully."""
 
 
 class CorpusTooSmall(TrainfleetError):

@@ -14,7 +14,6 @@ import pytest
 
 from livefleet import REPO, SLOW_JOB, wait_until
 from trainfleet.client import Client
-from trainfleet.errors import CoordinatorUnavailable
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +49,6 @@ def serve(state: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
         cwd=REPO,
         stdin=subprocess.DEVNULL,
     )
-
-
-def healthy(client: Client) -> bool:
-    try:
-        client.request("GET", "/health")
-        return True
-    except CoordinatorUnavailable:
-        return False
 
 
 def test_worker_waits_for_the_coordinator_and_survives_its_restart(tmp_path: Path) -> None:
@@ -102,7 +93,7 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
             "the worker to report the coordinator unreachable",
         )
         server = serve(state, port, serve_log)
-        wait_until(lambda: healthy(operator), 30, "the coordinator")
+        operator.wait_healthy(30)
         manifest = (
             f'[[jobs]]\nname = "first"\nkind = "command"\n'
             f'command = ["{sys.executable}", "{SLOW_JOB}"]\nhyper = {{ seconds = 0.2 }}\n'
@@ -114,7 +105,7 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
         server = serve(state, port, serve_log)
-        wait_until(lambda: healthy(operator), 30, "the restarted coordinator")
+        operator.wait_healthy(30)
         first = operator.job("first")
         assert first["job"]["state"] == "completed" and len(first["artifacts"]) == 1
         operator.reload(manifest.replace('"first"', '"second"') + "\n" + manifest, "m.toml")
@@ -144,7 +135,7 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
             "the worker to miss more heartbeats than the 5 s timeout allows",
         )
         server = serve(state, port, serve_log)
-        wait_until(lambda: healthy(operator), 30, "the coordinator, back")
+        operator.wait_healthy(30)
         wait_until(
             lambda: operator.job("through-outage")["job"]["state"] == "completed",
             60,

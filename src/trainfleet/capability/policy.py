@@ -7,6 +7,7 @@ add what was not detected.
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from typing import Any
 
 from trainfleet.capability.model import Capability
 from trainfleet.manifest.spec import HostPolicy
@@ -25,28 +26,12 @@ def effective_capability(
     if policy.cuda is False and detected.cuda:
         notes.append("CUDA detected but the host policy declares cuda=false: CPU-only")
         cuda = False
-    num_gpus = detected.num_gpus if cuda else 0
-    if policy.num_gpus is not None:
-        if policy.num_gpus > num_gpus:
-            notes.append(f"declared num_gpus={policy.num_gpus}, detected {num_gpus}")
-        num_gpus = min(num_gpus, policy.num_gpus)
+    num_gpus = _capped("num_gpus", policy.num_gpus, detected.num_gpus if cuda else 0, notes)
     if num_gpus == 0:
         cuda = False
-    vram = detected.vram_gib if cuda else 0.0
-    if policy.vram_gib is not None:
-        if policy.vram_gib > vram:
-            notes.append(f"declared vram_gib={policy.vram_gib:g}, detected {vram:g}")
-        vram = min(vram, policy.vram_gib)
-    ram = detected.ram_gib
-    if policy.ram_gib is not None:
-        if policy.ram_gib > ram:
-            notes.append(f"declared ram_gib={policy.ram_gib:g}, detected {ram:g}")
-        ram = min(ram, policy.ram_gib)
-    cores = detected.cores
-    if policy.cores is not None:
-        if policy.cores > cores:
-            notes.append(f"declared cores={policy.cores}, detected {cores}")
-        cores = min(cores, policy.cores)
+    vram = _capped("vram_gib", policy.vram_gib, detected.vram_gib if cuda else 0.0, notes)
+    ram = _capped("ram_gib", policy.ram_gib, detected.ram_gib, notes)
+    cores = _capped("cores", policy.cores, detected.cores, notes)
     effective = detected.model_copy(
         update={
             "cuda": cuda,
@@ -58,6 +43,32 @@ def effective_capability(
         }
     )
     return effective, notes
+
+
+def _capped(name: str, declared: float | None, detected: float, notes: list[str]) -> Any:
+    """The smaller of declared and detected; a declaration above detection is noted."""
+    if declared is None:
+        return detected
+    if declared > detected:
+        notes.append(f"declared {name}={declared:g}, detected {detected:g}")
+    return min(detected, declared)
+
+
+def declared_capability(host: str, policy: HostPolicy) -> Capability:
+    """The most a declared host could offer once a worker joins: declared caps, everything
+    undeclared unbounded, and CUDA unless the policy rules it out (unset means detection
+    decides, so it may be there)."""
+    unbounded = 1e9
+    cuda = policy.cuda is not False and policy.num_gpus != 0
+    return Capability(
+        host=host,
+        hostname=host,
+        cores=policy.cores or 10**9,
+        ram_gib=policy.ram_gib if policy.ram_gib is not None else unbounded,
+        cuda=cuda,
+        num_gpus=(policy.num_gpus or 1) if cuda else 0,
+        vram_gib=(policy.vram_gib if policy.vram_gib is not None else unbounded) if cuda else 0.0,
+    )
 
 
 def job_allowed_on_host(job_name: str, policy: HostPolicy | None) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from trainfleet.capability.model import Capability
+from trainfleet.capability.policy import declared_capability
 from trainfleet.errors import ManifestError
 from trainfleet.manifest.spec import Defaults, HostPolicy, JobSpec, Manifest, Name
 from trainfleet.queue.matching import blockers
@@ -43,8 +43,12 @@ def _validate(model: type[BaseModel], raw: Any, prefix: str, problems: list[str]
         return None
 
 
-def _check_job(job: JobSpec, hosts: dict[str, HostPolicy], where: str) -> list[str]:
-    problems = []
+def _check_job(
+    job: JobSpec, hosts: dict[str, HostPolicy], where: str, problems: list[str]
+) -> JobSpec:
+    """Add the job's problems to ``problems``; return the job with a train job's ``hyper`` as
+    its recipe reads it (``lr = 1`` and ``lr = 1.0`` are one job). Only the keys the
+    manifest set are kept, so adding a recipe default later changes no id."""
     if job.kind == "train":
         if job.command is not None:
             problems.append(f"{where}.command: only kind='command' jobs take a command")
@@ -57,9 +61,11 @@ def _check_job(job: JobSpec, hosts: dict[str, HostPolicy], where: str) -> list[s
             if job.mode not in recipe.modes:
                 problems.append(f"{where}.mode: recipe {recipe.name!r} has modes {recipe.modes}")
             try:
-                recipe.params.model_validate(job.hyper)
+                params = recipe.params.model_validate(job.hyper)
             except ValidationError as err:
                 problems.extend(_problems(f"{where}.hyper.", err))
+            else:
+                job = job.model_copy(update={"hyper": {k: getattr(params, k) for k in job.hyper}})
     else:
         if not job.command:
             problems.append(f"{where}.command: kind='command' jobs need a non-empty command")
@@ -72,7 +78,7 @@ def _check_job(job: JobSpec, hosts: dict[str, HostPolicy], where: str) -> list[s
         reasons = []
         for host in job.allowed_hosts:
             policy = hosts[host]
-            why = blockers(job, _declared_capability(host, policy), policy)
+            why = blockers(job, declared_capability(host, policy), policy)
             if not why:
                 break
             reasons.append(f"{host}: {'; '.join(why)}")
@@ -80,37 +86,7 @@ def _check_job(job: JobSpec, hosts: dict[str, HostPolicy], where: str) -> list[s
             problems.append(
                 f"{where}.allowed_hosts: no allowed host can run this job ({' | '.join(reasons)})"
             )
-    return problems
-
-
-def _declared_capability(host: str, policy: HostPolicy) -> Capability:
-    """The most a declared host could offer (undeclared fields are unbounded)."""
-    big = 1e9
-    cuda = policy.cuda is not False and policy.num_gpus != 0
-    return Capability(
-        host=host,
-        hostname=host,
-        cores=policy.cores or 10**9,
-        ram_gib=policy.ram_gib if policy.ram_gib is not None else big,
-        cuda=cuda,
-        num_gpus=(policy.num_gpus or 1) if cuda else 0,
-        vram_gib=(policy.vram_gib if policy.vram_gib is not None else big) if cuda else 0.0,
-    )
-
-
-def _normalized(job: JobSpec) -> JobSpec:
-    """A train job's hyper as its recipe reads it (``lr = 1`` and ``lr = 1.0`` are one job).
-
-    Only the keys the manifest set are kept, so adding a recipe default later changes no id.
-    """
-    recipe = RECIPES.get(job.recipe or "") if job.kind == "train" else None
-    if recipe is None:
-        return job
-    try:
-        params = recipe.params.model_validate(job.hyper)
-    except ValidationError:
-        return job  # already reported
-    return job.model_copy(update={"hyper": {k: getattr(params, k) for k in job.hyper}})
+    return job
 
 
 def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
@@ -161,8 +137,7 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
             seen[label] = i
         if job is None:
             continue
-        problems.extend(_check_job(job, hosts, where))
-        jobs.append(_normalized(job))
+        jobs.append(_check_job(job, hosts, where, problems))
     if problems:
         raise ManifestError(path, problems)
     return Manifest(defaults=defaults, hosts=hosts, jobs=jobs)

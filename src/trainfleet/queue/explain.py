@@ -10,25 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainfleet.capability.model import Capability
+from trainfleet.capability.policy import declared_capability
 from trainfleet.manifest.spec import HostPolicy
-from trainfleet.queue.base import JobRecord, WorkerRecord
+from trainfleet.queue.base import JobRecord
 from trainfleet.queue.matching import blockers, requirement_summary
 from trainfleet.queue.scheduling import Candidate, deferrals
-
-
-def _declared(host: str, policy: HostPolicy) -> Capability:
-    """What a declared host offers at most (undeclared amounts count as unbounded)."""
-    cuda = bool(policy.cuda) and policy.num_gpus != 0
-    return Capability(
-        host=host,
-        hostname=host,
-        cores=policy.cores or 1_000_000,
-        ram_gib=policy.ram_gib if policy.ram_gib is not None else 1e9,
-        cuda=cuda,
-        num_gpus=(policy.num_gpus or 1) if cuda else 0,
-        vram_gib=(policy.vram_gib if policy.vram_gib is not None else 1e9) if cuda else 0.0,
-    )
 
 
 def _active_summary(job: JobRecord, now: float) -> str:
@@ -46,7 +32,6 @@ def _active_summary(job: JobRecord, now: float) -> str:
 def explain_job(
     job: JobRecord,
     *,
-    workers: list[WorkerRecord],
     candidates: list[Candidate],
     hosts: dict[str, HostPolicy],
     prefer_cuda_wait_s: float,
@@ -65,30 +50,23 @@ def explain_job(
         out["message"] = _active_summary(job, now)
         return out
     pending_for = now - (job.pending_since or now)
-    by_id = {c.worker_id: c for c in candidates}
     lines = [f"pending for {pending_for:.0f}s; needs {out['needs']}"]
-    online_hosts = set()
-    busy = []
-    for worker in workers:
-        cand = by_id.get(worker.id)
-        if cand is None:
-            continue
-        online_hosts.add(worker.host)
+    for cand in candidates:
         why = blockers(spec, cand.cap, cand.policy)
         if not why:
-            out["eligible_online"].append(worker.host)
-            if worker.current_job:
-                busy.append(worker.host)
-                why = [f"eligible but busy with job {worker.current_job[:12]}"]
+            out["eligible_online"].append(cand.cap.host)
+            if cand.current_job:
+                why = [f"eligible but busy with job {cand.current_job[:12]}"]
             else:
                 why = deferrals(spec, cand, candidates, pending_for, prefer_cuda_wait_s) or [
                     "eligible and idle: it takes the job at its next poll"
                 ]
-        out["hosts"][f"{worker.host} ({worker.id})"] = why
+        out["hosts"][f"{cand.cap.host} ({cand.worker_id})"] = why
+    online_hosts = {cand.cap.host for cand in candidates}
     for host, policy in hosts.items():
         if host in online_hosts:
             continue
-        why = blockers(spec, _declared(host, policy), policy)
+        why = blockers(spec, declared_capability(host, policy), policy)
         out["hosts"][f"{host} (offline)"] = why or ["could run it once a worker joins"]
     if out["eligible_online"]:
         lines.append("eligible hosts online: " + ", ".join(sorted(set(out["eligible_online"]))))

@@ -27,6 +27,7 @@ class Candidate:
     cap: Capability  # effective capability
     policy: HostPolicy | None
     idle: bool
+    current_job: str | None = None
 
     @property
     def priority(self) -> int:

@@ -128,7 +128,7 @@ class SQLiteQueue(JobQueue):
     def claim(self, worker_id: str) -> Claim | None:
         self.reap()
         with self._tx() as conn:
-            return sqlite_attempts.claim(conn, worker_id, self.clock, self.settings.idle_window_s)
+            return sqlite_attempts.claim(conn, worker_id, self.clock, self.settings)
 
     def check_epoch(self, job_id: str, worker_id: str, epoch: int) -> JobRecord:
         return job_record(sqlite_attempts.fenced(self._conn(), job_id, worker_id, epoch))
@@ -248,15 +248,15 @@ class SQLiteQueue(JobQueue):
         conn = self._conn()
         job = job_record(find_job_row(conn, ref))
         hosts = read_hosts(conn)
+        now = self.clock()
         return explain_job(
             job,
-            workers=[w for w in self.list_workers() if w.state == "online"],
             candidates=sqlite_workers.candidates(
-                conn, hosts, self.clock(), self.settings.idle_window_s
+                conn, hosts, now, self.settings.idle_window_s, self.settings.offline_after_s
             ),
             hosts=hosts,
             prefer_cuda_wait_s=float(read_meta(conn, "prefer_cuda_wait_s", "30")),
-            now=self.clock(),
+            now=now,
         )
 
     def current_manifest_hash(self) -> str | None:

@@ -28,11 +28,12 @@ from trainfleet.queue.base import (
     Claim,
     HeartbeatReply,
     JobRecord,
+    QueueSettings,
 )
 from trainfleet.queue.matching import blockers
 from trainfleet.queue.scheduling import Candidate, deferrals
 from trainfleet.queue.sqlite_schema import insert_event, load_job, read_hosts, read_meta
-from trainfleet.queue.sqlite_workers import candidates, touch
+from trainfleet.queue.sqlite_workers import candidates, release_worker, touch
 
 _MAX_LOG_LINE = 4096
 
@@ -56,7 +57,7 @@ def fenced(conn: sqlite3.Connection, job_id: str, worker_id: str, epoch: int) ->
 
 
 def claim(
-    conn: sqlite3.Connection, worker_id: str, clock: Callable[[], float], idle_window_s: float
+    conn: sqlite3.Connection, worker_id: str, clock: Callable[[], float], settings: QueueSettings
 ) -> Claim | None:
     wrow = touch(conn, worker_id, clock())
     if wrow["current_job"] is not None:
@@ -72,7 +73,7 @@ def claim(
     policy = hosts.get(wrow["host"])
     cap, _ = effective_capability(Capability.model_validate_json(wrow["capability"]), policy)
     me = Candidate(worker_id, cap, policy, idle=True)
-    others = candidates(conn, hosts, clock(), idle_window_s)
+    others = candidates(conn, hosts, clock(), settings.idle_window_s, settings.offline_after_s)
     wait_s = float(read_meta(conn, "prefer_cuda_wait_s", "30"))
     now = clock()
     rows = conn.execute(
@@ -238,7 +239,7 @@ def complete(
         " WHERE id = ?",
         (json.dumps(result), now, now, job_id),
     )
-    conn.execute("UPDATE workers SET current_job = NULL WHERE id = ?", (worker_id,))
+    release_worker(conn, worker_id, job_id)
     insert_event(conn, clock(), job_id, "completed", row["state"], "completed", worker_id, epoch)
     return load_job(conn, job_id)
 
@@ -255,7 +256,7 @@ def fail(
     release: bool,
 ) -> JobRecord:
     row = fenced(conn, job_id, worker_id, epoch)
-    conn.execute("UPDATE workers SET current_job = NULL WHERE id = ?", (worker_id,))
+    release_worker(conn, worker_id, job_id)
     kind = "released" if release else "attempt_failed"
     _end_attempt(conn, row, error, clock, count=not release, retryable=retryable, kind=kind)
     return load_job(conn, job_id)
@@ -334,10 +335,7 @@ def reap_jobs(
             why = f"timed out after {timeout_s:g}s on {row['worker_id']}"
         else:
             continue
-        conn.execute(
-            "UPDATE workers SET current_job = NULL WHERE id = ? AND current_job = ?",
-            (row["worker_id"], jid),
-        )
+        release_worker(conn, row["worker_id"], jid)
         _end_attempt(conn, row, why, clock, count=True, retryable=True, kind="lost")
         reaped.append(load_job(conn, jid))
     return reaped

@@ -19,6 +19,7 @@ from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue.base import JobRecord, PlanEntry, ReloadPlan
 from trainfleet.queue.reload import Diff, StoredJob, diff_manifest
 from trainfleet.queue.sqlite_schema import find_job_row, insert_event, load_job
+from trainfleet.queue.sqlite_workers import release_worker
 
 
 def _scheduling_columns(spec: JobSpec) -> tuple[str, int, int, float, float, int]:
@@ -127,11 +128,7 @@ def cancel(
         " WHERE id = ?",
         (now, now, reason, row["id"]),
     )
-    if row["worker_id"]:
-        conn.execute(
-            "UPDATE workers SET current_job = NULL WHERE id = ? AND current_job = ?",
-            (row["worker_id"], row["id"]),
-        )
+    release_worker(conn, row["worker_id"], row["id"])
     insert_event(conn, clock(), row["id"], "cancelled", row["state"], "cancelled", detail=reason)
     return load_job(conn, row["id"])
 
@@ -150,10 +147,6 @@ def requeue(
         " finished_at = NULL, error = NULL, result = NULL WHERE id = ?",
         (now, now, row["id"]),
     )
-    if row["worker_id"]:
-        conn.execute(
-            "UPDATE workers SET current_job = NULL WHERE id = ? AND current_job = ?",
-            (row["worker_id"], row["id"]),
-        )
+    release_worker(conn, row["worker_id"], row["id"])
     insert_event(conn, clock(), row["id"], "requeued", row["state"], "pending", detail=reason)
     return load_job(conn, row["id"])

@@ -77,14 +77,30 @@ def touch(conn: sqlite3.Connection, worker_id: str, now: float) -> sqlite3.Row:
 
 
 def candidates(
-    conn: sqlite3.Connection, hosts: dict[str, HostPolicy], now: float, idle_window_s: float
+    conn: sqlite3.Connection,
+    hosts: dict[str, HostPolicy],
+    now: float,
+    idle_window_s: float,
+    offline_after_s: float,
 ) -> list[Candidate]:
-    """Every online worker as the scheduler sees it."""
+    """Every worker online now (seen within ``offline_after_s``), as the scheduler sees it."""
     out = []
-    for row in conn.execute("SELECT * FROM workers WHERE state = 'online'"):
-        cap, _ = effective_capability(
-            Capability.model_validate_json(row["capability"]), hosts.get(row["host"])
-        )
+    rows = conn.execute(
+        "SELECT * FROM workers WHERE state = 'online' AND last_seen >= ? ORDER BY registered_at",
+        (now - offline_after_s,),
+    )
+    for row in rows:
+        policy = hosts.get(row["host"])
+        cap, _ = effective_capability(Capability.model_validate_json(row["capability"]), policy)
         idle = row["current_job"] is None and now - row["last_seen"] <= idle_window_s
-        out.append(Candidate(row["id"], cap, hosts.get(row["host"]), idle))
+        out.append(Candidate(row["id"], cap, policy, idle, row["current_job"]))
     return out
+
+
+def release_worker(conn: sqlite3.Connection, worker_id: str | None, job_id: str) -> None:
+    """Free ``worker_id``'s slot if it is still held by ``job_id``."""
+    if worker_id:
+        conn.execute(
+            "UPDATE workers SET current_job = NULL WHERE id = ? AND current_job = ?",
+            (worker_id, job_id),
+        )

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,18 +42,13 @@ class WorkerConfig:
     exit_when_idle_s: float | None = None  # exit after this long without work
 
 
-@dataclass
-class WorkerStats:
-    outcomes: list[Outcome] = field(default_factory=list)
-
-
 class Worker:
     def __init__(
         self, cfg: WorkerConfig, *, client_factory: Callable[[str | None], Client] | None = None
     ):
         self.cfg = cfg
         self.stop = threading.Event()
-        self.stats = WorkerStats()
+        self.outcomes: list[Outcome] = []  # one per attempt run, in order
         self._client_factory = client_factory or (lambda token: Client(cfg.url, token))
         self.client = self._client_factory(cfg.join_token)
         self.worker_id: str | None = None
@@ -113,13 +108,13 @@ class Worker:
             log.warning("host policy: %s", note)
         return True
 
-    def run(self) -> WorkerStats:
+    def run(self) -> list[Outcome]:
         """Serve until stopped, out of jobs (max_jobs) or idle too long (exit_when_idle_s)."""
         if not self.register():
-            return self.stats
+            return self.outcomes
         idle_since = time.monotonic()
         while not self.stop.is_set():
-            if self.cfg.max_jobs is not None and len(self.stats.outcomes) >= self.cfg.max_jobs:
+            if self.cfg.max_jobs is not None and len(self.outcomes) >= self.cfg.max_jobs:
                 break
             try:
                 claim = self._retrying("claim", self.client.claim)
@@ -137,10 +132,10 @@ class Worker:
                     break
                 self.stop.wait(self.cfg.poll_interval_s)
                 continue
-            self.stats.outcomes.append(self._run_attempt(claim))
+            self.outcomes.append(self._run_attempt(claim))
             idle_since = time.monotonic()
         self._leave()
-        return self.stats
+        return self.outcomes
 
     def _run_attempt(self, claim: dict[str, Any]) -> Outcome:
         threads = self.cfg.num_threads or int(self.registration["effective"]["cores"])
