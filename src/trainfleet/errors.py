@@ -12,7 +12,12 @@
     │   │   └── StaleEpoch      409 the claim's fencing epoch is no longer current
     │   └── IntegrityError      422 uploaded bytes do not match their declared digest / size
     ├── CoordinatorUnavailable  the coordinator cannot be reached (client side)
-    └── CorpusTooSmall          a corpus split is shorter than one training window
+    ├── CorpusTooSmall          a corpus split is shorter than one training window
+    └── DataError               a dataset spec cannot be materialized as pinned
+        ├── SourceUnavailable   the source cannot be read here (offline, missing files/extra)
+        ├── SourceMismatch      the source differs from what the spec pins (version, hash)
+        ├── ShardMismatch       rebuilt shard bytes differ from the recorded content hash
+        └── RoutingMismatch     a router does not match a re-fit from its spec (fatal)
 
 User mistakes (bad manifest, bad flag, bad request) surface as these, and the CLI turns them
 into a one-line message and a non-zero exit; the HTTP API turns ``ApiError`` into a JSON body
@@ -91,3 +96,23 @@ class CoordinatorUnavailable(TrainfleetError):
 
 class CorpusTooSmall(TrainfleetError):
     """A train or held-out split is shorter than one window of seq_len + 1 bytes."""
+
+
+class DataError(TrainfleetError):
+    """A dataset spec cannot be materialized as it pins."""
+
+
+class SourceUnavailable(DataError):
+    """The dataset's source cannot be read on this machine (offline, missing files or extra)."""
+
+
+class SourceMismatch(DataError):
+    """The source differs from a value the spec pins (Python version, file list, content hash)."""
+
+
+class ShardMismatch(DataError):
+    """A shard rebuilt from its spec does not have the content hash recorded for it."""
+
+
+class RoutingMismatch(DataError):
+    """A router handed to a worker differs from the re-fit of its spec: refuse, never retry."""
