@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from trainfleet.errors import API_ERRORS, ApiError, CoordinatorUnavailable
+from trainfleet.errors import API_ERRORS, ApiError, CoordinatorUnavailable, NotFound
 
 
 class Client:
@@ -153,6 +153,20 @@ class Client:
 
     def requeue(self, ref: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{ref}/requeue")
+
+    def publish_router(self, fit_id: str, router: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "PUT", f"/v1/routers/{fit_id}", json={"router": router}
+        )
+        return result
+
+    def get_router(self, fit_id: str) -> dict[str, Any] | None:
+        """The published router for ``fit_id``, or None when none is published."""
+        try:
+            result: dict[str, Any] = self.request("GET", f"/v1/routers/{fit_id}")
+        except NotFound:
+            return None
+        return result
 
     def download(self, sha256: str, dest: Path) -> None:
         try:

@@ -14,6 +14,12 @@ ATTEMPT = "TRAINFLEET_ATTEMPT"
 MODE = "TRAINFLEET_MODE"  # the job's mode (manifest `mode`)
 OUTPUT_DIR = "TRAINFLEET_OUTPUT_DIR"  # everything written here is packed and uploaded
 NUM_THREADS = "TRAINFLEET_NUM_THREADS"  # CPU threads the job may use
+# The worker's data settings (`trainfleet join --cache-dir/--cache-gib/--max-shards/...`).
+CACHE_DIR = "TRAINFLEET_CACHE_DIR"  # shard cache, plans and routers on this worker
+CACHE_BYTES = "TRAINFLEET_CACHE_BYTES"  # disk bound of the shard cache
+MAX_SHARDS = "TRAINFLEET_MAX_SHARDS"  # memory bound of the shard cache, in shards
+VERIFY_ROUTING = "TRAINFLEET_VERIFY_ROUTING"  # "1": re-fit a handed router before using it
+ROUTER_FILE = "TRAINFLEET_ROUTER_FILE"  # the router the coordinator handed over, if any
 
 DEFAULT_PORT = 8470
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"

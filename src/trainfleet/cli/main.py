@@ -8,23 +8,36 @@ Connection options of every operator command come from flags, then environment v
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from trainfleet import __version__, env
 from trainfleet.cli import render
+from trainfleet.cli.common import (
+    DEFAULT_STATE,
+    JobArg,
+    JsonOpt,
+    StateOpt,
+    TokenOpt,
+    UrlOpt,
+    console,
+    err_console,
+)
+from trainfleet.cli.common import client as _client
+from trainfleet.cli.common import errors as _errors
+from trainfleet.cli.common import fail as _fail
+from trainfleet.cli.common import print_json as _print_json
+from trainfleet.cli.common import setup_logging as _setup_logging
+from trainfleet.cli.data import app as data_app
 from trainfleet.client import Client
-from trainfleet.errors import ApiError, CoordinatorUnavailable, ManifestError, TrainfleetError
+from trainfleet.data.prepare import DEFAULT_CACHE_GIB, DEFAULT_MAX_SHARDS
 
 app = typer.Typer(
     name="trainfleet",
@@ -38,85 +51,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-# Piped output (scripts, CI logs) gets wide tables instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-
-UrlOpt = Annotated[
-    str, typer.Option("--url", envvar=env.URL, help="Coordinator base URL.", show_default=True)
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--token",
-        envvar=env.TOKEN,
-        help="Operator token. Default: read from STATE_DIR/operator.token.",
-        show_default=False,
-    ),
-]
-StateOpt = Annotated[
-    Path,
-    typer.Option("--state-dir", envvar=env.STATE_DIR, help="Coordinator state directory."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-JobArg = Annotated[str, typer.Argument(help="Job name, id, or unique id prefix.")]
-
-DEFAULT_STATE = Path(env.DEFAULT_STATE_DIR)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Turn user-facing errors into one clear message and a non-zero exit."""
-    try:
-        yield
-    except ManifestError as err:
-        err_console.print(f"[red]error:[/] invalid manifest {err.path}", highlight=False)
-        for problem in err.problems:
-            err_console.print(f"  - {problem}", highlight=False)
-        raise typer.Exit(2) from None
-    except ApiError as err:
-        err_console.print(f"[red]error:[/] {err.message}", highlight=False)
-        for problem in err.details.get("problems", []):
-            text = (
-                problem if isinstance(problem, str) else f"{problem['field']}: {problem['message']}"
-            )
-            err_console.print(f"  - {text}", highlight=False)
-        raise typer.Exit(1) from None
-    except CoordinatorUnavailable as err:
-        _fail(f"{err}\n  is `trainfleet serve` running there? (--url / {env.URL})")
-    except TrainfleetError as err:
-        _fail(str(err))
-
-
-def _client(url: str, token: str | None, state_dir: Path) -> Client:
-    if token is None:
-        path = state_dir / "operator.token"
-        if not path.exists():
-            _fail(
-                f"no operator token: pass --token, set {env.TOKEN}, or run where"
-                f" {path} exists (written by `trainfleet serve`)"
-            )
-        token = path.read_text().strip()
-    return Client(url, token)
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-
-def _setup_logging(level: str, prefix: str = "") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)-7s {prefix}%(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
 
 
 def _version(value: bool) -> None:
@@ -249,10 +183,29 @@ def join(
     exit_when_idle_s: Annotated[
         float | None, typer.Option(help="Exit after this many seconds without work.")
     ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Shard cache, plans and routers (default: WORKDIR/cache)."),
+    ] = None,
+    cache_gib: Annotated[
+        float, typer.Option(min=0, help="Disk bound of the shard cache, in GiB.")
+    ] = DEFAULT_CACHE_GIB,
+    max_shards: Annotated[
+        int, typer.Option(min=0, help="Memory bound of the shard cache, in shards.")
+    ] = DEFAULT_MAX_SHARDS,
+    verify_routing: Annotated[
+        bool,
+        typer.Option(
+            "--verify-routing",
+            help="Re-fit every handed router from its spec (once per spec) and refuse the job"
+            " if the digests differ.",
+        ),
+    ] = False,
     state_dir: StateOpt = DEFAULT_STATE,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Join the fleet as a worker: claim, run, heartbeat and report until stopped (Ctrl-C)."""
+    from trainfleet.data.prepare import GIB, CacheSettings
     from trainfleet.worker.daemon import Worker, WorkerConfig
 
     if token is None:
@@ -271,6 +224,12 @@ def join(
             num_threads=threads,
             max_jobs=max_jobs,
             exit_when_idle_s=exit_when_idle_s,
+            data=CacheSettings(
+                directory=cache_dir or workdir / "cache",
+                max_bytes=int(cache_gib * GIB),
+                max_shards=max_shards,
+                verify_routing=verify_routing,
+            ),
         )
     )
     worker.install_signal_handlers()
@@ -492,6 +451,9 @@ def download(
         files = unpack(archive, dest)
         archive.unlink()
     console.print(f"{len(files)} files from artifact {sha[:12]} in {dest}")
+
+
+app.add_typer(data_app)
 
 
 def main() -> None:

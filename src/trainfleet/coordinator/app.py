@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from trainfleet import __version__
-from trainfleet.coordinator import routes_operator, routes_read, routes_worker
+from trainfleet.coordinator import routes_data, routes_operator, routes_read, routes_worker
 from trainfleet.coordinator.routing import Ctx, Router
 from trainfleet.coordinator.state import Coordinator
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def api_router() -> Router:
     router = Router()
-    for module in (routes_worker, routes_operator, routes_read):
+    for module in (routes_worker, routes_operator, routes_read, routes_data):
         router.include(module.router)
     return router
 

@@ -57,6 +57,12 @@ class ManifestBody(Body):
     dry_run: bool = Field(False, description="only return the plan; change nothing")
 
 
+class RouterBody(Body):
+    router: dict[str, Any] = Field(
+        description="the router as `trainfleet data fit-router` writes it"
+    )
+
+
 class Count(Body):
     count: int
 

@@ -9,13 +9,16 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from trainfleet.capability.policy import declared_capability
+from trainfleet.data.spec import DatasetSpec
+from trainfleet.data.tokenize import get_tokenizer
 from trainfleet.errors import ManifestError
 from trainfleet.manifest.spec import Defaults, HostPolicy, JobSpec, Manifest, Name
 from trainfleet.queue.matching import blockers
 from trainfleet.train.recipes import RECIPES
 
-_TOP_LEVEL = {"defaults", "hosts", "jobs"}
-_HOST_NAME: TypeAdapter[str] = TypeAdapter(Name)
+_TOP_LEVEL = {"defaults", "hosts", "datasets", "jobs"}
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
+_DATASET: TypeAdapter[Any] = TypeAdapter(DatasetSpec)
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -35,12 +38,94 @@ def _problems(prefix: str, err: ValidationError) -> list[str]:
     ]
 
 
-def _validate(model: type[BaseModel], raw: Any, prefix: str, problems: list[str]) -> Any:
+def _validate(
+    model: type[BaseModel] | TypeAdapter[Any], raw: Any, prefix: str, problems: list[str]
+) -> Any:
     try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_python(raw)
         return model.model_validate(raw)
     except ValidationError as err:
         problems.extend(_problems(prefix, err))
         return None
+
+
+def _named_tables(raw: Any, key: str, problems: list[str]) -> dict[str, Any]:
+    """The [KEY.NAME] tables of a manifest, bad names reported and dropped."""
+    if not isinstance(raw, dict):
+        problems.append(f"{key}: must be a table of [{key}.NAME] tables")
+        return {}
+    tables = {}
+    for name, body in raw.items():
+        try:
+            _NAME.validate_python(name)
+        except ValidationError:
+            problems.append(f"{key}.{name!r}: invalid name (letters, digits, . _ -)")
+            continue
+        tables[name] = body
+    return tables
+
+
+def _parse_datasets(raw: Any, problems: list[str]) -> dict[str, Any]:
+    datasets = {}
+    for name, body in _named_tables(raw, "datasets", problems).items():
+        if not isinstance(body, dict):
+            problems.append(f"datasets.{name}: must be a table")
+            continue
+        if "name" in body:
+            problems.append(f"datasets.{name}.name: set by the table name; remove it")
+            continue
+        spec = _validate(_DATASET, {**body, "name": name}, f"datasets.{name}.", problems)
+        if spec is None:
+            continue
+        try:
+            get_tokenizer(spec.tokenizer)
+        except ValueError as err:
+            problems.append(f"datasets.{name}.tokenizer: {err}")
+            continue
+        datasets[name] = spec
+    return datasets
+
+
+def _resolve_dataset(
+    merged: dict[str, Any], datasets: dict[str, Any], where: str, problems: list[str]
+) -> bool:
+    """Replace the job's dataset name by its spec; False (and a problem) if it cannot."""
+    name = merged.get("dataset")
+    if name is None:
+        return True
+    if not isinstance(name, str):
+        problems.append(f"{where}.dataset: must be the name of a [datasets.NAME] table")
+        return False
+    if name not in datasets:
+        known = sorted(datasets) or "none declared"
+        problems.append(f"{where}.dataset: unknown dataset {name!r} (known: {known})")
+        return False
+    merged["dataset"] = datasets[name]
+    return True
+
+
+def _check_dataset(job: JobSpec, where: str, problems: list[str]) -> None:
+    dataset = job.dataset
+    if dataset is None:
+        if job.path is not None:
+            problems.append(f"{where}.path: a path needs a dataset with a router")
+        return
+    if job.kind != "train":
+        problems.append(f"{where}.dataset: only kind='train' jobs take a dataset")
+    if dataset.router is None:
+        if job.path is not None:
+            problems.append(f"{where}.path: dataset {dataset.name!r} has no router")
+    elif job.path is None:
+        problems.append(
+            f"{where}.path: dataset {dataset.name!r} is routed to "
+            f"{dataset.router.num_paths} paths; say which one (path = 0..)"
+        )
+    elif job.path >= dataset.router.num_paths:
+        problems.append(
+            f"{where}.path: {job.path} is out of range; dataset {dataset.name!r} has "
+            f"{dataset.router.num_paths} paths (0..{dataset.router.num_paths - 1})"
+        )
 
 
 def _check_job(
@@ -71,6 +156,7 @@ def _check_job(
             problems.append(f"{where}.command: kind='command' jobs need a non-empty command")
         if job.recipe is not None:
             problems.append(f"{where}.recipe: only kind='train' jobs take a recipe")
+    _check_dataset(job, where, problems)
     if job.min_vram_gib > 0 and not job.require_cuda:
         problems.append(f"{where}.min_vram_gib: a VRAM minimum needs require_cuda = true")
     # Impossible placement: every allowed host is declared and none of them can run it.
@@ -100,19 +186,11 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
         problems.append(f"{key}: unknown top-level key (expected one of {sorted(_TOP_LEVEL)})")
     defaults = _validate(Defaults, raw.get("defaults", {}), "defaults.", problems) or Defaults()
     hosts: dict[str, HostPolicy] = {}
-    raw_hosts = raw.get("hosts", {})
-    if not isinstance(raw_hosts, dict):
-        problems.append("hosts: must be a table of [hosts.NAME] tables")
-        raw_hosts = {}
-    for name, body in raw_hosts.items():
-        try:
-            _HOST_NAME.validate_python(name)
-        except ValidationError:
-            problems.append(f"hosts.{name!r}: invalid host name (letters, digits, . _ -)")
-            continue
+    for name, body in _named_tables(raw.get("hosts", {}), "hosts", problems).items():
         policy = _validate(HostPolicy, body, f"hosts.{name}.", problems)
         if policy is not None:
             hosts[name] = policy
+    datasets = _parse_datasets(raw.get("datasets", {}), problems)
     raw_jobs = raw.get("jobs", [])
     if not isinstance(raw_jobs, list):
         problems.append("jobs: must be an array of [[jobs]] tables")
@@ -128,7 +206,8 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
         merged = defaults.apply(body)
         if merged.get("kind", "train") == "train":
             merged.setdefault("recipe", "gpt")
-        job = _validate(JobSpec, merged, f"{where}.", problems)
+        resolved = _resolve_dataset(merged, datasets, where, problems)
+        job = _validate(JobSpec, merged, f"{where}.", problems) if resolved else None
         # Duplicates are judged on the raw name, so a job with other problems still counts.
         if isinstance(label, str) and label in seen:
             problems.append(f"{where}.name: duplicate job name (first at jobs[{seen[label]}])")
@@ -140,7 +219,7 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
         jobs.append(_check_job(job, hosts, where, problems))
     if problems:
         raise ManifestError(path, problems)
-    return Manifest(defaults=defaults, hosts=hosts, jobs=jobs)
+    return Manifest(defaults=defaults, hosts=hosts, datasets=datasets, jobs=jobs)
 
 
 def load_manifest(path: str | Path) -> Manifest:

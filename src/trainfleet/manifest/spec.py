@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from trainfleet.data.spec import DatasetSpec
+
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Scalar = str | int | float | bool
 JobKind = Literal["train", "command"]
@@ -46,6 +48,7 @@ class HostPolicy(_Spec):
 
 _JOB_DEFAULTABLE = (
     "kind",
+    "dataset",
     "recipe",
     "model",
     "mode",
@@ -88,10 +91,17 @@ class JobSpec(_Spec):
     )
     max_attempts: int = Field(3, ge=1, le=100, description="failed or lost attempts before failing")
     timeout_s: float = Field(3600, gt=0, description="wall-clock limit of one attempt")
+    dataset: DatasetSpec | None = Field(
+        None,
+        description="the [datasets.NAME] spec a train job trains on (the manifest names it)",
+    )
+    path: int | None = Field(
+        None, ge=0, description="for a routed dataset: the path whose documents the job trains on"
+    )
 
     def identity(self) -> dict[str, Any]:
         """The fields that make a job the same job (scheduling fields may change freely)."""
-        return {
+        identity: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "recipe": self.recipe,
@@ -99,16 +109,26 @@ class JobSpec(_Spec):
             "mode": self.mode,
             "hyper": self.hyper,
         }
+        # Only when set, so jobs without a dataset keep the ids they had before datasets.
+        if self.dataset is not None:
+            identity["dataset"] = self.dataset.model_dump()
+        if self.path is not None:
+            identity["path"] = self.path
+        return identity
 
     def scheduling(self) -> dict[str, Any]:
         """Fields a reload may change on an existing job without changing its identity."""
-        return self.model_dump(exclude={"name", "kind", "recipe", "command", "mode", "hyper"})
+        return self.model_dump(exclude=_IDENTITY_FIELDS)
+
+
+_IDENTITY_FIELDS = {"name", "kind", "recipe", "command", "mode", "hyper", "dataset", "path"}
 
 
 class Defaults(_Spec):
     """Values every job inherits unless it sets its own (hyper tables are merged)."""
 
     kind: JobKind | None = None
+    dataset: str | None = Field(None, description="name of the dataset every train job uses")
     recipe: str | None = None
     model: str | None = None
     mode: str | None = None
@@ -133,8 +153,9 @@ class Defaults(_Spec):
         merged.update(raw_job)
         if merged.get("kind", "train") == "command":
             # Default recipe and hyper are for train jobs: a program's flags are its own.
-            if "recipe" not in raw_job:
-                merged.pop("recipe", None)
+            for key in ("recipe", "dataset"):
+                if key not in raw_job:
+                    merged.pop(key, None)
         elif isinstance(raw_job.get("hyper", {}), dict):
             # A non-table hyper is left as is, for validation to report.
             merged["hyper"] = {**self.hyper, **raw_job.get("hyper", {})}
@@ -142,10 +163,11 @@ class Defaults(_Spec):
 
 
 class Manifest(_Spec):
-    """A whole manifest: defaults, host policies and jobs."""
+    """A whole manifest: defaults, host policies, datasets and jobs."""
 
     defaults: Defaults = Field(default_factory=Defaults)
     hosts: dict[Name, HostPolicy] = Field(default_factory=dict)
+    datasets: dict[Name, DatasetSpec] = Field(default_factory=dict)
     jobs: list[JobSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")

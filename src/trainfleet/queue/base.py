@@ -65,6 +65,16 @@ class JobRecord(_Record):
     manifest_hash: str
     result: dict[str, Any] | None
     error: str | None
+    flags: list[str] = Field(
+        default_factory=list,
+        description="problems found in an accepted result, e.g. a shard hash that disagrees",
+    )
+
+
+class RouterRecord(_Record):
+    fit_id: str = Field(description="digest of the dataset fields the router is fit on")
+    digest: str = Field(description="the router's own digest (parameters and centroids)")
+    published_at: float
 
 
 class Claim(_Record):
@@ -216,6 +226,16 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     def reap(self) -> list[JobRecord]:
         """Requeue (or fail) active jobs whose heartbeats stopped or whose time ran out."""
+
+    # data plane ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def publish_router(self, fit_id: str, digest: str, body: dict[str, Any]) -> RouterRecord:
+        """Store (or replace) the router workers are handed for ``fit_id``. Not trusted:
+        workers with ``--verify-routing`` re-fit it and refuse a wrong one."""
+
+    @abc.abstractmethod
+    def get_router(self, fit_id: str) -> dict[str, Any]:
+        """The published router's JSON for ``fit_id``; raises ``NotFound``."""
 
     # reads ---------------------------------------------------------------------------
     @abc.abstractmethod

@@ -22,7 +22,13 @@ from typing import Any
 
 from trainfleet.capability.model import Capability
 from trainfleet.manifest.spec import Manifest
-from trainfleet.queue import sqlite_attempts, sqlite_operator, sqlite_workers
+from trainfleet.queue import (
+    sqlite_attempts,
+    sqlite_data,
+    sqlite_operator,
+    sqlite_schema,
+    sqlite_workers,
+)
 from trainfleet.queue.base import (
     ArtifactRecord,
     Claim,
@@ -33,6 +39,7 @@ from trainfleet.queue.base import (
     LogLine,
     QueueSettings,
     ReloadPlan,
+    RouterRecord,
     WorkerRecord,
 )
 from trainfleet.queue.explain import explain_job
@@ -68,6 +75,7 @@ class SQLiteQueue(JobQueue):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn().executescript(SCHEMA)
+        sqlite_schema.migrate(self._conn())
 
     # connections & transactions ---------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -154,6 +162,13 @@ class SQLiteQueue(JobQueue):
     ) -> JobRecord:
         with self._tx() as conn:
             return sqlite_attempts.complete(conn, job_id, worker_id, epoch, result, self.clock)
+
+    def publish_router(self, fit_id: str, digest: str, body: dict[str, Any]) -> RouterRecord:
+        with self._tx() as conn:
+            return sqlite_data.publish_router(conn, fit_id, digest, body, self.clock())
+
+    def get_router(self, fit_id: str) -> dict[str, Any]:
+        return sqlite_data.get_router(self._conn(), fit_id)
 
     def fail(
         self,

@@ -32,6 +32,7 @@ from trainfleet.queue.base import (
 )
 from trainfleet.queue.matching import blockers
 from trainfleet.queue.scheduling import Candidate, deferrals
+from trainfleet.queue.sqlite_data import check_shards
 from trainfleet.queue.sqlite_schema import insert_event, load_job, read_hosts, read_meta
 from trainfleet.queue.sqlite_workers import candidates, release_worker, touch
 
@@ -241,6 +242,7 @@ def complete(
     )
     release_worker(conn, worker_id, job_id)
     insert_event(conn, clock(), job_id, "completed", row["state"], "completed", worker_id, epoch)
+    check_shards(conn, job_id, worker_id, epoch, result, now)
     return load_job(conn, job_id)
 
 

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     in_manifest INTEGER NOT NULL DEFAULT 1,
     manifest_hash TEXT NOT NULL,
     result TEXT,
-    error TEXT
+    error TEXT,
+    flags TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_claim_order ON jobs (state, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs (name);
@@ -97,7 +98,33 @@ CREATE TABLE IF NOT EXISTS artifacts (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS artifacts_by_job ON artifacts (job_id);
+CREATE TABLE IF NOT EXISTS routers (
+    fit_id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    body TEXT NOT NULL,
+    published_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shard_hashes (
+    dataset_digest TEXT NOT NULL,
+    shard_key TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (dataset_digest, shard_key)
+);
 """
+
+# Columns added after a table's first release: (table, column, DDL), added when missing.
+MIGRATIONS = (("jobs", "flags", "ALTER TABLE jobs ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'"),)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an earlier release up to ``SCHEMA``."""
+    for table, column, ddl in MIGRATIONS:
+        columns = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            conn.execute(ddl)
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -139,6 +166,7 @@ def job_record(row: sqlite3.Row) -> JobRecord:
         manifest_hash=row["manifest_hash"],
         result=json.loads(row["result"]) if row["result"] else None,
         error=row["error"],
+        flags=json.loads(row["flags"]),
     )
 
 

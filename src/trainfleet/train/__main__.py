@@ -3,33 +3,49 @@
 This is what a worker starts for a ``kind = "train"`` job. Progress goes to stdout, one flushed
 line at a time, because the worker streams it line by line. The CPU thread count comes from
 ``TRAINFLEET_NUM_THREADS`` when the worker sets it. Bad params (or a corpus too small for them)
-print one line to stderr and exit 2.
+print one line to stderr and exit 2. With ``--dataset`` it trains on that dataset spec's shards,
+cached under the worker's ``TRAINFLEET_CACHE_*`` settings; a router that fails verification
+exits 3 (refused: the worker reports it as fatal, never retried), and a source that cannot be
+read or does not match its pins exits 1 (another host may succeed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from trainfleet import env
-from trainfleet.errors import CorpusTooSmall
+from trainfleet.data.prepare import CacheSettings
+from trainfleet.data.spec import DatasetSpec
+from trainfleet.errors import CorpusTooSmall, DataError, RoutingMismatch
 from trainfleet.train.recipes import RECIPES, GPTParams
-from trainfleet.train.trainer import train
+from trainfleet.train.trainer import DataSource, train
 
+EXIT_DATA = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 3
 
 
 def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"trainfleet.train: error: {message}", file=sys.stderr, flush=True)
-    return EXIT_USAGE
+    return code
+
+
+def _data_source(dataset: str, path: int | None) -> DataSource:
+    spec = TypeAdapter[Any](DatasetSpec).validate_json(dataset)
+    router_file = os.environ.get(env.ROUTER_FILE)
+    handed = json.loads(Path(router_file).read_text()) if router_file else None
+    return DataSource(spec, path, CacheSettings.from_env(), handed)
 
 
 def _describe(error: ValidationError) -> str:
@@ -46,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="{}", help="recipe params (hyper.*) as a JSON object")
     parser.add_argument("--mode", default="full", choices=RECIPES["gpt"].modes)
     parser.add_argument("--output", required=True, type=Path, help="directory for outputs")
+    parser.add_argument("--dataset", help="a dataset spec as JSON (default: hyper.corpus)")
+    parser.add_argument("--path", type=int, help="the routed dataset's path to train on")
     args = parser.parse_args(argv)
 
     try:
@@ -56,11 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     if threads_text and not (threads_text.isdigit() and int(threads_text) > 0):
         return _fail(f"{env.NUM_THREADS} must be a positive integer, got {threads_text!r}")
     num_threads = int(threads_text) if threads_text else None
+    try:
+        data = _data_source(args.dataset, args.path) if args.dataset else None
+    except ValidationError as e:
+        return _fail(f"invalid --dataset: {_describe(e)}")
 
     try:
-        train(params, args.mode, args.output, num_threads=num_threads, log=_log)
+        train(params, args.mode, args.output, num_threads=num_threads, log=_log, data=data)
     except CorpusTooSmall as e:
         return _fail(str(e))
+    except RoutingMismatch as e:
+        return _fail(f"refused: {e}", EXIT_REFUSED)
+    except DataError as e:
+        return _fail(str(e), EXIT_DATA)
     return 0
 
 

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainfleet.data.corpus import load_corpus
+from trainfleet.data.dialects import loss_floor_nats
+from trainfleet.data.prepare import CacheSettings, prepare_dataset
+from trainfleet.data.spec import DatasetSpec, SyntheticDataset
 from trainfleet.errors import CorpusTooSmall
+from trainfleet.train.feed import ShardFeed
 from trainfleet.train.model import GPT
 from trainfleet.train.recipes import RECIPES, GPTParams
 
@@ -69,7 +74,9 @@ def as_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, ...]:
+def windows(
+    data: torch.Tensor, starts: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-byte targets, (len(starts), seq_len) each, for windows at ``starts``."""
     chunk = data[starts[:, None] + torch.arange(seq_len + 1)].long()
     return chunk[:, :-1], chunk[:, 1:]
@@ -122,13 +129,12 @@ def _optimizer(model: GPT, params: GPTParams) -> torch.optim.AdamW:
 def _run_steps(
     model: GPT,
     optimizer: torch.optim.Optimizer,
-    data: torch.Tensor,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     params: GPTParams,
     steps: int,
     log: Callable[[str], None],
 ) -> tuple[list[float], float]:
     """Take ``steps`` optimizer steps; return each step's loss and the wall time they took."""
-    batches = torch.Generator().manual_seed(params.seed)
     tokens_per_step = params.batch_size * params.seq_len
     log_every = max(1, steps // NUM_PROGRESS_LINES)
     losses: list[float] = []
@@ -138,9 +144,7 @@ def _run_steps(
         lr = lr_at(step, params.lr, params.warmup_steps, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        high = len(data) - params.seq_len  # exclusive bound: a window needs seq_len + 1 bytes
-        starts = torch.randint(0, high, (params.batch_size,), generator=batches)
-        _, loss = model(*windows(data, starts, params.seq_len))
+        _, loss = model(*next(batches))
         assert loss is not None
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,18 +162,28 @@ def _run_steps(
     return losses, time.perf_counter() - started
 
 
-def train(
-    params: GPTParams,
-    mode: str,
-    output_dir: Path,
-    num_threads: int | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train the ``gpt`` recipe in ``mode`` ("full" or "smoke"); write outputs; return metrics."""
-    if mode not in RECIPES["gpt"].modes:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {RECIPES['gpt'].modes}")
-    started = time.perf_counter()
-    steps = min(SMOKE_STEPS, params.steps) if mode == "smoke" else params.steps
+def corpus_batches(
+    data: torch.Tensor, params: GPTParams
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Random windows of a built-in corpus's training bytes, seeded by ``params.seed``."""
+    generator = torch.Generator().manual_seed(params.seed)
+    high = len(data) - params.seq_len  # exclusive bound: a window needs seq_len + 1 bytes
+    while True:
+        starts = torch.randint(0, high, (params.batch_size,), generator=generator)
+        yield windows(data, starts, params.seq_len)
+
+
+@dataclass
+class _Data:
+    """Training batches, held-out tokens and what the result says about them."""
+
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    heldout: torch.Tensor
+    describe: str
+    report: Callable[[], dict[str, Any]]
+
+
+def _corpus_data(params: GPTParams) -> _Data:
     corpus = load_corpus(params.corpus, params.corpus_bytes, params.heldout_fraction, params.seed)
     for split, data in (("train", corpus.train), ("held-out", corpus.heldout)):
         if len(data) < params.seq_len + 1:
@@ -177,21 +191,97 @@ def train(
                 f"{split} split of corpus {params.corpus!r} has {len(data)} bytes, fewer than "
                 f"seq_len + 1 = {params.seq_len + 1}; raise corpus_bytes or heldout_fraction"
             )
-    train_data, heldout_data = as_tensor(corpus.train), as_tensor(corpus.heldout)
+    train_data = as_tensor(corpus.train)
+    return _Data(
+        batches=corpus_batches(train_data, params),
+        heldout=as_tensor(corpus.heldout),
+        describe=(
+            f"corpus {params.corpus} {len(corpus.train):,} train / "
+            f"{len(corpus.heldout):,} held-out bytes"
+        ),
+        report=lambda: {"corpus": corpus.info},
+    )
+
+
+def _dataset_data(
+    source: DataSource, params: GPTParams, steps: int, log: Callable[[str], None]
+) -> _Data:
+    prepared = prepare_dataset(
+        source.spec, source.settings, handed_router=source.handed_router, log=log
+    )
+    path = source.path or 0
+    feed = ShardFeed(
+        prepared,
+        path,
+        batch_size=params.batch_size,
+        seq_len=params.seq_len,
+        seed=params.seed,
+        steps=steps,
+        log=log,
+    )
+    heldout = feed.heldout(params.eval_batches * params.batch_size)
+    plan = prepared.plan
+    spec = source.spec
+    floor = loss_floor_nats(spec) if isinstance(spec, SyntheticDataset) else None
+    log(
+        f"dataset {source.spec.name} ({source.spec.source}): {plan.num_documents:,} documents, "
+        f"{plan.num_tokens:,} tokens, {len(plan.shards)} shards; routing {prepared.routing}"
+        + (f"; loss floor {floor:.4f} nats/token" if floor is not None else "")
+    )
+    return _Data(
+        batches=feed.batches(),
+        heldout=heldout,
+        describe=(
+            f"dataset {source.spec.name} path {path}: {len(feed.visits)} shard visits, "
+            f"{len(heldout):,} held-out tokens"
+        ),
+        report=lambda: {
+            "data": {**feed.report(), "loss_floor_nats": floor},
+        },
+    )
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A job's dataset: the spec, the path it trains on, the worker's cache settings and the
+    router the coordinator handed over (None: fit it here)."""
+
+    spec: DatasetSpec
+    path: int | None
+    settings: CacheSettings
+    handed_router: dict[str, Any] | None = None
+
+
+def train(
+    params: GPTParams,
+    mode: str,
+    output_dir: Path,
+    num_threads: int | None = None,
+    log: Callable[[str], None] = print,
+    data: DataSource | None = None,
+) -> dict[str, Any]:
+    """Train the ``gpt`` recipe in ``mode`` ("full" or "smoke"); write outputs; return metrics.
+
+    Without ``data`` it trains on the built-in corpus named by ``params.corpus``; with it, on
+    the dataset's shards, materialized and cached on this worker."""
+    if mode not in RECIPES["gpt"].modes:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {RECIPES['gpt'].modes}")
+    started = time.perf_counter()
+    steps = min(SMOKE_STEPS, params.steps) if mode == "smoke" else params.steps
+    source = _dataset_data(data, params, steps, log) if data else _corpus_data(params)
 
     with deterministic_torch(params.seed, num_threads):
         threads = torch.get_num_threads()
         model = GPT(params.n_layers, params.d_model, params.n_heads, params.seq_len)
         optimizer = _optimizer(model, params)
         log(
-            f"gpt {mode}: {model.num_params():,} params, {steps} steps, corpus {params.corpus} "
-            f"{len(corpus.train):,} train / {len(corpus.heldout):,} held-out bytes, "
+            f"gpt {mode}: {model.num_params():,} params, {steps} steps, {source.describe}, "
             f"threads {threads}"
         )
 
-        losses, train_s = _run_steps(model, optimizer, train_data, params, steps, log)
+        losses, train_s = _run_steps(model, optimizer, source.batches, params, steps, log)
 
-        heldout_loss = evaluate(model, heldout_data, params.batch_size, params.eval_batches)
+        heldout_loss = evaluate(model, source.heldout, params.batch_size, params.eval_batches)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, params, mode, output_dir)
@@ -207,7 +297,7 @@ def train(
         "num_threads": threads,
         "torch_version": torch.__version__,
         "elapsed_s": time.perf_counter() - started,
-        "corpus": corpus.info,
+        **source.report(),
     }
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     log(

@@ -22,15 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from trainfleet import env
 from trainfleet.artifacts import pack_dir
 from trainfleet.client import Client
+from trainfleet.data.prepare import CacheSettings
+from trainfleet.data.spec import DatasetSpec
+from trainfleet.data.verify import router_fit_id
 from trainfleet.errors import ApiError, Conflict, CoordinatorUnavailable
 
 log = logging.getLogger(__name__)
 
 TERM_GRACE_S = 10.0
 USAGE_ERROR_EXIT = 2  # a built-in trainer exiting 2 rejected its parameters: never retried
+REFUSED_EXIT = 3  # a built-in trainer exiting 3 refused its data (a wrong router): never retried
+NOT_RETRIED_EXITS = (USAGE_ERROR_EXIT, REFUSED_EXIT)
 MAX_UNSENT_LINES = 10_000  # log lines kept while the coordinator is unreachable
 REPORT_PATIENCE_S = 3600.0  # how long a finished attempt keeps trying to report
 
@@ -49,6 +56,7 @@ def build_argv(spec: dict[str, Any], output_dir: Path) -> list[str]:
             spec["mode"],
             "--output",
             str(output_dir),
+            *_data_args(spec),
         ]
     argv = list(spec["command"])
     for key, value in spec["hyper"].items():
@@ -57,7 +65,19 @@ def build_argv(spec: dict[str, Any], output_dir: Path) -> list[str]:
     return argv
 
 
-def build_env(claim: dict[str, Any], output_dir: Path, num_threads: int) -> dict[str, str]:
+def _data_args(spec: dict[str, Any]) -> list[str]:
+    if spec.get("dataset") is None:
+        return []
+    args = ["--dataset", json.dumps(spec["dataset"])]
+    return args + (["--path", str(spec["path"])] if spec.get("path") is not None else [])
+
+
+def build_env(
+    claim: dict[str, Any],
+    output_dir: Path,
+    num_threads: int,
+    data_env: dict[str, str] | None = None,
+) -> dict[str, str]:
     job = claim["job"]
     bin_dir = str(Path(sys.executable).parent)
     return {
@@ -71,6 +91,7 @@ def build_env(claim: dict[str, Any], output_dir: Path, num_threads: int) -> dict
         env.ATTEMPT: str(claim["attempt"]),
         env.MODE: job["spec"]["mode"],
         env.OUTPUT_DIR: str(output_dir),
+        **(data_env or {}),
     }
 
 
@@ -95,6 +116,7 @@ class Attempt:
         heartbeat_interval_s: float,
         num_threads: int,
         stop: threading.Event,
+        data: CacheSettings | None = None,
     ):
         self.client = client
         self.claim = claim
@@ -106,6 +128,8 @@ class Attempt:
         self.output_dir = self.dir / "output"
         self.heartbeat_interval_s = heartbeat_interval_s
         self.num_threads = num_threads
+        self.data = data or CacheSettings(directory=workdir / "cache")
+        self.data_env = self.data.to_env()
         self.stop = stop  # set by the daemon on SIGTERM: hand the job back
         self.cancelled = threading.Event()
         self.fenced = threading.Event()
@@ -154,8 +178,25 @@ class Attempt:
             log.warning("coordinator refused %d log lines: %s", len(lines), err)
 
     # the attempt ----------------------------------------------------------------------------
+    def _fetch_router(self) -> None:
+        """Hand the job the router the coordinator published for its dataset, if any."""
+        dataset = self.spec.get("dataset")
+        if self.spec["kind"] != "train" or not dataset or not dataset.get("router"):
+            return
+        fit_id = router_fit_id(TypeAdapter[Any](DatasetSpec).validate_python(dataset))
+        try:
+            router = self.client.get_router(fit_id)
+        except (ApiError, CoordinatorUnavailable) as err:
+            log.warning("no router from the coordinator (%s): the job fits its own", err)
+            return
+        if router is not None:
+            router_file = self.dir / "router.json"
+            router_file.write_text(json.dumps(router))
+            self.data_env[env.ROUTER_FILE] = str(router_file)
+
     def run(self) -> Outcome:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._fetch_router()
         argv = build_argv(self.spec, self.output_dir)
         log.info(
             "running %s (attempt %d, epoch %d): %s",
@@ -187,7 +228,7 @@ class Attempt:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=build_env(self.claim, self.output_dir, self.num_threads),
+                env=build_env(self.claim, self.output_dir, self.num_threads, self.data_env),
                 start_new_session=True,
                 text=True,
                 errors="replace",
@@ -250,7 +291,7 @@ class Attempt:
         if returncode != 0:
             tail = "\n".join(list(self._tail)[-5:])
             error = f"exit code {returncode}" + (f"; last output:\n{tail}" if tail else "")
-            retryable = not (self.spec["kind"] == "train" and returncode == USAGE_ERROR_EXIT)
+            retryable = not (self.spec["kind"] == "train" and returncode in NOT_RETRIED_EXITS)
             self._send(
                 lambda: self.client.fail(self.job_id, self.epoch, error, retryable=retryable)
             )

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from trainfleet.capability.detect import detect_capability
 from trainfleet.client import Client
+from trainfleet.data.prepare import CacheSettings
 from trainfleet.errors import ApiError, CoordinatorUnavailable, Unauthorized
 from trainfleet.worker.attempt import Attempt, Outcome
 
@@ -40,6 +41,7 @@ class WorkerConfig:
     num_threads: int | None = None  # default: the effective capability's cores
     max_jobs: int | None = None  # exit after this many attempts
     exit_when_idle_s: float | None = None  # exit after this long without work
+    data: CacheSettings | None = None  # shard cache and routing checks; default under workdir
 
 
 class Worker:
@@ -146,6 +148,7 @@ class Worker:
             heartbeat_interval_s=float(self.registration["heartbeat_interval_s"]),
             num_threads=threads,
             stop=self.stop,
+            data=self.cfg.data,
         )
         try:
             outcome = attempt.run()
