@@ -125,7 +125,7 @@ def test_wrong_type_names_job_and_field():
 
 def test_invalid_host_name_is_a_manifest_error():
     problem = only_problem('[hosts."bad name"]\ncuda = false\n')
-    assert problem.startswith("hosts.'bad name': invalid host name")
+    assert problem.startswith("hosts.'bad name': invalid name")
 
 
 def test_duplicate_job_names_mention_both_indexes():

@@ -232,7 +232,7 @@ def verify(
         if job is not None:
             with client(url, token, state_dir) as c:
                 record = c.job(job)["job"]
-            data = (record.get("result") or {}).get("data") or {}
+            data = ((record.get("result") or {}).get("metrics") or {}).get("data") or {}
             reported = {s["key"]: s["sha256"] for s in data.get("shards", [])}
             if not reported:
                 fail(f"job {job!r} reported no shard hashes")

@@ -47,6 +47,7 @@ import functools
 import hashlib
 import itertools
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ from trainfleet.errors import DataError
 
 _TABLE_DOMAIN = b"trainfleet-dialects\0"
 _DOC_DOMAIN = b"trainfleet-doc\0"
-_HEADER_BYTES = 24  # dialect, length and start symbol: three u64
+_HEADER = struct.Struct("<3Q")  # a document stream opens with dialect, length, start
 _WEIGHT_TOTAL = 256  # one row of T: every successor with multiplicity w, w summing to 256
 _BATCH_TOKENS = 1 << 21  # tokens generated together, bounding the work arrays (~6 MiB)
 
@@ -158,58 +159,54 @@ def loss_floor_nats(spec: SyntheticDataset) -> float:
     return math.fsum(rates) / len(rates)
 
 
-def _document_bytes(spec: SyntheticDataset, index: int, num_bytes: int) -> bytes:
-    """The first ``num_bytes`` of document ``index``'s stream (prefix-stable in num_bytes)."""
+def _document_seed(spec: SyntheticDataset, index: int) -> bytes:
+    """What document ``index``'s SHAKE-256 stream is seeded with."""
     if not 0 <= index < spec.num_documents:
         raise DataError(f"document {index} is outside the corpus of {spec.num_documents}")
-    seed_material = _DOC_DOMAIN + spec.seed.to_bytes(8, "little") + index.to_bytes(8, "little")
-    return hashlib.shake_256(seed_material).digest(num_bytes)
-
-
-def _u64(header: bytes, field: int) -> int:
-    return int.from_bytes(header[8 * field : 8 * field + 8], "little")
+    return _DOC_DOMAIN + spec.seed.to_bytes(8, "little") + index.to_bytes(8, "little")
 
 
 def dialect_of(spec: SyntheticDataset, index: int) -> int:
     """The dialect document ``index`` is written in."""
-    return _u64(_document_bytes(spec, index, _HEADER_BYTES), 0) % spec.num_dialects
+    dialect_u64, _, _ = _HEADER.unpack(
+        hashlib.shake_256(_document_seed(spec, index)).digest(_HEADER.size)
+    )
+    return int(dialect_u64 % spec.num_dialects)
 
 
 def _generate_batch(spec: SyntheticDataset, indices: Sequence[int]) -> list[bytes]:
-    dialects = make_dialects(spec)
-    lengths = np.empty(len(indices), dtype=np.int64)
-    starts = np.empty(len(indices), dtype=np.uint8)
+    alphabets = make_dialects(spec).alphabets.tolist()
+    lengths: list[int] = []
+    starts: list[int] = []
     random_bytes: list[bytes] = []
-    for n, index in enumerate(indices):
-        header = _document_bytes(spec, index, _HEADER_BYTES)
-        length = spec.doc_tokens // 2 + _u64(header, 1) % (spec.doc_tokens + 1)
-        alphabet = dialects.alphabets[_u64(header, 0) % spec.num_dialects]
-        lengths[n] = length
-        starts[n] = alphabet[_u64(header, 2) % spec.alphabet_size]
-        stream = _document_bytes(spec, index, _HEADER_BYTES + length - 1)
-        random_bytes.append(stream[_HEADER_BYTES:])
+    for index in indices:
+        stream = hashlib.shake_256(_document_seed(spec, index))  # digest(n): prefix-stable
+        dialect_u64, length_u64, start_u64 = _HEADER.unpack(stream.digest(_HEADER.size))
+        length = spec.doc_tokens // 2 + length_u64 % (spec.doc_tokens + 1)
+        lengths.append(length)
+        starts.append(alphabets[dialect_u64 % spec.num_dialects][start_u64 % spec.alphabet_size])
+        random_bytes.append(stream.digest(_HEADER.size + length - 1)[_HEADER.size :])
 
-    order = np.argsort(-lengths, kind="stable")  # longest first: the active set is a prefix
-    sorted_lengths = lengths[order]
-    max_length = int(sorted_lengths[0])
+    order = np.argsort(-np.array(lengths), kind="stable")  # longest first: active rows a prefix
+    sorted_lengths = [lengths[j] for j in order]
+    max_length = sorted_lengths[0]
     padded = b"".join(random_bytes[j].ljust(max_length - 1, b"\0") for j in order)
-    # work[t, j] = (r_{t+1}, token_t) as two bytes; read as little-endian uint16 it is the
-    # flat index token_t * 256 + r_{t+1} into T, so one np.take per position runs the chain
-    work = np.zeros((max_length, len(indices), 2), dtype=np.uint8)
-    work[:-1, :, 0] = np.frombuffer(padded, dtype=np.uint8).reshape(len(indices), -1).T
-    work[0, :, 1] = starts[order]
-    flat_index = work.view("<u2").reshape(max_length, len(indices))
+    # work[row, t] = (r_{t+1}, token_t); read as a little-endian uint16 it is the flat index
+    # token_t * 256 + r_{t+1} into T, so one np.take per position runs every chain one step
+    work = np.zeros((len(indices), max_length, 2), dtype=np.uint8)
+    work[:, :-1, 0] = np.frombuffer(padded, dtype=np.uint8).reshape(len(indices), -1)
+    work[:, 0, 1] = np.array(starts, dtype=np.uint8)[order]
+    flat_index = work.view("<u2").reshape(len(indices), max_length)
     tokens = work[:, :, 1]
-    num_active = np.searchsorted(-sorted_lengths, -np.arange(max_length), side="left")
-    table = dialects.table.ravel()
+    num_active = np.searchsorted(-np.array(sorted_lengths), -np.arange(max_length), side="left")
+    table = make_dialects(spec).table.ravel()
     for t in range(1, max_length):
         active = num_active[t]
-        np.take(table, flat_index[t - 1, :active], out=tokens[t, :active], mode="clip")
+        np.take(table, flat_index[:active, t - 1], out=tokens[:active, t], mode="clip")
 
-    by_document = np.ascontiguousarray(tokens.T)
     texts: list[bytes] = [b""] * len(indices)
     for row, j in enumerate(order):
-        texts[j] = by_document[row, : sorted_lengths[row]].tobytes()
+        texts[j] = tokens[row, : sorted_lengths[row]].tobytes()
     return texts
 
 

@@ -15,7 +15,8 @@ at a time, so a corpus never has to fit in memory. ``max_documents`` keeps the f
   ``jsonl``: one per non-blank line, id ``path:LINE`` (1-based); ``parquet``: one per row,
   id ``path:ROW`` (0-based), read one record batch at a time. Pin: ``content_sha256`` = sha256
   over the sorted lines ``f"{path}\\t{sha256 of the file}\\n"``.
-- ``huggingface``: ``datasets.load_dataset(..., revision=, streaming=True)``; id
+- ``huggingface``: ``datasets.load_dataset(..., revision=)``, not streaming: it downloads
+  once into the local cache, so a warm cache works offline with ``HF_HUB_OFFLINE=1``; id
   ``REPO@REV12/SPLIT/ROW``. The revision is the pin.
 
 ``iter_documents`` checks the pins before it returns, so a mismatch is reported before any
@@ -99,7 +100,7 @@ def _open_stdlib(spec: StdlibDataset) -> tuple[dict[str, Any], Texts]:
             f"({len(paths)} files under {root})"
         )
     facts = {"python_version": found_version, "files_sha256": files_sha256}
-    return {**facts, "num_files": len(paths)}, ((p, (root / p).read_bytes()) for p in paths)
+    return {**facts, "num_files": len(paths)}, _text_files(root, paths)
 
 
 def _match_files(spec: FilesDataset) -> tuple[Path, list[str]]:
@@ -232,7 +233,7 @@ def _open_huggingface(spec: HuggingFaceDataset) -> tuple[dict[str, Any], Texts]:
         ) from exc
     try:
         rows = datasets.load_dataset(
-            spec.repo, name=spec.config, split=spec.split, revision=spec.revision, streaming=True
+            spec.repo, name=spec.config, split=spec.split, revision=spec.revision, streaming=False
         )
     except Exception as exc:
         raise _hf_unavailable(spec, exc) from exc

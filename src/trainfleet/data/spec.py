@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+MAX_SEED = 2**63 - 1  # seeds are packed into 8 bytes
 PRINTABLE_SYMBOLS = 94  # printable ASCII without space: the synthetic dialects' alphabet pool
 
 
@@ -41,12 +42,12 @@ class RouterSpec(_Spec):
     num_features: int = Field(
         1024, ge=16, le=65536, description="hashed bag-of-tokens feature buckets"
     )
-    feature_seed: int = Field(0, ge=0, description="seed of the feature hashing")
+    feature_seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the feature hashing")
     sample_documents: int = Field(
         2048, ge=1, le=1_000_000, description="fit on the first N training documents"
     )
     max_iterations: int = Field(25, ge=1, le=1000, description="Lloyd iterations at most")
-    seed: int = Field(0, ge=0, description="seed of the k-means++ initialisation")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the k-means++ initialisation")
 
 
 class _DatasetBase(_Spec):
@@ -68,7 +69,7 @@ class SyntheticDataset(_DatasetBase):
     """A seeded mixture of Markov dialects with an exactly known entropy rate."""
 
     source: Literal["synthetic"]
-    seed: int = Field(0, ge=0, description="seed of the dialects and of the text")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the dialects and of the text")
     num_dialects: int = Field(4, ge=1, le=47, description="k: distinct dialects in the mixture")
     num_documents: int = Field(2000, ge=2, le=100_000_000, description="documents in the corpus")
     doc_tokens: int = Field(

@@ -1,7 +1,7 @@
 """The shard ledger's rule, independent of the backend that stores it.
 
 A worker that trains on a dataset reports, with its result, the content hash of every shard it
-used (``result["data"]["shards"]``, keyed by the dataset's digest). The first report of a
+used (``result["metrics"]["data"]["shards"]``, keyed by the dataset's digest). The first report of a
 shard is recorded; a later report of the same shard with a different hash means one of the
 two workers trained on other bytes than the spec makes (a changed source, a tampered router,
 a bug). The result is kept, as every result is, but the job is flagged, never silently passed.
@@ -21,8 +21,9 @@ class ShardReport:
 
 
 def shard_reports(result: dict[str, Any]) -> list[ShardReport]:
-    """The shard hashes a result reports (none for jobs without a dataset, or malformed)."""
-    data = result.get("data")
+    """The shard hashes a result reports in ``metrics.data`` (none without a dataset)."""
+    metrics = result.get("metrics")
+    data = metrics.get("data") if isinstance(metrics, dict) else None
     if not isinstance(data, dict) or not isinstance(data.get("digest"), str):
         return []
     shards = data.get("shards")
