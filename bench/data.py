@@ -45,7 +45,6 @@ from trainfleet.data.cache import ShardCache, simulate_misses
 from trainfleet.data.dialects import dialect_of
 from trainfleet.data.router import featurize_batch
 from trainfleet.data.shards import (
-    ShardInfo,
     load_plan,
     materialize_shard,
     plan_shards,
@@ -139,13 +138,15 @@ def write_jsonl(directory: Path, num_bytes: int) -> None:
     """About ``num_bytes`` of jsonl records (synthetic texts), in files of ~4 MB each."""
     directory.mkdir(parents=True)
     source = synthetic_spec("jsonl-text", 10**8, 256)
-    written, file_index, lines = 0, 0, []
+    written = in_file = file_index = 0
+    lines: list[str] = []
     for doc in iter_documents(source):
         lines.append(json.dumps({"text": doc.text.decode(), "id": doc.doc_id}) + "\n")
         written += len(lines[-1])
-        if sum(map(len, lines)) >= 4_000_000 or written >= num_bytes:
+        in_file += len(lines[-1])
+        if in_file >= 4_000_000 or written >= num_bytes:
             (directory / f"part-{file_index:03d}.jsonl").write_text("".join(lines))
-            file_index, lines = file_index + 1, []
+            file_index, in_file, lines = file_index + 1, 0, []
         if written >= num_bytes:
             return
 
@@ -197,11 +198,12 @@ def materialize_rates(name: str, spec: DatasetSpec, repeats: int, work: Path) ->
 # 2. Peak RSS while streaming ---------------------------------------------------------------
 
 
-def current_rss_bytes() -> int:
+def proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS: now; VmHWM: peak of this image), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def peak_rss_bytes() -> int:
@@ -222,7 +224,7 @@ def stream_child(payload: dict[str, Any]) -> dict[str, Any]:
         schedule=payload["schedule"],
     )
     gc.collect()
-    setup_peak, baseline = peak_rss_bytes(), current_rss_bytes()
+    setup_peak, baseline = peak_rss_bytes(), proc_status_bytes("VmRSS")
     streamed = checksum = 0
     for key in payload["schedule"]:
         data = cache.get(key, by_key[key].sha256)
@@ -233,17 +235,24 @@ def stream_child(payload: dict[str, Any]) -> dict[str, Any]:
         "baseline_rss_bytes": baseline,
         "setup_peak_rss_bytes": setup_peak,
         "peak_rss_bytes": peak_rss_bytes(),
+        "vmhwm_bytes": proc_status_bytes("VmHWM"),
         "streamed_bytes": streamed,
         "checksum": checksum,
         "stats": cache.stats.as_dict(),
     }
 
 
+# ru_maxrss survives execve: a child exec'd straight from this (large) process would start
+# with our peak as its own. A bare interpreter in between is the process the child is forked
+# from, so the child's ru_maxrss starts near a bare interpreter's RSS, below its baseline.
+LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+CHILD = "import sys, bench.data as b; b.child_main(sys.argv[1])"
+
+
 def run_child(task: str, payload: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    code = "import sys, bench.data as b; b.child_main(sys.argv[1])"
     argument = json.dumps({"task": task, **payload})
     done = subprocess.run(
-        [sys.executable, "-c", code, argument],
+        [sys.executable, "-c", LAUNCHER, sys.executable, "-c", CHILD, argument],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,
@@ -267,9 +276,8 @@ def streaming_rss(sizes: Sizes, work: Path) -> dict[str, Any]:
     train = plan.select("train")
     shard_bytes = max(s.num_tokens for s in train)  # one byte per token
     bound = sizes.rss_memory_shards * shard_bytes
-    visits = schedule_visits(train, 1, 1, seed=0)  # sized below: one step per visit
     num_visits = math.ceil(10 * bound / min(s.num_tokens for s in train))
-    visits = schedule_visits(train, num_visits, 10 * shard_bytes, seed=0)
+    visits = schedule_visits(train, num_visits, 10 * shard_bytes, seed=0)  # 1 step a visit
     schedule = [v.shard.key for v in visits]
     say(f"rss: streaming {len(schedule)} shards of ~{shard_bytes / MIB:.1f} MiB in a child")
     child = run_child(
@@ -297,6 +305,7 @@ def streaming_rss(sizes: Sizes, work: Path) -> dict[str, Any]:
         "rss_baseline_bytes": child["baseline_rss_bytes"],
         "rss_setup_peak_bytes": child["setup_peak_rss_bytes"],
         "rss_peak_bytes": child["peak_rss_bytes"],
+        "rss_peak_vmhwm_bytes_crosscheck": child["vmhwm_bytes"],
         "rss_peak_minus_baseline_bytes": growth,
         "rss_claimed_overhead_bytes": overhead,
         "rss_allowed_bytes": bound + overhead,
@@ -576,7 +585,11 @@ def table(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
             f(m["router_docs_per_s"], 0),
             f(m["router_docs_per_s_float_reference"], 0),
         ),
-        ("documents routed/s, one by one (as plan_shards does)", f(m["router_docs_per_s_one_by_one"], 0), ""),
+        (
+            "documents routed/s, one by one (as plan_shards does)",
+            f(m["router_docs_per_s_one_by_one"], 0),
+            "",
+        ),
         (
             "cluster purity vs true dialect",
             f(m["router_purity"], 3),
@@ -601,7 +614,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        synthetic = synthetic_spec("synthetic", sizes.synthetic_documents, sizes.synthetic_shard_tokens)
+        synthetic = synthetic_spec(
+            "synthetic", sizes.synthetic_documents, sizes.synthetic_shard_tokens
+        )
         say(f"writing ~{sizes.jsonl_bytes / MB:.0f} MB of jsonl")
         write_jsonl(work / "jsonl", sizes.jsonl_bytes)
         jsonl = FilesDataset(

@@ -161,6 +161,17 @@ def main() -> int:
         console.rule("results")
         jobs = client.jobs()
         console.print(render.jobs_table(jobs, title="results"))
+        for job in jobs:
+            data = ((job.get("result") or {}).get("metrics") or {}).get("data")
+            if data:
+                floor = data.get("loss_floor_nats")
+                console.print(
+                    f"{job['name']}: dataset {data['dataset']} path {data['path']},"
+                    f" {len(data['shards'])} shards built on {job['host']} and hash-reported;"
+                    f" held-out {job['result']['metrics']['heldout_loss']:.3f} nats/token"
+                    + (f" vs the exact floor {floor:.3f}" if floor is not None else ""),
+                    highlight=False,
+                )
         ok = all(j["state"] == "completed" for j in jobs)
         verdict = "[green]all jobs completed[/]" if ok else "[red]some jobs did not complete[/]"
         console.print(f"{verdict} in {elapsed:.0f}s. Logs: {root / 'logs'}")

@@ -175,3 +175,17 @@ def test_a_doubly_stochastic_rate_by_hand() -> None:
     by_hand = -sum(x * math.log(x) for x in p.ravel() if x > 0) / 8
     assert entropy_rates_nats(ds) == [pytest.approx(by_hand, abs=1e-12)]
     assert by_hand <= math.log(2)
+
+
+def test_a_paths_floor_is_the_mean_rate_of_the_dialects_it_holds() -> None:
+    spec = _spec(num_dialects=3, num_documents=300)
+    rates = dialects.entropy_rates_nats(dialects.make_dialects(spec))
+    by_dialect: dict[int, list[int]] = {}
+    for i in range(spec.num_documents):
+        by_dialect.setdefault(dialects.dialect_of(spec, i), []).append(i)
+    for d, indices in by_dialect.items():  # a path holding one dialect has exactly its rate
+        assert dialects.documents_floor_nats(spec, indices) == pytest.approx(rates[d], abs=1e-12)
+    mixed = by_dialect[0][:10] + by_dialect[1][:30]
+    assert dialects.documents_floor_nats(spec, mixed) == pytest.approx(
+        (10 * rates[0] + 30 * rates[1]) / 40, abs=1e-12
+    )

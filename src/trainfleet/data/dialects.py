@@ -174,6 +174,16 @@ def dialect_of(spec: SyntheticDataset, index: int) -> int:
     return int(dialect_u64 % spec.num_dialects)
 
 
+def documents_floor_nats(spec: SyntheticDataset, indices: Sequence[int]) -> float:
+    """The loss floor of a subset of documents (a routed path's): their dialects' mean rate.
+
+    Lengths do not depend on the dialect, so weighting by document is weighting by token in
+    expectation. Boundary tokens are excluded, as in ``loss_floor_nats``.
+    """
+    rates = entropy_rates_nats(make_dialects(spec))
+    return math.fsum(rates[dialect_of(spec, i)] for i in indices) / max(1, len(indices))
+
+
 def _generate_batch(spec: SyntheticDataset, indices: Sequence[int]) -> list[bytes]:
     alphabets = make_dialects(spec).alphabets.tolist()
     lengths: list[int] = []

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainfleet.data.corpus import load_corpus
-from trainfleet.data.dialects import loss_floor_nats
+from trainfleet.data.dialects import documents_floor_nats
 from trainfleet.data.prepare import CacheSettings, prepare_dataset
 from trainfleet.data.spec import DatasetSpec, SyntheticDataset
 from trainfleet.errors import CorpusTooSmall
@@ -222,7 +222,10 @@ def _dataset_data(
     heldout = feed.heldout(params.eval_batches * params.batch_size)
     plan = prepared.plan
     spec = source.spec
-    floor = loss_floor_nats(spec) if isinstance(spec, SyntheticDataset) else None
+    floor = None
+    if isinstance(spec, SyntheticDataset):  # the exact floor of the documents this path holds
+        indices = [i for s in plan.shards if s.path == path for i in s.doc_indices()]
+        floor = documents_floor_nats(spec, indices)
     log(
         f"dataset {source.spec.name} ({source.spec.source}): {plan.num_documents:,} documents, "
         f"{plan.num_tokens:,} tokens, {len(plan.shards)} shards; routing {prepared.routing}"
