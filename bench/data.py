@@ -103,7 +103,7 @@ class Sizes:
             stdlib_shard_tokens=s(512 * 1024 if quick else 1024 * 1024),
             rss_shard_tokens=s(1 * MIB if quick else 4 * MIB),
             rss_memory_shards=4 if quick else 8,
-            rss_disk_shards=4 if quick else 8,
+            rss_disk_shards=8 if quick else 16,
             rss_train_shards=12 if quick else 24,
             router_documents=s(4096 if quick else 16384, 64),
             router_sample_documents=s(2048, 64),
