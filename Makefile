@@ -37,6 +37,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m bench.queue
+	$(BIN)/python -m bench.data
 
 clean:
 	rm -rf $(VENV) .demo .trainfleet .pytest_cache .ruff_cache .mypy_cache

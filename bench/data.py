@@ -1,12 +1,12 @@
 """The data plane: shard materialization, bounded streaming, shard rebuilds and routing.
 
-    python -m bench.data            (full: a few minutes on 2 cores)
+    python -m bench.data            (full: one to two minutes on 2 cores)
     python -m bench.data --quick    (under a minute)
 
 1. Materialization: MB/s and tokens/s of ``materialize_shard`` over every shard of a synthetic,
    a ``files`` jsonl (generated in a temp dir) and the ``stdlib`` dataset. Reference: reading
-   the same shard bytes back from files (warm page cache: nothing is dropped). Per-shard rates
-   of the first and last train shard show what a source's prefix scan costs.
+   the same shard bytes back from files (warm page cache: nothing is dropped). The rates of
+   the first and the last full train shard alone show what a source's prefix scan costs.
 2. Peak RSS of a child process streaming at least ten times the memory bound of a
    ``ShardCache`` (memory tier of N shards, disk tier of B bytes). Goal: peak - baseline <=
    N * shard + 2 * shard (the one being built, its parts and the joined bytes) + 32 MiB.
@@ -22,6 +22,7 @@ Timings are medians over 3 (quick) or 5 (full) repeats.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -41,10 +42,11 @@ from typing import Any
 import numpy as np
 from pydantic import TypeAdapter
 
-from trainfleet.data.cache import ShardCache, simulate_misses
+from trainfleet.data.cache import POLICIES, ShardCache, simulate_misses
 from trainfleet.data.dialects import dialect_of
 from trainfleet.data.router import featurize_batch
 from trainfleet.data.shards import (
+    ShardInfo,
     load_plan,
     materialize_shard,
     plan_shards,
@@ -134,6 +136,10 @@ def synthetic_spec(name: str, num_documents: int, shard_tokens: int) -> Syntheti
     )
 
 
+def build_shard(spec: DatasetSpec, by_key: dict[str, ShardInfo], key: str) -> bytes:
+    return materialize_shard(spec, by_key[key])
+
+
 def write_jsonl(directory: Path, num_bytes: int) -> None:
     """About ``num_bytes`` of jsonl records (synthetic texts), in files of ~4 MB each."""
     directory.mkdir(parents=True)
@@ -158,40 +164,34 @@ def materialize_rates(name: str, spec: DatasetSpec, repeats: int, work: Path) ->
     say(f"materialize {name}: planning")
     plan = plan_shards(spec)
     train = plan.select("train")
-    first, last = train[0], train[-1]
-    shard_dir = work / f"shards-{name}"
-    shard_dir.mkdir()
+    full = [s for s in train if s.num_tokens >= spec.shard_tokens] or train
+    first, last = full[0], full[-1]  # not a remainder shard: its rate is all scan, no bytes
+    (shard_dir := work / f"shards-{name}").mkdir()
     totals: list[float] = []
     per_shard: dict[str, list[float]] = {first.key: [], last.key: []}
     for repeat in range(repeats):
-        total = 0.0
+        totals.append(0.0)
         for shard in plan.shards:
             started = time.perf_counter()
             content = materialize_shard(spec, shard)
-            elapsed = time.perf_counter() - started
-            total += elapsed
-            if shard.key in per_shard:
-                per_shard[shard.key].append(elapsed)
+            totals[-1] += (elapsed := time.perf_counter() - started)
+            per_shard.get(shard.key, []).append(elapsed)
             if repeat == 0:
                 (shard_dir / shard.key.replace("/", "-")).write_bytes(content)
-        totals.append(total)
-        say(f"materialize {name}: repeat {repeat + 1}/{repeats} took {total:.2f}s")
+        say(f"materialize {name}: repeat {repeat + 1}/{repeats} took {totals[-1]:.2f}s")
     files = sorted(shard_dir.iterdir())
     read_s = median_s(lambda: [f.read_bytes() for f in files], repeats)
     num_bytes = sum(f.stat().st_size for f in files)
     seconds = statistics.median(totals)
+    first_s, last_s = (statistics.median(per_shard[s.key]) for s in (first, last))
     return {
         f"{name}_num_shards": len(plan.shards),
         f"{name}_shard_bytes_total": num_bytes,
         f"{name}_materialize_mb_per_s": num_bytes / seconds / MB,
         f"{name}_materialize_tokens_per_s": plan.num_tokens / seconds,
         f"{name}_disk_read_mb_per_s_reference": num_bytes / read_s / MB,
-        f"{name}_first_train_shard_mb_per_s": first.num_tokens
-        / statistics.median(per_shard[first.key])
-        / MB,
-        f"{name}_last_train_shard_mb_per_s": last.num_tokens
-        / statistics.median(per_shard[last.key])
-        / MB,
+        f"{name}_first_train_shard_mb_per_s": first.num_tokens / first_s / MB,
+        f"{name}_last_full_train_shard_mb_per_s": last.num_tokens / last_s / MB,
     }
 
 
@@ -220,7 +220,7 @@ def stream_child(payload: dict[str, Any]) -> dict[str, Any]:
         Path(payload["cache_dir"]),
         max_bytes=payload["max_bytes"],
         max_shards=payload["max_shards"],
-        build=lambda key: materialize_shard(spec, by_key[key]),
+        build=functools.partial(build_shard, spec, by_key),
         schedule=payload["schedule"],
     )
     gc.collect()
@@ -341,16 +341,11 @@ def rebuilds(spec: DatasetSpec) -> dict[str, Any]:
         metrics[f"rebuilds_cap{percent}_furthest_over_lru"] = ours / lru
     capacity = metrics["rebuilds_cap50_capacity_shards"]
     by_key = {s.key: s for s in train}
-    for policy in ("furthest", "lru"):
+    for policy in POLICIES:
         say(f"rebuilds: a real memory-only ShardCache, {policy}, capacity {capacity}")
-        cache = ShardCache(
-            None,
-            max_bytes=0,
-            max_shards=capacity,
-            build=lambda key: materialize_shard(spec, by_key[key]),
-            policy="furthest" if policy == "furthest" else "lru",
-            schedule=schedule,
-        )
+        build = functools.partial(build_shard, spec, by_key)
+        cache = ShardCache(None, max_bytes=0, max_shards=capacity, build=build, policy=policy)
+        cache.set_schedule(schedule)  # as ShardFeed does
         for key in schedule:
             cache.get(key, by_key[key].sha256)
         metrics[f"rebuilds_cap50_real_{policy}_builds"] = cache.stats.builds
@@ -521,87 +516,64 @@ def environment() -> dict[str, Any]:
     }
 
 
-def table(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
-    m = metrics
+def table(m: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Rows of (measure, trainfleet, reference) from the metrics."""
 
-    def f(value: float, digits: int = 1) -> str:
-        return f"{value:,.{digits}f}"
+    def num(digits: int) -> Callable[[Any], str]:
+        return lambda value: f"{value:,.{digits}f}"
 
-    rows = []
-    for name in ("synthetic", "files_jsonl", "stdlib"):
+    def mib(value: Any) -> str:
+        return f"{value / MIB:,.1f}"
+
+    def verdict(held: Any) -> str:
+        return "PASS" if held else "FAIL"
+
+    rows: list[tuple[str, str, str | None, Callable[[Any], str]]] = []
+    # fmt: off
+    for n in ("synthetic", "files_jsonl", "stdlib"):
         rows += [
-            (
-                f"{name}: materialize all shards vs read shard files, MB/s",
-                f(m[f"{name}_materialize_mb_per_s"]),
-                f(m[f"{name}_disk_read_mb_per_s_reference"]),
-            ),
-            (f"{name}: materialize, Mtokens/s", f(m[f"{name}_materialize_tokens_per_s"] / 1e6), ""),
-            (
-                f"{name}: first / last train shard, MB/s",
-                f"{f(m[f'{name}_first_train_shard_mb_per_s'])} / "
-                f"{f(m[f'{name}_last_train_shard_mb_per_s'])}",
-                "",
-            ),
+            (f"{n}: materialize every shard | read the shard files, MB/s",
+             f"{n}_materialize_mb_per_s", f"{n}_disk_read_mb_per_s_reference", num(1)),
+            (f"{n}: materialize every shard, tokens/s", f"{n}_materialize_tokens_per_s", None,
+             num(0)),
+            (f"{n}: first | last full train shard alone, MB/s",
+             f"{n}_first_train_shard_mb_per_s", f"{n}_last_full_train_shard_mb_per_s", num(1)),
         ]
-    verdict = "PASS" if m["rss_goal_held"] else "FAIL"
     rows += [
-        (
-            f"stream {f(m['rss_streamed_over_bound'])}x bound: peak-baseline RSS vs allowed, MiB",
-            f(m["rss_peak_minus_baseline_bytes"] / MIB),
-            f"{f(m['rss_allowed_bytes'] / MIB)} {verdict}",
-        ),
-        (
-            "  bound = N x shard | claimed overhead (2 shards + 32 MiB), MiB",
-            f(m["rss_bound_bytes"] / MIB),
-            f(m["rss_claimed_overhead_bytes"] / MIB),
-        ),
+        ("RSS streaming >= 10x the bound: peak - baseline | allowed, MiB",
+         "rss_peak_minus_baseline_bytes", "rss_allowed_bytes", mib),
+        ("  bound (N x shard) | claimed overhead (2 shards + 32 MiB), MiB",
+         "rss_bound_bytes", "rss_claimed_overhead_bytes", mib),
+        ("  goal: peak - baseline <= allowed", "rss_goal_held", None, verdict),
     ]
     for percent in (25, 50, 75):
         key = f"rebuilds_cap{percent}"
-        rows.append(
-            (
-                f"rebuilds over 3 epochs, cache {percent}% "
-                f"({m[f'{key}_capacity_shards']} shards): furthest vs LRU",
-                f"{m[f'{key}_furthest']}",
-                f"{m[f'{key}_lru_reference']} (ratio {m[f'{key}_furthest_over_lru']:.2f})",
-            )
-        )
+        rows += [
+            (f"shard builds in 3 epochs, cache {percent}% = {m[f'{key}_capacity_shards']} "
+             "shards: furthest | LRU", f"{key}_furthest", f"{key}_lru_reference", str),
+            ("  furthest / LRU", f"{key}_furthest_over_lru", None, num(2)),
+        ]
     rows += [
-        (
-            "  real ShardCache at 50%: builds furthest vs LRU",
-            str(m["rebuilds_cap50_real_furthest_builds"]),
-            f"{m['rebuilds_cap50_real_lru_builds']} (match simulated: "
-            f"{m['rebuilds_real_matches_simulated']})",
-        ),
-        ("router fit from spec (synthetic), s", f(m["router_fit_from_spec_s"], 2), ""),
-        (
-            "router fit from tokens: integer vs float64 BLAS k-means, s",
-            f(m["router_fit_from_tokens_s"], 2),
-            f(m["router_fit_from_tokens_s_float_reference"], 2),
-        ),
-        ("router fit from spec (stdlib), s", f(m["router_stdlib_fit_from_spec_s"], 2), ""),
-        (
-            "documents routed/s (featurize + route, batched) vs float64",
-            f(m["router_docs_per_s"], 0),
-            f(m["router_docs_per_s_float_reference"], 0),
-        ),
-        (
-            "documents routed/s, one by one (as plan_shards does)",
-            f(m["router_docs_per_s_one_by_one"], 0),
-            "",
-        ),
-        (
-            "cluster purity vs true dialect",
-            f(m["router_purity"], 3),
-            f(m["router_purity_float_reference"], 3),
-        ),
-        (
-            "router digest in process / 1 thread / 2 threads equal",
-            str(m["router_digests_equal"]),
-            m["router_digest_inprocess"][:16],
-        ),
+        ("  the same, by a real ShardCache at 50%", "rebuilds_cap50_real_furthest_builds",
+         "rebuilds_cap50_real_lru_builds", str),
+        ("router fit from the spec, s: synthetic | stdlib", "router_fit_from_spec_s",
+         "router_stdlib_fit_from_spec_s", num(2)),
+        ("router fit from tokens, s | float64 BLAS k-means", "router_fit_from_tokens_s",
+         "router_fit_from_tokens_s_float_reference", num(2)),
+        ("documents featurized + routed per s, batched | float64", "router_docs_per_s",
+         "router_docs_per_s_float_reference", num(0)),
+        ("  one at a time (Router.route, as plan_shards does)", "router_docs_per_s_one_by_one",
+         None, num(0)),
+        ("cluster purity against the true dialect | float64", "router_purity",
+         "router_purity_float_reference", num(3)),
+        ("router digests equal: in process, 1 thread, 2 threads", "router_digests_equal", None,
+         str),
     ]
-    return rows
+    # fmt: on
+    return [
+        (label, show(m[ours]), "" if reference is None else show(m[reference]))
+        for label, ours, reference, show in rows
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -641,17 +613,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metrics.update(router_metrics(sizes))
     result = {
         "benchmark": "data",
-        "params": {"quick": args.quick, "scale": args.scale, **asdict(sizes)},
+        "params": {
+            "quick": args.quick,
+            "scale": args.scale,
+            **asdict(sizes),
+            "rss_goal": "peak - baseline <= memory_shards * shard + 2 * shard + 32 MiB",
+            "rebuild_schedule": f"schedule_visits, 3 epochs, {TOKENS_PER_STEP} tokens/step",
+        },
         "env": environment(),
         "metrics": metrics,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     rows = table(metrics)
-    width = max(len(r[0]) for r in rows)
+    width = max(len(row[0]) for row in rows)
     print(f"{'measure':<{width}} | {'trainfleet':>12} | reference")
     for name, ours, reference in rows:
         print(f"{name:<{width}} | {ours:>12} | {reference}")
+    print(f"router digest: {metrics['router_digest_inprocess']}")
     print(f"(written to {args.out})")
     return result
 

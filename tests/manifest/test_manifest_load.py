@@ -39,6 +39,8 @@ def test_example_manifest_loads_with_defaults_applied():
     manifest = load_manifest(EXAMPLE)
     jobs = {job.name: job for job in manifest.jobs}
     assert list(jobs) == [
+        "gpt-dialects-path0",
+        "gpt-dialects-path1",
         "gpt-lr1e-3",
         "gpt-lr3e-3",
         "gpt-lr1e-2",
@@ -47,6 +49,11 @@ def test_example_manifest_loads_with_defaults_applied():
     ]
     assert set(manifest.hosts) == {"gpu-box", "cpu-a", "cpu-b"}
     assert manifest.defaults.prefer_cuda_wait_s == 5
+    dialects = manifest.datasets["dialects"]
+    for path in (0, 1):
+        routed = jobs[f"gpt-dialects-path{path}"]
+        assert routed.dataset == dialects and routed.path == path
+    assert dialects.router is not None and dialects.router.num_paths == 2
 
     default_hyper = {
         "steps": 60,

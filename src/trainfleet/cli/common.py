@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from trainfleet import env
 from trainfleet.client import Client
@@ -49,7 +50,7 @@ DEFAULT_STATE = Path(env.DEFAULT_STATE_DIR)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/] {message}", highlight=False)
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -59,17 +60,17 @@ def errors() -> Iterator[None]:
     try:
         yield
     except ManifestError as err:
-        err_console.print(f"[red]error:[/] invalid manifest {err.path}", highlight=False)
+        err_console.print(f"[red]error:[/] invalid manifest {escape(err.path)}", highlight=False)
         for problem in err.problems:
-            err_console.print(f"  - {problem}", highlight=False)
+            err_console.print(f"  - {escape(problem)}", highlight=False)
         raise typer.Exit(2) from None
     except ApiError as err:
-        err_console.print(f"[red]error:[/] {err.message}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(err.message)}", highlight=False)
         for problem in err.details.get("problems", []):
             text = (
                 problem if isinstance(problem, str) else f"{problem['field']}: {problem['message']}"
             )
-            err_console.print(f"  - {text}", highlight=False)
+            err_console.print(f"  - {escape(text)}", highlight=False)
         raise typer.Exit(1) from None
     except CoordinatorUnavailable as err:
         fail(f"{err}\n  is `trainfleet serve` running there? (--url / {env.URL})")

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from trainfleet.capability.policy import declared_capability
-from trainfleet.data.spec import DatasetSpec
+from trainfleet.data.spec import SOURCES, DatasetSpec
 from trainfleet.data.tokenize import get_tokenizer
 from trainfleet.errors import ManifestError
 from trainfleet.manifest.spec import Defaults, HostPolicy, JobSpec, Manifest, Name
@@ -28,14 +28,19 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _problems(prefix: str, err: ValidationError) -> list[str]:
+def _problems(prefix: str, err: ValidationError, union_tags: tuple[str, ...] = ()) -> list[str]:
     # An error about the whole value (empty loc) belongs to the prefix itself, e.g. "hyper".
-    return [
-        f"{prefix}{_where(e['loc'])}: {e['msg']}"
-        if e["loc"]
-        else f"{prefix.rstrip('.')}: {e['msg']}"
-        for e in err.errors()
-    ]
+    # A discriminated union puts the chosen tag first in the location (``synthetic.seed``);
+    # the manifest has no such key, so it is dropped.
+    problems = []
+    for e in err.errors():
+        loc = e["loc"]
+        if loc and loc[0] in union_tags:
+            loc = loc[1:]
+        problems.append(
+            f"{prefix}{_where(loc)}: {e['msg']}" if loc else f"{prefix.rstrip('.')}: {e['msg']}"
+        )
+    return problems
 
 
 def _validate(
@@ -46,7 +51,7 @@ def _validate(
             return model.validate_python(raw)
         return model.model_validate(raw)
     except ValidationError as err:
-        problems.extend(_problems(prefix, err))
+        problems.extend(_problems(prefix, err, SOURCES))
         return None
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from trainfleet.data.spec import DatasetSpec
+from trainfleet.data.spec import DatasetSpec, content_fields
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Scalar = str | int | float | bool
@@ -110,8 +110,8 @@ class JobSpec(_Spec):
             "hyper": self.hyper,
         }
         # Only when set, so jobs without a dataset keep the ids they had before datasets.
-        if self.dataset is not None:
-            identity["dataset"] = self.dataset.model_dump()
+        if self.dataset is not None:  # its content: renaming a dataset table is not a new job
+            identity["dataset"] = content_fields(self.dataset)
         if self.path is not None:
             identity["path"] = self.path
         return identity
