@@ -42,3 +42,22 @@ def make_cap(
 
 def manifest_of(text: str) -> Manifest:
     return parse_manifest(text, "test.toml")
+
+
+def routed_dataset_toml(
+    name: str = "tiny",
+    *,
+    num_documents: int = 60,
+    doc_tokens: int = 64,
+    shard_tokens: int = 512,
+    num_features: int = 64,
+    sample_documents: int | None = 60,
+) -> str:
+    """A small synthetic dataset of 3 dialects routed to 3 paths, as manifest TOML."""
+    sample = f"sample_documents = {sample_documents}\n" if sample_documents else ""
+    return (
+        f'\n[datasets.{name}]\nsource = "synthetic"\nnum_dialects = 3\n'
+        f"num_documents = {num_documents}\ndoc_tokens = {doc_tokens}\n"
+        f"shard_tokens = {shard_tokens}\n\n[datasets.{name}.router]\nnum_paths = 3\n"
+        f"num_features = {num_features}\n{sample}"
+    )

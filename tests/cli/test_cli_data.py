@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fleetkit import manifest_of
+from fleetkit import manifest_of, routed_dataset_toml
 from trainfleet.cli.main import app
 from trainfleet.data.router import Router
 from trainfleet.data.shards import plan_shards
@@ -20,19 +20,7 @@ from trainfleet.data.verify import fit_router_for
 
 runner = CliRunner()
 
-DATASET = """
-[datasets.tiny]
-source = "synthetic"
-num_dialects = 3
-num_documents = 60
-doc_tokens = 64
-shard_tokens = 512
-
-[datasets.tiny.router]
-num_paths = 3
-num_features = 64
-sample_documents = 60
-"""
+DATASET = routed_dataset_toml()
 UNROUTED = '[datasets.flat]\nsource = "synthetic"\nnum_documents = 40\ndoc_tokens = 64\n'
 
 

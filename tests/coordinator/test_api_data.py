@@ -13,25 +13,13 @@ import numpy as np
 import pytest
 from test_api import JOIN, OP, OP_TOKEN, Api, assert_error, bearer, serve
 
-from fleetkit import FakeClock
+from fleetkit import FakeClock, routed_dataset_toml
 from trainfleet.data.router import Router
 from trainfleet.data.verify import fit_router_for, router_fit_id
 from trainfleet.errors import Unauthorized
 from trainfleet.manifest import parse_manifest
 
-DATASET = """
-[datasets.tiny]
-source = "synthetic"
-num_dialects = 3
-num_documents = 60
-doc_tokens = 64
-shard_tokens = 512
-
-[datasets.tiny.router]
-num_paths = 3
-num_features = 64
-sample_documents = 60
-"""
+DATASET = routed_dataset_toml()
 
 
 @pytest.fixture(scope="module")

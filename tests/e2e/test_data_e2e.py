@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fleetkit import routed_dataset_toml
 from livefleet import Fleet
 from trainfleet.data.prepare import CacheSettings, prepare_dataset
 from trainfleet.data.verify import fit_router_for
@@ -15,19 +16,14 @@ from trainfleet.manifest import parse_manifest
 
 pytestmark = pytest.mark.slow
 
-DATASET = """
-[datasets.dialects]
-source = "synthetic"
-num_dialects = 3
-num_documents = 300
-doc_tokens = 256
-shard_tokens = 8192
-
-[datasets.dialects.router]
-num_paths = 3
-num_features = 256
-sample_documents = 200
-"""
+DATASET = routed_dataset_toml(
+    "dialects",
+    num_documents=300,
+    doc_tokens=256,
+    shard_tokens=8192,
+    num_features=256,
+    sample_documents=200,
+)
 TINY = (
     "hyper = { steps = 5, n_layers = 1, d_model = 16, n_heads = 2, seq_len = 16, batch_size = 4,"
     " eval_batches = 2 }"

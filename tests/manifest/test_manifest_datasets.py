@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetkit import manifest_of
+from fleetkit import manifest_of, routed_dataset_toml
 from trainfleet.data.spec import (
     FilesDataset,
     HuggingFaceDataset,
@@ -23,18 +23,14 @@ from trainfleet.manifest import job_id, parse_manifest
 from trainfleet.manifest.spec import JobSpec
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
-ROUTED = """
-[datasets.dialects]
-source = "synthetic"
-num_dialects = 3
-num_documents = 300
-doc_tokens = 256
-shard_tokens = 8192
-
-[datasets.dialects.router]
-num_paths = 3
-num_features = 256
-"""
+ROUTED = routed_dataset_toml(
+    "dialects",
+    num_documents=300,
+    doc_tokens=256,
+    shard_tokens=8192,
+    num_features=256,
+    sample_documents=None,
+)
 PLAIN = '[datasets.plain]\nsource = "synthetic"\nseed = 7\n'
 
 
