@@ -247,21 +247,29 @@ def stream_child(payload: dict[str, Any]) -> dict[str, Any]:
 # from, so the child's ru_maxrss starts near a bare interpreter's RSS, below its baseline.
 LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
 CHILD = "import sys, bench.data as b; b.child_main(sys.argv[1])"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def run_child(task: str, payload: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    argument = json.dumps({"task": task, **payload})
-    done = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, sys.executable, "-c", CHILD, argument],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"child {task} failed ({done.returncode}):\n{done.stderr}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+def run_children(jobs: Sequence[tuple[str, dict[str, Any], dict[str, str]]]) -> list[Any]:
+    """Run ``(task, payload, extra env)`` children side by side; their JSON results, in order."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, sys.executable, "-c", CHILD, json.dumps(payload)],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for payload, env in (({"task": task, **payload}, env) for task, payload, env in jobs)
+    ]
+    results = []
+    for (task, _, _), child in zip(jobs, children, strict=True):
+        stdout, stderr = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"child {task} failed ({child.returncode}):\n{stderr}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
 
 
 def streaming_rss(sizes: Sizes, work: Path) -> dict[str, Any]:
@@ -280,18 +288,15 @@ def streaming_rss(sizes: Sizes, work: Path) -> dict[str, Any]:
     visits = schedule_visits(train, num_visits, 10 * shard_bytes, seed=0)  # 1 step a visit
     schedule = [v.shard.key for v in visits]
     say(f"rss: streaming {len(schedule)} shards of ~{shard_bytes / MIB:.1f} MiB in a child")
-    child = run_child(
-        "stream",
-        {
-            "spec": spec.model_dump(),
-            "plan": str(work / "rss-plan.json"),
-            "cache_dir": str(work / "rss-cache"),
-            "max_bytes": sizes.rss_disk_shards * shard_bytes,
-            "max_shards": sizes.rss_memory_shards,
-            "schedule": schedule,
-        },
-        {},
-    )
+    payload = {
+        "spec": spec.model_dump(),
+        "plan": str(work / "rss-plan.json"),
+        "cache_dir": str(work / "rss-cache"),
+        "max_bytes": sizes.rss_disk_shards * shard_bytes,
+        "max_shards": sizes.rss_memory_shards,
+        "schedule": schedule,
+    }
+    (child,) = run_children([("stream", payload, {})])
     growth = child["peak_rss_bytes"] - child["baseline_rss_bytes"]
     overhead = 2 * shard_bytes + FIXED_OVERHEAD_BYTES
     stats = child["stats"]
@@ -458,12 +463,12 @@ def router_metrics(sizes: Sizes) -> dict[str, Any]:
     say("router: fitting from the spec (stdlib)")
     stdlib_fit_s = median_s(lambda: fit_router_for(stdlib), sizes.repeats)
     say("router: digests in two child processes (1 and 2 threads)")
-    digests = {"inprocess": router.digest}
-    for threads in (1, 2):
-        env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        env["OPENBLAS_NUM_THREADS"] = str(threads)
-        child = run_child("fit", {"spec": spec.model_dump(), "threads": threads}, env)
-        digests[f"threads{threads}"] = child["digest"]
+    fits = [
+        ("fit", {"spec": spec.model_dump(), "threads": n}, dict.fromkeys(THREAD_VARIABLES, str(n)))
+        for n in (1, 2)
+    ]
+    one, two = run_children(fits)
+    digests = {"inprocess": router.digest, "threads1": one["digest"], "threads2": two["digest"]}
     return {
         "router_method": router.method,
         "router_num_iterations": router.num_iterations,
@@ -546,6 +551,8 @@ def table(m: dict[str, Any]) -> list[tuple[str, str, str]]:
          "rss_bound_bytes", "rss_claimed_overhead_bytes", mib),
         ("  goal: peak - baseline <= allowed", "rss_goal_held", None, verdict),
     ]
+    rows.append(("train shards (each built once in every count) | reads in 3 epochs",
+                 "rebuilds_num_train_shards", "rebuilds_num_reads", str))
     for percent in (25, 50, 75):
         key = f"rebuilds_cap{percent}"
         rows += [

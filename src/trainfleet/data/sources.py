@@ -32,7 +32,7 @@ import itertools
 import json
 import platform
 import sysconfig
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from trainfleet.data.spec import (
 )
 from trainfleet.errors import DataError, SourceMismatch, SourceUnavailable
 
-Texts = Iterator[tuple[str, bytes]]  # (doc_id, text) in corpus order
+Texts = Iterable[tuple[str, bytes]]  # (doc_id, text) in corpus order
 _HF_MODULES = frozenset({"datasets", "huggingface_hub", "requests", "urllib3", "fsspec"})
 
 
@@ -142,9 +142,21 @@ def _field(record: object, field: str, where: str) -> bytes:
     return _encode(record.get(field) if isinstance(record, dict) else None, field, where)
 
 
+@dataclass(frozen=True)
+class _FileTexts:
+    """One document per file: iterable in corpus order, and addressable by position without
+    reading the files before it (so rebuilding a late shard does not re-read the corpus)."""
+
+    root: Path
+    paths: list[str]
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        for path in self.paths:
+            yield path, (self.root / path).read_bytes()
+
+
 def _text_files(root: Path, paths: list[str]) -> Texts:
-    for path in paths:
-        yield path, (root / path).read_bytes()
+    return _FileTexts(root, paths)
 
 
 def _jsonl_files(root: Path, paths: list[str], field: str) -> Texts:
@@ -299,7 +311,17 @@ def documents_at(spec: DatasetSpec, indices: Sequence[int]) -> Iterator[Document
             )
         return _synthetic(spec, wanted)
     _, texts = _open(spec, with_facts=False)
-    return _pick(_numbered(texts, spec.max_documents), wanted, spec.name)
+    if isinstance(texts, _FileTexts):
+        count = len(texts.paths)
+        count = count if spec.max_documents is None else min(count, spec.max_documents)
+        if wanted[-1] >= count:
+            raise DataError(
+                f"dataset {spec.name!r}: document {wanted[-1]} is past the end ({count} documents)"
+            )
+        return (
+            Document(i, texts.paths[i], (texts.root / texts.paths[i]).read_bytes()) for i in wanted
+        )
+    return _pick(_numbered(iter(texts), spec.max_documents), wanted, spec.name)
 
 
 def check_source(spec: DatasetSpec) -> dict[str, Any]:

@@ -88,8 +88,12 @@ class ShardFeed:
         self.heldout_shards: list[ShardInfo] = []
 
     def _tensor(self, shard: ShardInfo) -> torch.Tensor:
+        """The shard as a tensor of its own width (one byte per byte token, not eight): only
+        the windows drawn from it are widened to int64."""
         tokens = shard_tokens(self.prepared.spec, self.prepared.read(shard))
-        return torch.from_numpy(tokens.astype(np.int64))
+        if tokens.dtype == np.uint8:
+            return torch.frombuffer(bytearray(tokens.tobytes()), dtype=torch.uint8)
+        return torch.from_numpy(tokens.astype(np.int32))
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed)
@@ -99,7 +103,7 @@ class ShardFeed:
             high = len(data) - self.seq_len  # a window needs seq_len + 1 tokens
             for _ in range(visit.num_steps):
                 starts = torch.randint(0, high, (self.batch_size,), generator=generator)
-                chunk = data[starts[:, None] + offsets]
+                chunk = data[starts[:, None] + offsets].long()
                 yield chunk[:, :-1], chunk[:, 1:]
 
     def heldout(self, num_windows: int) -> torch.Tensor:
