@@ -22,11 +22,11 @@ is infinity, so ``"furthest"`` behaves exactly as LRU.
 
 Bounds. After every call the memory tier holds at most ``max_shards`` shards (0 disables it),
 and during a miss the cache additionally holds the one shard being built or read (it evicts
-after the build), and building a shard joins its documents' bytes, a second transient copy,
-so the peak is ``(max_shards + 2) * largest shard``: ``--max-shards 4`` with 256 MiB shards
-stays under 1.5 GiB. ``bench/data.py`` measures it. On disk, the sum of the shard files never
-exceeds ``max_bytes``, not even during a write: the cache evicts until the new shard fits and
-only then writes it, as a temporary file renamed over the final name (``os.replace``), so a crash never
+after the build), and building a shard joins its documents' bytes, a second transient copy, so
+the peak is ``(max_shards + 2) * largest shard``: ``--max-shards 4`` with 256 MiB shards stays
+under 1.5 GiB. ``bench/data.py`` measures it. On disk, the sum of the shard files never exceeds
+``max_bytes``, not even during a write: the cache evicts until the new shard fits and only then
+writes it, as a temporary file renamed over the final name (``os.replace``), so a crash never
 leaves a half-written shard under a shard's name. A shard larger than ``max_bytes`` is kept in
 memory only. Files are named by ``sha256(key)``; on construction the cache indexes the shard
 files already there (least recently modified = least recently used), deletes stray temporary
