@@ -62,6 +62,14 @@ def _spec(manifest: Path, name: str | None) -> Any:
     return datasets[name]
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list) and all(isinstance(v, float) for v in value):
+        return ", ".join(f"{v:.4f}" for v in value)
+    return str(value)
+
+
 def _log(line: str) -> None:
     console.print(f"[dim]{line}[/]", highlight=False)
 
@@ -78,9 +86,11 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Documents, tokens, the loss floor (synthetic), source pins, router and shard hashes."""
+    from trainfleet.data.dialects import documents_floor_nats
     from trainfleet.data.partition import assign
     from trainfleet.data.prepare import CacheSettings, prepare_dataset
     from trainfleet.data.sources import check_source
+    from trainfleet.data.spec import SyntheticDataset
 
     with errors():
         spec = _spec(manifest, name)
@@ -104,6 +114,13 @@ def inspect(
     }
     if consumers > 0:
         report["consumers"] = assign([s.key for s in train], consumers)
+    if isinstance(spec, SyntheticDataset) and plan.num_paths > 1:
+        report["path_floors_nats"] = {
+            path: documents_floor_nats(
+                spec, [i for s in plan.shards if s.path == path for i in s.doc_indices()]
+            )
+            for path in range(plan.num_paths)
+        }
     if as_json:
         print_json(report)
         return
@@ -114,8 +131,9 @@ def inspect(
         highlight=False,
     )
     for key, value in facts.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else value
-        console.print(f"  {key}: {shown}", highlight=False)
+        console.print(f"  {key}: {_shown(value)}", highlight=False)
+    for path, floor in report.get("path_floors_nats", {}).items():
+        console.print(f"  loss floor of path {path}: {floor:.4f} nats/token", highlight=False)
     if prepared.router is not None:
         console.print(
             f"  router: {prepared.router.method}, digest {prepared.router.digest[:16]}",
