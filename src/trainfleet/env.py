@@ -21,6 +21,8 @@ MAX_SHARDS = "TRAINFLEET_MAX_SHARDS"  # memory bound of the shard cache, in shar
 VERIFY_ROUTING = "TRAINFLEET_VERIFY_ROUTING"  # "1": re-fit a handed router before using it
 ROUTER_FILE = "TRAINFLEET_ROUTER_FILE"  # the router the coordinator handed over, if any
 
+DEFAULT_MAX_SHARDS = 8  # `join --max-shards`: shards kept in memory
+DEFAULT_CACHE_GIB = 4.0  # `join --cache-gib`: disk bound of the shard cache
 DEFAULT_PORT = 8470
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_STATE_DIR = ".trainfleet"

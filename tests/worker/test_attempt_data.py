@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 
 from fleetkit import manifest_of
 from trainfleet import env
-from trainfleet.data.prepare import DEFAULT_MAX_SHARDS, CacheSettings
+from trainfleet.data.prepare import CacheSettings
 from trainfleet.data.spec import DatasetSpec
 from trainfleet.data.verify import router_fit_id
 from trainfleet.errors import CoordinatorUnavailable, Unauthorized
@@ -149,7 +149,7 @@ def test_an_attempt_passes_its_worker_cache_settings(tmp_path: Path) -> None:
     # Without join flags the cache lives in the worker's workdir, with the default bounds.
     default = make_attempt(None, spec, tmp_path)
     assert default.data_env[env.CACHE_DIR] == str(tmp_path / "cache")
-    assert default.data_env[env.MAX_SHARDS] == str(DEFAULT_MAX_SHARDS)
+    assert default.data_env[env.MAX_SHARDS] == str(env.DEFAULT_MAX_SHARDS)
     assert default.data_env[env.VERIFY_ROUTING] == "0"
 
 

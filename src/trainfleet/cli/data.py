@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from trainfleet import env
 from trainfleet.cli.common import (
     DEFAULT_STATE,
     JsonOpt,
@@ -160,7 +161,7 @@ def fit_router(
     publish: Annotated[
         bool, typer.Option("--publish", help="Publish it to the coordinator for workers.")
     ] = False,
-    url: UrlOpt = "http://127.0.0.1:8470",
+    url: UrlOpt = env.DEFAULT_URL,
     token: TokenOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
     as_json: JsonOpt = False,
@@ -220,7 +221,7 @@ def verify(
         str | None,
         typer.Option(help="Re-materialize the shards this job reported and compare hashes."),
     ] = None,
-    url: UrlOpt = "http://127.0.0.1:8470",
+    url: UrlOpt = env.DEFAULT_URL,
     token: TokenOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
     cache_dir: CacheOpt = DEFAULT_CACHE,

@@ -37,7 +37,6 @@ from trainfleet.cli.common import print_json as _print_json
 from trainfleet.cli.common import setup_logging as _setup_logging
 from trainfleet.cli.data import app as data_app
 from trainfleet.client import Client
-from trainfleet.data.prepare import DEFAULT_CACHE_GIB, DEFAULT_MAX_SHARDS
 
 app = typer.Typer(
     name="trainfleet",
@@ -189,10 +188,10 @@ def join(
     ] = None,
     cache_gib: Annotated[
         float, typer.Option(min=0, help="Disk bound of the shard cache, in GiB.")
-    ] = DEFAULT_CACHE_GIB,
+    ] = env.DEFAULT_CACHE_GIB,
     max_shards: Annotated[
         int, typer.Option(min=0, help="Memory bound of the shard cache, in shards.")
-    ] = DEFAULT_MAX_SHARDS,
+    ] = env.DEFAULT_MAX_SHARDS,
     verify_routing: Annotated[
         bool,
         typer.Option(
@@ -326,7 +325,14 @@ def show(
     rec = data["job"]
     console.print(render.jobs_table([rec], title=f"job {rec['name']} ({rec['id']})"))
     console.print_json(
-        json.dumps({"spec": rec["spec"], "result": rec["result"], "error": rec["error"]})
+        json.dumps(
+            {
+                "spec": rec["spec"],
+                "result": rec["result"],
+                "error": rec["error"],
+                "flags": rec["flags"],
+            }
+        )
     )
     console.print(render.events_table(data["events"]))
     if data["artifacts"]:

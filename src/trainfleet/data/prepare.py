@@ -24,7 +24,15 @@ from typing import Any
 from trainfleet import env
 from trainfleet.data.cache import ShardCache
 from trainfleet.data.router import Router
-from trainfleet.data.shards import ShardInfo, ShardPlan, load_plan, materialize_shard, plan_shards
+from trainfleet.data.shards import (
+    ShardInfo,
+    ShardPlan,
+    load_plan,
+    materialize_shard,
+    plan_shards,
+    save_plan,
+    write_json,
+)
 from trainfleet.data.spec import DatasetSpec, dataset_digest
 from trainfleet.data.verify import (
     RoutingVerifier,
@@ -33,8 +41,6 @@ from trainfleet.data.verify import (
     router_fit_id,
 )
 
-DEFAULT_MAX_SHARDS = 8
-DEFAULT_CACHE_GIB = 4.0
 GIB = 1 << 30
 
 
@@ -43,8 +49,8 @@ class CacheSettings:
     """Where a worker keeps data and how much: the ``join`` flags, passed to jobs by env."""
 
     directory: Path | None
-    max_bytes: int = int(DEFAULT_CACHE_GIB * GIB)
-    max_shards: int = DEFAULT_MAX_SHARDS
+    max_bytes: int = int(env.DEFAULT_CACHE_GIB * GIB)
+    max_shards: int = env.DEFAULT_MAX_SHARDS
     verify_routing: bool = False
 
     def to_env(self) -> dict[str, str]:
@@ -63,8 +69,8 @@ class CacheSettings:
         directory = environ.get(env.CACHE_DIR)
         return cls(
             directory=Path(directory) if directory else None,
-            max_bytes=int(environ.get(env.CACHE_BYTES, int(DEFAULT_CACHE_GIB * GIB))),
-            max_shards=int(environ.get(env.MAX_SHARDS, DEFAULT_MAX_SHARDS)),
+            max_bytes=int(environ.get(env.CACHE_BYTES, int(env.DEFAULT_CACHE_GIB * GIB))),
+            max_shards=int(environ.get(env.MAX_SHARDS, env.DEFAULT_MAX_SHARDS)),
             verify_routing=environ.get(env.VERIFY_ROUTING, "0") == "1",
         )
 
@@ -91,13 +97,6 @@ class PreparedDataset:
             "router_digest": self.plan.router_digest,
             "routing": self.routing,
         }
-
-
-def _write_json(file: Path, value: dict[str, Any]) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(file)
 
 
 def obtain_router(
@@ -130,7 +129,7 @@ def obtain_router(
     )
     router = fit_router_for(spec)
     if cached is not None:
-        _write_json(cached, router.to_json())
+        write_json(cached, router.to_json())
     return router, "fit-here"
 
 
@@ -155,7 +154,7 @@ def prepare_dataset(
         log(f"planning the shards of {spec.name!r} (one streaming pass over the source)")
         plan = plan_shards(spec, router)
         if plan_file is not None:
-            _write_json(plan_file, plan.to_json())
+            save_plan(plan, plan_file)
     by_key = {f"{plan.digest}/{s.key}": s for s in plan.shards}
     cache = ShardCache(
         directory / "shards" if directory else None,

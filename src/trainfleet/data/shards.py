@@ -33,7 +33,7 @@ from trainfleet.data.corpus import is_heldout
 from trainfleet.data.router import Router
 from trainfleet.data.sources import documents_at, iter_documents
 from trainfleet.data.spec import DatasetSpec, dataset_digest
-from trainfleet.data.tokenize import SEPARATOR, Tokenizer, get_tokenizer
+from trainfleet.data.tokenize import SEPARATOR, Tokenizer, get_tokenizer, token_dtype
 from trainfleet.errors import ShardMismatch
 
 Split = Literal["train", "heldout"]
@@ -205,15 +205,20 @@ def materialize_shard(spec: DatasetSpec, shard: ShardInfo) -> bytes:
 
 def shard_tokens(spec: DatasetSpec, content: bytes) -> np.ndarray:
     """A shard's bytes as its token array (zero-copy, read-only)."""
-    dtype = get_tokenizer(spec.tokenizer).encode(b"").dtype.newbyteorder("<")
+    dtype = token_dtype(get_tokenizer(spec.tokenizer).vocab_size).newbyteorder("<")
     return np.frombuffer(content, dtype=dtype)
 
 
-def save_plan(plan: ShardPlan, file: Path) -> None:
+def write_json(file: Path, value: dict[str, Any]) -> None:
+    """Write JSON atomically (a temporary file renamed over ``file``), making its directory."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plan.to_json()))
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(value))
     tmp.replace(file)
+
+
+def save_plan(plan: ShardPlan, file: Path) -> None:
+    write_json(file, plan.to_json())
 
 
 def load_plan(file: Path) -> ShardPlan | None:
