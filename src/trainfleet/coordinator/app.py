@@ -15,17 +15,17 @@ from starlette.responses import JSONResponse, Response
 
 from trainfleet import __version__
 from trainfleet.coordinator import routes_data, routes_operator, routes_read, routes_worker
-from trainfleet.coordinator.routing import Ctx, Router
+from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.state import Coordinator
 
 log = logging.getLogger(__name__)
 
 
-def api_router() -> Router:
-    router = Router()
+def api_routes() -> RouteTable:
+    table = RouteTable()
     for module in (routes_worker, routes_operator, routes_read, routes_data):
-        router.include(module.router)
-    return router
+        table.include(module.routes)
+    return table
 
 
 async def _reap_forever(coord: Coordinator) -> None:
@@ -43,9 +43,9 @@ async def _reap_forever(coord: Coordinator) -> None:
 
 
 def create_app(coord: Coordinator) -> Starlette:
-    router = api_router()
-    # Declared through the router too, so the OpenAPI document lists every served path.
-    service = Router()
+    table = api_routes()
+    # Declared through the route table too, so the OpenAPI document lists every served path.
+    service = RouteTable()
 
     @service.route("GET", "/openapi.json", auth="none", summary="This OpenAPI 3.1 document")
     async def openapi(_: Ctx) -> Response:
@@ -60,8 +60,8 @@ def create_app(coord: Coordinator) -> Starlette:
         body = await ctx.run(coord.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4")
 
-    router.include(service)
-    spec = router.openapi(__version__)
+    table.include(service)
+    spec = table.openapi(__version__)
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -93,7 +93,7 @@ def create_app(coord: Coordinator) -> Starlette:
                 await reaper
 
     app = Starlette(
-        routes=router.starlette_routes(coord),
+        routes=table.starlette_routes(coord),
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )

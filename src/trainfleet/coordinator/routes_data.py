@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from trainfleet.coordinator.routing import Ctx, Router
+from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.schemas import RouterBody
 from trainfleet.data.router import Router as DocumentRouter
 from trainfleet.errors import BadRequest, RoutingMismatch
 from trainfleet.queue.base import RouterRecord
 
-router = Router()
+routes = RouteTable()
 
 
-@router.route(
+@routes.route(
     "PUT",
     "/v1/routers/{fit_id}",
     auth="operator",
@@ -37,7 +37,7 @@ async def publish_router(ctx: Ctx) -> RouterRecord:
     return await ctx.run(ctx.coord.queue.publish_router, fit_id, parsed.digest, body.router)
 
 
-@router.route(
+@routes.route(
     "GET",
     "/v1/routers/{fit_id}",
     auth="reader",

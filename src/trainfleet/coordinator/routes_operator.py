@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from trainfleet.coordinator.routing import Ctx, Router
+from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.schemas import ManifestBody
 from trainfleet.errors import BadRequest, ManifestError
 from trainfleet.manifest import parse_manifest
 from trainfleet.queue.base import JobRecord, ReloadPlan
 
-router = Router()
+routes = RouteTable()
 
 
-@router.route(
+@routes.route(
     "POST",
     "/v1/manifest",
     auth="operator",
@@ -28,7 +28,7 @@ async def reload(ctx: Ctx) -> ReloadPlan:
     return await ctx.run(ctx.coord.queue.apply_manifest, manifest, dry_run=body.dry_run)
 
 
-@router.route(
+@routes.route(
     "POST",
     "/v1/jobs/{job_id}/cancel",
     auth="operator",
@@ -39,7 +39,7 @@ async def cancel(ctx: Ctx) -> JobRecord:
     return await ctx.run(ctx.coord.queue.cancel, ctx.path("job_id"))
 
 
-@router.route(
+@routes.route(
     "POST",
     "/v1/jobs/{job_id}/requeue",
     auth="operator",

@@ -9,7 +9,7 @@ from starlette.responses import StreamingResponse
 
 from trainfleet import __version__
 from trainfleet.artifacts import check_digest
-from trainfleet.coordinator.routing import Ctx, Router
+from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.schemas import (
     Body,
     Explanation,
@@ -21,7 +21,7 @@ from trainfleet.coordinator.schemas import (
 from trainfleet.errors import BadRequest, NotFound
 from trainfleet.queue.base import JobRecord, LogLine
 
-router = Router()
+routes = RouteTable()
 
 STATES = {"pending", "claimed", "running", "completed", "failed", "cancelled"}
 
@@ -33,7 +33,7 @@ class LogPage(Body):
     next_after: int
 
 
-@router.route("GET", "/v1/status", auth="operator", summary="Counts by state", response=Status)
+@routes.route("GET", "/v1/status", auth="operator", summary="Counts by state", response=Status)
 async def status(ctx: Ctx) -> Status:
     queue = ctx.coord.queue
     counts = await ctx.run(queue.counts)
@@ -46,7 +46,7 @@ async def status(ctx: Ctx) -> Status:
     )
 
 
-@router.route(
+@routes.route(
     "GET", "/v1/jobs", auth="operator", summary="List jobs (query: state)", response=JobList
 )
 async def list_jobs(ctx: Ctx) -> JobList:
@@ -60,7 +60,7 @@ async def _job(ctx: Ctx) -> JobRecord:
     return await ctx.run(ctx.coord.queue.get_job, ctx.path("job_id"))
 
 
-@router.route(
+@routes.route(
     "GET",
     "/v1/jobs/{job_id}",
     auth="operator",
@@ -74,7 +74,7 @@ async def job_detail(ctx: Ctx) -> JobDetail:
     return JobDetail(job=job, events=events, artifacts=artifacts)
 
 
-@router.route(
+@routes.route(
     "GET",
     "/v1/jobs/{job_id}/logs",
     auth="operator",
@@ -90,7 +90,7 @@ async def job_logs(ctx: Ctx) -> LogPage:
     )
 
 
-@router.route(
+@routes.route(
     "GET",
     "/v1/jobs/{job_id}/explain",
     auth="operator",
@@ -101,12 +101,12 @@ async def explain(ctx: Ctx) -> Explanation:
     return Explanation(**await ctx.run(ctx.coord.queue.explain, ctx.path("job_id")))
 
 
-@router.route("GET", "/v1/workers", auth="operator", summary="All workers", response=WorkerList)
+@routes.route("GET", "/v1/workers", auth="operator", summary="All workers", response=WorkerList)
 async def workers(ctx: Ctx) -> WorkerList:
     return WorkerList(workers=await ctx.run(ctx.coord.queue.list_workers))
 
 
-@router.route(
+@routes.route(
     "GET",
     "/v1/artifacts/{sha256}",
     auth="operator",

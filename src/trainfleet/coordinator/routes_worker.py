@@ -8,7 +8,7 @@ from __future__ import annotations
 from starlette.requests import ClientDisconnect
 
 from trainfleet.artifacts import IngestBuffer, check_digest
-from trainfleet.coordinator.routing import Ctx, Router
+from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.schemas import (
     ClaimResponse,
     CompleteBody,
@@ -22,10 +22,10 @@ from trainfleet.coordinator.schemas import (
 from trainfleet.errors import BadRequest, IntegrityError
 from trainfleet.queue.base import ArtifactRecord, HeartbeatReply, JobRecord
 
-router = Router()
+routes = RouteTable()
 
 
-@router.route(
+@routes.route(
     "POST",
     "/v1/workers/register",
     auth="join",
@@ -46,12 +46,12 @@ async def register(ctx: Ctx) -> RegisterResponse:
     )
 
 
-@router.route("POST", "/v1/workers/deregister", auth="worker", summary="Leave the fleet")
+@routes.route("POST", "/v1/workers/deregister", auth="worker", summary="Leave the fleet")
 async def deregister(ctx: Ctx) -> None:
     await ctx.run(ctx.coord.queue.deregister_worker, ctx.worker)
 
 
-@router.route(
+@routes.route(
     "POST",
     "/v1/workers/claim",
     auth="worker",
@@ -65,7 +65,7 @@ async def claim(ctx: Ctx) -> ClaimResponse:
     return ClaimResponse(claim=got)
 
 
-@router.route(
+@routes.route(
     "POST",
     "/v1/jobs/{job_id}/heartbeat",
     auth="worker",
@@ -77,7 +77,7 @@ async def heartbeat(ctx: Ctx) -> HeartbeatReply:
     return await ctx.run(ctx.coord.queue.heartbeat, ctx.path("job_id"), ctx.worker, ctx.body.epoch)
 
 
-@router.route(
+@routes.route(
     "POST",
     "/v1/jobs/{job_id}/logs",
     auth="worker",
@@ -93,7 +93,7 @@ async def append_log(ctx: Ctx) -> Count:
     return Count(count=n)
 
 
-@router.route(
+@routes.route(
     "PUT",
     "/v1/jobs/{job_id}/artifacts/{sha256}",
     auth="worker",
@@ -131,7 +131,7 @@ async def upload(ctx: Ctx) -> ArtifactRecord:
     return record
 
 
-@router.route(
+@routes.route(
     "POST",
     "/v1/jobs/{job_id}/complete",
     auth="worker",
@@ -150,7 +150,7 @@ async def complete(ctx: Ctx) -> JobRecord:
     return await ctx.run(queue.complete, job_id, ctx.worker, body.epoch, body.result)
 
 
-@router.route(
+@routes.route(
     "POST",
     "/v1/jobs/{job_id}/fail",
     auth="worker",
@@ -171,4 +171,4 @@ async def fail(ctx: Ctx) -> JobRecord:
     )
 
 
-__all__ = ["router"]
+__all__ = ["routes"]

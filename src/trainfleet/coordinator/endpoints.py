@@ -1,4 +1,4 @@
-"""A small route table: one declaration per endpoint gives auth, body validation, JSON errors
+"""The HTTP route table: one declaration per endpoint gives auth, body validation, JSON errors
 and the endpoint's OpenAPI entry, so the served API and its description cannot drift apart.
 
 Handlers are ``async def handler(ctx) -> BaseModel | Response | None``; queue calls go through
@@ -7,13 +7,12 @@ Handlers are ``async def handler(ctx) -> BaseModel | Response | None``; queue ca
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
@@ -22,14 +21,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from trainfleet.errors import ApiError, BadRequest, Unauthorized
+from trainfleet.coordinator.auth import Auth, authenticate
+from trainfleet.errors import ApiError, BadRequest
 
 if TYPE_CHECKING:
     from trainfleet.coordinator.state import Coordinator
 
 log = logging.getLogger(__name__)
 
-Auth = Literal["none", "join", "worker", "operator", "reader"]
 T = TypeVar("T")
 MAX_JSON_BYTES = 16 * 1024 * 1024
 
@@ -91,15 +90,7 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.to_json(), status_code=err.status_code)
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("missing 'Authorization: Bearer <token>' header")
-    return token.strip()
-
-
-class Router:
+class RouteTable:
     def __init__(self) -> None:
         self.endpoints: list[Endpoint] = []
 
@@ -122,7 +113,7 @@ class Router:
 
         return register
 
-    def include(self, other: Router) -> None:
+    def include(self, other: RouteTable) -> None:
         self.endpoints.extend(other.endpoints)
 
     # serving ----------------------------------------------------------------------------
@@ -133,7 +124,7 @@ class Router:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             try:
-                worker_id = await self._authenticate(ep.auth, request, coord)
+                worker_id = await authenticate(ep.auth, request, coord)
                 body = await self._parse(ep, request) if ep.body else None
                 result = await ep.handler(Ctx(request, coord, worker_id, body))
                 if isinstance(result, Response):
@@ -150,28 +141,6 @@ class Router:
             return response
 
         return endpoint
-
-    @staticmethod
-    async def _authenticate(auth: Auth, request: Request, coord: Coordinator) -> str | None:
-        if auth == "none":
-            return None
-        token = _bearer(request)
-        if auth == "reader" and hmac.compare_digest(
-            token.encode("latin-1"), coord.operator_token.encode()
-        ):
-            return None
-        if auth in ("worker", "reader"):
-            return await run_in_threadpool(coord.queue.authenticate_worker, token)
-        expected = coord.join_token if auth == "join" else coord.operator_token
-        # Compared as bytes: compare_digest raises TypeError on non-ASCII str (headers are
-        # latin-1), which would turn a wrong token into a 500.
-        given = token.encode("latin-1")
-        # An operator may do anything a joining worker may.
-        if hmac.compare_digest(given, expected.encode()) or (
-            auth == "join" and hmac.compare_digest(given, coord.operator_token.encode())
-        ):
-            return None
-        raise Unauthorized(f"wrong {auth} token")
 
     @staticmethod
     async def _parse(ep: Endpoint, request: Request) -> BaseModel:
