@@ -7,14 +7,35 @@ callers may retry.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
+from trainfleet import env
 from trainfleet.errors import API_ERRORS, ApiError, CoordinatorUnavailable, NotFound
+
+
+def _tls_hint(err: httpx.TransportError) -> str:
+    """What to do when the coordinator's certificate is not trusted."""
+    if "CERTIFICATE_VERIFY_FAILED" not in str(err):
+        return ""
+    return (
+        "\n  the coordinator's TLS certificate is not trusted here: pass --ca-cert PATH"
+        f" (or set {env.CA_CERT}) with the CA certificate that signed it"
+    )
+
+
+def job_path(ref: str) -> str:
+    """A job reference (id, id prefix or name) as one URL path segment: quoted, so a '/',
+    '?', '#' or space stays part of the reference; ``ValueError`` for an empty one."""
+    if not ref or not ref.strip():
+        raise ValueError("empty job reference: give a job name, id or id prefix")
+    return quote(ref, safe="")
 
 
 class Client:
@@ -25,10 +46,18 @@ class Client:
         *,
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        ca_cert: str | Path | None = None,
     ):
+        """``ca_cert``: a PEM file of the CA that signed an https coordinator's certificate
+        (a self-signed certificate is its own CA); default: the system's trust store."""
         self.url = url.rstrip("/")
         self.token = token
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport)
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
+        )
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout_s, transport=transport, verify=verify
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -47,7 +76,9 @@ class Client:
         try:
             response = self._http.request(method, path, headers=headers, **kwargs)
         except httpx.TransportError as err:
-            raise CoordinatorUnavailable(f"cannot reach coordinator at {self.url}: {err}") from err
+            raise CoordinatorUnavailable(
+                f"cannot reach coordinator at {self.url}: {err}{_tls_hint(err)}"
+            ) from err
         return self._decode(response)
 
     def _decode(self, response: httpx.Response) -> Any:
@@ -94,8 +125,10 @@ class Client:
     def heartbeat(self, job_id: str, epoch: int) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/heartbeat", json={"epoch": epoch})
 
-    def append_log(self, job_id: str, epoch: int, lines: list[str]) -> None:
-        self.request("POST", f"/v1/jobs/{job_id}/logs", json={"epoch": epoch, "lines": lines})
+    def append_log(self, job_id: str, epoch: int, lines: list[str]) -> Any:
+        return self.request(
+            "POST", f"/v1/jobs/{job_id}/logs", json={"epoch": epoch, "lines": lines}
+        )
 
     def upload(self, job_id: str, epoch: int, path: Path, sha256: str, name: str) -> Any:
         size = path.stat().st_size
@@ -137,33 +170,60 @@ class Client:
         return self.request("GET", "/v1/jobs", params=params)["jobs"]
 
     def job(self, ref: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{ref}")
+        return self.request("GET", f"/v1/jobs/{job_path(ref)}")
 
     def logs(self, ref: str, after: int = 0) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{ref}/logs", params={"after": after})
+        return self.request("GET", f"/v1/jobs/{job_path(ref)}/logs", params={"after": after})
 
     def explain(self, ref: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{ref}/explain")
+        return self.request("GET", f"/v1/jobs/{job_path(ref)}/explain")
 
     def workers(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/workers")["workers"]
 
     def cancel(self, ref: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/jobs/{ref}/cancel")
+        return self.request("POST", f"/v1/jobs/{job_path(ref)}/cancel")
 
     def requeue(self, ref: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/jobs/{ref}/requeue")
+        return self.request("POST", f"/v1/jobs/{job_path(ref)}/requeue")
+
+    # fleet identity (operator) ----------------------------------------------------------
+    def enroll_host(self, name: str) -> dict[str, Any]:
+        """Enroll host ``name``: ``{"host", "token"}``, the token shown this once."""
+        result: dict[str, Any] = self.request("POST", f"/v1/hosts/{quote(name, safe='')}/enroll")
+        return result
+
+    def rotate_host(self, name: str, *, revoke_workers: bool = False) -> dict[str, Any]:
+        body = {"revoke_workers": revoke_workers}
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/hosts/{quote(name, safe='')}/rotate", json=body
+        )
+        return result
+
+    def revoke_host(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", f"/v1/hosts/{quote(name, safe='')}/revoke")
+        return result
+
+    def revoke_worker(self, worker_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/workers/{quote(worker_id, safe='')}/revoke"
+        )
+        return result
+
+    def hosts(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/v1/hosts")["hosts"]
+        return result
 
     def publish_router(self, fit_id: str, router: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
-            "PUT", f"/v1/routers/{fit_id}", json={"router": router}
+            "PUT", f"/v1/routers/{quote(fit_id, safe='')}", json={"router": router}
         )
         return result
 
     def get_router(self, fit_id: str) -> dict[str, Any] | None:
         """The published router for ``fit_id``, or None when none is published."""
         try:
-            result: dict[str, Any] = self.request("GET", f"/v1/routers/{fit_id}")
+            result: dict[str, Any] = self.request("GET", f"/v1/routers/{quote(fit_id, safe='')}")
         except NotFound:
             return None
         return result
@@ -171,7 +231,7 @@ class Client:
     def download(self, sha256: str, dest: Path) -> None:
         try:
             with self._http.stream(
-                "GET", f"/v1/artifacts/{sha256}", headers=self._headers()
+                "GET", f"/v1/artifacts/{quote(sha256, safe='')}", headers=self._headers()
             ) as response:
                 if response.status_code >= 400:
                     response.read()

@@ -6,6 +6,9 @@ TOKEN = "TRAINFLEET_TOKEN"  # operator token for operator / read commands
 JOIN_TOKEN = "TRAINFLEET_JOIN_TOKEN"  # token a worker presents to register
 STATE_DIR = "TRAINFLEET_STATE_DIR"  # coordinator state dir (db, artifacts, tokens)
 HOST = "TRAINFLEET_HOST"  # worker host name override
+CA_CERT = "TRAINFLEET_CA_CERT"  # PEM CA certificate to trust for an https coordinator
+# Set by trainfleet.testing on every worker it starts (jobs inherit it), to find strays.
+HARNESS_TAG = "TRAINFLEET_HARNESS_TAG"
 
 # Set by the worker for every job process it starts.
 JOB_ID = "TRAINFLEET_JOB_ID"

@@ -6,10 +6,12 @@
     ├── ManifestError               a manifest is invalid (names file, job and field)
     ├── ApiError                    an HTTP-level error; carries status_code and a JSON body
     │   ├── BadRequest          400 malformed request / failed validation
-    │   ├── Unauthorized        401 missing or wrong token
+    │   ├── Unauthorized        401 missing, wrong or revoked token
+    │   ├── Forbidden           403 a valid token asking for what it may not (another host)
     │   ├── NotFound            404 no such job / worker / artifact
     │   ├── Conflict            409 state conflict, e.g. the job is not in a state for this
     │   │   └── StaleEpoch      409 the claim's fencing epoch is no longer current
+    │   ├── PayloadTooLarge     413 a request body or declared upload is over its limit
     │   └── IntegrityError      422 uploaded bytes do not match their declared digest / size
     ├── CoordinatorUnavailable  the coordinator cannot be reached (client side)
     ├── CorpusTooSmall          a corpus split is shorter than one training window
@@ -65,6 +67,11 @@ class Unauthorized(ApiError):
     code = "unauthorized"
 
 
+class Forbidden(ApiError):
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(ApiError):
     status_code = 404
     code = "not_found"
@@ -79,6 +86,11 @@ class StaleEpoch(Conflict):
     code = "stale_epoch"
 
 
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    code = "payload_too_large"
+
+
 class IntegrityError(ApiError):
     status_code = 422
     code = "integrity_error"
@@ -86,7 +98,16 @@ class IntegrityError(ApiError):
 
 API_ERRORS: dict[str, type[ApiError]] = {
     cls.code: cls
-    for cls in (BadRequest, Unauthorized, NotFound, Conflict, StaleEpoch, IntegrityError)
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        StaleEpoch,
+        PayloadTooLarge,
+        IntegrityError,
+    )
 }
 
 

@@ -199,3 +199,55 @@ def test_random_trees_round_trip(files: dict[str, bytes]) -> None:
         assert sorted(unpack(root / "a.tar.zst", root / "dest")) == sorted(files)
         assert read_tree(root / "dest") == files
         assert pack_dir(root / "dest", root / "b.tar.zst")[0] == sha
+
+
+# decompression bounds -------------------------------------------------------------------------
+
+
+class _Zeros:
+    """A file of ``size`` zero bytes that is never held in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ~32 KB .tar.zst holding one file of 1 GiB of zeros (built streaming)."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.tar.zst"
+    cctx = zstandard.ZstdCompressor(level=19)
+    with (
+        open(path, "wb") as raw,
+        cctx.stream_writer(raw, closefd=False) as zw,
+        tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = 1024**3
+        tar.addfile(info, _Zeros(info.size))  # type: ignore[arg-type]
+    return path
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_written(bomb: Path, tmp_path: Path) -> None:
+    assert bomb.stat().st_size < 64 * 1024
+    with pytest.raises(IntegrityError, match="decompression bomb") as info:
+        unpack(bomb, tmp_path / "dest")
+    # Refused after expanding past the ratio floor, far short of the whole GiB.
+    expanded = int(str(info.value).split("expand past ")[1].split(" ")[0])
+    assert expanded < 128 * 1024**2
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_unpack_bounds_total_size_and_member_count(tmp_path: Path) -> None:
+    write_tree(tmp_path / "src", {f"f{i}.txt": b"x" * 1000 for i in range(20)})
+    pack_dir(tmp_path / "src", tmp_path / "a.tar.zst")
+    with pytest.raises(IntegrityError, match="over 10 members"):
+        unpack(tmp_path / "a.tar.zst", tmp_path / "d1", max_members=10)
+    with pytest.raises(IntegrityError, match="5000 bytes"):
+        unpack(tmp_path / "a.tar.zst", tmp_path / "d2", max_bytes=5000)
+    assert list((tmp_path / "d1").iterdir()) == list((tmp_path / "d2").iterdir()) == []
+    assert len(unpack(tmp_path / "a.tar.zst", tmp_path / "d3", max_members=20)) == 20

@@ -90,6 +90,7 @@ class Api:
     clock: FakeClock
     tmp_path: Path
     _clients: list[Client] = field(default_factory=list)
+    _join_tokens: dict[str, str] = field(default_factory=dict)  # host -> enrolled token
 
     def client(self, token: str | None) -> Client:
         """Our HTTP client, talking to the in-process app."""
@@ -108,7 +109,10 @@ class Api:
 
     def register(self, host: str = "cpu-a", **cap: Any) -> Worker:
         capability = make_cap(host, **cap).model_dump(mode="json")
-        r = self.http.post("/v1/workers/register", json={"capability": capability}, headers=JOIN)
+        if host not in self._join_tokens:
+            self._join_tokens[host] = self.coord.queue.enroll_host(host)
+        headers = bearer(self._join_tokens[host])
+        r = self.http.post("/v1/workers/register", json={"capability": capability}, headers=headers)
         assert r.status_code == 200, r.text
         body = r.json()
         return Worker(body["worker_id"], body["token"], body)
@@ -227,7 +231,14 @@ def test_openapi_describes_every_served_path(api: Api) -> None:
         "/EpochBody"
     )
     assert beat["parameters"][0]["name"] == "job_id"
-    assert beat["security"] == [{"bearer": []}]
+    # One security scheme per kind of token; each operation lists those it accepts.
+    schemes = spec["components"]["securitySchemes"]
+    assert set(schemes) == {"joinToken", "workerCredential", "operatorToken"}
+    assert beat["security"] == [{"workerCredential": []}]
+    assert spec["paths"]["/v1/workers/register"]["post"]["security"] == [{"joinToken": []}]
+    reader = spec["paths"]["/v1/routers/{fit_id}"]["get"]["security"]
+    assert reader == [{"operatorToken": []}, {"workerCredential": []}]
+    assert spec["paths"]["/v1/manifest"]["post"]["security"] == [{"operatorToken": []}]
     upload = spec["paths"]["/v1/jobs/{job_id}/artifacts/{sha256}"]["put"]
     assert "application/octet-stream" in upload["requestBody"]["content"]
     assert "security" not in spec["paths"]["/health"]["get"]
@@ -235,7 +246,7 @@ def test_openapi_describes_every_served_path(api: Api) -> None:
 
 def test_metrics_count_jobs_and_requests(api: Api) -> None:
     api.reload(SWEEP)
-    r = api.http.get("/metrics")
+    r = api.http.get("/metrics", headers=OP)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
@@ -294,14 +305,17 @@ def test_client_raises_unauthorized(api: Api) -> None:
     assert api.client(OP_TOKEN).status()["counts"] == {}
 
 
-def test_register_needs_the_join_or_operator_token(api: Api) -> None:
+def test_register_needs_a_host_enrollment_token(api: Api) -> None:
     cap = {"capability": make_cap().model_dump(mode="json")}
     assert_error(api.http.post("/v1/workers/register", json=cap), 401, "unauthorized")
-    r = api.http.post("/v1/workers/register", json=cap, headers=bearer("wrong"))
-    assert_error(r, 401, "unauthorized")
-    assert api.http.post("/v1/workers/register", json=cap, headers=OP).status_code == 200
-    assert api.http.post("/v1/workers/register", json=cap, headers=JOIN).status_code == 200
-    assert len(api.coord.queue.list_workers()) == 2
+    # Neither a wrong token, the operator token nor (outside open mode) the shared join token.
+    for headers in (bearer("wrong"), OP, JOIN):
+        r = api.http.post("/v1/workers/register", json=cap, headers=headers)
+        assert_error(r, 401, "unauthorized")
+    assert api.coord.queue.list_workers() == []
+    enrolled = bearer(api.coord.queue.enroll_host("cpu-a"))
+    assert api.http.post("/v1/workers/register", json=cap, headers=enrolled).status_code == 200
+    assert len(api.coord.queue.list_workers()) == 1
 
 
 def test_worker_endpoints_need_a_registered_credential(api: Api) -> None:
@@ -525,7 +539,7 @@ def test_full_worker_flow_over_http(api: Api) -> None:
 
     status = api.http.get("/v1/status", headers=OP).json()
     assert status["counts"] == {"completed": 1}
-    assert "trainfleet_upload_bytes_total 14000.0" in api.http.get("/metrics").text
+    assert "trainfleet_upload_bytes_total 14000.0" in api.http.get("/metrics", headers=OP).text
 
 
 def test_client_upload_and_download_round_trip(api: Api, tmp_path: Path) -> None:
@@ -626,7 +640,7 @@ def test_upload_over_the_size_limit_is_refused(tmp_path: Path, clock: FakeClock)
         api.reload(ONE_JOB)
         worker = api.register()
         job_id = api.claim(worker)["job"]["id"]
-        body = assert_error(api.upload(worker, job_id, 1, b"x" * 101), 400, "bad_request")
+        body = assert_error(api.upload(worker, job_id, 1, b"x" * 101), 413, "payload_too_large")
         assert "limit" in body["message"]
         assert api.upload(worker, job_id, 1, b"x" * 100).status_code == 200
 
@@ -711,7 +725,7 @@ def test_lifespan_reaper_requeues_a_silent_job(
         clock.advance(11)
         assert reaped.wait(timeout=10), "the app's reaper never requeued the job"
         assert api.job(job_id)["job"]["state"] == "pending"
-        assert "trainfleet_lost_attempts_total 1.0" in api.http.get("/metrics").text
+        assert "trainfleet_lost_attempts_total 1.0" in api.http.get("/metrics", headers=OP).text
 
 
 # operator actions ----------------------------------------------------------------------------

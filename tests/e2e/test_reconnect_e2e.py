@@ -3,6 +3,7 @@ coordinator restarting mid-run loses nothing it had accepted."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -13,7 +14,9 @@ from typing import IO
 import pytest
 
 from livefleet import REPO, SLOW_JOB, wait_until
+from trainfleet import env
 from trainfleet.client import Client
+from trainfleet.queue.sqlite import SQLiteQueue
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +38,6 @@ def serve(state: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
             str(port),
             "--state-dir",
             str(state),
-            "--join-token",
-            "join-me",
-            "--operator-token",
-            "op",
             "--heartbeat-interval-s",
             "0.5",
             "--heartbeat-timeout-s",
@@ -48,6 +47,7 @@ def serve(state: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
         cwd=REPO,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, env.TOKEN: "op"},  # tokens never on a command line
     )
 
 
@@ -63,6 +63,11 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
     port, state = free_port(), tmp_path / "state"
     url = f"http://127.0.0.1:{port}"
     worker_log = tmp_path / "worker.log"
+    # The host is enrolled before the coordinator first starts (the enrollment is part of
+    # its state), so the worker has its token while there is nobody to ask yet.
+    queue = SQLiteQueue(state / "queue.db")
+    join_token = queue.enroll_host("early")
+    queue.close()
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -70,8 +75,6 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
             "trainfleet.cli.main",
             "join",
             url,
-            "--token",
-            "join-me",
             "--host",
             "early",
             "--workdir",
@@ -83,6 +86,7 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
         stderr=subprocess.STDOUT,
         cwd=REPO,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, env.JOIN_TOKEN: join_token},
     )
     server = None
     operator = Client(url, "op")

@@ -157,7 +157,7 @@ hypers = st.fixed_dictionaries(
 scheduling = {
     "model": labels,
     "priority": st.integers(-10, 10),
-    "max_attempts": st.integers(1, 100),
+    "max_failures": st.integers(1, 100),
     "timeout_s": st.floats(min_value=1, max_value=1e6, allow_subnormal=False),
     "min_cores": st.integers(1, 64),
     "prefer_cuda": st.booleans(),
@@ -183,7 +183,7 @@ defaults = st.fixed_dictionaries(
     optional={
         "hyper": hypers,
         "priority": st.integers(-10, 10),
-        "max_attempts": st.integers(1, 100),
+        "max_failures": st.integers(1, 100),
         "prefer_cuda_wait_s": st.floats(min_value=0, max_value=600, allow_subnormal=False),
     },
 )
@@ -289,7 +289,8 @@ def test_command_identity_fields_change_the_id(change):
     [
         {"priority": 7},
         {"timeout_s": 10},
-        {"max_attempts": 9},
+        {"max_failures": 9},
+        {"max_attempts": 9},  # the old name of max_failures, still read
         {"min_cores": 4},
         {"min_ram_gib": 8},
         {"allowed_hosts": ["somewhere"]},
@@ -312,7 +313,7 @@ def test_default_hyper_is_identity_for_train_jobs_only():
 
 
 def test_scheduling_defaults_do_not_change_the_id():
-    moved = {"defaults": {"priority": 4, "timeout_s": 99, "max_attempts": 7, "min_cores": 2}}
+    moved = {"defaults": {"priority": 4, "timeout_s": 99, "max_failures": 7, "min_cores": 2}}
     assert id_of(BASE, **moved) == id_of(BASE)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetkit import manifest_of
+from fleetkit import manifest_of, routed_dataset_toml
 from trainfleet.errors import ManifestError
 from trainfleet.manifest import load_manifest, parse_manifest
 
@@ -68,7 +68,7 @@ def test_example_manifest_loads_with_defaults_applied():
     for name in ("gpt-lr1e-3", "gpt-lr3e-3", "gpt-lr1e-2", "gpt-wide-lr3e-3"):
         assert jobs[name].kind == "train"
         assert jobs[name].recipe == "gpt"
-        assert jobs[name].max_attempts == 3
+        assert jobs[name].max_failures == 3
         assert jobs[name].timeout_s == 600
 
     # The command job keeps only its own hyper, gets no default recipe, but does inherit
@@ -79,7 +79,7 @@ def test_example_manifest_loads_with_defaults_applied():
     assert command.recipe is None
     assert command.command == ["python", "examples/scripts/train_bigram.py"]
     assert command.timeout_s == 120
-    assert command.max_attempts == 3
+    assert command.max_failures == 3
 
 
 def test_job_values_override_scalar_defaults():
@@ -155,14 +155,11 @@ def test_hyper_key_not_a_recipe_param():
     assert problem.startswith("jobs[0] ('a').hyper.lerning_rate: ")
 
 
-def test_unknown_default_hyper_key_is_reported_on_each_train_job():
+def test_unknown_default_hyper_key_is_reported_once_on_defaults():
     problems = problems_of(
         '[defaults]\nhyper = { lerning_rate = 0.1 }\n[[jobs]]\nname = "a"\n[[jobs]]\nname = "b"\n'
     )
-    assert [p.split(":")[0] for p in problems] == [
-        "jobs[0] ('a').hyper.lerning_rate",
-        "jobs[1] ('b').hyper.lerning_rate",
-    ]
+    assert [p.split(":")[0] for p in problems] == ["defaults.hyper.lerning_rate"]
 
 
 def test_hyper_value_out_of_range():
@@ -366,3 +363,128 @@ def test_every_problem_is_reported_not_just_the_first():
         "jobs[3] ('d').command",
         "jobs[4] ('b').name",
     ]
+
+
+# --- one pass, no cascade, suggestions, warnings ---------------------------------------------
+
+
+def test_a_bad_defaults_key_does_not_cascade_into_the_jobs():
+    # Before: the whole [defaults] table was dropped, so every job lost its dataset and
+    # reported errors it does not have ("a path needs a dataset with a router").
+    problems = problems_of(
+        '[defaults]\ndataset = "tiny"\nmax_failurs = 3\npriority = "high"\n'
+        + routed_dataset_toml("tiny")
+        + '\n[[jobs]]\nname = "a"\npath = 0\n[[jobs]]\nname = "b"\npath = 1\n'
+    )
+    heads = [p.split(":")[0] for p in problems]
+    assert sorted(heads) == ["defaults.max_failurs", "defaults.priority"], problems
+    assert any(p.endswith("did you mean 'max_failures'?") for p in problems)
+
+
+def test_an_unknown_default_dataset_is_reported_once():
+    problems = problems_of(
+        '[defaults]\ndataset = "nope"\n[[jobs]]\nname = "a"\n[[jobs]]\nname = "b"\n'
+    )
+    assert len(problems) == 1 and problems[0].startswith("defaults.dataset: unknown dataset")
+
+
+def test_a_bad_inherited_value_is_reported_once_and_a_job_own_value_on_the_job():
+    problems = problems_of(
+        '[defaults]\nhyper = { lr = -1 }\n[[jobs]]\nname = "a"\n[[jobs]]\nname = "b"\n'
+        'hyper = { lr = -2 }\n[[jobs]]\nname = "c"\n'
+    )
+    assert [p.split(":")[0] for p in problems] == ["defaults.hyper.lr", "jobs[1] ('b').hyper.lr"]
+
+
+@pytest.mark.parametrize(
+    ("text", "head", "suggestion"),
+    [
+        ('[[jobs]]\nname = "a"\npriorty = 1\n', "jobs[0] ('a').priorty", "priority"),
+        ("[hosts.h]\nallow_job = []\n", "hosts.h.allow_job", "allow_jobs"),
+        ("[defaults]\ntimeout = 3\n", "defaults.timeout", "timeout_s"),
+        ("job = []\n", "job", "jobs"),
+        ('[[jobs]]\nname = "a"\nhyper = { step = 3 }\n', "jobs[0] ('a').hyper.step", "steps"),
+        (
+            '[datasets.d]\nsource = "synthetic"\nnum_documents = 9\n[datasets.d.router]\n'
+            "num_paths = 2\nnum_featurs = 64\n",
+            "datasets.d.router.num_featurs",
+            "num_features",
+        ),
+        ('[datasets.d]\nsource = "synthetic"\nseeds = 1\n', "datasets.d.seeds", "seed"),
+    ],
+)
+def test_an_unknown_key_names_the_nearest_valid_one(text: str, head: str, suggestion: str):
+    problem = only_problem(text)
+    assert problem.split(":")[0] == head
+    assert problem.endswith(f"did you mean {suggestion!r}?"), problem
+
+
+def test_an_unknown_recipe_names_the_nearest_one():
+    problem = only_problem('[[jobs]]\nname = "a"\nrecipe = "gtp"\n')
+    assert problem.endswith("did you mean 'gpt'?"), problem
+
+
+def test_a_key_nothing_like_any_valid_one_gets_no_suggestion():
+    assert "did you mean" not in only_problem('[[jobs]]\nname = "a"\nzzzzqqq = 1\n')
+
+
+def test_host_patterns_that_match_no_job_are_warnings_not_errors():
+    manifest = manifest_of(
+        """
+        [hosts.a]
+        allow_jobs = ["gpt-*", "lnear-*"]
+        deny_jobs = ["gpt-wide-*"]
+        [hosts.b]
+        [[jobs]]
+        name = "gpt-small"
+        [[jobs]]
+        name = "linear-1"
+        kind = "command"
+        command = ["true"]
+        """
+    )
+    assert len(manifest.jobs) == 2
+    assert manifest.warnings == [
+        "hosts.a.allow_jobs: pattern 'lnear-*' matches no job; did you mean 'linear-1'?",
+        "hosts.a.deny_jobs: pattern 'gpt-wide-*' matches no job",
+    ]
+    # Warnings are not part of what the manifest is: its hash ignores them.
+    assert "warnings" not in manifest.model_dump()
+
+
+def test_max_attempts_still_reads_as_max_failures_with_a_warning():
+    manifest = manifest_of(
+        '[defaults]\nmax_attempts = 4\n[[jobs]]\nname = "a"\n[[jobs]]\nname = "b"\n'
+        "max_attempts = 2\n"
+    )
+    assert [j.max_failures for j in manifest.jobs] == [4, 2]
+    assert len(manifest.warnings) == 1
+    assert "max_attempts is deprecated" in manifest.warnings[0]
+    assert "defaults.max_attempts" in manifest.warnings[0]
+    assert "jobs[1] ('b').max_attempts" in manifest.warnings[0]
+    assert manifest_of('[[jobs]]\nname = "a"\nmax_failures = 2\n').warnings == []
+
+
+def test_setting_both_names_of_max_failures_is_an_error():
+    problem = only_problem('[[jobs]]\nname = "a"\nmax_attempts = 2\nmax_failures = 3\n')
+    assert problem.startswith("jobs[0] ('a').max_attempts: renamed to max_failures")
+
+
+def test_a_spec_stored_with_the_old_key_still_reads():
+    from trainfleet.manifest.spec import JobSpec
+
+    assert JobSpec.model_validate({"name": "a", "max_attempts": 5}).max_failures == 5
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "[" * 50_000 + "]" * 50_000 + "\n",
+        "a = " + "{ b = " * 5_000 + "1" + " }" * 5_000 + "\n",
+        "[" + ".".join(["t"] * 200) + "]\nx = 1\n",
+    ],
+    ids=["arrays", "inline-tables", "dotted-tables"],
+)
+def test_deep_nesting_is_a_manifest_error_not_a_recursion_error(text: str):
+    problem = only_problem(text)
+    assert "nested deeper than" in problem

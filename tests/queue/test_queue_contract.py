@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from fleetkit import make_cap, manifest_of
-from trainfleet.errors import Conflict, NotFound, StaleEpoch, Unauthorized
+from trainfleet.errors import BadRequest, Conflict, NotFound, StaleEpoch, Unauthorized
 from trainfleet.queue import JobQueue
 
 SWEEP = """
@@ -212,8 +212,8 @@ def test_epoch_fencing_refuses_stale_writes(queue: JobQueue, clock) -> None:
     assert job.state == "completed" and job.worker_id == b and job.result == {"metrics": {"x": 1}}
 
 
-def test_missed_heartbeats_requeue_then_fail_after_max_attempts(queue: JobQueue, clock) -> None:
-    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_attempts = 2'))
+def test_missed_heartbeats_requeue_then_fail_after_max_failures(queue: JobQueue, clock) -> None:
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_failures = 2'))
     w = register(queue)
     c1 = queue.claim(w)
     assert c1 is not None
@@ -235,7 +235,7 @@ def test_missed_heartbeats_requeue_then_fail_after_max_attempts(queue: JobQueue,
 
 
 def test_attempt_timeout_is_enforced_by_the_coordinator(queue: JobQueue, clock) -> None:
-    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\ntimeout_s = 20\nmax_attempts = 1'))
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\ntimeout_s = 20\nmax_failures = 1'))
     w = register(queue)
     c = queue.claim(w)
     assert c is not None
@@ -246,8 +246,8 @@ def test_attempt_timeout_is_enforced_by_the_coordinator(queue: JobQueue, clock) 
     assert "timed out" in (queue.get_job("j").error or "")
 
 
-def test_fail_retries_until_max_attempts_and_release_does_not_count(queue: JobQueue) -> None:
-    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_attempts = 2'))
+def test_fail_retries_until_max_failures_and_release_does_not_count(queue: JobQueue) -> None:
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_failures = 2'))
     w = register(queue)
     c = queue.claim(w)
     assert c is not None
@@ -262,7 +262,7 @@ def test_fail_retries_until_max_attempts_and_release_does_not_count(queue: JobQu
 
 
 def test_non_retryable_failure_fails_at_once(queue: JobQueue) -> None:
-    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_attempts = 5'))
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_failures = 5'))
     w = register(queue)
     c = queue.claim(w)
     assert c is not None
@@ -408,7 +408,9 @@ def test_unknown_and_deregistered_credentials_are_refused(queue: JobQueue) -> No
 def test_a_worker_cannot_hold_two_jobs(queue: JobQueue) -> None:
     queue.apply_manifest(manifest_of('[[jobs]]\nname = "a"\n[[jobs]]\nname = "b"'))
     w = register(queue)
-    assert queue.claim(w) is not None
+    c = queue.claim(w)
+    assert c is not None
+    queue.heartbeat(c.job.id, w, c.epoch)  # running: asking again is no lost reply
     with pytest.raises(Conflict, match="still holds"):
         queue.claim(w)
 
@@ -425,3 +427,110 @@ def test_a_coordinator_restart_renews_leases_instead_of_blaming_workers(
     assert queue.reap() == []
     queue.heartbeat(c.job.id, w, c.epoch)
     assert queue.complete(c.job.id, w, c.epoch, {}).attempt == 1
+
+
+# --- reload semantics: an edited job's old version never runs ahead of the new one ---------
+
+LR1 = '[[jobs]]\nname = "j"\npriority = 5\nhyper = { lr = 0.1 }\n[[jobs]]\nname = "other"\n'
+LR2 = '[[jobs]]\nname = "j"\nhyper = { lr = 0.2 }\n[[jobs]]\nname = "other"\n'
+
+
+def test_an_edited_job_replaces_its_old_version_in_the_claim_order(queue: JobQueue) -> None:
+    old_id = queue.apply_manifest(manifest_of(LR1)).added[0].id
+    plan = queue.apply_manifest(manifest_of(LR2))
+    new_id = plan.added[0].id
+    assert new_id != old_id and [e.id for e in plan.removed] == [old_id]
+    w = register(queue)
+    # The old version (priority 5, pending) used to be claimed first; now it is not claimable.
+    claimed = []
+    while (c := queue.claim(w)) is not None:
+        claimed.append(c.job.id)
+        queue.complete(c.job.id, w, c.epoch, {})
+    assert old_id not in claimed and new_id in claimed and len(claimed) == 2
+    old = queue.get_job(old_id)
+    assert old.state == "pending" and not old.in_manifest and not old.pinned  # still visible
+    assert "not claimable" in queue.explain(old_id)["message"]
+    removed = [e for e in queue.events(old_id) if e.kind == "removed"]
+    assert len(removed) == 1 and "not claimable unless requeued" in removed[0].detail
+
+
+def test_requeue_of_a_removed_job_pins_it_and_makes_it_claimable(queue: JobQueue) -> None:
+    old_id = queue.apply_manifest(manifest_of(LR1)).added[0].id
+    queue.apply_manifest(manifest_of(LR2))
+    w = register(queue)
+    for _ in range(2):
+        c = queue.claim(w)
+        assert c is not None and c.job.id != old_id
+        queue.complete(c.job.id, w, c.epoch, {})
+    assert queue.claim(w) is None
+    pinned = queue.requeue(old_id)
+    assert pinned.state == "pending" and pinned.pinned and not pinned.in_manifest
+    assert "pinned" in queue.events(old_id)[-1].detail
+    with pytest.raises(Conflict, match="already pending"):
+        queue.requeue(old_id)  # a second requeue has nothing left to do
+    # A later reload that still leaves it out does not unpin it...
+    queue.apply_manifest(manifest_of(LR2))
+    assert queue.get_job(old_id).pinned
+    c = queue.claim(w)
+    assert c is not None and c.job.id == old_id
+    queue.complete(c.job.id, w, c.epoch, {})
+    # ...and one that adds it back clears the pin: it is an ordinary job again.
+    back = queue.apply_manifest(manifest_of(LR1))
+    assert [e.id for e in back.changed if e.id == old_id] == [old_id]
+    again = queue.get_job(old_id)
+    assert again.in_manifest and not again.pinned
+
+
+def test_a_removed_job_that_fails_after_removal_is_not_claimed_again(queue: JobQueue) -> None:
+    queue.apply_manifest(manifest_of(LR1))
+    w = register(queue)
+    c = queue.claim(w)
+    assert c is not None and c.job.name == "j"
+    queue.apply_manifest(manifest_of(LR2))  # removed while running: the attempt carries on
+    assert queue.heartbeat(c.job.id, w, c.epoch).state == "running"
+    assert queue.fail(c.job.id, w, c.epoch, "exit 1").state == "pending"
+    nxt = queue.claim(w)
+    assert nxt is not None and nxt.job.id != c.job.id
+
+
+def test_a_name_resolves_to_the_job_in_the_current_manifest(queue: JobQueue) -> None:
+    old_id = queue.apply_manifest(manifest_of(LR1)).added[0].id
+    new_id = queue.apply_manifest(manifest_of(LR2)).added[0].id
+    assert queue.get_job("j").id == new_id  # was: BadRequest "'j' is ambiguous"
+    assert [r.id for r in queue.same_name(new_id)] == [old_id]
+    assert [(r.id, r.in_manifest) for r in queue.same_name(old_id)] == [(new_id, True)]
+    assert queue.same_name(queue.get_job("other").id) == []
+    # Operator commands by name act on the current job too.
+    assert queue.cancel("j").id == new_id
+    assert queue.get_job(old_id).state == "pending"
+
+
+def test_a_name_no_current_job_has_is_still_ambiguous(queue: JobQueue) -> None:
+    queue.apply_manifest(manifest_of(LR1))
+    queue.apply_manifest(manifest_of(LR2))
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "other"\n'))  # both "j" removed
+    with pytest.raises(BadRequest, match="ambiguous"):
+        queue.get_job("j")
+
+
+def test_max_failures_counts_failures_not_claims(queue: JobQueue, clock) -> None:
+    # A hand-back counts as an attempt (a claim) but not as a failure; the limit reads the
+    # failures, under the name that says so.
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_failures = 1\n'))
+    w = register(queue)
+    for _ in range(3):
+        c = queue.claim(w)
+        assert c is not None
+        queue.fail(c.job.id, w, c.epoch, "shutting down", release=True)
+    c = queue.claim(w)
+    assert c is not None
+    job = queue.fail(c.job.id, w, c.epoch, "exit 1")
+    assert (job.state, job.attempt, job.num_failures) == ("failed", 4, 1)
+    assert "1/1 failures" in queue.events(job.id)[-1].detail
+
+
+def test_reload_plan_carries_the_manifest_warnings(queue: JobQueue) -> None:
+    plan = queue.apply_manifest(
+        manifest_of('[hosts.h]\nallow_jobs = ["nope-*"]\n[[jobs]]\nname = "j"\n'), dry_run=True
+    )
+    assert plan.warnings == ["hosts.h.allow_jobs: pattern 'nope-*' matches no job"]

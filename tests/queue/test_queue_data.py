@@ -1,10 +1,13 @@
-"""The queue's data plane: published routers, and the shard ledger that flags (never rejects)
-a result whose shard hashes disagree with the first report of the same shard."""
+"""The queue's data plane: published routers, and the shard ledger, which checks every
+reported shard hash against the coordinator's own plan of the job's dataset spec (the first
+report too), refuses a result for another dataset digest, flags a dataset job that reports no
+hashes, and falls back to first-report-wins, flagged "unverified", where it cannot plan."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +15,61 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleetkit import FakeClock, make_cap, manifest_of
-from trainfleet.errors import NotFound
+from fleetkit import FakeClock, make_cap, manifest_of, routed_dataset_toml
+from trainfleet.data.shards import ShardPlan, plan_shards
+from trainfleet.data.spec import dataset_digest
+from trainfleet.data.verify import fit_router_for
+from trainfleet.errors import BadRequest, NotFound
+from trainfleet.manifest.spec import Manifest
 from trainfleet.queue import JobQueue
+from trainfleet.queue import sqlite as sqlite_module
 from trainfleet.queue.ledger import ShardReport, shard_reports
 from trainfleet.queue.sqlite import SQLiteQueue
 
-DIGEST = "d" * 64
-OTHER_DIGEST = "e" * 64
 SHA_A, SHA_B = "a" * 64, "b" * 64
-JOBS = "".join(f'[[jobs]]\nname = "j{i}"\nhyper = {{ steps = 5 }}\n' for i in range(4))
+# Jobs are claimed in this order: three on path 0 of the routed dataset "tiny", one on
+# path 1, one on a dataset the coordinator cannot read ("elsewhere"), one without a dataset.
+MANIFEST = (
+    routed_dataset_toml("tiny")
+    + '\n[datasets.elsewhere]\nsource = "files"\nroot = "/nonexistent/trainfleet-test"\n'
+    'paths = ["*.txt"]\n'
+    + "".join(
+        f'\n[[jobs]]\nname = "{name}"\ndataset = "{ds}"\n{path}hyper = {{ steps = 5 }}\n'
+        for name, ds, path in [
+            ("p0a", "tiny", "path = 0\n"),
+            ("p0b", "tiny", "path = 0\n"),
+            ("p0c", "tiny", "path = 0\n"),
+            ("p1", "tiny", "path = 1\n"),
+            ("far1", "elsewhere", ""),
+            ("far2", "elsewhere", ""),
+        ]
+    )
+    + '\n[[jobs]]\nname = "plain"\nhyper = { steps = 5 }\n'
+)
 
 
-def result(*shards: tuple[str, str], digest: str = DIGEST) -> dict[str, Any]:
+@cache
+def manifest() -> Manifest:
+    return manifest_of(MANIFEST)
+
+
+@cache
+def tiny_plan() -> ShardPlan:
+    """The shards of "tiny" as a worker plans them."""
+    spec = manifest().datasets["tiny"]
+    return plan_shards(spec, fit_router_for(spec))
+
+
+TINY = dataset_digest(manifest().datasets["tiny"])
+FAR = dataset_digest(manifest().datasets["elsewhere"])
+
+
+def true_shards(path: int) -> list[tuple[str, str]]:
+    """(key, sha256) of the path's train and held-out shards, as an honest worker reports."""
+    return [(s.key, s.sha256) for s in tiny_plan().shards if s.path == path]
+
+
+def result(*shards: tuple[str, str], digest: str = TINY) -> dict[str, Any]:
     """A trainer's result reporting ``(key, sha256)`` shards of dataset ``digest``."""
     return {
         "metrics": {
@@ -38,17 +83,18 @@ def result(*shards: tuple[str, str], digest: str = DIGEST) -> dict[str, Any]:
     }
 
 
-def finish(queue: JobQueue, worker: str, outcome: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """Claim the next job, run it and complete it with ``outcome``; the completed record."""
+def finish(queue: JobQueue, worker: str, outcome: dict[str, Any], name: str | None = None):  # type: ignore[no-untyped-def]
+    """Claim the next job (check its name), run it and complete it with ``outcome``."""
     claim = queue.claim(worker)
     assert claim is not None
+    assert name is None or claim.job.name == name
     queue.heartbeat(claim.job.id, worker, claim.epoch)
     return queue.complete(claim.job.id, worker, claim.epoch, outcome)
 
 
 @pytest.fixture
 def worker(queue: JobQueue) -> str:
-    queue.apply_manifest(manifest_of(JOBS))
+    queue.apply_manifest(manifest())
     record, _ = queue.register_worker(make_cap("cpu-a"))
     return record.id
 
@@ -74,78 +120,142 @@ def test_publish_stores_and_a_second_publish_replaces(queue: JobQueue, clock: Fa
         queue.get_router("0" * 64)
 
 
-# --- the shard ledger ---------------------------------------------------------------------
+# --- the shard ledger, against the coordinator's plan of the spec -----------------------------
 
 
-def test_first_report_of_a_shard_is_recorded_without_flags(queue: JobQueue, worker: str) -> None:
-    outcome = result(("train/0/0", SHA_A), ("train/0/1", SHA_B))
-    done = finish(queue, worker, outcome)
+def test_an_honest_first_report_matches_the_plan_without_flags(queue: JobQueue, worker: str):
+    outcome = result(*true_shards(0))
+    done = finish(queue, worker, outcome, "p0a")
     assert done.state == "completed"
     assert done.flags == []
     assert done.result == outcome
-    assert "shard_mismatch" not in [e.kind for e in queue.events(done.id)]
+    kinds = [e.kind for e in queue.events(done.id)]
+    assert "shard_mismatch" not in kinds and "data_flag" not in kinds
 
 
-def test_a_disagreeing_hash_completes_the_job_and_flags_it(queue: JobQueue, worker: str) -> None:
-    first = finish(queue, worker, result(("train/0/0", SHA_A), ("train/0/1", SHA_A)))
-    outcome = result(("train/0/0", SHA_B), ("train/0/1", SHA_A))
-    second = finish(queue, worker, outcome)
-    assert second.state == "completed"
-    assert second.result == outcome  # the result is kept...
-    assert len(second.flags) == 1  # ...and flagged, for the one shard that differs
-    flag = second.flags[0]
-    assert "shard train/0/0 " in flag
-    assert DIGEST[:12] in flag and SHA_B[:16] in flag and SHA_A[:16] in flag
-    assert first.id[:12] in flag
-    mismatches = [e for e in queue.events(second.id) if e.kind == "shard_mismatch"]
-    assert [e.detail for e in mismatches] == [flag]
-    assert mismatches[0].worker_id == worker
-    # The flag is stored, not just returned; the first job is not blamed after the fact.
-    assert queue.get_job(second.id).flags == [flag]
-    assert queue.get_job(first.id).flags == []
+def test_the_first_report_is_checked_too(queue: JobQueue, worker: str) -> None:
+    # Before: the first reporter's hashes became the reference, whatever they were.
+    (key, _), *rest = true_shards(0)
+    outcome = result((key, SHA_B), *rest)
+    done = finish(queue, worker, outcome, "p0a")
+    assert done.state == "completed" and done.result == outcome  # kept...
+    assert len(done.flags) == 1  # ...and flagged, for the one shard that differs
+    flag = done.flags[0]
+    assert f"shard {key} " in flag and SHA_B[:16] in flag and "coordinator's plan" in flag
+    assert [e.detail for e in queue.events(done.id) if e.kind == "shard_mismatch"] == [flag]
+    assert queue.get_job(done.id).flags == [flag]
+    # An honest second report of the same shard is not blamed for the first one's lie.
+    assert finish(queue, worker, result(*true_shards(0)), "p0b").flags == []
 
 
-def test_the_first_hash_stays_the_reference(queue: JobQueue, worker: str) -> None:
-    first = finish(queue, worker, result(("train/0/0", SHA_A)))
-    finish(queue, worker, result(("train/0/0", SHA_B)))
-    # A third report agreeing with the second is still judged against the first.
-    third = finish(queue, worker, result(("train/0/0", SHA_B)))
-    assert len(third.flags) == 1 and first.id[:12] in third.flags[0]
+def test_unknown_shards_and_shards_of_another_path_are_flagged(queue: JobQueue, worker: str):
+    other_path = true_shards(1)[0]
+    done = finish(queue, worker, result(*true_shards(0), other_path, ("train/0/999", SHA_A)))
+    assert len(done.flags) == 2
+    assert f"shard {other_path[0]} belongs to another path than the job's (0)" in done.flags
+    assert any("train/0/999" in f and "not in the coordinator's plan" in f for f in done.flags)
 
 
-def test_the_same_hash_is_not_flagged(queue: JobQueue, worker: str) -> None:
-    finish(queue, worker, result(("train/0/0", SHA_A)))
-    again = finish(queue, worker, result(("train/0/0", SHA_A)))
-    assert again.flags == []
-    assert "shard_mismatch" not in [e.kind for e in queue.events(again.id)]
+def test_a_result_for_another_dataset_digest_is_refused(queue: JobQueue, worker: str) -> None:
+    claim = queue.claim(worker)
+    assert claim is not None and claim.job.name == "p0a"
+    queue.heartbeat(claim.job.id, worker, claim.epoch)
+    with pytest.raises(BadRequest, match="trained on another spec") as info:
+        queue.complete(claim.job.id, worker, claim.epoch, result(*true_shards(0), digest="e" * 64))
+    assert info.value.details == {"reported_digest": "e" * 64, "expected_digest": TINY}
+    job = queue.get_job(claim.job.id)
+    assert job.state == "running" and job.result is None and job.flags == []  # nothing written
+    # The same attempt may still report what it really did.
+    assert queue.complete(claim.job.id, worker, claim.epoch, result(*true_shards(0))).flags == []
 
 
-def test_shards_are_keyed_by_dataset_digest_too(queue: JobQueue, worker: str) -> None:
-    finish(queue, worker, result(("train/0/0", SHA_A)))
-    other = finish(queue, worker, result(("train/0/0", SHA_B), digest=OTHER_DIGEST))
-    assert other.flags == []
-
-
-def test_results_without_data_are_untouched(queue: JobQueue, worker: str) -> None:
-    finish(queue, worker, result(("train/0/0", SHA_A)))
-    for outcome in ({}, {"metrics": {"loss": 2.0}, "artifact": None}):
+def test_a_dataset_job_that_reports_no_shard_hashes_is_flagged(queue: JobQueue, worker: str):
+    for outcome in ({}, {"metrics": {"loss": 2.0}}, result()):
         done = finish(queue, worker, outcome)
-        assert done.state == "completed"
-        assert done.result == outcome
-        assert done.flags == []
+        assert done.state == "completed" and done.result == outcome
+        assert done.flags == ["dataset job reported no shard hashes for 'tiny'"]
+        assert [e.kind for e in queue.events(done.id)][-1] == "data_flag"
+
+
+def test_a_job_without_a_dataset_reporting_shards_is_flagged_not_recorded(
+    queue: JobQueue,
+) -> None:
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "a"\n[[jobs]]\nname = "b"\n'))
+    worker, _ = queue.register_worker(make_cap("cpu-a"))
+    first = finish(queue, worker.id, result(("train/0/0", SHA_A), digest=FAR), "a")
+    assert first.flags == [
+        f"reports 1 shard hash(es) of dataset {FAR[:12]} but the job has no dataset: not recorded"
+    ]
+    # Nothing went into the ledger: a disagreeing second report is compared with nothing.
+    second = finish(queue, worker.id, result(("train/0/0", SHA_B), digest=FAR), "b")
+    assert len(second.flags) == 1 and "not recorded" in second.flags[0]
+
+
+def test_a_dataset_the_coordinator_cannot_read_falls_back_to_the_first_report(
+    queue: JobQueue, worker: str
+) -> None:
+    for _ in range(4):
+        finish(queue, worker, result(*true_shards(0)))
+    first = finish(queue, worker, result(("train/0/0", SHA_A), digest=FAR), "far1")
+    assert len(first.flags) == 1
+    assert first.flags[0].startswith("unverified: shard hashes of 'elsewhere' not checked")
+    assert "the coordinator cannot read the source" in first.flags[0]
+    second = finish(queue, worker, result(("train/0/0", SHA_B), digest=FAR), "far2")
+    assert len(second.flags) == 2
+    assert first.id[:12] in second.flags[0] and "first report" in second.flags[0]
+    assert second.flags[1].startswith("unverified: ")
+
+
+def test_the_plan_is_made_once_per_digest(
+    queue: JobQueue, worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = sqlite_module.plan_expected_shards
+
+    def counting(spec, budget_s):  # type: ignore[no-untyped-def]
+        calls.append(spec.name)
+        return real(spec, budget_s)
+
+    monkeypatch.setattr(sqlite_module, "plan_expected_shards", counting)
+    for _ in range(4):
+        assert (
+            finish(queue, worker, result(*true_shards(0) if _ < 3 else true_shards(1))).flags == []
+        )
+    assert calls == ["tiny"]
+
+
+def test_planning_past_its_budget_ledgers_the_dataset_unverified(make_queue) -> None:  # type: ignore[no-untyped-def]
+    queue = make_queue(shard_plan_budget_s=1e-9)
+    queue.apply_manifest(manifest())
+    worker, _ = queue.register_worker(make_cap("cpu-a"))
+    done = finish(queue, worker.id, result(*true_shards(0)), "p0a")
+    assert len(done.flags) == 1
+    assert "planning took longer than 1e-09s on the coordinator" in done.flags[0]
+
+
+def test_a_huggingface_dataset_is_not_downloaded_by_the_coordinator() -> None:
+    from trainfleet.queue.shard_plans import plan_expected_shards
+
+    spec = manifest_of(
+        '[datasets.hf]\nsource = "huggingface"\nrepo = "x/y"\nrevision = "'
+        + "0" * 40
+        + '"\n[[jobs]]\nname = "a"\ndataset = "hf"\n'
+    ).datasets["hf"]
+    plan = plan_expected_shards(spec, budget_s=5)
+    assert plan.status == "unverified" and "Hugging Face" in plan.detail and plan.shards == {}
 
 
 MALFORMED_DATA: list[Any] = [
     None,
     "not a table",
-    [DIGEST],
+    [TINY],
     {"shards": [{"key": "train/0/0", "sha256": SHA_B}]},  # no digest
     {"digest": 7, "shards": [{"key": "train/0/0", "sha256": SHA_B}]},
-    {"digest": DIGEST},  # no shards
-    {"digest": DIGEST, "shards": "train/0/0"},
-    {"digest": DIGEST, "shards": [None, 3, "x", ["train/0/0", SHA_B]]},
-    {"digest": DIGEST, "shards": [{"key": "train/0/0"}, {"sha256": SHA_B}]},
-    {"digest": DIGEST, "shards": [{"key": 0, "sha256": SHA_B}, {"key": "train/0/0", "sha256": 1}]},
+    {"digest": TINY},  # no shards
+    {"digest": TINY, "shards": "train/0/0"},
+    {"digest": TINY, "shards": [None, 3, "x", ["train/0/0", SHA_B]]},
+    {"digest": TINY, "shards": [{"key": "train/0/0"}, {"sha256": SHA_B}]},
+    {"digest": TINY, "shards": [{"key": 0, "sha256": SHA_B}, {"key": "train/0/0", "sha256": 1}]},
 ]
 
 
@@ -155,12 +265,11 @@ MALFORMED_DATA: list[Any] = [
 def test_malformed_data_does_not_crash_the_completion(
     queue: JobQueue, worker: str, data: Any
 ) -> None:
-    finish(queue, worker, result(("train/0/0", SHA_A)))
     outcome = {"metrics": {"data": data}, "artifact": None}
     done = finish(queue, worker, outcome)
     assert done.state == "completed"
     assert done.result == outcome
-    assert done.flags == []  # nothing readable disagrees with train/0/0's SHA_A
+    assert done.flags == ["dataset job reported no shard hashes for 'tiny'"]
 
 
 json_values = st.recursive(
@@ -198,20 +307,22 @@ def test_shard_reports_read_only_well_formed_entries(data: Any) -> None:
 def test_a_database_from_before_flags_gets_the_column(tmp_path: Path, clock: FakeClock) -> None:
     path = tmp_path / "old.db"
     queue = SQLiteQueue(path, clock=clock)
-    queue.apply_manifest(manifest_of(JOBS))
+    queue.apply_manifest(manifest())
     queue.close()
     conn = sqlite3.connect(path)
     conn.execute("ALTER TABLE jobs DROP COLUMN flags")
+    conn.execute("ALTER TABLE jobs DROP COLUMN pinned")
     conn.close()
     conn = sqlite3.connect(path)
-    assert "flags" not in [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+    assert "flags" not in columns and "pinned" not in columns
     conn.close()
 
     queue = SQLiteQueue(path, clock=clock)
     try:
-        assert [j.flags for j in queue.list_jobs()] == [[], [], [], []]
+        assert {json.dumps(j.flags) for j in queue.list_jobs()} == {"[]"}
+        assert not any(j.pinned for j in queue.list_jobs())
         worker, _ = queue.register_worker(make_cap("cpu-a"))
-        finish(queue, worker.id, result(("train/0/0", SHA_A)))
         flagged = finish(queue, worker.id, result(("train/0/0", SHA_B)))
         assert len(flagged.flags) == 1
     finally:
@@ -220,5 +331,28 @@ def test_a_database_from_before_flags_gets_the_column(tmp_path: Path, clock: Fak
     queue = SQLiteQueue(path, clock=clock)
     try:
         assert json.dumps(queue.get_job(flagged.id).flags) == json.dumps(flagged.flags)
+    finally:
+        queue.close()
+
+
+def test_a_spec_stored_with_max_attempts_reads_as_max_failures(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "old.db"
+    queue = SQLiteQueue(path, clock=clock)
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_failures = 4\n'))
+    queue.close()
+    conn = sqlite3.connect(path)
+    (spec,) = conn.execute("SELECT spec FROM jobs").fetchone()
+    old = json.loads(spec)
+    old["max_attempts"] = old.pop("max_failures")
+    conn.execute("UPDATE jobs SET spec = ?", (json.dumps(old),))
+    conn.commit()
+    conn.close()
+    queue = SQLiteQueue(path, clock=clock)
+    try:
+        assert queue.get_job("j").spec.max_failures == 4
+        plan = queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_failures = 4\n'))
+        assert plan.changed == [] and len(plan.kept) == 1
     finally:
         queue.close()

@@ -6,6 +6,11 @@ bytes, and therefore the same sha256 (entries sorted by path, mtime 0, uid/gid 0
 owner names, modes 0o644 or 0o755). :func:`unpack` extracts only regular files and
 directories that land inside the destination; anything else refuses the whole archive.
 Both stream through zstandard, so an archive is never held in memory.
+
+:func:`unpack` also bounds what an archive may expand to, counted as it decompresses: the
+total bytes (``MAX_UNPACK_BYTES``), the number of members (``MAX_MEMBERS``) and the
+compression ratio (``MAX_RATIO`` once past ``RATIO_FLOOR_BYTES``), so a small "zip bomb"
+is refused after writing at most the floor, never its full expansion.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import stat
 import tarfile
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -24,6 +30,36 @@ from trainfleet.errors import IntegrityError
 logger = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 3
+MAX_UNPACK_BYTES = 64 * 1024**3  # decompressed tar stream, headers included
+MAX_MEMBERS = 100_000
+MAX_RATIO = 1000  # decompressed / compressed bytes
+RATIO_FLOOR_BYTES = 64 * 1024**2  # small archives may compress better than MAX_RATIO
+
+
+class _Bounded:
+    """A decompressed stream that refuses to grow past a total or a ratio to its source."""
+
+    def __init__(
+        self, reader: Any, raw: BinaryIO, name: str, max_bytes: int, max_ratio: float
+    ) -> None:
+        self.reader, self.raw, self.name = reader, raw, name
+        self.max_bytes, self.max_ratio = max_bytes, max_ratio
+        self.total = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self.reader.read(size)
+        self.total += len(data)
+        if self.total > self.max_bytes:
+            raise IntegrityError(
+                f"cannot unpack {self.name}: it expands past {self.max_bytes} bytes"
+            )
+        compressed = max(self.raw.tell(), 1)
+        if self.total > RATIO_FLOOR_BYTES and self.total > self.max_ratio * compressed:
+            raise IntegrityError(
+                f"cannot unpack {self.name}: {compressed} compressed bytes expand past"
+                f" {self.total} (ratio over {self.max_ratio:g}); refusing a decompression bomb"
+            )
+        return data
 
 
 def pack_dir(src_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> tuple[str, int]:
@@ -81,14 +117,24 @@ def _walk(src: Path) -> list[tuple[str, Path, bool]]:
     return out
 
 
-def unpack(archive: str | os.PathLike[str], dest_dir: str | os.PathLike[str]) -> list[str]:
+def unpack(
+    archive: str | os.PathLike[str],
+    dest_dir: str | os.PathLike[str],
+    *,
+    max_bytes: int = MAX_UNPACK_BYTES,
+    max_members: int = MAX_MEMBERS,
+    max_ratio: float = MAX_RATIO,
+) -> list[str]:
     """Extract a :func:`pack_dir` archive into ``dest_dir``; return the files' relative paths.
 
     Refuses, with :class:`IntegrityError`, an archive that is corrupt or holds an absolute
     path, a ``..`` component, a path that would resolve outside ``dest_dir``, a symlink, a
     hard link or a device/fifo. Members are checked one by one as the archive streams; on
     refusal, every file and directory this call created is removed again (files it
-    overwrote stay overwritten), and nothing is ever written outside ``dest_dir``.
+    overwrote stay overwritten), and nothing is ever written outside ``dest_dir``. Also
+    refused: more than ``max_members`` members, files declaring more than ``max_bytes`` in
+    all, or a stream that decompresses past ``max_bytes`` or ``max_ratio`` times its
+    compressed size (checked while it streams).
     """
     root = Path(dest_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -99,9 +145,20 @@ def unpack(archive: str | os.PathLike[str], dest_dir: str | os.PathLike[str]) ->
         with (
             open(archive, "rb") as raw,
             zstandard.ZstdDecompressor().stream_reader(raw) as reader,
-            tarfile.open(fileobj=reader, mode="r|") as tar,
+            tarfile.open(
+                fileobj=_Bounded(reader, raw, os.fspath(archive), max_bytes, max_ratio),
+                mode="r|",
+            ) as tar,
         ):
-            for member in tar:
+            declared = 0
+            for count, member in enumerate(tar, start=1):
+                declared += member.size
+                if count > max_members:
+                    raise IntegrityError(f"cannot unpack {archive}: over {max_members} members")
+                if declared > max_bytes:
+                    raise IntegrityError(
+                        f"cannot unpack {archive}: its files declare over {max_bytes} bytes"
+                    )
                 target = _check_member(member, root)
                 for path in [*reversed(target.parents), target]:
                     if root in path.parents and not path.exists():

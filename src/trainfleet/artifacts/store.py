@@ -7,10 +7,15 @@ so one coordinator keeps artifacts on disk and many replicas share an object sto
 
 Uploads arrive in two steps. The coordinator streams the request body into an
 :class:`IngestBuffer` (a staging file, hashed and counted as it is written), then calls
-:meth:`ArtifactStore.commit_file` with the digest and size the client declared.
-``commit_file`` re-hashes the staged file itself rather than trusting a precomputed digest:
-one extra sequential read buys a single code path that verifies whatever is about to be
-stored. Nothing is stored unless size and digest both match (:class:`IntegrityError`).
+:meth:`ArtifactStore.commit_ingested` with the digest and size the client declared: the
+digest computed while streaming is compared, with no second pass over the bytes, and a
+local store moves the staged file into place (a rename), so committing a large artifact
+takes no longer than a small one. :meth:`ArtifactStore.commit_file` is the verified path for
+a file staged by anyone else: it re-hashes the file before storing it. Either way nothing is
+stored unless size and digest both match (:class:`IntegrityError`).
+
+Blobs that no artifact record binds (a fenced upload, an upload whose record never came) are
+removed by :func:`trainfleet.artifacts.gc.collect_garbage` after a grace period.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, cast
@@ -79,33 +86,59 @@ class ArtifactStore:
         match; in both cases nothing is stored. ``tmp_path`` is left in place for the caller
         to delete.
         """
-        check_digest(sha256)
-        if size < 0:
-            raise BadRequest(f"declared size must be >= 0, got {size}")
-        actual_size = os.path.getsize(tmp_path)
-        if actual_size != size:
-            raise IntegrityError(
-                f"size mismatch: declared {size} bytes, received {actual_size}",
-                expected_size=size,
-                actual_size=actual_size,
-            )
-        actual_sha, _ = sha256_file(tmp_path)
-        if actual_sha != sha256:
-            raise IntegrityError(
-                f"sha256 mismatch: declared {sha256}, received {actual_sha}",
-                expected_sha256=sha256,
-                actual_sha256=actual_sha,
-            )
+        _check_declared(sha256, size)
+        actual_sha, actual_size = sha256_file(tmp_path)
+        _check_match(sha256, size, actual_sha, actual_size)
+        return self._store(Path(tmp_path), sha256, move=False)
+
+    def commit_ingested(self, buf: IngestBuffer, sha256: str, size: int) -> bool:
+        """Store a closed :class:`IngestBuffer` whose bytes match the declared digest and size.
+
+        The digest is the one the buffer computed while the bytes streamed in (no second
+        read); a local store moves the staged file into place. Returns and raises as
+        :meth:`commit_file`; on refusal the staged file stays for the buffer to delete.
+        """
+        _check_declared(sha256, size)
+        buf.close()
+        _check_match(sha256, size, buf.digest, buf.size)
+        return self._store(buf.path, sha256, move=True)
+
+    def _store(self, staged: Path, sha256: str, *, move: bool) -> bool:
         final = self._path(sha256)
         if self.fs.exists(final):
+            if self._local:
+                os.utime(final)  # a fresh binding is coming: restart its GC grace period
             return False
         parent = final.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        if self._local:
-            _atomic_copy(Path(tmp_path), Path(final))
+        if not self._local:
+            self.fs.put_file(os.fspath(staged), final)
+        elif move:
+            try:
+                os.replace(staged, final)  # staged was fsynced by IngestBuffer.close()
+            except OSError:  # another filesystem: copy instead
+                _atomic_copy(staged, Path(final))
         else:
-            self.fs.put_file(os.fspath(tmp_path), final)
+            _atomic_copy(staged, Path(final))
         return True
+
+    def delete(self, sha256: str) -> bool:
+        """Remove a stored artifact; False when it was not there."""
+        try:
+            self.fs.rm_file(self._path(sha256))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def stored(self) -> Iterator[tuple[str, float]]:
+        """``(sha256, modified time)`` of every stored artifact (the GC's listing)."""
+        base = f"{self.root}/sha256"
+        if not self.fs.exists(base):
+            return
+        for info in self.fs.find(base, detail=True).values():
+            name = str(info["name"]).rsplit("/", 1)[-1]
+            if _DIGEST.fullmatch(name):
+                yield name, _mtime(info)
 
     def exists(self, sha256: str) -> bool:
         """Whether the artifact is stored."""
@@ -135,6 +168,38 @@ class ArtifactStore:
         return str(self.fs.unstrip_protocol(self._path(sha256)))
 
 
+def _check_declared(sha256: str, size: int) -> None:
+    check_digest(sha256)
+    if size < 0:
+        raise BadRequest(f"declared size must be >= 0, got {size}")
+
+
+def _check_match(sha256: str, size: int, actual_sha: str, actual_size: int) -> None:
+    if actual_size != size:
+        raise IntegrityError(
+            f"size mismatch: declared {size} bytes, received {actual_size}",
+            expected_size=size,
+            actual_size=actual_size,
+        )
+    if actual_sha != sha256:
+        raise IntegrityError(
+            f"sha256 mismatch: declared {sha256}, received {actual_sha}",
+            expected_sha256=sha256,
+            actual_sha256=actual_sha,
+        )
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """Modified time from an fsspec listing entry (keys differ between filesystems)."""
+    for key in ("mtime", "created", "LastModified", "last_modified"):
+        value = info.get(key)
+        if isinstance(value, int | float):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+    return time.time()  # unknown: treat as new, so the grace period protects it
+
+
 def _atomic_copy(src: Path, final: Path) -> None:
     """Copy ``src`` to ``final`` through a temp name in the same directory, then rename.
 
@@ -160,8 +225,7 @@ class IngestBuffer:
         with IngestBuffer(staging_dir, max_bytes=declared_size) as buf:
             async for chunk in request.stream():
                 buf.write(chunk)
-            buf.close()
-            store.commit_file(buf.path, declared_sha256, declared_size)
+            store.commit_ingested(buf, declared_sha256, declared_size)
 
     Leaving the ``with`` block (or calling :meth:`discard`) deletes the staging file.
     ``max_bytes`` stops an upload that sends more than it declared before it fills the disk.
@@ -199,8 +263,10 @@ class IngestBuffer:
         return self._size
 
     def close(self) -> None:
-        """Flush and close the staging file so it can be committed. Idempotent."""
+        """Flush, sync and close the staging file so it can be committed. Idempotent."""
         if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import psutil
 
 import trainfleet
-from trainfleet.capability.model import Capability
+from trainfleet.capability.model import MAX_TEXT_CHARS, Capability, is_host_name
 
 _GIB = 1024**3
 
@@ -58,12 +59,20 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def policy_host_name(hostname: str) -> str:
+    """``hostname`` made a valid host name: other characters become '-', cut to 63."""
+    if is_host_name(hostname):
+        return hostname
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", hostname).lstrip("._-")[:63]
+    return name or "host"
+
+
 def detect_capability(host: str | None = None) -> Capability:
     """Detect what this machine has. ``host`` overrides the hostname used for policy."""
     names, vram, torch_version = _cuda_devices()
-    hostname = socket.gethostname()
+    hostname = "".join(c for c in socket.gethostname() if c.isprintable())[:MAX_TEXT_CHARS]
     return Capability(
-        host=host or hostname,
+        host=host or policy_host_name(hostname),
         hostname=hostname,
         cores=_usable_cores(),
         ram_gib=round(psutil.virtual_memory().total / _GIB, 2),

@@ -1,24 +1,55 @@
-"""The capability record a worker reports and the coordinator matches jobs against."""
+"""The capability record a worker reports and the coordinator matches jobs against.
+
+Everything in it is chosen by the worker, so every field is bounded: a host name is 1-63
+characters of ``[A-Za-z0-9._-]`` starting with a letter or digit (what a manifest or an
+enrollment can name), other strings are printable and short, numbers are finite. A register
+with anything else is refused with a 400 that names the field.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# Open-mode workers are registered as ``open:<name>``: the ':' cannot appear in a manifest
+# host name or an enrolled one, so no policy and no enrollment can ever apply to them.
+OPEN_HOST_PREFIX = "open:"
+_ASSIGNED_HOST_PATTERN = r"^(open:)?[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+MAX_TEXT_CHARS = 256
+MAX_GPUS = 1024
+
+HostName = Annotated[str, StringConstraints(pattern=HOST_NAME_PATTERN)]
+# Printable: no C0/C1 control characters (no escape sequences, newlines or NULs).
+Text = Annotated[
+    str, StringConstraints(max_length=MAX_TEXT_CHARS, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")
+]
+
+
+def is_host_name(name: str) -> bool:
+    """Whether ``name`` may be enrolled or declared as a host."""
+    return re.fullmatch(HOST_NAME_PATTERN, name) is not None
 
 
 class Capability(BaseModel):
     """One worker's capability. Sent at registration; snapshotted into every artifact binding."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    host: str = Field(description="host name used for policy (hostname unless overridden)")
-    hostname: str = Field(description="the machine's own hostname")
-    cores: int = Field(ge=1, description="usable CPU cores")
+    host: Annotated[str, StringConstraints(pattern=_ASSIGNED_HOST_PATTERN)] = Field(
+        description="host name used for policy: 1-63 of [A-Za-z0-9._-], starting alphanumeric"
+        " (the coordinator replaces it with the enrolled name, or open:NAME in open mode)"
+    )
+    hostname: Text = Field(description="the machine's own hostname")
+    cores: int = Field(ge=1, le=10**9, description="usable CPU cores")
     ram_gib: float = Field(ge=0, description="total RAM in GiB")
     cuda: bool = Field(description="a usable CUDA device is present")
-    num_gpus: int = Field(0, ge=0)
-    gpu_names: list[str] = Field(default_factory=list)
+    num_gpus: int = Field(0, ge=0, le=MAX_GPUS)
+    gpu_names: list[Text] = Field(default_factory=list, max_length=MAX_GPUS)
     vram_gib: float = Field(0.0, ge=0, description="VRAM of the largest GPU in GiB")
-    torch_version: str = ""
-    python_version: str = ""
-    code_version: str = Field("", description="trainfleet version, plus git commit if known")
-    platform: str = ""
+    torch_version: Text = ""
+    python_version: Text = ""
+    code_version: Text = Field("", description="trainfleet version, plus git commit if known")
+    platform: Text = ""

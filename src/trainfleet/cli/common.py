@@ -7,8 +7,10 @@ Connection options of every operator command come from flags, then environment v
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +19,10 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from trainfleet import env
+from trainfleet.cli.render import plain
 from trainfleet.client import Client
 from trainfleet.errors import ApiError, CoordinatorUnavailable, ManifestError, TrainfleetError
 
@@ -44,14 +47,37 @@ StateOpt = Annotated[
     typer.Option("--state-dir", envvar=env.STATE_DIR, help="Coordinator state directory."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-JobArg = Annotated[str, typer.Argument(help="Job name, id, or unique id prefix.")]
+
+
+def _job_ref(value: str | list[str]) -> str | list[str]:
+    """Refuse an empty job reference up front: a clear usage error (exit 2), no request."""
+    for ref in [value] if isinstance(value, str) else value:
+        if not ref.strip():
+            raise typer.BadParameter("empty job reference: give a job name, id or id prefix")
+    return value
+
+
+JobArg = Annotated[
+    str, typer.Argument(help="Job name, id, or unique id prefix.", callback=_job_ref)
+]
+JobsArg = Annotated[
+    list[str], typer.Argument(help="Jobs (names, ids or id prefixes).", callback=_job_ref)
+]
 
 DEFAULT_STATE = Path(env.DEFAULT_STATE_DIR)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    err_console.print(Text("error: ", style="red") + plain(message), highlight=False)
     raise typer.Exit(code)
+
+
+def safe_stdio() -> None:
+    """Whatever a string holds, printing it never raises (UnicodeEncodeError on a lone
+    surrogate or a narrow locale): unencodable characters come out backslash-escaped."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 @contextmanager
@@ -60,17 +86,20 @@ def errors() -> Iterator[None]:
     try:
         yield
     except ManifestError as err:
-        err_console.print(f"[red]error:[/] invalid manifest {escape(err.path)}", highlight=False)
+        err_console.print(Text("error: ", style="red") + plain(f"invalid manifest {err.path}"))
         for problem in err.problems:
-            err_console.print(f"  - {escape(problem)}", highlight=False)
+            err_console.print(plain(f"  - {problem}"), highlight=False)
         raise typer.Exit(2) from None
     except ApiError as err:
-        err_console.print(f"[red]error:[/] {escape(err.message)}", highlight=False)
-        for problem in err.details.get("problems", []):
+        err_console.print(Text("error: ", style="red") + plain(err.message), highlight=False)
+        problems = err.details.get("problems", [])
+        for problem in problems if isinstance(problems, list) else [problems]:
             text = (
-                problem if isinstance(problem, str) else f"{problem['field']}: {problem['message']}"
+                f"{problem.get('field')}: {problem.get('message')}"
+                if isinstance(problem, dict)
+                else problem
             )
-            err_console.print(f"  - {escape(text)}", highlight=False)
+            err_console.print(plain(f"  - {text}"), highlight=False)
         raise typer.Exit(1) from None
     except CoordinatorUnavailable as err:
         fail(f"{err}\n  is `trainfleet serve` running there? (--url / {env.URL})")
@@ -78,7 +107,9 @@ def errors() -> Iterator[None]:
         fail(str(err))
 
 
-def client(url: str, token: str | None, state_dir: Path) -> Client:
+def client(url: str, token: str | None, state_dir: Path, ca_cert: Path | None = None) -> Client:
+    """An operator client; ``ca_cert`` (default: ``TRAINFLEET_CA_CERT``) for https."""
+    ca_cert = ca_cert or (Path(os.environ[env.CA_CERT]) if os.environ.get(env.CA_CERT) else None)
     if token is None:
         path = state_dir / "operator.token"
         if not path.exists():
@@ -87,7 +118,7 @@ def client(url: str, token: str | None, state_dir: Path) -> Client:
                 f" {path} exists (written by `trainfleet serve`)"
             )
         token = path.read_text().strip()
-    return Client(url, token)
+    return Client(url, token, ca_cert=ca_cert)
 
 
 def print_json(data: Any) -> None:

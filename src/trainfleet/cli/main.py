@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from trainfleet import __version__, env
 from trainfleet.cli import render
 from trainfleet.cli.common import (
     DEFAULT_STATE,
     JobArg,
+    JobsArg,
     JsonOpt,
     StateOpt,
     TokenOpt,
@@ -34,8 +36,10 @@ from trainfleet.cli.common import client as _client
 from trainfleet.cli.common import errors as _errors
 from trainfleet.cli.common import fail as _fail
 from trainfleet.cli.common import print_json as _print_json
+from trainfleet.cli.common import safe_stdio as _safe_stdio
 from trainfleet.cli.common import setup_logging as _setup_logging
 from trainfleet.cli.data import app as data_app
+from trainfleet.cli.fleet import hosts_app, workers_app
 from trainfleet.client import Client
 
 app = typer.Typer(
@@ -43,7 +47,8 @@ app = typer.Typer(
     help=(
         "Train models across a fleet of machines.\n\n"
         "Start a coordinator with `trainfleet serve`, load a manifest with `trainfleet reload"
-        " fleet.toml`, and join workers from any machine with `trainfleet join URL --token T`."
+        " fleet.toml`, enroll a host with `trainfleet hosts enroll NAME --token-file F`, and join"
+        " it as a worker with `trainfleet join URL --token-file F`."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -85,18 +90,41 @@ def serve(
             help="Artifact store: a directory or any fsspec URL. Default: STATE_DIR/artifacts."
         ),
     ] = None,
-    operator_token: Annotated[
-        str | None,
+    operator_token_file: Annotated[
+        Path | None,
         typer.Option(
-            envvar=env.TOKEN, help="Operator token. Default: generated once, kept in STATE_DIR."
+            help=f"Read the operator token from this file (or set {env.TOKEN})."
+            " Default: generated once, kept in STATE_DIR/operator.token."
         ),
     ] = None,
-    join_token: Annotated[
-        str | None,
+    join_token_file: Annotated[
+        Path | None,
         typer.Option(
-            envvar=env.JOIN_TOKEN,
-            help="Worker join token. Default: generated once, kept in STATE_DIR.",
+            help=f"Read the shared join token (open mode) from this file (or set"
+            f" {env.JOIN_TOKEN}). Default: generated once, kept in STATE_DIR/join.token."
         ),
+    ] = None,
+    open_join: Annotated[
+        bool,
+        typer.Option(
+            "--open-join",
+            help="Open mode: anyone with the shared join token may join, as a new host named"
+            " open:NAME that no host policy applies to. Default: enrolled hosts only.",
+        ),
+    ] = False,
+    public_reads: Annotated[
+        bool,
+        typer.Option(
+            "--public-reads",
+            help="Serve the read endpoints and /metrics without a token. Default: operator token.",
+        ),
+    ] = False,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="Serve https with this certificate chain (PEM); needs --tls-key."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="The private key (PEM) of --tls-cert.")
     ] = None,
     heartbeat_interval_s: Annotated[
         float, typer.Option(help="Seconds between worker heartbeats.")
@@ -108,19 +136,27 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the coordinator (HTTP API on HOST:PORT; state in STATE_DIR)."""
-    from trainfleet.coordinator.server import ServeConfig, build_coordinator
+    from trainfleet.coordinator.server import ServeConfig, TlsFiles, build_coordinator
     from trainfleet.coordinator.server import serve as run_server
     from trainfleet.manifest import load_manifest
 
     _setup_logging(log_level, "[coordinator] ")
     if heartbeat_timeout_s <= heartbeat_interval_s:
         _fail("--heartbeat-timeout-s must exceed --heartbeat-interval-s")
+    if (tls_cert is None) != (tls_key is None):
+        _fail("--tls-cert and --tls-key go together")
+    tls = TlsFiles(tls_cert, tls_key) if tls_cert and tls_key else None
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            _fail(f"cannot read {path}", 2)
     cfg = ServeConfig(
         state_dir=state_dir,
         queue_url=queue_url,
         artifacts=artifacts,
-        operator_token=operator_token,
-        join_token=join_token,
+        operator_token=_secret(operator_token_file, env.TOKEN),
+        join_token=_secret(join_token_file, env.JOIN_TOKEN),
+        open_join=open_join,
+        public_reads=public_reads,
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_timeout_s=heartbeat_timeout_s,
     )
@@ -133,13 +169,36 @@ def serve(
                 f"loaded {manifest}: {len(plan.added)} added, {len(plan.changed)} changed,"
                 f" {len(plan.kept)} kept, {len(plan.removed)} removed"
             )
-        base = f"http://{host}:{port}"
-        err_console.print(
-            f"coordinator on {base}  (state: {state_dir})\n"
-            f"join workers with:  trainfleet join {base} --token {coord.join_token}",
-            highlight=False,
-        )
-        run_server(coord, host, port)
+            for warning in plan.warnings:
+                err_console.print(f"warning: {warning}", markup=False, highlight=False)
+        base = f"{'https' if tls else 'http'}://{host}:{port}"
+        ca = " --ca-cert CA.pem" if tls else ""
+        lines = [
+            f"coordinator on {base}  (state: {state_dir}; operator token in"
+            f" {state_dir / 'operator.token'})",
+            f"enroll a host:  trainfleet hosts enroll NAME --token-file NAME.token{ca}",
+            f"then on it:     trainfleet join {base} --token-file NAME.token{ca}",
+        ]
+        if open_join:
+            lines.append(
+                f"open join is ON: the shared token in {state_dir / 'join.token'} admits anyone,"
+                " as a new policy-less host open:NAME"
+            )
+        err_console.print("\n".join(lines), highlight=False, markup=False)
+        run_server(coord, host, port, tls)
+
+
+def _secret(path: Path | None, var: str) -> str | None:
+    """A token from ``path``, else from the environment variable ``var``, else None."""
+    if path is not None:
+        try:
+            value = path.read_text().strip()
+        except OSError as err:
+            _fail(f"cannot read {path}: {err.strerror}", 2)
+        if not value:
+            _fail(f"{path} is empty", 2)
+        return value
+    return os.environ.get(var) or None
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -157,18 +216,28 @@ def _check_port_free(host: str, port: int) -> None:
 @app.command()
 def join(
     url: Annotated[str, typer.Argument(help="Coordinator URL, e.g. http://10.0.0.5:8470.")],
-    token: Annotated[
-        str | None,
+    token_file: Annotated[
+        Path | None,
         typer.Option(
-            "--token",
-            envvar=env.JOIN_TOKEN,
-            help="Join token (the coordinator's STATE_DIR/join.token).",
+            help=f"File holding this host's join token (`trainfleet hosts enroll NAME"
+            f" --token-file F`); or set {env.JOIN_TOKEN}. Never pass a token as an argument.",
         ),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", hidden=True, help="Refused: visible in `ps`.")
     ] = None,
     host: Annotated[
         str | None,
         typer.Option(
-            envvar=env.HOST, help="Host name for policy (default: this machine's hostname)."
+            envvar=env.HOST,
+            help="Host name (default: the name the join token is enrolled for; in open mode,"
+            " this machine's hostname).",
+        ),
+    ] = None,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar=env.CA_CERT, help="CA certificate (PEM) to trust for an https coordinator."
         ),
     ] = None,
     workdir: Annotated[
@@ -182,6 +251,12 @@ def join(
     exit_when_idle_s: Annotated[
         float | None, typer.Option(help="Exit after this many seconds without work.")
     ] = None,
+    keep_failed_attempts: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Directories of failed attempts kept in WORKDIR/jobs for debugging."
+        ),
+    ] = 5,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Shard cache, plans and routers (default: WORKDIR/cache)."),
@@ -207,29 +282,43 @@ def join(
     from trainfleet.data.prepare import GIB, CacheSettings
     from trainfleet.worker.daemon import Worker, WorkerConfig
 
-    if token is None:
-        local = state_dir / "join.token"
-        if not local.exists():
-            _fail(f"no join token: pass --token or set {env.JOIN_TOKEN}")
-        token = local.read_text().strip()
+    if token is not None:
+        _fail(
+            "--token is not accepted: a token on the command line is visible to every user"
+            f" in `ps`; use --token-file PATH or set {env.JOIN_TOKEN}",
+            2,
+        )
+    join_token = _secret(token_file, env.JOIN_TOKEN)
+    shared = state_dir / "join.token"  # on the coordinator's machine, in open mode
+    if join_token is None and shared.exists():
+        join_token = _secret(shared, env.JOIN_TOKEN)
+    if join_token is None:
+        _fail(
+            f"no join token: pass --token-file PATH or set {env.JOIN_TOKEN} (the operator"
+            " issues one with `trainfleet hosts enroll NAME --token-file PATH`)"
+        )
+    if ca_cert is not None and not ca_cert.is_file():
+        _fail(f"cannot read {ca_cert}", 2)
     _setup_logging(log_level, f"[worker {host or os.uname().nodename}] ")
     worker = Worker(
         WorkerConfig(
             url=url,
-            join_token=token,
+            join_token=join_token,
             host=host,
             workdir=workdir,
             poll_interval_s=poll_interval_s,
             num_threads=threads,
             max_jobs=max_jobs,
             exit_when_idle_s=exit_when_idle_s,
+            keep_failed_attempts=keep_failed_attempts,
             data=CacheSettings(
                 directory=cache_dir or workdir / "cache",
                 max_bytes=int(cache_gib * GIB),
                 max_shards=max_shards,
                 verify_routing=verify_routing,
             ),
-        )
+        ),
+        client_factory=lambda tok: Client(url, tok, ca_cert=ca_cert),
     )
     worker.install_signal_handlers()
     with _errors():
@@ -266,6 +355,8 @@ def reload(
         f"{len(plan['added'])} added, {len(plan['changed'])} changed, {len(plan['kept'])} kept,"
         f" {len(plan['removed'])} removed"
     )
+    for warning in plan.get("warnings", []):
+        console.print(f"warning: {warning}", markup=False, highlight=False)
 
 
 def _read(fn: Callable[[Client], Any], url: str, token: str | None, state_dir: Path) -> Any:
@@ -285,12 +376,13 @@ def status(
     if as_json:
         _print_json(data)
         return
-    counts = (
-        ", ".join(f"{render.state(k)} {v}" for k, v in sorted(data["counts"].items())) or "no jobs"
+    counts = Text(", ").join(
+        render.state(k) + render.plain(f" {v}") for k, v in sorted(data["counts"].items())
     )
-    console.print(f"jobs: {counts}\nworkers online: {data['workers_online']}")
+    console.print(Text("jobs: ") + (counts or Text("no jobs")))
+    console.print(render.plain(f"workers online: {data['workers_online']}"))
     if data["manifest_hash"]:
-        console.print(f"manifest: {data['manifest_hash'][:12]}")
+        console.print(render.plain(f"manifest: {data['manifest_hash'][:12]}"))
 
 
 @app.command("list")
@@ -324,19 +416,18 @@ def show(
         return
     rec = data["job"]
     console.print(render.jobs_table([rec], title=f"job {rec['name']} ({rec['id']})"))
-    console.print_json(
-        json.dumps(
-            {
-                "spec": rec["spec"],
-                "result": rec["result"],
-                "error": rec["error"],
-                "flags": rec["flags"],
-            }
-        )
-    )
+    detail = {k: rec[k] for k in ("spec", "result", "error", "flags")}
+    console.print_json(json.dumps(render.clean_data(detail)))
     console.print(render.events_table(data["events"]))
     if data["artifacts"]:
         console.print(render.artifacts_table(data["artifacts"]))
+    for other in data.get("same_name", []):
+        where = "in the manifest" if other["in_manifest"] else "removed from the manifest"
+        console.print(
+            f"also named {other['name']}: {other['id'][:12]} ({other['state']}, {where})",
+            markup=False,
+            highlight=False,
+        )
 
 
 @app.command()
@@ -345,11 +436,20 @@ def logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")
     ] = False,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw", help="Print the job's output as-is, terminal control sequences included."
+        ),
+    ] = False,
     url: UrlOpt = env.DEFAULT_URL,
     token: TokenOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
-    """Print a job's output (every attempt), optionally following it live."""
+    """Print a job's output (every attempt), optionally following it live.
+
+    Control characters a job printed (colours, cursor moves, hyperlinks, carriage returns)
+    are shown as visible escapes such as \\x1b, unless --raw."""
     terminal = {"completed", "failed", "cancelled"}
     with _errors(), _client(url, token, state_dir) as client:
         after, attempt = 0, None
@@ -358,8 +458,10 @@ def logs(
             for line in page["lines"]:
                 if line["attempt"] != attempt:
                     attempt = line["attempt"]
-                    err_console.print(f"[dim]--- attempt {attempt} (epoch {line['epoch']}) ---[/]")
-                sys.stdout.write(line["line"] + "\n")
+                    header = f"--- attempt {attempt} (epoch {line['epoch']}) ---"
+                    err_console.print(render.plain(header, "dim"))
+                text = line["line"] if isinstance(line["line"], str) else str(line["line"])
+                sys.stdout.write((text if raw else render.clean(text)) + "\n")
             sys.stdout.flush()
             after = page["next_after"]
             if not follow or (page["state"] in terminal and not page["lines"]):
@@ -370,7 +472,7 @@ def logs(
 
 @app.command()
 def cancel(
-    jobs: Annotated[list[str], typer.Argument(help="Jobs to cancel (names, ids or id prefixes).")],
+    jobs: JobsArg,
     url: UrlOpt = env.DEFAULT_URL,
     token: TokenOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
@@ -379,12 +481,12 @@ def cancel(
     with _errors(), _client(url, token, state_dir) as client:
         for ref in jobs:
             rec = client.cancel(ref)
-            console.print(f"cancelled {rec['name']} ({rec['id'][:12]})")
+            console.print(render.plain(f"cancelled {rec['name']} ({rec['id'][:12]})"))
 
 
 @app.command()
 def requeue(
-    jobs: Annotated[list[str], typer.Argument(help="Jobs to requeue (names, ids or id prefixes).")],
+    jobs: JobsArg,
     url: UrlOpt = env.DEFAULT_URL,
     token: TokenOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
@@ -393,22 +495,8 @@ def requeue(
     with _errors(), _client(url, token, state_dir) as client:
         for ref in jobs:
             rec = client.requeue(ref)
-            console.print(f"requeued {rec['name']} ({rec['id'][:12]})")
-
-
-@app.command()
-def workers(
-    url: UrlOpt = env.DEFAULT_URL,
-    token: TokenOpt = None,
-    state_dir: StateOpt = DEFAULT_STATE,
-    as_json: JsonOpt = False,
-) -> None:
-    """Workers with their effective capability and the corrections made to it."""
-    data = _read(lambda c: c.workers(), url, token, state_dir)
-    if as_json:
-        _print_json(data)
-    else:
-        console.print(render.workers_table(data))
+            pinned = " (removed from the manifest: pinned)" if rec.get("pinned") else ""
+            console.print(render.plain(f"requeued {rec['name']} ({rec['id'][:12]}){pinned}"))
 
 
 @app.command()
@@ -425,7 +513,8 @@ def explain(
         _print_json(data)
     else:
         console.print(
-            f"[bold]{data['name']}[/] ({data['id'][:12]}): {data['message']}", highlight=False
+            render.plain(data["name"], "bold")
+            + render.plain(f" ({data['id'][:12]}): {data['message']}")
         )
 
 
@@ -456,13 +545,16 @@ def download(
             _fail(f"downloaded bytes hash to {got}, expected {sha}")
         files = unpack(archive, dest)
         archive.unlink()
-    console.print(f"{len(files)} files from artifact {sha[:12]} in {dest}")
+    console.print(render.plain(f"{len(files)} files from artifact {sha[:12]} in {dest}"))
 
 
 app.add_typer(data_app)
+app.add_typer(hosts_app)
+app.add_typer(workers_app)
 
 
 def main() -> None:
+    _safe_stdio()
     app()
 
 

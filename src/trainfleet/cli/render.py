@@ -1,11 +1,22 @@
-"""Rich tables for the CLI. Pure functions of API JSON, so ``--json`` and tables agree."""
+r"""Rich tables for the CLI. Pure functions of API JSON, so ``--json`` and tables agree.
+
+Every string in API JSON may have come from a worker or a job (names, hosts, errors, log
+lines, metrics, event details, notes), so it is shown as plain text: it goes into a table or
+a line as a ``rich.text.Text`` (no markup or emoji codes interpreted, so ``[red]`` prints as
+is and ``[/]`` cannot crash a table), and :func:`clean` first makes every terminal control
+character visible (ESC, CSI, OSC 8 hyperlinks, ``\r``, backspace, the other C0/C1 controls
+and DEL, bidirectional overrides, lone surrogates) as a ``\xNN``/``\uNNNN`` escape. Only
+``\n`` and ``\t`` pass. ``trainfleet logs --raw`` is the one way to get a job's bytes as-is.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 STATE_STYLE = {
     "pending": "yellow",
@@ -16,17 +27,54 @@ STATE_STYLE = {
     "cancelled": "magenta",
 }
 
+# C0 controls but \t and \n, DEL, C1 controls, bidi embeddings/overrides/isolates, and
+# lone surrogates (which JSON can carry and no terminal encoding can print).
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def clean(value: Any) -> str:
+    """``value`` as text with every terminal control sequence neutralized (made visible)."""
+    text = value if isinstance(value, str) else str(value)
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def plain(value: Any, style: str = "") -> Text:
+    """``value`` as a cleaned ``Text``: printed literally, never parsed as markup."""
+    return Text(clean(value), style=style)
+
+
+def clean_data(value: Any) -> Any:
+    """A JSON value with every string in it (keys too) cleaned."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {clean(k): clean_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_data(v) for v in value]
+    return value
+
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
-    return format(value, spec) if isinstance(value, int | float) else "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    return format(value, spec)
 
 
-def state(s: str) -> str:
-    return f"[{STATE_STYLE.get(s, 'white')}]{s}[/]"
+def state(s: Any) -> Text:
+    return plain(s, STATE_STYLE.get(s, "white") if isinstance(s, str) else "white")
+
+
+def _short(value: Any, n: int) -> Text:
+    return plain(value[:n] if isinstance(value, str) else (value or "-"))
 
 
 def jobs_table(jobs: list[dict[str, Any]], title: str = "jobs") -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=plain(title), title_justify="left")
     for col in ("id", "job", "state", "host", "attempts", "held-out loss", "tokens/s", "artifact"):
         table.add_column(
             col, justify="right" if col in ("attempts", "held-out loss", "tokens/s") else "left"
@@ -34,15 +82,18 @@ def jobs_table(jobs: list[dict[str, Any]], title: str = "jobs") -> Table:
     for job in jobs:
         result = job.get("result") or {}
         metrics = result.get("metrics") or {}
+        name = plain(job["name"])
+        if not job.get("in_manifest", True):
+            name.append(" (removed)", style="dim")
         table.add_row(
-            job["id"][:12],
-            job["name"] + ("" if job.get("in_manifest", True) else " [dim](removed)[/]"),
+            _short(job["id"], 12),
+            name,
             state(job["state"]),
-            job.get("host") or "-",
-            str(job["attempt"]),
+            plain(job.get("host") or "-"),
+            plain(job["attempt"]),
             _fmt(metrics.get("heldout_loss")),
             _fmt(metrics.get("tokens_per_s"), ",.0f"),
-            (result.get("artifact") or "-")[:12],
+            _short(result.get("artifact") or "-", 12),
         )
     return table
 
@@ -54,17 +105,17 @@ def workers_table(workers: list[dict[str, Any]]) -> Table:
     now = time.time()
     for w in workers:
         eff = w["effective"]
-        cuda = f"{eff['num_gpus']}x {eff['vram_gib']:g} GiB" if eff["cuda"] else "no"
+        cuda = f"{eff['num_gpus']}x {_fmt(eff['vram_gib'], 'g')} GiB" if eff["cuda"] else "no"
         table.add_row(
-            w["id"],
-            w["host"],
-            w["state"],
-            str(eff["cores"]),
-            f"{eff['ram_gib']:.1f}",
-            cuda,
-            (w.get("current_job") or "-")[:12],
-            f"{now - w['last_seen']:.0f}s ago",
-            "; ".join(w.get("notes") or []),
+            plain(w["id"]),
+            plain(w["host"]),
+            state(w["state"]),
+            plain(eff["cores"]),
+            _fmt(eff["ram_gib"], ".1f"),
+            plain(cuda),
+            _short(w.get("current_job") or "-", 12),
+            f"{now - w['last_seen']:.0f}s ago" if isinstance(w["last_seen"], int | float) else "-",
+            plain("; ".join(clean(n) for n in w.get("notes") or [])),
         )
     return table
 
@@ -72,7 +123,8 @@ def workers_table(workers: list[dict[str, Any]]) -> Table:
 def plan_table(plan: dict[str, Any]) -> Table:
     verb = "applied" if plan["applied"] else "dry run: nothing changed"
     table = Table(
-        title=f"reload plan ({verb}); manifest {plan['manifest_hash'][:12]}", title_justify="left"
+        title=plain(f"reload plan ({verb}); manifest {plan['manifest_hash'][:12]}"),
+        title_justify="left",
     )
     for col in ("change", "id", "job", "state", "details"):
         table.add_column(col)
@@ -85,11 +137,11 @@ def plan_table(plan: dict[str, Any]) -> Table:
             if kind == "removed":
                 details = "stays until cancelled"
             table.add_row(
-                f"[{styles[kind]}]{kind}[/]",
-                entry["id"][:12],
-                entry["name"],
-                entry.get("state") or "-",
-                details,
+                Text(kind, style=styles[kind]),
+                _short(entry["id"], 12),
+                plain(entry["name"]),
+                plain(entry.get("state") or "-"),
+                plain(details),
             )
     return table
 
@@ -102,11 +154,11 @@ def events_table(events: list[dict[str, Any]]) -> Table:
         transition = f"{e['from_state'] or ''} -> {e['to_state']}" if e["to_state"] else ""
         table.add_row(
             time.strftime("%H:%M:%S", time.localtime(e["at"])),
-            e["kind"],
-            transition,
-            e.get("worker_id") or "",
-            str(e["epoch"] or ""),
-            e["detail"],
+            plain(e["kind"]),
+            plain(transition),
+            plain(e.get("worker_id") or ""),
+            plain(e["epoch"] or ""),
+            plain(e["detail"]),
         )
     return table
 
@@ -117,13 +169,13 @@ def artifacts_table(artifacts: list[dict[str, Any]]) -> Table:
         table.add_column(col)
     for a in artifacts:
         table.add_row(
-            a["sha256"][:16],
-            a["name"],
-            f"{a['size']:,}",
-            str(a["attempt"]),
-            str(a["epoch"]),
-            a["worker_id"],
-            a["capability"]["host"],
-            a["manifest_hash"][:12],
+            _short(a["sha256"], 16),
+            plain(a["name"]),
+            _fmt(a["size"], ","),
+            plain(a["attempt"]),
+            plain(a["epoch"]),
+            plain(a["worker_id"]),
+            plain(a["capability"]["host"]),
+            _short(a["manifest_hash"], 12),
         )
     return table

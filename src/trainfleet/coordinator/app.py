@@ -10,12 +10,22 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trainfleet import __version__
-from trainfleet.coordinator import routes_data, routes_operator, routes_read, routes_worker
-from trainfleet.coordinator.endpoints import Ctx, RouteTable
+from trainfleet.artifacts.gc import INTERVAL_S as GC_INTERVAL_S
+from trainfleet.artifacts.gc import collect_garbage
+from trainfleet.coordinator import (
+    routes_data,
+    routes_hosts,
+    routes_operator,
+    routes_read,
+    routes_worker,
+)
+from trainfleet.coordinator.endpoints import RAW_PATH_KEY, Ctx, RouteTable
 from trainfleet.coordinator.state import Coordinator
 
 log = logging.getLogger(__name__)
@@ -23,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def api_routes() -> RouteTable:
     table = RouteTable()
-    for module in (routes_worker, routes_operator, routes_read, routes_data):
+    for module in (routes_worker, routes_operator, routes_read, routes_data, routes_hosts):
         table.include(module.routes)
     return table
 
@@ -42,20 +52,48 @@ async def _reap_forever(coord: Coordinator) -> None:
             log.warning("job %s (%s) lost its worker: now %s", job.name, job.id[:12], job.state)
 
 
+async def _collect_garbage_forever(coord: Coordinator) -> None:
+    """Remove artifact blobs no record binds (fenced or abandoned uploads), after a grace."""
+    while True:
+        await asyncio.sleep(GC_INTERVAL_S)
+        try:
+            await run_in_threadpool(collect_garbage, coord.store, coord.queue)
+        except Exception:
+            log.exception("artifact gc pass failed; retrying")
+
+
 def create_app(coord: Coordinator) -> Starlette:
     table = api_routes()
     # Declared through the route table too, so the OpenAPI document lists every served path.
     service = RouteTable()
 
-    @service.route("GET", "/openapi.json", auth="none", summary="This OpenAPI 3.1 document")
+    @service.route(
+        "GET",
+        "/openapi.json",
+        auth="none",
+        summary="This OpenAPI 3.1 document",
+        media_type="application/json",
+    )
     async def openapi(_: Ctx) -> Response:
         return JSONResponse(spec)
 
-    @service.route("GET", "/health", auth="none", summary="Liveness and the coordinator version")
+    @service.route(
+        "GET",
+        "/health",
+        auth="none",
+        summary="Liveness and the coordinator version",
+        media_type="application/json",
+    )
     async def health(_: Ctx) -> Response:
         return JSONResponse({"ok": True, "version": __version__})
 
-    @service.route("GET", "/metrics", auth="none", summary="Prometheus metrics (text format)")
+    @service.route(
+        "GET",
+        "/metrics",
+        auth="read",
+        summary="Prometheus metrics (text format)",
+        media_type="text/plain",
+    )
     async def metrics(ctx: Ctx) -> Response:
         body = await ctx.run(coord.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4")
@@ -84,18 +122,39 @@ def create_app(coord: Coordinator) -> Starlette:
         renewed = await run_in_threadpool(coord.queue.renew_leases)
         if renewed:
             log.info("resuming: %d active job(s) get a fresh heartbeat deadline", renewed)
-        reaper = asyncio.create_task(_reap_forever(coord))
+        tasks = [
+            asyncio.create_task(_reap_forever(coord)),
+            asyncio.create_task(_collect_garbage_forever(coord)),
+        ]
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = Starlette(
         routes=table.starlette_routes(coord),
         exception_handlers={HTTPException: http_error, Exception: server_error},
+        middleware=[Middleware(RawPathRouting)],
         lifespan=lifespan,
     )
+    # "/v1/jobs/" is a 404, not a redirect the description cannot list.
+    app.router.redirect_slashes = False
     app.state.coordinator = coord
     return app
+
+
+class RawPathRouting:
+    """Route on the path as sent, so a quoted '/' (``%2F``) in a job reference stays inside
+    its segment; ``Ctx.path`` unquotes each parameter (``endpoints.RAW_PATH_KEY``)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path")
+        if scope["type"] == "http" and isinstance(raw, bytes):
+            scope = {**scope, "path": raw.decode("latin-1"), RAW_PATH_KEY: True}
+        await self.app(scope, receive, send)

@@ -1,27 +1,32 @@
-"""The HTTP route table: one declaration per endpoint gives auth, body validation, JSON errors
-and the endpoint's OpenAPI entry, so the served API and its description cannot drift apart.
+"""The HTTP route table: one declaration per endpoint gives auth, path and query parameters,
+body validation, JSON errors and the endpoint's OpenAPI entry (``coordinator/openapi.py``),
+so the served API and its description cannot drift apart.
 
 Handlers are ``async def handler(ctx) -> BaseModel | Response | None``; queue calls go through
-``ctx.run`` (a thread pool), keeping the event loop free while SQLite works.
+``ctx.run`` (a thread pool), keeping the event loop free while SQLite works. Parameters are
+validated against their declaration before the handler runs: a path parameter against its
+pattern, a query integer against its range (SQLite integers are 64-bit), a JSON body against
+its size and nesting limits (``coordinator/bodies.py``) and then its model.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ValidationError
-from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trainfleet.coordinator.auth import Auth, authenticate
+from trainfleet.coordinator.bodies import MAX_JSON_BYTES, parse_json, read_limited
 from trainfleet.errors import ApiError, BadRequest
 
 if TYPE_CHECKING:
@@ -30,37 +35,127 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MAX_JSON_BYTES = 16 * 1024 * 1024
+INT64_MAX = 2**63 - 1
+_INTEGER = re.compile(r"-?[0-9]{1,30}")
+RAW_PATH_KEY = "trainfleet.raw_path"  # set by app.py: path parameters arrive still quoted
 
-_AUTH_DOC = {
-    "none": "none",
-    "join": "join token (Authorization: Bearer JOIN_TOKEN)",
-    "worker": "worker credential from /v1/workers/register",
-    "operator": "operator token (Authorization: Bearer OPERATOR_TOKEN)",
-    "reader": "operator token or a worker credential",
-}
+__all__ = ["MAX_JSON_BYTES", "Ctx", "Endpoint", "Param", "RouteTable", "error_response"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared path or query parameter: its OpenAPI schema and its validation."""
+
+    name: str
+    description: str
+    kind: Literal["integer", "string"] = "string"
+    minimum: int | None = None
+    maximum: int | None = None
+    default: int | str | None = None
+    required: bool = False
+    pattern: str | None = None
+    max_length: int = 256
+    enum: tuple[str, ...] = ()
+
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.kind}
+        if self.kind == "integer":
+            out["minimum"] = -(2**63) if self.minimum is None else self.minimum
+            out["maximum"] = INT64_MAX if self.maximum is None else self.maximum
+        elif self.enum:
+            out["enum"] = list(self.enum)
+        else:
+            out["minLength"], out["maxLength"] = 1, self.max_length
+            if self.pattern:
+                out["pattern"] = self.pattern
+        if self.default is not None:
+            out["default"] = self.default
+        return out
+
+    def parse(self, raw: str | None, where: str = "query") -> int | str | None:
+        """The validated value of ``raw`` (None: the default); :class:`BadRequest` if not."""
+        what = f"{where} parameter {self.name!r}"
+        if raw is None:
+            if self.required:
+                raise BadRequest(f"{what} is required: {self.description}")
+            return self.default
+        if self.kind == "integer":
+            if not _INTEGER.fullmatch(raw):  # int() would also take "1_0", " 1", "٣"
+                raise BadRequest(f"{what} must be an integer, got {raw[:40]!r}")
+            value = int(raw)
+            low, high = self.schema()["minimum"], self.schema()["maximum"]
+            if not low <= value <= high:
+                raise BadRequest(f"{what} must be between {low} and {high}, got {value}")
+            return value
+        if self.enum and raw not in self.enum:
+            raise BadRequest(f"{what} must be one of {list(self.enum)}, got {raw[:40]!r}")
+        if len(raw) > self.max_length:
+            raise BadRequest(f"{what} is longer than {self.max_length} characters")
+        if self.pattern and not re.search(self.pattern, raw):
+            raise BadRequest(f"{what} {raw[:80]!r} does not match {self.pattern}")
+        return raw
+
+
+# Path parameters by name; a route may declare others with ``path_params=``.
+JOB_REF = Param(
+    "job_id",
+    "a job id, an unambiguous id prefix (4+ hex digits) or a job name; URL-quoted",
+    pattern=r"^[^\x00-\x1f\x7f]{1,256}$",
+)
+HEX64 = r"^[0-9a-f]{64}$"
+SHA256 = Param("sha256", "sha256 of the artifact's bytes (64 lowercase hex)", pattern=HEX64)
+FIT_ID = Param("fit_id", "the dataset's router fit id (64 lowercase hex)", pattern=HEX64)
+PATH_PARAMS = {p.name: p for p in (JOB_REF, SHA256, FIT_ID)}
+ANY_SEGMENT = r"^[^\x00-\x1f\x7f]{1,256}$"
 
 
 class Ctx:
     """What a handler sees: the request, the coordinator, the caller and the parsed body."""
 
-    def __init__(self, request: Request, coord: Coordinator, worker_id: str | None, body: Any):
+    def __init__(
+        self,
+        request: Request,
+        coord: Coordinator,
+        worker_id: str | None,
+        body: Any,
+        endpoint: Endpoint | None = None,
+        path_values: dict[str, str] | None = None,
+    ):
         self.request = request
         self.coord = coord
         self.worker_id = worker_id
         self.body = body
+        self.endpoint = endpoint
+        self._path_values = path_values or {}
 
     def path(self, name: str) -> str:
+        """A path parameter, unquoted and checked against its declared pattern."""
+        if name in self._path_values:
+            return self._path_values[name]
         return str(self.request.path_params[name])
 
-    def query_int(self, name: str, default: int) -> int:
-        raw = self.request.query_params.get(name)
-        if raw is None:
+    def _query(self, name: str) -> Param:
+        declared = {p.name: p for p in self.endpoint.query} if self.endpoint else {}
+        if name not in declared:
+            # Undeclared: still range-checked, but the OpenAPI document does not list it.
+            log.warning("query parameter %r is not declared by its route", name)
+            return Param(name, "(undeclared)", kind="integer")
+        return declared[name]
+
+    def query_int(self, name: str, default: int | None = None) -> int:
+        """A query integer, validated against its declaration (range, required, default)."""
+        value = self._query(name).parse(self.request.query_params.get(name))
+        if value is None:
+            if default is None:
+                raise BadRequest(f"query parameter {name!r} is required")
             return default
-        try:
-            return int(raw)
-        except ValueError:
-            raise BadRequest(f"query parameter {name!r} must be an integer, got {raw!r}") from None
+        assert isinstance(value, int)
+        return value
+
+    def query_str(self, name: str) -> str | None:
+        """A query string, validated against its declaration (enum, pattern, length)."""
+        value = self._query(name).parse(self.request.query_params.get(name))
+        return None if value is None else str(value)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await run_in_threadpool(fn, *args, **kwargs)
@@ -84,6 +179,15 @@ class Endpoint:
     body: type[BaseModel] | None
     response: type[BaseModel] | None
     raw_body: str | None  # media type of a streamed (non-JSON) body
+    query: tuple[Param, ...] = ()
+    path_params: tuple[Param, ...] = ()
+    errors: tuple[int, ...] = ()  # status codes beyond those implied by auth, params and body
+    media_type: str | None = None  # of a 200 that is not a JSON model (text, bytes)
+    links: dict[str, Any] = field(default_factory=dict)  # OpenAPI links of the 200 response
+
+    @property
+    def operation_id(self) -> str:
+        return self.handler.__name__
 
 
 def error_response(err: ApiError) -> JSONResponse:
@@ -104,10 +208,36 @@ class RouteTable:
         body: type[BaseModel] | None = None,
         response: type[BaseModel] | None = None,
         raw_body: str | None = None,
+        query: tuple[Param, ...] = (),
+        path_params: tuple[Param, ...] = (),
+        errors: tuple[int, ...] = (),
+        media_type: str | None = None,
+        links: dict[str, Any] | None = None,
     ) -> Callable[[Handler], Handler]:
+        own = {p.name: p for p in path_params}
+        names = [seg[1:-1].split(":")[0] for seg in path.split("/") if seg.startswith("{")]
+        declared = tuple(
+            own.get(n) or PATH_PARAMS.get(n) or Param(n, f"the {n}", pattern=ANY_SEGMENT)
+            for n in names
+        )
+
         def register(handler: Handler) -> Handler:
             self.endpoints.append(
-                Endpoint(method, path, handler, auth, summary, body, response, raw_body)
+                Endpoint(
+                    method,
+                    path,
+                    handler,
+                    auth,
+                    summary,
+                    body,
+                    response,
+                    raw_body,
+                    query,
+                    declared,
+                    errors,
+                    media_type,
+                    links or {},
+                )
             )
             return handler
 
@@ -125,8 +255,9 @@ class RouteTable:
             started = time.perf_counter()
             try:
                 worker_id = await authenticate(ep.auth, request, coord)
+                path_values = _path_values(ep, request)
                 body = await self._parse(ep, request) if ep.body else None
-                result = await ep.handler(Ctx(request, coord, worker_id, body))
+                result = await ep.handler(Ctx(request, coord, worker_id, body, ep, path_values))
                 if isinstance(result, Response):
                     response = result
                 elif result is None:
@@ -145,13 +276,8 @@ class RouteTable:
     @staticmethod
     async def _parse(ep: Endpoint, request: Request) -> BaseModel:
         assert ep.body is not None
-        raw = await request.body()
-        if len(raw) > MAX_JSON_BYTES:
-            raise BadRequest(f"request body over {MAX_JSON_BYTES} bytes")
-        try:
-            data = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadRequest(f"request body is not valid JSON: {err}") from None
+        raw = await read_limited(request, MAX_JSON_BYTES)
+        data = await run_in_threadpool(parse_json, raw)  # the depth scan is CPU work
         try:
             return ep.body.model_validate(data)
         except ValidationError as err:
@@ -162,65 +288,23 @@ class RouteTable:
             summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
             raise BadRequest(f"invalid request body: {summary}", problems=problems) from None
 
-    # description ------------------------------------------------------------------------
     def openapi(self, version: str) -> dict[str, Any]:
-        models: set[type[BaseModel]] = {
-            m for ep in self.endpoints for m in (ep.body, ep.response) if m
-        }
-        keyed = [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)]
-        _, defs = models_json_schema(keyed, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
-        paths: dict[str, dict[str, Any]] = {}
-        for ep in self.endpoints:
-            op: dict[str, Any] = {
-                "summary": ep.summary,
-                "description": f"Authentication: {_AUTH_DOC[ep.auth]}.",
-                "responses": {"default": {"description": "error: {error, message}"}},
-            }
-            if ep.auth != "none":
-                op["security"] = [{"bearer": []}]
-            if ep.body:
-                op["requestBody"] = {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref(ep.body)}},
-                }
-            if ep.raw_body:
-                op["requestBody"] = {
-                    "required": True,
-                    "content": {ep.raw_body: {"schema": {"type": "string", "format": "binary"}}},
-                }
-            if ep.response:
-                op["responses"]["200"] = {
-                    "description": "OK",
-                    "content": {"application/json": {"schema": _ref(ep.response)}},
-                }
-            else:
-                op["responses"]["200"] = {"description": "OK"}
-            params = [seg[1:-1] for seg in ep.path.split("/") if seg.startswith("{")]
-            if params:
-                op["parameters"] = [
-                    {
-                        "name": p.split(":")[0],
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                    for p in params
-                ]
-            path = "/".join(
-                seg.split(":")[0] + "}" if seg.startswith("{") and ":" in seg else seg
-                for seg in ep.path.split("/")
-            )
-            paths.setdefault(path, {})[ep.method.lower()] = op
-        return {
-            "openapi": "3.1.0",
-            "info": {"title": "trainfleet coordinator", "version": version},
-            "paths": paths,
-            "components": {
-                "schemas": defs.get("$defs", {}),
-                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            },
-        }
+        from trainfleet.coordinator.openapi import describe
+
+        return describe(self.endpoints, version)
 
 
-def _ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{model.__name__}"}
+def _path_values(ep: Endpoint, request: Request) -> dict[str, str]:
+    """Each path parameter unquoted (app.py routes on the raw path, so a quoted '/' stays
+    inside its segment) and checked against its declaration."""
+    quoted = bool(request.scope.get(RAW_PATH_KEY))
+    out: dict[str, str] = {}
+    for param in ep.path_params:
+        raw = str(request.path_params[param.name])
+        try:
+            value = unquote(raw, errors="strict") if quoted else raw
+        except UnicodeDecodeError:
+            raise BadRequest(f"path parameter {param.name!r} is not URL-quoted UTF-8") from None
+        parsed = param.parse(value, where="path")
+        out[param.name] = str(parsed)
+    return out

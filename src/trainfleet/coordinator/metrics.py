@@ -28,7 +28,7 @@ class _QueueCollector(Collector):
         workers = GaugeMetricFamily("trainfleet_workers", "Workers by state", labels=["state"])
         by_state: dict[str, int] = {"online": 0, "offline": 0, "stopped": 0}
         for w in self.queue.list_workers():
-            by_state[w.state] += 1
+            by_state[w.state] = by_state.get(w.state, 0) + 1
         for state, n in by_state.items():
             workers.add_metric([state], n)
         yield workers

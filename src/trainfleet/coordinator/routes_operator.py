@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
+
+from trainfleet.coordinator.bodies import MAX_DEPTH, check_toml_depth, tree_too_deep
 from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.schemas import ManifestBody
 from trainfleet.errors import BadRequest, ManifestError
@@ -21,11 +24,27 @@ routes = RouteTable()
 )
 async def reload(ctx: Ctx) -> ReloadPlan:
     body: ManifestBody = ctx.body
+    await ctx.run(_check_nesting, body.text, body.path)
     try:
         manifest = parse_manifest(body.text, body.path)
     except ManifestError as err:
         raise BadRequest(f"invalid manifest {body.path}", problems=err.problems) from None
     return await ctx.run(ctx.coord.queue.apply_manifest, manifest, dry_run=body.dry_run)
+
+
+def _check_nesting(text: str, path: str) -> None:
+    """Refuse a manifest nested deeper than ``MAX_DEPTH`` before the recursive parts of
+    parsing see it: brackets by a scan (tomllib recurses per level), dotted keys
+    (``a.b.c...``, built without recursion) on the parsed tree."""
+    check_toml_depth(text, f"manifest {path}")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return  # parse_manifest reports it, with its line
+    except RecursionError:
+        raise BadRequest(f"manifest {path} nests deeper than {MAX_DEPTH} levels") from None
+    if tree_too_deep(data):
+        raise BadRequest(f"manifest {path} nests deeper than {MAX_DEPTH} levels")
 
 
 @routes.route(

@@ -1,5 +1,5 @@
-"""Read endpoints (operator token): jobs, job detail with events, logs, explain, workers,
-status, artifact download."""
+"""Read endpoints (operator token, or none with ``serve --public-reads``): jobs, job detail
+with events, logs, explain, workers, status, artifact download."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from starlette.responses import StreamingResponse
 
 from trainfleet import __version__
 from trainfleet.artifacts import check_digest
-from trainfleet.coordinator.endpoints import Ctx, RouteTable
+from trainfleet.coordinator.endpoints import INT64_MAX, Ctx, Param, RouteTable
 from trainfleet.coordinator.schemas import (
     Body,
     Explanation,
@@ -18,12 +18,17 @@ from trainfleet.coordinator.schemas import (
     Status,
     WorkerList,
 )
-from trainfleet.errors import BadRequest, NotFound
+from trainfleet.errors import NotFound
 from trainfleet.queue.base import JobRecord, LogLine
 
 routes = RouteTable()
 
-STATES = {"pending", "claimed", "running", "completed", "failed", "cancelled"}
+STATES = ("pending", "claimed", "running", "completed", "failed", "cancelled")
+STATE = Param("state", "only jobs in this state", enum=STATES)
+AFTER = Param(
+    "after", "return lines after this sequence number", "integer", 0, INT64_MAX, default=0
+)
+LIMIT = Param("limit", "at most this many lines", "integer", 1, 10_000, default=1000)
 
 
 class LogPage(Body):
@@ -33,7 +38,7 @@ class LogPage(Body):
     next_after: int
 
 
-@routes.route("GET", "/v1/status", auth="operator", summary="Counts by state", response=Status)
+@routes.route("GET", "/v1/status", auth="read", summary="Counts by state", response=Status)
 async def status(ctx: Ctx) -> Status:
     queue = ctx.coord.queue
     counts = await ctx.run(queue.counts)
@@ -47,12 +52,15 @@ async def status(ctx: Ctx) -> Status:
 
 
 @routes.route(
-    "GET", "/v1/jobs", auth="operator", summary="List jobs (query: state)", response=JobList
+    "GET",
+    "/v1/jobs",
+    auth="read",
+    summary="List jobs (query: state)",
+    response=JobList,
+    query=(STATE,),
 )
 async def list_jobs(ctx: Ctx) -> JobList:
-    state = ctx.request.query_params.get("state")
-    if state is not None and state not in STATES:
-        raise BadRequest(f"unknown state {state!r}; one of {sorted(STATES)}")
+    state = ctx.query_str("state")
     return JobList(jobs=await ctx.run(ctx.coord.queue.list_jobs, state))
 
 
@@ -63,7 +71,7 @@ async def _job(ctx: Ctx) -> JobRecord:
 @routes.route(
     "GET",
     "/v1/jobs/{job_id}",
-    auth="operator",
+    auth="read",
     summary="One job (by id, id prefix or name) with its events and artifacts",
     response=JobDetail,
 )
@@ -71,19 +79,21 @@ async def job_detail(ctx: Ctx) -> JobDetail:
     job = await _job(ctx)
     events = await ctx.run(ctx.coord.queue.events, job.id)
     artifacts = await ctx.run(ctx.coord.queue.artifacts, job.id)
-    return JobDetail(job=job, events=events, artifacts=artifacts)
+    same_name = await ctx.run(ctx.coord.queue.same_name, job.id)
+    return JobDetail(job=job, events=events, artifacts=artifacts, same_name=same_name)
 
 
 @routes.route(
     "GET",
     "/v1/jobs/{job_id}/logs",
-    auth="operator",
+    auth="read",
     summary="Log lines after a sequence number (query: after, limit)",
     response=LogPage,
+    query=(AFTER, LIMIT),
 )
 async def job_logs(ctx: Ctx) -> LogPage:
+    after, limit = ctx.query_int("after"), ctx.query_int("limit")
     job = await _job(ctx)
-    after, limit = ctx.query_int("after", 0), max(1, min(ctx.query_int("limit", 1000), 10_000))
     lines = await ctx.run(ctx.coord.queue.logs, job.id, after, limit)
     return LogPage(
         job_id=job.id, state=job.state, lines=lines, next_after=lines[-1].seq if lines else after
@@ -93,7 +103,7 @@ async def job_logs(ctx: Ctx) -> LogPage:
 @routes.route(
     "GET",
     "/v1/jobs/{job_id}/explain",
-    auth="operator",
+    auth="read",
     summary="Why a job is or is not running",
     response=Explanation,
 )
@@ -101,7 +111,7 @@ async def explain(ctx: Ctx) -> Explanation:
     return Explanation(**await ctx.run(ctx.coord.queue.explain, ctx.path("job_id")))
 
 
-@routes.route("GET", "/v1/workers", auth="operator", summary="All workers", response=WorkerList)
+@routes.route("GET", "/v1/workers", auth="read", summary="All workers", response=WorkerList)
 async def workers(ctx: Ctx) -> WorkerList:
     return WorkerList(workers=await ctx.run(ctx.coord.queue.list_workers))
 
@@ -109,9 +119,9 @@ async def workers(ctx: Ctx) -> WorkerList:
 @routes.route(
     "GET",
     "/v1/artifacts/{sha256}",
-    auth="operator",
+    auth="read",
     summary="Download an artifact's bytes",
-    raw_body=None,
+    media_type="application/octet-stream",
 )
 async def download(ctx: Ctx) -> StreamingResponse:
     sha = check_digest(ctx.path("sha256"))

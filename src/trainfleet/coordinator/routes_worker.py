@@ -8,8 +8,10 @@ from __future__ import annotations
 from starlette.requests import ClientDisconnect
 
 from trainfleet.artifacts import IngestBuffer, check_digest
-from trainfleet.coordinator.endpoints import Ctx, RouteTable
+from trainfleet.coordinator.auth import register_caller
+from trainfleet.coordinator.endpoints import INT64_MAX, MAX_JSON_BYTES, Ctx, Param, RouteTable
 from trainfleet.coordinator.schemas import (
+    Body,
     ClaimResponse,
     CompleteBody,
     Count,
@@ -19,10 +21,25 @@ from trainfleet.coordinator.schemas import (
     RegisterRequest,
     RegisterResponse,
 )
-from trainfleet.errors import BadRequest, IntegrityError
+from trainfleet.errors import ApiError, BadRequest, IntegrityError, PayloadTooLarge
 from trainfleet.queue.base import ArtifactRecord, HeartbeatReply, JobRecord
+from trainfleet.queue.sqlite_attempts import MAX_LOG_LINE_CHARS
 
 routes = RouteTable()
+
+
+def _max_length(model: type[Body], field: str) -> int:
+    metadata = model.model_fields[field].metadata
+    return int(next(m.max_length for m in metadata if hasattr(m, "max_length")))
+
+
+# What a worker may send per request, told at registration so it chunks and cuts to fit.
+WORKER_LIMITS = {
+    "max_log_lines": _max_length(LogBody, "lines"),
+    "max_log_line_chars": MAX_LOG_LINE_CHARS,
+    "max_error_chars": _max_length(FailBody, "error"),
+    "max_json_bytes": MAX_JSON_BYTES,
+}
 
 
 @routes.route(
@@ -35,7 +52,7 @@ routes = RouteTable()
 )
 async def register(ctx: Ctx) -> RegisterResponse:
     body: RegisterRequest = ctx.body
-    worker, token = await ctx.run(ctx.coord.queue.register_worker, body.capability)
+    worker, token = await register_caller(ctx.request, ctx.coord, body.capability)
     return RegisterResponse(
         worker_id=worker.id,
         token=token,
@@ -43,6 +60,7 @@ async def register(ctx: Ctx) -> RegisterResponse:
         notes=worker.notes,
         heartbeat_interval_s=ctx.coord.heartbeat_interval_s,
         heartbeat_timeout_s=ctx.coord.queue.settings.heartbeat_timeout_s,
+        limits=WORKER_LIMITS,
     )
 
 
@@ -57,6 +75,19 @@ async def deregister(ctx: Ctx) -> None:
     auth="worker",
     summary="Claim the best job this worker may run (claim is null when there is none)",
     response=ClaimResponse,
+    links={
+        name: {
+            "operationId": op,
+            "parameters": {"job_id": "$response.body#/claim/job/id"},
+            "description": text,
+        }
+        for name, op, text in (
+            ("ClaimedJob", "job_detail", "the claimed job, its events and artifacts"),
+            ("Heartbeat", "heartbeat", "keep the claim alive (with claim.epoch)"),
+            ("Complete", "complete", "report the attempt's result (with claim.epoch)"),
+            ("Fail", "fail", "fail or hand back the attempt (with claim.epoch)"),
+        )
+    },
 )
 async def claim(ctx: Ctx) -> ClaimResponse:
     got = await ctx.run(ctx.coord.queue.claim, ctx.worker)
@@ -93,6 +124,16 @@ async def append_log(ctx: Ctx) -> Count:
     return Count(count=n)
 
 
+EPOCH = Param("epoch", "the claim's fencing epoch", "integer", 1, INT64_MAX, required=True)
+SIZE = Param("size", "the artifact's length in bytes", "integer", 0, INT64_MAX, required=True)
+NAME = Param(
+    "name",
+    "the artifact's file name (printable, no '/')",
+    pattern=r"^[^/\x00-\x1f\x7f]{1,200}$",
+    default="outputs.tar.zst",
+)
+
+
 @routes.route(
     "PUT",
     "/v1/jobs/{job_id}/artifacts/{sha256}",
@@ -100,33 +141,47 @@ async def append_log(ctx: Ctx) -> Count:
     summary="Upload an artifact (query: epoch, size, name); verified against its sha256",
     response=ArtifactRecord,
     raw_body="application/octet-stream",
+    query=(EPOCH, SIZE, NAME),
 )
 async def upload(ctx: Ctx) -> ArtifactRecord:
+    """Stream the body into staging, counted against the declared size and hashed as it
+    arrives; store it (a rename) and bind it to the attempt. A stale epoch found at binding
+    time removes the bytes again unless another record binds the same digest."""
     coord, job_id = ctx.coord, ctx.path("job_id")
     sha256 = check_digest(ctx.path("sha256"))
-    epoch, size = ctx.query_int("epoch", 0), ctx.query_int("size", -1)
-    if epoch < 1:
-        raise BadRequest("query parameter 'epoch' (the claim's fencing epoch) is required")
-    name = ctx.request.query_params.get("name", "outputs.tar.zst")
-    if size < 0:
-        raise BadRequest("query parameter 'size' (the artifact's length in bytes) is required")
+    epoch, size = ctx.query_int("epoch"), ctx.query_int("size")
+    name = ctx.query_str("name") or NAME.default
+    assert isinstance(name, str)
     if size > coord.max_upload_bytes:
-        raise BadRequest(f"artifact of {size} bytes exceeds the {coord.max_upload_bytes} limit")
+        raise PayloadTooLarge(
+            f"artifact of {size} bytes exceeds the {coord.max_upload_bytes}-byte upload limit",
+            limit_bytes=coord.max_upload_bytes,
+        )
+    declared = ctx.request.headers.get("content-length")
+    if declared is not None and declared.strip() != str(size):
+        raise IntegrityError(
+            f"the body's Content-Length {declared[:40]!r} is not the declared size {size}",
+            expected_size=size,
+        )
     # Refuse a stale claim before reading a possibly large body.
     await ctx.run(coord.queue.check_epoch, job_id, ctx.worker, epoch)
     with IngestBuffer(coord.staging_dir, max_bytes=size) as buf:
         try:
             async for chunk in ctx.request.stream():
-                buf.write(chunk)
+                buf.write(chunk)  # IntegrityError as soon as it passes the declared size
         except ClientDisconnect:
             raise IntegrityError(
                 f"upload interrupted after {buf.size} of {size} bytes; nothing was stored"
             ) from None
-        buf.close()
-        await ctx.run(coord.store.commit_file, buf.path, sha256, size)
-    record = await ctx.run(
-        coord.queue.record_artifact, job_id, ctx.worker, epoch, sha256, size, name
-    )
+        stored = await ctx.run(coord.store.commit_ingested, buf, sha256, size)
+    try:
+        record = await ctx.run(
+            coord.queue.record_artifact, job_id, ctx.worker, epoch, sha256, size, name
+        )
+    except ApiError:
+        if stored and not await ctx.run(coord.queue.is_bound, sha256):
+            await ctx.run(coord.store.delete, sha256)
+        raise
     coord.metrics.upload_bytes.inc(size)
     return record
 

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainfleet.capability.model import Capability
-from trainfleet.queue.base import ArtifactRecord, Claim, Event, JobRecord, WorkerRecord
+from trainfleet.queue.base import ArtifactRecord, Claim, Event, JobRecord, JobRef, WorkerRecord
 
 
 class Body(BaseModel):
@@ -25,6 +25,11 @@ class RegisterResponse(Body):
     notes: list[str]
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
+    limits: dict[str, int] = Field(
+        default_factory=dict,
+        description="what the coordinator accepts per request (max_log_lines,"
+        " max_log_line_chars, max_error_chars, max_json_bytes): the worker sends no more",
+    )
 
 
 class ClaimResponse(Body):
@@ -71,6 +76,10 @@ class JobDetail(Body):
     job: JobRecord
     events: list[Event]
     artifacts: list[ArtifactRecord]
+    same_name: list[JobRef] = Field(
+        default_factory=list,
+        description="other jobs with this name (older versions a reload replaced), oldest first",
+    )
 
 
 class JobList(Body):

@@ -6,7 +6,10 @@ State directory (``--state-dir``, default ``.trainfleet``)::
     artifacts/        the artifact store (unless --artifacts says otherwise)
     staging/          uploads in flight
     operator.token    the operator token (0600); the CLI reads it from here by default
-    join.token        the token workers present to register (0600)
+    join.token        the shared join token (0600), accepted only with ``--open-join``
+
+Hosts join with their own tokens (``trainfleet hosts enroll NAME``), stored hashed in the
+queue. With ``tls_cert``/``tls_key`` the API is served over https only.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class ServeConfig:
     artifacts: str | None = None
     operator_token: str | None = None
     join_token: str | None = None
+    open_join: bool = False
+    public_reads: bool = False
     heartbeat_interval_s: float = 2.0
     heartbeat_timeout_s: float = 30.0
     reap_interval_s: float = 1.0
@@ -73,16 +78,35 @@ def build_coordinator(cfg: ServeConfig) -> Coordinator:
         staging_dir=cfg.state_dir / "staging",
         operator_token=ensure_token(cfg.state_dir / OPERATOR_TOKEN_FILE, cfg.operator_token),
         join_token=ensure_token(cfg.state_dir / JOIN_TOKEN_FILE, cfg.join_token),
+        open_join=cfg.open_join,
+        public_reads=cfg.public_reads,
         heartbeat_interval_s=cfg.heartbeat_interval_s,
         reap_interval_s=cfg.reap_interval_s,
     )
 
 
-def serve(coord: Coordinator, host: str, port: int) -> None:
+@dataclass(frozen=True)
+class TlsFiles:
+    """The certificate chain and private key (PEM) an https coordinator presents."""
+
+    cert: Path
+    key: Path
+
+
+def serve(coord: Coordinator, host: str, port: int, tls: TlsFiles | None = None) -> None:
     """Serve ``coord`` with uvicorn until interrupted; closes its queue afterwards."""
     app = create_app(coord)
-    log.info("coordinator on http://%s:%d  store=%s", host, port, coord.store)
+    scheme = "https" if tls else "http"
+    log.info("coordinator on %s://%s:%d  store=%s", scheme, host, port, coord.store)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=str(tls.cert) if tls else None,
+            ssl_keyfile=str(tls.key) if tls else None,
+        )
     finally:
         coord.queue.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,8 +148,13 @@ class _OpenShard:
         )
 
 
-def plan_shards(spec: DatasetSpec, router: Router | None = None) -> ShardPlan:
-    """Stream the dataset once and plan its shards (per split and path), hashing each."""
+def plan_shards(
+    spec: DatasetSpec, router: Router | None = None, *, deadline: float | None = None
+) -> ShardPlan:
+    """Stream the dataset once and plan its shards (per split and path), hashing each.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the pass: past it, ``TimeoutError``.
+    """
     if (spec.router is None) != (router is None):
         raise ValueError("a routed dataset needs its router, and an unrouted one takes none")
     tokenizer = get_tokenizer(spec.tokenizer)
@@ -160,6 +166,8 @@ def plan_shards(spec: DatasetSpec, router: Router | None = None) -> ShardPlan:
     shards: list[ShardInfo] = []
     num_documents = num_tokens = 0
     for doc in tokenized_documents(spec):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"planning {spec.name!r} ran past its deadline")
         path = router.route(doc.index, doc.tokens) if router is not None else 0
         where = (doc.split, path)
         shard = open_shards.setdefault(where, _OpenShard())

@@ -1,24 +1,102 @@
-"""Load a TOML manifest into a validated ``Manifest``, naming file, job and field on error."""
+"""Load a TOML manifest into a validated ``Manifest``, naming file, job and field on error.
+
+Every problem is found in one pass: a bad ``[defaults]`` key is reported once, on
+``defaults``, and dropped, so it does not cascade into an error on every job that inherits
+it; an unknown key names the nearest valid one. What is suspicious but not wrong (a host
+pattern that matches no job, a renamed key) becomes a warning on ``Manifest.warnings``.
+"""
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+import types
+import typing
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from trainfleet.capability.policy import declared_capability
-from trainfleet.data.spec import SOURCES, DatasetSpec
+from trainfleet.data.spec import (
+    SOURCES,
+    DatasetSpec,
+    FilesDataset,
+    HuggingFaceDataset,
+    StdlibDataset,
+    SyntheticDataset,
+)
 from trainfleet.data.tokenize import get_tokenizer
 from trainfleet.errors import ManifestError
-from trainfleet.manifest.spec import Defaults, HostPolicy, JobSpec, Manifest, Name
+from trainfleet.manifest.spec import RENAMED_KEYS, Defaults, HostPolicy, JobSpec, Manifest, Name
 from trainfleet.queue.matching import blockers
 from trainfleet.train.recipes import RECIPES
 
 _TOP_LEVEL = {"defaults", "hosts", "datasets", "jobs"}
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
 _DATASET: TypeAdapter[Any] = TypeAdapter(DatasetSpec)
+_SOURCE_MODELS: dict[str, type[BaseModel]] = {
+    "synthetic": SyntheticDataset,
+    "stdlib": StdlibDataset,
+    "files": FilesDataset,
+    "huggingface": HuggingFaceDataset,
+}
+MAX_DEPTH = 32  # tables and arrays nested deeper than this are refused (no manifest needs it)
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests tables/arrays deeper than ``limit`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _read_toml(text: str, path: str) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ManifestError(path, [f"not valid TOML: {err}"]) from None
+    except RecursionError:
+        raise ManifestError(path, [f"nested deeper than {MAX_DEPTH} levels"]) from None
+    if _depth_exceeds(raw, MAX_DEPTH):
+        raise ManifestError(path, [f"nested deeper than {MAX_DEPTH} levels"])
+    return raw
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``RouterSpec | None`` -> ``RouterSpec``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, typing.Annotated):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _keys_at(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str]:
+    """The valid keys of the table at ``loc`` inside ``model`` (empty when unknown)."""
+    for part in loc:
+        field = model.model_fields.get(part) if model and isinstance(part, str) else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def suggest(key: str, valid: list[str] | set[str]) -> str:
+    """'; did you mean 'x'?' for the valid key nearest to ``key``, or ''."""
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -28,18 +106,19 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _problems(prefix: str, err: ValidationError, union_tags: tuple[str, ...] = ()) -> list[str]:
+def _problems(prefix: str, err: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
     # An error about the whole value (empty loc) belongs to the prefix itself, e.g. "hyper".
     # A discriminated union puts the chosen tag first in the location (``synthetic.seed``);
-    # the manifest has no such key, so it is dropped.
+    # the manifest has no such key, so it is dropped (and names the model to suggest from).
     problems = []
     for e in err.errors():
-        loc = e["loc"]
-        if loc and loc[0] in union_tags:
-            loc = loc[1:]
-        problems.append(
-            f"{prefix}{_where(loc)}: {e['msg']}" if loc else f"{prefix.rstrip('.')}: {e['msg']}"
-        )
+        loc, within = e["loc"], model
+        if loc and loc[0] in SOURCES:
+            loc, within = loc[1:], _SOURCE_MODELS[str(loc[0])]
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            msg += suggest(loc[-1], _keys_at(within, loc[:-1]))
+        problems.append(f"{prefix}{_where(loc)}: {msg}" if loc else f"{prefix.rstrip('.')}: {msg}")
     return problems
 
 
@@ -51,8 +130,96 @@ def _validate(
             return model.validate_python(raw)
         return model.model_validate(raw)
     except ValidationError as err:
-        problems.extend(_problems(prefix, err, SOURCES))
+        problems.extend(_problems(prefix, err, model if isinstance(model, type) else None))
         return None
+
+
+def _renamed_keys(
+    raw: dict[str, Any], where: str, problems: list[str], renamed: list[str]
+) -> dict[str, Any]:
+    """``raw`` with renamed keys under their new names; the places that used an old one are
+    noted in ``renamed`` (for a warning). Setting both names is a problem."""
+    raw = dict(raw)
+    for old, new in RENAMED_KEYS.items():
+        if old not in raw:
+            continue
+        value = raw.pop(old)
+        if new in raw:
+            problems.append(f"{where}.{old}: renamed to {new}; set only {new}")
+        else:
+            raw[new] = value
+            renamed.append(f"{where}.{old}")
+    return raw
+
+
+def _parse_defaults(
+    raw: Any, datasets: dict[str, Any], problems: list[str], renamed: list[str]
+) -> Defaults:
+    """Validate ``[defaults]`` key by key: a bad key is reported here, once, and dropped, so
+    the jobs that would have inherited it are judged without it."""
+    if not isinstance(raw, dict):
+        problems.append("defaults: must be a table")
+        return Defaults()
+    raw = _renamed_keys(raw, "defaults", problems, renamed)
+    try:
+        defaults = Defaults.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(_problems("defaults.", err, Defaults))
+        bad = {e["loc"][0] for e in err.errors() if e["loc"]}
+        try:
+            defaults = Defaults.model_validate({k: v for k, v in raw.items() if k not in bad})
+        except ValidationError:
+            return Defaults()
+    drop: dict[str, Any] = {}
+    if defaults.dataset is not None and defaults.dataset not in datasets:
+        known = sorted(datasets) or "none declared"
+        problems.append(f"defaults.dataset: unknown dataset {defaults.dataset!r} (known: {known})")
+        drop["dataset"] = None
+    if defaults.recipe is not None and defaults.recipe not in RECIPES:
+        problems.append(
+            f"defaults.recipe: unknown recipe {defaults.recipe!r}; known: {sorted(RECIPES)}"
+            + suggest(defaults.recipe, set(RECIPES))
+        )
+        drop["recipe"] = None
+    return defaults.model_copy(update=drop) if drop else defaults
+
+
+def _inherited(body: dict[str, Any], defaults: Defaults) -> list[str]:
+    """The keys (``hyper.KEY`` for hyper) a job takes from ``[defaults]`` rather than sets."""
+    keys = [k for k in defaults.model_fields_set if k not in body and k != "hyper"]
+    hyper = body.get("hyper", {})
+    if isinstance(hyper, dict):
+        keys += [f"hyper.{k}" for k in defaults.hyper if k not in hyper]
+    return keys
+
+
+def _attribute(job_problems: list[str], where: str, inherited: list[str]) -> list[str]:
+    """Move a problem about an inherited value from the job to ``defaults`` (where it was
+    written), so that it is reported once rather than on every job."""
+    out = []
+    for problem in job_problems:
+        for key in inherited:
+            head = f"{where}.{key}"
+            after = problem[len(head) : len(head) + 1]
+            if key != "allowed_hosts" and problem.startswith(head) and after in (":", ".", "["):
+                problem = "defaults." + problem[len(where) + 1 :]
+                break
+        out.append(problem)
+    return out
+
+
+def _pattern_warnings(hosts: dict[str, HostPolicy], names: list[str]) -> list[str]:
+    """A host's allow/deny pattern that matches no job is probably a typo: say so."""
+    warnings = []
+    for host, policy in hosts.items():
+        for key in ("allow_jobs", "deny_jobs"):
+            for pattern in getattr(policy, key):
+                if pattern != "*" and not any(fnmatchcase(n, pattern) for n in names):
+                    warnings.append(
+                        f"hosts.{host}.{key}: pattern {pattern!r} matches no job"
+                        + suggest(pattern, names)
+                    )
+    return warnings
 
 
 def _named_tables(raw: Any, key: str, problems: list[str]) -> dict[str, Any]:
@@ -146,6 +313,7 @@ def _check_job(
         if recipe is None:
             problems.append(
                 f"{where}.recipe: unknown recipe {job.recipe!r}; known: {sorted(RECIPES)}"
+                + suggest(job.recipe or "", set(RECIPES))
             )
         else:
             if job.mode not in recipe.modes:
@@ -153,7 +321,7 @@ def _check_job(
             try:
                 params = recipe.params.model_validate(job.hyper)
             except ValidationError as err:
-                problems.extend(_problems(f"{where}.hyper.", err))
+                problems.extend(_problems(f"{where}.hyper.", err, recipe.params))
             else:
                 job = job.model_copy(update={"hyper": {k: getattr(params, k) for k in job.hyper}})
     else:
@@ -182,20 +350,21 @@ def _check_job(
 
 def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
     """Parse and validate manifest text. Raises ``ManifestError`` listing every problem."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ManifestError(path, [f"not valid TOML: {err}"]) from None
+    raw = _read_toml(text, path)
     problems: list[str] = []
+    renamed: list[str] = []
     for key in sorted(set(raw) - _TOP_LEVEL):
-        problems.append(f"{key}: unknown top-level key (expected one of {sorted(_TOP_LEVEL)})")
-    defaults = _validate(Defaults, raw.get("defaults", {}), "defaults.", problems) or Defaults()
+        problems.append(
+            f"{key}: unknown top-level key (expected one of {sorted(_TOP_LEVEL)})"
+            + suggest(key, _TOP_LEVEL)
+        )
     hosts: dict[str, HostPolicy] = {}
     for name, body in _named_tables(raw.get("hosts", {}), "hosts", problems).items():
         policy = _validate(HostPolicy, body, f"hosts.{name}.", problems)
         if policy is not None:
             hosts[name] = policy
     datasets = _parse_datasets(raw.get("datasets", {}), problems)
+    defaults = _parse_defaults(raw.get("defaults", {}), datasets, problems, renamed)
     raw_jobs = raw.get("jobs", [])
     if not isinstance(raw_jobs, list):
         problems.append("jobs: must be an array of [[jobs]] tables")
@@ -208,23 +377,33 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
         if not isinstance(body, dict):
             problems.append(f"{where}: must be a table")
             continue
+        job_problems: list[str] = []
+        body = _renamed_keys(body, where, job_problems, renamed)
         merged = defaults.apply(body)
         if merged.get("kind", "train") == "train":
             merged.setdefault("recipe", "gpt")
-        resolved = _resolve_dataset(merged, datasets, where, problems)
-        job = _validate(JobSpec, merged, f"{where}.", problems) if resolved else None
+        resolved = _resolve_dataset(merged, datasets, where, job_problems)
+        job = _validate(JobSpec, merged, f"{where}.", job_problems) if resolved else None
         # Duplicates are judged on the raw name, so a job with other problems still counts.
         if isinstance(label, str) and label in seen:
-            problems.append(f"{where}.name: duplicate job name (first at jobs[{seen[label]}])")
-            continue
-        if isinstance(label, str):
+            job_problems.append(f"{where}.name: duplicate job name (first at jobs[{seen[label]}])")
+            job = None
+        elif isinstance(label, str):
             seen[label] = i
-        if job is None:
-            continue
-        jobs.append(_check_job(job, hosts, where, problems))
+        if job is not None:
+            jobs.append(_check_job(job, hosts, where, job_problems))
+        for problem in _attribute(job_problems, where, _inherited(body, defaults)):
+            if not (problem.startswith("defaults.") and problem in problems):
+                problems.append(problem)
     if problems:
         raise ManifestError(path, problems)
-    return Manifest(defaults=defaults, hosts=hosts, datasets=datasets, jobs=jobs)
+    warnings = _pattern_warnings(hosts, [job.name for job in jobs])
+    if renamed:
+        warnings.append(
+            "max_attempts is deprecated: it is now max_failures (failed or lost attempts;"
+            f" a hand-back does not count); rename it in {', '.join(renamed)}"
+        )
+    return Manifest(defaults=defaults, hosts=hosts, datasets=datasets, jobs=jobs, warnings=warnings)
 
 
 def load_manifest(path: str | Path) -> Manifest:

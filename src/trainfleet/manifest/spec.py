@@ -59,9 +59,22 @@ _JOB_DEFAULTABLE = (
     "min_ram_gib",
     "min_cores",
     "allowed_hosts",
-    "max_attempts",
+    "max_failures",
     "timeout_s",
 )
+
+# Keys renamed in a release: old manifest key -> new one. The loader accepts the old key with a
+# warning; a spec stored by an earlier release (in a queue database) is read silently.
+RENAMED_KEYS = {"max_attempts": "max_failures"}
+
+
+def _renamed(data: Any) -> Any:
+    if isinstance(data, dict) and any(old in data for old in RENAMED_KEYS):
+        data = dict(data)
+        for old, new in RENAMED_KEYS.items():
+            if old in data and new not in data:
+                data[new] = data.pop(old)
+    return data
 
 
 class JobSpec(_Spec):
@@ -89,7 +102,13 @@ class JobSpec(_Spec):
     allowed_hosts: list[str] = Field(
         default_factory=list, description="host names that may run it; empty = any"
     )
-    max_attempts: int = Field(3, ge=1, le=100, description="failed or lost attempts before failing")
+    max_failures: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="failed or lost attempts before the job fails (hand-backs do not count);"
+        " formerly max_attempts",
+    )
     timeout_s: float = Field(3600, gt=0, description="wall-clock limit of one attempt")
     dataset: DatasetSpec | None = Field(
         None,
@@ -98,6 +117,11 @@ class JobSpec(_Spec):
     path: int | None = Field(
         None, ge=0, description="for a routed dataset: the path whose documents the job trains on"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_renamed_keys(cls, data: Any) -> Any:
+        return _renamed(data)
 
     def identity(self) -> dict[str, Any]:
         """The fields that make a job the same job (scheduling fields may change freely)."""
@@ -142,7 +166,7 @@ class Defaults(_Spec):
     min_ram_gib: float | None = Field(None, ge=0)
     min_cores: int | None = Field(None, ge=1)
     allowed_hosts: list[str] | None = None
-    max_attempts: int | None = Field(None, ge=1, le=100)
+    max_failures: int | None = Field(None, ge=1, le=100)
     timeout_s: float | None = Field(None, gt=0)
     prefer_cuda_wait_s: float = Field(
         30.0, ge=0, description="how long prefer_cuda jobs wait for a CUDA host"
@@ -169,6 +193,11 @@ class Manifest(_Spec):
     hosts: dict[Name, HostPolicy] = Field(default_factory=dict)
     datasets: dict[Name, DatasetSpec] = Field(default_factory=dict)
     jobs: list[JobSpec] = Field(default_factory=list)
+    warnings: list[str] = Field(
+        default_factory=list,
+        exclude=True,
+        description="what the loader found suspicious but not wrong (not part of the hash)",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Manifest:

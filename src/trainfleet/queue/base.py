@@ -40,6 +40,12 @@ class QueueSettings(_Record):
         10.0, gt=0, description="a worker seen this recently with no job counts as idle"
     )
     offline_after_s: float = Field(60.0, gt=0, description="a worker unseen this long is offline")
+    shard_plan_budget_s: float = Field(
+        10.0,
+        gt=0,
+        description="time the coordinator may spend planning a dataset's shards (once per"
+        " digest, at the first completion); past it the dataset is ledgered unverified",
+    )
 
 
 class JobRecord(_Record):
@@ -60,7 +66,13 @@ class JobRecord(_Record):
     heartbeat_at: float | None
     finished_at: float | None
     in_manifest: bool = Field(
-        description="false once a reload removed it (it stays until cancelled)"
+        description="false once a reload removed it: it stays visible, but while pending it is"
+        " not claimable unless an operator requeues it (see pinned)"
+    )
+    pinned: bool = Field(
+        False,
+        description="an operator requeued it after a reload removed it: claimable although"
+        " not in the manifest (cleared when a reload adds it back)",
     )
     manifest_hash: str
     result: dict[str, Any] | None
@@ -106,10 +118,21 @@ class WorkerRecord(_Record):
     capability: Capability = Field(description="what the worker detected")
     effective: Capability = Field(description="detected intersected with the host's policy")
     notes: list[str] = Field(description="corrections made by the intersection")
-    state: Literal["online", "offline", "stopped"]
+    state: Literal["online", "offline", "stopped", "revoked"]
     registered_at: float
     last_seen: float
     current_job: str | None
+
+
+class HostRecord(_Record):
+    """An enrolled host (its token is never part of it)."""
+
+    name: str
+    state: Literal["active", "revoked"]
+    enrolled_at: float
+    rotated_at: float
+    revoked_at: float | None
+    workers_online: int = Field(description="workers of this host registered and not stopped")
 
 
 class LogLine(_Record):
@@ -147,6 +170,20 @@ class ReloadPlan(_Record):
     changed: list[PlanEntry]
     removed: list[PlanEntry]
     applied: bool
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="suspicious but valid: host patterns that match no job, renamed keys",
+    )
+
+
+class JobRef(_Record):
+    """A short reference to a job, e.g. another job with the same name."""
+
+    id: str
+    name: str
+    state: JobState
+    in_manifest: bool
+    created_at: float
 
 
 class JobQueue(abc.ABC):
@@ -176,6 +213,38 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     def deregister_worker(self, worker_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def enroll_host(self, name: str) -> str:
+        """Enroll host ``name``; returns its join token (only its hash is kept)."""
+
+    @abc.abstractmethod
+    def rotate_host(self, name: str, *, revoke_workers: bool = False) -> str:
+        """A new join token for ``name``; the old one stops working at once."""
+
+    @abc.abstractmethod
+    def revoke_host(self, name: str) -> list[JobRecord]:
+        """Revoke the host's enrollment and all its workers; returns the jobs requeued."""
+
+    @abc.abstractmethod
+    def revoke_worker(self, worker_id: str) -> list[JobRecord]:
+        """Revoke one worker's credential; returns the jobs requeued (its active job)."""
+
+    @abc.abstractmethod
+    def list_hosts(self) -> list[HostRecord]: ...
+
+    @abc.abstractmethod
+    def authenticate_host(self, token: str) -> str:
+        """The host a join token is enrolled for; ``Unauthorized`` if none or revoked."""
+
+    @abc.abstractmethod
+    def register_enrolled(self, capability: Capability, token: str) -> tuple[WorkerRecord, str]:
+        """Register a worker with a host's join token, as that host; ``Unauthorized``,
+        ``Forbidden`` if it claims another host."""
+
+    @abc.abstractmethod
+    def register_open(self, capability: Capability) -> tuple[WorkerRecord, str]:
+        """Register a worker in open mode, as the policy-less host ``open:<claimed host>``."""
 
     @abc.abstractmethod
     def claim(self, worker_id: str) -> Claim | None:
@@ -240,7 +309,13 @@ class JobQueue(abc.ABC):
     # reads ---------------------------------------------------------------------------
     @abc.abstractmethod
     def get_job(self, ref: str) -> JobRecord:
-        """A job by full id, unique id prefix, or name; raises ``NotFound``."""
+        """A job by full id, unique id prefix, or name; raises ``NotFound``. A name that
+        several jobs had (a reload made a new job of an edited one) resolves to the job in
+        the current manifest; ``same_name`` lists the others."""
+
+    @abc.abstractmethod
+    def same_name(self, job_id: str) -> list[JobRef]:
+        """The other jobs with this job's name, oldest first (empty when it is the only one)."""
 
     @abc.abstractmethod
     def list_jobs(self, state: str | None = None) -> list[JobRecord]: ...
@@ -268,6 +343,10 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state."""
+
+    @abc.abstractmethod
+    def is_bound(self, sha256: str) -> bool:
+        """Whether any artifact record names this digest (the artifact GC keeps it)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

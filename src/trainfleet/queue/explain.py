@@ -50,6 +50,12 @@ def explain_job(
         out["message"] = _active_summary(job, now)
         return out
     pending_for = now - (job.pending_since or now)
+    if not job.in_manifest and not job.pinned:
+        out["message"] = (
+            f"pending for {pending_for:.0f}s but removed from the manifest by a reload:"
+            f" not claimable; `trainfleet requeue {job.id[:12]}` runs it anyway"
+        )
+        return out
     lines = [f"pending for {pending_for:.0f}s; needs {out['needs']}"]
     for cand in candidates:
         why = blockers(spec, cand.cap, cand.policy)

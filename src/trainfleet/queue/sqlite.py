@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from trainfleet.capability.model import Capability
+from trainfleet.data.spec import dataset_digest
 from trainfleet.manifest.spec import Manifest
 from trainfleet.queue import (
     sqlite_attempts,
     sqlite_data,
+    sqlite_hosts,
     sqlite_operator,
     sqlite_schema,
     sqlite_workers,
@@ -34,8 +36,10 @@ from trainfleet.queue.base import (
     Claim,
     Event,
     HeartbeatReply,
+    HostRecord,
     JobQueue,
     JobRecord,
+    JobRef,
     LogLine,
     QueueSettings,
     ReloadPlan,
@@ -43,6 +47,7 @@ from trainfleet.queue.base import (
     WorkerRecord,
 )
 from trainfleet.queue.explain import explain_job
+from trainfleet.queue.shard_plans import plan_expected_shards
 from trainfleet.queue.sqlite_schema import (
     SCHEMA,
     artifact_record,
@@ -53,6 +58,7 @@ from trainfleet.queue.sqlite_schema import (
     log_line,
     read_hosts,
     read_meta,
+    same_name_refs,
     worker_record,
 )
 
@@ -72,6 +78,7 @@ class SQLiteQueue(JobQueue):
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._plan_lock = threading.Lock()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn().executescript(SCHEMA)
@@ -132,6 +139,44 @@ class SQLiteQueue(JobQueue):
         with self._tx() as conn:
             sqlite_workers.deregister_worker(conn, worker_id, self.clock())
 
+    # hosts: enrollment and revocation (sqlite_hosts) ------------------------------------
+    def enroll_host(self, name: str) -> str:
+        with self._tx() as conn:
+            return sqlite_hosts.enroll_host(conn, name, self.clock())
+
+    def rotate_host(self, name: str, *, revoke_workers: bool = False) -> str:
+        with self._tx() as conn:
+            token, _ = sqlite_hosts.rotate_host(
+                conn, name, self.clock(), revoke_workers=revoke_workers
+            )
+            return token
+
+    def revoke_host(self, name: str) -> list[JobRecord]:
+        with self._tx() as conn:
+            return sqlite_hosts.revoke_host(conn, name, self.clock())
+
+    def revoke_worker(self, worker_id: str) -> list[JobRecord]:
+        with self._tx() as conn:
+            return sqlite_hosts.revoke_worker(conn, worker_id, self.clock())
+
+    def list_hosts(self) -> list[HostRecord]:
+        return sqlite_hosts.list_hosts(self._conn())
+
+    def authenticate_host(self, token: str) -> str:
+        return sqlite_hosts.authenticate_host(self._conn(), token)
+
+    def register_enrolled(self, capability: Capability, token: str) -> tuple[WorkerRecord, str]:
+        with self._tx() as conn:
+            return sqlite_hosts.register_enrolled(
+                conn, capability, token, self.clock, self.settings.offline_after_s
+            )
+
+    def register_open(self, capability: Capability) -> tuple[WorkerRecord, str]:
+        with self._tx() as conn:
+            return sqlite_hosts.register_open(
+                conn, capability, self.clock, self.settings.offline_after_s
+            )
+
     # attempts ---------------------------------------------------------------------------
     def claim(self, worker_id: str) -> Claim | None:
         self.reap()
@@ -160,8 +205,26 @@ class SQLiteQueue(JobQueue):
     def complete(
         self, job_id: str, worker_id: str, epoch: int, result: dict[str, Any]
     ) -> JobRecord:
+        self._ensure_shard_plan(job_id)
         with self._tx() as conn:
             return sqlite_attempts.complete(conn, job_id, worker_id, epoch, result, self.clock)
+
+    def _ensure_shard_plan(self, job_id: str) -> None:
+        """Plan the shards of the job's dataset here, once per digest, before the completion's
+        transaction: planning streams the source (bounded by ``shard_plan_budget_s``) and must
+        not hold the write lock. One plan is made at a time."""
+        dataset = sqlite_data.job_dataset(self._conn(), job_id)
+        if dataset is None:
+            return
+        digest = dataset_digest(dataset)
+        if sqlite_data.stored_plan(self._conn(), digest) is not None:
+            return
+        with self._plan_lock:
+            if sqlite_data.stored_plan(self._conn(), digest) is not None:
+                return
+            plan = plan_expected_shards(dataset, self.settings.shard_plan_budget_s)
+            with self._tx() as conn:
+                sqlite_data.store_plan(conn, plan, self.clock())
 
     def publish_router(self, fit_id: str, digest: str, body: dict[str, Any]) -> RouterRecord:
         with self._tx() as conn:
@@ -214,6 +277,9 @@ class SQLiteQueue(JobQueue):
     def get_job(self, ref: str) -> JobRecord:
         return job_record(find_job_row(self._conn(), ref))
 
+    def same_name(self, job_id: str) -> list[JobRef]:
+        return same_name_refs(self._conn(), job_id)
+
     def list_jobs(self, state: str | None = None) -> list[JobRecord]:
         if state is None:
             rows = self._conn().execute("SELECT * FROM jobs ORDER BY seq").fetchall()
@@ -252,6 +318,10 @@ class SQLiteQueue(JobQueue):
             .fetchall()
         )
         return [artifact_record(r) for r in rows]
+
+    def is_bound(self, sha256: str) -> bool:
+        sql = "SELECT 1 FROM artifacts WHERE sha256 = ? LIMIT 1"
+        return self._conn().execute(sql, (sha256,)).fetchone() is not None
 
     def list_workers(self) -> list[WorkerRecord]:
         conn = self._conn()

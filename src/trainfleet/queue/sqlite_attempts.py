@@ -1,7 +1,9 @@
 """The life of one attempt on the SQLite queue: claim, report, finish, or be reaped.
 
 A claim picks the first pending job (by priority, then manifest order) that the worker's
-effective capability fits and no scheduling rule defers, and bumps the job's *epoch*. Every
+effective capability fits and no scheduling rule defers, and bumps the job's *epoch*. A claim
+is idempotent: a worker that asks again while it holds a job it never heartbeat (the reply
+was lost) gets the same claim back; one that holds a running job gets a 409 naming it. Every
 later write of that attempt (heartbeat, log lines, artifact, complete, fail) names the epoch
 and is *fenced*: it is refused with ``StaleEpoch`` once the attempt has been written off, so a
 worker that lost its claim can never overwrite the attempt that replaced it. ``reap_jobs``
@@ -36,7 +38,7 @@ from trainfleet.queue.sqlite_data import check_shards
 from trainfleet.queue.sqlite_schema import insert_event, load_job, read_hosts, read_meta
 from trainfleet.queue.sqlite_workers import candidates, release_worker, touch
 
-_MAX_LOG_LINE = 4096
+MAX_LOG_LINE_CHARS = 4096  # what is kept of each log line
 
 
 def fenced(conn: sqlite3.Connection, job_id: str, worker_id: str, epoch: int) -> sqlite3.Row:
@@ -63,12 +65,17 @@ def claim(
     wrow = touch(conn, worker_id, clock())
     if wrow["current_job"] is not None:
         held = conn.execute(
-            "SELECT state, epoch FROM jobs WHERE id = ?", (wrow["current_job"],)
+            "SELECT * FROM jobs WHERE id = ? AND worker_id = ?", (wrow["current_job"], worker_id)
         ).fetchone()
+        if held is not None and held["state"] == "claimed":
+            return _redeliver(conn, held, worker_id, clock)
         if held is not None and held["state"] in ACTIVE_STATES:
             raise Conflict(
-                f"worker {worker_id} still holds job {wrow['current_job'][:12]};"
-                " complete or fail it first"
+                f"worker {worker_id} still holds job {held['id'][:12]} ({held['state']});"
+                " complete or fail it first",
+                job_id=held["id"],
+                epoch=held["epoch"],
+                state=held["state"],
             )
     hosts = read_hosts(conn)
     policy = hosts.get(wrow["host"])
@@ -78,7 +85,7 @@ def claim(
     wait_s = float(read_meta(conn, "prefer_cuda_wait_s", "30"))
     now = clock()
     rows = conn.execute(
-        "SELECT * FROM jobs WHERE state = 'pending'"
+        "SELECT * FROM jobs WHERE state = 'pending' AND (in_manifest = 1 OR pinned = 1)"
         " AND (require_cuda = 0 OR ?) AND min_vram_gib <= ? AND min_ram_gib <= ?"
         " AND min_cores <= ? ORDER BY priority DESC, seq",
         (int(cap.cuda), cap.vram_gib, cap.ram_gib, cap.cores),
@@ -124,6 +131,27 @@ def _take(
     return Claim(job=load_job(conn, row["id"]), epoch=epoch, attempt=attempt)
 
 
+def _redeliver(
+    conn: sqlite3.Connection, row: sqlite3.Row, worker_id: str, clock: Callable[[], float]
+) -> Claim:
+    """The claim ``worker_id`` already holds and never heartbeat: its reply was probably lost.
+
+    Same epoch, same attempt, nothing counted: asking again is idempotent.
+    """
+    insert_event(
+        conn,
+        clock(),
+        row["id"],
+        "redelivered",
+        None,
+        None,
+        worker_id,
+        row["epoch"],
+        detail=f"claim of attempt {row['attempt']} asked again (its reply was probably lost)",
+    )
+    return Claim(job=load_job(conn, row["id"]), epoch=row["epoch"], attempt=row["attempt"])
+
+
 def heartbeat(
     conn: sqlite3.Connection, job_id: str, worker_id: str, epoch: int, clock: Callable[[], float]
 ) -> HeartbeatReply:
@@ -161,7 +189,7 @@ def append_log(
     now = clock()
     conn.executemany(
         "INSERT INTO logs (job_id, attempt, epoch, at, line) VALUES (?, ?, ?, ?, ?)",
-        [(job_id, row["attempt"], epoch, now, line[:_MAX_LOG_LINE]) for line in lines],
+        [(job_id, row["attempt"], epoch, now, line[:MAX_LOG_LINE_CHARS]) for line in lines],
     )
     return len(lines)
 
@@ -277,13 +305,13 @@ def _end_attempt(
     """Close the active attempt: back to pending, or failed when attempts are used up."""
     now = clock()
     failures = row["num_failures"] + int(count)
-    max_attempts = JobSpec.model_validate_json(row["spec"]).max_attempts
-    if retryable and failures < max_attempts:
+    max_failures = JobSpec.model_validate_json(row["spec"]).max_failures
+    if retryable and failures < max_failures:
         to_state, finished = "pending", None
-        detail = f"{error} (failure {failures}/{max_attempts}; requeued)" if count else error
+        detail = f"{error} (failure {failures}/{max_failures}; requeued)" if count else error
     else:
         to_state, finished = "failed", now
-        why = "not retryable" if not retryable else f"{failures}/{max_attempts} attempts used"
+        why = "not retryable" if not retryable else f"{failures}/{max_failures} failures"
         detail = f"{error} ({why})"
     conn.execute(
         "UPDATE jobs SET state = ?, num_failures = ?, worker_id = CASE WHEN ? = 'pending'"

@@ -1,4 +1,5 @@
-"""The SQLite queue's data-plane tables: published routers and the shard ledger."""
+"""The SQLite queue's data-plane tables: published routers, the coordinator's shard plans,
+and the shard ledger (its rules are in ``queue.ledger``)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import json
 import sqlite3
 from typing import Any
 
-from trainfleet.errors import NotFound
+from trainfleet.data.spec import DatasetSpec, dataset_digest
+from trainfleet.errors import BadRequest, NotFound
+from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import RouterRecord
-from trainfleet.queue.ledger import mismatch_flag, shard_reports
+from trainfleet.queue.ledger import (
+    ShardReport,
+    mismatch_flag,
+    plan_flags,
+    reported_digest,
+    shard_reports,
+)
+from trainfleet.queue.shard_plans import ExpectedShards
 from trainfleet.queue.sqlite_schema import insert_event
 
 
@@ -32,17 +42,42 @@ def get_router(conn: sqlite3.Connection, fit_id: str) -> dict[str, Any]:
     return body
 
 
-def check_shards(
+def stored_plan(conn: sqlite3.Connection, digest: str) -> ExpectedShards | None:
+    """The coordinator's plan of dataset ``digest``, if it was made."""
+    row = conn.execute("SELECT * FROM shard_plans WHERE dataset_digest = ?", (digest,)).fetchone()
+    if row is None:
+        return None
+    return ExpectedShards(
+        digest=digest, status=row["status"], detail=row["detail"], shards=json.loads(row["shards"])
+    )
+
+
+def store_plan(conn: sqlite3.Connection, plan: ExpectedShards, now: float) -> None:
+    """Keep the first plan made of a digest (two made at once are equal: pure functions)."""
+    conn.execute(
+        "INSERT OR IGNORE INTO shard_plans (dataset_digest, status, detail, shards, planned_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (plan.digest, plan.status, plan.detail, json.dumps(plan.shards), now),
+    )
+
+
+def job_dataset(conn: sqlite3.Connection, job_id: str) -> DatasetSpec | None:
+    """The dataset spec of job ``job_id`` (None without one, or without such a job)."""
+    row = conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return JobSpec.model_validate_json(row["spec"]).dataset if row is not None else None
+
+
+def _first_reports(
     conn: sqlite3.Connection,
+    reports: list[ShardReport],
     job_id: str,
     worker_id: str,
-    epoch: int,
-    result: dict[str, Any],
     now: float,
 ) -> list[str]:
-    """Record the result's shard hashes; flag the job where one disagrees with the ledger."""
-    flags: list[str] = []
-    for report in shard_reports(result):
+    """The fallback for a dataset the coordinator could not plan: the first report of a shard
+    is recorded, later ones are compared with it."""
+    flags = []
+    for report in reports:
         row = conn.execute(
             "SELECT sha256, job_id FROM shard_hashes WHERE dataset_digest = ? AND shard_key = ?",
             (report.dataset_digest, report.key),
@@ -55,13 +90,57 @@ def check_shards(
             )
         elif row["sha256"] != report.sha256:
             flags.append(mismatch_flag(report, row["sha256"], row["job_id"]))
+    return flags
+
+
+def check_shards(
+    conn: sqlite3.Connection,
+    job_id: str,
+    worker_id: str,
+    epoch: int,
+    result: dict[str, Any],
+    now: float,
+) -> list[str]:
+    """Check a result's shard hashes against the coordinator's plan of the job's dataset (see
+    ``queue.ledger``); flag the job where they disagree. ``BadRequest`` (and nothing written:
+    the caller's transaction rolls back) when the result names another dataset digest."""
+    row = conn.execute("SELECT spec, flags FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    spec = JobSpec.model_validate_json(row["spec"])
+    reports = shard_reports(result)
+    digest = reported_digest(result)
+    mismatches: list[str] = []
+    notes: list[str] = []
+    if spec.dataset is None:
+        if reports:
+            notes.append(
+                f"reports {len(reports)} shard hash(es) of dataset {reports[0].dataset_digest[:12]}"
+                " but the job has no dataset: not recorded"
+            )
+    else:
+        own = dataset_digest(spec.dataset)
+        if digest is not None and digest != own:
+            raise BadRequest(
+                f"result of job {spec.name} reports dataset digest {digest[:16]}, but the job's"
+                f" dataset {spec.dataset.name!r} has digest {own[:16]}: it trained on another spec",
+                reported_digest=digest,
+                expected_digest=own,
+            )
+        plan = stored_plan(conn, own)
+        if not reports:
+            notes.append(f"dataset job reported no shard hashes for {spec.dataset.name!r}")
+        elif plan is not None and plan.status == "planned":
+            mismatches = plan_flags(reports, plan.shards, spec.path)
+        else:
+            why = plan.detail if plan is not None else "the coordinator has no plan of it"
+            notes.append(f"unverified: shard hashes of {spec.dataset.name!r} not checked ({why})")
+            mismatches = _first_reports(conn, reports, job_id, worker_id, now)
+    flags = mismatches + notes
     if flags:
-        existing = json.loads(
-            conn.execute("SELECT flags FROM jobs WHERE id = ?", (job_id,)).fetchone()["flags"]
-        )
         conn.execute(
-            "UPDATE jobs SET flags = ? WHERE id = ?", (json.dumps(existing + flags), job_id)
+            "UPDATE jobs SET flags = ? WHERE id = ?",
+            (json.dumps(json.loads(row["flags"]) + flags), job_id),
         )
         for flag in flags:
-            insert_event(conn, now, job_id, "shard_mismatch", None, None, worker_id, epoch, flag)
+            kind = "shard_mismatch" if flag in mismatches else "data_flag"
+            insert_event(conn, now, job_id, kind, None, None, worker_id, epoch, flag)
     return flags

@@ -2,9 +2,13 @@
 
 ``apply_manifest`` plans with ``queue.reload.diff_manifest`` and, unless it is a dry run,
 writes the plan: host policies and defaults are replaced, new jobs are inserted as pending,
-changed jobs get their new scheduling fields, and jobs gone from the manifest are only
-marked (they stay until cancelled). Each function runs on a connection the caller has
-already put inside a write transaction, and ``clock`` is the queue's clock.
+changed jobs get their new scheduling fields, and jobs gone from the manifest are marked
+``in_manifest = 0``: they stay visible, an active one finishes its attempt, but a pending one
+is no longer claimable, so an edited job's old version never runs ahead of the new one.
+``requeue`` of a removed job is the explicit way to run it anyway: it marks the job
+``pinned`` (claimable although not in the manifest) until a reload adds it back. Each
+function runs on a connection the caller has already put inside a write transaction, and
+``clock`` is the queue's clock.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def apply_manifest(
         changed=[entry for entry, _ in diff.changed],
         removed=diff.removed,
         applied=not dry_run,
+        warnings=manifest.warnings,
     )
 
 
@@ -101,7 +106,8 @@ def _apply_diff(
     for entry, spec in diff.changed:
         conn.execute(
             "UPDATE jobs SET spec = ?, priority = ?, require_cuda = ?, min_vram_gib = ?,"
-            " min_ram_gib = ?, min_cores = ?, in_manifest = 1, updated_at = ? WHERE id = ?",
+            " min_ram_gib = ?, min_cores = ?, in_manifest = 1, pinned = 0, updated_at = ?"
+            " WHERE id = ?",
             (*_scheduling_columns(spec), now, entry.id),
         )
         insert_event(
@@ -111,9 +117,10 @@ def _apply_diff(
         conn.execute(
             "UPDATE jobs SET in_manifest = 0, updated_at = ? WHERE id = ?", (now, entry.id)
         )
-        insert_event(
-            conn, clock(), entry.id, "removed", None, None, detail="no longer in the manifest"
-        )
+        detail = "no longer in the manifest"
+        if entry.state == "pending":
+            detail += "; not claimable unless requeued"
+        insert_event(conn, clock(), entry.id, "removed", None, None, detail=detail)
 
 
 def cancel(
@@ -137,15 +144,19 @@ def requeue(
     conn: sqlite3.Connection, ref: str, reason: str, clock: Callable[[], float]
 ) -> JobRecord:
     row = find_job_row(conn, ref)
-    if row["state"] == "pending":
+    # A removed job is requeued by pinning it: claimable although not in the manifest.
+    pin = not row["in_manifest"]
+    if row["state"] == "pending" and (row["pinned"] or not pin):
         raise Conflict(f"job {row['name']} is already pending")
+    if pin:
+        reason += " (removed from the manifest; pinned: claimable until a reload adds it back)"
     now = clock()
     # Bumping the epoch fences off a worker still running the old attempt.
     conn.execute(
         "UPDATE jobs SET state = 'pending', epoch = epoch + 1, num_failures = 0,"
         " worker_id = NULL, host = NULL, pending_since = ?, updated_at = ?,"
-        " finished_at = NULL, error = NULL, result = NULL WHERE id = ?",
-        (now, now, row["id"]),
+        " finished_at = NULL, error = NULL, result = NULL, pinned = ? WHERE id = ?",
+        (now, now, int(pin or row["pinned"]), row["id"]),
     )
     release_worker(conn, row["worker_id"], row["id"])
     insert_event(conn, clock(), row["id"], "requeued", row["state"], "pending", detail=reason)

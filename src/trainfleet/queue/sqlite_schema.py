@@ -18,7 +18,14 @@ from trainfleet.capability.model import Capability
 from trainfleet.capability.policy import effective_capability
 from trainfleet.errors import BadRequest, NotFound
 from trainfleet.manifest.spec import HostPolicy, JobSpec
-from trainfleet.queue.base import ArtifactRecord, Event, JobRecord, LogLine, WorkerRecord
+from trainfleet.queue.base import (
+    ArtifactRecord,
+    Event,
+    JobRecord,
+    JobRef,
+    LogLine,
+    WorkerRecord,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,6 +53,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat_at REAL,
     finished_at REAL,
     in_manifest INTEGER NOT NULL DEFAULT 1,
+    pinned INTEGER NOT NULL DEFAULT 0,
     manifest_hash TEXT NOT NULL,
     result TEXT,
     error TEXT,
@@ -113,10 +121,28 @@ CREATE TABLE IF NOT EXISTS shard_hashes (
     recorded_at REAL NOT NULL,
     PRIMARY KEY (dataset_digest, shard_key)
 );
+CREATE TABLE IF NOT EXISTS shard_plans (
+    dataset_digest TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    shards TEXT NOT NULL,
+    planned_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollments (
+    host TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    enrolled_at REAL NOT NULL,
+    rotated_at REAL NOT NULL,
+    revoked_at REAL
+);
 """
 
 # Columns added after a table's first release: (table, column, DDL), added when missing.
-MIGRATIONS = (("jobs", "flags", "ALTER TABLE jobs ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'"),)
+MIGRATIONS = (
+    ("jobs", "flags", "ALTER TABLE jobs ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'"),
+    ("jobs", "pinned", "ALTER TABLE jobs ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -163,6 +189,7 @@ def job_record(row: sqlite3.Row) -> JobRecord:
         heartbeat_at=row["heartbeat_at"],
         finished_at=row["finished_at"],
         in_manifest=bool(row["in_manifest"]),
+        pinned=bool(row["pinned"]),
         manifest_hash=row["manifest_hash"],
         result=json.loads(row["result"]) if row["result"] else None,
         error=row["error"],
@@ -247,19 +274,45 @@ def load_job(conn: sqlite3.Connection, job_id: str) -> JobRecord:
 
 
 def find_job_row(conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
-    """Resolve a job reference: a full id, a name, or an unambiguous hex id prefix."""
+    """Resolve a job reference: a full id, a name, or an unambiguous hex id prefix.
+
+    A name several jobs had (editing a job's hyperparameters makes a new job under the same
+    name) resolves to the one in the current manifest; ``same_name_refs`` lists the others.
+    """
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (ref,)).fetchone()
     if row is not None:
         return row
     rows = conn.execute("SELECT * FROM jobs WHERE name = ? ORDER BY seq", (ref,)).fetchall()
+    current = [r for r in rows if r["in_manifest"]]
+    if len(rows) > 1 and len(current) == 1:
+        return current[0]
     if not rows and len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref):
         rows = conn.execute(
             "SELECT * FROM jobs WHERE id >= ? AND id < ? ORDER BY seq LIMIT 2",
             (ref, ref + "g"),
         ).fetchall()
     if len(rows) > 1:
-        names = ", ".join(f"{r['name']} ({r['id'][:12]})" for r in rows)
+        names = ", ".join(f"{r['name']} ({r['id'][:12]}, {r['state']})" for r in rows)
         raise BadRequest(f"{ref!r} is ambiguous: {names}; use a longer id")
     if not rows:
         raise NotFound(f"no job {ref!r}")
     return rows[0]
+
+
+def same_name_refs(conn: sqlite3.Connection, job_id: str) -> list[JobRef]:
+    """The other jobs named like ``job_id``, oldest first."""
+    rows = conn.execute(
+        "SELECT id, name, state, in_manifest, created_at FROM jobs"
+        " WHERE name = (SELECT name FROM jobs WHERE id = ?) AND id != ? ORDER BY seq",
+        (job_id, job_id),
+    ).fetchall()
+    return [
+        JobRef(
+            id=r["id"],
+            name=r["name"],
+            state=r["state"],
+            in_manifest=bool(r["in_manifest"]),
+            created_at=r["created_at"],
+        )
+        for r in rows
+    ]

@@ -3,7 +3,8 @@
 A worker registers with its probed capability and gets a random bearer token; only the
 token's hash is stored. Every claim or heartbeat *touches* the worker (``last_seen``), and
 ``candidates`` turns the online workers into what the scheduler compares a claimant with:
-effective capability under its host's policy, and whether it is idle right now.
+effective capability under its host's policy, and whether it is idle right now. Host
+enrollment and revocation live beside it in ``sqlite_hosts``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def authenticate_worker(conn: sqlite3.Connection, token: str) -> str:
         raise Unauthorized("unknown worker credential; register again")
     if row["state"] == "stopped":
         raise Unauthorized(f"worker {row['id']} has deregistered; register again")
+    if row["state"] == "revoked":
+        raise Unauthorized(f"worker {row['id']}'s credential was revoked by the operator")
     return str(row["id"])
 
 
@@ -66,13 +69,20 @@ def deregister_worker(conn: sqlite3.Connection, worker_id: str, now: float) -> N
 
 
 def touch(conn: sqlite3.Connection, worker_id: str, now: float) -> sqlite3.Row:
-    """Mark the worker seen (and online) now; returns its row."""
+    """Mark the worker seen (and online) now; returns its row.
+
+    A revoked worker stays revoked: a request authenticated just before the revoke
+    committed is refused here, inside the write lock, rather than claiming work.
+    """
     conn.execute(
-        "UPDATE workers SET last_seen = ?, state = 'online' WHERE id = ?", (now, worker_id)
+        "UPDATE workers SET last_seen = ?, state = 'online' WHERE id = ? AND state != 'revoked'",
+        (now, worker_id),
     )
     row = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone()
     if row is None:
         raise NotFound(f"no worker {worker_id!r}")
+    if row["state"] == "revoked":
+        raise Unauthorized(f"worker {worker_id}'s credential was revoked by the operator")
     return row
 
 

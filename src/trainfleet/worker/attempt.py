@@ -1,23 +1,32 @@
-"""Run one claimed attempt: a subprocess, its heartbeats and logs, then upload and complete.
+"""Run one claimed attempt: the job's process group, its heartbeats and logs, then the report.
 
-The job always runs in its own process (built-in ``train`` jobs too), in its own session so
-the whole process group can be stopped. A background thread heartbeats every interval; the
-reply may say the job was cancelled, and a 409 says our claim was written off (fenced): in
-both cases the process is stopped and nothing more is reported for this attempt.
+The job always runs in its own process (built-in ``train`` jobs too), under the shepherd
+(:mod:`trainfleet.worker.process`), so its whole process group dies with the attempt however
+it ends, and with the worker. A background thread heartbeats every interval; another ships
+the job's output lines (:mod:`trainfleet.worker.logship`). Every report goes through one
+``Reporter`` (:mod:`trainfleet.worker.report`) and ends accepted, fenced, refused or
+unreachable:
+
+- the heartbeat reply may say the job was cancelled, and a 409 says our claim was written
+  off (fenced): in both cases the job is stopped and nothing more is reported;
+- a refused report fails the attempt with the reason, cut to what the coordinator accepts;
+- while the coordinator is unreachable the job keeps running until the worker-side lease
+  (the coordinator's heartbeat timeout, on the monotonic clock, since the last heartbeat
+  that was accepted) runs out: then the coordinator has requeued the attempt, so the job is
+  stopped and the attempt dropped. A job that already finished keeps its result and tries
+  to report it: the coordinator renews leases when it restarts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +39,11 @@ from trainfleet.client import Client
 from trainfleet.data.prepare import CacheSettings
 from trainfleet.data.spec import DatasetSpec
 from trainfleet.data.verify import router_fit_id
-from trainfleet.errors import ApiError, Conflict, CoordinatorUnavailable
+from trainfleet.errors import ApiError, CoordinatorUnavailable
+from trainfleet.worker.logship import LogLimits, LogSpool
+from trainfleet.worker.process import DiskFull, JobProcess, ensure_dir, is_disk_full
+from trainfleet.worker.report import Reply, Reporter, cut_text
+from trainfleet.worker.result import MetricsError, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +51,10 @@ TERM_GRACE_S = 10.0
 USAGE_ERROR_EXIT = 2  # a built-in trainer exiting 2 rejected its parameters: never retried
 REFUSED_EXIT = 3  # a built-in trainer exiting 3 refused its data (a wrong router): never retried
 NOT_RETRIED_EXITS = (USAGE_ERROR_EXIT, REFUSED_EXIT)
-MAX_UNSENT_LINES = 10_000  # log lines kept while the coordinator is unreachable
+CANNOT_START_EXIT = 127  # the shepherd could not start the job's command
 REPORT_PATIENCE_S = 3600.0  # how long a finished attempt keeps trying to report
+LOG_FLUSH_S = 0.5
+POLL_S = 0.2
 
 
 def build_argv(spec: dict[str, Any], output_dir: Path) -> list[str]:
@@ -99,9 +114,13 @@ def build_env(
 class Outcome:
     """How an attempt ended, from this worker's point of view."""
 
-    status: str  # completed | failed | cancelled | fenced | released
+    status: str  # completed | failed | cancelled | fenced | released | lost | unreported
     detail: str = ""
     result: dict[str, Any] = field(default_factory=dict)
+
+
+# Why the worker stopped a job before it exited by itself.
+STOP_REASONS = ("cancelled", "fenced", "released", "timeout", "lease", "refused", "disk_full")
 
 
 class Attempt:
@@ -117,6 +136,11 @@ class Attempt:
         num_threads: int,
         stop: threading.Event,
         data: CacheSettings | None = None,
+        lease_s: float | None = None,
+        limits: LogLimits | None = None,
+        reporter: Reporter | None = None,
+        term_grace_s: float = TERM_GRACE_S,
+        report_patience_s: float = REPORT_PATIENCE_S,
     ):
         self.client = client
         self.claim = claim
@@ -131,51 +155,84 @@ class Attempt:
         self.data = data or CacheSettings(directory=workdir / "cache")
         self.data_env = self.data.to_env()
         self.stop = stop  # set by the daemon on SIGTERM: hand the job back
+        self.lease_s = lease_s  # the coordinator's heartbeat timeout
+        self.limits = limits or LogLimits()
+        self.reporter = reporter or Reporter(stop)
+        self.term_grace_s = term_grace_s
+        self.report_patience_s = report_patience_s
         self.cancelled = threading.Event()
         self.fenced = threading.Event()
+        self.refused: str | None = None  # why the coordinator refused a heartbeat
+        self.lease_renewed_at = time.monotonic()  # when the last accepted heartbeat was sent
         self._done = threading.Event()
-        self._pending_lines: list[str] = []
-        self._lines_lock = threading.Lock()
+        self.spool = LogSpool(self.limits)
+        self._ship_lock = threading.Lock()
         self._tail: deque[str] = deque(maxlen=20)
+
+    @property
+    def name(self) -> str:
+        return str(self.job["name"])
 
     # background threads -----------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
         while not self._done.is_set():
-            try:
-                reply = self.client.heartbeat(self.job_id, self.epoch)
-                if reply["cancel"]:
-                    log.warning("job %s was cancelled by the operator", self.job["name"])
+            sent_at = time.monotonic()
+            reply = self.reporter.send(
+                f"heartbeat of {self.name}",
+                lambda: self.client.heartbeat(self.job_id, self.epoch),
+                retry=False,
+            )
+            if reply.accepted:
+                self.lease_renewed_at = sent_at
+                if reply.value and reply.value.get("cancel"):
+                    log.warning("job %s was cancelled by the operator", self.name)
                     self.cancelled.set()
                     return
-            except Conflict as err:
-                log.warning("job %s: claim written off (%s)", self.job["name"], err.message)
+            elif reply.outcome == "fenced":
+                log.warning("job %s: claim written off (%s)", self.name, reply.reason)
                 self.fenced.set()
                 return
-            except CoordinatorUnavailable as err:
-                log.warning("heartbeat failed, will retry: %s", err)
+            elif reply.outcome == "refused":
+                self.refused = f"coordinator refused a heartbeat: {reply.reason}"
+                return
+            else:
+                log.warning("heartbeat failed, will retry: %s", reply.reason)
             self._done.wait(self.heartbeat_interval_s)
 
-    def _ship_logs_loop(self) -> None:
-        while True:
-            finished = self._done.wait(0.5)
-            self._flush_logs()
-            if finished:
-                return
+    def lease_expired(self) -> bool:
+        """No heartbeat accepted for longer than the coordinator waits before requeueing."""
+        return self.lease_s is not None and time.monotonic() - self.lease_renewed_at > self.lease_s
 
-    def _flush_logs(self) -> None:
-        with self._lines_lock:
-            lines, self._pending_lines = self._pending_lines, []
-        if not lines or self.fenced.is_set() or self.cancelled.is_set():
-            return
-        try:
-            self.client.append_log(self.job_id, self.epoch, lines)
-        except Conflict:
-            self.fenced.set()
-        except CoordinatorUnavailable:
-            with self._lines_lock:  # keep them for the next flush, within a bound
-                self._pending_lines = (lines + self._pending_lines)[-MAX_UNSENT_LINES:]
-        except ApiError as err:
-            log.warning("coordinator refused %d log lines: %s", len(lines), err)
+    def _ship_logs_loop(self) -> None:
+        while not self._done.wait(LOG_FLUSH_S):
+            self.ship_logs(retry=False)
+
+    def ship_logs(self, *, retry: bool, patience_s: float | None = None) -> None:
+        """Send the spooled lines, in batches the coordinator accepts."""
+        with self._ship_lock:
+            while not (self.fenced.is_set() or self.cancelled.is_set()):
+                lines, mark = self.spool.batch()
+                if not lines:
+                    return
+                reply = self.reporter.send(
+                    f"log lines of {self.name}",
+                    _bind(self.client.append_log, self.job_id, self.epoch, lines),
+                    retry=retry,
+                    patience_s=patience_s,
+                    give_up=self.fenced.is_set,
+                )
+                if reply.outcome == "fenced":
+                    self.fenced.set()
+                    return
+                if reply.outcome == "unreachable":
+                    return  # kept in the spool for the next try
+                if reply.outcome == "refused":  # counted as dropped, never silently
+                    self.spool.dropped += len(lines)
+                self.spool.commit(mark)
+
+    def _add_line(self, line: str) -> None:
+        self._tail.append(line)
+        self.spool.add(line)
 
     # the attempt ----------------------------------------------------------------------------
     def _fetch_router(self) -> None:
@@ -195,16 +252,6 @@ class Attempt:
             self.data_env[env.ROUTER_FILE] = str(router_file)
 
     def run(self) -> Outcome:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._fetch_router()
-        argv = build_argv(self.spec, self.output_dir)
-        log.info(
-            "running %s (attempt %d, epoch %d): %s",
-            self.job["name"],
-            self.claim["attempt"],
-            self.epoch,
-            " ".join(argv[:6]),
-        )
         threads = [
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
             threading.Thread(target=self._ship_logs_loop, name="logs", daemon=True),
@@ -212,142 +259,181 @@ class Attempt:
         for t in threads:
             t.start()
         try:
-            returncode, stopped_by = self._run_process(argv)
+            try:
+                ensure_dir(self.output_dir)
+                self._fetch_router()
+            except OSError as err:
+                return self._fail(_disk_message("preparing the attempt", err))
+            argv = build_argv(self.spec, self.output_dir)
+            log.info(
+                "running %s (attempt %d, epoch %d): %s",
+                self.name,
+                self.claim["attempt"],
+                self.epoch,
+                " ".join(argv[:6]),
+            )
+            returncode, stopped_by, disk_error = self._run_process(argv)
             # Heartbeats go on until the report lands: a result waiting out a coordinator
             # outage keeps its lease the moment the coordinator is back.
-            return self._report(returncode, stopped_by)
+            return self._report(returncode, stopped_by, disk_error)
         finally:
             self._done.set()
             for t in threads:
                 t.join(timeout=30)
 
-    def _run_process(self, argv: list[str]) -> tuple[int | None, str | None]:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=build_env(self.claim, self.output_dir, self.num_threads, self.data_env),
-                start_new_session=True,
-                text=True,
-                errors="replace",
-                bufsize=1,
-            )
-        except OSError as err:
-            self._add_line(f"[trainfleet] cannot start {argv[0]!r}: {err}")
-            return None, None
-        reader = threading.Thread(target=self._read_output, args=(proc,), daemon=True)
-        reader.start()
+    def _why_stop(self, deadline: float, proc: JobProcess) -> str | None:
+        if self.cancelled.is_set():
+            return "cancelled"
+        if self.fenced.is_set():
+            return "fenced"
+        if self.refused is not None:
+            return "refused"
+        if self.stop.is_set():
+            return "released"
+        if proc.disk_error is not None:
+            return "disk_full"
+        if self.lease_expired():
+            return "lease"
+        if time.monotonic() > deadline:
+            return "timeout"
+        return None
+
+    def _run_process(self, argv: list[str]) -> tuple[int, str | None, OSError | None]:
+        proc = JobProcess(
+            argv,
+            env=build_env(self.claim, self.output_dir, self.num_threads, self.data_env),
+            log_path=self.dir / "output.log",
+            on_line=self._add_line,
+            grace_s=self.term_grace_s,
+        )
         deadline = time.monotonic() + float(self.spec["timeout_s"])
         stopped_by = None
-        while proc.poll() is None:
-            if self.cancelled.is_set():
-                stopped_by = "cancelled"
-            elif self.fenced.is_set():
-                stopped_by = "fenced"
-            elif self.stop.is_set():
-                stopped_by = "released"
-            elif time.monotonic() > deadline:
-                stopped_by = "timeout"
-            if stopped_by:
-                _terminate(proc)
-                break
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.2)
-        proc.wait()
-        reader.join(timeout=10)
-        return proc.returncode, stopped_by
+        try:
+            while proc.wait(POLL_S) is None:
+                stopped_by = self._why_stop(deadline, proc)
+                if stopped_by is not None:
+                    if stopped_by == "lease":
+                        log.error(
+                            "job %s: no heartbeat accepted for %.0fs (the coordinator's"
+                            " heartbeat timeout): it has requeued this attempt; stopping the job",
+                            self.name,
+                            time.monotonic() - self.lease_renewed_at,
+                        )
+                    proc.stop()
+                    break
+        finally:
+            returncode = proc.finish()  # the whole group is gone past this point
+        return returncode, stopped_by, proc.disk_error
 
-    def _read_output(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        with (self.dir / "output.log").open("w") as local:
-            for line in proc.stdout:
-                local.write(line)
-                self._add_line(line.rstrip("\n"))
-
-    def _add_line(self, line: str) -> None:
-        self._tail.append(line)
-        with self._lines_lock:
-            self._pending_lines.append(line)
-
-    def _report(self, returncode: int | None, stopped_by: str | None) -> Outcome:
+    def _report(
+        self, returncode: int, stopped_by: str | None, disk_error: OSError | None
+    ) -> Outcome:
         """Tell the coordinator how the attempt ended (unless it no longer wants to know)."""
-        self._flush_logs()
-        name = self.job["name"]
         if stopped_by in ("cancelled", "fenced"):
-            return Outcome(stopped_by, f"{name}: stopped, nothing reported")
+            return Outcome(stopped_by, f"{self.name}: stopped, nothing reported")
+        if stopped_by == "lease":
+            return Outcome("lost", f"{self.name}: lease lost, stopped and dropped")
         if stopped_by == "released":
-            self._send(
-                lambda: self.client.fail(
-                    self.job_id, self.epoch, "worker shutting down: job handed back", release=True
-                )
-            )
-            return Outcome("released", f"{name}: handed back")
+            self._final_logs(retry=False)
+            reply = self._send_fail("worker shutting down: job handed back", release=True)
+            return Outcome("released", f"{self.name}: handed back ({reply.outcome})")
+        if stopped_by == "refused":
+            return self._fail(self.refused or "refused")
+        if disk_error is not None and (stopped_by == "disk_full" or is_disk_full(disk_error)):
+            return self._fail(_disk_message("writing output.log", disk_error))
         if stopped_by == "timeout":
-            error = f"timed out after {self.spec['timeout_s']:g}s"
-            self._send(lambda: self.client.fail(self.job_id, self.epoch, error))
-            return Outcome("failed", error)
+            return self._fail(f"timed out after {self.spec['timeout_s']:g}s")
         if returncode != 0:
             tail = "\n".join(list(self._tail)[-5:])
             error = f"exit code {returncode}" + (f"; last output:\n{tail}" if tail else "")
             retryable = not (self.spec["kind"] == "train" and returncode in NOT_RETRIED_EXITS)
-            self._send(
-                lambda: self.client.fail(self.job_id, self.epoch, error, retryable=retryable)
-            )
-            return Outcome("failed", error)
+            return self._fail(error, retryable=retryable)
         return self._upload_and_complete()
 
+    def _final_logs(self, *, retry: bool) -> int:
+        """Ship what is left, then report how many lines were dropped, if any."""
+        if self.spool.dropped:
+            self.spool.add(f"[trainfleet] {self.spool.dropped} log lines dropped")
+        self.ship_logs(retry=retry, patience_s=self.report_patience_s)
+        if len(self.spool):  # the coordinator never came back for them
+            self.spool.dropped += len(self.spool)
+            self.spool.clear()
+        return self.spool.dropped
+
+    def _send(self, what: str, call: Callable[[], Any]) -> Reply[Any]:
+        return self.reporter.send(
+            f"{what} of {self.name}",
+            call,
+            patience_s=self.report_patience_s,
+            give_up=self.fenced.is_set,
+        )
+
+    def _send_fail(
+        self, error: str, *, retryable: bool = True, release: bool = False
+    ) -> Reply[Any]:
+        error = cut_text(error, self.limits.max_error_chars)
+        return self._send(
+            "failure report",
+            lambda: self.client.fail(
+                self.job_id, self.epoch, error, retryable=retryable, release=release
+            ),
+        )
+
+    def _fail(self, error: str, *, retryable: bool = True) -> Outcome:
+        dropped = self._final_logs(retry=True)
+        if dropped:
+            error = f"{error}\n({dropped} log lines dropped)"
+        error = cut_text(error, self.limits.max_error_chars)
+        reply = self._send_fail(error, retryable=retryable)
+        return self._after_report(reply, Outcome("failed", error))
+
+    def _after_report(self, reply: Reply[Any], outcome: Outcome) -> Outcome:
+        if reply.accepted:
+            return outcome
+        if reply.outcome == "fenced":
+            return Outcome("fenced", f"{self.name}: written off before the report landed")
+        return Outcome("unreported", f"{outcome.status} but not reported: {reply.reason}")
+
     def _upload_and_complete(self) -> Outcome:
+        try:
+            metrics, non_finite = read_metrics(self.output_dir / "metrics.json")
+        except MetricsError as err:
+            return self._fail(str(err), retryable=False)
         archive = self.dir / "outputs.tar.zst"
-        sha256, size = pack_dir(self.output_dir, archive)
-        metrics_path = self.output_dir / "metrics.json"
-        metrics: dict[str, Any] = {}
-        if metrics_path.exists():
-            try:
-                metrics = json.loads(metrics_path.read_text())
-            except ValueError as err:
-                log.warning("metrics.json is not valid JSON (%s); reporting no metrics", err)
-        result = {"metrics": metrics, "artifact": sha256, "artifact_size": size}
-        ok = self._send(
-            lambda: self.client.upload(self.job_id, self.epoch, archive, sha256, archive.name)
-        ) and self._send(lambda: self.client.complete(self.job_id, self.epoch, result))
-        if not ok:
-            return Outcome("fenced", "coordinator refused the result")
-        return Outcome("completed", f"artifact {sha256[:12]} ({size} bytes)", result)
-
-    def _send(self, call: Any) -> bool:
-        """Make a reporting call, retrying while the coordinator is unreachable.
-
-        A finished attempt's result is worth waiting for: the coordinator renews every lease
-        when it comes back, so the claim is still ours unless it says otherwise (409). We
-        give up after ``REPORT_PATIENCE_S``, or after a few tries once asked to shut down.
-        """
-        delay, deadline, tries_after_stop = 0.5, time.monotonic() + REPORT_PATIENCE_S, 3
-        while True:
-            try:
-                call()
-                return True
-            except ApiError as err:
-                log.warning("coordinator refused report for %s: %s", self.job["name"], err.message)
-                return False
-            except CoordinatorUnavailable as err:
-                if self.stop.is_set():
-                    tries_after_stop -= 1
-                if time.monotonic() > deadline or tries_after_stop <= 0:
-                    log.error("giving up reporting %s: %s", self.job["name"], err)
-                    return False
-                log.warning("report failed (%s); retrying in %.1fs", err, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        try:
+            sha256, size = pack_dir(self.output_dir, archive)
+        except OSError as err:
+            return self._fail(_disk_message("packing the outputs", err))
+        upload = self._send(
+            "upload",
+            lambda: self.client.upload(self.job_id, self.epoch, archive, sha256, archive.name),
+        )
+        if upload.outcome == "refused":
+            return self._fail(f"coordinator refused the artifact: {upload.reason}")
+        if not upload.accepted:
+            return self._after_report(upload, Outcome("failed"))
+        dropped = self._final_logs(retry=True)
+        result: dict[str, Any] = {"metrics": metrics, "artifact": sha256, "artifact_size": size}
+        if non_finite:
+            result["non_finite"] = non_finite
+        if dropped:
+            result["dropped_log_lines"] = dropped
+        reply = self._send("result", lambda: self.client.complete(self.job_id, self.epoch, result))
+        if reply.outcome == "refused":
+            return self._fail(f"coordinator refused the result: {reply.reason}")
+        return self._after_report(
+            reply, Outcome("completed", f"artifact {sha256[:12]} ({size} bytes)", result)
+        )
 
 
-def _terminate(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM the job's process group, then SIGKILL it after a grace period."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=TERM_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _bind(call: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    return lambda: call(*args)
+
+
+def _disk_message(doing: str, err: OSError) -> str:
+    if is_disk_full(err):
+        return f"disk full on worker: {doing}: {err}"
+    return f"worker error {doing}: {err}"
+
+
+__all__ = ["Attempt", "DiskFull", "Outcome", "build_argv", "build_env"]

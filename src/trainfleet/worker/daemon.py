@@ -1,34 +1,42 @@
 """The worker daemon behind ``trainfleet join URL``.
 
-Detect capability, register, then loop: claim, run the attempt, report. It reconnects with
-exponential backoff (capped, jittered) whenever the coordinator is unreachable, and
-re-registers if its credential is no longer known. On SIGTERM or SIGINT it stops claiming,
-stops the running job and hands it back (no failure counted), deregisters and exits 0;
-nothing is left claimed.
+Detect capability, register, then loop: claim, run the attempt, report. Every request goes
+through one ``Reporter``: it reconnects with exponential backoff (capped, jittered, cut short
+by SIGTERM) whenever the coordinator is unreachable, and nothing the coordinator answers
+kills the daemon: it re-registers if its credential is no longer known, and a claim refused
+because this worker "still holds" a job (an attempt whose report never landed) fails that job
+so it can run again, then claims anew. A claim whose reply was lost is simply asked again:
+the coordinator hands back the claim this worker already holds. On SIGTERM or SIGINT it stops
+claiming, stops the running job and hands it back (no failure counted), deregisters and exits
+0. Attempt directories are removed once their result is accepted; the last
+``keep_failed_attempts`` others are kept for debugging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import random
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from trainfleet.capability.detect import detect_capability
 from trainfleet.client import Client
 from trainfleet.data.prepare import CacheSettings
-from trainfleet.errors import ApiError, CoordinatorUnavailable, Unauthorized
+from trainfleet.errors import ApiError, Conflict, CoordinatorUnavailable, Unauthorized
 from trainfleet.worker.attempt import Attempt, Outcome
+from trainfleet.worker.logship import LogLimits
+from trainfleet.worker.report import Reporter, cut_text
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-MAX_BACKOFF_S = 30.0
+DEFAULT_KEEP_FAILED_ATTEMPTS = 5
+OUTCOME_FILE = "outcome.txt"  # written in an attempt's directory when it ends
 
 
 @dataclass
@@ -42,6 +50,7 @@ class WorkerConfig:
     max_jobs: int | None = None  # exit after this many attempts
     exit_when_idle_s: float | None = None  # exit after this long without work
     data: CacheSettings | None = None  # shard cache and routing checks; default under workdir
+    keep_failed_attempts: int = DEFAULT_KEEP_FAILED_ATTEMPTS  # attempt dirs kept for debugging
 
 
 class Worker:
@@ -50,6 +59,7 @@ class Worker:
     ):
         self.cfg = cfg
         self.stop = threading.Event()
+        self.reporter = Reporter(self.stop)
         self.outcomes: list[Outcome] = []  # one per attempt run, in order
         self._client_factory = client_factory or (lambda token: Client(cfg.url, token))
         self.client = self._client_factory(cfg.join_token)
@@ -71,28 +81,22 @@ class Worker:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
-    def _retrying(self, what: str, call: Callable[[], T]) -> T | None:
-        """Call until it succeeds or the worker stops; back off while unreachable."""
-        delay = 0.5
-        while not self.stop.is_set():
-            try:
-                return call()
-            except CoordinatorUnavailable as err:
-                wait = min(delay, MAX_BACKOFF_S) * random.uniform(0.8, 1.2)
-                log.warning("%s: coordinator unreachable (%s); retrying in %.1fs", what, err, wait)
-                self.stop.wait(wait)
-                delay *= 2
-        return None
-
     def register(self) -> bool:
+        """Register (retrying while unreachable); False when stopped first.
+
+        A refused registration (a wrong join token) is raised: it cannot get better.
+        """
         cap = detect_capability(self.cfg.host)
         self.client.close()
         self.client = self._client_factory(self.cfg.join_token)
-        reply = self._retrying(
+        answer = self.reporter.send(
             "register", lambda: self.client.register(cap.model_dump(mode="json"))
         )
-        if reply is None:
+        if answer.outcome == "unreachable":
             return False
+        if answer.error is not None:
+            raise answer.error
+        reply: dict[str, Any] = answer.value or {}
         self.registration = reply
         self.worker_id = reply["worker_id"]
         self.client.close()
@@ -118,14 +122,23 @@ class Worker:
         while not self.stop.is_set():
             if self.cfg.max_jobs is not None and len(self.outcomes) >= self.cfg.max_jobs:
                 break
-            try:
-                claim = self._retrying("claim", self.client.claim)
-            except Unauthorized:
-                log.warning("coordinator no longer knows this worker; registering again")
-                if not self.register():
-                    break
+            answer = self.reporter.send("claim", self.client.claim)
+            if answer.outcome == "unreachable":
+                break  # only when stopped
+            if answer.error is not None:
+                if isinstance(answer.error, Unauthorized):
+                    log.warning("coordinator no longer knows this worker; registering again")
+                    if not self.register():
+                        break
+                elif isinstance(answer.error, Conflict) and "job_id" in answer.error.details:
+                    self._settle_held_job(answer.error.details)
+                else:
+                    self.stop.wait(self.cfg.poll_interval_s)
                 continue
+            claim = answer.value
             if self.stop.is_set():
+                if claim is not None:  # stopped while the claim was in flight: hand it back
+                    self._hand_back(claim)
                 break
             if claim is None:
                 idle_s = time.monotonic() - idle_since
@@ -139,8 +152,32 @@ class Worker:
         self._leave()
         return self.outcomes
 
+    def _hand_back(self, claim: dict[str, Any]) -> None:
+        job_id, epoch = claim["job"]["id"], claim["epoch"]
+        self.reporter.send(
+            "hand-back",
+            lambda: self.client.fail(job_id, epoch, "worker shutting down", release=True),
+        )
+
+    def _settle_held_job(self, held: dict[str, Any]) -> None:
+        """Fail the job the coordinator says this worker still holds, so it can run again.
+
+        This worker runs one attempt at a time and is between attempts: the held one is an
+        attempt whose report never landed (or a claim whose reply was lost, then dropped).
+        """
+        job_id, epoch = str(held["job_id"]), int(held.get("epoch", 0))
+        log.warning("coordinator says this worker still holds job %s: failing it", job_id[:12])
+        reason = "the worker lost track of this attempt (its report never landed)"
+        answer = self.reporter.send(
+            "failure report of a held job",
+            lambda: self.client.fail(job_id, epoch, reason, retryable=True),
+        )
+        if answer.outcome == "refused":
+            self.stop.wait(self.cfg.poll_interval_s)  # do not spin on a coordinator that says no
+
     def _run_attempt(self, claim: dict[str, Any]) -> Outcome:
         threads = self.cfg.num_threads or int(self.registration["effective"]["cores"])
+        timeout_s = self.registration.get("heartbeat_timeout_s")
         attempt = Attempt(
             self.client,
             claim,
@@ -149,25 +186,51 @@ class Worker:
             num_threads=threads,
             stop=self.stop,
             data=self.cfg.data,
+            lease_s=float(timeout_s) if timeout_s else None,
+            limits=LogLimits.from_limits(self.registration.get("limits")),
+            reporter=self.reporter,
         )
         try:
             outcome = attempt.run()
         except Exception as err:  # a bug here must not take the whole worker down
             log.exception("attempt of %s crashed in the worker", claim["job"]["name"])
-            outcome = Outcome("failed", f"worker error: {err!r}")
-            try:
-                self.client.fail(claim["job"]["id"], claim["epoch"], f"worker error: {err!r}")
-            except (ApiError, CoordinatorUnavailable) as report_err:
-                log.warning("could not report the failure: %s", report_err)
+            error = cut_text(f"worker error: {err!r}", attempt.limits.max_error_chars)
+            outcome = Outcome("failed", error)
+            self.reporter.send(
+                "failure report",
+                lambda: self.client.fail(claim["job"]["id"], claim["epoch"], error),
+                retry=False,
+            )
         level = logging.INFO if outcome.status == "completed" else logging.WARNING
         log.log(level, "job %s %s: %s", claim["job"]["name"], outcome.status, outcome.detail)
+        tidy_attempt_dirs(attempt.dir, outcome.status, self.cfg.keep_failed_attempts)
         return outcome
 
     def _leave(self) -> None:
         try:
             self.client.deregister()
             log.info("deregistered %s", self.worker_id)
-        except (CoordinatorUnavailable, Unauthorized) as err:
+        except (CoordinatorUnavailable, ApiError) as err:
             log.warning("could not deregister: %s", err)
         finally:
             self.client.close()
+
+
+def tidy_attempt_dirs(attempt_dir: Path, status: str, keep_failed: int) -> None:
+    """Remove a completed attempt's directory; keep only the newest ``keep_failed`` others.
+
+    Tidying is best effort: it never fails the worker.
+    """
+    if status == "completed":
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        (attempt_dir / OUTCOME_FILE).write_text(status + "\n")
+    ended = []
+    with contextlib.suppress(OSError):
+        for d in attempt_dir.parent.iterdir():
+            with contextlib.suppress(OSError):
+                ended.append(((d / OUTCOME_FILE).stat().st_mtime, d))
+    ended.sort()
+    for _, d in ended[: max(0, len(ended) - keep_failed)]:
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""Garbage collection of unbound artifact blobs.
+
+A blob is bound when an artifact record (``JobQueue.is_bound``) names its digest. An upload
+stores its bytes first and binds them second, so a blob can be left unbound: the upload was
+fenced (a stale epoch found after streaming), or the coordinator stopped in between. The
+coordinator's lifespan runs :func:`collect_garbage` periodically; a blob younger than the
+grace period is kept, so an upload between its commit and its binding is never collected
+(committing an already stored blob restarts its grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainfleet.artifacts.store import ArtifactStore
+    from trainfleet.queue.base import JobQueue
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 3600.0
+INTERVAL_S = 600.0
+
+
+def collect_garbage(store: ArtifactStore, queue: JobQueue, grace_s: float = GRACE_S) -> list[str]:
+    """Delete blobs older than ``grace_s`` that no artifact record binds; return their
+    digests."""
+    cutoff = time.time() - grace_s
+    removed: list[str] = []
+    for sha256, mtime in list(store.stored()):
+        if mtime > cutoff or queue.is_bound(sha256):
+            continue
+        if store.delete(sha256):
+            removed.append(sha256)
+            log.info("artifact gc: removed unbound blob %s", sha256)
+    return removed

@@ -1,0 +1,209 @@
+"""``trainfleet hosts ...`` and ``trainfleet workers ...``: who may join the fleet, and
+taking that back.
+
+A host's join token is printed once (alone on stdout, so ``> NAME.token`` keeps it) or
+written to ``--token-file`` with mode 0600; the coordinator keeps only its hash.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from trainfleet import env
+from trainfleet.cli import render
+from trainfleet.cli.common import (
+    DEFAULT_STATE,
+    JsonOpt,
+    StateOpt,
+    TokenOpt,
+    UrlOpt,
+    client,
+    console,
+    err_console,
+    errors,
+    print_json,
+)
+from trainfleet.errors import NotFound
+
+CaCertOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-cert",
+        envvar=env.CA_CERT,
+        help="CA certificate (PEM) to trust for an https coordinator.",
+        show_default=False,
+    ),
+]
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help="Write the host's join token to this file (mode 0600) instead of printing it.",
+    ),
+]
+
+hosts_app = typer.Typer(
+    name="hosts", help="Enroll hosts (a join token per host), list, rotate or revoke them."
+)
+workers_app = typer.Typer(
+    name="workers",
+    help="List workers (no subcommand), or revoke one worker or every worker of a host.",
+    invoke_without_command=True,
+)
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """Write ``secret`` to ``path`` readable by its owner only (0600, even if it existed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+
+
+def _hand_over(reply: dict[str, Any], token_file: Path | None, url: str, verb: str) -> None:
+    host = escape(reply["host"])
+    if token_file is not None:
+        write_secret(token_file, reply["token"])
+        err_console.print(f"{verb} host {host}; its join token is in {escape(str(token_file))}")
+        where = escape(str(token_file))
+    else:
+        err_console.print(f"{verb} host {host}; its join token (shown once):")
+        sys.stdout.write(reply["token"] + "\n")
+        sys.stdout.flush()
+        where = "NAME.token"
+    err_console.print(
+        f"on {host}:  trainfleet join {escape(url)} --token-file {where}"
+        f"   (or set {env.JOIN_TOKEN})",
+        highlight=False,
+    )
+
+
+@hosts_app.command("enroll")
+def enroll(
+    name: Annotated[str, typer.Argument(help="Host name (1-63 of letters, digits, . _ -).")],
+    token_file: TokenFileOpt = None,
+    url: UrlOpt = env.DEFAULT_URL,
+    token: TokenOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+    ca_cert: CaCertOpt = None,
+) -> None:
+    """Enroll a host: issue a join token bound to NAME (a worker using it is host NAME)."""
+    with errors(), client(url, token, state_dir, ca_cert) as c:
+        reply = c.enroll_host(name)
+    _hand_over(reply, token_file, url, "enrolled")
+
+
+@hosts_app.command("rotate")
+def rotate(
+    name: Annotated[str, typer.Argument(help="An enrolled host.")],
+    token_file: TokenFileOpt = None,
+    revoke_workers: Annotated[
+        bool,
+        typer.Option(
+            "--revoke-workers", help="Also revoke its running workers (default: they keep going)."
+        ),
+    ] = False,
+    url: UrlOpt = env.DEFAULT_URL,
+    token: TokenOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+    ca_cert: CaCertOpt = None,
+) -> None:
+    """Issue a new join token for a host; the old one is refused from now on."""
+    with errors(), client(url, token, state_dir, ca_cert) as c:
+        reply = c.rotate_host(name, revoke_workers=revoke_workers)
+    _hand_over(reply, token_file, url, "rotated")
+
+
+@hosts_app.command("revoke")
+def revoke_host(
+    name: Annotated[str, typer.Argument(help="A host.")],
+    url: UrlOpt = env.DEFAULT_URL,
+    token: TokenOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+    ca_cert: CaCertOpt = None,
+) -> None:
+    """Revoke a host: its join token and every worker of it (their jobs are requeued)."""
+    with errors(), client(url, token, state_dir, ca_cert) as c:
+        _print_revoked(c.revoke_host(name), "host")
+
+
+@hosts_app.command("list")
+def list_hosts(
+    url: UrlOpt = env.DEFAULT_URL,
+    token: TokenOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+    ca_cert: CaCertOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Enrolled hosts, their state and workers online (never their tokens)."""
+    with errors(), client(url, token, state_dir, ca_cert) as c:
+        hosts = c.hosts()
+    if as_json:
+        print_json(hosts)
+        return
+    table = Table(title="hosts", title_justify="left")
+    for col in ("host", "state", "enrolled", "token issued", "workers online"):
+        table.add_column(col)
+    for h in hosts:
+        table.add_row(
+            escape(h["name"]),
+            h["state"],
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(h["enrolled_at"])),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(h["rotated_at"])),
+            str(h["workers_online"]),
+        )
+    console.print(table)
+
+
+@workers_app.callback()
+def workers(
+    ctx: typer.Context,
+    url: UrlOpt = env.DEFAULT_URL,
+    token: TokenOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+    ca_cert: CaCertOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Workers with their effective capability and the corrections made to it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with errors(), client(url, token, state_dir, ca_cert) as c:
+        data = c.workers()
+    if as_json:
+        print_json(data)
+    else:
+        console.print(render.workers_table(data))
+
+
+@workers_app.command("revoke")
+def revoke(
+    ref: Annotated[str, typer.Argument(metavar="WORKER|HOST", help="A worker id or a host.")],
+    url: UrlOpt = env.DEFAULT_URL,
+    token: TokenOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+    ca_cert: CaCertOpt = None,
+) -> None:
+    """Revoke a worker's credential, or a host's (its join token and all its workers), at
+    once: the next request gets 401 and the active job is requeued. A worker revoked alone
+    may register again with its host's token; revoke the host to keep it out."""
+    with errors(), client(url, token, state_dir, ca_cert) as c:
+        try:
+            reply, kind = c.revoke_worker(ref), "worker"
+        except NotFound:
+            reply, kind = c.revoke_host(ref), "host"
+        _print_revoked(reply, kind)
+
+
+def _print_revoked(reply: dict[str, Any], kind: str) -> None:
+    console.print(f"revoked {kind} {escape(reply['revoked'])}", highlight=False)
+    for job in reply["requeued"]:
+        console.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)

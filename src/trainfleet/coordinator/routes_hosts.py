@@ -1,0 +1,95 @@
+"""Fleet identity endpoints (operator token): enroll, rotate and revoke hosts, revoke workers.
+
+A host's join token is returned once, by ``enroll`` or ``rotate``, and only its hash is kept.
+A revoke takes effect on the revoked worker's next request (401) and requeues its active job
+in the same transaction.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from trainfleet.coordinator.endpoints import Ctx, RouteTable
+from trainfleet.coordinator.schemas import Body
+from trainfleet.queue.base import HostRecord, JobRecord
+
+routes = RouteTable()
+
+
+class HostToken(Body):
+    host: str
+    token: str = Field(description="the host's join token; shown once, never stored in clear")
+
+
+class RotateBody(Body):
+    revoke_workers: bool = Field(
+        False, description="also revoke the host's running workers (default: they keep going)"
+    )
+
+
+class Revoked(Body):
+    revoked: str = Field(description="the host or worker revoked")
+    requeued: list[JobRecord] = Field(description="active jobs put back to pending")
+
+
+class HostList(Body):
+    hosts: list[HostRecord]
+
+
+@routes.route("GET", "/v1/hosts", auth="operator", summary="Enrolled hosts", response=HostList)
+async def list_hosts(ctx: Ctx) -> HostList:
+    return HostList(hosts=await ctx.run(ctx.coord.queue.list_hosts))
+
+
+@routes.route(
+    "POST",
+    "/v1/hosts/{name}/enroll",
+    auth="operator",
+    summary="Enroll a host: returns a join token bound to its name (shown once)",
+    response=HostToken,
+)
+async def enroll(ctx: Ctx) -> HostToken:
+    name = ctx.path("name")
+    return HostToken(host=name, token=await ctx.run(ctx.coord.queue.enroll_host, name))
+
+
+@routes.route(
+    "POST",
+    "/v1/hosts/{name}/rotate",
+    auth="operator",
+    summary="Issue a new join token for a host; the old one stops working at once",
+    body=RotateBody,
+    response=HostToken,
+)
+async def rotate(ctx: Ctx) -> HostToken:
+    name, body = ctx.path("name"), ctx.body
+    token = await ctx.run(ctx.coord.queue.rotate_host, name, revoke_workers=body.revoke_workers)
+    return HostToken(host=name, token=token)
+
+
+@routes.route(
+    "POST",
+    "/v1/hosts/{name}/revoke",
+    auth="operator",
+    summary="Revoke a host: its join token and every worker of it; requeues their jobs",
+    response=Revoked,
+)
+async def revoke_host(ctx: Ctx) -> Revoked:
+    name = ctx.path("name")
+    requeued = await ctx.run(ctx.coord.queue.revoke_host, name)
+    ctx.coord.metrics.requeues.inc(len(requeued))
+    return Revoked(revoked=name, requeued=requeued)
+
+
+@routes.route(
+    "POST",
+    "/v1/workers/{worker_id}/revoke",
+    auth="operator",
+    summary="Revoke one worker's credential; requeues its active job",
+    response=Revoked,
+)
+async def revoke_worker(ctx: Ctx) -> Revoked:
+    worker_id = ctx.path("worker_id")
+    requeued = await ctx.run(ctx.coord.queue.revoke_worker, worker_id)
+    ctx.coord.metrics.requeues.inc(len(requeued))
+    return Revoked(revoked=worker_id, requeued=requeued)

@@ -1,0 +1,239 @@
+"""Fleet identity against live processes: per-host enrollment, revocation, rotation, TLS
+with a certificate made here, read auth, and tokens kept off command lines."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from livefleet import REPO, SLOW_JOB, Fleet, wait_until
+from trainfleet import env
+from trainfleet.client import Client
+
+pytestmark = pytest.mark.slow
+
+
+def command_job(name: str, seconds: float, **extra: str) -> str:
+    lines = [
+        "[[jobs]]",
+        f'name = "{name}"',
+        'kind = "command"',
+        f'command = ["{sys.executable}", "{SLOW_JOB}"]',
+        f"hyper = {{ seconds = {seconds} }}",
+        *(f"{k} = {v}" for k, v in extra.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_enrolled_host_joins_as_itself_and_nobody_else_can(fleet: Fleet) -> None:
+    fleet.reload(
+        "[hosts.gpu-box]\ncores = 1\n\n" + command_job("pinned", 0.2, allowed_hosts='["gpu-box"]')
+    )
+    token_file = fleet.tmp / "gpu-box.token"
+    out = fleet.cli("hosts", "enroll", "gpu-box", "--token-file", str(token_file), check=True)
+    token = token_file.read_text().strip()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert token and token not in out.stdout + out.stderr  # written once, to the file only
+    assert "trainfleet join" in out.stderr and "--token-file" in out.stderr
+
+    # The shared join token (no open mode) and a different --host are refused, clearly.
+    impostor = fleet.start_worker("gpu-box", token=fleet.coord.join_token)
+    renamer = fleet.start_worker("laptop", token=token)
+    assert impostor.wait(timeout=60) == 1 and renamer.wait(timeout=60) == 1
+    assert "shared join token is refused" in impostor.log_text()
+    assert "this token is enrolled for host gpu-box" in renamer.log_text()
+    assert "Traceback" not in impostor.log_text() + renamer.log_text()
+
+    real = fleet.start_worker("gpu-box", "--exit-when-idle-s", "2", token=token)
+    job = fleet.wait_state("pinned", {"completed"}, timeout_s=60)
+    assert job["host"] == "gpu-box"
+    assert real.wait(timeout=60) == 0
+    listing = fleet.cli("hosts", "list", check=True).stdout
+    assert "gpu-box" in listing and "active" in listing and token not in listing
+
+
+def test_revoking_a_host_requeues_its_job_at_once_and_keeps_it_out(fleet: Fleet) -> None:
+    fleet.reload(command_job("long", 60))
+    worker = fleet.start_worker("cpu-a")
+    fleet.wait_state("long", {"running"}, timeout_s=60)
+    out = fleet.cli("workers", "revoke", "cpu-a", check=True)
+    assert "revoked host cpu-a" in out.stdout and "requeued long" in out.stdout
+    job = fleet.job("long")  # at once: no heartbeat timeout in between
+    assert job["job"]["state"] == "pending"
+    assert any(e["kind"] == "revoked" for e in job["events"])
+    # The daemon's next request is refused; re-registering with the host's token too.
+    assert worker.wait(timeout=30) == 1
+    assert "revoked" in worker.log_text()
+    assert fleet.job("long")["job"]["state"] == "pending"
+    hosts = fleet.operator.hosts()
+    assert [(h["name"], h["state"]) for h in hosts] == [("cpu-a", "revoked")]
+
+
+def test_rotation_refuses_the_old_token_and_join_refuses_tokens_in_argv(fleet: Fleet) -> None:
+    old = fleet.worker_token("cpu-a")
+    new_file = fleet.tmp / "new.token"
+    fleet.cli("hosts", "rotate", "cpu-a", "--token-file", str(new_file), check=True)
+    stale = fleet.start_worker("cpu-a", token=old)
+    assert stale.wait(timeout=60) == 1
+    assert "unknown join token" in stale.log_text()
+    fresh = fleet.start_worker("cpu-a", "--max-jobs", "0", token=new_file.read_text().strip())
+    assert fresh.wait(timeout=60) == 0
+    argv = fleet.cli("join", fleet.url, "--token", new_file.read_text().strip())
+    assert argv.returncode != 0 and "visible to every user" in argv.stderr
+
+
+# TLS ----------------------------------------------------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1/localhost that is its own CA, and its key (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trainfleet test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_cli(*args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
+    return subprocess.run(
+        [sys.executable, "-m", "trainfleet.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **env_vars},
+        cwd=REPO,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def tls_coordinator(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """``trainfleet serve --tls-cert/--tls-key`` as a process: (url, CA file, serve log)."""
+    cert, key = self_signed(tmp_path)
+    port, log = free_port(), tmp_path / "serve.log"
+    (tmp_path / "op.token").write_text("operator-secret\n")
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trainfleet.cli.main",
+                "serve",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--operator-token-file",
+                str(tmp_path / "op.token"),
+                "--tls-cert",
+                str(cert),
+                "--tls-key",
+                str(key),
+                "--heartbeat-interval-s",
+                "0.5",
+                "--heartbeat-timeout-s",
+                "5",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+        )
+        url = f"https://127.0.0.1:{port}"
+        try:
+            with Client(url, ca_cert=cert) as probe:
+                probe.wait_healthy(30)
+            yield url, cert, log
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def test_a_worker_joins_over_tls_and_a_client_without_the_ca_is_refused(
+    tls_coordinator: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    url, ca, serve_log = tls_coordinator
+    op = {env.URL: url, env.TOKEN: "operator-secret"}
+    refused = run_cli("status", **op)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "certificate is not trusted" in refused.stderr and "--ca-cert" in refused.stderr
+    with_ca = {**op, env.CA_CERT: str(ca)}
+    manifest = tmp_path / "fleet.toml"
+    manifest.write_text(command_job("secure", 0.2))
+    run_cli("reload", str(manifest), **with_ca).check_returncode()
+    token_file = tmp_path / "tls-box.token"
+    enrolled = run_cli("hosts", "enroll", "tls-box", "--token-file", str(token_file), **with_ca)
+    assert enrolled.returncode == 0, enrolled.stderr
+    worker = run_cli(
+        "join",
+        url,
+        "--token-file",
+        str(token_file),
+        "--ca-cert",
+        str(ca),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--poll-interval-s",
+        "0.2",
+        "--max-jobs",
+        "1",
+    )
+    assert worker.returncode == 0, worker.stderr
+    with Client(url, "operator-secret", ca_cert=ca) as operator:
+        job = operator.job("secure")["job"]
+        assert job["state"] == "completed" and job["host"] == "tls-box"
+        # Reads and /metrics need the operator token; /health does not.
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as http:
+            assert http.get(f"{url}/metrics").status_code == 401
+            assert http.get(f"{url}/v1/jobs").status_code == 401
+            assert http.get(f"{url}/health").status_code == 200
+    printed = serve_log.read_text()
+    shared = (tmp_path / "state" / "join.token").read_text().strip()
+    assert "https://" in printed and "hosts enroll" in printed and shared not in printed
