@@ -38,6 +38,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python -m bench.queue
 	$(BIN)/python -m bench.data
+	$(BIN)/python -m bench.chaos
 
 clean:
 	rm -rf $(VENV) .demo .trainfleet .pytest_cache .ruff_cache .mypy_cache

@@ -62,9 +62,11 @@ def in_process_jobs_per_s(path: Path, n: int, num_threads: int) -> float:
 
     queue = SQLiteQueue(path)
     queue.apply_manifest(parse_manifest(manifest_text(n)))
+    # Each worker joins as the coordinator's API makes it: with its host's enrollment token.
     workers = [
-        queue.register_worker(
-            Capability(host=f"h{i}", hostname=f"h{i}", cores=4, ram_gib=8, cuda=False)
+        queue.register_enrolled(
+            Capability(host=f"h{i}", hostname=f"h{i}", cores=4, ram_gib=8, cuda=False),
+            queue.enroll_host(f"h{i}"),
         )[0].id
         for i in range(num_threads)
     ]
@@ -113,12 +115,14 @@ def http_jobs_per_s(state: Path, n: int, num_clients: int) -> dict[str, float]:
     try:
         with Client(url) as probe:
             probe.wait_healthy()
-        join = (state / "join.token").read_text().strip()
+        operator_token = (state / "operator.token").read_text().strip()
+        with Client(url, operator_token) as operator:
+            join = {i: operator.enroll_host(f"h{i}")["token"] for i in range(num_clients)}
         latencies: list[float] = []
         lock = threading.Lock()
 
         def work(i: int) -> None:
-            with Client(url, join) as joiner:
+            with Client(url, join[i]) as joiner:
                 cap = {
                     "host": f"h{i}",
                     "hostname": f"h{i}",

@@ -3,9 +3,10 @@
     python examples/demo.py            (what `make demo` runs)
 
 1. starts a coordinator (`trainfleet serve`, SQLite + local artifact directory in .demo/);
-2. starts three workers (`trainfleet join`) that declare different hosts: `gpu-box` declares a
-   GPU that detection does not find (so it is corrected to CPU-only), `cpu-a` and `cpu-b`
-   take different slices of the sweep through their allow lists;
+2. enrolls three hosts (`trainfleet hosts enroll NAME --token-file F`: a join token bound to
+   each name) and starts a worker on each (`trainfleet join URL --token-file F`): `gpu-box`
+   declares a GPU that detection does not find (so it is corrected to CPU-only), `cpu-a` and
+   `cpu-b` take different slices of the sweep through their allow lists;
 3. loads examples/fleet.toml with `trainfleet reload` (a sweep of built-in `train` jobs and
    one `command` job), shows progress until every job is done, prints the results;
 4. stops the workers with SIGTERM (they deregister) and then the coordinator.
@@ -124,19 +125,29 @@ def main() -> int:
         client = Client(url, None)
         client.wait_healthy()
         client.token = (state / "operator.token").read_text().strip()
-        join_token = (state / "join.token").read_text().strip()
 
         console.print(f"\n$ trainfleet reload {os.path.relpath(args.manifest, REPO)}")
         subprocess.run(trainfleet("reload", args.manifest), env=env, cwd=REPO, check=True)
 
         for host in HOSTS:
+            # Each host is enrolled: its join token is bound to its name, kept in a 0600
+            # file and read by `join` from there (never on a command line).
+            token_file = root / f"{host}.token"
+            console.print(f"$ trainfleet hosts enroll {host} --token-file {token_file.name}")
+            subprocess.run(
+                trainfleet("hosts", "enroll", host, "--token-file", str(token_file)),
+                env=env,
+                cwd=REPO,
+                check=True,
+                stderr=subprocess.DEVNULL,
+            )
             spawn(
                 f"worker-{host}",
                 trainfleet(
                     "join",
                     url,
-                    "--token",
-                    join_token,
+                    "--token-file",
+                    str(token_file),
                     "--host",
                     host,
                     "--threads",

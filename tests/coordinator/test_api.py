@@ -468,14 +468,19 @@ def test_full_worker_flow_over_http(api: Api) -> None:
     assert (claim["epoch"], claim["attempt"]) == (1, 1)
     assert claim["job"]["state"] == "claimed"
     assert claim["job"]["worker_id"] == worker.id
-    # One job at a time per worker; a second worker finds nothing left.
+    # Asking again before any heartbeat (the reply was lost) gets the same claim back; a
+    # second worker finds nothing left.
     r = api.http.post("/v1/workers/claim", headers=worker.auth)
-    assert_error(r, 409, "conflict")
+    assert (r.json()["claim"]["job"]["id"], r.json()["claim"]["epoch"]) == (job_id, 1)
     r = api.http.post("/v1/workers/claim", headers=api.register("cpu-b").auth)
     assert r.json() == {"claim": None}
 
     r = api.http.post(f"/v1/jobs/{job_id}/heartbeat", json={"epoch": 1}, headers=worker.auth)
     assert r.json() == {"cancel": False, "state": "running"}
+    # One job at a time per worker: the 409 names the job it holds.
+    r = api.http.post("/v1/workers/claim", headers=worker.auth)
+    assert_error(r, 409, "conflict")
+    assert (r.json()["job_id"], r.json()["epoch"]) == (job_id, 1)
 
     for batch in (["step 1 loss 3.0", "step 2 loss 2.5"], ["step 3 loss 2.0"]):
         r = api.http.post(
@@ -524,6 +529,7 @@ def test_full_worker_flow_over_http(api: Api) -> None:
     assert [e["kind"] for e in detail["events"]] == [
         "added",
         "claimed",
+        "redelivered",
         "running",
         "artifact",
         "completed",

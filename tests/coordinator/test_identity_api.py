@@ -105,6 +105,10 @@ def test_open_mode_admits_anyone_as_a_new_policy_less_host(
         assert enrolled["effective"]["cores"] == 2  # the policy applies to the real one
         claim = api.http.post("/v1/workers/claim", headers=bearer(enrolled["token"]))
         assert claim.json()["claim"]["job"]["name"] == "pinned"
+        # An open host is revoked by its assigned name (URL-quoted by the client).
+        assert api.client("op-token").revoke_host("open:gpu-box")["revoked"] == "open:gpu-box"
+        stale = api.http.post("/v1/workers/claim", headers=bearer(reg["token"]))
+        assert_error(stale, 401, "unauthorized")
 
 
 def test_revoking_a_worker_refuses_its_next_request_and_requeues_its_job(api: Api) -> None:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from livefleet import REPO, SLOW_JOB, Fleet, wait_until
+from livefleet import REPO, SLOW_JOB, Fleet, LiveFleet, wait_until
 from trainfleet import env
 from trainfleet.client import Client
 
@@ -54,12 +54,11 @@ def test_an_enrolled_host_joins_as_itself_and_nobody_else_can(fleet: Fleet) -> N
     # The shared join token (no open mode) and a different --host are refused, clearly.
     impostor = fleet.start_worker("gpu-box", token=fleet.coord.join_token)
     renamer = fleet.start_worker("laptop", token=token)
+    real = fleet.start_worker("gpu-box", "--max-jobs", "1", token=token)
     assert impostor.wait(timeout=60) == 1 and renamer.wait(timeout=60) == 1
     assert "shared join token is refused" in impostor.log_text()
     assert "this token is enrolled for host gpu-box" in renamer.log_text()
     assert "Traceback" not in impostor.log_text() + renamer.log_text()
-
-    real = fleet.start_worker("gpu-box", "--exit-when-idle-s", "2", token=token)
     job = fleet.wait_state("pinned", {"completed"}, timeout_s=60)
     assert job["host"] == "gpu-box"
     assert real.wait(timeout=60) == 0
@@ -76,9 +75,10 @@ def test_revoking_a_host_requeues_its_job_at_once_and_keeps_it_out(fleet: Fleet)
     job = fleet.job("long")  # at once: no heartbeat timeout in between
     assert job["job"]["state"] == "pending"
     assert any(e["kind"] == "revoked" for e in job["events"])
-    # The daemon's next request is refused; re-registering with the host's token too.
+    # The daemon's next request is refused; it stops the job; re-registering is refused.
     assert worker.wait(timeout=30) == 1
     assert "revoked" in worker.log_text()
+    wait_until(lambda: not worker.job_pids(), 10, "the revoked worker's job to be stopped")
     assert fleet.job("long")["job"]["state"] == "pending"
     hosts = fleet.operator.hosts()
     assert [(h["name"], h["state"]) for h in hosts] == [("cpu-a", "revoked")]
@@ -88,13 +88,34 @@ def test_rotation_refuses_the_old_token_and_join_refuses_tokens_in_argv(fleet: F
     old = fleet.worker_token("cpu-a")
     new_file = fleet.tmp / "new.token"
     fleet.cli("hosts", "rotate", "cpu-a", "--token-file", str(new_file), check=True)
+    new = new_file.read_text().strip()
     stale = fleet.start_worker("cpu-a", token=old)
+    fresh = fleet.start_worker("cpu-a", "--max-jobs", "0", token=new)
+    argv = fleet.cli("join", fleet.url, "--token", new)
+    assert argv.returncode != 0 and "visible to every user" in argv.stderr
     assert stale.wait(timeout=60) == 1
     assert "unknown join token" in stale.log_text()
-    fresh = fleet.start_worker("cpu-a", "--max-jobs", "0", token=new_file.read_text().strip())
     assert fresh.wait(timeout=60) == 0
-    argv = fleet.cli("join", fleet.url, "--token", new_file.read_text().strip())
-    assert argv.returncode != 0 and "visible to every user" in argv.stderr
+
+
+def test_open_mode_admits_the_shared_token_as_a_new_policy_less_host(tmp_path: Path) -> None:
+    with LiveFleet(tmp_path, open_join=True, public_reads=True) as fleet:
+        fleet.reload(
+            "[hosts.gpu-box]\nram_gib = 0.5\n\n"
+            + command_job("pinned", 0.2, allowed_hosts='["gpu-box"]')
+            + command_job("anyone", 0.2)
+        )
+        worker = fleet.start_worker("gpu-box", "--max-jobs", "1", token=fleet.coord.join_token)
+        assert worker.wait(timeout=60) == 0
+        public = httpx.get(f"{fleet.url}/v1/jobs", timeout=30)  # --public-reads: no token
+        assert public.status_code == 200
+        jobs = {j["name"]: j for j in public.json()["jobs"]}
+        # Neither gpu-box's pinned job nor gpu-box's policy (its RAM cap) apply.
+        assert jobs["anyone"]["state"] == "completed" and jobs["anyone"]["host"] == "open:gpu-box"
+        assert jobs["pinned"]["state"] == "pending"
+        (joined,) = httpx.get(f"{fleet.url}/v1/workers", timeout=30).json()["workers"]
+        assert joined["host"] == "open:gpu-box" and joined["notes"] == []
+        assert joined["effective"] == joined["capability"]
 
 
 # TLS ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from livefleet import SLOW_JOB, Fleet, wait_until
+from trainfleet.testing import disk_faults_unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -145,3 +146,16 @@ def test_sigterm_hands_a_running_job_back_and_kills_its_group(fleet: Fleet) -> N
     job = fleet.job("j")["job"]
     assert job["state"] == "pending" and job["num_failures"] == 0
     assert not w.job_pids()
+
+
+def test_a_full_disk_fails_the_attempt_promptly_with_a_clear_reason(fleet: Fleet) -> None:
+    if reason := disk_faults_unavailable():
+        pytest.skip(reason)
+    fleet.reload(slow_job("chatty", 60.0, max_failures=1))
+    w = fleet.start_worker("cpu-a", disk_mib=16)
+    fleet.wait_state("chatty", {"running"}, timeout_s=30)
+    w.fill_disk()
+    job = fleet.wait_state("chatty", {"failed"}, timeout_s=20)
+    assert job["error"].startswith("disk full on worker")
+    wait_until(lambda: not w.job_pids(), 10, "the job to be stopped")
+    assert w.poll() is None  # the daemon itself goes on

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -76,7 +77,11 @@ def test_delay_holds_the_request_before_forwarding(fleet: LiveFleet, proxy: Faul
     client = Client(proxy.url, fleet.coord.operator_token)
     proxy.delay("GET", r"/v1/jobs$", seconds=1.0, times=1)
     started = time.monotonic()
-    assert client.jobs() == []
+    with ThreadPoolExecutor(1) as pool:
+        listed = pool.submit(client.jobs)
+        proxy.wait_arrival("GET", r"/v1/jobs$", timeout_s=5)  # held in the proxy now
+        assert not proxy.seen("GET", r"/v1/jobs$") and not listed.done()
+        assert listed.result(timeout=10) == []
     assert time.monotonic() - started >= 1.0
     assert proxy.wait_for("GET", r"/v1/jobs$", timeout_s=5).fault == "delayed"
     started = time.monotonic()

@@ -189,7 +189,7 @@ def test_a_full_disk_while_writing_output_fails_promptly(tmp_path: Path, monkeyp
     assert time.monotonic() - started < 15
     assert outcome.status == "failed"
     [body] = [v for k, v in client.calls if k == "fail"]
-    assert body["error"].startswith("disk full on worker: writing output.log")
+    assert body["error"].startswith("disk full on worker: running the job")
 
 
 @pytest.mark.parametrize("where", ["mkdir", "pack"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import psutil
 
 import trainfleet
-from trainfleet.capability.model import MAX_TEXT_CHARS, Capability, is_host_name
+from trainfleet.capability.model import MAX_TEXT_CHARS, Capability, policy_host_name
 
 _GIB = 1024**3
 
@@ -57,14 +56,6 @@ def _usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def policy_host_name(hostname: str) -> str:
-    """``hostname`` made a valid host name: other characters become '-', cut to 63."""
-    if is_host_name(hostname):
-        return hostname
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", hostname).lstrip("._-")[:63]
-    return name or "host"
 
 
 def detect_capability(host: str | None = None) -> Capability:

@@ -17,11 +17,10 @@ HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 # Open-mode workers are registered as ``open:<name>``: the ':' cannot appear in a manifest
 # host name or an enrolled one, so no policy and no enrollment can ever apply to them.
 OPEN_HOST_PREFIX = "open:"
-_ASSIGNED_HOST_PATTERN = r"^(open:)?[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+ASSIGNED_HOST_PATTERN = r"^(open:)?[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MAX_TEXT_CHARS = 256
 MAX_GPUS = 1024
 
-HostName = Annotated[str, StringConstraints(pattern=HOST_NAME_PATTERN)]
 # Printable: no C0/C1 control characters (no escape sequences, newlines or NULs).
 Text = Annotated[
     str, StringConstraints(max_length=MAX_TEXT_CHARS, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")
@@ -33,12 +32,21 @@ def is_host_name(name: str) -> bool:
     return re.fullmatch(HOST_NAME_PATTERN, name) is not None
 
 
+def policy_host_name(hostname: str) -> str:
+    """``hostname`` made a valid host name (other characters become '-', cut to 63): the
+    host a worker reports when it is not given one."""
+    if is_host_name(hostname):
+        return hostname
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", hostname).lstrip("._-")[:63]
+    return name or "host"
+
+
 class Capability(BaseModel):
     """One worker's capability. Sent at registration; snapshotted into every artifact binding."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    host: Annotated[str, StringConstraints(pattern=_ASSIGNED_HOST_PATTERN)] = Field(
+    host: Annotated[str, StringConstraints(pattern=ASSIGNED_HOST_PATTERN)] = Field(
         description="host name used for policy: 1-63 of [A-Za-z0-9._-], starting alphanumeric"
         " (the coordinator replaces it with the enrolled name, or open:NAME in open mode)"
     )

@@ -59,7 +59,7 @@ ERROR_SCHEMA: dict[str, Any] = {
 ERROR_TEXT = {
     400: "malformed request: a parameter, the body or its nesting depth",
     401: "missing, wrong or revoked token",
-    403: "the caller may not do this",
+    403: "the token may not do this (e.g. register as another host than it is enrolled for)",
     404: "no such job, artifact, router or path",
     409: "the job is not in a state for this, or the claim's epoch is stale",
     413: "the body (or the declared upload size) is over its limit",
@@ -72,6 +72,8 @@ def error_codes(ep: Endpoint) -> list[int]:
     codes = {400, *ep.errors}
     if ep.auth != "none":
         codes.add(401)
+    if ep.auth == "join":
+        codes.add(403)  # a host's token used to register as another host
     if ep.path_params:
         codes.add(404)
     if ep.method != "GET" and ep.auth in ("worker", "operator"):

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from trainfleet.coordinator.endpoints import Ctx, RouteTable
+from trainfleet.capability.model import ASSIGNED_HOST_PATTERN, HOST_NAME_PATTERN
+from trainfleet.coordinator.endpoints import Ctx, Param, RouteTable
 from trainfleet.coordinator.schemas import Body
 from trainfleet.queue.base import HostRecord, JobRecord
 
 routes = RouteTable()
+
+NEW_HOST = Param(
+    "name",
+    "a host name: 1-63 of letters, digits, '.', '_', '-'; starts alphanumeric",
+    pattern=HOST_NAME_PATTERN,
+)
+HOST = Param(
+    "name",
+    "a host: an enrolled name, or open:NAME for a host that joined in open mode",
+    pattern=ASSIGNED_HOST_PATTERN,
+)
+WORKER = Param("worker_id", "a worker id, as `trainfleet workers` lists it")
 
 
 class HostToken(Body):
@@ -45,6 +58,7 @@ async def list_hosts(ctx: Ctx) -> HostList:
     "POST",
     "/v1/hosts/{name}/enroll",
     auth="operator",
+    path_params=(NEW_HOST,),
     summary="Enroll a host: returns a join token bound to its name (shown once)",
     response=HostToken,
 )
@@ -57,6 +71,7 @@ async def enroll(ctx: Ctx) -> HostToken:
     "POST",
     "/v1/hosts/{name}/rotate",
     auth="operator",
+    path_params=(NEW_HOST,),
     summary="Issue a new join token for a host; the old one stops working at once",
     body=RotateBody,
     response=HostToken,
@@ -71,6 +86,7 @@ async def rotate(ctx: Ctx) -> HostToken:
     "POST",
     "/v1/hosts/{name}/revoke",
     auth="operator",
+    path_params=(HOST,),
     summary="Revoke a host: its join token and every worker of it; requeues their jobs",
     response=Revoked,
 )
@@ -85,6 +101,7 @@ async def revoke_host(ctx: Ctx) -> Revoked:
     "POST",
     "/v1/workers/{worker_id}/revoke",
     auth="operator",
+    path_params=(WORKER,),
     summary="Revoke one worker's credential; requeues its active job",
     response=Revoked,
 )

@@ -2,8 +2,10 @@
 
 A job id is the digest of its identity, so the plan is a set difference: new ids are
 *added*, ids present in both are *kept* (or *changed* when a scheduling field such as
-priority or a constraint differs), ids no longer in the manifest are *removed* (they stay,
-in whatever state they are, until cancelled). Nothing that already ran is touched.
+priority or a constraint differs), ids no longer in the manifest are *removed* (they stay
+visible, in whatever state they are; a pending one is no longer claimable unless an operator
+requeues it). Nothing that already ran is touched. Editing a job's identity (its
+hyperparameters, say) therefore adds a new job and removes the old one under the same name.
 """
 
 from __future__ import annotations

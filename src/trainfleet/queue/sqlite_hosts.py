@@ -18,7 +18,12 @@ import secrets
 import sqlite3
 from collections.abc import Callable
 
-from trainfleet.capability.model import OPEN_HOST_PREFIX, Capability, is_host_name
+from trainfleet.capability.model import (
+    OPEN_HOST_PREFIX,
+    Capability,
+    is_host_name,
+    policy_host_name,
+)
 from trainfleet.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from trainfleet.queue.base import HostRecord, JobRecord, WorkerRecord
 from trainfleet.queue.sqlite_schema import insert_event, load_job, token_hash
@@ -173,7 +178,7 @@ def register_enrolled(
     host = authenticate_host(conn, token)
     # A worker that did not name a host reports its hostname; one that named another host
     # on purpose is refused rather than silently renamed.
-    if capability.host not in (host, capability.hostname):
+    if capability.host not in (host, policy_host_name(capability.hostname)):
         raise Forbidden(
             f"this token is enrolled for host {host}, not {capability.host}"
             f" (drop --host, or pass --host {host})"

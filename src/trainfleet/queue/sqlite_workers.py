@@ -64,7 +64,8 @@ def authenticate_worker(conn: sqlite3.Connection, token: str) -> str:
 
 def deregister_worker(conn: sqlite3.Connection, worker_id: str, now: float) -> None:
     conn.execute(
-        "UPDATE workers SET state = 'stopped', last_seen = ? WHERE id = ?", (now, worker_id)
+        "UPDATE workers SET state = 'stopped', last_seen = ? WHERE id = ? AND state != 'revoked'",
+        (now, worker_id),
     )
 
 

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import uvicorn
 
 from trainfleet import env
@@ -79,7 +80,9 @@ class LiveFleet:
 
     def start(self) -> None:
         self.coord = build_coordinator(self.config)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP;
+        # without it every keep-alive reply waits ~40 ms for a delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self._sock = sock
@@ -101,7 +104,8 @@ class LiveFleet:
         for worker in self.workers:
             worker.destroy()
         for stray in tagged_processes(self.tag):  # belt and braces: anything left over
-            stray.kill()
+            with contextlib.suppress(psutil.Error):
+                stray.kill()
         if self._operator is not None:
             self._operator.close()
             self._operator = None

@@ -78,10 +78,12 @@ class FaultProxy:
         self._changed = threading.Condition(self._lock)
         self._rules: list[_Rule] = []
         self._partitioned = False
-        self.exchanges: list[Exchange] = []
+        self.exchanges: list[Exchange] = []  # finished: the coordinator answered (or not)
+        self.arrivals: list[Exchange] = []  # every request as it arrives, before any fault
         self.refused_connections = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
+        self._closing = asyncio.Event()  # set at close: cuts delays short
         self._server: asyncio.base_events.Server | None = None
         started = threading.Event()
         self._thread = threading.Thread(
@@ -138,15 +140,8 @@ class FaultProxy:
         self, method: str = "*", path_regex: str = "", fault: str | None = None
     ) -> list[Exchange]:
         """Exchanges so far that match (``fault``: only those with that fault)."""
-        pattern = re.compile(path_regex)
         with self._lock:
-            return [
-                e
-                for e in self.exchanges
-                if method.upper() in (e.method, "*")
-                and pattern.search(e.path)
-                and (fault is None or e.fault == fault)
-            ]
+            return _matching(self.exchanges, method, path_regex, fault)
 
     def wait_for(
         self,
@@ -158,10 +153,28 @@ class FaultProxy:
         fault: str | None = None,
     ) -> Exchange:
         """Block until ``count`` matching exchanges happened in all; return the last one."""
+        return self._wait(self.exchanges, method, path_regex, timeout_s, count, fault)
+
+    def wait_arrival(
+        self, method: str, path_regex: str, timeout_s: float = 30.0, *, count: int = 1
+    ) -> Exchange:
+        """Block until ``count`` matching requests reached the proxy (e.g. a claim now held
+        by a ``delay``); return the last one."""
+        return self._wait(self.arrivals, method, path_regex, timeout_s, count, None)
+
+    def _wait(
+        self,
+        rows: list[Exchange],
+        method: str,
+        path_regex: str,
+        timeout_s: float,
+        count: int,
+        fault: str | None,
+    ) -> Exchange:
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while True:
-                found = self._matching(method, path_regex, fault)
+                found = _matching(rows, method, path_regex, fault)
                 if len(found) >= count:
                     return found[count - 1]
                 left = deadline - time.monotonic()
@@ -172,27 +185,32 @@ class FaultProxy:
                     )
                 self._changed.wait(left)
 
-    def _matching(self, method: str, path_regex: str, fault: str | None) -> list[Exchange]:
-        pattern = re.compile(path_regex)
-        return [
-            e
-            for e in self.exchanges
-            if method.upper() in (e.method, "*")
-            and pattern.search(e.path)
-            and (fault is None or e.fault == fault)
-        ]
-
-    def _record(self, exchange: Exchange) -> None:
+    def _record(self, exchange: Exchange, rows: list[Exchange] | None = None) -> None:
         with self._changed:
-            self.exchanges.append(exchange)
+            (self.exchanges if rows is None else rows).append(exchange)
             self._changed.notify_all()
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
-        if self._loop.is_closed():
+        if self._loop.is_closed() or not self._thread.is_alive():
             return
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        with contextlib.suppress(Exception):
+            future.result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
+
+    async def _shutdown(self) -> None:
+        """Stop accepting, reset every connection, and let the relays finish by themselves
+        (cancelling a stream handler task makes asyncio log a spurious error)."""
+        self._closing.set()
+        if self._server is not None:
+            self._server.close()
+        self._reset_all()
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -240,9 +258,11 @@ class FaultProxy:
                     return
                 method, target, _ = head[0].split(" ", 2)
                 path = target.split("?", 1)[0]
+                self._record(Exchange(method, path, None), self.arrivals)
                 delayed = self._take("delay", method, path)
                 if delayed is not None:
-                    await asyncio.sleep(delayed.seconds)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), delayed.seconds)
                 if self._partitioned:
                     self._record(Exchange(method, path, None, "partitioned"))
                     return
@@ -259,10 +279,11 @@ class FaultProxy:
                 if self._take("drop", method, path) is not None:
                     self._record(Exchange(method, path, status, "dropped"))
                     return  # the server committed; the worker never hears of it
+                # Recorded before the reply leaves, so a client that has its answer always
+                # finds the exchange already in the record.
+                self._record(Exchange(method, path, status, "delayed" if delayed else None))
                 writer.write(_encode_head(reply_head) + body)
                 await writer.drain()
-                fault = "delayed" if delayed is not None else None
-                self._record(Exchange(method, path, status, fault))
                 if _headers(reply_head).get("connection", "").lower() == "close":
                     return
         except (_Closed, ConnectionError, OSError, ValueError, IndexError):
@@ -273,6 +294,19 @@ class FaultProxy:
             if upstream is not None:
                 self._writers.discard(upstream[1])
                 upstream[1].close()
+
+
+def _matching(
+    rows: list[Exchange], method: str, path_regex: str, fault: str | None
+) -> list[Exchange]:
+    pattern = re.compile(path_regex)
+    return [
+        e
+        for e in rows
+        if method.upper() in (e.method, "*")
+        and pattern.search(e.path)
+        and (fault is None or e.fault == fault)
+    ]
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

@@ -12,6 +12,8 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import IO
 
@@ -120,9 +122,10 @@ class WorkerHandle:
                 p.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
-        for p in tagged_processes(self.tag):
-            with contextlib.suppress(psutil.Error):
-                p.wait(timeout=10)
+        # Orphans are not our children to reap: wait until each is gone or a zombie.
+        deadline = time.monotonic() + 10
+        while tagged_processes(self.tag) and time.monotonic() < deadline:
+            threading.Event().wait(0.05)
         if self.proxy is not None:
             self.proxy.close()
         if self.disk is not None:

@@ -19,10 +19,10 @@ unreachable:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import os
-import sys
+import shutil
 import threading
 import time
 from collections import deque
@@ -40,6 +40,7 @@ from trainfleet.data.prepare import CacheSettings
 from trainfleet.data.spec import DatasetSpec
 from trainfleet.data.verify import router_fit_id
 from trainfleet.errors import ApiError, CoordinatorUnavailable
+from trainfleet.worker.launch import build_argv, build_env
 from trainfleet.worker.logship import LogLimits, LogSpool
 from trainfleet.worker.process import DiskFull, JobProcess, ensure_dir, is_disk_full
 from trainfleet.worker.report import Reply, Reporter, cut_text
@@ -54,60 +55,9 @@ NOT_RETRIED_EXITS = (USAGE_ERROR_EXIT, REFUSED_EXIT)
 CANNOT_START_EXIT = 127  # the shepherd could not start the job's command
 REPORT_PATIENCE_S = 3600.0  # how long a finished attempt keeps trying to report
 LOG_FLUSH_S = 0.5
+DISK_CHECK_S = 1.0
+MIN_FREE_BYTES = 64 << 10  # less than this free where the attempt writes: the disk is full
 POLL_S = 0.2
-
-
-def build_argv(spec: dict[str, Any], output_dir: Path) -> list[str]:
-    """The job's command line: the built-in trainer, or the manifest's command + --key value."""
-    if spec["kind"] == "train":
-        return [
-            sys.executable,
-            "-u",
-            "-m",
-            "trainfleet.train",
-            "--params",
-            json.dumps(spec["hyper"]),
-            "--mode",
-            spec["mode"],
-            "--output",
-            str(output_dir),
-            *_data_args(spec),
-        ]
-    argv = list(spec["command"])
-    for key, value in spec["hyper"].items():
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        argv += [f"--{key}", text]
-    return argv
-
-
-def _data_args(spec: dict[str, Any]) -> list[str]:
-    if spec.get("dataset") is None:
-        return []
-    args = ["--dataset", json.dumps(spec["dataset"])]
-    return args + (["--path", str(spec["path"])] if spec.get("path") is not None else [])
-
-
-def build_env(
-    claim: dict[str, Any],
-    output_dir: Path,
-    num_threads: int,
-    data_env: dict[str, str] | None = None,
-) -> dict[str, str]:
-    job = claim["job"]
-    bin_dir = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": str(num_threads),
-        env.NUM_THREADS: str(num_threads),
-        env.JOB_ID: job["id"],
-        env.JOB_NAME: job["name"],
-        env.ATTEMPT: str(claim["attempt"]),
-        env.MODE: job["spec"]["mode"],
-        env.OUTPUT_DIR: str(output_dir),
-        **(data_env or {}),
-    }
 
 
 @dataclass
@@ -166,6 +116,9 @@ class Attempt:
         self.lease_renewed_at = time.monotonic()  # when the last accepted heartbeat was sent
         self._done = threading.Event()
         self.spool = LogSpool(self.limits)
+        self._dropped_noted = False
+        self._disk_checked_at = float("-inf")
+        self._disk_error: OSError | None = None
         self._ship_lock = threading.Lock()
         self._tail: deque[str] = deque(maxlen=20)
 
@@ -290,13 +243,28 @@ class Attempt:
             return "refused"
         if self.stop.is_set():
             return "released"
-        if proc.disk_error is not None:
+        if proc.disk_error is not None or self._disk_is_full():
             return "disk_full"
         if self.lease_expired():
             return "lease"
         if time.monotonic() > deadline:
             return "timeout"
         return None
+
+    def _disk_is_full(self) -> bool:
+        """No room left where the attempt writes (checked at most once a second)."""
+        now = time.monotonic()
+        if now < self._disk_checked_at + DISK_CHECK_S:
+            return False
+        self._disk_checked_at = now
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError:
+            return False
+        if free >= MIN_FREE_BYTES:
+            return False
+        self._disk_error = OSError(errno.ENOSPC, f"{free} bytes free under {self.dir}")
+        return True
 
     def _run_process(self, argv: list[str]) -> tuple[int, str | None, OSError | None]:
         proc = JobProcess(
@@ -323,7 +291,7 @@ class Attempt:
                     break
         finally:
             returncode = proc.finish()  # the whole group is gone past this point
-        return returncode, stopped_by, proc.disk_error
+        return returncode, stopped_by, proc.disk_error or self._disk_error
 
     def _report(
         self, returncode: int, stopped_by: str | None, disk_error: OSError | None
@@ -340,7 +308,7 @@ class Attempt:
         if stopped_by == "refused":
             return self._fail(self.refused or "refused")
         if disk_error is not None and (stopped_by == "disk_full" or is_disk_full(disk_error)):
-            return self._fail(_disk_message("writing output.log", disk_error))
+            return self._fail(_disk_message("running the job", disk_error))
         if stopped_by == "timeout":
             return self._fail(f"timed out after {self.spec['timeout_s']:g}s")
         if returncode != 0:
@@ -352,7 +320,8 @@ class Attempt:
 
     def _final_logs(self, *, retry: bool) -> int:
         """Ship what is left, then report how many lines were dropped, if any."""
-        if self.spool.dropped:
+        if self.spool.dropped and not self._dropped_noted:
+            self._dropped_noted = True
             self.spool.add(f"[trainfleet] {self.spool.dropped} log lines dropped")
         self.ship_logs(retry=retry, patience_s=self.report_patience_s)
         if len(self.spool):  # the coordinator never came back for them

@@ -136,7 +136,7 @@ class JobProcess:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         try:
-            local: IO[bytes] | None = self.log_path.open("ab")
+            local: IO[bytes] | None = self.log_path.open("ab", buffering=0)
         except OSError as err:
             self.disk_error, local = err, None
         try:

@@ -146,7 +146,9 @@ class Reporter:
                 left_s = None if deadline is None else deadline - time.monotonic()
                 stopping = self.stop.is_set() or (give_up is not None and give_up())
                 if not retry or stopping or (left_s is not None and left_s <= 0):
-                    log.warning("%s: coordinator unreachable (%s); not retrying", what, err)
+                    # A caller that does not retry (a heartbeat, a log flush) says it itself.
+                    level = logging.WARNING if retry else logging.DEBUG
+                    log.log(level, "%s: coordinator unreachable (%s); not retrying", what, err)
                     return Reply("unreachable", error=err)
                 log.warning("%s: coordinator unreachable (%s); retrying", what, err)
                 if not backoff.wait(left_s):

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[trainfleet] cannot start {command[0]!r}: {err}", flush=True)
         return 127
     if args.pgid_file is not None:
-        args.pgid_file.write_text(str(job.pid))
+        with contextlib.suppress(OSError):  # a full disk: the daemon falls back on us
+            args.pgid_file.write_text(str(job.pid))
     if state["kill_at"] is not None:  # a stop arrived before the job started
         kill_group(job.pid, signal.SIGTERM)
     while True:
