@@ -44,6 +44,7 @@ JOB_SCRIPT = Path(__file__).with_name("chaos_job.py")
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TIMEOUT_S = 3.0
 TERMINAL = {"completed", "failed", "cancelled"}
+FAILING = {"flaky", "doomed"}  # kinds whose attempts end in a `fail` report
 KIND_WEIGHTS = {"short": 0.45, "long": 0.15, "flaky": 0.15, "chatty": 0.15, "doomed": 0.1}
 # "long" jobs outlast the heartbeat timeout, so a copy orphaned by a dead or partitioned
 # worker would still be running when the coordinator hands the job to another worker.
@@ -68,7 +69,7 @@ class Chaos:
             "drop_heartbeat_reply": lambda: self._drop("POST", r"/heartbeat$", busy=True),
             "drop_complete_reply": lambda: self._drop("POST", r"/complete$", busy=True),
             "drop_upload_reply": lambda: self._drop("PUT", r"/artifacts/", busy=True),
-            "drop_fail_reply": lambda: self._drop("POST", r"/fail$", busy=True),
+            "drop_fail_reply": lambda: self._drop("POST", r"/fail$", busy=True, kinds=FAILING),
             "delay_complete": lambda: self._delay(r"/complete$"),
             "delay_heartbeat": lambda: self._delay(r"/heartbeat$"),
             "kill_daemon": self._kill_daemon,
@@ -116,11 +117,14 @@ class Chaos:
             )
         return "".join(out)
 
-    def _pick(self, busy: bool | None) -> WorkerHandle | None:
+    def _pick(self, busy: bool | None, kinds: set[str] | None = None) -> WorkerHandle | None:
+        """A live worker: any (``busy`` None), idle, or busy (with a job of ``kinds``)."""
         alive = [w for w in self.workers if w.poll() is None]
         if busy is None:
             return self.rng.choice(alive) if alive else None
         fitting = [w for w in alive if bool(w.job_pids()) == busy]
+        if kinds is not None:
+            fitting = [w for w in fitting if any(self.jobs.get(n) in kinds for n in w.job_names())]
         return self.rng.choice(fitting) if fitting else None
 
     # -- faults -------------------------------------------------------------------------
@@ -129,8 +133,8 @@ class Chaos:
         (self.injected if took else self.missed)[name] += 1
         return took
 
-    def _drop(self, method: str, path: str, busy: bool) -> bool:
-        worker = self._pick(busy)
+    def _drop(self, method: str, path: str, busy: bool, kinds: set[str] | None = None) -> bool:
+        worker = self._pick(busy, kinds)
         if worker is None or worker.proxy is None:
             return False
         before = len(worker.proxy.seen(method, path, fault="dropped"))

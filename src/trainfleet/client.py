@@ -17,7 +17,7 @@ from urllib.parse import quote
 import httpx
 
 from trainfleet import env
-from trainfleet.errors import API_ERRORS, ApiError, CoordinatorUnavailable, NotFound
+from trainfleet.errors import API_ERRORS, ApiError, BadRequest, CoordinatorUnavailable, NotFound
 
 
 def _tls_hint(err: httpx.TransportError) -> str:
@@ -30,11 +30,16 @@ def _tls_hint(err: httpx.TransportError) -> str:
     )
 
 
+class EmptyReference(BadRequest, ValueError):
+    """An empty job reference, refused before any request (the CLI prints it as an error)."""
+
+
 def job_path(ref: str) -> str:
     """A job reference (id, id prefix or name) as one URL path segment: quoted, so a '/',
-    '?', '#' or space stays part of the reference; ``ValueError`` for an empty one."""
+    '?', '#' or space stays part of the reference; :class:`EmptyReference` (a ValueError)
+    for an empty one."""
     if not ref or not ref.strip():
-        raise ValueError("empty job reference: give a job name, id or id prefix")
+        raise EmptyReference("empty job reference: give a job name, id or id prefix")
     return quote(ref, safe="")
 
 

@@ -12,7 +12,8 @@
     │   ├── Conflict            409 state conflict, e.g. the job is not in a state for this
     │   │   └── StaleEpoch      409 the claim's fencing epoch is no longer current
     │   ├── PayloadTooLarge     413 a request body or declared upload is over its limit
-    │   └── IntegrityError      422 uploaded bytes do not match their declared digest / size
+    │   ├── IntegrityError      422 uploaded bytes do not match their declared digest / size
+    │   └── InsufficientStorage 507 the coordinator's disk is full (retry later)
     ├── CoordinatorUnavailable  the coordinator cannot be reached (client side)
     ├── CorpusTooSmall          a corpus split is shorter than one training window
     └── DataError               a dataset spec cannot be materialized as pinned
@@ -96,6 +97,11 @@ class IntegrityError(ApiError):
     code = "integrity_error"
 
 
+class InsufficientStorage(ApiError):
+    status_code = 507
+    code = "insufficient_storage"
+
+
 API_ERRORS: dict[str, type[ApiError]] = {
     cls.code: cls
     for cls in (
@@ -107,6 +113,7 @@ API_ERRORS: dict[str, type[ApiError]] = {
         StaleEpoch,
         PayloadTooLarge,
         IntegrityError,
+        InsufficientStorage,
     )
 }
 

@@ -31,7 +31,7 @@ from trainfleet.testing import LiveFleet
 
 # Examples per operation and generation mode, by token. Without a valid token almost every
 # answer is a 401, so fewer examples and valid inputs only suffice there.
-EXAMPLES = {"operator": 5, "worker": 5, "join": 3, "none": 3}
+EXAMPLES = {"operator": 10, "worker": 10, "join": 4, "none": 3}
 BOTH = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
 MODES = {"operator": BOTH, "worker": BOTH, "join": BOTH, "none": (GenerationMode.POSITIVE,)}
 CHECKS = [

@@ -9,6 +9,7 @@ counts how much of it the app pulled, so "refused before it was read whole" is o
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import time
@@ -255,6 +256,9 @@ def test_openapi_declares_every_parameter_and_error(api: Api) -> None:
     link = claim["links"]["ClaimedJob"]
     assert link["operationId"] == "job_detail"
     assert link["parameters"] == {"job_id": "$response.body#/claim/job/id"}
+    operation_ids = {op["operationId"] for ops in paths.values() for op in ops.values()}
+    assert {target["operationId"] for target in claim["links"].values()} <= operation_ids
+    assert len(operation_ids) == sum(len(ops) for ops in paths.values())  # unique
     assert paths["/v1/workers/deregister"]["post"]["responses"]["204"]
 
 
@@ -372,3 +376,28 @@ def test_every_endpoint_answers_garbage_with_a_4xx(api: Api) -> None:
                         params={"after": "x", "epoch": "0", "size": "-1"},
                     )  # fmt: skip
                     assert r.status_code < 500, (method, concrete, content, r.text)
+
+
+def test_a_full_coordinator_disk_is_a_507_and_nothing_is_kept(
+    api: Api, running: tuple[Worker, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker, job_id = running
+
+    def disk_full(self: IngestBuffer, chunk: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(IngestBuffer, "write", disk_full)
+    body = assert_error(api.upload(worker, job_id, 1, b"some bytes"), 507, "insufficient_storage")
+    assert "retry later" in body["message"]
+    assert list(api.coord.staging_dir.iterdir()) == []
+    assert api.coord.queue.artifacts(job_id) == []
+
+
+def test_abandoned_staging_files_are_collected(api: Api, tmp_path: Path) -> None:
+    staging = api.coord.staging_dir
+    old, fresh = staging / "upload-old.part", staging / "upload-new.part"
+    old.write_bytes(b"left by a crash")
+    fresh.write_bytes(b"an upload in progress")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    collect_garbage(api.coord.store, api.coord.queue, grace_s=3600, staging_dir=staging)
+    assert not old.exists() and fresh.exists()

@@ -12,6 +12,7 @@ import pytest
 from test_api import JOIN, OP, Api, assert_error, bearer, serve
 
 from fleetkit import FakeClock, make_cap
+from trainfleet.coordinator.server import ServeConfig, build_coordinator, ensure_token
 
 POLICY_AND_PINNED_JOB = """
 [hosts.gpu-box]
@@ -222,3 +223,40 @@ def test_a_non_finite_capability_number_is_a_400(api: Api) -> None:
         headers={**bearer(token), "content-type": "application/json"},
     )
     assert r.status_code == 400, r.text
+
+
+@pytest.mark.parametrize("given", [None, "a-new-operator-token"])
+def test_a_token_file_is_owner_only_even_if_it_existed_looser(
+    tmp_path: Path, given: str | None
+) -> None:
+    """Serving with a new token (rotating it), or with the one kept, leaves the file 0600:
+    the mode passed to open() applies only to a file it creates."""
+    path = tmp_path / "operator.token"
+    path.write_text("the-old-token\n")
+    path.chmod(0o644)
+    token = ensure_token(path, given)
+    assert token == (given or "the-old-token")
+    assert path.read_text().strip() == token
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("verb", ["enroll", "rotate", "revoke"])
+@pytest.mark.parametrize("name", ["cpu-a%0A", "cpu%E2%80%90a", "%D1%81pu-a", "a" * 64])
+def test_every_host_path_applies_the_name_policy_whole(api: Api, verb: str, name: str) -> None:
+    """A trailing newline passes a pattern's '$'; the name policy is checked whole-string on
+    every path, so it is a 400 here, not a lookup of a name that cannot exist."""
+    enroll(api, "cpu-a")
+    r = api.http.post(f"/v1/hosts/{name}/{verb}", headers=OP)
+    assert_error(r, 400, "bad_request")
+    assert [h["name"] for h in api.http.get("/v1/hosts", headers=OP).json()["hosts"]] == ["cpu-a"]
+
+
+def test_a_new_state_directory_is_the_owners_only(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    coord = build_coordinator(ServeConfig(state_dir=state))
+    try:
+        assert state.stat().st_mode & 0o777 == 0o700  # the queue's logs and results in it
+        for name in ("operator.token", "join.token"):
+            assert (state / name).stat().st_mode & 0o777 == 0o600
+    finally:
+        coord.queue.close()

@@ -1,5 +1,6 @@
 """Request limits hold against a live uvicorn coordinator: a 400 MB JSON body is refused
-while it streams, and the coordinator's memory stays flat.
+while it streams, and the coordinator's memory stays flat. Job references typed at the CLI
+reach the coordinator whole ('/', '?', '#', spaces), and an empty one is a clear error.
 
 The coordinator runs in a thread of this process (``LiveFleet``), so this process's RSS is
 the coordinator's; a sampler thread records its peak while the body streams.
@@ -97,3 +98,20 @@ def test_a_400_mb_json_body_is_refused_while_streaming_and_memory_stays_flat(
             assert json.loads(body)["error"] == "payload_too_large"
         # The coordinator is still serving.
         assert fleet.operator.status()["version"]
+
+
+@pytest.mark.slow
+def test_job_references_reach_the_coordinator_whole_and_an_empty_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    with LiveFleet(tmp_path) as fleet:
+        fleet.reload('[[jobs]]\nname = "solo"\nhyper = { steps = 5 }\n')
+        odd = "a/b?c=1#frag ment"
+        shown = fleet.cli("show", odd)
+        assert shown.returncode == 1, shown.stdout + shown.stderr
+        assert "no job" in shown.stderr and "a/b?c=1#frag ment" in shown.stderr
+        assert "Traceback" not in shown.stderr
+        empty = fleet.cli("show", "")
+        assert empty.returncode != 0
+        assert "empty job reference" in empty.stderr and "Traceback" not in empty.stderr
+        assert "solo" in fleet.cli("show", "solo", check=True).stdout

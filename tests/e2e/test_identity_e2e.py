@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import socket
 import ssl
@@ -86,9 +87,9 @@ def test_revoking_a_host_requeues_its_job_at_once_and_keeps_it_out(fleet: Fleet)
 
 def test_rotation_refuses_the_old_token_and_join_refuses_tokens_in_argv(fleet: Fleet) -> None:
     old = fleet.worker_token("cpu-a")
-    new_file = fleet.tmp / "new.token"
-    fleet.cli("hosts", "rotate", "cpu-a", "--token-file", str(new_file), check=True)
-    new = new_file.read_text().strip()
+    rotated = fleet.cli("hosts", "rotate", "cpu-a", check=True)
+    new = rotated.stdout.strip()  # without --token-file: the token alone on stdout, once
+    assert len(new) >= 40 and "\n" not in new and new not in rotated.stderr
     stale = fleet.start_worker("cpu-a", token=old)
     fresh = fleet.start_worker("cpu-a", "--max-jobs", "0", token=new)
     argv = fleet.cli("join", fleet.url, "--token", new)
@@ -258,3 +259,24 @@ def test_a_worker_joins_over_tls_and_a_client_without_the_ca_is_refused(
     printed = serve_log.read_text()
     shared = (tmp_path / "state" / "join.token").read_text().strip()
     assert "https://" in printed and "hosts enroll" in printed and shared not in printed
+
+
+def test_the_cli_checks_host_names_and_lists_a_revoked_worker_as_revoked(fleet: Fleet) -> None:
+    # A name the policy refuses is refused here, by the policy: '..' would otherwise change
+    # the URL it is sent in (the old reply was a bare "Not Found").
+    for argv in (("hosts", "enroll", ".."), ("workers", "revoke", "..")):
+        out = fleet.cli(*argv)
+        assert out.returncode == 1 and "invalid host name" in out.stderr, (argv, out.stderr)
+        assert "Traceback" not in out.stderr
+    worker = fleet.start_worker("cpu-a")
+    first = wait_until(lambda: fleet.operator.workers(), 30, "the worker to register")[0]["id"]
+    fleet.cli("workers", "revoke", first, check=True)
+    # Its daemon registers again with its host's token, as a new worker; the old id stays
+    # listed, revoked, holding nothing.
+    wait_until(lambda: len(fleet.operator.workers()) == 2, 30, "the daemon to register again")
+    listed = {w["id"]: w for w in json.loads(fleet.cli("workers", "--json", check=True).stdout)}
+    assert listed[first]["state"] == "revoked" and listed[first]["current_job"] is None
+    assert [w["state"] for i, w in listed.items() if i != first] == ["online"]
+    table = fleet.cli("workers", check=True).stdout
+    assert "revoked" in table and "online" in table
+    assert worker.proc.poll() is None  # one worker revoked alone: the machine is not locked out

@@ -159,3 +159,22 @@ def test_a_full_disk_fails_the_attempt_promptly_with_a_clear_reason(fleet: Fleet
     assert job["error"].startswith("disk full on worker")
     wait_until(lambda: not w.job_pids(), 10, "the job to be stopped")
     assert w.poll() is None  # the daemon itself goes on
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("PUT", r"/artifacts/"), ("POST", r"/complete$")], ids=["upload", "done"]
+)
+def test_a_lost_report_reply_is_retried_and_lands_once(
+    fleet: Fleet, method: str, path: str
+) -> None:
+    fleet.reload(slow_job("j", 0.2))
+    w = fleet.start_worker("cpu-a", "--exit-when-idle-s", "3")
+    w.proxy.drop_reply(method, path, times=1)  # committed, then the reply is lost
+    job = fleet.wait_state("j", {"completed", "failed"}, timeout_s=30)
+    assert job["state"] == "completed" and job["attempt"] == 1
+    detail = fleet.job("j")
+    assert [e["kind"] for e in detail["events"]].count("completed") == 1
+    assert len(detail["artifacts"]) == 1
+    assert w.proxy.seen(method, path, fault="dropped")
+    assert w.wait(timeout=30) == 0
+    assert "j completed" in w.log_text()

@@ -1,5 +1,5 @@
-"""A claim is idempotent: a worker whose claim reply was lost asks again and gets the same
-claim; a worker still running a job is told which one it holds."""
+"""Claims and reports are idempotent: a worker whose reply was lost asks again and gets what
+it already has; a worker still running a job is told which one it holds."""
 
 from __future__ import annotations
 
@@ -55,3 +55,30 @@ def test_another_worker_never_gets_someone_elses_claim(queue: JobQueue) -> None:
     a, b = register(queue, "a"), register(queue, "b")
     assert queue.claim(a) is not None
     assert queue.claim(b) is None
+
+
+def test_a_repeated_complete_whose_reply_was_lost_is_accepted_once(queue: JobQueue) -> None:
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "only"'))
+    w = register(queue)
+    c = queue.claim(w)
+    assert c is not None
+    queue.heartbeat(c.job.id, w, c.epoch)
+    result = {"metrics": {"loss": 1.0}}
+    first = queue.complete(c.job.id, w, c.epoch, result)
+    again = queue.complete(c.job.id, w, c.epoch, result)  # the worker retried
+    assert again.state == first.state == "completed"
+    assert [e.kind for e in queue.events(c.job.id)].count("completed") == 1
+    with pytest.raises(Conflict):  # a different result is no repeat
+        queue.complete(c.job.id, w, c.epoch, {"metrics": {"loss": 0.0}})
+
+
+def test_a_repeated_upload_records_the_artifact_once(queue: JobQueue) -> None:
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "only"'))
+    w = register(queue)
+    c = queue.claim(w)
+    assert c is not None
+    sha = "ab" * 32
+    first = queue.record_artifact(c.job.id, w, c.epoch, sha, 10, "outputs.tar.zst")
+    again = queue.record_artifact(c.job.id, w, c.epoch, sha, 10, "outputs.tar.zst")
+    assert again == first
+    assert [a.sha256 for a in queue.artifacts(c.job.id)] == [sha]

@@ -9,8 +9,15 @@ import sqlite3
 import pytest
 
 from fleetkit import make_cap, manifest_of
-from trainfleet.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from trainfleet.queue import JobQueue
+from trainfleet.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    StaleEpoch,
+    Unauthorized,
+)
+from trainfleet.queue import JobQueue, sqlite_workers
 from trainfleet.queue.sqlite import SQLiteQueue
 
 ONE_JOB = '[[jobs]]\nname = "solo"\nhyper = { steps = 5 }\n'
@@ -108,3 +115,54 @@ def test_an_open_host_never_gets_a_policy_or_an_enrolled_name(queue: JobQueue) -
     assert queue.claim(worker.id) is None
     again, _ = queue.register_open(make_cap("open:gpu-box"))
     assert again.host == "open:gpu-box"  # not open:open:...
+
+
+def test_writes_already_authenticated_are_fenced_off_by_a_revoke(queue: JobQueue) -> None:
+    """A revoked worker's upload or completion racing the revoke (its credential was checked
+    before the revoke committed) lands nothing: the revoke bumped the epoch."""
+    queue.apply_manifest(manifest_of(ONE_JOB))
+    worker, _ = queue.register_enrolled(make_cap("cpu-a"), queue.enroll_host("cpu-a"))
+    claim = queue.claim(worker.id)
+    assert claim is not None
+    job_id, epoch = claim.job.id, claim.epoch
+    queue.revoke_worker(worker.id)
+    writes = [
+        lambda: queue.record_artifact(job_id, worker.id, epoch, "a" * 64, 3, "model.tar.zst"),
+        lambda: queue.complete(job_id, worker.id, epoch, {"metrics": {"heldout_loss": 1.0}}),
+        lambda: queue.heartbeat(job_id, worker.id, epoch),
+        lambda: queue.append_log(job_id, worker.id, epoch, ["late"]),
+        lambda: queue.fail(job_id, worker.id, epoch, "late", retryable=False),
+    ]
+    for write in writes:
+        with pytest.raises((StaleEpoch, Unauthorized)):  # fenced, or refused by touch()
+            write()
+    assert queue.artifacts(job_id) == [] and queue.logs(job_id) == []
+    assert queue.counts() == {"pending": 1}
+
+
+def test_host_names_follow_one_policy_on_every_path(queue: JobQueue) -> None:
+    """Rotate and revoke check names as enroll does, whole-string: a trailing newline (which a
+    pattern's '$' lets through) or a look-alike character is not a host name."""
+    queue.enroll_host("cpu-a")
+    for bad in ("cpu-a\n", "cpu\u2010a", "\u0441pu-a", "a" * 64, "open:open:x"):
+        with pytest.raises(BadRequest, match="invalid host name"):
+            queue.rotate_host(bad)
+        with pytest.raises(BadRequest, match="invalid host name"):
+            queue.revoke_host(bad)
+        with pytest.raises(BadRequest):
+            queue.enroll_host(bad)
+    with pytest.raises(NotFound):
+        queue.revoke_host("open:nobody")  # an open host's name is valid; it is just unknown
+
+
+def test_a_repeated_worker_id_suffix_is_drawn_again(
+    queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Open workers all giving one name share a host label, never a worker id."""
+    draws = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
+    monkeypatch.setattr(sqlite_workers.secrets, "token_hex", lambda n: next(draws))
+    first, _ = queue.register_open(make_cap("gpu-box"))
+    second, second_token = queue.register_open(make_cap("open:gpu-box"))
+    assert (first.id, second.id) == ("open:gpu-box-aaaaaa", "open:gpu-box-bbbbbb")
+    assert first.host == second.host == "open:gpu-box"
+    assert queue.authenticate_worker(second_token) == second.id

@@ -72,3 +72,14 @@ def test_fill_disk_makes_the_workdir_run_out_of_space(tmp_path: Path) -> None:
         assert str(worker.workdir) in mounts
     mounts = subprocess.run(["mount"], capture_output=True, text=True).stdout
     assert str(worker.workdir) not in mounts  # unmounted at teardown
+
+
+def test_a_failing_test_still_leaves_no_process_behind(tmp_path: Path) -> None:
+    fleet = LiveFleet(tmp_path)
+    with pytest.raises(RuntimeError, match="the test failed"), fleet:
+        fleet.reload(LONG)
+        worker = fleet.start_worker("cpu-a")
+        wait_until(worker.job_pids, 30, "the job process")
+        raise RuntimeError("the test failed")
+    assert not tagged_processes(fleet.tag)
+    assert worker.poll() is not None

@@ -109,3 +109,12 @@ def test_registration_gives_up_only_when_stopped(monkeypatch) -> None:
     monkeypatch.setattr(worker.stop, "wait", wait)
     assert worker.register() is False
     assert flaky.calls == 3
+
+
+def test_a_job_never_sees_the_workers_credentials(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(env.JOIN_TOKEN, "join-secret")
+    monkeypatch.setenv(env.TOKEN, "operator-secret")
+    claim = {"attempt": 1, "epoch": 1, "job": {"id": "ab" * 32, "name": "j", "spec": {"mode": "x"}}}
+    job_env = build_env(claim, tmp_path, num_threads=1)
+    assert env.JOIN_TOKEN not in job_env and env.TOKEN not in job_env
+    assert "secret" not in " ".join(job_env.values())

@@ -73,3 +73,19 @@ def test_a_gigantic_line_is_cut_while_read_and_kept_whole_on_disk() -> None:
     assert seen[0] == "first" and seen[2] == "last"
     assert seen[1].startswith("z" * READ_LINE_BYTES) and seen[1].endswith("bytes cut]")
     assert len(seen[1]) < READ_LINE_BYTES + 100
+
+
+def test_limits_follow_what_the_coordinator_says_it_accepts() -> None:
+    assert LogLimits.from_limits(None) == LogLimits()
+    told = {"max_log_lines": 500, "max_log_line_chars": 100, "max_error_chars": 1000}
+    limits = LogLimits.from_limits({**told, "max_json_bytes": 1 << 20})
+    assert (limits.max_lines, limits.max_line_chars, limits.max_error_chars) == (500, 100, 1000)
+    assert limits.max_batch_bytes == (1 << 20) // 4
+    # A coordinator that accepts more does not make the worker send more than its defaults.
+    assert LogLimits.from_limits({"max_log_lines": 10**9}).max_lines == 10_000
+
+
+def test_the_coordinator_tells_workers_its_limits() -> None:
+    from trainfleet.coordinator.routes_worker import WORKER_LIMITS
+
+    assert LogLimits.from_limits(WORKER_LIMITS) == LogLimits()

@@ -10,8 +10,10 @@ grace period is kept, so an upload between its commit and its binding is never c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,10 +26,21 @@ GRACE_S = 3600.0
 INTERVAL_S = 600.0
 
 
-def collect_garbage(store: ArtifactStore, queue: JobQueue, grace_s: float = GRACE_S) -> list[str]:
+def collect_garbage(
+    store: ArtifactStore,
+    queue: JobQueue,
+    grace_s: float = GRACE_S,
+    staging_dir: Path | None = None,
+) -> list[str]:
     """Delete blobs older than ``grace_s`` that no artifact record binds; return their
-    digests."""
+    digests. Staged upload files older than that (left by a crash) go too."""
     cutoff = time.time() - grace_s
+    if staging_dir is not None and staging_dir.is_dir():
+        for part in staging_dir.glob("upload-*.part"):
+            with contextlib.suppress(FileNotFoundError):  # a racing commit moved it
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    log.info("artifact gc: removed abandoned staging file %s", part.name)
     removed: list[str] = []
     for sha256, mtime in list(store.stored()):
         if mtime > cutoff or queue.is_bound(sha256):

@@ -20,7 +20,7 @@ import os
 import stat
 import tarfile
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
@@ -146,7 +146,7 @@ def unpack(
             open(archive, "rb") as raw,
             zstandard.ZstdDecompressor().stream_reader(raw) as reader,
             tarfile.open(
-                fileobj=_Bounded(reader, raw, os.fspath(archive), max_bytes, max_ratio),
+                fileobj=cast(BinaryIO, _Bounded(reader, raw, str(archive), max_bytes, max_ratio)),
                 mode="r|",
             ) as tar,
         ):

@@ -195,8 +195,9 @@ def _mtime(info: dict[str, Any]) -> float:
         value = info.get(key)
         if isinstance(value, int | float):
             return float(value)
-        if hasattr(value, "timestamp"):
-            return float(value.timestamp())
+        timestamp = getattr(value, "timestamp", None)  # a datetime
+        if callable(timestamp):
+            return float(timestamp())
     return time.time()  # unknown: treat as new, so the grace period protects it
 
 

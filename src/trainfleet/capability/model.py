@@ -32,6 +32,11 @@ def is_host_name(name: str) -> bool:
     return re.fullmatch(HOST_NAME_PATTERN, name) is not None
 
 
+def is_assigned_host_name(name: str) -> bool:
+    """Whether ``name`` is a host a worker can be registered as: a host name, or ``open:NAME``."""
+    return re.fullmatch(ASSIGNED_HOST_PATTERN, name) is not None
+
+
 def policy_host_name(hostname: str) -> str:
     """``hostname`` made a valid host name (other characters become '-', cut to 63): the
     host a worker reports when it is not given one."""

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trainfleet import env
+from trainfleet.capability.model import is_assigned_host_name, is_host_name
 from trainfleet.cli import render
 from trainfleet.cli.common import (
     DEFAULT_STATE,
@@ -31,7 +32,7 @@ from trainfleet.cli.common import (
     errors,
     print_json,
 )
-from trainfleet.errors import NotFound
+from trainfleet.errors import BadRequest, NotFound
 
 CaCertOpt = Annotated[
     Path | None,
@@ -69,6 +70,17 @@ def write_secret(path: Path, secret: str) -> None:
         f.write(secret + "\n")
 
 
+def _check_ref(ref: str, *, open_ok: bool) -> None:
+    """The coordinator's host-name policy, checked here first: a name such as '..' or one
+    with a '/' would otherwise change the URL it is sent in, not just be refused."""
+    if not (is_assigned_host_name(ref) if open_ok else is_host_name(ref)):
+        raise BadRequest(
+            f"invalid host name {ref[:80]!r}: 1-63 characters of letters, digits, '.', '_'"
+            " or '-', starting with a letter or digit"
+            + (" (or open:NAME, or a worker id)" if open_ok else "")
+        )
+
+
 def _hand_over(reply: dict[str, Any], token_file: Path | None, url: str, verb: str) -> None:
     host = escape(reply["host"])
     if token_file is not None:
@@ -80,8 +92,9 @@ def _hand_over(reply: dict[str, Any], token_file: Path | None, url: str, verb: s
         sys.stdout.write(reply["token"] + "\n")
         sys.stdout.flush()
         where = "NAME.token"
+    ca = " --ca-cert CA.pem" if url.lower().startswith("https:") else ""
     err_console.print(
-        f"on {host}:  trainfleet join {escape(url)} --token-file {where}"
+        f"on {host}:  trainfleet join {escape(url)} --token-file {where}{ca}"
         f"   (or set {env.JOIN_TOKEN})",
         highlight=False,
     )
@@ -97,6 +110,8 @@ def enroll(
     ca_cert: CaCertOpt = None,
 ) -> None:
     """Enroll a host: issue a join token bound to NAME (a worker using it is host NAME)."""
+    with errors():
+        _check_ref(name, open_ok=False)
     with errors(), client(url, token, state_dir, ca_cert) as c:
         reply = c.enroll_host(name)
     _hand_over(reply, token_file, url, "enrolled")
@@ -118,6 +133,8 @@ def rotate(
     ca_cert: CaCertOpt = None,
 ) -> None:
     """Issue a new join token for a host; the old one is refused from now on."""
+    with errors():
+        _check_ref(name, open_ok=False)
     with errors(), client(url, token, state_dir, ca_cert) as c:
         reply = c.rotate_host(name, revoke_workers=revoke_workers)
     _hand_over(reply, token_file, url, "rotated")
@@ -132,6 +149,8 @@ def revoke_host(
     ca_cert: CaCertOpt = None,
 ) -> None:
     """Revoke a host: its join token and every worker of it (their jobs are requeued)."""
+    with errors():
+        _check_ref(name, open_ok=True)
     with errors(), client(url, token, state_dir, ca_cert) as c:
         _print_revoked(c.revoke_host(name), "host")
 
@@ -195,6 +214,8 @@ def revoke(
     """Revoke a worker's credential, or a host's (its join token and all its workers), at
     once: the next request gets 401 and the active job is requeued. A worker revoked alone
     may register again with its host's token; revoke the host to keep it out."""
+    with errors():
+        _check_ref(ref, open_ok=True)
     with errors(), client(url, token, state_dir, ca_cert) as c:
         try:
             reply, kind = c.revoke_worker(ref), "worker"

@@ -1,4 +1,5 @@
-"""Build the coordinator's ASGI app: routes, JSON errors, OpenAPI, metrics and the reaper."""
+"""Build the coordinator's ASGI app: routes, JSON errors, OpenAPI, metrics, the reaper and
+the artifact GC."""
 
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ async def _collect_garbage_forever(coord: Coordinator) -> None:
     while True:
         await asyncio.sleep(GC_INTERVAL_S)
         try:
-            await run_in_threadpool(collect_garbage, coord.store, coord.queue)
+            await run_in_threadpool(
+                collect_garbage, coord.store, coord.queue, staging_dir=coord.staging_dir
+            )
         except Exception:
             log.exception("artifact gc pass failed; retrying")
 

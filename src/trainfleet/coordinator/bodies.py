@@ -129,9 +129,8 @@ def _dotted_key_too_deep(text: str, limit: int) -> bool:
             opened.append(first)
             if first == "{":
                 in_value, dots = False, 0
-        elif opened:  # a closing bracket
-            if opened.pop() == "{":
-                in_value = True
+        elif opened and opened.pop() == "{":  # the end of an inline table: its value ends
+            in_value = True
     return False
 
 

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import unquote
 
@@ -217,8 +217,7 @@ class RouteTable:
         own = {p.name: p for p in path_params}
         names = [seg[1:-1].split(":")[0] for seg in path.split("/") if seg.startswith("{")]
         declared = tuple(
-            own.get(n) or PATH_PARAMS.get(n) or Param(n, f"the {n}", pattern=ANY_SEGMENT)
-            for n in names
+            _with_pattern(own.get(n) or PATH_PARAMS.get(n) or Param(n, f"the {n}")) for n in names
         )
 
         def register(handler: Handler) -> Handler:
@@ -292,6 +291,11 @@ class RouteTable:
         from trainfleet.coordinator.openapi import describe
 
         return describe(self.endpoints, version)
+
+
+def _with_pattern(param: Param) -> Param:
+    """A path parameter always has a pattern: one non-empty segment without controls."""
+    return param if param.pattern else replace(param, pattern=ANY_SEGMENT)
 
 
 def _path_values(ep: Endpoint, request: Request) -> dict[str, str]:

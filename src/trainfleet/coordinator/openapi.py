@@ -64,11 +64,12 @@ ERROR_TEXT = {
     409: "the job is not in a state for this, or the claim's epoch is stale",
     413: "the body (or the declared upload size) is over its limit",
     422: "the uploaded bytes do not match their declared size or sha256",
+    507: "the coordinator's storage is full: nothing was stored, retry later",
 }
 
 
 def error_codes(ep: Endpoint) -> list[int]:
-    """The 4xx statuses this endpoint can answer."""
+    """The error statuses this endpoint can answer (4xx, and 507 for an upload)."""
     codes = {400, *ep.errors}
     if ep.auth != "none":
         codes.add(401)
@@ -81,7 +82,7 @@ def error_codes(ep: Endpoint) -> list[int]:
     if ep.body or ep.raw_body:
         codes.add(413)
     if ep.raw_body:
-        codes.add(422)
+        codes.update((422, 507))  # 507: the coordinator's disk is full
     return sorted(codes)
 
 

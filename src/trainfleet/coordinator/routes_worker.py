@@ -5,6 +5,8 @@ Every write after a claim names the claim's epoch; the queue refuses a stale one
 
 from __future__ import annotations
 
+import errno
+
 from starlette.requests import ClientDisconnect
 
 from trainfleet.artifacts import IngestBuffer, check_digest
@@ -21,7 +23,13 @@ from trainfleet.coordinator.schemas import (
     RegisterRequest,
     RegisterResponse,
 )
-from trainfleet.errors import ApiError, BadRequest, IntegrityError, PayloadTooLarge
+from trainfleet.errors import (
+    ApiError,
+    BadRequest,
+    InsufficientStorage,
+    IntegrityError,
+    PayloadTooLarge,
+)
 from trainfleet.queue.base import ArtifactRecord, HeartbeatReply, JobRecord
 from trainfleet.queue.sqlite_attempts import MAX_LOG_LINE_CHARS
 
@@ -165,15 +173,23 @@ async def upload(ctx: Ctx) -> ArtifactRecord:
         )
     # Refuse a stale claim before reading a possibly large body.
     await ctx.run(coord.queue.check_epoch, job_id, ctx.worker, epoch)
-    with IngestBuffer(coord.staging_dir, max_bytes=size) as buf:
-        try:
-            async for chunk in ctx.request.stream():
-                buf.write(chunk)  # IntegrityError as soon as it passes the declared size
-        except ClientDisconnect:
-            raise IntegrityError(
-                f"upload interrupted after {buf.size} of {size} bytes; nothing was stored"
-            ) from None
-        stored = await ctx.run(coord.store.commit_ingested, buf, sha256, size)
+    try:
+        with IngestBuffer(coord.staging_dir, max_bytes=size) as buf:
+            try:
+                async for chunk in ctx.request.stream():
+                    buf.write(chunk)  # IntegrityError as soon as it passes the declared size
+            except ClientDisconnect:
+                raise IntegrityError(
+                    f"upload interrupted after {buf.size} of {size} bytes; nothing was stored"
+                ) from None
+            stored = await ctx.run(coord.store.commit_ingested, buf, sha256, size)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise InsufficientStorage(
+            f"the coordinator's artifact storage is full ({err.strerror}); nothing was stored,"
+            " retry later"
+        ) from None
     try:
         record = await ctx.run(
             coord.queue.record_artifact, job_id, ctx.worker, epoch, sha256, size, name

@@ -34,15 +34,24 @@ JOIN_TOKEN_FILE = "join.token"
 
 
 def ensure_token(path: Path, given: str | None) -> str:
-    """Use ``given`` (and record it), else the token already in ``path``, else a new one."""
+    """Use ``given`` (and record it), else the token already in ``path``, else a new one.
+
+    The file is left readable by its owner only (0600) in every case: a file that existed
+    with a looser mode (an older version, a copy, a hand-made one) is tightened, since the
+    mode given to ``open`` applies only to a file it creates.
+    """
     if given:
         token = given
     elif path.exists():
+        if path.stat().st_mode & 0o077:
+            log.warning("%s was readable by others; its mode is now 0600", path)
+            path.chmod(0o600)
         return path.read_text().strip()
     else:
         token = secrets.token_urlsafe(24)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
@@ -63,7 +72,9 @@ class ServeConfig:
 
 
 def build_coordinator(cfg: ServeConfig) -> Coordinator:
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    # A new state directory is the owner's only: the queue in it holds every job's logs and
+    # results, which the API serves to the operator token alone (unless --public-reads).
+    cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     queue = open_queue(
         cfg.queue_url or f"sqlite:///{cfg.state_dir / 'queue.db'}",
         QueueSettings(

@@ -35,7 +35,13 @@ from trainfleet.queue.base import (
 from trainfleet.queue.matching import blockers
 from trainfleet.queue.scheduling import Candidate, deferrals
 from trainfleet.queue.sqlite_data import check_shards
-from trainfleet.queue.sqlite_schema import insert_event, load_job, read_hosts, read_meta
+from trainfleet.queue.sqlite_schema import (
+    artifact_record,
+    insert_event,
+    load_job,
+    read_hosts,
+    read_meta,
+)
 from trainfleet.queue.sqlite_workers import candidates, release_worker, touch
 
 MAX_LOG_LINE_CHARS = 4096  # what is kept of each log line
@@ -204,8 +210,18 @@ def record_artifact(
     name: str,
     clock: Callable[[], float],
 ) -> ArtifactRecord:
-    """Record an uploaded artifact with the provenance of the attempt that made it."""
+    """Record an uploaded artifact with the provenance of the attempt that made it.
+
+    Idempotent: the same attempt uploading the same bytes again (its reply was lost) gets
+    the record it already has.
+    """
     row = fenced(conn, job_id, worker_id, epoch)
+    again = conn.execute(
+        "SELECT * FROM artifacts WHERE job_id = ? AND epoch = ? AND sha256 = ?",
+        (job_id, epoch, sha256),
+    ).fetchone()
+    if again is not None:
+        return artifact_record(again)
     wrow = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone()
     cap, _ = effective_capability(
         Capability.model_validate_json(wrow["capability"]),
@@ -261,6 +277,17 @@ def complete(
     result: dict[str, Any],
     clock: Callable[[], float],
 ) -> JobRecord:
+    done = conn.execute(
+        "SELECT state, epoch, worker_id, result FROM jobs WHERE id = ?", (job_id,)
+    ).fetchone()
+    if (
+        done is not None
+        and done["state"] == "completed"
+        and (done["epoch"], done["worker_id"]) == (epoch, worker_id)
+        and done["result"] is not None
+        and json.loads(done["result"]) == result
+    ):
+        return load_job(conn, job_id)  # the same report again: its reply was lost
     row = fenced(conn, job_id, worker_id, epoch)
     now = clock()
     conn.execute(

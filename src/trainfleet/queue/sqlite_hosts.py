@@ -21,6 +21,7 @@ from collections.abc import Callable
 from trainfleet.capability.model import (
     OPEN_HOST_PREFIX,
     Capability,
+    is_assigned_host_name,
     is_host_name,
     policy_host_name,
 )
@@ -32,11 +33,13 @@ from trainfleet.queue.sqlite_workers import register_worker
 ACTIVE = ("claimed", "running")
 
 
-def _check_name(name: str) -> None:
-    if not is_host_name(name):
+def _check_name(name: str, *, open_ok: bool = False) -> None:
+    """The one host-name policy, whole-string (a trailing newline is not a name)."""
+    if not (is_assigned_host_name(name) if open_ok else is_host_name(name)):
         raise BadRequest(
             f"invalid host name {name[:80]!r}: 1-63 characters of letters, digits, '.', '_'"
             " or '-', starting with a letter or digit"
+            + (" (or open:NAME for a host that joined in open mode)" if open_ok else "")
         )
 
 
@@ -63,6 +66,7 @@ def rotate_host(
     conn: sqlite3.Connection, name: str, now: float, *, revoke_workers: bool
 ) -> tuple[str, list[JobRecord]]:
     """A new token for an enrolled host; the old one is refused from now on."""
+    _check_name(name)
     row = conn.execute("SELECT state FROM enrollments WHERE host = ?", (name,)).fetchone()
     if row is None:
         raise NotFound(f"host {name!r} is not enrolled")
@@ -79,6 +83,7 @@ def rotate_host(
 
 def revoke_host(conn: sqlite3.Connection, name: str, now: float) -> list[JobRecord]:
     """Revoke the host's enrollment (if any) and every worker registered as it."""
+    _check_name(name, open_ok=True)
     cur = conn.execute(
         "UPDATE enrollments SET state = 'revoked', revoked_at = ? WHERE host = ?", (now, name)
     )

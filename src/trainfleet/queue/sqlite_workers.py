@@ -30,7 +30,7 @@ def register_worker(
 ) -> tuple[WorkerRecord, str]:
     """Insert a new online worker; returns its record and its bearer token."""
     token = secrets.token_urlsafe(32)
-    worker_id = f"{capability.host}-{secrets.token_hex(3)}"
+    worker_id = new_worker_id(conn, capability.host)
     now = clock()
     conn.execute(
         "INSERT INTO workers (id, host, capability, token_hash, state, registered_at,"
@@ -46,6 +46,16 @@ def register_worker(
     )
     row = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone()
     return worker_record(row, read_hosts(conn), clock, offline_after_s), token
+
+
+def new_worker_id(conn: sqlite3.Connection, host: str) -> str:
+    """``HOST-xxxxxx``, not taken by any worker, past or present. The suffix is short for
+    people to read, so it can repeat: many workers giving one name in open mode would
+    otherwise hit an existing id (an integrity error, not a takeover, but a 500)."""
+    while True:
+        worker_id = f"{host}-{secrets.token_hex(3)}"
+        if conn.execute("SELECT 1 FROM workers WHERE id = ?", (worker_id,)).fetchone() is None:
+            return worker_id
 
 
 def authenticate_worker(conn: sqlite3.Connection, token: str) -> str:

@@ -108,6 +108,15 @@ class WorkerHandle:
             p.pid for p in tagged_processes(self.tag) if p.pid != self.proc.pid and _is_job(p)
         )
 
+    def job_names(self) -> list[str]:
+        """Names of the jobs this worker's live job processes run (``TRAINFLEET_JOB_NAME``)."""
+        names = set()
+        for p in tagged_processes(self.tag):
+            with contextlib.suppress(psutil.Error):
+                if p.pid != self.proc.pid and (name := p.environ().get(env.JOB_NAME)):
+                    names.add(name)
+        return sorted(names)
+
     def log_text(self) -> str:
         """The daemon's combined stdout/stderr so far."""
         self._log_file.flush()
@@ -142,7 +151,8 @@ def _pgid(pid: int) -> int | None:
 
 def _is_job(p: psutil.Process) -> bool:
     try:
-        return env.JOB_ID in p.environ() and p.status() != psutil.STATUS_ZOMBIE
+        shepherd = "trainfleet.worker.shepherd" in p.cmdline()  # between daemon and job
+        return env.JOB_ID in p.environ() and not shepherd and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 

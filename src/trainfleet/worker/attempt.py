@@ -289,6 +289,9 @@ class Attempt:
                         )
                     proc.stop()
                     break
+        except BaseException:  # a second SIGTERM (SystemExit) or a bug: no job left behind
+            proc.kill()
+            raise
         finally:
             returncode = proc.finish()  # the whole group is gone past this point
         return returncode, stopped_by, proc.disk_error or self._disk_error

@@ -10,6 +10,8 @@ from typing import Any
 
 from trainfleet import env
 
+CREDENTIALS = (env.JOIN_TOKEN, env.TOKEN)  # the worker's secrets: never handed to a job
+
 
 def build_argv(spec: dict[str, Any], output_dir: Path) -> list[str]:
     """The job's command line: the built-in trainer, or the manifest's command + --key value."""
@@ -49,8 +51,9 @@ def build_env(
 ) -> dict[str, str]:
     job = claim["job"]
     bin_dir = str(Path(sys.executable).parent)
+    inherited = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
     return {
-        **os.environ,
+        **inherited,
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": str(num_threads),

@@ -38,7 +38,11 @@ def is_disk_full(err: OSError) -> bool:
 
 
 class JobProcess:
-    """One job's process group, started under the shepherd."""
+    """One job's process group, started under the shepherd.
+
+    Start it from a thread that lives as long as the daemon (the daemon's main thread):
+    the kernel's parent-death signal fires when the parent *thread* exits.
+    """
 
     def __init__(
         self,
