@@ -226,7 +226,7 @@ class Chaos:
         self.replace_dead_workers()
 
 
-def analyse(chaos: Chaos) -> dict[str, int]:
+def analyse(chaos: Chaos) -> tuple[dict[str, int], dict[str, Any]]:
     """Count outcomes per job from the coordinator's records and the execution markers."""
     details = {name: chaos.fleet.job(name) for name in chaos.jobs}
     rows = []
@@ -235,7 +235,9 @@ def analyse(chaos: Chaos) -> dict[str, int]:
             rows.append(json.loads(line))
         except ValueError:
             continue
-    return count_outcomes(chaos.jobs, rows, details, chaos.fleet.coord.store.exists)
+    problems: dict[str, Any] = {}
+    counts = count_outcomes(chaos.jobs, rows, details, chaos.fleet.coord.store.exists, problems)
+    return counts, problems
 
 
 def count_outcomes(
@@ -243,10 +245,12 @@ def count_outcomes(
     markers: list[dict[str, Any]],
     details: dict[str, dict[str, Any]],
     stored: Callable[[str], bool],
+    problems: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """``jobs``: name -> kind; ``markers``: the rows executions wrote; ``details``: name ->
     the coordinator's ``GET /v1/jobs/{name}`` (job, events, artifacts); ``stored``: whether
-    the artifact store holds a digest."""
+    the artifact store holds a digest. ``problems`` (if given) gets, for each job that
+    missed the goal, what went wrong and its record, to investigate."""
     runs: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in markers:
         run = runs[row["job"]].setdefault(
@@ -276,6 +280,13 @@ def count_outcomes(
             overlapped = overlapped or r["first"] < latest_end
             latest_end = max(latest_end, r["last"])
         counts["run_twice_at_once"] += overlapped
+        wrong = []
+        if job["state"] != ("failed" if kind == "doomed" else "completed"):
+            wrong.append("lost")
+        if overlapped:
+            wrong.append("run twice at once")
+        if completions > 1:
+            wrong.append("completed more than once")
         if ended:
             result = job.get("result") or {}
             sha = result.get("artifact")
@@ -287,6 +298,18 @@ def count_outcomes(
             )
             counts["results_lost"] += not landed
             counts["executions_discarded"] += len(ended) - (1 if landed else 0)
+            if not landed:
+                wrong.append("result lost")
+        if wrong and problems is not None:
+            problems[name] = {
+                "kind": kind,
+                "problems": wrong,
+                "state": job["state"],
+                "error": job.get("error"),
+                "num_failures": job.get("num_failures"),
+                "events": [f"{e['kind']}: {e.get('detail') or ''}"[:200] for e in events],
+                "executions": executions,
+            }
     return dict(counts)
 
 
@@ -322,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             chaos.replace_dead_workers()
             time.sleep(0.5)
-        counts = analyse(chaos)
+        counts, problems = analyse(chaos)
         injected, missed, exits = chaos.injected, chaos.missed, chaos.unexpected_exits
         disk = "available" if chaos.disk_mib else f"skipped: {disk_faults_unavailable()}"
     metrics: dict[str, Any] = {
@@ -368,6 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "commit": _commit(),
         },
         "metrics": metrics,
+        "problems": problems,  # per job that missed the goal: what, and its record
     }
 
 
@@ -413,6 +437,10 @@ def print_table(result: dict[str, Any], out: Path) -> None:
         print(f"{name:<45} {value:>8} {goal:>8}")
     faults = {k.removeprefix("faults_"): v for k, v in m.items() if k.startswith("faults_")}
     print("faults by kind: " + ", ".join(f"{k} {v}" for k, v in faults.items()))
+    for name, problem in result["problems"].items():
+        what = ", ".join(problem["problems"])
+        print(f"  {name} ({problem['kind']}): {what}; ends {problem['state']}: {problem['error']}")
+        print(f"    events: {' | '.join(problem['events'])}")
     print(f"goal met: {m['goal_met']}   (written to {out}, {m['elapsed_s']} s)")
 
 

@@ -124,6 +124,12 @@ class Api:
         assert claim is not None
         return claim
 
+    def claimed(self) -> tuple[Worker, str]:
+        """A worker holding epoch 1 of the job 'solo' (loaded from ``ONE_JOB``)."""
+        self.reload(ONE_JOB)
+        worker = self.register()
+        return worker, self.claim(worker)["job"]["id"]
+
     def job(self, ref: str) -> dict[str, Any]:
         r = self.http.get(f"/v1/jobs/{ref}", headers=OP)
         assert r.status_code == 200, r.text
@@ -159,12 +165,6 @@ def serve(tmp_path: Path, clock: FakeClock, **coord_kw: Any) -> Iterator[Api]:
                 api.close()
     finally:
         queue.close()
-
-
-@pytest.fixture
-def api(tmp_path: Path, clock: FakeClock) -> Iterator[Api]:
-    with serve(tmp_path, clock) as a:
-        yield a
 
 
 def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
@@ -573,17 +573,6 @@ def test_client_upload_and_download_round_trip(api: Api, tmp_path: Path) -> None
 # upload integrity ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def running(api: Api) -> tuple[Worker, str]:
-    """A worker holding epoch 1 of the job 'solo', already running."""
-    api.reload(ONE_JOB)
-    worker = api.register()
-    job_id = api.claim(worker)["job"]["id"]
-    r = api.http.post(f"/v1/jobs/{job_id}/heartbeat", json={"epoch": 1}, headers=worker.auth)
-    assert r.json()["state"] == "running"
-    return worker, job_id
-
-
 DATA = b"the artifact bytes " * 100
 
 
@@ -643,9 +632,7 @@ def test_upload_request_errors(api: Api, running: tuple[Worker, str]) -> None:
 
 def test_upload_over_the_size_limit_is_refused(tmp_path: Path, clock: FakeClock) -> None:
     with serve(tmp_path, clock, max_upload_bytes=100) as api:
-        api.reload(ONE_JOB)
-        worker = api.register()
-        job_id = api.claim(worker)["job"]["id"]
+        worker, job_id = api.claimed()
         body = assert_error(api.upload(worker, job_id, 1, b"x" * 101), 413, "payload_too_large")
         assert "limit" in body["message"]
         assert api.upload(worker, job_id, 1, b"x" * 100).status_code == 200
@@ -725,9 +712,7 @@ def test_lifespan_reaper_requeues_a_silent_job(
             return jobs
 
         monkeypatch.setattr(queue, "reap", reap)
-        api.reload(ONE_JOB)
-        worker = api.register()
-        job_id = api.claim(worker)["job"]["id"]
+        _, job_id = api.claimed()
         clock.advance(11)
         assert reaped.wait(timeout=10), "the app's reaper never requeued the job"
         assert api.job(job_id)["job"]["state"] == "pending"
@@ -800,9 +785,7 @@ def test_a_restarted_coordinator_renews_leases_before_reaping(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     with serve(tmp_path, clock) as api:
-        api.reload(ONE_JOB)
-        worker = api.register()
-        job_id = api.claim(worker)["job"]["id"]
+        _, job_id = api.claimed()
     clock.advance(600)  # the coordinator was down far longer than the heartbeat timeout
     with serve(tmp_path, clock, reap_interval_s=0.01) as api:  # same database, new process
         job = api.job(job_id)["job"]

@@ -5,13 +5,11 @@ or that were fit for another dataset than the path names."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from test_api import JOIN, OP, OP_TOKEN, Api, assert_error, bearer, serve
+from test_api import JOIN, OP, OP_TOKEN, Api, assert_error, bearer
 
 from fleetkit import FakeClock, routed_dataset_toml
 from trainfleet.data.router import Router
@@ -28,12 +26,6 @@ def router() -> dict[str, Any]:
     fitted = fit_router_for(parse_manifest(DATASET).datasets["tiny"])
     assert fitted.method == "kmeans"
     return fitted.to_json()
-
-
-@pytest.fixture
-def api(tmp_path: Path, clock: FakeClock) -> Iterator[Api]:
-    with serve(tmp_path, clock) as a:
-        yield a
 
 
 def put(api: Api, fit_id: str, body: Any, headers: dict[str, str] = OP) -> Any:

@@ -13,16 +13,15 @@ import errno
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-from test_api import ONE_JOB, OP, SWEEP, Api, Worker, assert_error, serve
+from test_api import JOIN_TOKEN, ONE_JOB, OP, OP_TOKEN, SWEEP, Api, Worker, assert_error
 
-from fleetkit import FakeClock
 from trainfleet.artifacts import IngestBuffer
 from trainfleet.artifacts import store as store_module
 from trainfleet.artifacts.gc import collect_garbage
@@ -30,12 +29,6 @@ from trainfleet.coordinator.bodies import MAX_JSON_BYTES
 from trainfleet.errors import NotFound
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def api(tmp_path: Path, clock: FakeClock) -> Iterator[Api]:
-    with serve(tmp_path, clock) as a:
-        yield a
 
 
 class Pulled:
@@ -82,6 +75,47 @@ def test_a_declared_content_length_over_the_limit_is_refused_unread(api: Api) ->
     assert body.pulled == 0
 
 
+def _bodied_endpoints() -> list[tuple[str, str, str]]:
+    from trainfleet.coordinator.app import api_routes
+
+    subst = {"{job_id}": "alpha", "{sha256}": "0" * 64, "{fit_id}": "0" * 64, "{name}": "cpu-a"}
+    out = []
+    for ep in api_routes().endpoints:
+        if ep.body or ep.raw_body:
+            path = ep.path
+            for key, value in subst.items():
+                path = path.replace(key, value)
+            out.append((ep.method, path, ep.auth))
+    return out
+
+
+@pytest.mark.parametrize(("method", "path", "auth"), _bodied_endpoints())
+def test_a_wrong_token_is_refused_before_the_body_is_read(
+    api: Api, method: str, path: str, auth: str
+) -> None:
+    """An unauthenticated caller cannot make the coordinator read (or parse) a body."""
+    assert auth != "none"
+    body = Pulled(16, b"{" * MiB)  # 16 MiB of invalid JSON
+    r = asgi(api, method, path, content=body, headers={"Authorization": "Bearer wrong"})
+    assert_error(r, 401, "unauthorized")
+    assert body.pulled == 0, "the body was read before the token was checked"
+
+
+def test_register_checks_every_kind_of_join_token_before_the_body(api: Api) -> None:
+    revoked = api.coord.queue.enroll_host("gone")
+    api.coord.queue.revoke_host("gone")
+    rotated = api.coord.queue.enroll_host("moved")
+    api.coord.queue.rotate_host("moved")
+    # The shared token outside open mode, the operator token, a revoked and a rotated one.
+    for token in (JOIN_TOKEN, OP_TOKEN, revoked, rotated):
+        body = Pulled(16, b"{" * MiB)
+        headers = {"Authorization": f"Bearer {token}"}
+        r = asgi(api, "POST", "/v1/workers/register", content=body, headers=headers)
+        assert_error(r, 401, "unauthorized")
+        assert body.pulled == 0, token
+    assert api.coord.queue.list_workers() == []
+
+
 # nesting depth --------------------------------------------------------------------------------
 
 
@@ -98,9 +132,7 @@ DEEP = 50_000
     ids=["array", "object", "unclosed"],
 )
 def test_a_deeply_nested_json_body_is_a_400(api: Api, raw: bytes) -> None:
-    api.reload(ONE_JOB)
-    worker = api.register()
-    job_id = api.claim(worker)["job"]["id"]
+    worker, job_id = api.claimed()
     for path, headers in (
         ("/v1/manifest", OP),
         (f"/v1/jobs/{job_id}/complete", worker.auth),
@@ -113,9 +145,7 @@ def test_a_deeply_nested_json_body_is_a_400(api: Api, raw: bytes) -> None:
 
 
 def test_nesting_within_the_bound_is_accepted(api: Api) -> None:
-    api.reload(ONE_JOB)
-    worker = api.register()
-    job_id = api.claim(worker)["job"]["id"]
+    worker, job_id = api.claimed()
     result = {"deep": [[[[{"a": [1]}]]]], "text": "[[[[" * 100}  # brackets in strings
     r = api.http.post(
         f"/v1/jobs/{job_id}/complete", json={"epoch": 1, "result": result}, headers=worker.auth
@@ -141,9 +171,7 @@ def test_a_deeply_nested_manifest_is_a_400(api: Api, text: str) -> None:
 
 
 def test_non_finite_numbers_are_not_json(api: Api) -> None:
-    api.reload(ONE_JOB)
-    worker = api.register()
-    job_id = api.claim(worker)["job"]["id"]
+    worker, job_id = api.claimed()
     r = api.http.post(
         f"/v1/jobs/{job_id}/complete",
         content=b'{"epoch": 1, "result": {"loss": NaN}}',
@@ -263,13 +291,6 @@ def test_openapi_declares_every_parameter_and_error(api: Api) -> None:
 
 
 # uploads --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def running(api: Api) -> tuple[Worker, str]:
-    api.reload(ONE_JOB)
-    worker = api.register()
-    return worker, api.claim(worker)["job"]["id"]
 
 
 def upload_path(job_id: str, sha: str) -> str:

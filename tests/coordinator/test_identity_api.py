@@ -260,3 +260,27 @@ def test_a_new_state_directory_is_the_owners_only(tmp_path: Path) -> None:
             assert (state / name).stat().st_mode & 0o777 == 0o600
     finally:
         coord.queue.close()
+
+
+def test_no_worker_or_join_token_passes_for_the_operator(api: Api) -> None:
+    """Every operator-only route (from the OpenAPI description, so new ones are covered)
+    refuses a worker credential, a host's join token and the shared join token."""
+    host_token = enroll(api, "cpu-a")
+    reg = register(api, host_token, "cpu-a").json()
+    spec = api.http.get("/openapi.json").json()
+    fill = {"{name}": "cpu-a", "{worker_id}": reg["worker_id"], "{job_id}": "x"}
+    fill |= {"{sha256}": "0" * 64, "{fit_id}": "0" * 64}
+    checked = 0
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if op.get("security") != [{"operatorToken": []}]:
+                continue
+            for key, value in fill.items():
+                path = path.replace(key, value)
+            for token in (reg["token"], host_token, "join-token"):
+                r = api.http.request(method.upper(), path, headers=bearer(token), json={})
+                assert_error(r, 401, "unauthorized")
+            checked += 1
+    assert checked >= 10  # hosts, revoke, manifest, cancel, requeue and the reads
+    assert api.http.post("/v1/workers/claim", headers=bearer(reg["token"])).status_code == 200
+    assert [h["state"] for h in api.http.get("/v1/hosts", headers=OP).json()["hosts"]] == ["active"]

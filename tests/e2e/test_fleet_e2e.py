@@ -70,7 +70,7 @@ def test_train_and_command_jobs_complete_with_artifacts(fleet: Fleet, tmp_path) 
 
 
 def test_killed_worker_job_is_requeued_and_completed_elsewhere(fleet: Fleet) -> None:
-    fleet.reload(slow_job("long", 4.0, max_attempts=3))
+    fleet.reload(slow_job("long", 4.0, max_failures=3))
     first = fleet.start_worker("host-a")
     fleet.wait_state("long", {"running"})
     wait_until(lambda: fleet.operator.logs("long")["lines"], 30, "the job's first log lines")

@@ -233,6 +233,7 @@ def test_a_worker_joins_over_tls_and_a_client_without_the_ca_is_refused(
     token_file = tmp_path / "tls-box.token"
     enrolled = run_cli("hosts", "enroll", "tls-box", "--token-file", str(token_file), **with_ca)
     assert enrolled.returncode == 0, enrolled.stderr
+    assert f"join {url} --token-file {token_file} --ca-cert" in enrolled.stderr  # the hint
     worker = run_cli(
         "join",
         url,

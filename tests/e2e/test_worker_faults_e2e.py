@@ -127,7 +127,7 @@ def test_sigterm_while_a_claim_is_in_flight_stops_promptly_and_hands_it_back(
 ) -> None:
     w = fleet.start_worker("cpu-a")
     w.proxy.wait_for("POST", r"/claim$", timeout_s=20)  # registered and polling
-    w.proxy.delay("POST", r"/claim$", seconds=2.0, times=-1)  # every claim is slow now
+    w.proxy.delay("POST", r"/claim$", seconds=1.0, times=-1)  # every claim is slow now
     fleet.reload(slow_job("j", 30.0))
     w.proxy.wait_for("POST", r"/claim$", fault="delayed", timeout_s=20)
     w.sigterm()  # lands while a (slow) claim is in flight

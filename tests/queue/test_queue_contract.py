@@ -329,7 +329,7 @@ def test_reload_is_idempotent_and_changes_nothing_that_ran(queue: JobQueue) -> N
     queue.apply_manifest(m2)
     assert queue.get_job("low").priority == 99
     removed = queue.get_job("mid-2")
-    assert removed.state == "pending" and not removed.in_manifest  # stays until cancelled
+    assert removed.state == "pending" and not removed.in_manifest  # stays, not claimable
     assert queue.get_job("high").state == "completed"
 
 

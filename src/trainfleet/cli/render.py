@@ -135,7 +135,8 @@ def plan_table(plan: dict[str, Any]) -> Table:
                 f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in entry.get("changes", {}).items()
             )
             if kind == "removed":
-                details = "stays until cancelled"
+                pending = entry.get("state") == "pending"
+                details = "not claimable unless requeued" if pending else "stays, in its state"
             table.add_row(
                 Text(kind, style=styles[kind]),
                 _short(entry["id"], 12),
