@@ -97,6 +97,16 @@ def test_rotation_refuses_the_old_token_and_join_refuses_tokens_in_argv(fleet: F
     assert stale.wait(timeout=60) == 1
     assert "unknown join token" in stale.log_text()
     assert fresh.wait(timeout=60) == 0
+    # A token file that other users can read still works, with a warning that says so.
+    loose = fleet.tmp / "loose.token"
+    loose.write_text(new + "\n")
+    loose.chmod(0o644)
+    work = str(fleet.tmp / "work-loose")
+    joined = fleet.cli(
+        "join", fleet.url, "--token-file", str(loose), "--max-jobs", "0", "--workdir", work
+    )
+    assert joined.returncode == 0, joined.stderr
+    assert f"{loose} holds a token and other users can read it; chmod 600" in joined.stderr
 
 
 def test_open_mode_admits_the_shared_token_as_a_new_policy_less_host(tmp_path: Path) -> None:

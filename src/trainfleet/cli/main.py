@@ -197,6 +197,13 @@ def _secret(path: Path | None, var: str) -> str | None:
             _fail(f"cannot read {path}: {err.strerror}", 2)
         if not value:
             _fail(f"{path} is empty", 2)
+        if path.stat().st_mode & 0o077:  # like ssh with a key: say so (a warning, not a refusal)
+            err_console.print(
+                f"warning: {path} holds a token and other users can read it; chmod 600 {path}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
         return value
     return os.environ.get(var) or None
 

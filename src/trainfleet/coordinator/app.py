@@ -26,8 +26,10 @@ from trainfleet.coordinator import (
     routes_read,
     routes_worker,
 )
+from trainfleet.coordinator.clock_steps import ClockSteps
 from trainfleet.coordinator.endpoints import RAW_PATH_KEY, Ctx, RouteTable
 from trainfleet.coordinator.state import Coordinator
+from trainfleet.queue.base import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,29 @@ def api_routes() -> RouteTable:
     return table
 
 
+def reap_once(coord: Coordinator, steps: ClockSteps) -> list[JobRecord]:
+    """One reaper pass. A wall-clock step since the last pass first restarts every active
+    lease, so the step cannot requeue running jobs (the rule: ``clock_steps``)."""
+    step_s = steps.step_s()
+    if step_s:
+        renewed = coord.queue.renew_leases()
+        log.warning(
+            "wall clock stepped %+.1fs between reaper passes: %d active lease(s) restart now",
+            step_s,
+            renewed,
+        )
+    steps.settle()
+    return coord.queue.reap()
+
+
 async def _reap_forever(coord: Coordinator) -> None:
     """Requeue lost attempts within ``heartbeat_timeout_s + reap_interval_s`` of the last beat."""
+    steps = ClockSteps()
+    steps.step_s()  # the first measurement: a step during the first sleep is then noticed
     while True:
         await asyncio.sleep(coord.reap_interval_s)
         try:
-            reaped = await run_in_threadpool(coord.queue.reap)
+            reaped = await run_in_threadpool(reap_once, coord, steps)
         except Exception:
             log.exception("reaper pass failed; retrying")
             continue
