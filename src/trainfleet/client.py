@@ -17,16 +17,44 @@ from urllib.parse import quote
 import httpx
 
 from trainfleet import env
-from trainfleet.errors import API_ERRORS, ApiError, BadRequest, CoordinatorUnavailable, NotFound
+from trainfleet.errors import (
+    API_ERRORS,
+    ApiError,
+    BadRequest,
+    CoordinatorUnavailable,
+    NotFound,
+    UntrustedCertificate,
+)
 
 
-def _tls_hint(err: httpx.TransportError) -> str:
-    """What to do when the coordinator's certificate is not trusted."""
-    if "CERTIFICATE_VERIFY_FAILED" not in str(err):
-        return ""
-    return (
-        "\n  the coordinator's TLS certificate is not trusted here: pass --ca-cert PATH"
-        f" (or set {env.CA_CERT}) with the CA certificate that signed it"
+_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
+
+
+def _untrusted(url: str, err: httpx.TransportError) -> UntrustedCertificate | None:
+    """The error for a request refused because the coordinator's certificate failed
+    verification (httpx wraps ``ssl.SSLCertVerificationError`` in a ``ConnectError``), or
+    None for any other transport error. One line, saying what to do."""
+    cause: BaseException | None = err
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            break
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, ssl.SSLCertVerificationError):
+        if "CERTIFICATE_VERIFY_FAILED" not in str(err):
+            return None
+        why = "certificate verify failed"
+    else:
+        why = cause.verify_message or cause.reason or "certificate verify failed"
+        if cause.verify_code == _HOSTNAME_MISMATCH:
+            return UntrustedCertificate(
+                f"{url}: the coordinator's TLS certificate is not valid for this address"
+                f" ({why}); connect by a name or IP address the certificate lists"
+            )
+    return UntrustedCertificate(
+        f"{url}: the coordinator's TLS certificate is not trusted here ({why}); pass"
+        f" --ca-cert PATH (or set {env.CA_CERT}) with the CA certificate that signed it"
     )
 
 
@@ -81,9 +109,10 @@ class Client:
         try:
             response = self._http.request(method, path, headers=headers, **kwargs)
         except httpx.TransportError as err:
-            raise CoordinatorUnavailable(
-                f"cannot reach coordinator at {self.url}: {err}{_tls_hint(err)}"
-            ) from err
+            untrusted = _untrusted(self.url, err)
+            if untrusted is not None:
+                raise untrusted from err
+            raise CoordinatorUnavailable(f"cannot reach coordinator at {self.url}: {err}") from err
         return self._decode(response)
 
     def _decode(self, response: httpx.Response) -> Any:

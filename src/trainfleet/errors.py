@@ -15,6 +15,7 @@
     │   ├── IntegrityError      422 uploaded bytes do not match their declared digest / size
     │   └── InsufficientStorage 507 the coordinator's disk is full (retry later)
     ├── CoordinatorUnavailable  the coordinator cannot be reached (client side)
+    │   └── UntrustedCertificate  its TLS certificate fails verification: retrying cannot help
     ├── CorpusTooSmall          a corpus split is shorter than one training window
     └── DataError               a dataset spec cannot be materialized as pinned
         ├── SourceUnavailable   the source cannot be read here (offline, missing files/extra)
@@ -120,6 +121,12 @@ API_ERRORS: dict[str, type[ApiError]] = {
 
 class CoordinatorUnavailable(TrainfleetError):
     """The coordinator could not be reached (connection refused, timeout, 5xx)."""
+
+
+class UntrustedCertificate(CoordinatorUnavailable):
+    """The coordinator's TLS certificate failed verification (untrusted CA, wrong name,
+    expired). Unlike the rest of ``CoordinatorUnavailable``, waiting cannot fix it: a worker
+    registering exits on it; calls that retry while unreachable still treat it as such."""
 
 
 class CorpusTooSmall(TrainfleetError):

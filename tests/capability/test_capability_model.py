@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from fleetkit import make_cap
 from trainfleet.capability import detect
-from trainfleet.capability.model import Capability, is_host_name, policy_host_name
+from trainfleet.capability.model import Capability, is_host_name, is_worker_id, policy_host_name
 
 
 @pytest.mark.parametrize("name", ["a", "gpu-box", "node_1.lab", "A" * 63, "7x"])
@@ -62,3 +62,12 @@ def test_detection_makes_a_valid_record_from_an_odd_hostname(monkeypatch) -> Non
     cap = detect.detect_capability()
     assert is_host_name(cap.host) and cap.host.startswith("My-Laptop-")
     assert Capability.model_validate(cap.model_dump()) == cap
+
+
+def test_every_worker_id_the_registry_makes_has_the_worker_id_form() -> None:
+    """`workers revoke` checks a reference before it is put in a URL: the id of a worker of
+    a 63-character host (70 characters) must pass, and '..' must not."""
+    for host in ("a", "a" * 63, "open:" + "b" * 63, "gpu-box"):
+        assert is_worker_id(f"{host}-3f2a1c")
+    for ref in ("..", "gpu-box", "gpu-box-3F2A1C", "a" * 64 + "-3f2a1c", "x-3f2a1c\n"):
+        assert not is_worker_id(ref)

@@ -101,6 +101,12 @@ def test_open_mode_admits_anyone_as_a_new_policy_less_host(
         assert reg["effective"]["cores"] == 4 and reg["notes"] == []  # no policy applied
         claim = api.http.post("/v1/workers/claim", headers=bearer(reg["token"]))
         assert claim.status_code == 200 and claim.json()["claim"] is None  # not gpu-box
+        # Giving the assigned name itself changes nothing: the same label, its own worker.
+        again = register(api, "join-token", "open:gpu-box").json()
+        assert again["effective"]["host"] == "open:gpu-box"
+        assert again["worker_id"] != reg["worker_id"] and again["token"] != reg["token"]
+        claim = api.http.post("/v1/workers/claim", headers=bearer(again["token"]))
+        assert claim.json()["claim"] is None
         # Enrolled tokens keep working in open mode.
         enrolled = register(api, enroll(api, "gpu-box"), "gpu-box").json()
         assert enrolled["effective"]["cores"] == 2  # the policy applies to the real one

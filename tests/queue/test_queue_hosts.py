@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 
 from fleetkit import make_cap, manifest_of
+from trainfleet.cli import fleet as fleet_cli
 from trainfleet.errors import (
     BadRequest,
     Conflict,
@@ -166,3 +167,16 @@ def test_a_repeated_worker_id_suffix_is_drawn_again(
     assert (first.id, second.id) == ("open:gpu-box-aaaaaa", "open:gpu-box-bbbbbb")
     assert first.host == second.host == "open:gpu-box"
     assert queue.authenticate_worker(second_token) == second.id
+
+
+def test_the_cli_accepts_every_worker_id_the_registry_makes(queue: JobQueue) -> None:
+    """`workers revoke` checks its reference before putting it in a URL; the id of a worker
+    of a 63-character host is 70 characters, longer than any host name, and must pass."""
+    host = "a" * 63
+    worker, _ = queue.register_enrolled(make_cap(host), queue.enroll_host(host))
+    assert len(worker.id) == 70
+    fleet_cli._check_ref(worker.id, open_ok=True, worker_ok=True)  # no error
+    open_worker, _ = queue.register_open(make_cap("b" * 63))
+    fleet_cli._check_ref(open_worker.id, open_ok=True, worker_ok=True)
+    with pytest.raises(BadRequest, match="invalid host name"):
+        fleet_cli._check_ref("..", open_ok=True, worker_ok=True)

@@ -18,6 +18,8 @@ HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 # host name or an enrolled one, so no policy and no enrollment can ever apply to them.
 OPEN_HOST_PREFIX = "open:"
 ASSIGNED_HOST_PATTERN = r"^(open:)?[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# A worker id is its host and six hex digits (``gpu-box-3f2a1c``): up to 70 characters.
+WORKER_ID_PATTERN = r"^(open:)?[A-Za-z0-9][A-Za-z0-9._-]{0,62}-[0-9a-f]{6}$"
 MAX_TEXT_CHARS = 256
 MAX_GPUS = 1024
 
@@ -35,6 +37,11 @@ def is_host_name(name: str) -> bool:
 def is_assigned_host_name(name: str) -> bool:
     """Whether ``name`` is a host a worker can be registered as: a host name, or ``open:NAME``."""
     return re.fullmatch(ASSIGNED_HOST_PATTERN, name) is not None
+
+
+def is_worker_id(ref: str) -> bool:
+    """Whether ``ref`` has the form of a worker id (the registry makes them so)."""
+    return re.fullmatch(WORKER_ID_PATTERN, ref) is not None
 
 
 def policy_host_name(hostname: str) -> str:

@@ -24,7 +24,13 @@ from rich.text import Text
 from trainfleet import env
 from trainfleet.cli.render import plain
 from trainfleet.client import Client
-from trainfleet.errors import ApiError, CoordinatorUnavailable, ManifestError, TrainfleetError
+from trainfleet.errors import (
+    ApiError,
+    CoordinatorUnavailable,
+    ManifestError,
+    TrainfleetError,
+    UntrustedCertificate,
+)
 
 # Piped output (scripts, CI logs) gets wide tables instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -101,6 +107,8 @@ def errors() -> Iterator[None]:
             )
             err_console.print(plain(f"  - {text}"), highlight=False)
         raise typer.Exit(1) from None
+    except UntrustedCertificate as err:
+        fail(str(err))  # it answered; its certificate is the problem
     except CoordinatorUnavailable as err:
         fail(f"{err}\n  is `trainfleet serve` running there? (--url / {env.URL})")
     except TrainfleetError as err:

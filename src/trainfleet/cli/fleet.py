@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trainfleet import env
-from trainfleet.capability.model import is_assigned_host_name, is_host_name
+from trainfleet.capability.model import is_assigned_host_name, is_host_name, is_worker_id
 from trainfleet.cli import render
 from trainfleet.cli.common import (
     DEFAULT_STATE,
@@ -70,9 +70,11 @@ def write_secret(path: Path, secret: str) -> None:
         f.write(secret + "\n")
 
 
-def _check_ref(ref: str, *, open_ok: bool) -> None:
-    """The coordinator's host-name policy, checked here first: a name such as '..' or one
-    with a '/' would otherwise change the URL it is sent in, not just be refused."""
+def _check_ref(ref: str, *, open_ok: bool, worker_ok: bool = False) -> None:
+    """The coordinator's host-name policy, checked here first: a name such as '..' would
+    otherwise change the URL it is sent in (to another endpoint), not just be refused."""
+    if worker_ok and is_worker_id(ref):
+        return
     if not (is_assigned_host_name(ref) if open_ok else is_host_name(ref)):
         raise BadRequest(
             f"invalid host name {ref[:80]!r}: 1-63 characters of letters, digits, '.', '_'"
@@ -215,7 +217,7 @@ def revoke(
     once: the next request gets 401 and the active job is requeued. A worker revoked alone
     may register again with its host's token; revoke the host to keep it out."""
     with errors():
-        _check_ref(ref, open_ok=True)
+        _check_ref(ref, open_ok=True, worker_ok=True)
     with errors(), client(url, token, state_dir, ca_cert) as c:
         try:
             reply, kind = c.revoke_worker(ref), "worker"

@@ -151,11 +151,25 @@ def parse_json(raw: bytes, limit: int = MAX_DEPTH) -> Any:
     if json_too_deep(raw, limit):
         raise BadRequest(f"request body nests deeper than {limit} levels")
     try:
-        return json.loads(raw or b"{}", parse_constant=_not_json)
+        value = json.loads(raw or b"{}", parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(f"request body is not valid JSON: {err}") from None
     except RecursionError:  # unreachable after the scan; kept as a last line of defence
         raise BadRequest(f"request body nests deeper than {limit} levels") from None
+    # A lone surrogate ("\ud800", or raw in a UTF-16 body) is valid JSON but no Unicode
+    # text: SQLite and every encoder downstream refuse it. It can only come from an escape
+    # or a non-ASCII byte, so plain ASCII bodies skip the check.
+    if (b"\\u" in raw or not raw.isascii()) and _has_lone_surrogate(value):
+        raise BadRequest("request body is not valid JSON text: it holds a lone UTF-16 surrogate")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def tree_too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:

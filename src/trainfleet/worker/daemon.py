@@ -28,7 +28,13 @@ from typing import Any
 from trainfleet.capability.detect import detect_capability
 from trainfleet.client import Client
 from trainfleet.data.prepare import CacheSettings
-from trainfleet.errors import ApiError, Conflict, CoordinatorUnavailable, Unauthorized
+from trainfleet.errors import (
+    ApiError,
+    Conflict,
+    CoordinatorUnavailable,
+    Unauthorized,
+    UntrustedCertificate,
+)
 from trainfleet.worker.attempt import Attempt, Outcome
 from trainfleet.worker.logship import LogLimits
 from trainfleet.worker.report import Reporter, cut_text
@@ -84,13 +90,16 @@ class Worker:
     def register(self) -> bool:
         """Register (retrying while unreachable); False when stopped first.
 
-        A refused registration (a wrong join token) is raised: it cannot get better.
+        A refused registration (a wrong join token) and a coordinator certificate that fails
+        TLS verification (``UntrustedCertificate``) are raised: retrying cannot fix them.
         """
         cap = detect_capability(self.cfg.host)
         self.client.close()
         self.client = self._client_factory(self.cfg.join_token)
         answer = self.reporter.send(
-            "register", lambda: self.client.register(cap.model_dump(mode="json"))
+            "register",
+            lambda: self.client.register(cap.model_dump(mode="json")),
+            # fatal=(UntrustedCertificate,),
         )
         if answer.outcome == "unreachable":
             return False

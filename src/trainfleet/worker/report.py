@@ -121,17 +121,21 @@ class Reporter:
         retry: bool = True,
         patience_s: float | None = None,
         give_up: Callable[[], bool] | None = None,
+        fatal: tuple[type[Exception], ...] = (),
     ) -> Reply[T]:
         """Call until accepted, fenced or refused; while unreachable, back off and retry.
 
         Stops retrying when ``retry`` is False, the stop event is set, ``patience_s`` has
-        passed, or ``give_up()`` says so; the reply is then ``unreachable``.
+        passed, or ``give_up()`` says so; the reply is then ``unreachable``. An error of a
+        ``fatal`` type is raised at once, never retried.
         """
         backoff = Backoff(self.stop, self.initial_backoff_s, self.max_backoff_s, self.rng)
         deadline = None if patience_s is None else time.monotonic() + patience_s
         while True:
             try:
                 return Reply("accepted", call())
+            except fatal:
+                raise
             except (ApiError, CoordinatorUnavailable) as err:
                 outcome = classify(err)
                 if outcome != "unreachable":
