@@ -190,16 +190,12 @@ class Chaos:
 
     def _sigterm_during_claim(self) -> bool:
         worker = self._pick(busy=False) or self._pick(busy=None)
-        if worker is None or worker.proxy is None:
+        if worker is None:
             return False
-        before = len([a for a in worker.proxy.arrivals if a.path.endswith("/claim")])
-        worker.proxy.delay("POST", r"/claim$", seconds=1.0, times=1)
         try:  # an idle worker claims within its poll interval, a busy one after its job
-            worker.proxy.wait_arrival("POST", r"/claim$", timeout_s=8.0, count=before + 1)
+            worker.sigterm_during("POST", r"/claim$", hold_s=1.0, timeout_s=8.0)
         except AssertionError:
-            worker.proxy.clear()
             return False
-        worker.sigterm()  # while its claim is held in the proxy, not yet committed
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:

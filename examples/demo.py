@@ -30,6 +30,7 @@ from rich.text import Text
 
 from trainfleet.cli import render
 from trainfleet.client import Client
+from trainfleet.worker.shepherd import set_parent_death_signal
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTS = ("gpu-box", "cpu-a", "cpu-b")
@@ -45,6 +46,42 @@ def free_port() -> int:
 
 def trainfleet(*args: str) -> list[str]:
     return [sys.executable, "-m", "trainfleet.cli.main", *args]
+
+
+def detach() -> None:
+    """In a child, before exec: SIGTERM me if the demo dies (Linux). The child also runs in
+    its own session, so a Ctrl-C reaches the demo alone, which stops the fleet in order."""
+    set_parent_death_signal(signal.SIGTERM)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Wait for ``proc`` to exit; SIGKILL it after ``timeout_s``."""
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def shutdown(workers: list[subprocess.Popen[bytes]], server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the workers (each hands back its running job and deregisters), then the
+    coordinator. Another Ctrl-C meanwhile sends the workers a second SIGTERM: they exit now."""
+
+    def hurry(signum: int, frame: object) -> None:
+        console.print("interrupted again: the workers exit now")
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, hurry)
+    for proc in workers:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in workers:
+        stop(proc, timeout_s=60)
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+    stop(server, timeout_s=30)
 
 
 def progress_line(jobs: list[dict], started: float) -> str:
@@ -99,7 +136,14 @@ def main() -> int:
         log = (root / "logs" / f"{name}.log").open("wb")
         logs.append(log)
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, stdin=subprocess.DEVNULL
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=detach,
         )
         procs.append(proc)
         return proc
@@ -120,7 +164,7 @@ def main() -> int:
             "10",
         ),
     )
-    ok = False
+    ok = interrupted = False
     try:
         client = Client(url, None)
         client.wait_healthy()
@@ -194,16 +238,20 @@ def main() -> int:
             f" or `{tf} logs gpt-lr3e-3 --state-dir {rel}`."
         )
         client.close()
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print(
+            "\n[yellow]interrupted[/]: stopping the workers (each hands back its running job),"
+            " then the coordinator"
+        )
     finally:
-        for proc in procs[1:]:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs[1:]:
-            proc.wait(timeout=60)
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        shutdown(procs[1:], server)
         for log in logs:
             log.close()
-    console.print("workers handed back their work and left; coordinator stopped.")
+    if interrupted:
+        console.print(f"stopped; the state is kept in {os.path.relpath(state)}.")
+        return 130
+    console.print("workers stopped and left the fleet; coordinator stopped.")
     return 0 if ok else 1
 
 

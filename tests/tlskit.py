@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import http.server
 import ipaddress
-import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -74,32 +73,21 @@ class _NotFound(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class TLSServer(http.server.ThreadingHTTPServer):
-    """Counts the handshakes its clients broke off (they did not trust its certificate)."""
-
-    handshakes_failed = 0
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        try:
-            return super().get_request()
-        except ssl.SSLError:
-            self.handshakes_failed += 1
-            raise
-
-
 @contextmanager
-def tls_server(directory: Path) -> Iterator[tuple[str, Path, TLSServer]]:
-    """An https server on 127.0.0.1 with a fresh self-signed certificate, in a thread:
+def tls_server(
+    directory: Path, address: str = "127.0.0.1"
+) -> Iterator[tuple[str, Path, http.server.ThreadingHTTPServer]]:
+    """An https server on ``address`` with a fresh self-signed certificate, in a thread:
     (its URL, the certificate as a CA file, the server). It answers 404 to everything."""
     cert, key = self_signed(directory)
-    server = TLSServer(("127.0.0.1", 0), _NotFound)
+    server = http.server.ThreadingHTTPServer((address, 0), _NotFound)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        yield f"https://127.0.0.1:{server.server_address[1]}", cert, server
+        yield f"https://{address}:{server.server_address[1]}", cert, server
     finally:
         server.shutdown()
         thread.join()

@@ -26,8 +26,7 @@ from trainfleet.errors import (
     UntrustedCertificate,
 )
 
-
-_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
 def _untrusted(url: str, err: httpx.TransportError) -> UntrustedCertificate | None:
@@ -47,14 +46,14 @@ def _untrusted(url: str, err: httpx.TransportError) -> UntrustedCertificate | No
         why = "certificate verify failed"
     else:
         why = cause.verify_message or cause.reason or "certificate verify failed"
-        if cause.verify_code == _HOSTNAME_MISMATCH:
+        if cause.verify_code in _NAME_MISMATCH:
             return UntrustedCertificate(
-                f"{url}: the coordinator's TLS certificate is not valid for this address"
-                f" ({why}); connect by a name or IP address the certificate lists"
+                "the coordinator's TLS certificate is not valid for this address: connect by"
+                f" a name or IP address that the certificate lists ({url}: {why})"
             )
     return UntrustedCertificate(
-        f"{url}: the coordinator's TLS certificate is not trusted here ({why}); pass"
-        f" --ca-cert PATH (or set {env.CA_CERT}) with the CA certificate that signed it"
+        "the coordinator's TLS certificate is not trusted here: pass --ca-cert PATH (or set"
+        f" {env.CA_CERT}) with the CA certificate that signed it ({url}: {why})"
     )
 
 

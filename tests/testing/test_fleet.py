@@ -81,3 +81,14 @@ def test_a_failing_test_still_leaves_no_process_behind(tmp_path: Path) -> None:
         raise RuntimeError("the test failed")
     assert not tagged_processes(fleet.tag)
     assert worker.poll() is not None
+
+
+def test_sigterm_lands_while_a_claim_is_held_in_flight(tmp_path: Path) -> None:
+    with LiveFleet(tmp_path) as fleet:
+        worker = fleet.start_worker("cpu-a")
+        assert worker.proxy is not None
+        worker.sigterm_during("POST", r"/claim$", hold_s=1.0, timeout_s=20)
+        assert worker.proxy.arrived("POST", r"/claim$", fault="delayed")
+        assert not worker.proxy.seen("POST", r"/claim$", fault="delayed")  # still held
+        assert worker.wait(timeout=30) == 0  # a graceful stop
+        assert worker.proxy.wait_for("POST", r"/claim$", fault="delayed", timeout_s=10)

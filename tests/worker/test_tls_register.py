@@ -4,11 +4,12 @@ line (retrying cannot fix it); an unreachable coordinator is still retried."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tlskit import tls_server
 from typer.testing import CliRunner
 
+from tlskit import tls_server
 from trainfleet.cli.main import app
 from trainfleet.client import Client
 from trainfleet.errors import CoordinatorUnavailable, NotFound, UntrustedCertificate
@@ -27,9 +28,18 @@ def test_an_untrusted_certificate_is_its_own_error_and_a_trusted_one_is_not(
         assert "self-signed" in message  # what the TLS library said, not just that it failed
         with Client(url, ca_cert=ca) as trusting, pytest.raises(NotFound):
             trusting.register({})  # the same server, trusted: an HTTP answer comes back
-        with Client(url.replace("127.0.0.1", "localhost"), ca_cert=ca) as by_name:
-            with pytest.raises(NotFound):
-                by_name.register({})  # the certificate lists localhost too
+        by_name = Client(url.replace("127.0.0.1", "localhost"), ca_cert=ca)
+        with by_name, pytest.raises(NotFound):
+            by_name.register({})  # the certificate lists localhost too
+
+
+def test_a_certificate_for_another_address_says_so(tmp_path: Path) -> None:
+    with tls_server(tmp_path, address="127.0.0.2") as (url, ca, _):  # it lists 127.0.0.1
+        client = Client(url, ca_cert=ca)
+        with client, pytest.raises(UntrustedCertificate) as refused:
+            client.register({})
+    assert "not valid for this address" in str(refused.value)
+    assert "127.0.0.2" in str(refused.value)
 
 
 def test_a_connection_refused_is_not_a_certificate_error(tmp_path: Path) -> None:
@@ -40,13 +50,24 @@ def test_a_connection_refused_is_not_a_certificate_error(tmp_path: Path) -> None
     assert not isinstance(err.value, UntrustedCertificate)
 
 
+class CountingClient(Client):
+    registers = 0
+
+    def register(self, capability: dict[str, Any]) -> dict[str, Any]:
+        CountingClient.registers += 1
+        return super().register(capability)
+
+
 def test_register_gives_up_at_once_on_an_untrusted_certificate(tmp_path: Path) -> None:
-    with tls_server(tmp_path) as (url, _, server):
-        worker = Worker(WorkerConfig(url=url, join_token="j", workdir=tmp_path / "w"))
+    with tls_server(tmp_path) as (url, _, _):
+        worker = Worker(
+            WorkerConfig(url=url, join_token="j", workdir=tmp_path / "w"),
+            client_factory=lambda token: CountingClient(url, token),
+        )
         with pytest.raises(UntrustedCertificate):
             worker.run()
-        assert server.handshakes_failed == 1  # one try, no retries
-        assert worker.worker_id is None
+    assert CountingClient.registers == 1  # one try, no retries
+    assert worker.worker_id is None
 
 
 def test_register_keeps_retrying_an_unreachable_coordinator(
@@ -76,8 +97,16 @@ def test_join_exits_1_with_one_line_naming_ca_cert(tmp_path: Path) -> None:
     with tls_server(tmp_path) as (url, _, _):
         result = CliRunner().invoke(
             app,
-            ["join", url, "--token-file", str(token), "--workdir", str(tmp_path / "w"),
-             "--state-dir", str(tmp_path / "state")],
+            [
+                "join",
+                url,
+                "--token-file",
+                str(token),
+                "--workdir",
+                str(tmp_path / "w"),
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
             env={"TRAINFLEET_CA_CERT": ""},
         )
     assert result.exit_code == 1, result.output

@@ -5,7 +5,8 @@ stores its bytes first and binds them second, so a blob can be left unbound: the
 fenced (a stale epoch found after streaming), or the coordinator stopped in between. The
 coordinator's lifespan runs :func:`collect_garbage` periodically; a blob younger than the
 grace period is kept, so an upload between its commit and its binding is never collected
-(committing an already stored blob restarts its grace period).
+(committing an already stored blob restarts its grace period), nor one an upload in this
+process has pinned (``ArtifactStore.pinned``: between its commit and its binding).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def collect_garbage(
     for sha256, mtime in list(store.stored()):
         if mtime > cutoff or queue.is_bound(sha256):
             continue
-        if store.delete(sha256):
+        # Checked again under the store's commit lock: an upload may have re-committed,
+        # pinned or bound this digest since the listing.
+        if store.delete_unbound(sha256, queue.is_bound, older_than=cutoff):
             removed.append(sha256)
             log.info("artifact gc: removed unbound blob %s", sha256)
     return removed

@@ -25,9 +25,12 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, cast
@@ -69,6 +72,12 @@ class ArtifactStore:
         self.root: str = root.rstrip("/") or "/"
         self._local = isinstance(fs, LocalFileSystem)
         fs.makedirs(self.root, exist_ok=True)
+        # Commits and guarded deletes take _lock (never held while an upload streams); pins
+        # mark digests an upload in this process is storing or about to bind (_pin_lock only
+        # guards the counter, so the event loop may take it).
+        self._lock = threading.Lock()
+        self._pin_lock = threading.Lock()
+        self._pins: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
@@ -103,7 +112,56 @@ class ArtifactStore:
         _check_match(sha256, size, buf.digest, buf.size)
         return self._store(buf.path, sha256, move=True)
 
+    @contextmanager
+    def pinned(self, sha256: str) -> Iterator[None]:
+        """Keep :meth:`delete_unbound` off ``sha256`` while an upload stores and binds it.
+
+        An upload pins its digest before it streams and unpins after the artifact record is
+        written (or refused), so another upload of the same bytes that is fenced, or the
+        garbage collector, never deletes a blob between this upload's commit and its binding.
+        """
+        check_digest(sha256)
+        with self._pin_lock:
+            self._pins[sha256] += 1
+        try:
+            yield
+        finally:
+            with self._pin_lock:
+                self._pins[sha256] -= 1
+                if self._pins[sha256] <= 0:
+                    del self._pins[sha256]
+
+    def delete_unbound(
+        self, sha256: str, is_bound: Callable[[str], bool], older_than: float | None = None
+    ) -> bool:
+        """Delete a blob unless an upload pins it, ``is_bound(sha256)``, or (with
+        ``older_than``, a time) it was stored or re-committed after ``older_than``.
+
+        Checked and deleted under the commit lock, so a concurrent commit of the same digest
+        either finds the blob still there (and the checks see its fresh time or pin) or stores
+        it again. Returns whether it was deleted.
+        """
+        with self._lock:
+            with self._pin_lock:
+                if self._pins[sha256] > 0:
+                    return False
+            if older_than is not None and self._modified(sha256) > older_than:
+                return False
+            if is_bound(sha256):
+                return False
+            return self.delete(sha256)
+
+    def _modified(self, sha256: str) -> float:
+        try:
+            return _mtime(self.fs.info(self._path(sha256)))
+        except FileNotFoundError:
+            return 0.0
+
     def _store(self, staged: Path, sha256: str, *, move: bool) -> bool:
+        with self._lock:
+            return self._store_locked(staged, sha256, move=move)
+
+    def _store_locked(self, staged: Path, sha256: str, *, move: bool) -> bool:
         final = self._path(sha256)
         if self.fs.exists(final):
             if self._local:

@@ -1,5 +1,6 @@
 """Build the coordinator's ASGI app: routes, JSON errors, OpenAPI, metrics, the reaper and
-the artifact GC."""
+the artifact GC. The reaper restarts every active lease after a wall-clock step, so that a
+step neither requeues running jobs nor keeps lost ones (the rule: ``clock_steps``)."""
 
 from __future__ import annotations
 

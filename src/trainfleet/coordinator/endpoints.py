@@ -91,7 +91,8 @@ class Param:
             raise BadRequest(f"{what} must be one of {list(self.enum)}, got {raw[:40]!r}")
         if len(raw) > self.max_length:
             raise BadRequest(f"{what} is longer than {self.max_length} characters")
-        if self.pattern and not re.search(self.pattern, raw):
+        # fullmatch: with re.search, "$" would also match before a trailing newline.
+        if self.pattern and not re.fullmatch(self.pattern, raw):
             raise BadRequest(f"{what} {raw[:80]!r} does not match {self.pattern}")
         return raw
 

@@ -6,6 +6,7 @@ Every write after a claim names the claim's epoch; the queue refuses a stale one
 from __future__ import annotations
 
 import errno
+import json
 
 from starlette.requests import ClientDisconnect
 
@@ -41,8 +42,13 @@ def _max_length(model: type[Body], field: str) -> int:
     return int(next(m.max_length for m in metadata if hasattr(m, "max_length")))
 
 
+# A completed attempt's result, serialized: kept with the job and sent with every job listing.
+# The worker reports at most 1 MiB of metrics (worker/result.py), plus its own few fields.
+MAX_RESULT_BYTES = 2 * 1024 * 1024
+
 # What a worker may send per request, told at registration so it chunks and cuts to fit.
 WORKER_LIMITS = {
+    "max_result_bytes": MAX_RESULT_BYTES,
     "max_log_lines": _max_length(LogBody, "lines"),
     "max_log_line_chars": MAX_LOG_LINE_CHARS,
     "max_error_chars": _max_length(FailBody, "error"),
@@ -136,8 +142,8 @@ EPOCH = Param("epoch", "the claim's fencing epoch", "integer", 1, INT64_MAX, req
 SIZE = Param("size", "the artifact's length in bytes", "integer", 0, INT64_MAX, required=True)
 NAME = Param(
     "name",
-    "the artifact's file name (printable, no '/')",
-    pattern=r"^[^/\x00-\x1f\x7f]{1,200}$",
+    "the artifact's file name (printable: no '/', '\\', control or bidi-override characters)",
+    pattern=r"^[^/\\\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]{1,200}$",
     default="outputs.tar.zst",
 )
 
@@ -154,7 +160,8 @@ NAME = Param(
 async def upload(ctx: Ctx) -> ArtifactRecord:
     """Stream the body into staging, counted against the declared size and hashed as it
     arrives; store it (a rename) and bind it to the attempt. A stale epoch found at binding
-    time removes the bytes again unless another record binds the same digest."""
+    time removes the bytes again unless another record binds the same digest or another
+    upload of it (pinned) is still storing or binding it."""
     coord, job_id = ctx.coord, ctx.path("job_id")
     sha256 = check_digest(ctx.path("sha256"))
     epoch, size = ctx.query_int("epoch"), ctx.query_int("size")
@@ -173,6 +180,26 @@ async def upload(ctx: Ctx) -> ArtifactRecord:
         )
     # Refuse a stale claim before reading a possibly large body.
     await ctx.run(coord.queue.check_epoch, job_id, ctx.worker, epoch)
+    refused: ApiError | None = None
+    with coord.store.pinned(sha256):  # no fenced twin nor the GC deletes it before we bind
+        stored = await _stream_and_store(ctx, sha256, size)
+        try:
+            record = await ctx.run(
+                coord.queue.record_artifact, job_id, ctx.worker, epoch, sha256, size, name
+            )
+        except ApiError as err:
+            refused = err
+    if refused is not None:
+        if stored:  # kept while another upload of the same bytes is binding them
+            await ctx.run(coord.store.delete_unbound, sha256, coord.queue.is_bound)
+        raise refused
+    coord.metrics.upload_bytes.inc(size)
+    return record
+
+
+async def _stream_and_store(ctx: Ctx, sha256: str, size: int) -> bool:
+    """Stream the body into staging and commit it; whether the bytes were newly stored."""
+    coord = ctx.coord
     try:
         with IngestBuffer(coord.staging_dir, max_bytes=size) as buf:
             try:
@@ -182,7 +209,8 @@ async def upload(ctx: Ctx) -> ArtifactRecord:
                 raise IntegrityError(
                     f"upload interrupted after {buf.size} of {size} bytes; nothing was stored"
                 ) from None
-            stored = await ctx.run(coord.store.commit_ingested, buf, sha256, size)
+            stored: bool = await ctx.run(coord.store.commit_ingested, buf, sha256, size)
+            return stored
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -190,16 +218,6 @@ async def upload(ctx: Ctx) -> ArtifactRecord:
             f"the coordinator's artifact storage is full ({err.strerror}); nothing was stored,"
             " retry later"
         ) from None
-    try:
-        record = await ctx.run(
-            coord.queue.record_artifact, job_id, ctx.worker, epoch, sha256, size, name
-        )
-    except ApiError:
-        if stored and not await ctx.run(coord.queue.is_bound, sha256):
-            await ctx.run(coord.store.delete, sha256)
-        raise
-    coord.metrics.upload_bytes.inc(size)
-    return record
 
 
 @routes.route(
@@ -213,6 +231,12 @@ async def upload(ctx: Ctx) -> ArtifactRecord:
 async def complete(ctx: Ctx) -> JobRecord:
     body: CompleteBody = ctx.body
     job_id, queue = ctx.path("job_id"), ctx.coord.queue
+    size = len(json.dumps(body.result, ensure_ascii=False).encode())
+    if size > MAX_RESULT_BYTES:
+        raise PayloadTooLarge(
+            f"result of {size} bytes (as JSON) is over the {MAX_RESULT_BYTES}-byte limit",
+            limit_bytes=MAX_RESULT_BYTES,
+        )
     artifact = body.result.get("artifact")
     if artifact is not None:
         bound = await ctx.run(queue.artifacts, job_id)

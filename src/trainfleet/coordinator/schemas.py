@@ -28,7 +28,8 @@ class RegisterResponse(Body):
     limits: dict[str, int] = Field(
         default_factory=dict,
         description="what the coordinator accepts per request (max_log_lines,"
-        " max_log_line_chars, max_error_chars, max_json_bytes): the worker sends no more",
+        " max_log_line_chars, max_error_chars, max_json_bytes, max_result_bytes): the worker"
+        " sends no more",
     )
 
 

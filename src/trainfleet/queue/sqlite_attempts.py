@@ -32,6 +32,7 @@ from trainfleet.queue.base import (
     JobRecord,
     QueueSettings,
 )
+from trainfleet.queue.log_quota import admit_lines
 from trainfleet.queue.matching import blockers
 from trainfleet.queue.scheduling import Candidate, deferrals
 from trainfleet.queue.sqlite_data import check_shards
@@ -193,11 +194,13 @@ def append_log(
 ) -> int:
     row = fenced(conn, job_id, worker_id, epoch)
     now = clock()
+    cut = [line[:MAX_LOG_LINE_CHARS] for line in lines]
+    kept = admit_lines(conn, job_id, row["attempt"], cut, now=now, worker_id=worker_id, epoch=epoch)
     conn.executemany(
         "INSERT INTO logs (job_id, attempt, epoch, at, line) VALUES (?, ?, ?, ?, ?)",
-        [(job_id, row["attempt"], epoch, now, line[:MAX_LOG_LINE_CHARS]) for line in lines],
+        [(job_id, row["attempt"], epoch, now, line) for line in kept],
     )
-    return len(lines)
+    return len(kept)
 
 
 def record_artifact(

@@ -136,6 +136,14 @@ CREATE TABLE IF NOT EXISTS enrollments (
     rotated_at REAL NOT NULL,
     revoked_at REAL
 );
+CREATE TABLE IF NOT EXISTS log_usage (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    lines INTEGER NOT NULL,
+    chars INTEGER NOT NULL,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, attempt)
+);
 """
 
 # Columns added after a table's first release: (table, column, DDL), added when missing.

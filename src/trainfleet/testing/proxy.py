@@ -16,8 +16,10 @@ Everything that passed through is recorded as :class:`Exchange` rows; ``wait_for
 a condition variable until a matching exchange happened, so tests never sleep.
 
 The proxy parses just enough HTTP/1.1 to find request boundaries on a keep-alive connection:
-``Content-Length`` and ``chunked`` bodies both ways, and close-delimited responses. It runs
-on a private asyncio event loop in a daemon thread.
+``Content-Length`` and ``chunked`` bodies both ways, and close-delimited responses. Request
+bodies stream through; each reply is read whole before it is passed on (or withheld). Each
+request gets a fresh connection to the coordinator. Plain HTTP only (no TLS). It runs on a
+private asyncio event loop in a daemon thread.
 """
 
 from __future__ import annotations
@@ -155,12 +157,25 @@ class FaultProxy:
         """Block until ``count`` matching exchanges happened in all; return the last one."""
         return self._wait(self.exchanges, method, path_regex, timeout_s, count, fault)
 
+    def arrived(
+        self, method: str = "*", path_regex: str = "", fault: str | None = None
+    ) -> list[Exchange]:
+        """Requests that reached the proxy so far (``fault="delayed"``: those held)."""
+        with self._lock:
+            return _matching(self.arrivals, method, path_regex, fault)
+
     def wait_arrival(
-        self, method: str, path_regex: str, timeout_s: float = 30.0, *, count: int = 1
+        self,
+        method: str,
+        path_regex: str,
+        timeout_s: float = 30.0,
+        *,
+        count: int = 1,
+        fault: str | None = None,
     ) -> Exchange:
-        """Block until ``count`` matching requests reached the proxy (e.g. a claim now held
-        by a ``delay``); return the last one."""
-        return self._wait(self.arrivals, method, path_regex, timeout_s, count, None)
+        """Block until ``count`` matching requests reached the proxy in all (``fault=
+        "delayed"``: count only those a ``delay`` now holds); return the last one."""
+        return self._wait(self.arrivals, method, path_regex, timeout_s, count, fault)
 
     def _wait(
         self,
@@ -258,24 +273,29 @@ class FaultProxy:
                     return
                 method, target, _ = head[0].split(" ", 2)
                 path = target.split("?", 1)[0]
-                self._record(Exchange(method, path, None), self.arrivals)
                 delayed = self._take("delay", method, path)
+                arrival = Exchange(method, path, None, "delayed" if delayed else None)
+                self._record(arrival, self.arrivals)
                 if delayed is not None:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._closing.wait(), delayed.seconds)
                 if self._partitioned:
                     self._record(Exchange(method, path, None, "partitioned"))
                     return
-                if upstream is None:
-                    upstream = await asyncio.open_connection(*self._upstream)
-                    self._writers.add(upstream[1])
+                # A fresh upstream connection per request: one kept idle through a delay
+                # could be closed by the server's keep-alive timeout, a fault nobody asked for.
+                upstream = await asyncio.open_connection(*self._upstream)
                 up_reader, up_writer = upstream
+                self._writers.add(up_writer)
                 up_writer.write(_encode_head(head))
                 await _relay_body(reader, up_writer, _headers(head))
                 await up_writer.drain()
                 reply_head = await _read_head(up_reader)
                 body = await _read_reply_body(up_reader, reply_head, method)
                 status = int(reply_head[0].split(" ", 2)[1])
+                self._writers.discard(up_writer)
+                up_writer.close()
+                upstream = None
                 if self._take("drop", method, path) is not None:
                     self._record(Exchange(method, path, status, "dropped"))
                     return  # the server committed; the worker never hears of it

@@ -91,6 +91,29 @@ class WorkerHandle:
         """Ask the daemon to stop gracefully (it hands its job back)."""
         self.send_signal(signal.SIGTERM)
 
+    def sigterm_during(
+        self,
+        method: str = "POST",
+        path_regex: str = r"/claim$",
+        *,
+        hold_s: float = 1.0,
+        timeout_s: float = 30.0,
+    ) -> None:
+        """SIGTERM the daemon while its next matching request (default: a claim) is in
+        flight: the proxy holds it ``hold_s``, the signal lands meanwhile, then the request
+        goes on to the coordinator (which commits it) and the reply back to a stopping
+        worker. ``AssertionError`` if no such request came within ``timeout_s``."""
+        if self.proxy is None:
+            raise RuntimeError(f"worker {self.host} was started with proxy=False")
+        held = len(self.proxy.arrived(method, path_regex, fault="delayed"))
+        self.proxy.delay(method, path_regex, seconds=hold_s, times=1)
+        try:
+            self.proxy.wait_arrival(method, path_regex, timeout_s, count=held + 1, fault="delayed")
+        except AssertionError:
+            self.proxy.clear()
+            raise
+        self.sigterm()
+
     def fill_disk(self) -> int:
         """Fill the worker's workdir filesystem (ENOSPC from now on); bytes written."""
         if self.disk is None:

@@ -99,7 +99,7 @@ class Worker:
         answer = self.reporter.send(
             "register",
             lambda: self.client.register(cap.model_dump(mode="json")),
-            # fatal=(UntrustedCertificate,),
+            fatal=(UntrustedCertificate,),
         )
         if answer.outcome == "unreachable":
             return False
