@@ -65,7 +65,8 @@ class Chaos:
         self.unexpected_exits = 0
         self.workers: list[WorkerHandle] = [self._start(slot) for slot in range(num_workers)]
         self.faults: dict[str, Callable[[], bool]] = {
-            "drop_claim_reply": lambda: self._drop("POST", r"/claim$", busy=False),
+            # any worker: an idle one claims within its poll interval, a busy one after its job
+            "drop_claim_reply": lambda: self._drop("POST", r"/claim$", busy=None),
             "drop_heartbeat_reply": lambda: self._drop("POST", r"/heartbeat$", busy=True),
             "drop_complete_reply": lambda: self._drop("POST", r"/complete$", busy=True),
             "drop_upload_reply": lambda: self._drop("PUT", r"/artifacts/", busy=True),
@@ -133,7 +134,9 @@ class Chaos:
         (self.injected if took else self.missed)[name] += 1
         return took
 
-    def _drop(self, method: str, path: str, busy: bool, kinds: set[str] | None = None) -> bool:
+    def _drop(
+        self, method: str, path: str, busy: bool | None, kinds: set[str] | None = None
+    ) -> bool:
         worker = self._pick(busy, kinds)
         if worker is None or worker.proxy is None:
             return False

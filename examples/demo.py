@@ -9,7 +9,8 @@
    `cpu-b` take different slices of the sweep through their allow lists;
 3. loads examples/fleet.toml with `trainfleet reload` (a sweep of built-in `train` jobs and
    one `command` job), shows progress until every job is done, prints the results;
-4. stops the workers with SIGTERM (they deregister) and then the coordinator.
+4. stops the workers with SIGTERM (they deregister) and then the coordinator. Ctrl-C at
+   any point stops them the same way: each worker hands back its running job.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A self-signed certificate for 127.0.0.1/localhost, and a TLS server that presents it.
 
-``self_signed`` is the helper of ``tests/e2e/test_identity_e2e.py``, shared here so unit
-tests can make a real TLS handshake fail without a coordinator process.
+Shared by the TLS end-to-end tests (a worker joining over https) and the unit tests that make
+a real TLS handshake fail without a coordinator process.
 """
 
 from __future__ import annotations

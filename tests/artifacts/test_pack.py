@@ -251,3 +251,76 @@ def test_unpack_bounds_total_size_and_member_count(tmp_path: Path) -> None:
         unpack(tmp_path / "a.tar.zst", tmp_path / "d2", max_bytes=5000)
     assert list((tmp_path / "d1").iterdir()) == list((tmp_path / "d2").iterdir()) == []
     assert len(unpack(tmp_path / "a.tar.zst", tmp_path / "d3", max_members=20)) == 20
+
+
+def directory(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
+@pytest.mark.parametrize(
+    ("members", "match"),
+    [
+        ([regular("a"), regular("a")], "duplicate name"),
+        ([regular("a"), regular("./a")], "duplicate name"),
+        ([directory("a"), regular("a")], "duplicate name"),
+        ([regular("a"), directory("a")], "duplicate name"),
+        ([regular("a"), regular("a/b")], "'a' is a file"),
+        ([regular(".")], "not a file name"),
+        ([regular("d/" + "n" * 300)], "cannot be written"),  # over NAME_MAX
+    ],
+    ids=[
+        "twice",
+        "dot-slash-twice",
+        "dir-then-file",
+        "file-then-dir",
+        "through-a-file",
+        "dot",
+        "name-too-long",
+    ],
+)
+def test_clashing_or_unwritable_members_are_an_integrity_error(
+    tmp_path: Path, members: list[tarfile.TarInfo], match: str
+) -> None:
+    """Never a raw OSError half-way (the CLI would print a traceback), never an earlier
+    member silently overwritten, and nothing left behind."""
+    archive = tmp_path / "bad.tar.zst"
+    malicious_archive(archive, members)
+    dest = tmp_path / "dest"
+    with pytest.raises(IntegrityError, match=match):
+        unpack(archive, dest)
+    assert list(dest.iterdir()) == []
+
+
+def test_a_destination_entry_in_the_way_is_an_integrity_error(tmp_path: Path) -> None:
+    archive = tmp_path / "a.tar.zst"
+    malicious_archive(archive, [regular("taken")])
+    dest = tmp_path / "dest"
+    (dest / "taken").mkdir(parents=True)
+    with pytest.raises(IntegrityError, match="cannot be written"):
+        unpack(archive, dest)
+    assert [p.name for p in dest.iterdir()] == ["taken"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_an_oversized_extended_header_is_refused_before_it_is_read(
+    tmp_path: Path, fmt: int
+) -> None:
+    """tarfile reads a pax header or a GNU long name whole into memory: one of gigabytes
+    (incompressible, so the ratio bound never fires) would exhaust the downloader's memory."""
+    info = tarfile.TarInfo("d/" + "n" * 2_000_000)  # a long name: a pax or GNU header
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        tar.addfile(info, io.BytesIO(b""))
+    archive = tmp_path / "big-header.tar.zst"
+    archive.write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
+    with pytest.raises(IntegrityError, match="extended header of"):
+        unpack(archive, tmp_path / "dest")
+
+
+def test_a_long_path_still_round_trips(tmp_path: Path) -> None:
+    deep = "/".join(["segment-of-a-long-path"] * 20) + "/file.txt"  # pax path record
+    write_tree(tmp_path / "src", {deep: b"deep"})
+    pack_dir(tmp_path / "src", tmp_path / "out.tar.zst")
+    assert unpack(tmp_path / "out.tar.zst", tmp_path / "dest") == [deep]

@@ -10,16 +10,22 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from test_api import OP, SWEEP, Api, Worker, assert_error
+from test_api import OP, SWEEP, Api, Worker, assert_error, serve
 from test_api_limits import asgi, upload_path
 
+from fleetkit import FakeClock
 from trainfleet.artifacts import IngestBuffer
 from trainfleet.artifacts.gc import collect_garbage
-from trainfleet.coordinator.routes_worker import MAX_RESULT_BYTES, WORKER_LIMITS
+from trainfleet.coordinator.routes_worker import (
+    MAX_ARTIFACTS_PER_ATTEMPT,
+    MAX_RESULT_BYTES,
+    WORKER_LIMITS,
+)
 from trainfleet.queue import log_quota
 from trainfleet.queue.sqlite_attempts import MAX_LOG_LINE_CHARS
 
@@ -232,3 +238,48 @@ def test_the_log_quota_counts_characters_and_is_per_attempt(
     claim = api.claim(worker)
     assert claim["attempt"] == 2
     assert send_lines(api, worker, job_id, claim["epoch"], ["fresh"]) == 1
+
+
+# artifact floods ------------------------------------------------------------------------------
+
+
+def test_an_attempt_keeps_at_most_a_few_distinct_artifacts(
+    api: Api, running: tuple[Worker, str]
+) -> None:
+    worker, job_id = running
+    for i in range(MAX_ARTIFACTS_PER_ATTEMPT):
+        assert api.upload(worker, job_id, 1, f"archive {i}".encode()).status_code == 200
+    assert api.upload(worker, job_id, 1, b"archive 0").status_code == 200  # a retry: idempotent
+    body = assert_error(api.upload(worker, job_id, 1, b"one too many"), 409, "conflict")
+    assert "at most" in body["message"]
+    assert not api.coord.store.exists(hashlib.sha256(b"one too many").hexdigest())
+    assert len(api.coord.queue.artifacts(job_id)) == MAX_ARTIFACTS_PER_ATTEMPT
+
+
+def test_an_attempts_artifacts_share_one_uploads_byte_limit(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    with serve(tmp_path, clock, max_upload_bytes=100) as api:
+        worker, job_id = api.claimed()
+        assert api.upload(worker, job_id, 1, b"a" * 60).status_code == 200
+        assert_error(api.upload(worker, job_id, 1, b"b" * 60), 413, "payload_too_large")
+        assert api.upload(worker, job_id, 1, b"c" * 40).status_code == 200
+
+
+@pytest.mark.parametrize("metrics", ['"a string"', "[1, 2]", "3"])
+def test_result_metrics_must_be_an_object(
+    api: Api, running: tuple[Worker, str], metrics: str
+) -> None:
+    """``trainfleet list`` reads ``result.metrics`` as an object of named values."""
+    worker, job_id = running
+    raw = f'{{"epoch": 1, "result": {{"metrics": {metrics}}}}}'.encode()
+    body = assert_error(post(api, worker, f"/v1/jobs/{job_id}/complete", raw), 400, "bad_request")
+    assert "metrics" in body["message"]
+    assert api.job(job_id)["job"]["state"] == "running"
+
+
+def test_an_integer_too_long_to_parse_is_a_400(api: Api, running: tuple[Worker, str]) -> None:
+    worker, job_id = running
+    raw = b'{"epoch": 1, "result": {"metrics": {"loss": ' + b"9" * 5000 + b"}}}"
+    body = assert_error(post(api, worker, f"/v1/jobs/{job_id}/complete", raw), 400, "bad_request")
+    assert "not valid JSON" in body["message"]

@@ -15,6 +15,7 @@ is refused after writing at most the floor, never its full expansion.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -34,6 +35,30 @@ MAX_UNPACK_BYTES = 64 * 1024**3  # decompressed tar stream, headers included
 MAX_MEMBERS = 100_000
 MAX_RATIO = 1000  # decompressed / compressed bytes
 RATIO_FLOOR_BYTES = 64 * 1024**2  # small archives may compress better than MAX_RATIO
+# Writing a member failed because of its name or a clash with what DEST already holds.
+_UNWRITABLE = (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.EINVAL)
+
+
+MAX_HEADER_BYTES = 1024 * 1024  # a pax or GNU long-name header (pack_dir's: a path or two)
+_HEADER_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """A member header that refuses an extended header (pax records, a GNU long name) over
+    ``MAX_HEADER_BYTES`` before tarfile reads it whole into memory."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
+            raise IntegrityError(
+                f"unsafe archive: an extended header of {self.size} bytes (over {MAX_HEADER_BYTES})"
+            )
+        return super()._proc_member(tar)  # type: ignore[misc]
 
 
 class _Bounded:
@@ -148,9 +173,11 @@ def unpack(
             tarfile.open(
                 fileobj=cast(BinaryIO, _Bounded(reader, raw, str(archive), max_bytes, max_ratio)),
                 mode="r|",
+                tarinfo=_BoundedInfo,
             ) as tar,
         ):
             declared = 0
+            seen: dict[str, bool] = {}  # normalized member name -> is a directory
             for count, member in enumerate(tar, start=1):
                 declared += member.size
                 if count > max_members:
@@ -160,11 +187,20 @@ def unpack(
                         f"cannot unpack {archive}: its files declare over {max_bytes} bytes"
                     )
                 target = _check_member(member, root)
+                _check_unique(member, seen)
                 for path in [*reversed(target.parents), target]:
                     if root in path.parents and not path.exists():
                         created.append(path)
                 # The data filter repeats our checks and clears setuid and group/other write.
-                tar.extract(member, root, filter="data")
+                try:
+                    tar.extract(member, root, filter="data")
+                except OSError as err:
+                    if err.errno not in _UNWRITABLE:
+                        raise  # the destination's own trouble (a full disk): not the archive's
+                    raise IntegrityError(
+                        f"cannot unpack {os.fspath(archive)}: member {member.name!r} cannot be"
+                        f" written in {root}: {err.strerror}"
+                    ) from None
                 if member.isfile():
                     files.append(member.name)
     except (tarfile.TarError, zstandard.ZstdError) as e:
@@ -192,13 +228,30 @@ def _check_member(member: tarfile.TarInfo, root: Path) -> Path:
     return target
 
 
+def _check_unique(member: tarfile.TarInfo, seen: dict[str, bool]) -> None:
+    """Refuse a member named twice (``a`` and ``./a`` too), a file named ``.``, or a path
+    through a member that is a file: :func:`pack_dir` writes none of these, and extracting
+    them would overwrite earlier members or fail half-way."""
+    key = PurePosixPath(member.name).as_posix()
+    if key == "." and not member.isdir():
+        raise IntegrityError(f"unsafe archive member {member.name!r}: not a file name")
+    if key in seen:
+        raise IntegrityError(f"unsafe archive member {member.name!r}: duplicate name")
+    for parent in PurePosixPath(key).parents:
+        if seen.get(parent.as_posix()) is False:
+            raise IntegrityError(
+                f"unsafe archive member {member.name!r}: {parent.as_posix()!r} is a file"
+            )
+    seen[key] = member.isdir()
+
+
 def _remove(created: list[Path]) -> None:
     """Undo a partial extraction: delete what was created, deepest first."""
     for path in reversed(created):
-        if path.is_dir() and not path.is_symlink():
-            try:
+        try:
+            if path.is_dir() and not path.is_symlink():
                 path.rmdir()
-            except OSError:
-                logger.warning("unpack: could not remove %s after refusal", path)
-        else:
-            path.unlink(missing_ok=True)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            logger.warning("unpack: could not remove %s after refusal", path)

@@ -152,7 +152,7 @@ def parse_json(raw: bytes, limit: int = MAX_DEPTH) -> Any:
         raise BadRequest(f"request body nests deeper than {limit} levels")
     try:
         value = json.loads(raw or b"{}", parse_constant=_not_json)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an int of >4300 digits
         raise BadRequest(f"request body is not valid JSON: {err}") from None
     except RecursionError:  # unreachable after the scan; kept as a last line of defence
         raise BadRequest(f"request body nests deeper than {limit} levels") from None

@@ -24,9 +24,11 @@ from trainfleet.coordinator.schemas import (
     RegisterRequest,
     RegisterResponse,
 )
+from trainfleet.coordinator.state import Coordinator
 from trainfleet.errors import (
     ApiError,
     BadRequest,
+    Conflict,
     InsufficientStorage,
     IntegrityError,
     PayloadTooLarge,
@@ -45,6 +47,8 @@ def _max_length(model: type[Body], field: str) -> int:
 # A completed attempt's result, serialized: kept with the job and sent with every job listing.
 # The worker reports at most 1 MiB of metrics (worker/result.py), plus its own few fields.
 MAX_RESULT_BYTES = 2 * 1024 * 1024
+
+MAX_ARTIFACTS_PER_ATTEMPT = 4  # the worker uploads one archive per attempt
 
 # What a worker may send per request, told at registration so it chunks and cuts to fit.
 WORKER_LIMITS = {
@@ -178,8 +182,9 @@ async def upload(ctx: Ctx) -> ArtifactRecord:
             f"the body's Content-Length {declared[:40]!r} is not the declared size {size}",
             expected_size=size,
         )
-    # Refuse a stale claim before reading a possibly large body.
+    # Refuse a stale claim, or one over its artifact quota, before reading a large body.
     await ctx.run(coord.queue.check_epoch, job_id, ctx.worker, epoch)
+    _check_quota(await ctx.run(coord.queue.artifacts, job_id), epoch, sha256, size, coord)
     refused: ApiError | None = None
     with coord.store.pinned(sha256):  # no fenced twin nor the GC deletes it before we bind
         stored = await _stream_and_store(ctx, sha256, size)
@@ -195,6 +200,29 @@ async def upload(ctx: Ctx) -> ArtifactRecord:
         raise refused
     coord.metrics.upload_bytes.inc(size)
     return record
+
+
+def _check_quota(
+    records: list[ArtifactRecord], epoch: int, sha256: str, size: int, coord: Coordinator
+) -> None:
+    """An attempt uploads one archive (again, with the same digest, when a reply was lost):
+    refuse more than ``MAX_ARTIFACTS_PER_ATTEMPT`` distinct ones, or more bytes in all than
+    one upload may have, so a worker holding a claim cannot fill the coordinator's disk."""
+    mine = [r for r in records if r.epoch == epoch]
+    if any(r.sha256 == sha256 for r in mine):
+        return  # the same upload again: idempotent
+    if len(mine) >= MAX_ARTIFACTS_PER_ATTEMPT:
+        raise Conflict(
+            f"this attempt already uploaded {len(mine)} artifacts; at most"
+            f" {MAX_ARTIFACTS_PER_ATTEMPT} are kept per attempt"
+        )
+    used = sum(r.size for r in mine)
+    if used + size > coord.max_upload_bytes:
+        raise PayloadTooLarge(
+            f"this attempt's artifacts would total {used + size} bytes, over the"
+            f" {coord.max_upload_bytes}-byte limit of one attempt",
+            limit_bytes=coord.max_upload_bytes,
+        )
 
 
 async def _stream_and_store(ctx: Ctx, sha256: str, size: int) -> bool:
@@ -236,6 +264,11 @@ async def complete(ctx: Ctx) -> JobRecord:
         raise PayloadTooLarge(
             f"result of {size} bytes (as JSON) is over the {MAX_RESULT_BYTES}-byte limit",
             limit_bytes=MAX_RESULT_BYTES,
+        )
+    metrics = body.result.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise BadRequest(
+            f"result.metrics must be a JSON object of named metrics, not {type(metrics).__name__}"
         )
     artifact = body.result.get("artifact")
     if artifact is not None:
