@@ -3,12 +3,13 @@
     python examples/demo.py            (what `make demo` runs)
 
 1. starts a coordinator (`trainfleet serve`, SQLite + local artifact directory in .demo/);
-2. enrolls three hosts (`trainfleet hosts enroll NAME --token-file F`: a join token bound to
+2. loads examples/fleet.toml with `trainfleet reload` (a sweep of built-in `train` jobs, one
+   `command` job and two jobs on the routed paths of a synthetic dataset spec);
+3. enrolls three hosts (`trainfleet hosts enroll NAME --token-file F`: a join token bound to
    each name) and starts a worker on each (`trainfleet join URL --token-file F`): `gpu-box`
    declares a GPU that detection does not find (so it is corrected to CPU-only), `cpu-a` and
-   `cpu-b` take different slices of the sweep through their allow lists;
-3. loads examples/fleet.toml with `trainfleet reload` (a sweep of built-in `train` jobs and
-   one `command` job), shows progress until every job is done, prints the results;
+   `cpu-b` take different slices of the sweep through their allow lists; then shows progress
+   until every job is done and prints the results;
 4. stops the workers with SIGTERM (they deregister) and then the coordinator. Ctrl-C at
    any point stops them the same way: each worker hands back its running job.
 """

@@ -62,8 +62,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFleet]:
 
 @pytest.fixture(scope="module")
 def worker(fleet: LiveFleet) -> Iterator[Client]:
+    cap = make_cap("fuzz-host", cuda=True, vram_gib=8).model_dump(mode="json")
+    hostile = {**cap, "hostname": "[/]\x1b[31mbox\x07", "gpu_names": ["[link=x]\x1b]8;;u\x07"]}
     with Client(fleet.url, fleet.worker_token("fuzz-host")) as joiner:
-        token = joiner.register(make_cap("fuzz-host").model_dump(mode="json"))["token"]
+        try:  # what a worker says about itself is shown too, if the coordinator takes it
+            token = joiner.register(hostile)["token"]
+        except ApiError:
+            token = joiner.register(cap)["token"]
     with Client(fleet.url, token) as client:
         yield client
 

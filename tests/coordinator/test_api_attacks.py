@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -16,16 +17,17 @@ from typing import Any
 import httpx
 import pytest
 from test_api import OP, SWEEP, Api, Worker, assert_error, serve
-from test_api_limits import asgi, upload_path
+from test_api_limits import Pulled, asgi, upload_path
 
 from fleetkit import FakeClock
-from trainfleet.artifacts import IngestBuffer
+from trainfleet.artifacts import IngestBuffer, space
 from trainfleet.artifacts.gc import collect_garbage
 from trainfleet.coordinator.routes_worker import (
     MAX_ARTIFACTS_PER_ATTEMPT,
     MAX_RESULT_BYTES,
     WORKER_LIMITS,
 )
+from trainfleet.errors import InsufficientStorage
 from trainfleet.queue import log_quota
 from trainfleet.queue.sqlite_attempts import MAX_LOG_LINE_CHARS
 
@@ -283,3 +285,35 @@ def test_an_integer_too_long_to_parse_is_a_400(api: Api, running: tuple[Worker, 
     raw = b'{"epoch": 1, "result": {"metrics": {"loss": ' + b"9" * 5000 + b"}}}"
     body = assert_error(post(api, worker, f"/v1/jobs/{job_id}/complete", raw), 400, "bad_request")
     assert "not valid JSON" in body["message"]
+
+
+def fake_free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda _: usage._replace(free=free))
+
+
+def test_an_upload_that_would_eat_the_databases_margin_is_a_507_unread(
+    api: Api, running: tuple[Worker, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker, job_id = running
+    fake_free(monkeypatch, space.KEEP_FREE_BYTES + 5000)
+    body = Pulled(10, b"x" * 1000)
+    r = asgi(api, "PUT", upload_path(job_id, "a" * 64), content=body,
+             params={"epoch": 1, "size": 10_000}, headers=worker.auth)  # fmt: skip
+    assert "retry later" in assert_error(r, 507, "insufficient_storage")["message"]
+    assert body.pulled == 0
+    assert list(api.coord.staging_dir.iterdir()) == []
+    assert api.upload(worker, job_id, 1, b"x" * 4000).status_code == 200  # this one fits
+
+
+def test_uploads_in_flight_reserve_their_declared_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_free(monkeypatch, space.KEEP_FREE_BYTES + 1000)
+    with space.reserve(tmp_path, 600):
+        with pytest.raises(InsufficientStorage), space.reserve(tmp_path, 600):
+            pass
+        with space.reserve(tmp_path, 400):
+            pass
+    with space.reserve(tmp_path, 1000):
+        pass

@@ -252,3 +252,70 @@ def test_the_cli_checks_host_names_and_lists_a_revoked_worker_as_revoked(fleet: 
     table = fleet.cli("workers", check=True).stdout
     assert "revoked" in table and "online" in table
     assert worker.proc.poll() is None  # one worker revoked alone: the machine is not locked out
+
+
+# What `serve` prints, followed as printed ----------------------------------------------
+
+
+def cli_in(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``trainfleet ARGS`` in ``cwd``, as a user's shell there would run it (no TRAINFLEET_*)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
+    return subprocess.run(
+        [sys.executable, "-m", "trainfleet.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=clean,
+        cwd=cwd,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_serve_prints_commands_that_work_as_printed_and_join_names_its_token_and_host(
+    tmp_path: Path,
+) -> None:
+    # Every interface, a port and a state dir other than the defaults: the printed enroll
+    # command must carry --url and --state-dir, and the join command a reachable address.
+    port, log = free_port(), tmp_path / "serve.log"
+    serve_args = ["--host", "0.0.0.0", "--port", str(port), "--state-dir", "state"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "trainfleet.cli.main", "serve", *serve_args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=clean,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        printed = wait_until(
+            lambda: "trainfleet join" in (text := log.read_text()) and text, 60, "serve's hints"
+        )
+        enroll = next(line for line in printed.splitlines() if "trainfleet hosts enroll" in line)
+        join = next(line for line in printed.splitlines() if "trainfleet join" in line)
+        assert "0.0.0.0" not in join and f":{port} " in join, printed
+        assert "in another shell, in this directory" in printed
+        # The enroll command, run as printed, in another shell in the same directory.
+        words = enroll.replace("NAME", "cpu-a").split()
+        assert words[:3] == ["trainfleet", "hosts", "enroll"]
+        enrolled = cli_in(tmp_path, *words[1:])
+        assert enrolled.returncode == 0, (enroll, enrolled.stderr)
+        url, work = (
+            f"http://127.0.0.1:{port}",
+            ("--workdir", str(tmp_path / "w"), "--max-jobs", "0"),
+        )
+        # No --host: the name comes from the token, and every log line says so.
+        joined = cli_in(tmp_path, "join", url, "--token-file", "cpu-a.token", *work)
+        assert joined.returncode == 0, joined.stderr
+        assert "[worker cpu-a] registered as" in joined.stderr, joined.stderr
+        assert f"[worker {os.uname().nodename}]" not in joined.stderr
+        # No token given: join says it tries the state dir's shared token, and the
+        # coordinator (enrolled hosts only) refuses it in one clear message.
+        shared = cli_in(tmp_path, "join", url, "--state-dir", "state", *work)
+        assert shared.returncode == 1 and "Traceback" not in shared.stderr
+        said = f"no --token-file or {env.JOIN_TOKEN}: trying the shared open-mode join token in"
+        assert said in shared.stderr and "shared join token is refused" in shared.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

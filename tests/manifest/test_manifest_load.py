@@ -3,6 +3,7 @@ job and field, and all of them are reported at once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,50 @@ def test_wrong_type_names_job_and_field():
 
 def test_invalid_host_name_is_a_manifest_error():
     problem = only_problem('[hosts."bad name"]\ncuda = false\n')
-    assert problem.startswith("hosts.'bad name': invalid name")
+    assert problem.startswith("hosts.'bad name': not a host name that can be enrolled")
+
+
+UNENROLLABLE = ["open:x", "h" * 64, "open:" + "h" * 58, "-lead", "gpu\u2010box"]
+
+
+@pytest.mark.parametrize("name", UNENROLLABLE)
+def test_a_host_that_cannot_be_enrolled_is_refused_where_it_is_named(name: str):
+    """``open:x`` in allowed_hosts would pin a job to any open-mode worker that calls itself x;
+    a [hosts.NAME] longer than an enrollment allows could never apply. Both are errors that
+    name the key, judged by the capability model's one host-name policy."""
+    from trainfleet.capability.model import is_host_name
+
+    assert not is_host_name(name)
+    toml_name = json.dumps(name)
+    rule = "not a host name that can be enrolled (1-63 of letters, digits"
+    job = only_problem(f'[[jobs]]\nname = "a"\nallowed_hosts = ["ok", {toml_name}]\n')
+    assert job.startswith(f"jobs[0] ('a').allowed_hosts[1]: {name!r} is {rule}"), job
+    inherited = f'[defaults]\nallowed_hosts = [{toml_name}]\n[[jobs]]\nname = "a"\n'
+    defaults = only_problem(inherited + '[[jobs]]\nname = "b"\n')  # once, not per job
+    assert defaults.startswith(f"defaults.allowed_hosts[0]: {name!r} is {rule}"), defaults
+    host = only_problem(f"[hosts.{toml_name}]\ncores = 1\n")
+    assert host.startswith(f"hosts.{name!r}: {rule}"), host
+
+
+def test_the_longest_enrollable_host_name_is_accepted():
+    name = "h" * 63
+    manifest = parse_manifest(
+        f'[hosts.{name}]\ncores = 1\n[[jobs]]\nname = "a"\nallowed_hosts = ["{name}"]\n'
+    )
+    assert list(manifest.hosts) == [name] and manifest.jobs[0].allowed_hosts == [name]
+
+
+def test_a_spec_stored_with_an_unenrollable_host_still_reads():
+    """A queue database from a release that took any string keeps working: the name is read
+    as stored (it matches no worker), while a manifest may no longer give it."""
+    from pydantic import ValidationError
+
+    from trainfleet.manifest.spec import JobSpec
+
+    stored = JobSpec.model_validate_json('{"name": "a", "allowed_hosts": ["open:x"]}')
+    assert stored.allowed_hosts == ["open:x"]
+    with pytest.raises(ValidationError, match="can be enrolled"):
+        JobSpec.model_validate({"name": "a", "allowed_hosts": ["open:x"]})
 
 
 def test_duplicate_job_names_mention_both_indexes():

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from fleetkit import make_cap, manifest_of
+from fleetkit import FakeClock, make_cap, manifest_of
 from trainfleet.cli import fleet as fleet_cli
 from trainfleet.errors import (
     BadRequest,
@@ -92,7 +92,8 @@ def test_revoking_requeues_without_charging_the_job(queue: JobQueue) -> None:
 def test_rotation_invalidates_the_old_token_only(queue: JobQueue) -> None:
     old = queue.enroll_host("cpu-a")
     worker, credential = queue.register_enrolled(make_cap("cpu-a"), old)
-    new = queue.rotate_host("cpu-a")
+    new, requeued = queue.rotate_host("cpu-a")
+    assert requeued == []
     with pytest.raises(Unauthorized):
         queue.authenticate_host(old)
     assert queue.authenticate_host(new) == "cpu-a"
@@ -102,6 +103,41 @@ def test_rotation_invalidates_the_old_token_only(queue: JobQueue) -> None:
         queue.authenticate_worker(credential)
     hosts = queue.list_hosts()
     assert [(h.name, h.state, h.workers_online) for h in hosts] == [("cpu-a", "active", 0)]
+
+
+def test_rotating_with_revoke_workers_returns_the_jobs_it_requeued(queue: JobQueue) -> None:
+    """As revoke does: the coordinator counts them in its requeue metric and the CLI lists
+    them, so a job put back by ``rotate --revoke-workers`` is never silent."""
+    queue.apply_manifest(manifest_of(ONE_JOB))
+    worker, _ = queue.register_enrolled(make_cap("cpu-a"), queue.enroll_host("cpu-a"))
+    claim = queue.claim(worker.id)
+    assert claim is not None
+    _, kept = queue.rotate_host("cpu-a")  # the workers keep going: nothing requeued
+    assert kept == [] and queue.get_job("solo").state == "claimed"
+    token, requeued = queue.rotate_host("cpu-a", revoke_workers=True)
+    assert [(j.name, j.state, j.epoch) for j in requeued] == [("solo", "pending", claim.epoch + 1)]
+    assert queue.events(claim.job.id)[-1].kind == "revoked"
+    assert queue.authenticate_host(token) == "cpu-a"
+
+
+def test_hosts_count_online_workers_by_the_workers_rule(queue: JobQueue, clock: FakeClock) -> None:
+    """A worker unseen for ``offline_after_s`` is offline in ``list_workers``; ``list_hosts``
+    agrees rather than counting its stored 'online'."""
+    token = queue.enroll_host("cpu-a")
+    quiet, _ = queue.register_enrolled(make_cap("cpu-a"), token)
+    clock.advance(queue.settings.offline_after_s / 2)
+    busy, _ = queue.register_enrolled(make_cap("cpu-a"), token)
+
+    def online() -> tuple[int, int]:
+        by_workers = sum(w.state == "online" for w in queue.list_workers() if w.host == "cpu-a")
+        return by_workers, queue.list_hosts()[0].workers_online
+
+    assert online() == (2, 2)
+    clock.advance(queue.settings.offline_after_s / 2 + 1)  # quiet: unseen for longer
+    assert online() == (1, 1)
+    assert {w.id: w.state for w in queue.list_workers()} == {quiet.id: "offline", busy.id: "online"}
+    clock.advance(queue.settings.offline_after_s)
+    assert online() == (0, 0)
 
 
 def test_an_open_host_never_gets_a_policy_or_an_enrolled_name(queue: JobQueue) -> None:

@@ -154,12 +154,14 @@ def unpack(
 
     Refuses, with :class:`IntegrityError`, an archive that is corrupt or holds an absolute
     path, a ``..`` component, a path that would resolve outside ``dest_dir``, a symlink, a
-    hard link or a device/fifo. Members are checked one by one as the archive streams; on
-    refusal, every file and directory this call created is removed again (files it
-    overwrote stay overwritten), and nothing is ever written outside ``dest_dir``. Also
-    refused: more than ``max_members`` members, files declaring more than ``max_bytes`` in
-    all, or a stream that decompresses past ``max_bytes`` or ``max_ratio`` times its
-    compressed size (checked while it streams).
+    hard link, a device/fifo, a name given twice or one that passes through a file member,
+    an extended header over ``MAX_HEADER_BYTES``, or a member that cannot be written there
+    (a name too long, a directory in the way). Members are checked one by one as the
+    archive streams; on refusal, every file and directory this call created is removed
+    again (files it overwrote stay overwritten), and nothing is ever written outside
+    ``dest_dir``. Also refused: more than ``max_members`` members, files declaring more
+    than ``max_bytes`` in all, or a stream that decompresses past ``max_bytes`` or
+    ``max_ratio`` times its compressed size (checked while it streams).
     """
     root = Path(dest_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -140,6 +140,8 @@ def rotate(
     with errors(), client(url, token, state_dir, ca_cert) as c:
         reply = c.rotate_host(name, revoke_workers=revoke_workers)
     _hand_over(reply, token_file, url, "rotated")
+    for job in reply.get("requeued", []):  # stderr: stdout is the token alone
+        err_console.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)
 
 
 @hosts_app.command("revoke")

@@ -40,6 +40,7 @@ from trainfleet.cli.common import safe_stdio as _safe_stdio
 from trainfleet.cli.common import setup_logging as _setup_logging
 from trainfleet.cli.data import app as data_app
 from trainfleet.cli.fleet import hosts_app, workers_app
+from trainfleet.cli.hints import WorkerTag, serve_hints
 from trainfleet.client import Client
 
 app = typer.Typer(
@@ -171,20 +172,15 @@ def serve(
             )
             for warning in plan.warnings:
                 err_console.print(f"warning: {warning}", markup=False, highlight=False)
-        base = f"{'https' if tls else 'http'}://{host}:{port}"
-        ca = " --ca-cert CA.pem" if tls else ""
-        lines = [
-            f"coordinator on {base}  (state: {state_dir}; operator token in"
-            f" {state_dir / 'operator.token'})",
-            f"enroll a host:  trainfleet hosts enroll NAME --token-file NAME.token{ca}",
-            f"then on it:     trainfleet join {base} --token-file NAME.token{ca}",
-        ]
-        if open_join:
-            lines.append(
-                f"open join is ON: the shared token in {state_dir / 'join.token'} admits anyone,"
-                " as a new policy-less host open:NAME"
-            )
-        err_console.print("\n".join(lines), highlight=False, markup=False)
+        lines = serve_hints(
+            host=host,
+            port=port,
+            tls=tls is not None,
+            state_dir=state_dir,
+            default_state_dir=DEFAULT_STATE,
+            open_join=open_join,
+        )
+        err_console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
         run_server(coord, host, port, tls)
 
 
@@ -299,6 +295,15 @@ def join(
     shared = state_dir / "join.token"  # on the coordinator's machine, in open mode
     if join_token is None and shared.exists():
         join_token = _secret(shared, env.JOIN_TOKEN)
+        # Said, not silent: outside open mode the coordinator refuses it, and the refusal
+        # must not be about a token the user never gave.
+        err_console.print(
+            f"no --token-file or {env.JOIN_TOKEN}: trying the shared open-mode join token"
+            f" in {shared}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     if join_token is None:
         _fail(
             f"no join token: pass --token-file PATH or set {env.JOIN_TOKEN} (the operator"
@@ -306,7 +311,11 @@ def join(
         )
     if ca_cert is not None and not ca_cert.is_file():
         _fail(f"cannot read {ca_cert}", 2)
-    _setup_logging(log_level, f"[worker {host or os.uname().nodename}] ")
+    # Each line names the host the worker registered as (the token decides it), not this
+    # machine's hostname.
+    _setup_logging(log_level, "[%(worker_tag)s] ")
+    tag = WorkerTag(host)
+    tag.install()
     worker = Worker(
         WorkerConfig(
             url=url,
@@ -327,6 +336,7 @@ def join(
         ),
         client_factory=lambda tok: Client(url, tok, ca_cert=ca_cert),
     )
+    tag.registration = lambda: worker.registration
     worker.install_signal_handlers()
     with _errors():
         worker.run()

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from trainfleet.errors import BadRequest, PayloadTooLarge
 
 MAX_JSON_BYTES = 16 * 1024 * 1024
-MAX_DEPTH = 64  # nesting levels of a JSON body or a TOML manifest
+MAX_DEPTH = 64  # nesting levels of a JSON body (a manifest has its own: manifest.load)
 
 # A JSON string (possessive: linear even on pathological input), a run of brackets, or a
 # quote that opens a string never closed (the rest of the text is inside it).

@@ -34,6 +34,12 @@ class HostToken(Body):
     token: str = Field(description="the host's join token; shown once, never stored in clear")
 
 
+class Rotated(HostToken):
+    requeued: list[JobRecord] = Field(
+        description="active jobs put back to pending (with revoke_workers; else none)"
+    )
+
+
 class RotateBody(Body):
     revoke_workers: bool = Field(
         False, description="also revoke the host's running workers (default: they keep going)"
@@ -74,12 +80,15 @@ async def enroll(ctx: Ctx) -> HostToken:
     path_params=(NEW_HOST,),
     summary="Issue a new join token for a host; the old one stops working at once",
     body=RotateBody,
-    response=HostToken,
+    response=Rotated,
 )
-async def rotate(ctx: Ctx) -> HostToken:
+async def rotate(ctx: Ctx) -> Rotated:
     name, body = ctx.path("name"), ctx.body
-    token = await ctx.run(ctx.coord.queue.rotate_host, name, revoke_workers=body.revoke_workers)
-    return HostToken(host=name, token=token)
+    token, requeued = await ctx.run(
+        ctx.coord.queue.rotate_host, name, revoke_workers=body.revoke_workers
+    )
+    ctx.coord.metrics.requeues.inc(len(requeued))
+    return Rotated(host=name, token=token, requeued=requeued)
 
 
 @routes.route(

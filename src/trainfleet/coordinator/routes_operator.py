@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import tomllib
 
-from trainfleet.coordinator.bodies import MAX_DEPTH, check_toml_depth, tree_too_deep
+from trainfleet.coordinator.bodies import check_toml_depth
 from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.schemas import ManifestBody
 from trainfleet.errors import BadRequest, ManifestError
 from trainfleet.manifest import parse_manifest
+from trainfleet.manifest.load import MAX_DEPTH, nested_too_deep
 from trainfleet.queue.base import JobRecord, ReloadPlan
 
 routes = RouteTable()
@@ -33,17 +34,17 @@ async def reload(ctx: Ctx) -> ReloadPlan:
 
 
 def _check_nesting(text: str, path: str) -> None:
-    """Refuse a manifest nested deeper than ``MAX_DEPTH`` before the recursive parts of
-    parsing see it: brackets by a scan (tomllib recurses per level), dotted keys
-    (``a.b.c...``, built without recursion) on the parsed tree."""
-    check_toml_depth(text, f"manifest {path}")
+    """Refuse a manifest nested deeper than the loader's ``MAX_DEPTH`` before the recursive
+    parts of parsing see it: brackets by a scan (tomllib recurses per level), dotted keys
+    (``a.b.c...``, built without recursion) on the parsed tree, by the loader's own rule."""
+    check_toml_depth(text, f"manifest {path}", MAX_DEPTH)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         return  # parse_manifest reports it, with its line
     except RecursionError:
         raise BadRequest(f"manifest {path} nests deeper than {MAX_DEPTH} levels") from None
-    if tree_too_deep(data):
+    if nested_too_deep(data):
         raise BadRequest(f"manifest {path} nests deeper than {MAX_DEPTH} levels")
 
 

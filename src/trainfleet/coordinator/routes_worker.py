@@ -10,7 +10,7 @@ import json
 
 from starlette.requests import ClientDisconnect
 
-from trainfleet.artifacts import IngestBuffer, check_digest
+from trainfleet.artifacts import IngestBuffer, check_digest, space
 from trainfleet.coordinator.auth import register_caller
 from trainfleet.coordinator.endpoints import INT64_MAX, MAX_JSON_BYTES, Ctx, Param, RouteTable
 from trainfleet.coordinator.schemas import (
@@ -229,7 +229,10 @@ async def _stream_and_store(ctx: Ctx, sha256: str, size: int) -> bool:
     """Stream the body into staging and commit it; whether the bytes were newly stored."""
     coord = ctx.coord
     try:
-        with IngestBuffer(coord.staging_dir, max_bytes=size) as buf:
+        with (
+            space.reserve(coord.staging_dir, size),
+            IngestBuffer(coord.staging_dir, max_bytes=size) as buf,
+        ):
             try:
                 async for chunk in ctx.request.stream():
                     buf.write(chunk)  # IntegrityError as soon as it passes the declared size

@@ -29,12 +29,22 @@ from trainfleet.data.spec import (
 )
 from trainfleet.data.tokenize import get_tokenizer
 from trainfleet.errors import ManifestError
-from trainfleet.manifest.spec import RENAMED_KEYS, Defaults, HostPolicy, JobSpec, Manifest, Name
+from trainfleet.manifest.spec import (
+    HOST_NAME_RULE,
+    RENAMED_KEYS,
+    Defaults,
+    HostName,
+    HostPolicy,
+    JobSpec,
+    Manifest,
+    Name,
+)
 from trainfleet.queue.matching import blockers
 from trainfleet.train.recipes import RECIPES
 
 _TOP_LEVEL = {"defaults", "hosts", "datasets", "jobs"}
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
+_HOST_NAME: TypeAdapter[str] = TypeAdapter(HostName)
 _DATASET: TypeAdapter[Any] = TypeAdapter(DatasetSpec)
 _SOURCE_MODELS: dict[str, type[BaseModel]] = {
     "synthetic": SyntheticDataset,
@@ -42,11 +52,14 @@ _SOURCE_MODELS: dict[str, type[BaseModel]] = {
     "files": FilesDataset,
     "huggingface": HuggingFaceDataset,
 }
-MAX_DEPTH = 32  # tables and arrays nested deeper than this are refused (no manifest needs it)
+# Tables and arrays nested deeper than this are refused (no manifest needs it). The one
+# limit: the loader applies it, and so does ``POST /v1/manifest`` before it parses.
+MAX_DEPTH = 32
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests tables/arrays deeper than ``limit`` (iterative: no recursion)."""
+def nested_too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether parsed TOML nests tables/arrays more than ``limit`` levels below the top-level
+    table (``a = [[1]]`` is 2 levels, ``[t.u]`` is 2); iterative, so no recursion."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         node, depth = stack.pop()
@@ -66,7 +79,7 @@ def _read_toml(text: str, path: str) -> dict[str, Any]:
         raise ManifestError(path, [f"not valid TOML: {err}"]) from None
     except RecursionError:
         raise ManifestError(path, [f"nested deeper than {MAX_DEPTH} levels"]) from None
-    if _depth_exceeds(raw, MAX_DEPTH):
+    if nested_too_deep(raw):
         raise ManifestError(path, [f"nested deeper than {MAX_DEPTH} levels"])
     return raw
 
@@ -223,16 +236,22 @@ def _pattern_warnings(hosts: dict[str, HostPolicy], names: list[str]) -> list[st
 
 
 def _named_tables(raw: Any, key: str, problems: list[str]) -> dict[str, Any]:
-    """The [KEY.NAME] tables of a manifest, bad names reported and dropped."""
+    """The [KEY.NAME] tables of a manifest, bad names reported and dropped. A host's NAME
+    must be one that can be enrolled (or no worker could ever be that host)."""
     if not isinstance(raw, dict):
         problems.append(f"{key}: must be a table of [{key}.NAME] tables")
         return {}
+    adapter, why = (
+        (_HOST_NAME, f"not a host name that can be enrolled ({HOST_NAME_RULE})")
+        if key == "hosts"
+        else (_NAME, "invalid name (letters, digits, . _ -)")
+    )
     tables = {}
     for name, body in raw.items():
         try:
-            _NAME.validate_python(name)
+            adapter.validate_python(name)
         except ValidationError:
-            problems.append(f"{key}.{name!r}: invalid name (letters, digits, . _ -)")
+            problems.append(f"{key}.{name[:80]!r}: {why}")
             continue
         tables[name] = body
     return tables

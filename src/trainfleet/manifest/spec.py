@@ -8,11 +8,44 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from trainfleet.capability.model import HOST_NAME_PATTERN, is_host_name
 from trainfleet.data.spec import DatasetSpec, content_fields
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+HOST_NAME_RULE = "1-63 of letters, digits, '.', '_', '-', starting with a letter or digit"
+
+
+def _enrollable(name: str, info: ValidationInfo) -> str:
+    """A host name a manifest may give: one that can be enrolled (the capability model's
+    policy), so never ``open:NAME`` (open-mode workers are not policy's to pin) nor a name
+    longer than an enrollment allows. A spec read back from the queue (JSON) is taken as
+    stored: an earlier release allowed any string, and such a name just matches no host."""
+    if info.mode == "json" or is_host_name(name):
+        return name
+    raise PydanticCustomError(
+        "host_name",
+        "{name} is not a host name that can be enrolled ({rule})",
+        {"name": repr(name[:80]), "rule": HOST_NAME_RULE},
+    )
+
+
+HostName = Annotated[
+    str,
+    AfterValidator(_enrollable),
+    WithJsonSchema({"type": "string", "pattern": HOST_NAME_PATTERN}),
+]
 Scalar = str | int | float | bool
 JobKind = Literal["train", "command"]
 
@@ -99,7 +132,7 @@ class JobSpec(_Spec):
     min_vram_gib: float = Field(0, ge=0, description="minimum VRAM of one GPU; needs require_cuda")
     min_ram_gib: float = Field(0, ge=0, description="minimum host RAM")
     min_cores: int = Field(1, ge=1, description="minimum CPU cores")
-    allowed_hosts: list[str] = Field(
+    allowed_hosts: list[HostName] = Field(
         default_factory=list, description="host names that may run it; empty = any"
     )
     max_failures: int = Field(
@@ -165,7 +198,7 @@ class Defaults(_Spec):
     min_vram_gib: float | None = Field(None, ge=0)
     min_ram_gib: float | None = Field(None, ge=0)
     min_cores: int | None = Field(None, ge=1)
-    allowed_hosts: list[str] | None = None
+    allowed_hosts: list[HostName] | None = None
     max_failures: int | None = Field(None, ge=1, le=100)
     timeout_s: float | None = Field(None, gt=0)
     prefer_cuda_wait_s: float = Field(
@@ -190,7 +223,7 @@ class Manifest(_Spec):
     """A whole manifest: defaults, host policies, datasets and jobs."""
 
     defaults: Defaults = Field(default_factory=Defaults)
-    hosts: dict[Name, HostPolicy] = Field(default_factory=dict)
+    hosts: dict[HostName, HostPolicy] = Field(default_factory=dict)
     datasets: dict[Name, DatasetSpec] = Field(default_factory=dict)
     jobs: list[JobSpec] = Field(default_factory=list)
     warnings: list[str] = Field(

@@ -132,7 +132,10 @@ class HostRecord(_Record):
     enrolled_at: float
     rotated_at: float
     revoked_at: float | None
-    workers_online: int = Field(description="workers of this host registered and not stopped")
+    workers_online: int = Field(
+        description="workers of this host online now (seen within offline_after_s), as"
+        " `trainfleet workers` counts them"
+    )
 
 
 class LogLine(_Record):
@@ -219,8 +222,12 @@ class JobQueue(abc.ABC):
         """Enroll host ``name``; returns its join token (only its hash is kept)."""
 
     @abc.abstractmethod
-    def rotate_host(self, name: str, *, revoke_workers: bool = False) -> str:
-        """A new join token for ``name``; the old one stops working at once."""
+    def rotate_host(
+        self, name: str, *, revoke_workers: bool = False
+    ) -> tuple[str, list[JobRecord]]:
+        """A new join token for ``name``; the old one stops working at once. With
+        ``revoke_workers`` its workers are revoked too: returns the token and the jobs
+        requeued (none without it)."""
 
     @abc.abstractmethod
     def revoke_host(self, name: str) -> list[JobRecord]:

@@ -144,12 +144,11 @@ class SQLiteQueue(JobQueue):
         with self._tx() as conn:
             return sqlite_hosts.enroll_host(conn, name, self.clock())
 
-    def rotate_host(self, name: str, *, revoke_workers: bool = False) -> str:
+    def rotate_host(
+        self, name: str, *, revoke_workers: bool = False
+    ) -> tuple[str, list[JobRecord]]:
         with self._tx() as conn:
-            token, _ = sqlite_hosts.rotate_host(
-                conn, name, self.clock(), revoke_workers=revoke_workers
-            )
-            return token
+            return sqlite_hosts.rotate_host(conn, name, self.clock(), revoke_workers=revoke_workers)
 
     def revoke_host(self, name: str) -> list[JobRecord]:
         with self._tx() as conn:
@@ -160,7 +159,7 @@ class SQLiteQueue(JobQueue):
             return sqlite_hosts.revoke_worker(conn, worker_id, self.clock())
 
     def list_hosts(self) -> list[HostRecord]:
-        return sqlite_hosts.list_hosts(self._conn())
+        return sqlite_hosts.list_hosts(self._conn(), self.clock(), self.settings.offline_after_s)
 
     def authenticate_host(self, token: str) -> str:
         return sqlite_hosts.authenticate_host(self._conn(), token)

@@ -139,10 +139,14 @@ def _revoke_workers(
     return requeued
 
 
-def list_hosts(conn: sqlite3.Connection) -> list[HostRecord]:
+def list_hosts(conn: sqlite3.Connection, now: float, offline_after_s: float) -> list[HostRecord]:
+    """Enrolled hosts; a worker counts as online by the rule of ``worker_record`` (online and
+    seen within ``offline_after_s``), so this agrees with ``trainfleet workers``."""
     rows = conn.execute(
         "SELECT e.*, (SELECT COUNT(*) FROM workers w WHERE w.host = e.host"
-        " AND w.state = 'online') AS workers_online FROM enrollments e ORDER BY e.host"
+        " AND w.state = 'online' AND w.last_seen >= ?) AS workers_online"
+        " FROM enrollments e ORDER BY e.host",
+        (now - offline_after_s,),
     ).fetchall()
     return [
         HostRecord(
