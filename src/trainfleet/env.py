@@ -7,6 +7,7 @@ JOIN_TOKEN = "TRAINFLEET_JOIN_TOKEN"  # token a worker presents to register
 STATE_DIR = "TRAINFLEET_STATE_DIR"  # coordinator state dir (db, artifacts, tokens)
 HOST = "TRAINFLEET_HOST"  # worker host name override
 CA_CERT = "TRAINFLEET_CA_CERT"  # PEM CA certificate to trust for an https coordinator
+MIN_FREE_BYTES = "TRAINFLEET_MIN_FREE_BYTES"  # a worker claims only with this much free
 # Set by trainfleet.testing on every worker it starts (jobs inherit it), to find strays.
 HARNESS_TAG = "TRAINFLEET_HARNESS_TAG"
 

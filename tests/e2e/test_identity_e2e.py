@@ -46,6 +46,7 @@ def test_an_enrolled_host_joins_as_itself_and_nobody_else_can(fleet: Fleet) -> N
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert token and token not in out.stdout + out.stderr  # written once, to the file only
     assert "trainfleet join" in out.stderr and "--token-file" in out.stderr
+    assert "127.0.0.1 is this machine: from another one, use the coordinator's" in out.stderr
 
     # The shared join token (no open mode) and a different --host are refused, clearly.
     impostor = fleet.start_worker("gpu-box", token=fleet.coord.join_token)

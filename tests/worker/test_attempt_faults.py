@@ -17,6 +17,7 @@ from fakecoord import FakeClient, command_attempt
 from trainfleet.errors import BadRequest, CoordinatorUnavailable, StaleEpoch
 from trainfleet.worker import attempt as attempt_module
 from trainfleet.worker.daemon import OUTCOME_FILE, tidy_attempt_dirs
+from trainfleet.worker.disk import tree_bytes
 
 
 def gone(pid: int) -> bool:
@@ -168,7 +169,9 @@ def test_an_unreachable_coordinator_past_the_lease_stops_the_job(tmp_path: Path)
     assert gone(int(pid_file.read_text()))
 
 
-def test_a_full_disk_while_writing_output_fails_promptly(tmp_path: Path, monkeypatch) -> None:
+def test_a_full_disk_while_writing_output_hands_the_job_back_promptly(
+    tmp_path: Path, monkeypatch
+) -> None:
     real_open = Path.open
 
     class FullFile:
@@ -187,13 +190,14 @@ def test_a_full_disk_while_writing_output_fails_promptly(tmp_path: Path, monkeyp
     started = time.monotonic()
     outcome = command_attempt(client, code, tmp_path).run()
     assert time.monotonic() - started < 15
-    assert outcome.status == "failed"
+    assert outcome.status == "released" and outcome.disk_full
     [body] = [v for k, v in client.calls if k == "fail"]
+    assert body["release"] is True  # the worker's fault: no failure counted
     assert body["error"].startswith("disk full on worker: running the job")
 
 
 @pytest.mark.parametrize("where", ["mkdir", "pack"])
-def test_a_full_disk_elsewhere_fails_with_a_clear_reason(
+def test_a_full_disk_elsewhere_hands_the_job_back_with_a_clear_reason(
     tmp_path: Path, monkeypatch, where: str
 ) -> None:
     def full(*args: Any, **kw: Any) -> Any:
@@ -205,9 +209,51 @@ def test_a_full_disk_elsewhere_fails_with_a_clear_reason(
         monkeypatch.setattr(attempt_module, "pack_dir", full)
     client = FakeClient()
     outcome = command_attempt(client, "print('hi')", tmp_path).run()
-    assert outcome.status == "failed"
+    assert outcome.status == "released" and outcome.disk_full
     [body] = [v for k, v in client.calls if k == "fail"]
+    assert body["release"] is True
     assert body["error"].startswith("disk full on worker: ")
+
+
+def test_a_job_that_fills_the_disk_itself_is_failed_not_handed_back(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The rule that keeps such a job from going round forever (worker/disk.py): its own
+    files take at least half of what was free when it started, so the failure counts."""
+    jobs = tmp_path / "jobs"
+    # A disk with 400 kB free before the attempt, less whatever the attempt writes.
+    monkeypatch.setattr(
+        attempt_module, "free_bytes", lambda path: max(0, 400_000 - tree_bytes(jobs))
+    )
+    code = (
+        "import os, time\n"
+        "out = os.path.join(os.environ['TRAINFLEET_OUTPUT_DIR'], 'big.bin')\n"
+        "open(out, 'wb').write(b'x' * 380_000)\n"
+        "time.sleep(60)\n"
+    )
+    client = FakeClient()
+    started = time.monotonic()
+    outcome = command_attempt(client, code, tmp_path).run()
+    assert time.monotonic() - started < 15
+    assert outcome.status == "failed" and outcome.disk_full
+    [body] = [v for k, v in client.calls if k == "fail"]
+    assert body["release"] is False and body["retryable"] is True
+    assert body["error"].startswith("disk full on worker: running the job")
+    assert "the attempt's own files take" in body["error"]
+
+
+def test_a_worker_that_handed_a_job_back_too_often_counts_the_failure(
+    tmp_path: Path, monkeypatch
+) -> None:
+    def full(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(attempt_module, "ensure_dir", full)
+    client = FakeClient()
+    outcome = command_attempt(client, "print('hi')", tmp_path, may_hand_back_disk=False).run()
+    assert outcome.status == "failed" and outcome.disk_full
+    [body] = [v for k, v in client.calls if k == "fail"]
+    assert body["release"] is False and "too often" in body["error"]
 
 
 def test_stop_hands_the_job_back_and_kills_its_group(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 from rich.markup import escape
@@ -32,6 +33,7 @@ from trainfleet.cli.common import (
     errors,
     print_json,
 )
+from trainfleet.cli.hints import LOOPBACK_HOSTS
 from trainfleet.errors import BadRequest, NotFound
 
 CaCertOpt = Annotated[
@@ -100,6 +102,12 @@ def _hand_over(reply: dict[str, Any], token_file: Path | None, url: str, verb: s
         f"   (or set {env.JOIN_TOKEN})",
         highlight=False,
     )
+    local = urlsplit(url).hostname
+    if local in LOOPBACK_HOSTS:
+        err_console.print(
+            f"({local} is this machine: from another one, use the coordinator's address)",
+            highlight=False,
+        )
 
 
 @hosts_app.command("enroll")
@@ -140,6 +148,8 @@ def rotate(
     with errors(), client(url, token, state_dir, ca_cert) as c:
         reply = c.rotate_host(name, revoke_workers=revoke_workers)
     _hand_over(reply, token_file, url, "rotated")
+    for job in reply.get("requeued", []):  # stderr: stdout is the token alone
+        err_console.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)
     for job in reply.get("requeued", []):  # stderr: stdout is the token alone
         err_console.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import shutil
 import threading
 import time
 from collections import deque
@@ -40,6 +39,7 @@ from trainfleet.data.prepare import CacheSettings
 from trainfleet.data.spec import DatasetSpec
 from trainfleet.data.verify import router_fit_id
 from trainfleet.errors import ApiError, CoordinatorUnavailable
+from trainfleet.worker.disk import DISK_FULL_BYTES, free_bytes, job_filled_disk, tree_bytes
 from trainfleet.worker.launch import build_argv, build_env
 from trainfleet.worker.logship import LogLimits, LogSpool
 from trainfleet.worker.process import DiskFull, JobProcess, ensure_dir, is_disk_full
@@ -56,7 +56,6 @@ CANNOT_START_EXIT = 127  # the shepherd could not start the job's command
 REPORT_PATIENCE_S = 3600.0  # how long a finished attempt keeps trying to report
 LOG_FLUSH_S = 0.5
 DISK_CHECK_S = 1.0
-MIN_FREE_BYTES = 64 << 10  # less than this free where the attempt writes: the disk is full
 POLL_S = 0.2
 
 
@@ -67,6 +66,7 @@ class Outcome:
     status: str  # completed | failed | cancelled | fenced | released | lost | unreported
     detail: str = ""
     result: dict[str, Any] = field(default_factory=dict)
+    disk_full: bool = False  # it ended because the worker's disk was full
 
 
 # Why the worker stopped a job before it exited by itself.
@@ -91,6 +91,7 @@ class Attempt:
         reporter: Reporter | None = None,
         term_grace_s: float = TERM_GRACE_S,
         report_patience_s: float = REPORT_PATIENCE_S,
+        may_hand_back_disk: bool = True,
     ):
         self.client = client
         self.claim = claim
@@ -110,6 +111,8 @@ class Attempt:
         self.reporter = reporter or Reporter(stop)
         self.term_grace_s = term_grace_s
         self.report_patience_s = report_patience_s
+        self.may_hand_back_disk = may_hand_back_disk  # False: a full disk counts (disk.py)
+        self.free_at_start: int | None = None  # free bytes when the job's process started
         self.cancelled = threading.Event()
         self.fenced = threading.Event()
         self.refused: str | None = None  # why the coordinator refused a heartbeat
@@ -216,7 +219,10 @@ class Attempt:
                 ensure_dir(self.output_dir)
                 self._fetch_router()
             except OSError as err:
+                if is_disk_full(err):
+                    return self._disk_full("preparing the attempt", err, started=False)
                 return self._fail(_disk_message("preparing the attempt", err))
+            self.free_at_start = free_bytes(self.dir)
             argv = build_argv(self.spec, self.output_dir)
             log.info(
                 "running %s (attempt %d, epoch %d): %s",
@@ -257,11 +263,8 @@ class Attempt:
         if now < self._disk_checked_at + DISK_CHECK_S:
             return False
         self._disk_checked_at = now
-        try:
-            free = shutil.disk_usage(self.dir).free
-        except OSError:
-            return False
-        if free >= MIN_FREE_BYTES:
+        free = free_bytes(self.dir)
+        if free is None or free >= DISK_FULL_BYTES:
             return False
         self._disk_error = OSError(errno.ENOSPC, f"{free} bytes free under {self.dir}")
         return True
@@ -311,7 +314,7 @@ class Attempt:
         if stopped_by == "refused":
             return self._fail(self.refused or "refused")
         if disk_error is not None and (stopped_by == "disk_full" or is_disk_full(disk_error)):
-            return self._fail(_disk_message("running the job", disk_error))
+            return self._disk_full("running the job", disk_error, started=True)
         if stopped_by == "timeout":
             return self._fail(f"timed out after {self.spec['timeout_s']:g}s")
         if returncode != 0:
@@ -359,6 +362,26 @@ class Attempt:
         reply = self._send_fail(error, retryable=retryable)
         return self._after_report(reply, Outcome("failed", error))
 
+    def _disk_full(self, doing: str, err: OSError, *, started: bool) -> Outcome:
+        """The worker's disk is full: hand the job back, unless the job filled it itself or
+        this worker handed it back too often already (:mod:`trainfleet.worker.disk`)."""
+        error = _disk_message(doing, err)
+        used = tree_bytes(self.dir) if started else 0
+        if started and job_filled_disk(used, self.free_at_start):
+            outcome = self._fail(
+                f"{error} (the attempt's own files take {used} bytes of the"
+                f" {self.free_at_start} that were free when it started)"
+            )
+        elif not self.may_hand_back_disk:
+            outcome = self._fail(f"{error} (handed back for a full disk too often here)")
+        else:
+            log.warning("job %s: %s: handing it back", self.name, error)
+            self._final_logs(retry=True)
+            reply = self._send_fail(f"{error}; job handed back", release=True)
+            outcome = self._after_report(reply, Outcome("released", error))
+        outcome.disk_full = True
+        return outcome
+
     def _after_report(self, reply: Reply[Any], outcome: Outcome) -> Outcome:
         if reply.accepted:
             return outcome
@@ -375,6 +398,8 @@ class Attempt:
         try:
             sha256, size = pack_dir(self.output_dir, archive)
         except OSError as err:
+            if is_disk_full(err):
+                return self._disk_full("packing the outputs", err, started=True)
             return self._fail(_disk_message("packing the outputs", err))
         upload = self._send(
             "upload",

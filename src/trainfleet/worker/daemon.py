@@ -10,6 +10,11 @@ the coordinator hands back the claim this worker already holds. On SIGTERM or SI
 claiming, stops the running job and hands it back (no failure counted), deregisters and exits
 0. Attempt directories are removed once their result is accepted; the last
 ``keep_failed_attempts`` others are kept for debugging.
+
+Before each claim the daemon checks that its workdir has ``min_free_bytes`` free; while it
+has not, it claims nothing and waits (says so once; a stop ends the wait). An attempt that
+ended on a full disk is handed back rather than failed, within the limits of
+:mod:`trainfleet.worker.disk`, and its directory is removed.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ from trainfleet.errors import (
     UntrustedCertificate,
 )
 from trainfleet.worker.attempt import Attempt, Outcome
+from trainfleet.worker.disk import MAX_DISK_HANDBACKS, ClaimGate, min_free_bytes_from_env
 from trainfleet.worker.logship import LogLimits
 from trainfleet.worker.report import Reporter, cut_text
 
@@ -57,6 +63,8 @@ class WorkerConfig:
     exit_when_idle_s: float | None = None  # exit after this long without work
     data: CacheSettings | None = None  # shard cache and routing checks; default under workdir
     keep_failed_attempts: int = DEFAULT_KEEP_FAILED_ATTEMPTS  # attempt dirs kept for debugging
+    # claim only with this much free under workdir (env TRAINFLEET_MIN_FREE_BYTES; 1 MiB)
+    min_free_bytes: int = field(default_factory=min_free_bytes_from_env)
 
 
 class Worker:
@@ -71,6 +79,10 @@ class Worker:
         self.client = self._client_factory(cfg.join_token)
         self.worker_id: str | None = None
         self.registration: dict[str, Any] = {}
+        self.disk_handbacks: dict[str, int] = {}  # job id -> full-disk hand-backs by this worker
+        self.gate = ClaimGate(
+            cfg.workdir, cfg.min_free_bytes, prune=lambda: prune_kept_attempts(cfg.workdir)
+        )
 
     # lifecycle --------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -131,6 +143,11 @@ class Worker:
         while not self.stop.is_set():
             if self.cfg.max_jobs is not None and len(self.outcomes) >= self.cfg.max_jobs:
                 break
+            if not self.gate.has_room():  # a full disk: claim nothing until there is space
+                if self._idle_too_long(idle_since):
+                    break
+                self.stop.wait(self.cfg.poll_interval_s)
+                continue
             answer = self.reporter.send("claim", self.client.claim)
             if answer.outcome == "unreachable":
                 break  # only when stopped
@@ -150,9 +167,7 @@ class Worker:
                     self._hand_back(claim)
                 break
             if claim is None:
-                idle_s = time.monotonic() - idle_since
-                if self.cfg.exit_when_idle_s is not None and idle_s >= self.cfg.exit_when_idle_s:
-                    log.info("no work for %.0fs: exiting", idle_s)
+                if self._idle_too_long(idle_since):
                     break
                 self.stop.wait(self.cfg.poll_interval_s)
                 continue
@@ -160,6 +175,13 @@ class Worker:
             idle_since = time.monotonic()
         self._leave()
         return self.outcomes
+
+    def _idle_too_long(self, idle_since: float) -> bool:
+        idle_s = time.monotonic() - idle_since
+        if self.cfg.exit_when_idle_s is not None and idle_s >= self.cfg.exit_when_idle_s:
+            log.info("no work for %.0fs: exiting", idle_s)
+            return True
+        return False
 
     def _hand_back(self, claim: dict[str, Any]) -> None:
         job_id, epoch = claim["job"]["id"], claim["epoch"]
@@ -187,6 +209,8 @@ class Worker:
     def _run_attempt(self, claim: dict[str, Any]) -> Outcome:
         threads = self.cfg.num_threads or int(self.registration["effective"]["cores"])
         timeout_s = self.registration.get("heartbeat_timeout_s")
+        job_id = str(claim["job"]["id"])
+        handbacks = self.disk_handbacks.get(job_id, 0)
         attempt = Attempt(
             self.client,
             claim,
@@ -198,6 +222,7 @@ class Worker:
             lease_s=float(timeout_s) if timeout_s else None,
             limits=LogLimits.from_limits(self.registration.get("limits")),
             reporter=self.reporter,
+            may_hand_back_disk=handbacks < MAX_DISK_HANDBACKS,
         )
         try:
             outcome = attempt.run()
@@ -212,7 +237,12 @@ class Worker:
             )
         level = logging.INFO if outcome.status == "completed" else logging.WARNING
         log.log(level, "job %s %s: %s", claim["job"]["name"], outcome.status, outcome.detail)
-        tidy_attempt_dirs(attempt.dir, outcome.status, self.cfg.keep_failed_attempts)
+        if outcome.disk_full:  # nothing worth keeping, and the space is needed
+            if outcome.status == "released":
+                self.disk_handbacks[job_id] = handbacks + 1
+            shutil.rmtree(attempt.dir, ignore_errors=True)
+        else:
+            tidy_attempt_dirs(attempt.dir, outcome.status, self.cfg.keep_failed_attempts)
         return outcome
 
     def _leave(self) -> None:
@@ -243,3 +273,14 @@ def tidy_attempt_dirs(attempt_dir: Path, status: str, keep_failed: int) -> None:
     ended.sort()
     for _, d in ended[: max(0, len(ended) - keep_failed)]:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def prune_kept_attempts(workdir: Path) -> int:
+    """Remove every attempt directory kept for debugging; how many were removed."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for d in (workdir / "jobs").iterdir():
+            if (d / OUTCOME_FILE).exists():
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+    return removed
