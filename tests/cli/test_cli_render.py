@@ -8,6 +8,7 @@ read command renders them: exit code 0, no raw ESC byte on stdout, markup printe
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,3 +226,22 @@ def test_tables_take_markup_and_odd_types_without_crashing() -> None:
     )
     console.file.close()
     assert render.state("[/]").plain == "[/]"
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"metrics": {"heldout_loss": 10**400, "tokens_per_s": -(10**400)}},
+        {"metrics": "not an object"},
+        {"metrics": ["a", "list"]},
+        "not an object",
+    ],
+)
+def test_the_jobs_table_survives_any_stored_result(result: object) -> None:
+    """Results stored before the API bounded them (or by any other backend) still list."""
+    from rich.console import Console
+
+    out = io.StringIO()
+    job = {"id": "ab" * 32, "name": "j", "state": "completed", "attempt": 1, "result": result}
+    Console(file=out, width=120).print(render.jobs_table([job]))
+    assert "abababab" in out.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from pathlib import Path
@@ -10,7 +11,10 @@ from typing import Any
 from fakecoord import JOB_ID, FakeClient
 
 from trainfleet.errors import BadRequest, Conflict, CoordinatorUnavailable
-from trainfleet.worker.daemon import Worker, WorkerConfig
+from trainfleet.worker import attempt as attempt_module
+from trainfleet.worker import disk as disk_module
+from trainfleet.worker.daemon import OUTCOME_FILE, Worker, WorkerConfig
+from trainfleet.worker.disk import MAX_DISK_HANDBACKS
 
 CAP = {"host": "h", "cores": 1, "ram_gib": 1.0, "cuda": False, "num_gpus": 0, "vram_gib": 0}
 
@@ -93,3 +97,73 @@ def test_a_crash_inside_an_attempt_is_reported_and_the_daemon_goes_on(
     assert outcome.status == "failed"
     [body] = [v for k, v in client.calls if k == "fail"]
     assert len(body["error"]) <= 20_000 and body["error"].startswith("worker error")
+
+
+def test_a_full_disk_holds_claims_until_there_is_space_again(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """While the workdir is short of space the daemon claims nothing (it says so once, and
+    first removes the attempt directories it kept for debugging); then it claims again."""
+    kept = tmp_path / "jobs" / "old-a1"
+    kept.mkdir(parents=True)
+    (kept / OUTCOME_FILE).write_text("failed\n")
+    space = threading.Event()
+    monkeypatch.setattr(disk_module, "free_bytes", lambda path: 1 << 30 if space.is_set() else 0)
+    client = DaemonClient([None])
+    worker = worker_with(client, tmp_path, exit_when_idle_s=None)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (worker.run(), done.set()))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not worker.gate.short and time.monotonic() < deadline:
+            done.wait(0.01)
+        assert worker.gate.short, "the daemon never noticed the full disk"
+        assert not kept.exists()
+        polls = len(client.calls)
+        done.wait(0.1)  # several poll intervals with no space: still no claim
+        assert "claim" not in client.kinds() and len(client.calls) == polls
+        space.set()
+        while "claim" not in client.kinds() and time.monotonic() < deadline:
+            done.wait(0.01)
+        assert "claim" in client.kinds()
+    finally:
+        worker.stop.set()
+        assert done.wait(5)
+    notes = [r for r in caplog.records if "not claiming jobs until there is space" in r.message]
+    assert len(notes) == 1
+    assert any("claiming again" in r.message for r in caplog.records)
+
+
+def test_a_stop_ends_the_wait_for_disk_space(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(disk_module, "free_bytes", lambda path: 0)
+    client = DaemonClient([])
+    worker = worker_with(client, tmp_path, exit_when_idle_s=None, poll_interval_s=3600.0)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (worker.run(), done.set()))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not worker.gate.short and time.monotonic() < deadline:
+        done.wait(0.01)
+    worker.stop.set()
+    assert done.wait(5), "the daemon kept waiting for disk space"
+    assert client.kinds() == ["deregister"]
+
+
+def test_a_job_is_handed_back_for_a_full_disk_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch
+) -> None:
+    def full(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(attempt_module, "ensure_dir", full)
+    claim = {"attempt": 1, "epoch": 2, "job": {"id": JOB_ID, "name": "j", "spec": {}}}
+    tries = MAX_DISK_HANDBACKS + 1
+    client = DaemonClient([dict(claim, epoch=2 + i) for i in range(tries)] + [None])
+    worker = worker_with(client, tmp_path)
+    outcomes = worker.run()
+    assert [o.status for o in outcomes] == ["released"] * MAX_DISK_HANDBACKS + ["failed"]
+    fails = [v for k, v in client.calls if k == "fail"]
+    assert [f["release"] for f in fails] == [True] * MAX_DISK_HANDBACKS + [False]
+    assert all(f["error"].startswith("disk full on worker: preparing") for f in fails)
+    assert not list((tmp_path / "jobs").glob("*"))  # nothing kept: the space is needed

@@ -150,8 +150,6 @@ def rotate(
     _hand_over(reply, token_file, url, "rotated")
     for job in reply.get("requeued", []):  # stderr: stdout is the token alone
         err_console.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)
-    for job in reply.get("requeued", []):  # stderr: stdout is the token alone
-        err_console.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)
 
 
 @hosts_app.command("revoke")

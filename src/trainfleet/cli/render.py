@@ -60,9 +60,13 @@ def clean_data(value: Any) -> Any:
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
+    """A number as ``spec`` says; "-" for anything else (a worker may report any JSON)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "-"
-    return format(value, spec)
+    try:
+        return format(value, spec)
+    except (OverflowError, ValueError):  # e.g. 10**400 cannot become a float
+        return "-"
 
 
 def state(s: Any) -> Text:
@@ -80,8 +84,8 @@ def jobs_table(jobs: list[dict[str, Any]], title: str = "jobs") -> Table:
             col, justify="right" if col in ("attempts", "held-out loss", "tokens/s") else "left"
         )
     for job in jobs:
-        result = job.get("result") or {}
-        metrics = result.get("metrics") or {}
+        result = job.get("result") if isinstance(job.get("result"), dict) else {}
+        metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
         name = plain(job["name"])
         if not job.get("in_manifest", True):
             name.append(" (removed)", style="dim")
