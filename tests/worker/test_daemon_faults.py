@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import threading
 import time
 from pathlib import Path
@@ -107,8 +108,15 @@ def test_a_full_disk_holds_claims_until_there_is_space_again(
     kept = tmp_path / "jobs" / "old-a1"
     kept.mkdir(parents=True)
     (kept / OUTCOME_FILE).write_text("failed\n")
+    caplog.set_level(logging.INFO, logger="trainfleet.worker.disk")
     space = threading.Event()
-    monkeypatch.setattr(disk_module, "free_bytes", lambda path: 1 << 30 if space.is_set() else 0)
+    checks: list[Path] = []
+
+    def free_bytes(path: Path) -> int:
+        checks.append(path)
+        return 1 << 30 if space.is_set() else 0
+
+    monkeypatch.setattr(disk_module, "free_bytes", free_bytes)
     client = DaemonClient([None])
     worker = worker_with(client, tmp_path, exit_when_idle_s=None)
     done = threading.Event()
@@ -116,13 +124,11 @@ def test_a_full_disk_holds_claims_until_there_is_space_again(
     t.start()
     try:
         deadline = time.monotonic() + 10
-        while not worker.gate.short and time.monotonic() < deadline:
+        while len(checks) < 10 and time.monotonic() < deadline:  # several poll intervals
             done.wait(0.01)
         assert worker.gate.short, "the daemon never noticed the full disk"
         assert not kept.exists()
-        polls = len(client.calls)
-        done.wait(0.1)  # several poll intervals with no space: still no claim
-        assert "claim" not in client.kinds() and len(client.calls) == polls
+        assert "claim" not in client.kinds()
         space.set()
         while "claim" not in client.kinds() and time.monotonic() < deadline:
             done.wait(0.01)

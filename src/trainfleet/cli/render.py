@@ -69,6 +69,11 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
         return "-"
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
 def state(s: Any) -> Text:
     return plain(s, STATE_STYLE.get(s, "white") if isinstance(s, str) else "white")
 
@@ -84,8 +89,8 @@ def jobs_table(jobs: list[dict[str, Any]], title: str = "jobs") -> Table:
             col, justify="right" if col in ("attempts", "held-out loss", "tokens/s") else "left"
         )
     for job in jobs:
-        result = job.get("result") if isinstance(job.get("result"), dict) else {}
-        metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
+        result = _object(job.get("result"))
+        metrics = _object(result.get("metrics"))
         name = plain(job["name"])
         if not job.get("in_manifest", True):
             name.append(" (removed)", style="dim")
