@@ -148,17 +148,38 @@ def test_sigterm_hands_a_running_job_back_and_kills_its_group(fleet: Fleet) -> N
     assert not w.job_pids()
 
 
-def test_a_full_disk_fails_the_attempt_promptly_with_a_clear_reason(fleet: Fleet) -> None:
+def test_a_full_disk_hands_the_job_back_and_it_completes_once_there_is_space(
+    fleet: Fleet,
+) -> None:
+    """A full disk is the worker's fault, not the job's: the attempt is handed back (no
+    failure counted, the reason in the event), the worker claims nothing while its disk is
+    full, and the job completes once there is space again."""
     if reason := disk_faults_unavailable():
         pytest.skip(reason)
-    fleet.reload(slow_job("chatty", 60.0, max_failures=1))
+    # Long on its first attempt (so the disk fills while it runs), short afterwards.
+    code = (
+        "import os, time\n"
+        "print('attempt', os.environ['TRAINFLEET_ATTEMPT'], flush=True)\n"
+        "time.sleep(60 if os.environ['TRAINFLEET_ATTEMPT'] == '1' else 0.2)\n"
+    )
+    fleet.reload(command_job("chatty", code, max_failures=1))
     w = fleet.start_worker("cpu-a", disk_mib=16)
     fleet.wait_state("chatty", {"running"}, timeout_s=30)
     w.fill_disk()
-    job = fleet.wait_state("chatty", {"failed"}, timeout_s=20)
+    job = fleet.wait_state("chatty", {"pending", "failed"}, timeout_s=20)
+    assert job["state"] == "pending" and job["num_failures"] == 0
     assert job["error"].startswith("disk full on worker")
+    [released] = [e for e in fleet.job("chatty")["events"] if e["kind"] == "released"]
+    assert released["detail"].startswith("disk full on worker")
     wait_until(lambda: not w.job_pids(), 10, "the job to be stopped")
-    assert w.poll() is None  # the daemon itself goes on
+    wait_until(
+        lambda: "not claiming jobs until there is space" in w.log_text(), 10, "the worker to wait"
+    )
+    assert fleet.job("chatty")["job"]["state"] == "pending"  # not claimed again meanwhile
+    w.free_disk()
+    job = fleet.wait_state("chatty", {"completed", "failed"}, timeout_s=30)
+    assert job["state"] == "completed" and job["num_failures"] == 0 and job["host"] == "cpu-a"
+    assert w.poll() is None  # the daemon itself went on throughout
 
 
 @pytest.mark.parametrize(
