@@ -15,6 +15,9 @@ unreachable:
   that was accepted) runs out: then the coordinator has requeued the attempt, so the job is
   stopped and the attempt dropped. A job that already finished keeps its result and tries
   to report it: the coordinator renews leases when it restarts.
+- a full disk on the worker (preparing the attempt, writing ``output.log``, under 64 KiB free,
+  packing the outputs) stops the job and hands it back, no failure counted, unless the job
+  filled the disk itself (the rule is in :mod:`trainfleet.worker.disk`).
 """
 
 from __future__ import annotations
