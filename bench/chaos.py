@@ -23,10 +23,7 @@ Goal: 0, 0, 0 over at least 200 faults.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import platform
 import random
 import subprocess
 import sys
@@ -37,9 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.common import RESULTS, environment, write_result
 from trainfleet.testing import LiveFleet, WorkerHandle, disk_faults_unavailable
 
-RESULTS = Path(__file__).parent / "results"
 JOB_SCRIPT = Path(__file__).with_name("chaos_job.py")
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TIMEOUT_S = 3.0
@@ -383,31 +380,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "job_mix": KIND_WEIGHTS,
             "disk_faults": disk,
         },
-        "env": {
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": _version("torch"),
-            "commit": _commit(),
-        },
+        "env": environment(),
         "metrics": metrics,
         "problems": problems,  # per job that missed the goal: what, and its record
     }
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def print_table(result: dict[str, Any], out: Path) -> None:
@@ -457,8 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workers = args.workers or (3 if args.quick else 4)
     args.max_minutes = args.max_minutes or (2.0 if args.quick else 40.0)
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print_table(result, args.out)
 
 

@@ -27,7 +27,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 from pydantic import TypeAdapter
 
+from bench.common import RESULTS, ROOT, environment, write_result
 from trainfleet.data.cache import POLICIES, ShardCache, simulate_misses
 from trainfleet.data.dialects import dialect_of
 from trainfleet.data.router import featurize_batch
@@ -64,8 +64,6 @@ from trainfleet.data.spec import (
 )
 from trainfleet.data.verify import fit_router_for, router_fit_id
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 MB = 1e6
 MIB = 1 << 20
 FIXED_OVERHEAD_BYTES = 32 * MIB  # interpreter churn, generator work arrays, allocator slack
@@ -498,29 +496,6 @@ def child_main(argument: str) -> None:
     print(json.dumps(result))
 
 
-def environment() -> dict[str, Any]:
-    import torch
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "commit": commit,
-        "page_cache": "warm (nothing dropped)",
-    }
-
-
 def table(m: dict[str, Any]) -> list[tuple[str, str, str]]:
     """Rows of (measure, trainfleet, reference) from the metrics."""
 
@@ -627,11 +602,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "rss_goal": "peak - baseline <= memory_shards * shard + 2 * shard + 32 MiB",
             "rebuild_schedule": f"schedule_visits, 3 epochs, {TOKENS_PER_STEP} tokens/step",
         },
-        "env": environment(),
+        "env": environment(numpy=np.__version__, page_cache="warm (nothing dropped)"),
         "metrics": metrics,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     rows = table(metrics)
     width = max(len(row[0]) for row in rows)
     print(f"{'measure':<{width}} | {'trainfleet':>12} | reference")

@@ -13,9 +13,6 @@ concurrent HTTP clients doing claim -> heartbeat -> complete.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import signal
 import socket
 import sqlite3
@@ -27,13 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
+from bench.common import RESULTS, environment, write_result
 from trainfleet.client import Client
 from trainfleet.manifest import parse_manifest
 from trainfleet.queue.sqlite import SQLiteQueue
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def manifest_text(n: int) -> str:
@@ -160,15 +154,6 @@ def http_jobs_per_s(state: Path, n: int, num_clients: int) -> dict[str, float]:
         server.wait(timeout=30)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
@@ -195,16 +180,10 @@ def main() -> None:
             "jobs_http": n_http,
             "http_clients": clients,
         },
-        "env": {
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "commit": commit(),
-        },
+        "env": environment(),
         "metrics": metrics,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "queue.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, RESULTS / "queue.json")
     rows = [
         ("bare SQLite, 2 write txns per job (reference ceiling)", ceiling, "jobs/s"),
         ("queue in process, 1 worker (claim + complete)", one, "jobs/s"),

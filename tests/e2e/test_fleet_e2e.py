@@ -6,13 +6,12 @@ import hashlib
 import json
 import signal
 import socket
-import sys
 from urllib.parse import urlparse
 
 import pytest
 
 from fleetkit import make_cap
-from livefleet import SLOW_JOB, Fleet, kill_tree, wait_until
+from livefleet import Fleet, kill_tree, slow_job, wait_until
 from trainfleet.client import Client
 from trainfleet.errors import IntegrityError, StaleEpoch
 
@@ -22,18 +21,6 @@ TINY = (
     "hyper = { steps = 5, n_layers = 1, d_model = 16, n_heads = 2, seq_len = 16, batch_size = 4,"
     " corpus_bytes = 20000, eval_batches = 2 }"
 )
-
-
-def slow_job(name: str, seconds: float, **extra: object) -> str:
-    lines = [
-        "[[jobs]]",
-        f'name = "{name}"',
-        'kind = "command"',
-        f'command = ["{sys.executable}", "{SLOW_JOB}"]',
-        f"hyper = {{ seconds = {seconds} }}",
-    ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
 
 
 def test_train_and_command_jobs_complete_with_artifacts(fleet: Fleet, tmp_path) -> None:

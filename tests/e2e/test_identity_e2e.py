@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import ssl
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from livefleet import REPO, SLOW_JOB, Fleet, LiveFleet, wait_until
+from livefleet import (
+    REPO,
+    Fleet,
+    LiveFleet,
+    free_port,
+    serve_argv,
+    slow_job,
+    trainfleet_argv,
+    wait_until,
+)
 from tlskit import self_signed
 from trainfleet import env
 from trainfleet.client import Client
@@ -24,21 +31,9 @@ from trainfleet.client import Client
 pytestmark = pytest.mark.slow
 
 
-def command_job(name: str, seconds: float, **extra: str) -> str:
-    lines = [
-        "[[jobs]]",
-        f'name = "{name}"',
-        'kind = "command"',
-        f'command = ["{sys.executable}", "{SLOW_JOB}"]',
-        f"hyper = {{ seconds = {seconds} }}",
-        *(f"{k} = {v}" for k, v in extra.items()),
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def test_an_enrolled_host_joins_as_itself_and_nobody_else_can(fleet: Fleet) -> None:
     fleet.reload(
-        "[hosts.gpu-box]\ncores = 1\n\n" + command_job("pinned", 0.2, allowed_hosts='["gpu-box"]')
+        "[hosts.gpu-box]\ncores = 1\n\n" + slow_job("pinned", 0.2, allowed_hosts=["gpu-box"])
     )
     token_file = fleet.tmp / "gpu-box.token"
     out = fleet.cli("hosts", "enroll", "gpu-box", "--token-file", str(token_file), check=True)
@@ -64,7 +59,7 @@ def test_an_enrolled_host_joins_as_itself_and_nobody_else_can(fleet: Fleet) -> N
 
 
 def test_revoking_a_host_requeues_its_job_at_once_and_keeps_it_out(fleet: Fleet) -> None:
-    fleet.reload(command_job("long", 60))
+    fleet.reload(slow_job("long", 60))
     worker = fleet.start_worker("cpu-a")
     fleet.wait_state("long", {"running"}, timeout_s=60)
     out = fleet.cli("workers", "revoke", "cpu-a", check=True)
@@ -109,8 +104,8 @@ def test_open_mode_admits_the_shared_token_as_a_new_policy_less_host(tmp_path: P
     with LiveFleet(tmp_path, open_join=True, public_reads=True) as fleet:
         fleet.reload(
             "[hosts.gpu-box]\nram_gib = 0.5\n\n"
-            + command_job("pinned", 0.2, allowed_hosts='["gpu-box"]')
-            + command_job("anyone", 0.2)
+            + slow_job("pinned", 0.2, allowed_hosts=["gpu-box"])
+            + slow_job("anyone", 0.2)
         )
         worker = fleet.start_worker("gpu-box", "--max-jobs", "1", token=fleet.coord.join_token)
         assert worker.wait(timeout=60) == 0
@@ -128,23 +123,13 @@ def test_open_mode_admits_the_shared_token_as_a_new_policy_less_host(tmp_path: P
 # TLS ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_cli(*args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
-    return subprocess.run(
-        [sys.executable, "-m", "trainfleet.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env={**clean, **env_vars},
-        cwd=REPO,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    return cli_in(REPO, *args, **env_vars)
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without any TRAINFLEET_* variable."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
 
 
 @pytest.fixture
@@ -155,26 +140,16 @@ def tls_coordinator(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     (tmp_path / "op.token").write_text("operator-secret\n")
     with log.open("w") as out:
         server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "trainfleet.cli.main",
-                "serve",
-                "--port",
-                str(port),
-                "--state-dir",
-                str(tmp_path / "state"),
+            serve_argv(
+                port,
+                tmp_path / "state",
                 "--operator-token-file",
                 str(tmp_path / "op.token"),
                 "--tls-cert",
                 str(cert),
                 "--tls-key",
                 str(key),
-                "--heartbeat-interval-s",
-                "0.5",
-                "--heartbeat-timeout-s",
-                "5",
-            ],
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -200,7 +175,7 @@ def test_a_worker_joins_over_tls_and_a_client_without_the_ca_is_refused(
     assert "certificate is not trusted" in refused.stderr and "--ca-cert" in refused.stderr
     with_ca = {**op, env.CA_CERT: str(ca)}
     manifest = tmp_path / "fleet.toml"
-    manifest.write_text(command_job("secure", 0.2))
+    manifest.write_text(slow_job("secure", 0.2))
     run_cli("reload", str(manifest), **with_ca).check_returncode()
     token_file = tmp_path / "tls-box.token"
     enrolled = run_cli("hosts", "enroll", "tls-box", "--token-file", str(token_file), **with_ca)
@@ -258,14 +233,14 @@ def test_the_cli_checks_host_names_and_lists_a_revoked_worker_as_revoked(fleet: 
 # What `serve` prints, followed as printed ----------------------------------------------
 
 
-def cli_in(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``trainfleet ARGS`` in ``cwd``, as a user's shell there would run it (no TRAINFLEET_*)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
+def cli_in(cwd: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    """``trainfleet ARGS`` in ``cwd``, as a user's shell there would run it (no TRAINFLEET_*
+    but ``env_vars``)."""
     return subprocess.run(
-        [sys.executable, "-m", "trainfleet.cli.main", *args],
+        trainfleet_argv(*args),
         capture_output=True,
         text=True,
-        env=clean,
+        env={**clean_env(), **env_vars},
         cwd=cwd,
         timeout=120,
         stdin=subprocess.DEVNULL,
@@ -279,14 +254,13 @@ def test_serve_prints_commands_that_work_as_printed_and_join_names_its_token_and
     # command must carry --url and --state-dir, and the join command a reachable address.
     port, log = free_port(), tmp_path / "serve.log"
     serve_args = ["--host", "0.0.0.0", "--port", str(port), "--state-dir", "state"]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
     with log.open("w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "trainfleet.cli.main", "serve", *serve_args],
+            trainfleet_argv("serve", *serve_args),
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
-            env=clean,
+            env=clean_env(),
             stdin=subprocess.DEVNULL,
         )
     try:

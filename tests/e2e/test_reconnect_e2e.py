@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import IO
 
 import pytest
 
-from livefleet import REPO, SLOW_JOB, wait_until
+from livefleet import REPO, free_port, serve_argv, slow_job, trainfleet_argv, wait_until
 from trainfleet import env
 from trainfleet.client import Client
 from trainfleet.queue.sqlite import SQLiteQueue
@@ -21,28 +19,9 @@ from trainfleet.queue.sqlite import SQLiteQueue
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve(state: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trainfleet.cli.main",
-            "serve",
-            "--port",
-            str(port),
-            "--state-dir",
-            str(state),
-            "--heartbeat-interval-s",
-            "0.5",
-            "--heartbeat-timeout-s",
-            "5",
-        ],
+        serve_argv(port, state),
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=REPO,
@@ -69,10 +48,7 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
     join_token = queue.enroll_host("early")
     queue.close()
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trainfleet.cli.main",
+        trainfleet_argv(
             "join",
             url,
             "--host",
@@ -81,7 +57,7 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
             str(tmp_path / "work"),
             "--poll-interval-s",
             "0.2",
-        ],
+        ),
         stdout=worker_out,
         stderr=subprocess.STDOUT,
         cwd=REPO,
@@ -98,10 +74,7 @@ def run_scenario(tmp_path: Path, serve_log: IO[bytes], worker_out: IO[bytes]) ->
         )
         server = serve(state, port, serve_log)
         operator.wait_healthy(30)
-        manifest = (
-            f'[[jobs]]\nname = "first"\nkind = "command"\n'
-            f'command = ["{sys.executable}", "{SLOW_JOB}"]\nhyper = {{ seconds = 0.2 }}\n'
-        )
+        manifest = slow_job("first", 0.2)
         operator.reload(manifest, "m.toml")
         wait_until(lambda: operator.job("first")["job"]["state"] == "completed", 60, "first job")
 

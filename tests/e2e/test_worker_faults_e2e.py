@@ -4,45 +4,26 @@ time, and no job process outlives its attempt."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 
-from livefleet import SLOW_JOB, Fleet, wait_until
+from livefleet import Fleet, command_job, slow_job, wait_until
 from trainfleet.testing import disk_faults_unavailable
 
 pytestmark = pytest.mark.slow
 
 
-def command_job(name: str, code: str, **extra: object) -> str:
-    lines = [
-        "[[jobs]]",
-        f'name = "{name}"',
-        'kind = "command"',
-        f"command = {json.dumps([sys.executable, '-c', code])}",
-    ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
-
-
-def slow_job(name: str, seconds: float, **extra: object) -> str:
-    lines = [
-        "[[jobs]]",
-        f'name = "{name}"',
-        'kind = "command"',
-        f'command = ["{sys.executable}", "{SLOW_JOB}"]',
-        f"hyper = {{ seconds = {seconds} }}",
-    ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
+def python_job(name: str, code: str, **extra: object) -> str:
+    """A command job that runs ``python -c CODE``."""
+    return command_job(name, [sys.executable, "-c", code], **extra)
 
 
 def test_a_job_printing_one_long_line_then_failing_is_failed_not_lost(fleet: Fleet) -> None:
     """The issue's repro: the failure report used to be refused (too long), the next claim
     got 409 and the daemon exited; the job was then charged as lost on every worker."""
     code = "import sys; print('x' * 300_000); print('y' * 30_000, file=sys.stderr); sys.exit(4)"
-    fleet.reload(command_job("loud", code, max_failures=1) + slow_job("after", 0.2))
+    fleet.reload(python_job("loud", code, max_failures=1) + slow_job("after", 0.2))
     w = fleet.start_worker("cpu-a")
     job = fleet.wait_state("loud", {"failed", "completed"}, timeout_s=30)
     assert job["state"] == "failed" and job["error"].startswith("exit code 4")
@@ -74,7 +55,7 @@ def test_a_killed_daemon_takes_its_job_group_down(fleet: Fleet) -> None:
         "print('started', flush=True)\n"
         "time.sleep(1000)\n"
     )
-    fleet.reload(command_job("long", code))
+    fleet.reload(python_job("long", code))
     w = fleet.start_worker("cpu-a")
     fleet.wait_state("long", {"running"}, timeout_s=30)
     wait_until(lambda: len(w.job_pids()) >= 2, 20, "the job and its grandchild to start")
@@ -113,7 +94,7 @@ def test_non_finite_metrics_are_reported_as_null_with_a_flag(fleet: Fleet) -> No
         "out = pathlib.Path(os.environ['TRAINFLEET_OUTPUT_DIR'])\n"
         "(out / 'metrics.json').write_text('{\"loss\": NaN, \"steps\": 2}')\n"
     )
-    fleet.reload(command_job("nan", code))
+    fleet.reload(python_job("nan", code))
     fleet.start_worker("cpu-a")
     job = fleet.wait_state("nan", {"completed", "failed"}, timeout_s=30)
     assert job["state"] == "completed", job["error"]
@@ -162,7 +143,7 @@ def test_a_full_disk_hands_the_job_back_and_it_completes_once_there_is_space(
         "print('attempt', os.environ['TRAINFLEET_ATTEMPT'], flush=True)\n"
         "time.sleep(60 if os.environ['TRAINFLEET_ATTEMPT'] == '1' else 0.2)\n"
     )
-    fleet.reload(command_job("chatty", code, max_failures=1))
+    fleet.reload(python_job("chatty", code, max_failures=1))
     w = fleet.start_worker("cpu-a", disk_mib=16)
     fleet.wait_state("chatty", {"running"}, timeout_s=30)
     w.fill_disk()

@@ -52,6 +52,15 @@ StateOpt = Annotated[
     Path,
     typer.Option("--state-dir", envvar=env.STATE_DIR, help="Coordinator state directory."),
 ]
+CaCertOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-cert",
+        envvar=env.CA_CERT,
+        help="CA certificate (PEM) to trust for an https coordinator.",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 

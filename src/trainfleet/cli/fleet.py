@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -23,6 +26,7 @@ from trainfleet.capability.model import is_assigned_host_name, is_host_name, is_
 from trainfleet.cli import render
 from trainfleet.cli.common import (
     DEFAULT_STATE,
+    CaCertOpt,
     JsonOpt,
     StateOpt,
     TokenOpt,
@@ -34,17 +38,9 @@ from trainfleet.cli.common import (
     print_json,
 )
 from trainfleet.cli.hints import LOOPBACK_HOSTS
+from trainfleet.client import Client
 from trainfleet.errors import BadRequest, NotFound
 
-CaCertOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--ca-cert",
-        envvar=env.CA_CERT,
-        help="CA certificate (PEM) to trust for an https coordinator.",
-        show_default=False,
-    ),
-]
 TokenFileOpt = Annotated[
     Path | None,
     typer.Option(
@@ -85,6 +81,25 @@ def _check_ref(ref: str, *, open_ok: bool, worker_ok: bool = False) -> None:
         )
 
 
+@contextmanager
+def _checked_client(
+    ref: str,
+    url: str,
+    token: str | None,
+    state_dir: Path,
+    ca_cert: Path | None,
+    *,
+    open_ok: bool,
+    worker_ok: bool = False,
+) -> Iterator[Client]:
+    """An operator client for a command about ``ref``, once ``ref`` passes ``_check_ref``;
+    a user error in either step, or in the block, is one message and a non-zero exit."""
+    with errors():
+        _check_ref(ref, open_ok=open_ok, worker_ok=worker_ok)
+        with client(url, token, state_dir, ca_cert) as c:
+            yield c
+
+
 def _hand_over(reply: dict[str, Any], token_file: Path | None, url: str, verb: str) -> None:
     host = escape(reply["host"])
     if token_file is not None:
@@ -120,9 +135,7 @@ def enroll(
     ca_cert: CaCertOpt = None,
 ) -> None:
     """Enroll a host: issue a join token bound to NAME (a worker using it is host NAME)."""
-    with errors():
-        _check_ref(name, open_ok=False)
-    with errors(), client(url, token, state_dir, ca_cert) as c:
+    with _checked_client(name, url, token, state_dir, ca_cert, open_ok=False) as c:
         reply = c.enroll_host(name)
     _hand_over(reply, token_file, url, "enrolled")
 
@@ -143,13 +156,10 @@ def rotate(
     ca_cert: CaCertOpt = None,
 ) -> None:
     """Issue a new join token for a host; the old one is refused from now on."""
-    with errors():
-        _check_ref(name, open_ok=False)
-    with errors(), client(url, token, state_dir, ca_cert) as c:
+    with _checked_client(name, url, token, state_dir, ca_cert, open_ok=False) as c:
         reply = c.rotate_host(name, revoke_workers=revoke_workers)
     _hand_over(reply, token_file, url, "rotated")
-    for job in reply.get("requeued", []):  # stderr: stdout is the token alone
-        err_console.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)
+    _print_requeued(err_console, reply.get("requeued", []))  # stderr: stdout is the token alone
 
 
 @hosts_app.command("revoke")
@@ -161,9 +171,7 @@ def revoke_host(
     ca_cert: CaCertOpt = None,
 ) -> None:
     """Revoke a host: its join token and every worker of it (their jobs are requeued)."""
-    with errors():
-        _check_ref(name, open_ok=True)
-    with errors(), client(url, token, state_dir, ca_cert) as c:
+    with _checked_client(name, url, token, state_dir, ca_cert, open_ok=True) as c:
         _print_revoked(c.revoke_host(name), "host")
 
 
@@ -226,9 +234,7 @@ def revoke(
     """Revoke a worker's credential, or a host's (its join token and all its workers), at
     once: the next request gets 401 and the active job is requeued. A worker revoked alone
     may register again with its host's token; revoke the host to keep it out."""
-    with errors():
-        _check_ref(ref, open_ok=True, worker_ok=True)
-    with errors(), client(url, token, state_dir, ca_cert) as c:
+    with _checked_client(ref, url, token, state_dir, ca_cert, open_ok=True, worker_ok=True) as c:
         try:
             reply, kind = c.revoke_worker(ref), "worker"
         except NotFound:
@@ -238,5 +244,9 @@ def revoke(
 
 def _print_revoked(reply: dict[str, Any], kind: str) -> None:
     console.print(f"revoked {kind} {escape(reply['revoked'])}", highlight=False)
-    for job in reply["requeued"]:
-        console.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)
+    _print_requeued(console, reply["requeued"])
+
+
+def _print_requeued(out: Console, jobs: list[dict[str, Any]]) -> None:
+    for job in jobs:
+        out.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)

@@ -23,6 +23,7 @@ from trainfleet import __version__, env
 from trainfleet.cli import render
 from trainfleet.cli.common import (
     DEFAULT_STATE,
+    CaCertOpt,
     JobArg,
     JobsArg,
     JsonOpt,
@@ -237,12 +238,7 @@ def join(
             " this machine's hostname).",
         ),
     ] = None,
-    ca_cert: Annotated[
-        Path | None,
-        typer.Option(
-            envvar=env.CA_CERT, help="CA certificate (PEM) to trust for an https coordinator."
-        ),
-    ] = None,
+    ca_cert: CaCertOpt = None,
     workdir: Annotated[
         Path, typer.Option(help="Where job outputs and logs are kept locally.")
     ] = Path(".trainfleet-worker"),

@@ -7,6 +7,8 @@ in the same transaction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import Field
 
 from trainfleet.capability.model import ASSIGNED_HOST_PATTERN, HOST_NAME_PATTERN
@@ -100,10 +102,7 @@ async def rotate(ctx: Ctx) -> Rotated:
     response=Revoked,
 )
 async def revoke_host(ctx: Ctx) -> Revoked:
-    name = ctx.path("name")
-    requeued = await ctx.run(ctx.coord.queue.revoke_host, name)
-    ctx.coord.metrics.requeues.inc(len(requeued))
-    return Revoked(revoked=name, requeued=requeued)
+    return await _revoke(ctx, ctx.coord.queue.revoke_host, ctx.path("name"))
 
 
 @routes.route(
@@ -115,7 +114,11 @@ async def revoke_host(ctx: Ctx) -> Revoked:
     response=Revoked,
 )
 async def revoke_worker(ctx: Ctx) -> Revoked:
-    worker_id = ctx.path("worker_id")
-    requeued = await ctx.run(ctx.coord.queue.revoke_worker, worker_id)
+    return await _revoke(ctx, ctx.coord.queue.revoke_worker, ctx.path("worker_id"))
+
+
+async def _revoke(ctx: Ctx, revoke: Callable[[str], list[JobRecord]], target: str) -> Revoked:
+    """Revoke ``target`` (a host or a worker id) and count the jobs it put back to pending."""
+    requeued = await ctx.run(revoke, target)
     ctx.coord.metrics.requeues.inc(len(requeued))
-    return Revoked(revoked=worker_id, requeued=requeued)
+    return Revoked(revoked=target, requeued=requeued)

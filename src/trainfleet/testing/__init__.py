@@ -8,7 +8,7 @@ points between and inside them (see README "Testing under faults").
 """
 
 from trainfleet.testing.disk import DiskFaultUnavailable, disk_faults_unavailable
-from trainfleet.testing.fleet import LiveFleet
+from trainfleet.testing.fleet import LiveFleet, trainfleet_argv
 from trainfleet.testing.proxy import Exchange, FaultProxy
 from trainfleet.testing.wait import wait_until
 from trainfleet.testing.worker import WorkerHandle, kill_tree
@@ -21,5 +21,6 @@ __all__ = [
     "WorkerHandle",
     "disk_faults_unavailable",
     "kill_tree",
+    "trainfleet_argv",
     "wait_until",
 ]

@@ -37,7 +37,13 @@ from trainfleet.testing.proxy import FaultProxy
 from trainfleet.testing.wait import wait_until
 from trainfleet.testing.worker import WorkerHandle, tagged_processes
 
-__all__ = ["LiveFleet"]
+__all__ = ["LiveFleet", "trainfleet_argv"]
+
+
+def trainfleet_argv(*args: str) -> list[str]:
+    """The command line of ``trainfleet ARGS`` run by this interpreter (no script on PATH
+    needed), as the harness starts its workers and operator commands."""
+    return [sys.executable, "-m", "trainfleet.cli.main", *args]
 
 
 class LiveFleet:
@@ -130,7 +136,7 @@ class LiveFleet:
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         """Run ``trainfleet ARGS`` against this coordinator, as an operator would."""
         proc = subprocess.run(
-            [sys.executable, "-m", "trainfleet.cli.main", *args],
+            trainfleet_argv(*args),
             capture_output=True,
             text=True,
             env={**os.environ, env.URL: self.url, env.TOKEN: self.coord.operator_token},
@@ -205,10 +211,7 @@ class LiveFleet:
         worker_env.pop(env.TOKEN, None)
         try:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "trainfleet.cli.main",
+                trainfleet_argv(
                     "join",
                     fault_proxy.url if fault_proxy is not None else self.url,
                     "--host",
@@ -220,7 +223,7 @@ class LiveFleet:
                     "--poll-interval-s",
                     "0.2",
                     *extra,
-                ],
+                ),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 text=True,

@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from trainfleet.errors import ApiError, CoordinatorUnavailable, StaleEpoch
@@ -65,21 +65,18 @@ def classify(err: Exception) -> ReportOutcome:
     raise err
 
 
+@dataclass(eq=False)
 class Backoff:
     """Jittered exponential waits (x0.8-1.2), capped; a wait ends at once when ``stop`` is set."""
 
-    def __init__(
-        self,
-        stop: threading.Event,
-        initial_s: float = INITIAL_BACKOFF_S,
-        max_s: float = MAX_BACKOFF_S,
-        rng: Callable[[float, float], float] = random.uniform,
-    ):
-        self.stop = stop
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self.rng = rng
-        self.next_s = initial_s
+    stop: threading.Event
+    initial_s: float = INITIAL_BACKOFF_S
+    max_s: float = MAX_BACKOFF_S
+    rng: Callable[[float, float], float] = random.uniform
+    next_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.next_s = self.initial_s
 
     def reset(self) -> None:
         self.next_s = self.initial_s
@@ -93,25 +90,20 @@ class Backoff:
         return not self.stop.wait(delay_s)
 
 
+@dataclass(eq=False)
 class Reporter:
     """Makes reports and turns each into a ``Reply``; retries while the coordinator is away.
 
     ``stop`` is the daemon's stop event: once set, nothing is retried any more (one last
-    try is still made, so a job can be handed back on the way out).
+    try is still made, so a job can be handed back on the way out). Each ``send`` backs off
+    with a fresh ``Backoff`` of these settings.
     """
 
-    def __init__(
-        self,
-        stop: threading.Event,
-        *,
-        initial_backoff_s: float = INITIAL_BACKOFF_S,
-        max_backoff_s: float = MAX_BACKOFF_S,
-        rng: Callable[[float, float], float] = random.uniform,
-    ):
-        self.stop = stop
-        self.initial_backoff_s = initial_backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.rng = rng
+    stop: threading.Event
+    _: KW_ONLY
+    initial_backoff_s: float = INITIAL_BACKOFF_S
+    max_backoff_s: float = MAX_BACKOFF_S
+    rng: Callable[[float, float], float] = random.uniform
 
     def send(
         self,
