@@ -3,6 +3,7 @@ with the shepherd's parent (kill -9 of the worker daemon)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -97,3 +98,28 @@ def test_sigterm_is_passed_to_the_group_then_sigkill_after_the_grace(tmp_path: P
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 128 + signal.SIGKILL  # ignored SIGTERM, killed after 1 s
     assert wait_for(lambda: gone(job))
+
+
+def test_a_descendant_that_left_the_group_is_killed_too(tmp_path: Path) -> None:
+    """``setsid`` plus a double fork leaves the job's group and its parent: the shepherd,
+    a child subreaper, still finds it among its descendants and kills it."""
+    pid_file = tmp_path / "escaped.pid"
+    # The job starts a middle process, which starts `sleep` in a new session and exits at
+    # once, so `sleep` is an orphan outside the job's group; then the job exits 0.
+    middle = (
+        "import subprocess, sys\n"
+        "p = subprocess.Popen(['sleep', '1000'], start_new_session=True,"
+        " stdout=subprocess.DEVNULL)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+    )
+    job = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {middle!r}])\n"
+    done = subprocess.run(
+        shepherd(sys.executable, "-c", job, pgid_file=tmp_path / "pgid"), timeout=60
+    )
+    assert done.returncode == 0
+    escaped = int(pid_file.read_text())
+    try:
+        assert wait_for(lambda: gone(escaped)), "a setsid'd orphan outlived its attempt"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(escaped, signal.SIGKILL)

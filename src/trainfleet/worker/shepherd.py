@@ -9,7 +9,10 @@
   of the attempt running while the coordinator hands it to another worker;
 - on SIGTERM/SIGINT it passes SIGTERM to the group and SIGKILLs it after ``--grace-s``;
 - when the job's main process exits it SIGKILLs whatever the job left behind in its group
-  (``sleep 1000 &``), so nothing holds the output pipe, and exits with the job's status.
+  (``sleep 1000 &``), so nothing holds the output pipe, and exits with the job's status;
+- it is a child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``): a descendant that left the
+  job's group (``setsid``, a double fork) is re-parented to the shepherd instead of init, so
+  it is still found, and killed, among the shepherd's descendants whenever the group is.
 """
 
 from __future__ import annotations
@@ -25,25 +28,46 @@ import time
 from pathlib import Path
 from types import FrameType
 
+import psutil
+
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 PARENT_DEATH_SIGNAL = signal.SIGUSR1
 POLL_S = 0.2
 
 
-def set_parent_death_signal(sig: int) -> bool:
-    """Ask the kernel to send ``sig`` when our parent thread dies (Linux only)."""
+def _prctl(option: int, value: int) -> bool:
+    """``prctl(option, value)`` (Linux only); False where it is not available."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
+        return int(libc.prctl(option, value, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask the kernel to send ``sig`` when our parent thread dies (Linux only)."""
+    return _prctl(PR_SET_PDEATHSIG, int(sig))
 
 
 def kill_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def kill_all(pgid: int) -> None:
+    """SIGKILL the job's process group and every other descendant of this shepherd.
+
+    The second part catches what left the group (``setsid``, a double fork): as a child
+    subreaper the shepherd is the ancestor of all of it, orphans included.
+    """
+    kill_group(pgid, signal.SIGKILL)
+    with contextlib.suppress(psutil.Error):
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 def exit_status(returncode: int) -> int:
@@ -63,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parent = os.getppid()
     set_parent_death_signal(PARENT_DEATH_SIGNAL)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
     state: dict[str, float | None] = {"kill_at": None}
     job: subprocess.Popen[bytes] | None = None
 
     def on_parent_death(_signum: int, _frame: FrameType | None) -> None:
         if job is not None:
-            kill_group(job.pid, signal.SIGKILL)
+            kill_all(job.pid)
         os._exit(137)
 
     def on_stop(_signum: int, _frame: FrameType | None) -> None:
@@ -99,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             pass
         if os.getppid() != parent:
-            kill_group(job.pid, signal.SIGKILL)
+            kill_all(job.pid)
             return 137
         kill_at = state["kill_at"]
         if kill_at is not None and time.monotonic() > kill_at:
-            kill_group(job.pid, signal.SIGKILL)
-    kill_group(job.pid, signal.SIGKILL)  # whatever the job left running in its group
+            kill_all(job.pid)
+    kill_all(job.pid)  # whatever the job left running in its group
     return exit_status(returncode)
 
 
