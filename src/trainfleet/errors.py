@@ -4,6 +4,7 @@
 
     TrainfleetError                 base of everything we raise on purpose
     ├── ManifestError               a manifest is invalid (names file, job and field)
+    │   └── ManifestTooDeep         its tables or arrays nest past the loader's limit
     ├── ApiError                    an HTTP-level error; carries status_code and a JSON body
     │   ├── BadRequest          400 malformed request / failed validation
     │   ├── Unauthorized        401 missing, wrong or revoked token
@@ -44,6 +45,10 @@ class ManifestError(TrainfleetError):
         self.path = path
         self.problems = problems
         super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+class ManifestTooDeep(ManifestError):
+    """The manifest's tables or arrays nest deeper than the loader allows."""
 
 
 class ApiError(TrainfleetError):

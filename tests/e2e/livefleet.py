@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from trainfleet.testing import LiveFleet, WorkerHandle, kill_tree, trainfleet_argv, wait_until
+from trainfleet.testing import LiveFleet, kill_tree, trainfleet_argv, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SLOW_JOB = str(Path(__file__).parent / "scripts" / "slow_job.py")
@@ -62,7 +62,6 @@ __all__ = [
     "SLOW_JOB",
     "Fleet",
     "LiveFleet",
-    "WorkerHandle",
     "command_job",
     "free_port",
     "kill_tree",

@@ -99,7 +99,7 @@ def test_stale_epoch_is_refused_after_the_job_moved_on(fleet: Fleet) -> None:
 def test_wrong_tokens_are_refused_with_clear_errors(fleet: Fleet) -> None:
     worker = fleet.start_worker("intruder", token="not-the-join-token")
     assert worker.wait(timeout=60) == 1
-    assert "unknown join token" in fleet.worker_log(worker)
+    assert "unknown join token" in worker.log_text()
     out = fleet.cli("list", "--token", "nope")
     assert out.returncode == 1 and "wrong operator token" in out.stderr
     assert "Traceback" not in out.stderr
@@ -152,7 +152,7 @@ def test_cancelled_job_is_stopped_and_its_completion_refused(fleet: Fleet) -> No
     assert detail["job"]["state"] == "cancelled" and detail["artifacts"] == []
     assert "completed" not in [e["kind"] for e in detail["events"]]
     assert worker.wait(timeout=60) == 0
-    assert "cancelled by the operator" in fleet.worker_log(worker)
+    assert "cancelled by the operator" in worker.log_text()
 
 
 def test_reload_changes_nothing_that_already_ran(fleet: Fleet) -> None:

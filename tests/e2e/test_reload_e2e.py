@@ -7,14 +7,13 @@ against the coordinator's own plan of the spec."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fleetkit import routed_dataset_toml
-from livefleet import SLOW_JOB, Fleet
+from livefleet import Fleet, slow_job
 from trainfleet.data.verify import fit_router_for
 from trainfleet.errors import BadRequest
 from trainfleet.manifest import parse_manifest
@@ -24,11 +23,7 @@ pytestmark = pytest.mark.slow
 
 def sweep(seconds: float, priority: int) -> str:
     """One command job "j"; its identity is its hyperparameters (``seconds``)."""
-    return (
-        '[hosts.cpu-a]\n[[jobs]]\nname = "j"\nkind = "command"\n'
-        f'command = ["{sys.executable}", "{SLOW_JOB}"]\n'
-        f"priority = {priority}\nhyper = {{ seconds = {seconds} }}\n"
-    )
+    return "[hosts.cpu-a]\n" + slow_job("j", seconds, priority=priority)
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:

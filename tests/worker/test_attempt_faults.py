@@ -126,12 +126,14 @@ def test_a_background_child_is_killed_and_not_waited_for(tmp_path: Path) -> None
 
 def test_a_fenced_heartbeat_kills_the_job_group_and_reports_nothing(tmp_path: Path) -> None:
     client = FakeClient()
+    pid_file = tmp_path / "job.pid"
 
     def fenced() -> dict[str, Any]:
+        if not (pid_file.exists() and pid_file.read_text()):  # the job is not up yet
+            return {"cancel": False, "state": "running"}
         raise StaleEpoch("epoch 3 is stale", current_epoch=4)
 
     client.on_heartbeat = fenced
-    pid_file = tmp_path / "job.pid"
     code = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)"
     outcome = command_attempt(client, code, tmp_path).run()
     assert outcome.status == "fenced"

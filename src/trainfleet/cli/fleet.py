@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,6 @@ from urllib.parse import urlsplit
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from trainfleet import env
 from trainfleet.capability.model import is_assigned_host_name, is_host_name, is_worker_id
@@ -37,7 +35,7 @@ from trainfleet.cli.common import (
     errors,
     print_json,
 )
-from trainfleet.cli.hints import LOOPBACK_HOSTS
+from trainfleet.cli.hints import LOOPBACK_HOSTS, join_command
 from trainfleet.client import Client
 from trainfleet.errors import BadRequest, NotFound
 
@@ -105,18 +103,14 @@ def _hand_over(reply: dict[str, Any], token_file: Path | None, url: str, verb: s
     if token_file is not None:
         write_secret(token_file, reply["token"])
         err_console.print(f"{verb} host {host}; its join token is in {escape(str(token_file))}")
-        where = escape(str(token_file))
+        where = str(token_file)
     else:
         err_console.print(f"{verb} host {host}; its join token (shown once):")
         sys.stdout.write(reply["token"] + "\n")
         sys.stdout.flush()
         where = "NAME.token"
-    ca = " --ca-cert CA.pem" if url.lower().startswith("https:") else ""
-    err_console.print(
-        f"on {host}:  trainfleet join {escape(url)} --token-file {where}{ca}"
-        f"   (or set {env.JOIN_TOKEN})",
-        highlight=False,
-    )
+    join = join_command(url, where, tls=url.lower().startswith("https:"))
+    err_console.print(f"on {host}:  {escape(join)}   (or set {env.JOIN_TOKEN})", highlight=False)
     local = urlsplit(url).hostname
     if local in LOOPBACK_HOSTS:
         err_console.print(
@@ -189,18 +183,7 @@ def list_hosts(
     if as_json:
         print_json(hosts)
         return
-    table = Table(title="hosts", title_justify="left")
-    for col in ("host", "state", "enrolled", "token issued", "workers online"):
-        table.add_column(col)
-    for h in hosts:
-        table.add_row(
-            escape(h["name"]),
-            h["state"],
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(h["enrolled_at"])),
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(h["rotated_at"])),
-            str(h["workers_online"]),
-        )
-    console.print(table)
+    console.print(render.hosts_table(hosts))
 
 
 @workers_app.callback()
@@ -243,10 +226,12 @@ def revoke(
 
 
 def _print_revoked(reply: dict[str, Any], kind: str) -> None:
-    console.print(f"revoked {kind} {escape(reply['revoked'])}", highlight=False)
+    console.print(f"revoked {kind} {escape(render.clean(reply['revoked']))}", highlight=False)
     _print_requeued(console, reply["requeued"])
 
 
 def _print_requeued(out: Console, jobs: list[dict[str, Any]]) -> None:
     for job in jobs:
-        out.print(f"  requeued {escape(job['name'])} ({job['id'][:12]})", highlight=False)
+        out.print(
+            f"  requeued {escape(render.clean(job['name']))} ({job['id'][:12]})", highlight=False
+        )

@@ -24,6 +24,11 @@ def _url(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+def join_command(url: str, token_file: str, *, tls: bool) -> str:
+    """``trainfleet join`` as a host runs it, with its token file (and a CA over https)."""
+    return f"trainfleet join {url} --token-file {token_file}" + (" --ca-cert CA.pem" if tls else "")
+
+
 def serve_hints(
     *, host: str, port: int, tls: bool, state_dir: Path, default_state_dir: Path, open_join: bool
 ) -> list[str]:
@@ -35,7 +40,6 @@ def serve_hints(
     local = (name if tls else "::1" if host == "::" else "127.0.0.1") if everywhere else host
     here = _url(scheme, local, port)
     there = _url(scheme, name if everywhere else host, port)
-    ca = " --ca-cert CA.pem" if tls else ""
     enroll = "trainfleet hosts enroll NAME --token-file NAME.token"
     if here != env.DEFAULT_URL:
         enroll += f" --url {here}"
@@ -47,9 +51,9 @@ def serve_hints(
         + (", every interface" if everywhere else "")
         + f"  (state: {state_dir}; operator token in {state_dir / 'operator.token'})",
         f"enroll a host ({shell}):",
-        f"  {enroll}{ca}",
+        f"  {enroll}" + (" --ca-cert CA.pem" if tls else ""),
         "then, on that host, with NAME.token copied there:",
-        f"  trainfleet join {there} --token-file NAME.token{ca}",
+        f"  {join_command(there, 'NAME.token', tls=tls)}",
     ]
     if everywhere:
         lines.append(f"  ({name}: this machine's name; where a host cannot resolve it, its IP)")

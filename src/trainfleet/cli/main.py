@@ -473,7 +473,7 @@ def logs(
                     attempt = line["attempt"]
                     header = f"--- attempt {attempt} (epoch {line['epoch']}) ---"
                     err_console.print(render.plain(header, "dim"))
-                text = line["line"] if isinstance(line["line"], str) else str(line["line"])
+                text = str(line["line"])
                 sys.stdout.write((text if raw else render.clean(text)) + "\n")
             sys.stdout.flush()
             after = page["next_after"]

@@ -124,7 +124,22 @@ def workers_table(workers: list[dict[str, Any]]) -> Table:
             plain(cuda),
             _short(w.get("current_job") or "-", 12),
             f"{now - w['last_seen']:.0f}s ago" if isinstance(w["last_seen"], int | float) else "-",
-            plain("; ".join(clean(n) for n in w.get("notes") or [])),
+            plain("; ".join(map(str, w.get("notes") or []))),
+        )
+    return table
+
+
+def hosts_table(hosts: list[dict[str, Any]]) -> Table:
+    table = Table(title="hosts", title_justify="left")
+    for col in ("host", "state", "enrolled", "token issued", "workers online"):
+        table.add_column(col)
+    for h in hosts:
+        table.add_row(
+            plain(h["name"]),
+            plain(h["state"]),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(h["enrolled_at"])),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(h["rotated_at"])),
+            plain(h["workers_online"]),
         )
     return table
 

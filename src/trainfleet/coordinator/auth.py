@@ -54,20 +54,21 @@ async def authenticate(auth: Auth, request: Request, coord: Coordinator) -> str 
     token = bearer_token(request)
     if auth == "join":
         # Checked here, before the body is read, and again atomically by register_caller.
-        _join_host(token, coord)
-        if not _same(token, coord.join_token):
+        if not _join_host(token, coord):
             await run_in_threadpool(coord.queue.authenticate_host, token)
         return None
-    if auth in ("operator", "read") or (auth == "reader" and _same(token, coord.operator_token)):
-        if _same(token, coord.operator_token):
-            return None
+    if auth in ("operator", "read", "reader") and _same(token, coord.operator_token):
+        return None
+    if auth in ("operator", "read"):
         raise Unauthorized("wrong operator token")
     return await run_in_threadpool(coord.queue.authenticate_worker, token)
 
 
-def _join_host(token: str, coord: Coordinator) -> None:
-    """Refuse the shared join token outside open mode, and the operator token, clearly."""
-    if _same(token, coord.join_token) and not coord.open_join:
+def _join_host(token: str, coord: Coordinator) -> bool:
+    """Whether ``token`` is the shared join token (open mode); the shared token outside open
+    mode, and the operator token, are refused clearly."""
+    shared = _same(token, coord.join_token)
+    if shared and not coord.open_join:
         raise Unauthorized(
             "the shared join token is refused: this coordinator admits enrolled hosts only"
             " (`trainfleet hosts enroll NAME` issues a host's token; `serve --open-join`"
@@ -78,6 +79,7 @@ def _join_host(token: str, coord: Coordinator) -> None:
             "the operator token does not register workers: enroll the host with"
             " `trainfleet hosts enroll NAME` and join with its token"
         )
+    return shared
 
 
 async def register_caller(
@@ -85,7 +87,6 @@ async def register_caller(
 ) -> tuple[WorkerRecord, str]:
     """Register the worker presenting this join token, as the host the token allows."""
     token = bearer_token(request)
-    _join_host(token, coord)
-    if _same(token, coord.join_token):
+    if _join_host(token, coord):
         return await run_in_threadpool(coord.queue.register_open, capability)
     return await run_in_threadpool(coord.queue.register_enrolled, capability, token)

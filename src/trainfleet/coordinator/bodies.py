@@ -170,17 +170,3 @@ def _has_lone_surrogate(value: Any) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-def tree_too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether parsed data (dicts and lists) nests deeper than ``limit``; iterative, so a
-    deep tree built without brackets (TOML dotted keys: ``a.b.c...``) is caught too."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            if depth + 1 > limit:
-                return True
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
-    return False

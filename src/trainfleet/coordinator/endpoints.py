@@ -38,6 +38,7 @@ T = TypeVar("T")
 INT64_MAX = 2**63 - 1
 _INTEGER = re.compile(r"-?[0-9]{1,30}")
 RAW_PATH_KEY = "trainfleet.raw_path"  # set by app.py: path parameters arrive still quoted
+INLINE_PARSE_BYTES = 16 * 1024  # a JSON body up to this size is parsed on the event loop
 
 __all__ = ["MAX_JSON_BYTES", "Ctx", "Endpoint", "Param", "RouteTable", "error_response"]
 
@@ -57,11 +58,16 @@ class Param:
     max_length: int = 256
     enum: tuple[str, ...] = ()
 
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """An integer's range: the declared one, or SQLite's 64 bits."""
+        low = -(2**63) if self.minimum is None else self.minimum
+        return low, INT64_MAX if self.maximum is None else self.maximum
+
     def schema(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.kind}
         if self.kind == "integer":
-            out["minimum"] = -(2**63) if self.minimum is None else self.minimum
-            out["maximum"] = INT64_MAX if self.maximum is None else self.maximum
+            out["minimum"], out["maximum"] = self.bounds
         elif self.enum:
             out["enum"] = list(self.enum)
         else:
@@ -83,7 +89,7 @@ class Param:
             if not _INTEGER.fullmatch(raw):  # int() would also take "1_0", " 1", "٣"
                 raise BadRequest(f"{what} must be an integer, got {raw[:40]!r}")
             value = int(raw)
-            low, high = self.schema()["minimum"], self.schema()["maximum"]
+            low, high = self.bounds
             if not low <= value <= high:
                 raise BadRequest(f"{what} must be between {low} and {high}, got {value}")
             return value
@@ -136,12 +142,13 @@ class Ctx:
         return str(self.request.path_params[name])
 
     def _query(self, name: str) -> Param:
-        declared = {p.name: p for p in self.endpoint.query} if self.endpoint else {}
-        if name not in declared:
+        query = self.endpoint.query if self.endpoint else ()
+        declared = next((p for p in query if p.name == name), None)
+        if declared is None:
             # Undeclared: still range-checked, but the OpenAPI document does not list it.
             log.warning("query parameter %r is not declared by its route", name)
             return Param(name, "(undeclared)", kind="integer")
-        return declared[name]
+        return declared
 
     def query_int(self, name: str, default: int | None = None) -> int:
         """A query integer, validated against its declaration (range, required, default)."""
@@ -277,7 +284,12 @@ class RouteTable:
     async def _parse(ep: Endpoint, request: Request) -> BaseModel:
         assert ep.body is not None
         raw = await read_limited(request, MAX_JSON_BYTES)
-        data = await run_in_threadpool(parse_json, raw)  # the depth scan is CPU work
+        # A small body (a heartbeat's epoch) is parsed here; a large one's depth scan and
+        # decoding are CPU work, done off the event loop.
+        if len(raw) <= INLINE_PARSE_BYTES:
+            data = parse_json(raw)
+        else:
+            data = await run_in_threadpool(parse_json, raw)
         try:
             return ep.body.model_validate(data)
         except ValidationError as err:

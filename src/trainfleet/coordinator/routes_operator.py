@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import tomllib
-
 from trainfleet.coordinator.bodies import check_toml_depth
 from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.schemas import ManifestBody
-from trainfleet.errors import BadRequest, ManifestError
+from trainfleet.errors import BadRequest, ManifestError, ManifestTooDeep
 from trainfleet.manifest import parse_manifest
-from trainfleet.manifest.load import MAX_DEPTH, nested_too_deep
+from trainfleet.manifest.load import MAX_DEPTH
+from trainfleet.manifest.spec import Manifest
 from trainfleet.queue.base import JobRecord, ReloadPlan
 
 routes = RouteTable()
@@ -25,27 +24,21 @@ routes = RouteTable()
 )
 async def reload(ctx: Ctx) -> ReloadPlan:
     body: ManifestBody = ctx.body
-    await ctx.run(_check_nesting, body.text, body.path)
-    try:
-        manifest = parse_manifest(body.text, body.path)
-    except ManifestError as err:
-        raise BadRequest(f"invalid manifest {body.path}", problems=err.problems) from None
+    manifest = await ctx.run(_parse, body.text, body.path)
     return await ctx.run(ctx.coord.queue.apply_manifest, manifest, dry_run=body.dry_run)
 
 
-def _check_nesting(text: str, path: str) -> None:
-    """Refuse a manifest nested deeper than the loader's ``MAX_DEPTH`` before the recursive
-    parts of parsing see it: brackets by a scan (tomllib recurses per level), dotted keys
-    (``a.b.c...``, built without recursion) on the parsed tree, by the loader's own rule."""
+def _parse(text: str, path: str) -> Manifest:
+    """The manifest, parsed off the event loop. One nested deeper than the loader's
+    ``MAX_DEPTH`` is refused by a bracket scan before tomllib (which recurses per level)
+    sees it, and otherwise by the loader's own rule on the parsed tree (dotted keys)."""
     check_toml_depth(text, f"manifest {path}", MAX_DEPTH)
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        return  # parse_manifest reports it, with its line
-    except RecursionError:
+        return parse_manifest(text, path)
+    except ManifestTooDeep:
         raise BadRequest(f"manifest {path} nests deeper than {MAX_DEPTH} levels") from None
-    if nested_too_deep(data):
-        raise BadRequest(f"manifest {path} nests deeper than {MAX_DEPTH} levels")
+    except ManifestError as err:
+        raise BadRequest(f"invalid manifest {path}", problems=err.problems) from None
 
 
 @routes.route(

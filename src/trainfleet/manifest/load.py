@@ -28,7 +28,7 @@ from trainfleet.data.spec import (
     SyntheticDataset,
 )
 from trainfleet.data.tokenize import get_tokenizer
-from trainfleet.errors import ManifestError
+from trainfleet.errors import ManifestError, ManifestTooDeep
 from trainfleet.manifest.spec import (
     HOST_NAME_RULE,
     RENAMED_KEYS,
@@ -78,9 +78,9 @@ def _read_toml(text: str, path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as err:
         raise ManifestError(path, [f"not valid TOML: {err}"]) from None
     except RecursionError:
-        raise ManifestError(path, [f"nested deeper than {MAX_DEPTH} levels"]) from None
+        raise ManifestTooDeep(path, [f"nested deeper than {MAX_DEPTH} levels"]) from None
     if nested_too_deep(raw):
-        raise ManifestError(path, [f"nested deeper than {MAX_DEPTH} levels"])
+        raise ManifestTooDeep(path, [f"nested deeper than {MAX_DEPTH} levels"])
     return raw
 
 

@@ -216,10 +216,10 @@ class SQLiteQueue(JobQueue):
         if dataset is None:
             return
         digest = dataset_digest(dataset)
-        if sqlite_data.stored_plan(self._conn(), digest) is not None:
+        if sqlite_data.has_plan(self._conn(), digest):
             return
         with self._plan_lock:
-            if sqlite_data.stored_plan(self._conn(), digest) is not None:
+            if sqlite_data.has_plan(self._conn(), digest):
                 return
             plan = plan_expected_shards(dataset, self.settings.shard_plan_budget_s)
             with self._tx() as conn:

@@ -51,6 +51,11 @@ MAX_LOG_LINE_CHARS = 4096  # what is kept of each log line
 def fenced(conn: sqlite3.Connection, job_id: str, worker_id: str, epoch: int) -> sqlite3.Row:
     """The job's row, if ``worker_id`` still holds it at ``epoch`` and it is still active."""
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return _check_fence(row, job_id, worker_id, epoch)
+
+
+def _check_fence(row: sqlite3.Row | None, job_id: str, worker_id: str, epoch: int) -> sqlite3.Row:
+    """``fenced`` on a row the caller already read."""
     if row is None:
         raise NotFound(f"no job {job_id!r}")
     if row["epoch"] != epoch or row["worker_id"] != worker_id:
@@ -171,7 +176,7 @@ def heartbeat(
         and row["worker_id"] == worker_id
     ):
         return HeartbeatReply(cancel=True, state="cancelled")
-    row = fenced(conn, job_id, worker_id, epoch)
+    row = _check_fence(row, job_id, worker_id, epoch)
     now = clock()
     state = row["state"]
     if state == "claimed":
@@ -280,18 +285,16 @@ def complete(
     result: dict[str, Any],
     clock: Callable[[], float],
 ) -> JobRecord:
-    done = conn.execute(
-        "SELECT state, epoch, worker_id, result FROM jobs WHERE id = ?", (job_id,)
-    ).fetchone()
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if (
-        done is not None
-        and done["state"] == "completed"
-        and (done["epoch"], done["worker_id"]) == (epoch, worker_id)
-        and done["result"] is not None
-        and json.loads(done["result"]) == result
+        row is not None
+        and row["state"] == "completed"
+        and (row["epoch"], row["worker_id"]) == (epoch, worker_id)
+        and row["result"] is not None
+        and json.loads(row["result"]) == result
     ):
         return load_job(conn, job_id)  # the same report again: its reply was lost
-    row = fenced(conn, job_id, worker_id, epoch)
+    row = _check_fence(row, job_id, worker_id, epoch)
     now = clock()
     conn.execute(
         "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, updated_at = ?"

@@ -52,6 +52,12 @@ def stored_plan(conn: sqlite3.Connection, digest: str) -> ExpectedShards | None:
     )
 
 
+def has_plan(conn: sqlite3.Connection, digest: str) -> bool:
+    """Whether the coordinator's plan of dataset ``digest`` was made (without loading it)."""
+    sql = "SELECT 1 FROM shard_plans WHERE dataset_digest = ?"
+    return conn.execute(sql, (digest,)).fetchone() is not None
+
+
 def store_plan(conn: sqlite3.Connection, plan: ExpectedShards, now: float) -> None:
     """Keep the first plan made of a digest (two made at once are equal: pure functions)."""
     conn.execute(

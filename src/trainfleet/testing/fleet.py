@@ -11,7 +11,7 @@ whatever the test did.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import os
 import signal
 import socket
@@ -31,11 +31,11 @@ from trainfleet.client import Client
 from trainfleet.coordinator.app import create_app
 from trainfleet.coordinator.server import ServeConfig, build_coordinator
 from trainfleet.coordinator.state import Coordinator
-from trainfleet.errors import NotFound
 from trainfleet.testing.disk import SmallDisk
 from trainfleet.testing.proxy import FaultProxy
 from trainfleet.testing.wait import wait_until
 from trainfleet.testing.worker import WorkerHandle, tagged_processes
+from trainfleet.worker.shepherd import set_parent_death_signal
 
 __all__ = ["LiveFleet", "trainfleet_argv"]
 
@@ -169,15 +169,9 @@ class LiveFleet:
 
     # -- workers ------------------------------------------------------------------------
     def worker_token(self, host: str) -> str:
-        """The token a worker for ``host`` joins with: enrolled per host where the
-        coordinator supports it (once per host name), else the shared join token."""
+        """The token a worker for ``host`` joins with: enrolled once per host name."""
         if host not in self._tokens:
-            enroll = getattr(self.operator, "enroll_host", None)
-            token = self.coord.join_token
-            if enroll is not None:
-                with contextlib.suppress(NotFound):  # a coordinator without enrollment
-                    token = enroll(host)["token"]
-            self._tokens[host] = token
+            self._tokens[host] = self.operator.enroll_host(host)["token"]
         return self._tokens[host]
 
     def start_worker(
@@ -231,7 +225,9 @@ class LiveFleet:
                 env=worker_env,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                # SIGKILL it if the thread that started it dies: a worker never outlives
+                # a harness that was itself killed (Linux; elsewhere a no-op).
+                preexec_fn=functools.partial(set_parent_death_signal, signal.SIGKILL),
             )
         except BaseException:
             log_file.close()
@@ -252,17 +248,3 @@ class LiveFleet:
         )
         self.workers.append(handle)
         return handle
-
-    def worker_log(self, worker: WorkerHandle) -> str:
-        return worker.log_text()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL me if the thread that started me dies, so a
-    worker never outlives a harness that was itself killed (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-_PR_SET_PDEATHSIG = 1

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from trainfleet.errors import ApiError, CoordinatorUnavailable
 from trainfleet.worker.disk import DISK_FULL_BYTES, free_bytes, job_filled_disk, tree_bytes
 from trainfleet.worker.launch import build_argv, build_env
 from trainfleet.worker.logship import LogLimits, LogSpool
-from trainfleet.worker.process import DiskFull, JobProcess, ensure_dir, is_disk_full
+from trainfleet.worker.process import JobProcess, ensure_dir, is_disk_full
 from trainfleet.worker.report import Reply, Reporter, cut_text
 from trainfleet.worker.result import MetricsError, read_metrics
 
@@ -55,7 +56,6 @@ TERM_GRACE_S = 10.0
 USAGE_ERROR_EXIT = 2  # a built-in trainer exiting 2 rejected its parameters: never retried
 REFUSED_EXIT = 3  # a built-in trainer exiting 3 refused its data (a wrong router): never retried
 NOT_RETRIED_EXITS = (USAGE_ERROR_EXIT, REFUSED_EXIT)
-CANNOT_START_EXIT = 127  # the shepherd could not start the job's command
 REPORT_PATIENCE_S = 3600.0  # how long a finished attempt keeps trying to report
 LOG_FLUSH_S = 0.5
 DISK_CHECK_S = 1.0
@@ -70,10 +70,6 @@ class Outcome:
     detail: str = ""
     result: dict[str, Any] = field(default_factory=dict)
     disk_full: bool = False  # it ended because the worker's disk was full
-
-
-# Why the worker stopped a job before it exited by itself.
-STOP_REASONS = ("cancelled", "fenced", "released", "timeout", "lease", "refused", "disk_full")
 
 
 class Attempt:
@@ -175,7 +171,7 @@ class Attempt:
                     return
                 reply = self.reporter.send(
                     f"log lines of {self.name}",
-                    _bind(self.client.append_log, self.job_id, self.epoch, lines),
+                    partial(self.client.append_log, self.job_id, self.epoch, lines),
                     retry=retry,
                     patience_s=patience_s,
                     give_up=self.fenced.is_set,
@@ -426,14 +422,10 @@ class Attempt:
         )
 
 
-def _bind(call: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    return lambda: call(*args)
-
-
 def _disk_message(doing: str, err: OSError) -> str:
     if is_disk_full(err):
         return f"disk full on worker: {doing}: {err}"
     return f"worker error {doing}: {err}"
 
 
-__all__ = ["Attempt", "DiskFull", "Outcome", "build_argv", "build_env"]
+__all__ = ["Attempt", "Outcome", "build_argv", "build_env"]

@@ -78,9 +78,6 @@ class Backoff:
     def __post_init__(self) -> None:
         self.next_s = self.initial_s
 
-    def reset(self) -> None:
-        self.next_s = self.initial_s
-
     def wait(self, limit_s: float | None = None) -> bool:
         """Wait out the next delay (at most ``limit_s``); False when stopped meanwhile."""
         delay_s = min(self.next_s, self.max_s) * self.rng(0.8, 1.2)
