@@ -29,20 +29,19 @@ from trainfleet.data.spec import (
 )
 from trainfleet.data.tokenize import get_tokenizer
 from trainfleet.errors import ManifestError, ManifestTooDeep
+from trainfleet.manifest.names import HOST_NAME_RULE, HostName, Name
+from trainfleet.manifest.runs import RunSpec
 from trainfleet.manifest.spec import (
-    HOST_NAME_RULE,
     RENAMED_KEYS,
     Defaults,
-    HostName,
     HostPolicy,
     JobSpec,
     Manifest,
-    Name,
 )
 from trainfleet.queue.matching import blockers
-from trainfleet.train.recipes import RECIPES
+from trainfleet.train.recipes import RECIPES, GPTParams
 
-_TOP_LEVEL = {"defaults", "hosts", "datasets", "jobs"}
+_TOP_LEVEL = {"defaults", "hosts", "datasets", "jobs", "runs"}
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
 _HOST_NAME: TypeAdapter[str] = TypeAdapter(HostName)
 _DATASET: TypeAdapter[Any] = TypeAdapter(DatasetSpec)
@@ -325,7 +324,12 @@ def _check_job(
     """Add the job's problems to ``problems``; return the job with a train job's ``hyper`` as
     its recipe reads it (``lr = 1`` and ``lr = 1.0`` are one job). Only the keys the
     manifest set are kept, so adding a recipe default later changes no id."""
-    if job.kind == "train":
+    if job.kind == "replica":
+        problems.append(
+            f"{where}.kind: 'replica' jobs are a run's tasks, made by the coordinator;"
+            " declare a [[runs]] table instead"
+        )
+    elif job.kind == "train":
         if job.command is not None:
             problems.append(f"{where}.command: only kind='command' jobs take a command")
         recipe = RECIPES.get(job.recipe or "")
@@ -414,15 +418,97 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
         for problem in _attribute(job_problems, where, _inherited(body, defaults)):
             if not (problem.startswith("defaults.") and problem in problems):
                 problems.append(problem)
+    runs = _parse_runs(raw.get("runs", []), datasets, hosts, {j.name for j in jobs}, problems)
     if problems:
         raise ManifestError(path, problems)
-    warnings = _pattern_warnings(hosts, [job.name for job in jobs])
+    warnings = _pattern_warnings(
+        hosts, [job.name for job in jobs] + [f"{run.name}.r0.k0" for run in runs]
+    )
     if renamed:
         warnings.append(
             "max_attempts is deprecated: it is now max_failures (failed or lost attempts;"
             f" a hand-back does not count); rename it in {', '.join(renamed)}"
         )
-    return Manifest(defaults=defaults, hosts=hosts, datasets=datasets, jobs=jobs, warnings=warnings)
+    return Manifest(
+        defaults=defaults, hosts=hosts, datasets=datasets, jobs=jobs, runs=runs, warnings=warnings
+    )
+
+
+_RUN_IGNORED_HYPER = ("steps", "corpus", "corpus_bytes", "heldout_fraction")
+
+
+def _parse_runs(
+    raw_runs: Any,
+    datasets: dict[str, Any],
+    hosts: dict[str, HostPolicy],
+    job_names: set[str],
+    problems: list[str],
+) -> list[RunSpec]:
+    """``[[runs]]``: each validated like a job (the dataset named, hyper as the recipe's
+    params, host placement possible). ``[defaults]`` does not apply to runs."""
+    if not isinstance(raw_runs, list):
+        problems.append("runs: must be an array of [[runs]] tables")
+        return []
+    runs: list[RunSpec] = []
+    seen: dict[str, int] = {}
+    for i, body in enumerate(raw_runs):
+        label = body.get("name") if isinstance(body, dict) else None
+        where = f"runs[{i}] ({label!r})" if label else f"runs[{i}]"
+        if not isinstance(body, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        merged = dict(body)
+        if "dataset" not in merged:
+            problems.append(f"{where}.dataset: a run needs a dataset (a [datasets.NAME] table)")
+            continue
+        if not _resolve_dataset(merged, datasets, where, problems):
+            continue
+        run = _validate(RunSpec, merged, f"{where}.", problems)
+        if isinstance(label, str) and label in seen:
+            problems.append(f"{where}.name: duplicate run name (first at runs[{seen[label]}])")
+            continue
+        if isinstance(label, str):
+            seen[label] = i
+            if label in job_names:
+                problems.append(f"{where}.name: a job is named {label!r} too; pick another")
+        if run is not None:
+            runs.append(_check_run(run, hosts, where, problems))
+    return runs
+
+
+def _check_run(
+    run: RunSpec, hosts: dict[str, HostPolicy], where: str, problems: list[str]
+) -> RunSpec:
+    ignored = [k for k in _RUN_IGNORED_HYPER if k in run.hyper]
+    if ignored:
+        problems.append(
+            f"{where}.hyper: {', '.join(ignored)} do not apply to a run (its budget is rounds"
+            " or tokens; its data is the dataset)"
+        )
+    try:
+        params = RECIPES[run.recipe].params.model_validate(run.hyper)
+    except ValidationError as err:
+        problems.extend(_problems(f"{where}.hyper.", err, RECIPES[run.recipe].params))
+        return run
+    if run.dataset.router is not None:
+        problems.append(f"{where}.dataset: a run trains on a dataset without a router")
+    if run.min_vram_gib > 0 and not run.require_cuda:
+        problems.append(f"{where}.min_vram_gib: a VRAM minimum needs require_cuda = true")
+    gpt = typing.cast(GPTParams, params)
+    if run.warmup_rounds >= run.num_rounds(gpt.batch_size, gpt.seq_len):
+        problems.append(f"{where}.warmup_rounds: must be fewer than the run's rounds")
+    placement = JobSpec(
+        name=f"{run.name}.r0.k0",
+        kind="command",
+        command=["replica"],
+        require_cuda=run.require_cuda,
+        min_vram_gib=run.min_vram_gib,
+        min_ram_gib=run.min_ram_gib,
+        min_cores=run.min_cores,
+        allowed_hosts=run.allowed_hosts,
+    )
+    _check_job(placement, hosts, where, problems)  # an impossible placement is reported
+    return run.model_copy(update={"hyper": {k: getattr(params, k) for k in run.hyper}})
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -6,52 +6,19 @@ docs: one name per concept.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
-    StringConstraints,
-    ValidationInfo,
-    WithJsonSchema,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
-from trainfleet.capability.model import HOST_NAME_PATTERN, is_host_name
 from trainfleet.data.spec import DatasetSpec, content_fields
+from trainfleet.manifest.names import HostName, Name, _Spec
+from trainfleet.manifest.runs import ReplicaTask, RunSpec
 
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-HOST_NAME_RULE = "1-63 of letters, digits, '.', '_', '-', starting with a letter or digit"
-
-
-def _enrollable(name: str, info: ValidationInfo) -> str:
-    """A host name a manifest may give: one that can be enrolled (the capability model's
-    policy), so never ``open:NAME`` (open-mode workers are not policy's to pin) nor a name
-    longer than an enrollment allows. A spec read back from the queue (JSON) is taken as
-    stored: an earlier release allowed any string, and such a name just matches no host."""
-    if info.mode == "json" or is_host_name(name):
-        return name
-    raise PydanticCustomError(
-        "host_name",
-        "{name} is not a host name that can be enrolled ({rule})",
-        {"name": repr(name[:80]), "rule": HOST_NAME_RULE},
-    )
-
-
-HostName = Annotated[
-    str,
-    AfterValidator(_enrollable),
-    WithJsonSchema({"type": "string", "pattern": HOST_NAME_PATTERN}),
-]
 Scalar = str | int | float | bool
-JobKind = Literal["train", "command"]
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+JobKind = Literal["train", "command", "replica"]
 
 
 class HostPolicy(_Spec):
@@ -114,7 +81,11 @@ class JobSpec(_Spec):
     """One unit of independent training work."""
 
     name: Name = Field(description="unique job name (letters, digits, . _ -)")
-    kind: JobKind = Field("train", description="'train' (built-in trainer) or 'command'")
+    kind: JobKind = Field(
+        "train",
+        description="'train' (built-in trainer) or 'command'; 'replica' is a run's task,"
+        " made by the coordinator, never written in a manifest",
+    )
     recipe: str | None = Field(None, description="built-in recipe for kind='train' (e.g. 'gpt')")
     command: list[str] | None = Field(
         None, description="argv for kind='command'; hyper.* are appended as --key value"
@@ -150,6 +121,9 @@ class JobSpec(_Spec):
     path: int | None = Field(
         None, ge=0, description="for a routed dataset: the path whose documents the job trains on"
     )
+    task: ReplicaTask | None = Field(
+        None, description="for kind='replica': the run, round and replica slot it trains"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +145,8 @@ class JobSpec(_Spec):
             identity["dataset"] = content_fields(self.dataset)
         if self.path is not None:
             identity["path"] = self.path
+        if self.task is not None:
+            identity["task"] = self.task.model_dump(mode="json")
         return identity
 
     def scheduling(self) -> dict[str, Any]:
@@ -178,7 +154,17 @@ class JobSpec(_Spec):
         return self.model_dump(exclude=_IDENTITY_FIELDS)
 
 
-_IDENTITY_FIELDS = {"name", "kind", "recipe", "command", "mode", "hyper", "dataset", "path"}
+_IDENTITY_FIELDS = {
+    "name",
+    "kind",
+    "recipe",
+    "command",
+    "mode",
+    "hyper",
+    "dataset",
+    "path",
+    "task",
+}
 
 
 class Defaults(_Spec):
@@ -220,12 +206,13 @@ class Defaults(_Spec):
 
 
 class Manifest(_Spec):
-    """A whole manifest: defaults, host policies, datasets and jobs."""
+    """A whole manifest: defaults, host policies, datasets, jobs and runs."""
 
     defaults: Defaults = Field(default_factory=Defaults)
     hosts: dict[HostName, HostPolicy] = Field(default_factory=dict)
     datasets: dict[Name, DatasetSpec] = Field(default_factory=dict)
     jobs: list[JobSpec] = Field(default_factory=list)
+    runs: list[RunSpec] = Field(default_factory=list, description="collaborative DiLoCo runs")
     warnings: list[str] = Field(
         default_factory=list,
         exclude=True,
@@ -239,4 +226,9 @@ class Manifest(_Spec):
             if job.name in seen:
                 raise ValueError(f"duplicate job name {job.name!r}")
             seen.add(job.name)
+        runs: set[str] = set()
+        for run in self.runs:
+            if run.name in runs:
+                raise ValueError(f"duplicate run name {run.name!r}")
+            runs.add(run.name)
         return self
