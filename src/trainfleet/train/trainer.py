@@ -3,7 +3,10 @@
 ``train`` loads the corpus, trains with AdamW (linear warmup, then cosine decay to 10% of the
 peak learning rate, gradients clipped to norm 1) on random contiguous windows of the training
 bytes, evaluates the held-out loss once at the end, and writes ``model.safetensors``,
-``config.json`` and ``metrics.json`` into the output directory.
+``config.json`` and ``metrics.json`` into the output directory. The step (``train_step``), the
+loop around it (``run_steps``), the optimizer (``make_optimizer``) and the schedule (``lr_at``)
+are shared with a DiLoCo replica's inner steps (``inner``, ``gang``), so that one replica with
+outer lr 1 reproduces this trainer bit for bit.
 
 Reproducibility: initialisation and batch order come from ``params.seed`` alone, and torch runs
 with deterministic algorithms, so the same params on the same thread count give bit-identical
@@ -115,7 +118,14 @@ def load_checkpoint(output_dir: Path) -> tuple[GPT, GPTParams]:
     return model, params
 
 
-def _optimizer(model: GPT, params: GPTParams) -> torch.optim.AdamW:
+def model_from_weights(params: GPTParams, weights: dict[str, torch.Tensor]) -> GPT:
+    """The recipe's model holding ``weights`` (names and shapes must be exactly its own)."""
+    model = GPT(params.n_layers, params.d_model, params.n_heads, params.seq_len)
+    model.load_state_dict(weights)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, params: GPTParams) -> torch.optim.AdamW:
     # Decay weight matrices and embeddings only, not biases or LayerNorm gains.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -126,39 +136,77 @@ def _optimizer(model: GPT, params: GPTParams) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=params.lr, betas=(0.9, 0.95))
 
 
-def _run_steps(
-    model: GPT,
+StepHook = Callable[[float, float], tuple[float, bool]]
+"""Called after each step with (this process's loss, compute seconds so far); returns the
+loss to record and whether to stop now (a gang averages the loss over its ranks and agrees on
+stopping; an adaptive replica stops at its time target)."""
+
+
+def _no_hook(loss: float, _compute_s: float) -> tuple[float, bool]:
+    return loss, False
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    lr: float,
+) -> float:
+    """One optimizer step at ``lr`` on one batch, gradients clipped to ``GRAD_CLIP``; the loss.
+
+    Plain training, a DiLoCo replica's inner steps and every rank of a gang run exactly this
+    (a ``DistributedDataParallel`` model all-reduces the gradients inside ``backward``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    _, loss = model(inputs, targets)
+    assert loss is not None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    optimizer.step()
+    return float(loss.item())
+
+
+def run_steps(
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     params: GPTParams,
-    steps: int,
+    num_steps: int,
     log: Callable[[str], None],
+    *,
+    start_step: int = 0,
+    total_steps: int | None = None,
+    tokens_per_step: int | None = None,
+    hook: StepHook = _no_hook,
 ) -> tuple[list[float], float]:
-    """Take ``steps`` optimizer steps; return each step's loss and the wall time they took."""
-    tokens_per_step = params.batch_size * params.seq_len
-    log_every = max(1, steps // NUM_PROGRESS_LINES)
+    """Take up to ``num_steps`` steps, the first being step ``start_step`` of a schedule of
+    ``total_steps`` (default: ``num_steps``) for the learning rate; return each step's loss and
+    the wall time they took. ``hook`` may stop early (at least one step is taken)."""
+    total = num_steps if total_steps is None else total_steps
+    tokens_per_step = tokens_per_step or params.batch_size * params.seq_len
+    log_every = max(1, num_steps // NUM_PROGRESS_LINES)
     losses: list[float] = []
     started = last_log_time = time.perf_counter()
     last_log_step = 0
-    for step in range(steps):
-        lr = lr_at(step, params.lr, params.warmup_steps, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        _, loss = model(*next(batches))
-        assert loss is not None
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        losses.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+    for i in range(num_steps):
+        step = start_step + i
+        lr = lr_at(step, params.lr, params.warmup_steps, total)
+        loss, stop = hook(
+            train_step(model, optimizer, *next(batches), lr), time.perf_counter() - started
+        )
+        losses.append(loss)
+        if (i + 1) % log_every == 0 or i + 1 == num_steps or stop:
             now = time.perf_counter()
-            recent_tokens = (step + 1 - last_log_step) * tokens_per_step
+            recent_tokens = (i + 1 - last_log_step) * tokens_per_step
             log(
-                f"step {step + 1}/{steps} loss {losses[-1]:.4f} lr {lr:.1e} "
+                f"step {step + 1}/{total} loss {loss:.4f} lr {lr:.1e} "
                 f"tok/s {recent_tokens / (now - last_log_time):.0f}"
             )
-            last_log_step, last_log_time = step + 1, now
+            last_log_step, last_log_time = i + 1, now
+        if stop:
+            break
     return losses, time.perf_counter() - started
 
 
@@ -210,7 +258,7 @@ def _dataset_data(
         source.spec, source.settings, handed_router=source.handed_router, log=log
     )
     path = source.path or 0
-    feed = ShardFeed(
+    feed = ShardFeed.for_path(
         prepared,
         path,
         batch_size=params.batch_size,
@@ -276,13 +324,13 @@ def train(
     with deterministic_torch(params.seed, num_threads):
         threads = torch.get_num_threads()
         model = GPT(params.n_layers, params.d_model, params.n_heads, params.seq_len)
-        optimizer = _optimizer(model, params)
+        optimizer = make_optimizer(model, params)
         log(
             f"gpt {mode}: {model.num_params():,} params, {steps} steps, {source.describe}, "
             f"threads {threads}"
         )
 
-        losses, train_s = _run_steps(model, optimizer, source.batches, params, steps, log)
+        losses, train_s = run_steps(model, optimizer, source.batches, params, steps, log)
 
         heldout_loss = evaluate(model, source.heldout, params.batch_size, params.eval_batches)
 
