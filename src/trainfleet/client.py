@@ -3,13 +3,24 @@
 Error bodies come back as the same ``ApiError`` subclasses the server raised (``StaleEpoch``,
 ``Unauthorized``...); an unreachable coordinator or a 5xx is ``CoordinatorUnavailable``, which
 callers may retry.
+
+``max_mbps`` caps the client's bulk transfers (artifact uploads, artifact and weights
+downloads) to that many Mbit/s with a token bucket (:class:`TokenBucket`): a volunteer's
+``trainfleet join --max-mbps N`` is a real cap on the link it shares, not a hint.
+Downloads to a file are streamed to a temporary file beside it, their sha256 checked, then
+renamed: a file at ``dest`` is always whole and what was asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import ssl
+import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,8 +34,12 @@ from trainfleet.errors import (
     BadRequest,
     CoordinatorUnavailable,
     NotFound,
+    TrainfleetError,
     UntrustedCertificate,
 )
+
+CHUNK_BYTES = 1 << 20  # unthrottled transfer chunk
+THROTTLED_CHUNK_BYTES = 1 << 16  # under a rate cap: small chunks, so the pace is smooth
 
 _NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
@@ -57,6 +72,59 @@ def _untrusted(url: str, err: httpx.TransportError) -> UntrustedCertificate | No
     )
 
 
+class DownloadMismatch(TrainfleetError):
+    """Downloaded bytes do not hash to (or are larger than) what was asked for: refused,
+    nothing kept at the destination."""
+
+
+class TransferAborted(TrainfleetError):
+    """A download stopped half-way because its caller gave up on it; nothing was kept."""
+
+
+class TokenBucket:
+    """A token bucket of ``rate`` bytes/s holding at most ``burst`` bytes: ``take(n)``
+    blocks until ``n`` bytes may pass, so bytes sent in any window of ``t`` seconds stay
+    within ``burst + rate * t``. A take larger than the bucket goes into debt and sleeps it
+    off. ``clock`` and ``sleep`` are injectable, so tests run on a fake clock."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, not {rate}")
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else THROTTLED_CHUNK_BYTES)
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._last = clock()
+        self._lock = threading.Lock()
+        self.slept_s = 0.0  # total time spent waiting for tokens
+
+    @classmethod
+    def from_mbps(cls, mbps: float, **kw: Any) -> TokenBucket:
+        """A bucket for a link of ``mbps`` megabits (10^6 bits) per second."""
+        return cls(mbps * 1e6 / 8, **kw)
+
+    def take(self, n: int) -> float:
+        """Wait until ``n`` more bytes may pass; the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            wait_s = -self._tokens / self.rate if self._tokens < 0 else 0.0
+            self.slept_s += wait_s
+        if wait_s > 0:
+            self._sleep(wait_s)
+        return wait_s
+
+
 class EmptyReference(BadRequest, ValueError):
     """An empty job reference, refused before any request (the CLI prints it as an error)."""
 
@@ -70,6 +138,14 @@ def job_path(ref: str) -> str:
     return quote(ref, safe="")
 
 
+def run_path(ref: str) -> str:
+    """A run reference (name or id) as one URL path segment; :class:`EmptyReference` (a
+    ValueError) for an empty one."""
+    if not ref or not ref.strip():
+        raise EmptyReference("empty run reference: give a run name or id")
+    return quote(ref, safe="")
+
+
 class Client:
     def __init__(
         self,
@@ -79,11 +155,17 @@ class Client:
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         ca_cert: str | Path | None = None,
+        max_mbps: float | None = None,
+        bucket: TokenBucket | None = None,
     ):
         """``ca_cert``: a PEM file of the CA that signed an https coordinator's certificate
-        (a self-signed certificate is its own CA); default: the system's trust store."""
+        (a self-signed certificate is its own CA); default: the system's trust store.
+        ``max_mbps`` (or a ready ``bucket``): cap on uploads and downloads, in Mbit/s."""
         self.url = url.rstrip("/")
         self.token = token
+        if bucket is None and max_mbps is not None:
+            bucket = TokenBucket.from_mbps(max_mbps)
+        self.bucket = bucket
         verify: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
         )
@@ -163,19 +245,31 @@ class Client:
             "POST", f"/v1/jobs/{job_id}/logs", json={"epoch": epoch, "lines": lines}
         )
 
+    def _throttled(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """``chunks`` paced by the token bucket (as they are, without one)."""
+        for chunk in chunks:
+            if self.bucket is not None:
+                self.bucket.take(len(chunk))
+            yield chunk
+
+    @property
+    def _chunk_bytes(self) -> int:
+        return CHUNK_BYTES if self.bucket is None else THROTTLED_CHUNK_BYTES
+
     def upload(self, job_id: str, epoch: int, path: Path, sha256: str, name: str) -> Any:
         size = path.stat().st_size
+        chunk_bytes = self._chunk_bytes
 
         def chunks() -> Iterator[bytes]:
             with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
+                while chunk := f.read(chunk_bytes):
                     yield chunk
 
         return self.request(
             "PUT",
             f"/v1/jobs/{job_id}/artifacts/{sha256}",
             params={"epoch": epoch, "size": size, "name": name},
-            content=chunks(),
+            content=self._throttled(chunks()),
             headers={"Content-Length": str(size)},
         )
 
@@ -213,6 +307,16 @@ class Client:
 
     def workers(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/workers")["workers"]
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Collaborative runs, oldest first (``RunRecord`` JSON)."""
+        result: list[dict[str, Any]] = self.request("GET", "/v1/runs")["runs"]
+        return result
+
+    def run(self, ref: str) -> dict[str, Any]:
+        """One run by name (its newest run) or id: ``{run, rounds, contributions, same_name}``."""
+        result: dict[str, Any] = self.request("GET", f"/v1/runs/{run_path(ref)}")
+        return result
 
     def cancel(self, ref: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_path(ref)}/cancel")
@@ -261,16 +365,72 @@ class Client:
             return None
         return result
 
-    def download(self, sha256: str, dest: Path) -> None:
+    def _stream(self, path: str) -> Iterator[bytes]:
+        """The body of ``GET path``, chunk by chunk, paced by the token bucket."""
         try:
-            with self._http.stream(
-                "GET", f"/v1/artifacts/{quote(sha256, safe='')}", headers=self._headers()
-            ) as response:
+            with self._http.stream("GET", path, headers=self._headers()) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._decode(response)
-                with dest.open("wb") as f:
-                    for chunk in response.iter_bytes():
-                        f.write(chunk)
+                yield from self._throttled(response.iter_bytes(self._chunk_bytes))
         except httpx.TransportError as err:
+            untrusted = _untrusted(self.url, err)
+            if untrusted is not None:
+                raise untrusted from err
             raise CoordinatorUnavailable(f"cannot reach coordinator at {self.url}: {err}") from err
+
+    def download(self, sha256: str, dest: Path, max_bytes: int | None = None) -> int:
+        """An artifact (read auth) into ``dest``, checked against ``sha256``; its size."""
+        return self._fetch_verified(
+            f"/v1/artifacts/{quote(sha256, safe='')}", sha256, dest, max_bytes
+        )
+
+    def get_weights(
+        self,
+        sha256: str,
+        dest: Path,
+        max_bytes: int | None = None,
+        give_up: Callable[[], bool] | None = None,
+    ) -> int:
+        """A run's global weights (worker auth) into ``dest``, checked; their size.
+        ``give_up()`` is asked between chunks: True stops with ``TransferAborted``."""
+        return self._fetch_verified(
+            f"/v1/weights/{quote(sha256, safe='')}", sha256, dest, max_bytes, give_up
+        )
+
+    def _fetch_verified(
+        self,
+        path: str,
+        sha256: str,
+        dest: Path,
+        max_bytes: int | None,
+        give_up: Callable[[], bool] | None = None,
+    ) -> int:
+        """Stream ``GET path`` into a temporary file beside ``dest``, hash it as it comes,
+        and rename it to ``dest`` only when it is exactly ``sha256`` (``DownloadMismatch``
+        otherwise, and as soon as it passes ``max_bytes``)."""
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        tmp = Path(tmp_name)
+        try:
+            digest, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as f:
+                for chunk in self._stream(path):
+                    if give_up is not None and give_up():
+                        raise TransferAborted(f"{path}: download abandoned after {size} bytes")
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise DownloadMismatch(
+                            f"{path}: more than the {max_bytes} bytes expected; refused"
+                        )
+                    digest.update(chunk)
+                    f.write(chunk)
+            got = digest.hexdigest()
+            if got != sha256:
+                raise DownloadMismatch(
+                    f"{path}: the {size} bytes received hash to {got}, not {sha256}; refused"
+                )
+            os.replace(tmp, dest)
+            return size
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

@@ -24,6 +24,9 @@ CACHE_BYTES = "TRAINFLEET_CACHE_BYTES"  # disk bound of the shard cache
 MAX_SHARDS = "TRAINFLEET_MAX_SHARDS"  # memory bound of the shard cache, in shards
 VERIFY_ROUTING = "TRAINFLEET_VERIFY_ROUTING"  # "1": re-fit a handed router before using it
 ROUTER_FILE = "TRAINFLEET_ROUTER_FILE"  # the router the coordinator handed over, if any
+# `trainfleet join --max-mbps N`: the volunteer's link cap (Mbit/s), handed to replica programs
+# (which pick their pseudo-gradient codec from it); never part of a run's spec.
+MAX_MBPS = "TRAINFLEET_MAX_MBPS"
 
 DEFAULT_MAX_SHARDS = 8  # `join --max-shards`: shards kept in memory
 DEFAULT_CACHE_GIB = 4.0  # `join --cache-gib`: disk bound of the shard cache

@@ -42,6 +42,7 @@ from trainfleet.cli.common import setup_logging as _setup_logging
 from trainfleet.cli.data import app as data_app
 from trainfleet.cli.fleet import hosts_app, workers_app
 from trainfleet.cli.hints import WorkerTag, serve_hints
+from trainfleet.cli.runs import list_runs, run_app
 from trainfleet.client import Client
 
 app = typer.Typer(
@@ -274,6 +275,17 @@ def join(
             " if the digests differ.",
         ),
     ] = False,
+    max_mbps: Annotated[
+        float | None,
+        typer.Option(
+            "--max-mbps",
+            min=0.001,
+            help="Cap this worker's uploads and downloads at N Mbit/s (a real cap: a token"
+            " bucket), and tell replica programs of collaborative runs, which pick their"
+            " pseudo-gradient codec to fit it. This machine's own setting (the volunteer's),"
+            " never part of a run's spec. Default: no cap.",
+        ),
+    ] = None,
     state_dir: StateOpt = DEFAULT_STATE,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -329,8 +341,9 @@ def join(
                 max_shards=max_shards,
                 verify_routing=verify_routing,
             ),
+            max_mbps=max_mbps,
         ),
-        client_factory=lambda tok: Client(url, tok, ca_cert=ca_cert),
+        client_factory=lambda tok: Client(url, tok, ca_cert=ca_cert, max_mbps=max_mbps),
     )
     tag.registration = lambda: worker.registration
     worker.install_signal_handlers()
@@ -564,6 +577,8 @@ def download(
 app.add_typer(data_app)
 app.add_typer(hosts_app)
 app.add_typer(workers_app)
+app.command("runs")(list_runs)
+app.add_typer(run_app)
 
 
 def main() -> None:

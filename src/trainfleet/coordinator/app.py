@@ -1,6 +1,7 @@
-"""Build the coordinator's ASGI app: routes, JSON errors, OpenAPI, metrics, the reaper and
-the artifact GC. The reaper restarts every active lease after a wall-clock step, so that a
-step neither requeues running jobs nor keeps lost ones (the rule: ``clock_steps``)."""
+"""Build the coordinator's ASGI app: routes, JSON errors, OpenAPI, metrics, the reaper, the
+artifact GC and the round driver of collaborative runs (``rounds``). The reaper restarts
+every active lease after a wall-clock step, so that a step neither requeues running jobs nor
+keeps lost ones (the rule: ``clock_steps``)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ from trainfleet.coordinator import (
     routes_hosts,
     routes_operator,
     routes_read,
+    routes_runs,
     routes_worker,
 )
 from trainfleet.coordinator.clock_steps import ClockSteps
 from trainfleet.coordinator.endpoints import RAW_PATH_KEY, Ctx, RouteTable
+from trainfleet.coordinator.rounds import TICK_S as ROUND_TICK_S
 from trainfleet.coordinator.state import Coordinator
 from trainfleet.queue.base import JobRecord
 
@@ -37,7 +40,14 @@ log = logging.getLogger(__name__)
 
 def api_routes() -> RouteTable:
     table = RouteTable()
-    for module in (routes_worker, routes_operator, routes_read, routes_data, routes_hosts):
+    for module in (
+        routes_worker,
+        routes_operator,
+        routes_read,
+        routes_data,
+        routes_hosts,
+        routes_runs,
+    ):
         table.include(module.routes)
     return table
 
@@ -83,6 +93,25 @@ async def _collect_garbage_forever(coord: Coordinator) -> None:
             )
         except Exception:
             log.exception("artifact gc pass failed; retrying")
+
+
+async def _drive_rounds_forever(coord: Coordinator) -> None:
+    """Tick the round driver every ``TICK_S``, and at once after a replica completion."""
+    wake = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def wake_up() -> None:
+        loop.call_soon_threadsafe(wake.set)
+
+    coord.rounds.wake = wake_up
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), ROUND_TICK_S)
+        wake.clear()
+        try:
+            await run_in_threadpool(coord.rounds.tick)
+        except Exception:
+            log.exception("round driver tick failed; retrying")
 
 
 def create_app(coord: Coordinator) -> Starlette:
@@ -148,6 +177,7 @@ def create_app(coord: Coordinator) -> Starlette:
         tasks = [
             asyncio.create_task(_reap_forever(coord)),
             asyncio.create_task(_collect_garbage_forever(coord)),
+            asyncio.create_task(_drive_rounds_forever(coord)),
         ]
         try:
             yield

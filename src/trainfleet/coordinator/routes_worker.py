@@ -278,6 +278,9 @@ async def complete(ctx: Ctx) -> JobRecord:
         bound = await ctx.run(queue.artifacts, job_id)
         if not any(a.sha256 == artifact and a.epoch == body.epoch for a in bound):
             raise BadRequest(f"result names artifact {artifact!r}, not uploaded by this attempt")
+    job = await ctx.run(queue.get_job, job_id)
+    if job.spec.kind == "replica":  # a run's task: its pseudo-gradient is judged and recorded
+        return await ctx.run(ctx.coord.rounds.complete, job, ctx.worker, body.epoch, body.result)
     return await ctx.run(queue.complete, job_id, ctx.worker, body.epoch, body.result)
 
 

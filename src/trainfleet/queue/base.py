@@ -14,12 +14,21 @@ epoch and are refused with ``StaleEpoch`` unless it is still current.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainfleet.capability.model import Capability
 from trainfleet.manifest.spec import JobSpec, Manifest
+from trainfleet.queue.runs_base import (
+    ContributionRecord,
+    RoundOutcome,
+    RoundRecord,
+    RoundStatus,
+    RunRecord,
+    Verdict,
+)
 
 JobState = Literal["pending", "claimed", "running", "completed", "failed", "cancelled"]
 ACTIVE_STATES: tuple[JobState, ...] = ("claimed", "running")
@@ -177,6 +186,11 @@ class ReloadPlan(_Record):
         default_factory=list,
         description="suspicious but valid: host patterns that match no job, renamed keys",
     )
+    runs: list[PlanEntry] = Field(
+        default_factory=list,
+        description="collaborative runs; state: added, kept, changed (scheduling, or a new"
+        " identity under the same name: the old run is superseded) or removed (paused)",
+    )
 
 
 class JobRef(_Record):
@@ -193,6 +207,7 @@ class JobQueue(abc.ABC):
     """The queue contract. Backends: ``SQLiteQueue`` (Postgres arrives in its own issue)."""
 
     settings: QueueSettings
+    clock: Callable[[], float]
 
     # operator ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -353,7 +368,58 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     def is_bound(self, sha256: str) -> bool:
-        """Whether any artifact record names this digest (the artifact GC keeps it)."""
+        """Whether any artifact record, or a run's weights or momentum, names this digest
+        (the artifact GC keeps it)."""
+
+    # collaborative runs (records: queue.runs_base; round rules: coordinator.rounds) --------
+    @abc.abstractmethod
+    def list_runs(self) -> list[RunRecord]: ...
+
+    @abc.abstractmethod
+    def get_run(self, ref: str) -> RunRecord:
+        """A run by id, or by name (the newest run of that name); ``NotFound``."""
+
+    @abc.abstractmethod
+    def run_rounds(self, run_id: str) -> list[RoundRecord]: ...
+
+    @abc.abstractmethod
+    def run_contributions(self, run_id: str) -> list[ContributionRecord]: ...
+
+    @abc.abstractmethod
+    def runs_to_open(self) -> list[RunRecord]:
+        """Active runs whose first round is not opened yet (new in a reload)."""
+
+    @abc.abstractmethod
+    def open_first_round(
+        self, run_id: str, weights: str, weights_size: int, tasks: list[JobSpec]
+    ) -> bool:
+        """Open round 0 with these weights and replica tasks; False if already open."""
+
+    @abc.abstractmethod
+    def open_rounds(self) -> list[RoundStatus]:
+        """The open round of every active run, with its contributions and task states."""
+
+    @abc.abstractmethod
+    def complete_replica(
+        self, job_id: str, worker_id: str, epoch: int, result: dict[str, Any], verdict: Verdict
+    ) -> JobRecord:
+        """Complete a replica attempt and record its contribution in one transaction. The
+        same completion again (its reply was lost) records nothing more."""
+
+    @abc.abstractmethod
+    def close_round(self, outcome: RoundOutcome) -> bool:
+        """Write a round's close; False (nothing written) if it is no longer open."""
+
+    @abc.abstractmethod
+    def note_round(self, run_id: str, round: int, detail: str) -> None:
+        """Record why an open round is still open (e.g. timed out below quorum)."""
+
+    @abc.abstractmethod
+    def weights_round(self, sha256: str) -> tuple[str, int] | None:
+        """(run id, round) of the newest round that started from these weights, or None."""
+
+    @abc.abstractmethod
+    def add_bytes_down(self, run_id: str, round: int, num_bytes: int) -> None: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -22,12 +22,13 @@ from typing import Any
 
 from trainfleet.capability.model import Capability
 from trainfleet.data.spec import dataset_digest
-from trainfleet.manifest.spec import Manifest
+from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue import (
     sqlite_attempts,
     sqlite_data,
     sqlite_hosts,
     sqlite_operator,
+    sqlite_runs,
     sqlite_schema,
     sqlite_workers,
 )
@@ -47,6 +48,14 @@ from trainfleet.queue.base import (
     WorkerRecord,
 )
 from trainfleet.queue.explain import explain_job
+from trainfleet.queue.runs_base import (
+    ContributionRecord,
+    RoundOutcome,
+    RoundRecord,
+    RoundStatus,
+    RunRecord,
+    Verdict,
+)
 from trainfleet.queue.shard_plans import plan_expected_shards
 from trainfleet.queue.sqlite_schema import (
     SCHEMA,
@@ -320,7 +329,10 @@ class SQLiteQueue(JobQueue):
 
     def is_bound(self, sha256: str) -> bool:
         sql = "SELECT 1 FROM artifacts WHERE sha256 = ? LIMIT 1"
-        return self._conn().execute(sql, (sha256,)).fetchone() is not None
+        conn = self._conn()
+        return conn.execute(sql, (sha256,)).fetchone() is not None or sqlite_runs.is_bound(
+            conn, sha256
+        )
 
     def list_workers(self) -> list[WorkerRecord]:
         conn = self._conn()
@@ -350,3 +362,61 @@ class SQLiteQueue(JobQueue):
     def counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
+
+    # collaborative runs (sqlite_runs) ---------------------------------------------------
+    def list_runs(self) -> list[RunRecord]:
+        rows = self._conn().execute("SELECT * FROM runs ORDER BY seq").fetchall()
+        return [sqlite_runs.run_record(r) for r in rows]
+
+    def get_run(self, ref: str) -> RunRecord:
+        return sqlite_runs.get_run(self._conn(), ref)
+
+    def run_rounds(self, run_id: str) -> list[RoundRecord]:
+        rows = self._conn().execute(
+            "SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,)
+        )
+        return [sqlite_runs.round_record(r) for r in rows]
+
+    def run_contributions(self, run_id: str) -> list[ContributionRecord]:
+        rows = self._conn().execute(
+            "SELECT * FROM contributions WHERE run_id = ? ORDER BY round, replica, created_at",
+            (run_id,),
+        )
+        return [sqlite_runs.contribution_record(r) for r in rows]
+
+    def runs_to_open(self) -> list[RunRecord]:
+        return sqlite_runs.runs_to_open(self._conn())
+
+    def open_first_round(
+        self, run_id: str, weights: str, weights_size: int, tasks: list[JobSpec]
+    ) -> bool:
+        with self._tx() as conn:
+            return sqlite_runs.open_first_round(
+                conn, run_id, weights, weights_size, tasks, self.clock()
+            )
+
+    def open_rounds(self) -> list[RoundStatus]:
+        return sqlite_runs.open_rounds(self._conn())
+
+    def complete_replica(
+        self, job_id: str, worker_id: str, epoch: int, result: dict[str, Any], verdict: Verdict
+    ) -> JobRecord:
+        with self._tx() as conn:
+            return sqlite_runs.complete_replica(
+                conn, job_id, worker_id, epoch, result, verdict, self.clock
+            )
+
+    def close_round(self, outcome: RoundOutcome) -> bool:
+        with self._tx() as conn:
+            return sqlite_runs.close_round(conn, outcome, self.clock)
+
+    def note_round(self, run_id: str, round: int, detail: str) -> None:
+        with self._tx() as conn:
+            sqlite_runs.note_round(conn, run_id, round, detail)
+
+    def weights_round(self, sha256: str) -> tuple[str, int] | None:
+        return sqlite_runs.weights_round(self._conn(), sha256)
+
+    def add_bytes_down(self, run_id: str, round: int, num_bytes: int) -> None:
+        with self._tx() as conn:
+            sqlite_runs.add_bytes_down(conn, run_id, round, num_bytes)

@@ -6,8 +6,10 @@ is idempotent: a worker that asks again while it holds a job it never heartbeat 
 was lost) gets the same claim back; one that holds a running job gets a 409 naming it. Every
 later write of that attempt (heartbeat, log lines, artifact, complete, fail) names the epoch
 and is *fenced*: it is refused with ``StaleEpoch`` once the attempt has been written off, so a
-worker that lost its claim can never overwrite the attempt that replaced it. ``reap_jobs``
-writes off attempts whose heartbeats stopped or that ran past their timeout.
+worker that lost its claim can never overwrite the attempt that replaced it. A replica task
+of a collaborative run also waits briefly for the worker that had its slot last round
+(``affinity_wait``). ``reap_jobs`` writes off attempts whose heartbeats stopped or that ran
+past their timeout.
 
 Each function runs on a connection the caller has already put inside a write transaction,
 and ``clock`` is the queue's clock.
@@ -46,6 +48,7 @@ from trainfleet.queue.sqlite_schema import (
 from trainfleet.queue.sqlite_workers import candidates, release_worker, touch
 
 MAX_LOG_LINE_CHARS = 4096  # what is kept of each log line
+AFFINITY_WAIT_S = 2.0  # a replica task waits this long for its slot's previous worker
 
 
 def fenced(conn: sqlite3.Connection, job_id: str, worker_id: str, epoch: int) -> sqlite3.Row:
@@ -107,6 +110,10 @@ def claim(
         if blockers(spec, cap, policy):
             continue
         if deferrals(spec, me, others, now - row["pending_since"], wait_s):
+            continue
+        if spec.kind == "replica" and affinity_wait(
+            conn, spec, worker_id, now - row["pending_since"], now, settings.offline_after_s
+        ):
             continue
         return _take(conn, row, worker_id, cap, clock)
     return None
@@ -402,3 +409,33 @@ def reap_jobs(
         _end_attempt(conn, row, why, clock, count=True, retryable=True, kind="lost")
         reaped.append(load_job(conn, jid))
     return reaped
+
+
+def affinity_wait(
+    conn: sqlite3.Connection,
+    spec: JobSpec,
+    worker_id: str,
+    pending_for_s: float,
+    now: float,
+    offline_after_s: float,
+) -> str | None:
+    """Why ``worker_id`` should leave this replica task to its slot's previous worker now.
+
+    Round r's task for slot k waits up to ``AFFINITY_WAIT_S`` after it became pending for the
+    worker whose slot-k contribution was accepted in round r-1, while that worker is online,
+    so that worker keeps its inner optimizer state (DiLoCo replicas keep AdamW state).
+    """
+    task = spec.task
+    if task is None or task.round == 0 or pending_for_s >= AFFINITY_WAIT_S:
+        return None
+    row = conn.execute(
+        "SELECT c.worker_id, w.state, w.last_seen FROM contributions c JOIN workers w"
+        " ON w.id = c.worker_id WHERE c.run_id = ? AND c.round = ? AND c.replica = ?"
+        " AND c.status IN ('accepted', 'applied') ORDER BY c.created_at DESC LIMIT 1",
+        (task.run_id, task.round - 1, task.replica),
+    ).fetchone()
+    if row is None or row["worker_id"] == worker_id:
+        return None
+    if row["state"] != "online" or now - row["last_seen"] > offline_after_s:
+        return None
+    return f"kept for worker {row['worker_id']} (it has slot {task.replica}'s optimizer state)"

@@ -6,7 +6,9 @@ changed jobs get their new scheduling fields, and jobs gone from the manifest ar
 ``in_manifest = 0``: they stay visible, an active one finishes its attempt, but a pending one
 is no longer claimable, so an edited job's old version never runs ahead of the new one.
 ``requeue`` of a removed job is the explicit way to run it anyway: it marks the job
-``pinned`` (claimable although not in the manifest) until a reload adds it back. Each
+``pinned`` (claimable although not in the manifest) until a reload adds it back. Runs
+(``[[runs]]``) are reloaded by ``sqlite_runs_reload.apply_runs``; their replica jobs are not part of
+the jobs' diff. Each
 function runs on a connection the caller has already put inside a write transaction, and
 ``clock`` is the queue's clock.
 """
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from trainfleet.errors import Conflict
 from trainfleet.manifest.identity import manifest_hash
 from trainfleet.manifest.spec import JobSpec, Manifest
+from trainfleet.queue import sqlite_runs_reload
 from trainfleet.queue.base import JobRecord, PlanEntry, ReloadPlan
 from trainfleet.queue.reload import Diff, StoredJob, diff_manifest
 from trainfleet.queue.sqlite_schema import find_job_row, insert_event, load_job
@@ -51,11 +54,15 @@ def apply_manifest(
             spec=JobSpec.model_validate_json(r["spec"]),
             in_manifest=bool(r["in_manifest"]),
         )
-        for r in conn.execute("SELECT id, name, state, spec, in_manifest FROM jobs")
+        for r in conn.execute(
+            "SELECT id, name, state, spec, in_manifest FROM jobs"
+            " WHERE json_extract(spec, '$.kind') IS NOT 'replica'"
+        )
     ]
     diff = diff_manifest(manifest, stored)
     if not dry_run:
         _apply_diff(conn, manifest, mhash, diff, clock)
+    runs = sqlite_runs_reload.apply_runs(conn, manifest, clock, dry_run=dry_run)
     return ReloadPlan(
         manifest_hash=mhash,
         added=[
@@ -67,6 +74,7 @@ def apply_manifest(
         removed=diff.removed,
         applied=not dry_run,
         warnings=manifest.warnings,
+        runs=runs,
     )
 
 

@@ -136,6 +136,67 @@ CREATE TABLE IF NOT EXISTS enrollments (
     rotated_at REAL NOT NULL,
     revoked_at REAL
 );
+CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs
+    (json_extract(spec, '$.task.run_id'), json_extract(spec, '$.task.round'));
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    round INTEGER NOT NULL DEFAULT 0,
+    num_rounds INTEGER NOT NULL,
+    weights TEXT,
+    weights_size INTEGER NOT NULL DEFAULT 0,
+    momentum TEXT,
+    in_manifest INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_name ON runs (name, seq);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    weights TEXT NOT NULL,
+    weights_size INTEGER NOT NULL,
+    target_s REAL,
+    opened_at REAL NOT NULL,
+    quorum_at REAL,
+    closed_at REAL,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
+    late_applied INTEGER NOT NULL DEFAULT 0,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    heldout_loss REAL,
+    bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0,
+    next_weights TEXT,
+    wall_s REAL,
+    detail TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (run_id, round)
+);
+CREATE INDEX IF NOT EXISTS rounds_by_weights ON rounds (weights);
+CREATE TABLE IF NOT EXISTS contributions (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    replica INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    worker_id TEXT NOT NULL,
+    sha256 TEXT,
+    size INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    norm REAL,
+    inner_steps_done INTEGER NOT NULL DEFAULT 0,
+    compute_s REAL,
+    staleness INTEGER NOT NULL DEFAULT 0,
+    applied_in_round INTEGER,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (job_id, epoch)
+);
+CREATE INDEX IF NOT EXISTS contributions_by_round ON contributions (run_id, round, replica);
 CREATE TABLE IF NOT EXISTS log_usage (
     job_id TEXT NOT NULL,
     attempt INTEGER NOT NULL,

@@ -18,6 +18,12 @@ unreachable:
 - a full disk on the worker (preparing the attempt, writing ``output.log``, under 64 KiB free,
   packing the outputs) stops the job and hands it back, no failure counted, unless the job
   filled the disk itself (the rule is in :mod:`trainfleet.worker.disk`).
+
+A ``replica`` job (one replica of one round of a collaborative DiLoCo run) runs the same way;
+only its preparation and its payload differ (:mod:`trainfleet.worker.replica_task`): the
+round's global weights are fetched into the worker's weights cache first (while heartbeats
+run; the same outcomes apply to the download), and on exit 0 the pseudo-gradient file itself
+is uploaded and reported with a ``contribution`` record.
 """
 
 from __future__ import annotations
@@ -37,16 +43,23 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from trainfleet import env
-from trainfleet.artifacts import pack_dir
-from trainfleet.client import Client
+from trainfleet.artifacts import pack_dir, sha256_file
+from trainfleet.client import Client, DownloadMismatch, TransferAborted
 from trainfleet.data.prepare import CacheSettings
 from trainfleet.data.spec import DatasetSpec
 from trainfleet.data.verify import router_fit_id
 from trainfleet.errors import ApiError, CoordinatorUnavailable
 from trainfleet.worker.disk import DISK_FULL_BYTES, free_bytes, job_filled_disk, tree_bytes
-from trainfleet.worker.launch import build_argv, build_env
+from trainfleet.worker.launch import ReplicaFiles, build_argv, build_env
 from trainfleet.worker.logship import LogLimits, LogSpool
 from trainfleet.worker.process import JobProcess, ensure_dir, is_disk_full
+from trainfleet.worker.replica_task import (
+    PSEUDOGRAD_FILE,
+    WeightsCache,
+    contribution,
+    prepare,
+    replica_task,
+)
 from trainfleet.worker.report import Reply, Reporter, cut_text
 from trainfleet.worker.result import MetricsError, read_metrics
 
@@ -56,6 +69,7 @@ TERM_GRACE_S = 10.0
 USAGE_ERROR_EXIT = 2  # a built-in trainer exiting 2 rejected its parameters: never retried
 REFUSED_EXIT = 3  # a built-in trainer exiting 3 refused its data (a wrong router): never retried
 NOT_RETRIED_EXITS = (USAGE_ERROR_EXIT, REFUSED_EXIT)
+BUILTIN_KINDS = ("train", "replica")  # programs of ours: their exit codes 2 and 3 mean the above
 REPORT_PATIENCE_S = 3600.0  # how long a finished attempt keeps trying to report
 LOG_FLUSH_S = 0.5
 DISK_CHECK_S = 1.0
@@ -91,6 +105,8 @@ class Attempt:
         term_grace_s: float = TERM_GRACE_S,
         report_patience_s: float = REPORT_PATIENCE_S,
         may_hand_back_disk: bool = True,
+        max_mbps: float | None = None,
+        weights: WeightsCache | None = None,
     ):
         self.client = client
         self.claim = claim
@@ -98,12 +114,17 @@ class Attempt:
         self.job_id: str = self.job["id"]
         self.epoch: int = claim["epoch"]
         self.spec = self.job["spec"]
+        self.workdir = workdir
         self.dir = workdir / "jobs" / f"{self.job_id[:12]}-a{claim['attempt']}"
         self.output_dir = self.dir / "output"
         self.heartbeat_interval_s = heartbeat_interval_s
         self.num_threads = num_threads
         self.data = data or CacheSettings(directory=workdir / "cache")
         self.data_env = self.data.to_env()
+        self.max_mbps = max_mbps  # the worker's link cap, handed to replica programs
+        self.weights = weights or WeightsCache(
+            (self.data.directory or workdir / "cache") / "weights"
+        )
         self.stop = stop  # set by the daemon on SIGTERM: hand the job back
         self.lease_s = lease_s  # the coordinator's heartbeat timeout
         self.limits = limits or LogLimits()
@@ -221,8 +242,14 @@ class Attempt:
                 if is_disk_full(err):
                     return self._disk_full("preparing the attempt", err, started=False)
                 return self._fail(_disk_message("preparing the attempt", err))
+            replica = None
+            if self.spec["kind"] == "replica":
+                prepared = self._prepare_replica()
+                if isinstance(prepared, Outcome):
+                    return prepared
+                replica = prepared
             self.free_at_start = free_bytes(self.dir)
-            argv = build_argv(self.spec, self.output_dir)
+            argv = build_argv(self.spec, self.output_dir, replica)
             log.info(
                 "running %s (attempt %d, epoch %d): %s",
                 self.name,
@@ -239,7 +266,42 @@ class Attempt:
             for t in threads:
                 t.join(timeout=30)
 
-    def _why_stop(self, deadline: float, proc: JobProcess) -> str | None:
+    def _prepare_replica(self) -> ReplicaFiles | Outcome:
+        """The replica program's files (weights fetched while heartbeats go on), or how
+        the attempt ended if they could not be had."""
+        try:
+            task = replica_task(self.spec)
+        except ValueError as err:
+            return self._fail(f"malformed replica task: {err}", retryable=False)
+
+        def give_up() -> bool:  # the attempt ended meanwhile: stop downloading
+            return self._why_stop(float("inf")) is not None
+
+        try:
+            reply = self.reporter.send(
+                f"weights download of {self.name}",
+                lambda: prepare(task, self.dir, self.workdir, self.weights, self.client, give_up),
+                patience_s=self.report_patience_s,
+                give_up=give_up,
+            )
+        except TransferAborted:
+            return self._report(-1, self._why_stop(float("inf")) or "lease", self._disk_error)
+        except DownloadMismatch as err:
+            return self._fail(str(err))
+        except OSError as err:
+            if is_disk_full(err):
+                return self._disk_full("fetching the weights", err, started=False)
+            return self._fail(_disk_message("fetching the weights", err))
+        if reply.accepted and reply.value is not None:
+            return reply.value
+        if reply.outcome == "refused":
+            return self._fail(f"coordinator refused the weights: {reply.reason}")
+        if reply.outcome == "fenced":
+            return Outcome("fenced", f"{self.name}: stopped, nothing reported")
+        stopped_by = self._why_stop(float("inf")) or "lease"  # out of patience: it is lost
+        return self._report(-1, stopped_by, self._disk_error)
+
+    def _why_stop(self, deadline: float, proc: JobProcess | None = None) -> str | None:
         if self.cancelled.is_set():
             return "cancelled"
         if self.fenced.is_set():
@@ -248,7 +310,7 @@ class Attempt:
             return "refused"
         if self.stop.is_set():
             return "released"
-        if proc.disk_error is not None or self._disk_is_full():
+        if (proc is not None and proc.disk_error is not None) or self._disk_is_full():
             return "disk_full"
         if self.lease_expired():
             return "lease"
@@ -271,7 +333,9 @@ class Attempt:
     def _run_process(self, argv: list[str]) -> tuple[int, str | None, OSError | None]:
         proc = JobProcess(
             argv,
-            env=build_env(self.claim, self.output_dir, self.num_threads, self.data_env),
+            env=build_env(
+                self.claim, self.output_dir, self.num_threads, self.data_env, self.max_mbps
+            ),
             log_path=self.dir / "output.log",
             on_line=self._add_line,
             grace_s=self.term_grace_s,
@@ -319,7 +383,7 @@ class Attempt:
         if returncode != 0:
             tail = "\n".join(list(self._tail)[-5:])
             error = f"exit code {returncode}" + (f"; last output:\n{tail}" if tail else "")
-            retryable = not (self.spec["kind"] == "train" and returncode in NOT_RETRIED_EXITS)
+            retryable = not (self.spec["kind"] in BUILTIN_KINDS and returncode in NOT_RETRIED_EXITS)
             return self._fail(error, retryable=retryable)
         return self._upload_and_complete()
 
@@ -388,21 +452,39 @@ class Attempt:
             return Outcome("fenced", f"{self.name}: written off before the report landed")
         return Outcome("unreported", f"{outcome.status} but not reported: {reply.reason}")
 
+    def _package(self) -> tuple[Path, str, int] | Outcome:
+        """What to upload, its sha256 and size: a replica's pseudo-gradient file itself (the
+        coordinator decodes it), any other job's output directory packed."""
+        replica = self.spec["kind"] == "replica"
+        if replica:
+            path, doing = self.output_dir / PSEUDOGRAD_FILE, "hashing the pseudo-gradient"
+            if not path.is_file():
+                return self._fail(
+                    f"the replica program exited 0 without writing output/{PSEUDOGRAD_FILE}",
+                    retryable=False,
+                )
+        else:
+            path, doing = self.dir / "outputs.tar.zst", "packing the outputs"
+        try:
+            sha256, size = sha256_file(path) if replica else pack_dir(self.output_dir, path)
+        except OSError as err:
+            if is_disk_full(err):
+                return self._disk_full(doing, err, started=True)
+            return self._fail(_disk_message(doing, err))
+        return path, sha256, size
+
     def _upload_and_complete(self) -> Outcome:
         try:
             metrics, non_finite = read_metrics(self.output_dir / "metrics.json")
         except MetricsError as err:
             return self._fail(str(err), retryable=False)
-        archive = self.dir / "outputs.tar.zst"
-        try:
-            sha256, size = pack_dir(self.output_dir, archive)
-        except OSError as err:
-            if is_disk_full(err):
-                return self._disk_full("packing the outputs", err, started=True)
-            return self._fail(_disk_message("packing the outputs", err))
+        packaged = self._package()
+        if isinstance(packaged, Outcome):
+            return packaged
+        payload, sha256, size = packaged
         upload = self._send(
             "upload",
-            lambda: self.client.upload(self.job_id, self.epoch, archive, sha256, archive.name),
+            lambda: self.client.upload(self.job_id, self.epoch, payload, sha256, payload.name),
         )
         if upload.outcome == "refused":
             return self._fail(f"coordinator refused the artifact: {upload.reason}")
@@ -410,6 +492,8 @@ class Attempt:
             return self._after_report(upload, Outcome("failed"))
         dropped = self._final_logs(retry=True)
         result: dict[str, Any] = {"metrics": metrics, "artifact": sha256, "artifact_size": size}
+        if self.spec["kind"] == "replica":
+            result["contribution"] = contribution(replica_task(self.spec), metrics, payload, size)
         if non_finite:
             result["non_finite"] = non_finite
         if dropped:

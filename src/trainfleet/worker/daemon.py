@@ -15,6 +15,12 @@ Before each claim the daemon checks that its workdir has ``min_free_bytes`` free
 has not, it claims nothing and waits (says so once; a stop ends the wait). An attempt that
 ended on a full disk is handed back rather than failed, within the limits of
 :mod:`trainfleet.worker.disk`, and its directory is removed.
+
+``max_mbps`` (``trainfleet join --max-mbps``) caps the worker's own uploads and downloads
+(the client's token bucket) and is handed to replica programs, which pick their
+pseudo-gradient codec from it. The global weights of collaborative runs are cached once per
+worker (:class:`~trainfleet.worker.replica_task.WeightsCache`, under the data cache
+directory); replica state directories live under ``WORKDIR/runs``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from trainfleet.errors import (
 from trainfleet.worker.attempt import Attempt, Outcome
 from trainfleet.worker.disk import MAX_DISK_HANDBACKS, ClaimGate, min_free_bytes_from_env
 from trainfleet.worker.logship import LogLimits
+from trainfleet.worker.replica_task import WeightsCache
 from trainfleet.worker.report import Reporter, cut_text
 
 log = logging.getLogger(__name__)
@@ -65,6 +72,8 @@ class WorkerConfig:
     keep_failed_attempts: int = DEFAULT_KEEP_FAILED_ATTEMPTS  # attempt dirs kept for debugging
     # claim only with this much free under workdir (env TRAINFLEET_MIN_FREE_BYTES; 1 MiB)
     min_free_bytes: int = field(default_factory=min_free_bytes_from_env)
+    # the volunteer's link cap in Mbit/s (uploads, downloads; replica codecs): never the run's
+    max_mbps: float | None = None
 
 
 class Worker:
@@ -75,11 +84,15 @@ class Worker:
         self.stop = threading.Event()
         self.reporter = Reporter(self.stop)
         self.outcomes: list[Outcome] = []  # one per attempt run, in order
-        self._client_factory = client_factory or (lambda token: Client(cfg.url, token))
+        self._client_factory = client_factory or (
+            lambda token: Client(cfg.url, token, max_mbps=cfg.max_mbps)
+        )
         self.client = self._client_factory(cfg.join_token)
         self.worker_id: str | None = None
         self.registration: dict[str, Any] = {}
         self.disk_handbacks: dict[str, int] = {}  # job id -> full-disk hand-backs by this worker
+        cache_dir = cfg.data.directory if cfg.data is not None else None
+        self.weights = WeightsCache((cache_dir or cfg.workdir / "cache") / "weights")
         self.gate = ClaimGate(
             cfg.workdir, cfg.min_free_bytes, prune=lambda: prune_kept_attempts(cfg.workdir)
         )
@@ -223,6 +236,8 @@ class Worker:
             limits=LogLimits.from_limits(self.registration.get("limits")),
             reporter=self.reporter,
             may_hand_back_disk=handbacks < MAX_DISK_HANDBACKS,
+            max_mbps=self.cfg.max_mbps,
+            weights=self.weights,
         )
         try:
             outcome = attempt.run()

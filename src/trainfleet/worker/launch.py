@@ -1,10 +1,19 @@
-"""What a job is started with: its command line and its environment."""
+"""What a job is started with: its command line and its environment.
+
+A ``replica`` job (one replica's share of one round of a collaborative run, DiLoCo:
+Douillard et al. 2023, arXiv 2311.08105) runs ``python -m trainfleet.train.replica`` on the
+files the worker prepared for it (:class:`ReplicaFiles`: the task, the cached global weights,
+the replica's state directory, kept across rounds). The worker's link cap
+(``trainfleet join --max-mbps``) reaches it as ``TRAINFLEET_MAX_MBPS``: the volunteer's
+setting, from which the replica picks its pseudo-gradient codec.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +22,37 @@ from trainfleet import env
 CREDENTIALS = (env.JOIN_TOKEN, env.TOKEN)  # the worker's secrets: never handed to a job
 
 
-def build_argv(spec: dict[str, Any], output_dir: Path) -> list[str]:
-    """The job's command line: the built-in trainer, or the manifest's command + --key value."""
+@dataclass(frozen=True)
+class ReplicaFiles:
+    """What the worker prepared for a replica job."""
+
+    task: Path  # the ReplicaTask as JSON
+    weights: Path  # the round's global weights (in the worker's weights cache)
+    state_dir: Path  # <workdir>/runs/<run_id>/replica<k>: optimizer state across rounds
+
+
+def build_argv(
+    spec: dict[str, Any], output_dir: Path, replica: ReplicaFiles | None = None
+) -> list[str]:
+    """The job's command line: the built-in trainer, the replica program (``replica``
+    gives its files), or the manifest's command + --key value."""
+    if spec["kind"] == "replica":
+        if replica is None:
+            raise ValueError("a replica job needs its prepared files")
+        return [
+            sys.executable,
+            "-u",
+            "-m",
+            "trainfleet.train.replica",
+            "--task",
+            str(replica.task),
+            "--weights",
+            str(replica.weights),
+            "--state-dir",
+            str(replica.state_dir),
+            "--output",
+            str(output_dir),
+        ]
     if spec["kind"] == "train":
         return [
             sys.executable,
@@ -48,10 +86,19 @@ def build_env(
     output_dir: Path,
     num_threads: int,
     data_env: dict[str, str] | None = None,
+    max_mbps: float | None = None,
 ) -> dict[str, str]:
+    """The job's environment: the worker's, less its credentials (and less any inherited
+    link cap), plus the attempt's names; ``max_mbps`` reaches replica jobs only."""
     job = claim["job"]
     bin_dir = str(Path(sys.executable).parent)
-    inherited = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
+    hidden = (*CREDENTIALS, env.MAX_MBPS)
+    inherited = {k: v for k, v in os.environ.items() if k not in hidden}
+    link = (
+        {env.MAX_MBPS: f"{max_mbps:g}"}
+        if max_mbps is not None and job["spec"]["kind"] == "replica"
+        else {}
+    )
     return {
         **inherited,
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
@@ -64,4 +111,5 @@ def build_env(
         env.MODE: job["spec"]["mode"],
         env.OUTPUT_DIR: str(output_dir),
         **(data_env or {}),
+        **link,
     }

@@ -1,0 +1,328 @@
+"""The round driver: opens, judges and closes the rounds of collaborative DiLoCo runs.
+
+DiLoCo (Douillard et al. 2023, arXiv 2311.08105): each round, every replica starts from the
+same global weights, takes H inner steps and returns its pseudo-gradient; the coordinator
+averages them and takes one outer Nesterov step. Here a round's replicas are queue jobs
+(``kind = "replica"``), so claims, fencing and reaping are the queue's; this module decides
+what a contribution is worth and when a round ends. Tables: ``queue.sqlite_runs``; the pure
+rules (when to close, the tasks of a round): ``round_plan``.
+
+Rules:
+
+- **Opening.** A run new in a reload gets round 0 at the next tick: weights =
+  ``inner.init_weights(GPTParams(**hyper))`` stored (safetensors) in the artifact store by
+  sha256, and one task per replica. Every replica of round r is handed the same digest, so
+  all start from byte-identical weights, whichever worker (re)claims a task.
+- **Arrival** (``complete``, on the worker's completion). The pseudo-gradient is decoded
+  against the round's start weights: malformed or non-finite -> ``refused`` with the reason
+  at once (the attempt still completes; ``result.verdict`` says so); otherwise ``accepted``
+  with its norm, inner steps and compute time. More than ``max_staleness`` rounds late, or
+  after the run ended, it is ``dropped``.
+- **Closing** round r, when (a) every replica reported (accepted or refused) or its task
+  failed for good; or (b) accepted >= quorum and ``straggler_wait x (quorum_at - opened_at)``
+  has passed since ``quorum_at``; or (c) ``round_timeout_s`` has passed with accepted >=
+  quorum. Below quorum at the timeout the round stays open (its ``detail`` says so; lost tasks
+  are requeued by the queue's own rules); it never fails the run.
+- **The close**: all unapplied accepted contributions, this round's and late ones of earlier
+  rounds, in (round, replica) order; older than ``max_staleness`` -> dropped; the rest are
+  screened (``outer.screen``: non-finite, norm > outlier_factor x median -> refused), averaged
+  (``outer.average``: weight = inner_steps_done / H, damped 1/(1+staleness)) and applied by
+  ``outer.outer_step`` (warm-up rounds: lr 1, momentum 0 and the momentum buffer untouched).
+  No usable contribution: the weights stay as they were (the outer step is discarded, like
+  torchft's ``should_commit``). Held-out loss every ``eval_every`` rounds and at the last.
+  Then ONE queue transaction records the close and opens round r+1 (or completes the run).
+  Running tasks of round r keep running; their contributions apply late, at the next close.
+- **Determinism**: a close depends only on stored rows and content-addressed blobs, so a
+  coordinator that dies before the close's transaction computes the same close on restart:
+  no accepted contribution is lost and no round is applied twice.
+- **Adaptive H**: round r+1's ``target_s`` = median over round r's applied contributions of
+  ``compute_s x H / inner_steps_done`` (none after a warm-up round).
+
+Ticks run after each replica completion and every ``TICK_S`` (``app.py``), in a thread, under
+one lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from trainfleet.coordinator.round_plan import (
+    close_reason,
+    inner_steps_of,
+    replica_tasks,
+    target_s,
+)
+from trainfleet.manifest.runs import RunSpec
+from trainfleet.queue.base import ACTIVE_STATES, JobRecord
+from trainfleet.queue.runs_base import (
+    ContributionRecord,
+    RoundOutcome,
+    RoundStatus,
+    RunRecord,
+    Verdict,
+)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from trainfleet.coordinator.state import Coordinator
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5
+CACHED_WEIGHTS = 4  # decoded start weights kept in memory (the open round and a few before)
+Weights = dict[str, "Tensor"]
+Evaluate = Callable[[RunSpec, Weights], float]
+
+
+class RoundDriver:
+    """Drives every run's rounds for one coordinator. ``evaluate`` (held-out loss of new
+    weights) is injectable; by default ``inner.heldout_loss`` with a cache under ``runs_dir``."""
+
+    def __init__(self, coord: Coordinator, evaluate: Evaluate | None = None):
+        self.coord = coord
+        self.evaluate: Evaluate = evaluate or self._heldout_loss
+        self.lock = threading.Lock()
+        self._weights: OrderedDict[str, Weights] = OrderedDict()
+        self._weights_lock = threading.Lock()
+        self._noted: set[tuple[str, int]] = set()
+        self.wake: Callable[[], None] = lambda: None  # set by the app's ticker
+
+    # blobs --------------------------------------------------------------------------------
+    def load_weights(self, sha256: str) -> Weights:
+        """Tensors of a stored safetensors blob (cached: the same few start weights are
+        read by every arrival and close of a round)."""
+        import safetensors.torch
+
+        with self._weights_lock:
+            if sha256 in self._weights:
+                self._weights.move_to_end(sha256)
+                return self._weights[sha256]
+        tensors = safetensors.torch.load(self.coord.store.read_bytes(sha256))
+        with self._weights_lock:
+            self._weights[sha256] = tensors
+            while len(self._weights) > CACHED_WEIGHTS:
+                self._weights.popitem(last=False)
+        return tensors
+
+    def save_weights(self, tensors: Weights) -> tuple[str, int]:
+        """Store fp32 tensors as safetensors, content addressed; (sha256, size)."""
+        import safetensors.torch
+
+        data = safetensors.torch.save({k: tensors[k].contiguous() for k in sorted(tensors)})
+        sha = hashlib.sha256(data).hexdigest()
+        staging = self.coord.staging_dir
+        fd, name = tempfile.mkstemp(prefix="weights-", suffix=".part", dir=staging)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            self.coord.store.commit_file(name, sha, len(data))
+        finally:
+            os.unlink(name)
+        return sha, len(data)
+
+    # arrival ------------------------------------------------------------------------------
+    def complete(
+        self, job: JobRecord, worker_id: str, epoch: int, result: dict[str, Any]
+    ) -> JobRecord:
+        """Judge a replica's completion and record it (``complete_replica``)."""
+        current = job.state in ACTIVE_STATES and (job.epoch, job.worker_id) == (epoch, worker_id)
+        # Not current: the queue answers a repeated report from the stored job, or refuses.
+        verdict = self.judge(job, result) if current else Verdict("refused", "not current")
+        record = self.coord.queue.complete_replica(job.id, worker_id, epoch, result, verdict)
+        self.wake()
+        return record
+
+    def judge(self, job: JobRecord, result: dict[str, Any]) -> Verdict:
+        from trainfleet.errors import NotFound
+        from trainfleet.train import pseudograd
+
+        task = job.spec.task
+        assert task is not None
+        metrics = result.get("metrics") or {}
+        steps = _number(metrics.get("inner_steps_done"))
+        done = task.inner_steps if steps is None else max(0, min(task.inner_steps, int(steps)))
+        compute_s = _number(metrics.get("compute_s"))
+        sha = result.get("artifact")
+        if not isinstance(sha, str):
+            return Verdict("refused", "the result names no pseudo-gradient artifact")
+        try:
+            data = self.coord.store.read_bytes(sha)
+        except NotFound:
+            return Verdict("refused", f"artifact {sha[:12]} is not stored", sha256=sha)
+
+        def verdict(status: Literal["accepted", "refused"], reason: str = "") -> Verdict:
+            norm = pseudograd.global_norm(delta) if status == "accepted" else None
+            return Verdict(status, reason, norm, sha, len(data), done, compute_s)
+
+        try:
+            delta = pseudograd.decode(data, self.load_weights(task.weights)).delta
+        except pseudograd.PseudoGradError as err:
+            return verdict("refused", f"malformed pseudo-gradient: {err}")
+        if not pseudograd.all_finite(delta):
+            return verdict("refused", "non-finite values in the pseudo-gradient")
+        return verdict("accepted")
+
+    # ticks --------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Open new runs' first rounds and close every round whose time has come."""
+        queue = self.coord.queue
+        with self.lock:
+            for run in queue.runs_to_open():
+                try:
+                    self._open_first(run)
+                except Exception:
+                    log.exception("run %s: opening round 0 failed; retrying", run.name)
+            for status in queue.open_rounds():
+                try:
+                    self._maybe_close(status)
+                except Exception:
+                    log.exception(
+                        "run %s: closing round %d failed; retrying",
+                        status.run.name,
+                        status.round.round,
+                    )
+
+    def _open_first(self, run: RunRecord) -> None:
+        from trainfleet.train import inner
+        from trainfleet.train.recipes import GPTParams
+
+        sha, size = self.save_weights(inner.init_weights(GPTParams(**run.spec.hyper)))
+        if self.coord.queue.open_first_round(
+            run.id, sha, size, replica_tasks(run, 0, sha, size, None)
+        ):
+            log.info("run %s (%s): round 0 opened, weights %s", run.name, run.id[:12], sha[:12])
+
+    def _maybe_close(self, st: RoundStatus) -> None:
+        spec, rnd = st.run.spec, st.round
+        now = self.coord.queue.clock()
+        mine = [c for c in st.contributions if c.round == rnd.round]
+        accepted = [c for c in mine if c.status == "accepted"]
+        reported = {c.replica for c in mine if c.status in ("accepted", "refused")}
+        gone = {k for k, s in st.task_states.items() if s in ("failed", "cancelled")}
+        all_in = all(k in reported or k in gone for k in range(spec.replicas))
+        why = close_reason(spec, rnd, len(accepted), all_in, now)
+        if why is None:
+            if (
+                now >= rnd.opened_at + spec.round_timeout_s
+                and (st.run.id, rnd.round) not in self._noted
+            ):
+                self._noted.add((st.run.id, rnd.round))
+                detail = (
+                    f"timed out after {spec.round_timeout_s:g}s with {len(accepted)} of"
+                    f" {spec.quorum} contributions needed; open until quorum"
+                )
+                log.warning("run %s round %d: %s", st.run.name, rnd.round, detail)
+                self.coord.queue.note_round(st.run.id, rnd.round, detail)
+            return
+        outcome = self.close(st, why)
+        if self.coord.queue.close_round(outcome):
+            log.info(
+                "run %s round %d closed (%s): %d applied, %d late, %d refused, %d dropped, loss %s",
+                st.run.name,
+                rnd.round,
+                why,
+                outcome.accepted,
+                outcome.late_applied,
+                len(outcome.refused),
+                len(outcome.dropped),
+                outcome.heldout_loss,
+            )
+
+    # the close ----------------------------------------------------------------------------
+    def close(self, st: RoundStatus, why: str) -> RoundOutcome:
+        """Compute a close (no writes but content-addressed blobs): see the module doc."""
+        from trainfleet.train import outer, pseudograd
+
+        run, spec, rnd = st.run, st.run.spec, st.round
+        starts = {r.round: r.weights for r in self.coord.queue.run_rounds(run.id)}
+        pending = sorted(
+            (c for c in st.contributions if c.status == "accepted"),
+            key=lambda c: (c.round, c.replica, c.created_at),
+        )
+        dropped: list[tuple[str, int, str]] = []
+        refused: list[tuple[str, int, str]] = []
+        used: list[tuple[ContributionRecord, Any]] = []
+        for c in pending:
+            staleness = rnd.round - c.round
+            if staleness > spec.max_staleness:
+                dropped.append((c.job_id, c.epoch, f"too stale at close: {staleness} rounds"))
+                continue
+            try:
+                assert c.sha256 is not None
+                delta = pseudograd.decode(
+                    self.coord.store.read_bytes(c.sha256), self.load_weights(starts[c.round])
+                ).delta
+            except Exception as err:  # recorded as refused; one bad file never stops a run
+                refused.append((c.job_id, c.epoch, f"unreadable at close: {err}"))
+                continue
+            h = inner_steps_of(spec, c.round)
+            weight = max(1, c.inner_steps_done) / h
+            contrib = outer.Contribution(c.replica, delta, staleness, weight, c.worker_id)
+            used.append((c, contrib))
+        kept, screened = outer.screen([x for _, x in used], spec.outlier_factor)
+        by_obj = {id(x): c for c, x in used}
+        refused += [(by_obj[id(x)].job_id, by_obj[id(x)].epoch, why_) for x, why_ in screened]
+        applied = [by_obj[id(x)] for x in kept]
+        weights = self.load_weights(rnd.weights)
+        momentum_sha = run.momentum
+        detail = why
+        if kept:
+            warm = rnd.round < spec.warmup_rounds
+            lr, mu = (1.0, 0.0) if warm else (spec.outer_lr, spec.outer_momentum)
+            old_m = self.load_weights(run.momentum) if run.momentum and not warm else None
+            new_w, new_m = outer.outer_step(weights, outer.average(kept), old_m, lr, mu)
+            if not warm:
+                momentum_sha = None if new_m is None else self.save_weights(new_m)[0]
+        else:
+            new_w = weights
+            detail += "; no usable contribution: weights unchanged"
+        sha, size = self.save_weights(new_w)
+        nxt = rnd.round + 1
+        loss = None
+        if nxt % spec.eval_every == 0 or nxt >= run.num_rounds:
+            try:
+                loss = self.evaluate(spec, new_w)
+            except Exception as err:
+                log.exception("run %s round %d: held-out evaluation failed", run.name, rnd.round)
+                detail += f"; evaluation failed: {err}"
+        target = target_s(spec, rnd.round, applied) if spec.adaptive_inner_steps else None
+        on_time = sum(c.round == rnd.round for c in applied)
+        return RoundOutcome(
+            run_id=run.id,
+            round=rnd.round,
+            applied=[(c.job_id, c.epoch) for c in applied],
+            refused=refused,
+            dropped=dropped,
+            accepted=on_time,
+            late_applied=len(applied) - on_time,
+            heldout_loss=loss,
+            next_weights=sha,
+            next_weights_size=size,
+            momentum=momentum_sha,
+            detail=detail,
+            next_tasks=replica_tasks(run, nxt, sha, size, target) if nxt < run.num_rounds else [],
+            next_target_s=target,
+        )
+
+    def _heldout_loss(self, spec: RunSpec, weights: Weights) -> float:
+        from trainfleet.data.prepare import CacheSettings
+        from trainfleet.train import inner
+        from trainfleet.train.recipes import GPTParams
+
+        assert self.coord.runs_dir is not None
+        settings = CacheSettings(directory=self.coord.runs_dir / "eval-cache")
+        return inner.heldout_loss(GPTParams(**spec.hyper), spec.dataset, weights, settings)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if value == value and abs(value) != float("inf") else None

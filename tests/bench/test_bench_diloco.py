@@ -1,0 +1,90 @@
+"""The DiLoCo benchmark: its harness drives the real replica and coordinator code (one replica
+at outer lr 1, no momentum, fp32 is plain training), and the quick mode writes its metrics."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from trainfleet.data.prepare import CacheSettings
+from trainfleet.data.spec import StdlibDataset
+from trainfleet.manifest.runs import CompressionSpec
+from trainfleet.train.inner import heldout_loss
+from trainfleet.train.recipes import GPTParams
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is a top-level package beside src/
+    return importlib.import_module(f"bench.{name}")
+
+
+def test_one_replica_diloco_is_the_one_worker_arm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arms = bench(monkeypatch, "diloco_arms")
+    ours = bench(monkeypatch, "diloco_ours")
+    params = GPTParams(
+        n_layers=1, d_model=32, n_heads=2, seq_len=32, batch_size=4, warmup_steps=2, eval_batches=2
+    )
+    dataset = StdlibDataset(name="stdlib", source="stdlib", max_documents=40, shard_tokens=16384)
+    setup = arms.Setup(params, dataset, tmp_path / "cache", 1, 12, 4)
+    weights = arms.initial_weights(params)
+    held = arms.HeldOut(setup)
+    # the bench's evaluator is the coordinator's
+    assert held.loss(weights) == heldout_loss(
+        params, dataset, weights, CacheSettings(tmp_path / "cache")
+    )
+
+    single = arms.one_worker(setup, weights, 3e-3, held)
+    arm = {
+        "inner_steps": 4,
+        "warmup_rounds": 0,
+        "inner_lr": 3e-3,
+        "outer_lr": 1.0,
+        "momentum": 0.0,
+        "codec": CompressionSpec(kind="none"),
+        "label": "one replica",
+    }
+    diloco = ours.our_diloco(setup, weights, held, tmp_path / "ours", arm)
+
+    assert [p.steps for p in diloco.points] == [p.steps for p in single.points] == [4, 8, 12]
+    assert [p.loss for p in diloco.points] == [p.loss for p in single.points]
+    assert diloco.final_loss < held.loss(weights)
+    assert diloco.points[-1].sent == 3 * diloco.extra["payload_bytes_mean"]
+    assert diloco.points[-1].sent > 3 * 4 * arms.num_params(weights)  # fp32 end weights
+
+
+def test_quick_run_writes_the_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    main = bench(monkeypatch, "diloco")
+    out = tmp_path / "diloco.json"
+
+    main.main(["--quick", "--scale", "0.2", "--no-torchft", "--out", str(out)])
+
+    result = json.loads(out.read_text())
+    m = result["metrics"]
+    assert result["benchmark"] == "diloco"
+    assert result["params"]["quick"] is True
+    assert {"cores", "torch", "commit", "torchft"} <= set(result["env"])
+    dp_bytes = m["sync_dp_bytes_sent_per_replica"]
+    assert dp_bytes == result["params"]["steps"] * 2 * 4 * m["num_params"]
+    for codec in ("fp32", "int8", "topk"):
+        k = f"diloco_h5_{codec}"
+        assert math.isfinite(m[f"{k}_heldout_bpb"])
+        assert m[f"{k}_compression_vs_sync"] == dp_bytes / m[f"{k}_bytes_sent_per_replica"]
+    # int8 sends about a quarter of fp32; topk (1%, 4 bits + int32 indices) far less
+    assert (
+        m["diloco_h5_int8_bytes_sent_per_replica"] < m["diloco_h5_fp32_bytes_sent_per_replica"] / 3
+    )
+    assert (
+        m["diloco_h5_topk_bytes_sent_per_replica"] < m["diloco_h5_int8_bytes_sent_per_replica"] / 5
+    )
+    assert m["one_worker_bytes_sent_per_replica"] == 0
+    assert isinstance(m["goal_within_2pct_and_1000x_held"], bool)
+    assert m["sync_dp_time_to_sync_loss_s_1g"] is not None  # the target is its own final loss
