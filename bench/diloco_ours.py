@@ -1,7 +1,7 @@
 """Our DiLoCo (Douillard et al. 2023, arXiv 2311.08105), run through the code a live run runs.
 
 Each round, every replica is ``inner.run_replica`` on a ``ReplicaTask`` built the way the
-coordinator builds it (``rounds.inner_steps_of`` / ``global_step_of``: warm-up rounds take
+coordinator builds it (``round_plan.inner_steps_of`` / ``global_step_of``: warm-up rounds take
 one inner step), with its own state folder (AdamW state and error-feedback residual carried
 between rounds) and the real encoded payload file it writes. The close is the coordinator's
 (``RoundDriver.close``): ``pseudograd.decode`` against the round's start weights,
@@ -26,7 +26,7 @@ from typing import Any
 from safetensors.torch import save
 
 from bench.diloco_arms import ArmResult, HeldOut, Point, Setup, Weights
-from trainfleet.coordinator.rounds import global_step_of, inner_steps_of
+from trainfleet.coordinator.round_plan import global_step_of, inner_steps_of
 from trainfleet.data.prepare import CacheSettings
 from trainfleet.manifest.runs import CompressionSpec, ReplicaTask, RunSpec
 from trainfleet.train import outer, pseudograd

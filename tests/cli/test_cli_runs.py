@@ -235,3 +235,16 @@ def test_against_a_live_coordinator_a_new_run_lists_and_exports_its_start(
     assert params == GPTParams(**HYPER)
     exported = hashlib.sha256((tmp_path / "m" / "model.safetensors").read_bytes()).hexdigest()
     assert exported == detail["run"]["weights"]
+
+
+def test_odd_numbers_show_as_dashes_not_tracebacks(coordinator: dict[str, Any]) -> None:
+    coordinator["detail"]["rounds"] = [
+        round_rec(0, 10**400, bytes_up="many", wall_s=None),
+        round_rec(1, 3.5, accepted=True),
+    ]
+    result = runner.invoke(app, ["run", "show", "collab"])
+    assert result.exit_code == 0, result.output
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in result.output.splitlines()]
+    cells = next(r for r in rows if r and r[0] == "0")
+    assert (cells[4], cells[5], cells[8]) == ("-", "-", "-")
+    assert "3.5000" in runner.invoke(app, ["runs"]).output

@@ -114,8 +114,16 @@ def pseudo_gradient(api: Api, t: Task, scale: float = 1.0, nan: bool = False) ->
     return pseudograd.encode(start, end, CompressionSpec()).data
 
 
-def finish(api: Api, t: Task, data: bytes | None = None, **metrics: Any) -> dict[str, Any]:
-    """Upload ``data`` (default: the scripted pseudo-gradient) and complete; the job record."""
+def finish(
+    api: Api,
+    t: Task,
+    data: bytes | None = None,
+    said: dict[str, Any] | None = None,
+    **metrics: Any,
+) -> dict[str, Any]:
+    """Upload ``data`` (default: the scripted pseudo-gradient) and complete; the job record.
+    ``metrics`` go to ``result.metrics``, ``said`` to ``result.contribution``."""
+    said = said or {}
     data = pseudo_gradient(api, t) if data is None else data
     sha = hashlib.sha256(data).hexdigest()
     r = api.upload(t.worker, t.job_id, t.epoch, data, name="pseudograd.safetensors")
@@ -124,7 +132,7 @@ def finish(api: Api, t: Task, data: bytes | None = None, **metrics: Any) -> dict
         "metrics": {"inner_steps_done": t.task["inner_steps"], "compute_s": 1.0, **metrics},
         "artifact": sha,
         "artifact_size": len(data),
-        "contribution": {"round": t.task["round"], "replica": t.task["replica"]},
+        "contribution": {"round": t.task["round"], "replica": t.task["replica"], **said},
     }
     r = api.http.post(
         f"/v1/jobs/{t.job_id}/complete",

@@ -39,6 +39,7 @@ from runkit import (
 from test_api import OP, Api, Worker, serve
 
 from fleetkit import FakeClock
+from trainfleet.testing import wait_until
 
 
 @pytest.fixture
@@ -292,11 +293,17 @@ def test_warmup_rounds_take_one_step_and_a_plain_average(api: Api) -> None:
     t1 = [t for t in (claim(api, w) for w in workers) if t is not None]
     assert [t.task["inner_steps"] for t in t1] == [4, 4]
     assert all(t.task["global_step"] == 1 and not t.task["warmup"] for t in t1 if t)
+    _, start1 = weights(api, workers[0], detail["rounds"][1]["weights"])
     api.clock.advance(5)
     finish(api, t1[0], compute_s=2.0, inner_steps_done=4)
-    finish(api, t1[1], compute_s=3.0, inner_steps_done=2)  # slow: stopped at half of H
+    # slow: stopped at half of H (its contribution record wins over its metrics)
+    finish(api, t1[1], said={"compute_s": 3.0, "inner_steps_done": 2}, compute_s=9.0)
     detail = tick(api)
     assert detail["rounds"][2]["target_s"] == 4.0  # median of 2.0 and 3.0 x 4 / 2
+    # the half-done replica weighs half (inner_steps_done / H)
+    halves = [(decoded(start1, 1, 0), 0, 1.0), (decoded(start1, 1, 1), 0, 0.5)]
+    want, _ = expected_weights(start1, halves, None, 0.7, 0.9)
+    assert detail["rounds"][2]["weights"] == sha_of(want)
     assert detail["run"]["momentum"] is not None
 
 
@@ -309,3 +316,14 @@ def test_the_coordinator_measures_the_heldout_loss_itself(tmp_path: Path, clock:
         assert detail["run"]["state"] == "completed"
         assert isinstance(loss, float) and 1.0 < loss < 10.0
         assert (tmp_path / "runs" / "eval-cache").is_dir()
+
+
+def test_the_app_opens_and_closes_rounds_by_itself(api: Api) -> None:
+    api.reload(run_toml(replicas=2, min_quorum=2, rounds=2))
+    opened = wait_until(lambda: run_detail(api)["rounds"], 20, "round 0 opened by the ticker")
+    assert opened[0]["state"] == "open"
+    workers = [api.register("cpu-a"), api.register("cpu-b")]
+    for t in [claim(api, w) for w in workers]:
+        assert t is not None
+        finish(api, t)
+    wait_until(lambda: run_detail(api)["run"]["round"] == 1, 20, "round 0 closed by the driver")

@@ -13,6 +13,7 @@ carry anything).
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,9 +59,14 @@ run_app = typer.Typer(
 
 # -- formatting (numbers from the API may be anything JSON allows) -------------------------
 def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (not a number, or none a float can hold)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -86,8 +92,8 @@ def _rounds(detail: dict[str, Any]) -> list[dict[str, Any]]:
 
 def last_heldout_loss(rounds: list[dict[str, Any]]) -> float | None:
     """The held-out loss of the newest round that has one."""
-    losses = [r["heldout_loss"] for r in rounds if _number(r.get("heldout_loss")) is not None]
-    return float(losses[-1]) if losses else None
+    losses = [n for r in rounds if (n := _number(r.get("heldout_loss"))) is not None]
+    return losses[-1] if losses else None
 
 
 def _total(rounds: list[dict[str, Any]], key: str) -> int:
@@ -121,11 +127,11 @@ def runs_table(details: list[dict[str, Any]]) -> Table:
 def _staleness(contributions: list[dict[str, Any]], round_no: Any) -> str:
     """The most rounds late a contribution applied at this round's close was."""
     late = [
-        int(c["staleness"])
+        int(staleness)
         for c in contributions
         if isinstance(c, dict)
         and c.get("applied_in_round") == round_no
-        and _number(c.get("staleness")) is not None
+        and (staleness := _number(c.get("staleness"))) is not None
     ]
     return str(max(late)) if late else "-"
 
@@ -179,9 +185,10 @@ def write_loss_png(detail: dict[str, Any], path: Path) -> int:
     import matplotlib.pyplot as plt
 
     points = [
-        (float(r["round"]), float(r["heldout_loss"]))
+        (x, y)
         for r in _rounds(detail)
-        if _number(r.get("round")) is not None and _number(r.get("heldout_loss")) is not None
+        if (x := _number(r.get("round"))) is not None
+        and (y := _number(r.get("heldout_loss"))) is not None
     ]
     if not points:
         return 0

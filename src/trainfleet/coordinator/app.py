@@ -104,14 +104,17 @@ async def _drive_rounds_forever(coord: Coordinator) -> None:
         loop.call_soon_threadsafe(wake.set)
 
     coord.rounds.wake = wake_up
-    while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), ROUND_TICK_S)
-        wake.clear()
-        try:
-            await run_in_threadpool(coord.rounds.tick)
-        except Exception:
-            log.exception("round driver tick failed; retrying")
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), ROUND_TICK_S)
+            wake.clear()
+            try:
+                await run_in_threadpool(coord.rounds.tick)
+            except Exception:
+                log.exception("round driver tick failed; retrying")
+    finally:
+        coord.rounds.wake = lambda: None  # this loop is gone
 
 
 def create_app(coord: Coordinator) -> Starlette:

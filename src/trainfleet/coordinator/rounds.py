@@ -146,10 +146,12 @@ class RoundDriver:
 
         task = job.spec.task
         assert task is not None
-        metrics = result.get("metrics") or {}
-        steps = _number(metrics.get("inner_steps_done"))
+        # What the replica did: its contribution record, else its metrics (as the worker
+        # reported them; they only weigh its pseudo-gradient, within [0, H] steps).
+        said = {**_mapping(result.get("metrics")), **_mapping(result.get("contribution"))}
+        steps = _number(said.get("inner_steps_done"))
         done = task.inner_steps if steps is None else max(0, min(task.inner_steps, int(steps)))
-        compute_s = _number(metrics.get("compute_s"))
+        compute_s = _number(said.get("compute_s"))
         sha = result.get("artifact")
         if not isinstance(sha, str):
             return Verdict("refused", "the result names no pseudo-gradient artifact")
@@ -320,6 +322,10 @@ class RoundDriver:
         assert self.coord.runs_dir is not None
         settings = CacheSettings(directory=self.coord.runs_dir / "eval-cache")
         return inner.heldout_loss(GPTParams(**spec.hyper), spec.dataset, weights, settings)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _number(value: Any) -> float | None:

@@ -22,8 +22,9 @@ API (JSON shapes are the pydantic models named; field lists in ``queue.runs_base
 A replica task is claimed with the ordinary ``POST /v1/workers/claim``: ``claim.job.spec``
 has ``kind = "replica"`` and ``task`` (a ``ReplicaTask``). The worker uploads its
 pseudo-gradient with the ordinary artifact upload and completes with ``result =
-{"metrics": {"inner_steps_done": int, "compute_s": float, ...}, "artifact": sha256,
-"artifact_size": n, "contribution": {...}}``; the reply (the job record) carries
+{"metrics": {...}, "artifact": sha256, "artifact_size": n, "contribution":
+{"inner_steps_done": int, "compute_s": float, ...}}`` (``inner_steps_done`` and ``compute_s``
+are read from ``contribution``, else from ``metrics``); the reply (the job record) carries
 ``result.verdict = {"status": "accepted"|"refused"|"dropped", "reason": str, "norm": float}``.
 """
 

@@ -19,13 +19,15 @@ the next round's pseudo-gradient; SparseLoCo).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from trainfleet.data.spec import DatasetSpec, content_fields
 from trainfleet.manifest.names import HostName, Name, _Spec
 
+# Up to 100 characters: a task's job name, f"{run}.r{round}.k{replica}", must stay a valid Name.
+RunName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 CodecKind = Literal["none", "fp16", "int8", "topk"]
 
 
@@ -52,7 +54,7 @@ class CompressionSpec(_Spec):
 class RunSpec(_Spec):
     """One collaborative DiLoCo run: one model, trained by ``replicas`` tasks per round."""
 
-    name: Name = Field(description="unique run name (letters, digits, . _ -)")
+    name: RunName = Field(description="unique run name (letters, digits, . _ -; at most 100)")
     recipe: Literal["gpt"] = Field("gpt", description="built-in model recipe")
     model: str = Field("", description="label for what is trained (shown in tables)")
     hyper: dict[str, str | int | float | bool] = Field(

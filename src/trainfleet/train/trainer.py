@@ -1,12 +1,13 @@
-"""The ``gpt`` recipe's training loop: a byte-level GPT on a built-in corpus, on CPU.
+"""The ``gpt`` recipe's training loop: a byte-level GPT on a dataset spec's shards, on CPU.
 
-``train`` loads the corpus, trains with AdamW (linear warmup, then cosine decay to 10% of the
-peak learning rate, gradients clipped to norm 1) on random contiguous windows of the training
-bytes, evaluates the held-out loss once at the end, and writes ``model.safetensors``,
-``config.json`` and ``metrics.json`` into the output directory. The step (``train_step``), the
-loop around it (``run_steps``), the optimizer (``make_optimizer``) and the schedule (``lr_at``)
-are shared with a DiLoCo replica's inner steps (``inner``, ``gang``), so that one replica with
-outer lr 1 reproduces this trainer bit for bit.
+``train`` prepares the job's dataset (its ``dataset`` spec, or the built-in spec that
+``hyper.corpus`` is shorthand for, see ``data.builtin``), trains with AdamW (linear warmup,
+then cosine decay to 10% of the peak learning rate, gradients clipped to norm 1) on the
+``ShardFeed``'s random windows inside training shards, evaluates the held-out loss once at the
+end, and writes ``model.safetensors``, ``config.json`` and ``metrics.json`` into the output
+directory. The step (``train_step``), the loop around it (``run_steps``), the optimizer
+(``make_optimizer``) and the schedule (``lr_at``) are shared with a DiLoCo replica's inner steps
+(``inner``, ``gang``), so that one replica with outer lr 1 reproduces this trainer bit for bit.
 
 Reproducibility: initialisation and batch order come from ``params.seed`` alone, and torch runs
 with deterministic algorithms, so the same params on the same thread count give bit-identical
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainfleet.data.corpus import load_corpus
+from trainfleet.data.builtin import builtin_dataset
 from trainfleet.data.dialects import documents_floor_nats
 from trainfleet.data.prepare import CacheSettings, prepare_dataset
 from trainfleet.data.spec import DatasetSpec, SyntheticDataset
@@ -70,11 +71,6 @@ def deterministic_torch(seed: int, num_threads: int | None = None) -> Iterator[N
         finally:
             torch.use_deterministic_algorithms(was_deterministic)
             torch.set_num_threads(previous_threads)
-
-
-def as_tensor(data: bytes) -> torch.Tensor:
-    """Bytes as a 1-D uint8 tensor (copied: torch wants a writable buffer)."""
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def windows(
@@ -210,17 +206,6 @@ def run_steps(
     return losses, time.perf_counter() - started
 
 
-def corpus_batches(
-    data: torch.Tensor, params: GPTParams
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Random windows of a built-in corpus's training bytes, seeded by ``params.seed``."""
-    generator = torch.Generator().manual_seed(params.seed)
-    high = len(data) - params.seq_len  # exclusive bound: a window needs seq_len + 1 bytes
-    while True:
-        starts = torch.randint(0, high, (params.batch_size,), generator=generator)
-        yield windows(data, starts, params.seq_len)
-
-
 @dataclass
 class _Data:
     """Training batches, held-out tokens and what the result says about them."""
@@ -231,27 +216,18 @@ class _Data:
     report: Callable[[], dict[str, Any]]
 
 
-def _corpus_data(params: GPTParams) -> _Data:
-    corpus = load_corpus(params.corpus, params.corpus_bytes, params.heldout_fraction, params.seed)
-    for split, data in (("train", corpus.train), ("held-out", corpus.heldout)):
-        if len(data) < params.seq_len + 1:
-            raise CorpusTooSmall(
-                f"{split} split of corpus {params.corpus!r} has {len(data)} bytes, fewer than "
-                f"seq_len + 1 = {params.seq_len + 1}; raise corpus_bytes or heldout_fraction"
-            )
-    train_data = as_tensor(corpus.train)
-    return _Data(
-        batches=corpus_batches(train_data, params),
-        heldout=as_tensor(corpus.heldout),
-        describe=(
-            f"corpus {params.corpus} {len(corpus.train):,} train / "
-            f"{len(corpus.heldout):,} held-out bytes"
-        ),
-        report=lambda: {"corpus": corpus.info},
-    )
+@dataclass(frozen=True)
+class DataSource:
+    """A job's dataset: the spec, the path it trains on, the worker's cache settings and the
+    router the coordinator handed over (None: fit it here)."""
+
+    spec: DatasetSpec
+    path: int | None
+    settings: CacheSettings
+    handed_router: dict[str, Any] | None = None
 
 
-def _dataset_data(
+def _load_data(
     source: DataSource, params: GPTParams, steps: int, log: Callable[[str], None]
 ) -> _Data:
     prepared = prepare_dataset(
@@ -275,7 +251,7 @@ def _dataset_data(
         indices = [i for s in plan.shards if s.path == path for i in s.doc_indices()]
         floor = documents_floor_nats(spec, indices)
     log(
-        f"dataset {source.spec.name} ({source.spec.source}): {plan.num_documents:,} documents, "
+        f"dataset {spec.name} ({spec.source}): {plan.num_documents:,} documents, "
         f"{plan.num_tokens:,} tokens, {len(plan.shards)} shards; routing {prepared.routing}"
         + (f"; loss floor {floor:.4f} nats/token" if floor is not None else "")
     )
@@ -283,7 +259,7 @@ def _dataset_data(
         batches=feed.batches(),
         heldout=heldout,
         describe=(
-            f"dataset {source.spec.name} path {path}: {len(feed.visits)} shard visits, "
+            f"dataset {spec.name} path {path}: {len(feed.visits)} shard visits, "
             f"{len(heldout):,} held-out tokens"
         ),
         report=lambda: {
@@ -292,15 +268,16 @@ def _dataset_data(
     )
 
 
-@dataclass(frozen=True)
-class DataSource:
-    """A job's dataset: the spec, the path it trains on, the worker's cache settings and the
-    router the coordinator handed over (None: fit it here)."""
-
-    spec: DatasetSpec
-    path: int | None
-    settings: CacheSettings
-    handed_router: dict[str, Any] | None = None
+def _builtin_data(params: GPTParams, steps: int, log: Callable[[str], None]) -> _Data:
+    """The data of ``hyper.corpus``: its built-in spec, cached under the worker's settings."""
+    try:
+        spec = builtin_dataset(params)
+        return _load_data(DataSource(spec, None, CacheSettings.from_env()), params, steps, log)
+    except CorpusTooSmall as e:
+        raise CorpusTooSmall(
+            f"{e} (hyper.corpus {params.corpus!r} capped at corpus_bytes = "
+            f"{params.corpus_bytes}: raise corpus_bytes)"
+        ) from e
 
 
 def train(
@@ -313,13 +290,14 @@ def train(
 ) -> dict[str, Any]:
     """Train the ``gpt`` recipe in ``mode`` ("full" or "smoke"); write outputs; return metrics.
 
-    Without ``data`` it trains on the built-in corpus named by ``params.corpus``; with it, on
-    the dataset's shards, materialized and cached on this worker."""
+    The data is ``data``'s dataset or, without it, the built-in spec ``params.corpus`` names
+    (``builtin_dataset``); either way its shards are materialized and cached on this worker
+    (``CacheSettings.from_env()`` for the built-in one: in memory only when unset)."""
     if mode not in RECIPES["gpt"].modes:
         raise ValueError(f"unknown mode {mode!r}; expected one of {RECIPES['gpt'].modes}")
     started = time.perf_counter()
     steps = min(SMOKE_STEPS, params.steps) if mode == "smoke" else params.steps
-    source = _dataset_data(data, params, steps, log) if data else _corpus_data(params)
+    source = _load_data(data, params, steps, log) if data else _builtin_data(params, steps, log)
 
     with deterministic_torch(params.seed, num_threads):
         threads = torch.get_num_threads()
