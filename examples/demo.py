@@ -1,15 +1,16 @@
-"""The main job: a small sweep across a three-host fleet, on this machine, in real processes.
+"""The main job: a sweep and a collaborative DiLoCo run on a three-host fleet, in real processes.
 
     python examples/demo.py            (what `make demo` runs)
 
 1. starts a coordinator (`trainfleet serve`, SQLite + local artifact directory in .demo/);
 2. loads examples/fleet.toml with `trainfleet reload` (a sweep of built-in `train` jobs, one
-   `command` job and two jobs on the routed paths of a synthetic dataset spec);
+   `command` job, two jobs on the routed paths of a synthetic dataset spec, and one
+   collaborative run: a GPT trained by all three workers with DiLoCo);
 3. enrolls three hosts (`trainfleet hosts enroll NAME --token-file F`: a join token bound to
    each name) and starts a worker on each (`trainfleet join URL --token-file F`): `gpu-box`
    declares a GPU that detection does not find (so it is corrected to CPU-only), `cpu-a` and
    `cpu-b` take different slices of the sweep through their allow lists; then shows progress
-   until every job is done and prints the results;
+   until every job and run is done and prints the results, the run's rounds among them;
 4. stops the workers with SIGTERM (they deregister) and then the coordinator. Ctrl-C at
    any point stops them the same way: each worker hands back its running job.
 """
@@ -31,12 +32,14 @@ from rich.live import Live
 from rich.text import Text
 
 from trainfleet.cli import render
+from trainfleet.cli.runs import last_heldout_loss, rounds_table, runs_table
 from trainfleet.client import Client
 from trainfleet.worker.shepherd import set_parent_death_signal
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTS = ("gpu-box", "cpu-a", "cpu-b")
 TERMINAL = {"completed", "failed", "cancelled"}
+RUN_DONE = {"completed", "superseded", "paused"}
 console = Console(width=None if sys.stdout.isatty() else 140)
 
 
@@ -96,20 +99,44 @@ def progress_line(jobs: list[dict], started: float) -> str:
     return f"{done}/{len(jobs)} jobs done ({states}); {time.monotonic() - started:.0f}s elapsed"
 
 
+def sweep_jobs(client: Client) -> list[dict]:
+    """The manifest's own jobs: a run's replica tasks are shown as the run's rounds."""
+    return [j for j in client.jobs() if j["spec"]["kind"] != "replica"]
+
+
+def run_line(details: list[dict]) -> str:
+    return "; ".join(
+        f"run {d['run']['name']} round {d['run']['round']}/{d['run']['num_rounds']}"
+        f" ({d['run']['state']})"
+        for d in details
+    )
+
+
 def watch(client: Client, timeout_s: float) -> float:
-    """Show progress until every job is done: a live table on a terminal, lines otherwise."""
+    """Show progress until every job and run is done: a live table on a terminal, lines
+    otherwise."""
     started = time.monotonic()
     last = ""
     with Live(console=console, refresh_per_second=4, transient=True) as live:
         while True:
-            jobs = client.jobs()
-            line = progress_line(jobs, started)
+            jobs = sweep_jobs(client)
+            details = [client.run(r["id"]) for r in client.runs()]
+            line = progress_line(jobs, started) + "; " + run_line(details)
             if console.is_terminal:
-                live.update(Group(Text(line), render.jobs_table(jobs, title="sweep")))
-            elif line.split(";")[0] != last.split(";")[0]:
+                live.update(
+                    Group(
+                        Text(line),
+                        render.jobs_table(jobs, title="sweep"),
+                        runs_table(details),
+                    )
+                )
+            elif line.split("elapsed")[-1] != last.split("elapsed")[-1] or (
+                line.split(";")[0] != last.split(";")[0]
+            ):
                 console.print(line)
             last = line
-            if all(j["state"] in TERMINAL for j in jobs):
+            runs_done = all(d["run"]["state"] in RUN_DONE for d in details)
+            if runs_done and all(j["state"] in TERMINAL for j in jobs):
                 return time.monotonic() - started
             if time.monotonic() - started > timeout_s:
                 console.print("[red]timed out; see the logs[/]")
@@ -216,7 +243,7 @@ def main() -> int:
         elapsed = watch(client, args.timeout_s)
 
         console.rule("results")
-        jobs = client.jobs()
+        jobs = sweep_jobs(client)
         console.print(render.jobs_table(jobs, title="results"))
         for job in jobs:
             data = ((job.get("result") or {}).get("metrics") or {}).get("data")
@@ -230,14 +257,34 @@ def main() -> int:
                     highlight=False,
                 )
         ok = all(j["state"] == "completed" for j in jobs)
-        verdict = "[green]all jobs completed[/]" if ok else "[red]some jobs did not complete[/]"
+        for run in client.runs():
+            detail = client.run(run["id"])
+            console.rule(f"collaborative run {run['name']}")
+            console.print(rounds_table(detail))
+            losses = [r["heldout_loss"] for r in detail["rounds"] if r["heldout_loss"]]
+            last_loss = last_heldout_loss(detail["rounds"])
+            better = bool(losses) and last_loss is not None and last_loss < losses[0]
+            ok = ok and run["state"] == "completed" and better
+            console.print(
+                f"{run['name']}: {run['state']} after {run['num_rounds']} rounds of"
+                f" {run['spec']['replicas']} replicas; held-out loss {losses[0]:.3f} after"
+                f" round 0 -> {last_loss:.3f} (measured by the coordinator, not the workers)"
+                if losses and last_loss is not None
+                else f"{run['name']}: {run['state']}, no held-out loss measured",
+                highlight=False,
+            )
+        verdict = (
+            "[green]all jobs and runs completed[/]"
+            if ok
+            else "[red]some jobs or runs did not complete[/]"
+        )
         console.print(f"{verdict} in {elapsed:.0f}s. Logs: {root / 'logs'}")
         tf = os.path.relpath(Path(sys.executable).parent / "trainfleet")
         rel = os.path.relpath(state)
         console.print(
             f"Everything is kept in {rel}. To look around, `{tf} serve --state-dir {rel}`"
             f" reopens it; then, in another shell: `{tf} show gpt-lr3e-3 --state-dir {rel}`"
-            f" or `{tf} logs gpt-lr3e-3 --state-dir {rel}`."
+            f" or `{tf} logs gpt-lr3e-3 --state-dir {rel}` or `{tf} run show collab-gpt --state-dir {rel}`."
         )
         client.close()
     except KeyboardInterrupt:

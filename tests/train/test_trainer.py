@@ -1,4 +1,5 @@
-"""The ``gpt`` trainer: bit-identical under a seed, learns, saves a checkpoint that loads back."""
+"""The ``gpt`` trainer: bit-identical under a seed, learns, saves a checkpoint that loads back;
+without a ``dataset`` it trains on the built-in spec ``hyper.corpus`` names."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import pytest
 import torch
 
 from trainfleet import env
-from trainfleet.data.corpus import load_corpus
+from trainfleet.data.builtin import builtin_dataset
+from trainfleet.data.prepare import CacheSettings, prepare_dataset
 from trainfleet.train.__main__ import main
+from trainfleet.train.feed import ShardFeed
 from trainfleet.train.model import GPT
 from trainfleet.train.recipes import GPTParams
 from trainfleet.train.trainer import (
-    as_tensor,
     deterministic_torch,
     evaluate,
     load_checkpoint,
@@ -92,7 +94,11 @@ def test_writes_checkpoint_config_and_metrics(tmp_path: Path) -> None:
     assert metrics["steps"] == TINY["steps"]
     assert metrics["num_threads"] == 1
     assert metrics["heldout_bpb"] == pytest.approx(metrics["heldout_loss"] / math.log(2))
-    assert metrics["corpus"]["name"] == "stdlib"
+    data = metrics["data"]
+    spec = builtin_dataset(GPTParams.model_validate(TINY))
+    assert data["dataset"] == "stdlib" and data["routing"] == "unrouted" and data["path"] == 0
+    assert data["digest"] == prepare_dataset(spec, CacheSettings(None)).plan.digest
+    assert {s["key"].split("/")[0] for s in data["shards"]} == {"train", "heldout"}
     assert metrics["tokens_per_s"] > 0
 
 
@@ -100,9 +106,13 @@ def test_checkpoint_loads_back_and_reproduces_heldout_loss(tmp_path: Path) -> No
     metrics = _train(tmp_path, "out")
     model, params = load_checkpoint(tmp_path / "out")
     assert model.num_params() == metrics["num_params"]
-    corpus = load_corpus(params.corpus, params.corpus_bytes, params.heldout_fraction, params.seed)
+    prepared = prepare_dataset(builtin_dataset(params), CacheSettings(None), log=lambda _: None)
+    feed = ShardFeed.for_path(
+        prepared, 0, batch_size=8, seq_len=params.seq_len, seed=0, steps=1, log=lambda _: None
+    )
+    heldout = feed.heldout(params.eval_batches * params.batch_size)
     with deterministic_torch(params.seed, num_threads=1):
-        loss = evaluate(model, as_tensor(corpus.heldout), params.batch_size, params.eval_batches)
+        loss = evaluate(model, heldout, params.batch_size, params.eval_batches)
     assert loss == metrics["heldout_loss"]
 
 
@@ -186,4 +196,40 @@ def test_entry_point_rejects_invalid_json_and_small_corpus(
     assert "invalid --params" in capsys.readouterr().err
     too_long = json.dumps({**TINY, "seq_len": 4096, "corpus_bytes": 10_000})
     assert main(["--params", too_long, "--output", str(tmp_path)]) == 2
-    assert "held-out split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "held-out tokens, fewer than seq_len + 1 = 4097" in err
+    assert "hyper.corpus 'stdlib' capped at corpus_bytes = 10000: raise corpus_bytes" in err
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_synthetic_corpus_trains_on_its_builtin_spec_and_reports_the_floor(
+    tmp_path: Path,
+) -> None:
+    first = _train(tmp_path, "a", corpus="synthetic", seed=3, steps=4)
+    again = _train(tmp_path, "b", corpus="synthetic", seed=3, steps=4)
+    other = _train(tmp_path, "c", corpus="synthetic", seed=4, steps=4)
+    assert _stable(first) == _stable(again)
+    data = first["data"]
+    assert data["dataset"] == "synthetic"
+    assert data["loss_floor_nats"] > 0
+    assert (
+        data["digest"]
+        == prepare_dataset(
+            builtin_dataset(GPTParams.model_validate({**TINY, "corpus": "synthetic", "seed": 3})),
+            CacheSettings(None),
+        ).plan.digest
+    )
+    # The seed picks the text as well as the initialisation.
+    assert other["data"]["digest"] != data["digest"]
+    assert other["heldout_loss"] != first["heldout_loss"]
+
+
+def test_builtin_corpus_is_cached_where_the_worker_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(env.CACHE_DIR, str(tmp_path / "cache"))
+    first = _train(tmp_path, "a", steps=2)
+    second = _train(tmp_path, "b", steps=2)
+    assert first["data"]["cache"]["builds"] > 0
+    assert second["data"]["cache"]["builds"] == 0  # every shard found on the worker's disk
+    assert list((tmp_path / "cache/plans").glob("*.json"))

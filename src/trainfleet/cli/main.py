@@ -169,8 +169,9 @@ def serve(
         if manifest is not None:
             plan = coord.queue.apply_manifest(load_manifest(manifest))
             err_console.print(
-                f"loaded {manifest}: {len(plan.added)} added, {len(plan.changed)} changed,"
-                f" {len(plan.kept)} kept, {len(plan.removed)} removed"
+                f"loaded {manifest}: {render.plan_summary(plan.model_dump())}",
+                markup=False,
+                highlight=False,
             )
             for warning in plan.warnings:
                 err_console.print(f"warning: {warning}", markup=False, highlight=False)
@@ -377,10 +378,7 @@ def reload(
         _print_json(plan)
         return
     console.print(render.plan_table(plan))
-    console.print(
-        f"{len(plan['added'])} added, {len(plan['changed'])} changed, {len(plan['kept'])} kept,"
-        f" {len(plan['removed'])} removed"
-    )
+    console.print(render.plan_summary(plan), markup=False, highlight=False)
     for warning in plan.get("warnings", []):
         console.print(f"warning: {warning}", markup=False, highlight=False)
 

@@ -168,7 +168,33 @@ def plan_table(plan: dict[str, Any]) -> Table:
                 plain(entry.get("state") or "-"),
                 plain(details),
             )
+    for entry in plan.get("runs", []):
+        kind = entry.get("state") or "kept"
+        details = ", ".join(
+            f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in entry.get("changes", {}).items()
+        )
+        if kind == "removed":
+            details = "paused: no new round opens until a reload adds it back"
+        table.add_row(
+            Text(f"run {kind}", style=styles.get(kind, "")),
+            _short(entry["id"], 12),
+            plain(entry["name"]),
+            plain("-"),
+            plain(details),
+        )
     return table
+
+
+def plan_summary(plan: dict[str, Any]) -> str:
+    """'7 added, 0 changed, 0 kept, 0 removed; runs: 1 added' (runs only when there are any)."""
+    text = ", ".join(f"{len(plan[k])} {k}" for k in ("added", "changed", "kept", "removed"))
+    runs = plan.get("runs") or []
+    if runs:
+        counts: dict[str, int] = {}
+        for entry in runs:
+            counts[entry.get("state") or "kept"] = counts.get(entry.get("state") or "kept", 0) + 1
+        text += "; runs: " + ", ".join(f"{n} {state}" for state, n in counts.items())
+    return text
 
 
 def events_table(events: list[dict[str, Any]]) -> Table:

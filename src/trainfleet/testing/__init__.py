@@ -10,6 +10,7 @@ points between and inside them (see README "Testing under faults").
 from trainfleet.testing.disk import DiskFaultUnavailable, disk_faults_unavailable
 from trainfleet.testing.fleet import LiveFleet, trainfleet_argv
 from trainfleet.testing.proxy import Exchange, FaultProxy
+from trainfleet.testing.served import ServedFleet
 from trainfleet.testing.wait import wait_until
 from trainfleet.testing.worker import WorkerHandle, kill_tree
 
@@ -18,6 +19,7 @@ __all__ = [
     "Exchange",
     "FaultProxy",
     "LiveFleet",
+    "ServedFleet",
     "WorkerHandle",
     "disk_faults_unavailable",
     "kill_tree",

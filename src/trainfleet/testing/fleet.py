@@ -127,10 +127,14 @@ class LiveFleet:
 
     # -- operator side ------------------------------------------------------------------
     @property
+    def operator_token(self) -> str:
+        return self.coord.operator_token
+
+    @property
     def operator(self) -> Client:
         """An operator client over real HTTP (closed with the fleet)."""
         if self._operator is None:
-            self._operator = Client(self.url, self.coord.operator_token)
+            self._operator = Client(self.url, self.operator_token)
         return self._operator
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -139,7 +143,7 @@ class LiveFleet:
             trainfleet_argv(*args),
             capture_output=True,
             text=True,
-            env={**os.environ, env.URL: self.url, env.TOKEN: self.coord.operator_token},
+            env={**os.environ, env.URL: self.url, env.TOKEN: self.operator_token},
             cwd=self.tmp,
             timeout=120,
             stdin=subprocess.DEVNULL,

@@ -28,15 +28,30 @@ class GPTParams(BaseModel):
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps, then cosine decay")
     steps: int = Field(200, ge=1, le=10_000_000, description="optimizer steps")
     eval_batches: int = Field(8, ge=1, le=10_000, description="held-out batches per evaluation")
-    seed: int = Field(0, ge=0, description="seed for init and batch order")
+    seed: int = Field(
+        0, ge=0, description="seed for init and batch order (and of the synthetic built-in data)"
+    )
     corpus: Literal["stdlib", "synthetic"] = Field(
-        "stdlib", description="stdlib: this Python's own Lib/*.py sources; synthetic: seeded text"
+        "stdlib",
+        description=(
+            "built-in dataset when the job names none: stdlib = this Python's own Lib/*.py "
+            "files; synthetic = the seeded Markov-dialect mixture (data.builtin)"
+        ),
     )
     corpus_bytes: int = Field(
-        2_000_000, ge=10_000, le=10_000_000_000, description="cap on corpus size in bytes"
+        2_000_000,
+        ge=10_000,
+        le=10_000_000_000,
+        description=(
+            "size of the built-in dataset: stdlib, a cap on its whole files' bytes; "
+            "synthetic, its expected bytes"
+        ),
     )
     heldout_fraction: float = Field(
-        0.1, gt=0, lt=0.5, description="share of documents held out (by stable path hash)"
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="the built-in dataset's share of documents held out (by stable id hash)",
     )
 
     @model_validator(mode="after")
