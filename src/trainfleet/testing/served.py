@@ -53,6 +53,10 @@ class ServedFleet(LiveFleet):
         self.starts = 0
         self._server_log: IO[bytes] | None = None
 
+    def __enter__(self) -> ServedFleet:
+        self.start()
+        return self
+
     @property
     def operator_token(self) -> str:
         return self._token
