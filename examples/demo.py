@@ -284,7 +284,8 @@ def main() -> int:
         console.print(
             f"Everything is kept in {rel}. To look around, `{tf} serve --state-dir {rel}`"
             f" reopens it; then, in another shell: `{tf} show gpt-lr3e-3 --state-dir {rel}`"
-            f" or `{tf} logs gpt-lr3e-3 --state-dir {rel}` or `{tf} run show collab-gpt --state-dir {rel}`."
+            f" or `{tf} logs gpt-lr3e-3 --state-dir {rel}`"
+            f" or `{tf} run show collab-gpt --state-dir {rel}`."
         )
         client.close()
     except KeyboardInterrupt:
