@@ -19,12 +19,24 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from runkit import Task, claim, fake_eval, finish, run_detail, run_toml, tick, weights
+from runkit import (
+    DATASET,
+    Task,
+    claim,
+    fake_eval,
+    finish,
+    run_detail,
+    run_toml,
+    tick,
+    weights,
+)
 from test_api import OP, Api, Worker, assert_error, serve
 
 from fleetkit import FakeClock
 from trainfleet.manifest.runs import CompressionSpec
 from trainfleet.train import pseudograd
+
+DATASET_ONLY = DATASET  # a manifest without the run
 
 
 @pytest.fixture
@@ -75,7 +87,7 @@ def test_a_header_with_a_5000_digit_number_is_refused_not_a_500(api: Api) -> Non
 
 def test_a_deeply_nested_header_is_refused_not_a_500(api: Api) -> None:
     _workers, tasks = _round0(api, run_toml(replicas=1, min_quorum=1), hosts="a")
-    data = _raw('{"a": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    data = _raw('{"a": ' + "[" * 20_000 + "]" * 20_000 + "}")  # within the size limit
     verdict = _verdict(finish(api, tasks[0], data=data))
     assert verdict["status"] == "refused" and "malformed" in verdict["reason"]
 
@@ -84,10 +96,22 @@ def test_a_deeply_nested_header_is_refused_not_a_500(api: Api) -> None:
     "header",
     [
         {"__metadata__": {"format": pseudograd.FORMAT, "codec": "none", "density": "1"}},
-        {"__metadata__": {"format": pseudograd.FORMAT, "codec": "topk", "density": "nan",
-                          "bits": "8"}},
-        {"__metadata__": {"format": pseudograd.FORMAT, "codec": "int8", "density": "0.01",
-                          "bits": "9" * 5000}},
+        {
+            "__metadata__": {
+                "format": pseudograd.FORMAT,
+                "codec": "topk",
+                "density": "nan",
+                "bits": "8",
+            }
+        },
+        {
+            "__metadata__": {
+                "format": pseudograd.FORMAT,
+                "codec": "int8",
+                "density": "0.01",
+                "bits": "9" * 5000,
+            }
+        },
         {"__metadata__": [1, 2]},
         [1, 2, 3],
         "null",
@@ -115,7 +139,7 @@ def test_a_dense_topk_with_an_index_past_int32_is_refused(api: Api) -> None:
 
 
 def test_a_file_far_larger_than_any_codec_makes_is_refused_without_being_read(
-    api: Api,
+    api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _workers, tasks = _round0(api, run_toml(replicas=1, min_quorum=1), hosts="a")
     start = _start(api, tasks[0])
@@ -129,9 +153,9 @@ def test_a_file_far_larger_than_any_codec_makes_is_refused_without_being_read(
         reads.append(sha)
         return real(sha)
 
-    store.read_bytes = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "read_bytes", spy)
     verdict = _verdict(finish(api, tasks[0], data=big))
-    assert verdict["status"] == "refused" and "limit" in verdict["reason"]
+    assert verdict["status"] == "refused" and "exceeds" in verdict["reason"]
     assert hashlib.sha256(big).hexdigest() not in reads  # sized, not loaded into memory
 
 
@@ -166,16 +190,19 @@ def test_huge_finite_end_weights_never_make_the_global_weights_non_finite(api: A
         {"inner_steps_done": 10**30, "compute_s": -1e308},
     ],
 )
-def test_absurd_step_counts_and_compute_times_stay_in_range(
-    api: Api, said: dict[str, Any]
-) -> None:
+def test_absurd_step_counts_and_compute_times_stay_in_range(api: Api, said: dict[str, Any]) -> None:
     _workers, tasks = _round0(
         api,
         run_toml(replicas=1, min_quorum=1, rounds=3, adaptive_inner_steps=True),
         hosts="a",
     )
-    job = finish(api, tasks[0], said=said, inner_steps_done=said["inner_steps_done"],
-                 compute_s=said["compute_s"])
+    job = finish(
+        api,
+        tasks[0],
+        said=said,
+        inner_steps_done=said["inner_steps_done"],
+        compute_s=said["compute_s"],
+    )
     assert _verdict(job)["status"] == "accepted"
     detail = tick(api)
     (c,) = detail["contributions"]
@@ -243,16 +270,22 @@ def test_a_plain_job_with_a_contribution_field_completes_as_a_plain_job(api: Api
     assert "verdict" not in r.json()["result"]
 
 
-def test_a_task_of_a_superseded_run_is_dropped(api: Api) -> None:
-    _workers, tasks = _round0(api, run_toml(replicas=1, min_quorum=1), hosts="a")
+def test_a_task_of_a_superseded_run_cannot_be_completed(api: Api) -> None:
+    workers, tasks = _round0(api, run_toml(replicas=1, min_quorum=1), hosts="a")
+    t = tasks[0]
+    data = pseudograd.encode(_start(api, t), _start(api, t), CompressionSpec()).data
+    assert api.upload(workers[0], t.job_id, t.epoch, data).status_code == 200
     api.reload(run_toml(replicas=1, min_quorum=1, inner_steps=5))  # a new identity
-    job = finish(api, tasks[0])
-    assert job["state"] in ("completed", "cancelled")
-    old = [r for r in api.http.get("/v1/runs", headers=OP).json()["runs"]
-           if r["state"] == "superseded"]
-    assert old
-    rows = api.coord.queue.run_contributions(old[0]["id"])
-    assert all(c.status != "accepted" for c in rows)
+    result = {"artifact": hashlib.sha256(data).hexdigest(), "contribution": {}}
+    r = api.http.post(
+        f"/v1/jobs/{t.job_id}/complete",
+        json={"epoch": t.epoch, "result": result},
+        headers=workers[0].auth,
+    )
+    assert_error(r, 409, "conflict")
+    runs = api.http.get("/v1/runs", headers=OP).json()["runs"]
+    (old,) = [r for r in runs if r["state"] == "superseded"]
+    assert api.coord.queue.run_contributions(old["id"]) == []
 
 
 # rounds ----------------------------------------------------------------------------------
@@ -329,3 +362,37 @@ def test_a_worker_cannot_read_momentum_or_pseudo_gradients_as_weights(api: Api) 
     for sha in shas:
         r = api.http.get(f"/v1/weights/{sha}", headers=workers[0].auth)
         assert_error(r, 404, "not_found")
+
+
+def test_a_straggler_of_a_completed_run_is_dropped(api: Api) -> None:
+    _workers, tasks = _round0(api, run_toml(rounds=1, min_quorum=2, straggler_wait=0.0))
+    api.clock.advance(1)
+    finish(api, tasks[0])
+    finish(api, tasks[1])
+    assert tick(api)["run"]["state"] == "completed"
+    verdict = _verdict(finish(api, tasks[2]))
+    assert verdict["status"] == "dropped" and "completed" in verdict["reason"]
+    detail = tick(api)
+    assert detail["run"]["state"] == "completed" and len(detail["rounds"]) == 1
+
+
+def test_a_paused_runs_task_completes_and_applies_once_resumed(api: Api) -> None:
+    text = run_toml(replicas=1, min_quorum=1, rounds=2)
+    _workers, tasks = _round0(api, text, hosts="a")
+    api.reload(DATASET_ONLY)  # the run leaves the manifest: paused
+    assert _verdict(finish(api, tasks[0]))["status"] == "accepted"
+    assert tick(api)["rounds"][0]["state"] == "open"  # no close while paused
+    api.reload(text)
+    detail = tick(api)
+    assert detail["rounds"][0]["state"] == "closed" and detail["rounds"][0]["accepted"] == 1
+
+
+def test_a_round_with_no_contribution_at_its_timeout_stays_open_and_says_so(api: Api) -> None:
+    _workers, tasks = _round0(api, run_toml(min_quorum=3, round_timeout_s=30.0))
+    api.clock.advance(31)  # every worker went silent: their claims are reaped too
+    detail = tick(api)
+    r0 = detail["rounds"][0]
+    assert r0["state"] == "open" and "0 of 3" in r0["detail"]
+    assert detail["run"]["state"] == "active"
+    states = {api.job(t.job_id)["job"]["state"] for t in tasks}
+    assert states <= {"pending", "claimed", "running"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -115,6 +116,14 @@ async def _drive_rounds_forever(coord: Coordinator) -> None:
                 log.exception("round driver tick failed; retrying")
     finally:
         coord.rounds.wake = lambda: None  # this loop is gone
+        # A cancelled await leaves its thread running: wait for that tick to end, or the
+        # queue is closed under it (a segfault in sqlite3) on shutdown.
+        await asyncio.to_thread(_wait_idle, coord.rounds.lock)
+
+
+def _wait_idle(lock: threading.Lock) -> None:
+    with lock:
+        pass
 
 
 def create_app(coord: Coordinator) -> Starlette:

@@ -10,6 +10,7 @@ learning-rate schedule runs over them).
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from trainfleet.manifest.runs import ReplicaTask, RunSpec
@@ -98,4 +99,5 @@ def target_s(spec: RunSpec, round: int, applied: list[ContributionRecord]) -> fl
         for c in applied
         if c.round == round and c.compute_s is not None and c.inner_steps_done > 0
     ]
+    rates = [r for r in rates if 0 < r < math.inf]  # a worker's figure: never 0, inf or < 0
     return statistics.median(rates) if rates else None

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -152,10 +153,18 @@ class RoundDriver:
         steps = _number(said.get("inner_steps_done"))
         done = task.inner_steps if steps is None else max(0, min(task.inner_steps, int(steps)))
         compute_s = _number(said.get("compute_s"))
+        if compute_s is not None and not 0 <= compute_s <= (job.spec.timeout_s or 0):
+            compute_s = None  # no attempt computes for longer than its timeout
         sha = result.get("artifact")
         if not isinstance(sha, str):
             return Verdict("refused", "the result names no pseudo-gradient artifact")
+        reference = self.load_weights(task.weights)
+        limit = pseudograd.default_max_bytes(reference)
         try:
+            size = self.coord.store.size(sha)
+            if size > limit:  # sized before it is read: no worker makes us load 16 GiB
+                reason = f"malformed pseudo-gradient: file of {size} bytes exceeds {limit}"
+                return Verdict("refused", reason, None, sha, size, done, compute_s)
             data = self.coord.store.read_bytes(sha)
         except NotFound:
             return Verdict("refused", f"artifact {sha[:12]} is not stored", sha256=sha)
@@ -165,9 +174,9 @@ class RoundDriver:
             return Verdict(status, reason, norm, sha, len(data), done, compute_s)
 
         try:
-            delta = pseudograd.decode(data, self.load_weights(task.weights)).delta
-        except pseudograd.PseudoGradError as err:
-            return verdict("refused", f"malformed pseudo-gradient: {err}")
+            delta = pseudograd.decode(data, reference, limit).delta
+        except Exception as err:  # PseudoGradError, or anything else a crafted file trips
+            return verdict("refused", f"malformed pseudo-gradient: {str(err)[:500]}")
         if not pseudograd.all_finite(delta):
             return verdict("refused", "non-finite values in the pseudo-gradient")
         return verdict("accepted")
@@ -281,7 +290,14 @@ class RoundDriver:
             lr, mu = (1.0, 0.0) if warm else (spec.outer_lr, spec.outer_momentum)
             old_m = self.load_weights(run.momentum) if run.momentum and not warm else None
             new_w, new_m = outer.outer_step(weights, outer.average(kept), old_m, lr, mu)
-            if not warm:
+            if not (pseudograd.all_finite(new_w) and pseudograd.all_finite(new_m or {})):
+                # finite pseudo-gradients whose step overflows fp32: refused, step discarded
+                reason = "the outer step with it overflows fp32"
+                refused += [(c.job_id, c.epoch, reason) for c in applied]
+                applied = []
+                new_w = weights
+                detail += "; outer step not finite: discarded, weights unchanged"
+            elif not warm:
                 momentum_sha = None if new_m is None else self.save_weights(new_m)[0]
         else:
             new_w = weights
@@ -292,6 +308,9 @@ class RoundDriver:
         if nxt % spec.eval_every == 0 or nxt >= run.num_rounds:
             try:
                 loss = self.evaluate(spec, new_w)
+                if not math.isfinite(loss):  # stored, it would break every JSON read
+                    detail += f"; held-out loss {loss}"
+                    loss = None
             except Exception as err:
                 log.exception("run %s round %d: held-out evaluation failed", run.name, rnd.round)
                 detail += f"; evaluation failed: {err}"

@@ -161,7 +161,10 @@ class ReplicaTask(_Spec):
     """One replica's share of one round: what the worker's replica program is given."""
 
     run: Name = Field(description="the run's name")
-    run_id: str = Field(description="the run's id (sha256 of its identity)")
+    run_id: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="the run's id (sha256 of its identity; it names the replica's state dir)",
+    )
     round: int = Field(ge=0, description="the round this task belongs to")
     replica: int = Field(ge=0, description="the replica slot, 0 <= replica < num_replicas")
     num_replicas: int = Field(ge=1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ from trainfleet.train.inner import WeightsMismatch, check_weights, run_replica
 from trainfleet.train.recipes import GPTParams
 
 PROG = "trainfleet.train.replica"
+MAX_GANG_SIZE = 64  # RunSpec.gang_size's bound
+MAX_INNER_STEPS = 1_000_000  # RunSpec.inner_steps's bound
 
 
 def _log(line: str) -> None:
@@ -61,6 +64,24 @@ def _positive(name: str, number: type[int] | type[float]) -> int | float | None:
     return value
 
 
+def _task_problem(task: ReplicaTask) -> str | None:
+    """What makes a well-typed task impossible to run (bounds as ``RunSpec``'s), or None."""
+    if not task.replica < task.num_replicas:
+        return f"replica {task.replica} >= num_replicas {task.num_replicas}"
+    if task.gang_size > MAX_GANG_SIZE:
+        return f"gang_size {task.gang_size} > {MAX_GANG_SIZE}"
+    if task.inner_steps > MAX_INNER_STEPS:
+        return f"inner_steps {task.inner_steps} > {MAX_INNER_STEPS}"
+    if task.global_step + task.inner_steps > task.total_steps:
+        return (
+            f"global_step {task.global_step} + inner_steps {task.inner_steps}"
+            f" > total_steps {task.total_steps}"
+        )
+    if task.target_s is not None and not 0 <= task.target_s < math.inf:
+        return f"target_s {task.target_s} is not a number of seconds >= 0"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__)
     parser.add_argument("--task", required=True, type=Path, help="the ReplicaTask as a JSON file")
@@ -72,14 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        task = ReplicaTask.model_validate_json(args.task.read_text())
+        task = ReplicaTask.model_validate_json(args.task.read_bytes())
         params = GPTParams.model_validate(task.params)
     except OSError as e:
         return _fail(f"cannot read --task: {e}")
     except ValidationError as e:
         return _fail(f"invalid --task: {_describe(e)}")
-    if not task.replica < task.num_replicas:
-        return _fail(f"invalid --task: replica {task.replica} >= num_replicas {task.num_replicas}")
+    problem = _task_problem(task)
+    if problem:
+        return _fail(f"invalid --task: {problem}")
     try:
         num_threads = _positive(env.NUM_THREADS, int)
         max_mbps = _positive(env.MAX_MBPS, float)
