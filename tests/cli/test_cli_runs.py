@@ -156,6 +156,31 @@ def test_run_show_prints_each_round_and_neutralizes_worker_strings(
     assert "int8" in result.output and "2 replicas x 5 inner steps" in result.output
 
 
+def test_run_show_lists_refused_contributions_with_their_reasons(
+    coordinator: dict[str, Any],
+) -> None:
+    refused = {"round": 1, "replica": 1, "status": "refused", "worker_id": "w-1"}
+    coordinator["detail"]["contributions"].append(
+        {**refused, "reason": "non-finite values in tok_emb.weight"}
+    )
+    coordinator["detail"]["contributions"].append(
+        {**refused, "replica": 0, "status": "dropped", "reason": HOSTILE}
+    )
+    result = runner.invoke(app, ["run", "show", "collab"])
+    assert result.exit_code == 0, result.output
+    assert "refused or dropped contributions" in result.output
+    assert "non-finite values in tok_emb.weight" in result.output and "w-1" in result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output  # no raw escapes
+    assert "\\x1b[31mred" in result.output.split("refused or dropped")[1]  # escaped
+
+
+def test_run_show_has_no_refusals_table_when_all_were_accepted(
+    coordinator: dict[str, Any],
+) -> None:
+    result = runner.invoke(app, ["run", "show", "collab"])
+    assert result.exit_code == 0 and "refused or dropped" not in result.output
+
+
 def test_run_show_json_is_the_api_reply(coordinator: dict[str, Any]) -> None:
     result = runner.invoke(app, ["run", "show", "collab", "--json"])
     assert json.loads(result.output)["rounds"][1]["detail"] == HOSTILE

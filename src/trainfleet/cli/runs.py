@@ -160,6 +160,25 @@ def rounds_table(detail: dict[str, Any]) -> Table:
     return table
 
 
+def refusals_table(detail: dict[str, Any]) -> Table:
+    """The contributions that were refused or dropped, with their reasons (worker-supplied
+    values printed plain)."""
+    table = Table(title="refused or dropped contributions", title_justify="left")
+    for col in ("round", "replica", "status", "worker", "reason"):
+        table.add_column(col)
+    for c in detail.get("contributions") or []:
+        if c.get("status") not in ("refused", "dropped"):
+            continue
+        table.add_row(
+            render.plain(c.get("round")),
+            render.plain(c.get("replica")),
+            render.plain(c.get("status")),
+            render.plain(c.get("worker_id") or "-"),
+            render.plain(c.get("reason") or ""),
+        )
+    return table
+
+
 def summary_lines(detail: dict[str, Any]) -> list[str]:
     run = detail["run"]
     spec = run.get("spec") or {}
@@ -245,6 +264,9 @@ def show(
         for line in summary_lines(detail):
             console.print(render.plain(line), highlight=False)
         console.print(rounds_table(detail))
+        refusals = refusals_table(detail)
+        if refusals.row_count:
+            console.print(refusals)
         for other in detail.get("same_name") or []:
             console.print(
                 render.plain(

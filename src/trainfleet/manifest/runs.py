@@ -28,6 +28,7 @@ from trainfleet.manifest.names import HostName, Name, _Spec
 
 # Up to 100 characters: a task's job name, f"{run}.r{round}.k{replica}", must stay a valid Name.
 RunName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+MAX_ROUNDS = 1_000_000
 CodecKind = Literal["none", "fp16", "int8", "topk"]
 
 
@@ -67,9 +68,9 @@ class RunSpec(_Spec):
     inner_steps: int = Field(50, ge=1, le=1_000_000, description="H: inner AdamW steps a round")
     outer_lr: float = Field(0.7, gt=0, le=10, description="outer Nesterov learning rate")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="outer Nesterov momentum")
-    rounds: int | None = Field(None, ge=1, le=1_000_000, description="budget in rounds")
+    rounds: int | None = Field(None, ge=1, le=MAX_ROUNDS, description="budget in rounds")
     tokens: int | None = Field(
-        None, ge=1, description="budget in training tokens (all replicas); sets rounds"
+        None, ge=1, le=10**15, description="budget in training tokens (all replicas); sets rounds"
     )
     warmup_rounds: int = Field(
         0,
@@ -135,10 +136,12 @@ class RunSpec(_Spec):
         return self.replicas * self.inner_steps * batch_size * seq_len * self.gang_size
 
     def num_rounds(self, batch_size: int, seq_len: int) -> int:
+        """The budget in rounds (a token budget rounds up, capped like ``rounds``)."""
         if self.rounds is not None:
             return self.rounds
         assert self.tokens is not None
-        return max(1, math.ceil(self.tokens / self.tokens_per_round(batch_size, seq_len)))
+        needed = math.ceil(self.tokens / self.tokens_per_round(batch_size, seq_len))
+        return max(1, min(MAX_ROUNDS, needed))
 
     def identity(self) -> dict[str, Any]:
         """What makes it the same run (a change starts a new run; scheduling may change)."""
