@@ -179,6 +179,20 @@ def test_huge_finite_end_weights_never_make_the_global_weights_non_finite(api: A
     assert c["status"] == "refused" and c["reason"]
 
 
+def test_a_codec_denser_than_the_runs_is_refused_and_a_sparser_one_accepted(api: Api) -> None:
+    # The run asks int8; a replica may pick a sparser codec for its link, never fp32.
+    toml = run_toml(replicas=2, min_quorum=2, compression="int8")
+    _workers, tasks = _round0(api, toml, hosts="ab")
+    start = _start(api, tasks[0])
+    end = {k: v - 0.01 for k, v in start.items()}
+    dense = pseudograd.encode(start, end, CompressionSpec()).data
+    verdict = _verdict(finish(api, tasks[0], data=dense))
+    assert verdict["status"] == "refused"
+    assert "denser than the run's int8" in verdict["reason"]
+    sparse = pseudograd.encode(start, end, CompressionSpec(kind="topk", density=0.1)).data
+    assert _verdict(finish(api, tasks[1], data=sparse))["status"] == "accepted"
+
+
 # the contribution record -----------------------------------------------------------------
 @pytest.mark.parametrize(
     "said",

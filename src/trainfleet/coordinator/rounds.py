@@ -60,7 +60,7 @@ from trainfleet.coordinator.round_plan import (
     replica_tasks,
     target_s,
 )
-from trainfleet.manifest.runs import RunSpec
+from trainfleet.manifest.runs import CompressionSpec, RunSpec
 from trainfleet.queue.base import ACTIVE_STATES, JobRecord
 from trainfleet.queue.runs_base import (
     ContributionRecord,
@@ -174,9 +174,13 @@ class RoundDriver:
             return Verdict(status, reason, norm, sha, len(data), done, compute_s)
 
         try:
-            delta = pseudograd.decode(data, reference, limit).delta
+            decoded = pseudograd.decode(data, reference, limit)
         except Exception as err:  # PseudoGradError, or anything else a crafted file trips
             return verdict("refused", f"malformed pseudo-gradient: {str(err)[:500]}")
+        delta = decoded.delta
+        denser = _denser_than_asked(decoded, task.compression, reference)
+        if denser:
+            return verdict("refused", denser)
         if not pseudograd.all_finite(delta):
             return verdict("refused", "non-finite values in the pseudo-gradient")
         return verdict("accepted")
@@ -341,6 +345,30 @@ class RoundDriver:
         assert self.coord.runs_dir is not None
         settings = CacheSettings(directory=self.coord.runs_dir / "eval-cache")
         return inner.heldout_loss(GPTParams(**spec.hyper), spec.dataset, weights, settings)
+
+
+def _denser_than_asked(decoded: Any, asked: CompressionSpec, reference: Weights) -> str:
+    """Why a pseudo-gradient's codec sends more bytes than the run's own (a worker may pick a
+    sparser one for its link, never a denser one), or ''."""
+    from trainfleet.train import pseudograd
+
+    try:
+        sent = CompressionSpec(
+            kind=decoded.codec,
+            density=float(decoded.meta.get("density", asked.density)),
+            bits=int(decoded.meta.get("bits", asked.bits)),
+        )
+    except (ValueError, TypeError) as err:
+        return f"malformed pseudo-gradient: codec parameters: {str(err)[:200]}"
+    num_params = sum(t.numel() for t in reference.values())
+    sent_bytes = pseudograd.num_bytes_for(sent, num_params)
+    asked_bytes = pseudograd.num_bytes_for(asked, num_params)
+    if sent_bytes <= asked_bytes:
+        return ""
+    return (
+        f"codec {sent.kind} ({sent_bytes} bytes) is denser than the run's"
+        f" {asked.kind} ({asked_bytes} bytes): a replica may send less, never more"
+    )
 
 
 def _mapping(value: Any) -> dict[str, Any]:
