@@ -88,6 +88,9 @@ def test_a_round_closes_at_full_quorum_with_the_outer_step_applied(api: Api) -> 
     detail = tick(api)
     assert detail["run"]["state"] == "completed" and detail["run"]["round"] == 2
     assert [r["state"] for r in detail["rounds"]] == ["closed", "closed"]
+    scraped = api.http.get("/metrics", headers=OP).text
+    assert 'trainfleet_run_contributions_total{verdict="accepted"} 6.0' in scraped
+    assert "trainfleet_run_rounds_closed_total 2.0" in scraped
     assert api.coord.queue.is_bound(detail["run"]["weights"])
     assert api.coord.queue.is_bound(detail["run"]["momentum"])
 

@@ -55,6 +55,15 @@ class Metrics:
         self.upload_bytes = Counter(
             "trainfleet_upload_bytes", "Artifact bytes accepted", registry=self.registry
         )
+        self.contributions = Counter(
+            "trainfleet_run_contributions",
+            "Pseudo-gradients judged at arrival, by verdict",
+            ["verdict"],
+            registry=self.registry,
+        )
+        self.rounds_closed = Counter(
+            "trainfleet_run_rounds_closed", "Rounds of runs closed", registry=self.registry
+        )
         self.requeues = Counter(
             "trainfleet_lost_attempts",
             "Attempts requeued or failed by the reaper",

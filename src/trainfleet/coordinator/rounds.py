@@ -138,6 +138,8 @@ class RoundDriver:
         # Not current: the queue answers a repeated report from the stored job, or refuses.
         verdict = self.judge(job, result) if current else Verdict("refused", "not current")
         record = self.coord.queue.complete_replica(job.id, worker_id, epoch, result, verdict)
+        if current:
+            self.coord.metrics.contributions.labels(verdict.status).inc()
         self.wake()
         return record
 
@@ -239,6 +241,7 @@ class RoundDriver:
             return
         outcome = self.close(st, why)
         if self.coord.queue.close_round(outcome):
+            self.coord.metrics.rounds_closed.inc()
             log.info(
                 "run %s round %d closed (%s): %d applied, %d late, %d refused, %d dropped, loss %s",
                 st.run.name,
