@@ -67,11 +67,15 @@ def test_a_coordinator_killed_mid_run_resumes_from_its_state_dir(tmp_path: Path)
         fleet.reload(run_toml(rounds=3, min_quorum=2))  # a round waits for both replicas
         fleet.start_worker("cpu-a")
         b = fleet.start_worker("cpu-b")
-        # Hold cpu-b's replica back (partitioned), so the round it belongs to sits open with
-        # cpu-a's contribution accepted and not yet applied when the coordinator dies.
-        held = wait_until(
-            lambda: running_replica(b), 240, "cpu-b to run a replica", interval_s=0.05
-        )
+
+        # Hold cpu-b's replica of a round past the first back (partitioned), so that round
+        # sits open with cpu-a's contribution accepted and not yet applied when the
+        # coordinator dies: the new process resumes from stored weights and momentum.
+        def later_replica() -> str | None:
+            name = running_replica(b)
+            return name if name is not None and round_of(name) >= 1 else None
+
+        held = wait_until(later_replica, 240, "cpu-b to run a replica of round 1+", interval_s=0.05)
         assert b.proxy is not None
         b.proxy.partition()
         r = round_of(held)

@@ -25,21 +25,13 @@ from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue import sqlite_runs_reload
 from trainfleet.queue.base import JobRecord, PlanEntry, ReloadPlan
 from trainfleet.queue.reload import Diff, StoredJob, diff_manifest
-from trainfleet.queue.sqlite_schema import find_job_row, insert_event, load_job
+from trainfleet.queue.sqlite_schema import (
+    find_job_row,
+    insert_event,
+    load_job,
+    scheduling_columns,
+)
 from trainfleet.queue.sqlite_workers import release_worker
-
-
-def _scheduling_columns(spec: JobSpec) -> tuple[str, int, int, float, float, int]:
-    """spec, priority, require_cuda, min_vram_gib, min_ram_gib, min_cores: what a claim's SQL
-    prefilter reads, kept in columns beside the JSON spec."""
-    return (
-        spec.model_dump_json(),
-        spec.priority,
-        int(spec.require_cuda),
-        spec.min_vram_gib,
-        spec.min_ram_gib,
-        spec.min_cores,
-    )
 
 
 def apply_manifest(
@@ -103,7 +95,7 @@ def _apply_diff(
                 jid,
                 seq,
                 spec.name,
-                *_scheduling_columns(spec),
+                *scheduling_columns(spec),
                 now,
                 now,
                 now,
@@ -116,7 +108,7 @@ def _apply_diff(
             "UPDATE jobs SET spec = ?, priority = ?, require_cuda = ?, min_vram_gib = ?,"
             " min_ram_gib = ?, min_cores = ?, in_manifest = 1, pinned = 0, updated_at = ?"
             " WHERE id = ?",
-            (*_scheduling_columns(spec), now, entry.id),
+            (*scheduling_columns(spec), now, entry.id),
         )
         insert_event(
             conn, clock(), entry.id, "changed", None, None, detail=json.dumps(entry.changes)

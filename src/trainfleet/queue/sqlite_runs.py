@@ -38,7 +38,12 @@ from trainfleet.queue.runs_base import (
     RunRecord,
     Verdict,
 )
-from trainfleet.queue.sqlite_schema import insert_event, load_job, read_meta
+from trainfleet.queue.sqlite_schema import (
+    insert_event,
+    load_job,
+    read_meta,
+    scheduling_columns,
+)
 
 TASK_RUN = "json_extract(spec, '$.task.run_id')"
 
@@ -134,17 +139,6 @@ def scheduling_fields(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-def task_columns(spec: JobSpec) -> tuple[str, int, int, float, float, int]:
-    return (
-        spec.model_dump_json(),
-        spec.priority,
-        int(spec.require_cuda),
-        spec.min_vram_gib,
-        spec.min_ram_gib,
-        spec.min_cores,
-    )
-
-
 def _insert_tasks(
     conn: sqlite3.Connection, tasks: list[JobSpec], now: float, claimable: bool
 ) -> None:
@@ -158,7 +152,7 @@ def _insert_tasks(
             " min_vram_gib, min_ram_gib, min_cores, created_at, updated_at, pending_since,"
             " manifest_hash, in_manifest) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?,"
             " ?, ?, ?)",
-            (jid, seq, spec.name, *task_columns(spec), now, now, now, mhash, int(claimable)),
+            (jid, seq, spec.name, *scheduling_columns(spec), now, now, now, mhash, int(claimable)),
         )
         insert_event(conn, now, jid, "added", None, "pending", detail="replica task")
 

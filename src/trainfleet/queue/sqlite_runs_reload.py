@@ -28,8 +28,8 @@ from trainfleet.queue.sqlite_runs import (
     cancel_tasks,
     scheduling_fields,
     set_claimable,
-    task_columns,
 )
+from trainfleet.queue.sqlite_schema import scheduling_columns
 
 _IDENTITY = {
     "name",
@@ -143,7 +143,7 @@ def _update_run(conn: sqlite3.Connection, old: sqlite3.Row, spec: RunSpec, now: 
         conn.execute(
             "UPDATE jobs SET spec = ?, priority = ?, require_cuda = ?, min_vram_gib = ?,"
             " min_ram_gib = ?, min_cores = ?, updated_at = ? WHERE id = ?",
-            (*task_columns(job), now, row["id"]),
+            (*scheduling_columns(job), now, row["id"]),
         )
     set_claimable(conn, old["id"], state == "active", now)
 

@@ -385,3 +385,16 @@ def same_name_refs(conn: sqlite3.Connection, job_id: str) -> list[JobRef]:
         )
         for r in rows
     ]
+
+
+def scheduling_columns(spec: JobSpec) -> tuple[str, int, int, float, float, int]:
+    """spec, priority, require_cuda, min_vram_gib, min_ram_gib, min_cores: what a claim's SQL
+    prefilter reads, kept in columns beside the JSON spec."""
+    return (
+        spec.model_dump_json(),
+        spec.priority,
+        int(spec.require_cuda),
+        spec.min_vram_gib,
+        spec.min_ram_gib,
+        spec.min_cores,
+    )

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,23 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"trainfleet.train: error: {message}", file=sys.stderr, flush=True)
+def _fail(message: str, code: int = EXIT_USAGE, prog: str = "trainfleet.train") -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def run_training(work: Callable[[], object], prog: str = "trainfleet.train") -> int:
+    """Run ``work`` and map what it raises to this package's exit codes (module doc): too
+    little data 2, a refused router 3, a data error 1; 0 when it returns."""
+    try:
+        work()
+    except CorpusTooSmall as e:
+        return _fail(str(e), prog=prog)
+    except RoutingMismatch as e:
+        return _fail(f"refused: {e}", EXIT_REFUSED, prog)
+    except DataError as e:
+        return _fail(str(e), EXIT_DATA, prog)
+    return 0
 
 
 def _data_source(dataset: str, path: int | None) -> DataSource:
@@ -79,15 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         return _fail(f"invalid --dataset: {_describe(e)}")
 
-    try:
-        train(params, args.mode, args.output, num_threads=num_threads, log=_log, data=data)
-    except CorpusTooSmall as e:
-        return _fail(str(e))
-    except RoutingMismatch as e:
-        return _fail(f"refused: {e}", EXIT_REFUSED)
-    except DataError as e:
-        return _fail(str(e), EXIT_DATA)
-    return 0
+    return run_training(
+        lambda: train(params, args.mode, args.output, num_threads=num_threads, log=_log, data=data)
+    )
 
 
 if __name__ == "__main__":

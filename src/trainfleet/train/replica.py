@@ -30,9 +30,8 @@ from safetensors.torch import load_file
 
 from trainfleet import env
 from trainfleet.data.prepare import CacheSettings
-from trainfleet.errors import CorpusTooSmall, DataError, RoutingMismatch
 from trainfleet.manifest.runs import ReplicaTask
-from trainfleet.train.__main__ import EXIT_DATA, EXIT_REFUSED, EXIT_USAGE, _describe
+from trainfleet.train.__main__ import EXIT_USAGE, _describe, run_training
 from trainfleet.train.inner import WeightsMismatch, check_weights, run_replica
 from trainfleet.train.recipes import GPTParams
 
@@ -120,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         return _fail(f"cannot read {env.ROUTER_FILE}: {e}")
 
-    try:
-        run_replica(
+    return run_training(
+        lambda: run_replica(
             task,
             weights,
             args.state_dir,
@@ -131,14 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             max_mbps=max_mbps,
             settings=CacheSettings.from_env(),
             handed_router=handed,
-        )
-    except CorpusTooSmall as e:
-        return _fail(str(e))
-    except RoutingMismatch as e:
-        return _fail(f"refused: {e}", EXIT_REFUSED)
-    except DataError as e:
-        return _fail(str(e), EXIT_DATA)
-    return 0
+        ),
+        PROG,
+    )
 
 
 if __name__ == "__main__":
