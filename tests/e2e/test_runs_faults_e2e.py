@@ -35,6 +35,10 @@ def running_replica(worker: WorkerHandle) -> str | None:
     return next((n for n in worker.job_names() if n.startswith("collab.r")), None)
 
 
+def event_kinds(fleet: LiveFleet, job: str) -> list[str]:
+    return [e["kind"] for e in fleet.job(job)["events"]]
+
+
 def round_of(job_name: str) -> int:
     return int(job_name.split(".")[1][1:])
 
@@ -197,9 +201,11 @@ def test_a_partitioned_worker_neither_holds_up_the_round_nor_applies_twice(
         assert not [c for c in closed["contributions"] if c["job_id"] == job_id]
         if lease_s > 3:  # the replica finishes while cut off; its worker holds the result
             wait_until(lambda: not victim.job_names(), 120, "cpu-b's replica to finish")
+        else:  # cut off past the lease: the coordinator writes the attempt off
+            wait_until(lambda: "lost" in event_kinds(fleet, job_id), 60, f"{cut} to be lost")
         victim.proxy.heal()
         detail = completed(fleet, 300)
-        events = [e["kind"] for e in fleet.job(job_id)["events"]]
+        events = event_kinds(fleet, job_id)
 
     check_bookkeeping(detail, 3)
     late = [

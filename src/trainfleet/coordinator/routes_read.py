@@ -124,9 +124,15 @@ async def workers(ctx: Ctx) -> WorkerList:
 )
 async def download(ctx: Ctx) -> StreamingResponse:
     sha = ctx.path("sha256")  # checked against its declaration (endpoints.SHA256)
-    store = ctx.coord.store
-    if not await ctx.run(store.exists, sha):
+    if not await ctx.run(ctx.coord.store.exists, sha):
         raise NotFound(f"no artifact {sha}")
+    return await stream_blob(ctx, sha)
+
+
+async def stream_blob(ctx: Ctx, sha: str) -> StreamingResponse:
+    """A stored blob's bytes, streamed in 1 MiB chunks, with its Content-Length."""
+    store = ctx.coord.store
+    size = await ctx.run(store.size, sha)
     handle = await ctx.run(store.open, sha)
 
     def chunks() -> Iterator[bytes]:
@@ -134,4 +140,6 @@ async def download(ctx: Ctx) -> StreamingResponse:
             while chunk := handle.read(1 << 20):
                 yield chunk
 
-    return StreamingResponse(chunks(), media_type="application/octet-stream")
+    return StreamingResponse(
+        chunks(), media_type="application/octet-stream", headers={"content-length": str(size)}
+    )

@@ -30,12 +30,11 @@ are read from ``contribution``, else from ``metrics``); the reply (the job recor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from pydantic import Field
 from starlette.responses import StreamingResponse
 
 from trainfleet.coordinator.endpoints import Ctx, Param, RouteTable
+from trainfleet.coordinator.routes_read import stream_blob
 from trainfleet.coordinator.schemas import Body
 from trainfleet.errors import NotFound
 from trainfleet.queue.runs_base import ContributionRecord, RoundRecord, RunRecord
@@ -78,20 +77,10 @@ async def weights(ctx: Ctx) -> StreamingResponse:
     where = await ctx.run(coord.queue.weights_round, sha)
     if where is None or not await ctx.run(coord.store.exists, sha):
         raise NotFound(f"no run weights {sha}")
-    size = await ctx.run(coord.store.size, sha)
-    handle = await ctx.run(coord.store.open, sha)
-    await ctx.run(coord.queue.add_bytes_down, where[0], where[1], size)
-
-    def chunks() -> Iterator[bytes]:
-        with handle:
-            while chunk := handle.read(1 << 20):
-                yield chunk
-
-    return StreamingResponse(
-        chunks(),
-        media_type="application/octet-stream",
-        headers={"content-length": str(size)},
+    await ctx.run(
+        coord.queue.add_bytes_down, where[0], where[1], await ctx.run(coord.store.size, sha)
     )
+    return await stream_blob(ctx, sha)
 
 
 @routes.route("GET", "/v1/runs", auth="read", summary="List collaborative runs", response=RunList)
