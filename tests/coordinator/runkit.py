@@ -119,17 +119,24 @@ def finish(
     t: Task,
     data: bytes | None = None,
     said: dict[str, Any] | None = None,
+    data_report: dict[str, Any] | None = None,
     **metrics: Any,
 ) -> dict[str, Any]:
     """Upload ``data`` (default: the scripted pseudo-gradient) and complete; the job record.
-    ``metrics`` go to ``result.metrics``, ``said`` to ``result.contribution``."""
+    ``metrics`` go to ``result.metrics`` (``data_report`` as its ``data``: shard hashes),
+    ``said`` to ``result.contribution``."""
     said = said or {}
     data = pseudo_gradient(api, t) if data is None else data
     sha = hashlib.sha256(data).hexdigest()
     r = api.upload(t.worker, t.job_id, t.epoch, data, name="pseudograd.safetensors")
     assert r.status_code == 200, r.text
     result = {
-        "metrics": {"inner_steps_done": t.task["inner_steps"], "compute_s": 1.0, **metrics},
+        "metrics": {
+            "inner_steps_done": t.task["inner_steps"],
+            "compute_s": 1.0,
+            **({"data": data_report} if data_report is not None else {}),
+            **metrics,
+        },
         "artifact": sha,
         "artifact_size": len(data),
         "contribution": {"round": t.task["round"], "replica": t.task["replica"], **said},

@@ -330,3 +330,41 @@ def test_the_app_opens_and_closes_rounds_by_itself(api: Api) -> None:
         assert t is not None
         finish(api, t)
     wait_until(lambda: run_detail(api)["run"]["round"] == 1, 20, "round 0 closed by the driver")
+
+
+def test_a_lost_task_of_a_closed_round_is_cancelled_not_requeued(api: Api) -> None:
+    # Slot 2's worker goes silent; the round closes on quorum without it. When the reaper
+    # writes its attempt off, the task must not go back to pending: it would start from old
+    # weights (and, claimed first by seq, hold up the open round).
+    workers, tasks, _ = _round0(api, run_toml(rounds=3, min_quorum=2, straggler_wait=0.0))
+    api.clock.advance(2)
+    finish(api, tasks[0])
+    finish(api, tasks[1])
+    detail = tick(api)
+    assert detail["rounds"][0]["state"] == "closed" and detail["run"]["round"] == 1
+    api.clock.advance(11)  # past heartbeat_timeout_s: slot 2's attempt is lost
+    api.coord.queue.reap()
+    lost = api.coord.queue.get_job(tasks[2].job_id)
+    assert lost.state == "cancelled"
+    assert "round 0 of run dl has closed" in (lost.error or "") + " ".join(
+        e.detail for e in api.coord.queue.events(lost.id)
+    )
+    # the next claim is a task of the open round
+    nxt = claim(api, workers[0])
+    assert nxt is not None and nxt.task["round"] == 1
+
+
+def test_a_replicas_shard_hashes_are_checked_against_the_coordinators_plan(api: Api) -> None:
+    _workers, tasks, _ = _round0(api, run_toml(min_quorum=3))
+    from trainfleet.data.spec import dataset_digest
+
+    job = api.coord.queue.get_job(tasks[0].job_id)
+    assert job.spec.task is not None
+    digest = dataset_digest(job.spec.task.dataset)
+    # The coordinator plans the run's dataset at the first completion and judges the
+    # replica's reported shard hashes against it: a made-up hash is flagged.
+    data = {"digest": digest, "shards": [{"key": "train/0/0", "sha256": "0" * 64}]}
+    done = finish(api, tasks[0], data_report=data)
+    assert done["flags"], done
+    events = " ".join(e.detail for e in api.coord.queue.events(tasks[0].job_id))
+    assert "has no dataset" not in events

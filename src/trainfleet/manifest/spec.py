@@ -149,6 +149,13 @@ class JobSpec(_Spec):
             identity["task"] = self.task.model_dump(mode="json")
         return identity
 
+    @property
+    def trained_dataset(self) -> DatasetSpec | None:
+        """The dataset it trains on: its own, or its run's for a replica task."""
+        if self.dataset is not None:
+            return self.dataset
+        return self.task.dataset if self.task is not None else None
+
     def scheduling(self) -> dict[str, Any]:
         """Fields a reload may change on an existing job without changing its identity."""
         return self.model_dump(exclude=_IDENTITY_FIELDS)

@@ -401,6 +401,7 @@ class SQLiteQueue(JobQueue):
     def complete_replica(
         self, job_id: str, worker_id: str, epoch: int, result: dict[str, Any], verdict: Verdict
     ) -> JobRecord:
+        self._ensure_shard_plan(job_id)
         with self._tx() as conn:
             return sqlite_runs.complete_replica(
                 conn, job_id, worker_id, epoch, result, verdict, self.clock

@@ -345,8 +345,13 @@ def _end_attempt(
     """Close the active attempt: back to pending, or failed when attempts are used up."""
     now = clock()
     failures = row["num_failures"] + int(count)
-    max_failures = JobSpec.model_validate_json(row["spec"]).max_failures
-    if retryable and failures < max_failures:
+    spec = JobSpec.model_validate_json(row["spec"])
+    max_failures = spec.max_failures
+    round_over = _round_over(conn, spec)
+    if round_over:  # a replica task whose round has closed: rerunning it is wasted work
+        to_state, finished = "cancelled", now
+        detail = f"{error} (not requeued: {round_over})"
+    elif retryable and failures < max_failures:
         to_state, finished = "pending", None
         detail = f"{error} (failure {failures}/{max_failures}; requeued)" if count else error
     else:
@@ -370,6 +375,20 @@ def _end_attempt(
         row["epoch"],
         detail,
     )
+
+
+def _round_over(conn: sqlite3.Connection, spec: JobSpec) -> str:
+    """For a replica task, why its round takes no more attempts ('' while it does)."""
+    if spec.task is None:
+        return ""
+    run = conn.execute("SELECT state, round FROM runs WHERE id = ?", (spec.task.run_id,)).fetchone()
+    if run is None:
+        return ""
+    if run["state"] in ("completed", "superseded"):
+        return f"run {spec.task.run} is {run['state']}"
+    if spec.task.round < run["round"]:
+        return f"round {spec.task.round} of run {spec.task.run} has closed"
+    return ""
 
 
 def overdue_jobs(conn: sqlite3.Connection, now: float, heartbeat_timeout_s: float) -> list[str]:

@@ -70,7 +70,7 @@ def store_plan(conn: sqlite3.Connection, plan: ExpectedShards, now: float) -> No
 def job_dataset(conn: sqlite3.Connection, job_id: str) -> DatasetSpec | None:
     """The dataset spec of job ``job_id`` (None without one, or without such a job)."""
     row = conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    return JobSpec.model_validate_json(row["spec"]).dataset if row is not None else None
+    return JobSpec.model_validate_json(row["spec"]).trained_dataset if row is not None else None
 
 
 def _first_reports(
@@ -112,33 +112,34 @@ def check_shards(
     the caller's transaction rolls back) when the result names another dataset digest."""
     row = conn.execute("SELECT spec, flags FROM jobs WHERE id = ?", (job_id,)).fetchone()
     spec = JobSpec.model_validate_json(row["spec"])
+    dataset = spec.trained_dataset
     reports = shard_reports(result)
     digest = reported_digest(result)
     mismatches: list[str] = []
     notes: list[str] = []
-    if spec.dataset is None:
+    if dataset is None:
         if reports:
             notes.append(
                 f"reports {len(reports)} shard hash(es) of dataset {reports[0].dataset_digest[:12]}"
                 " but the job has no dataset: not recorded"
             )
     else:
-        own = dataset_digest(spec.dataset)
+        own = dataset_digest(dataset)
         if digest is not None and digest != own:
             raise BadRequest(
                 f"result of job {spec.name} reports dataset digest {digest[:16]}, but the job's"
-                f" dataset {spec.dataset.name!r} has digest {own[:16]}: it trained on another spec",
+                f" dataset {dataset.name!r} has digest {own[:16]}: it trained on another spec",
                 reported_digest=digest,
                 expected_digest=own,
             )
         plan = stored_plan(conn, own)
         if not reports:
-            notes.append(f"dataset job reported no shard hashes for {spec.dataset.name!r}")
+            notes.append(f"dataset job reported no shard hashes for {dataset.name!r}")
         elif plan is not None and plan.status == "planned":
             mismatches = plan_flags(reports, plan.shards, spec.path)
         else:
             why = plan.detail if plan is not None else "the coordinator has no plan of it"
-            notes.append(f"unverified: shard hashes of {spec.dataset.name!r} not checked ({why})")
+            notes.append(f"unverified: shard hashes of {dataset.name!r} not checked ({why})")
             mismatches = _first_reports(conn, reports, job_id, worker_id, now)
     flags = mismatches + notes
     if flags:
