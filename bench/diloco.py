@@ -1,7 +1,11 @@
 """Collaborative DiLoCo against synchronous data parallel, one worker and torchft's DiLoCo.
 
-    python -m bench.diloco            (full: about 20 minutes on 2 idle cores)
-    python -m bench.diloco --quick    (about a minute)
+    python -m bench.diloco            (full: 17 minutes on 2 cores; 26 with other work on them)
+    python -m bench.diloco --quick    (about 1.5 minutes; spawning DP and torchft dominates)
+
+Sizes (full): 1,000 inner steps per replica (4,000 for the one worker), so H=100 gets 10
+outer steps, H=50 20, H=10 100; the warm-up arms spend 100 synchronous rounds first (then 9
+rounds of H=100); evaluation every 100 inner steps on 256 held-out windows of 64 bytes.
 
 Model and data: the built-in byte GPT (2 layers, width 64, 4 heads, context 64; 120,576
 params) on the ``stdlib`` dataset spec (this Python's own sources: no known floor, and the
@@ -19,8 +23,9 @@ weights, and is scored on the same held-out windows (``inner.heldout_loss``'s):
 
 Learning rates (full mode): inner lr over {1e-3, 3e-3, 1e-2} for the one worker and for DP;
 DiLoCo (H=50, fp32) over inner lr {1e-3, 3e-3, 1e-2} at outer lr 0.7, then outer lr
-{0.5, 0.7, 1.0} at the best inner lr, momentum 0.9; every DiLoCo arm, ours and torchft's,
-uses that pair. Quick mode: one point (3e-3; 0.7).
+{0.5, 0.7, 1.0} at the best inner lr, momentum 0.9, then momentum 0.5 at outer lr {0.7,
+1.0} (the first full run's optimum sat at the low edge, 0.5, at momentum 0.9); every DiLoCo
+arm, ours and torchft's, uses the best triple. Quick mode: one point (3e-3; 0.7; 0.9).
 
 Communication model (per replica, per link): DP is a ring all-reduce, each rank sends (and
 receives, full duplex) 2 x fp32 params per step; torchft's DiLoCo all-reduces fp32
@@ -85,6 +90,7 @@ class Sizes:
     warmup_inner_steps: tuple[int, ...]  # the H values run with a warm-up too
     inner_lrs: tuple[float, ...]
     outer_lrs: tuple[float, ...]
+    outer_momenta: tuple[float, ...]
     tune_h: int
     max_documents: int
     eval_batches: int
@@ -103,6 +109,7 @@ class Sizes:
                 (),
                 (3e-3,),
                 (0.7,),
+                (0.9,),
                 steps // 4,
                 400,
                 16,
@@ -117,6 +124,7 @@ class Sizes:
             (100,),
             (1e-3, 3e-3, 1e-2),
             (0.5, 0.7, 1.0),
+            (0.9, 0.5),
             50,
             1200,
             32,
@@ -215,7 +223,9 @@ def run_all(sizes: Sizes, work: Path, skip_torchft: bool) -> tuple[list[ArmResul
     tuning += singles + dps
     count = 0
 
-    def ours(h: int, codec: str, warm: int, inner_lr: float, outer_lr: float) -> ArmResult:
+    def ours(
+        h: int, codec: str, warm: int, inner_lr: float, outer_lr: float, mu: float = 0.9
+    ) -> ArmResult:
         nonlocal count
         count += 1
         label = f"DiLoCo H={h} {codec}" + (f" warm-up {warm}" if warm else "")
@@ -224,7 +234,7 @@ def run_all(sizes: Sizes, work: Path, skip_torchft: bool) -> tuple[list[ArmResul
             "warmup_rounds": warm,
             "inner_lr": inner_lr,
             "outer_lr": outer_lr,
-            "momentum": 0.9,
+            "momentum": mu,
             "codec": CODECS[codec],
             "label": label,
         }
@@ -234,19 +244,28 @@ def run_all(sizes: Sizes, work: Path, skip_torchft: bool) -> tuple[list[ArmResul
     by_inner = [ours(sizes.tune_h, "fp32", 0, lr, mid) for lr in sizes.inner_lrs]
     inner_lr = best(by_inner).settings["inner_lr"]
     by_outer = [ours(sizes.tune_h, "fp32", 0, inner_lr, lr) for lr in sizes.outer_lrs if lr != mid]
-    tuned = best([*by_inner, *by_outer])
+    # the outer lr's optimum sat at the grid's low edge at momentum 0.9: try less momentum too
+    by_mu = [
+        ours(sizes.tune_h, "fp32", 0, inner_lr, lr, mu)
+        for mu in sizes.outer_momenta
+        if mu != 0.9
+        for lr in sizes.outer_lrs
+        if lr >= mid
+    ]
+    tuned = best([*by_inner, *by_outer, *by_mu])
     inner_lr, outer_lr = tuned.settings["inner_lr"], tuned.settings["outer_lr"]
-    tuning += [r for r in [*by_inner, *by_outer] if r is not tuned]
+    mu = tuned.settings["momentum"]
+    tuning += [r for r in [*by_inner, *by_outer, *by_mu] if r is not tuned]
     arms: list[ArmResult] = [one, dp]
     for h in sizes.inner_steps:
         for codec in sizes.codecs:
             if h == sizes.tune_h and codec == "fp32":
                 arms.append(tuned)
             else:
-                arms.append(ours(h, codec, 0, inner_lr, outer_lr))
+                arms.append(ours(h, codec, 0, inner_lr, outer_lr, mu))
     for h in sizes.warmup_inner_steps:
         for codec in sizes.codecs:
-            arms.append(ours(h, codec, sizes.warmup_rounds, inner_lr, outer_lr))
+            arms.append(ours(h, codec, sizes.warmup_rounds, inner_lr, outer_lr, mu))
     if skip_torchft or not available():
         say("torchft arm skipped" + ("" if skip_torchft else f": {MISSING}"))
     else:
@@ -262,7 +281,7 @@ def run_all(sizes: Sizes, work: Path, skip_torchft: bool) -> tuple[list[ArmResul
                         inner_steps=h,
                         inner_lr=inner_lr,
                         outer_lr=outer_lr,
-                        momentum=0.9,
+                        momentum=mu,
                     )
                 )
             )
@@ -274,6 +293,7 @@ def run_all(sizes: Sizes, work: Path, skip_torchft: bool) -> tuple[list[ArmResul
         "tuned_inner_lr_sync_dp": dp.settings["inner_lr"],
         "tuned_inner_lr_diloco": inner_lr,
         "tuned_outer_lr_diloco": outer_lr,
+        "tuned_outer_momentum_diloco": mu,
         "tuning": [
             {
                 "arm": r.name,
@@ -323,7 +343,7 @@ def table(arms: list[ArmResult], m: dict[str, Any]) -> list[list[str]]:
     rows = [
         [
             "arm",
-            "lr in/out",
+            "lr in/out/mu",
             "bpb",
             "sent/replica",
             "x fewer",
@@ -337,7 +357,9 @@ def table(arms: list[ArmResult], m: dict[str, Any]) -> list[list[str]]:
     for r in arms:
         k = key(r)
         lrs = f"{r.settings['inner_lr']:g}" + (
-            f"/{r.settings['outer_lr']:g}" if "outer_lr" in r.settings else ""
+            f"/{r.settings['outer_lr']:g}/{r.settings['momentum']:g}"
+            if "outer_lr" in r.settings
+            else ""
         )
         factor = m.get(f"{k}_compression_vs_sync")
         rows.append(

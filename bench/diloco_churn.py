@@ -4,10 +4,11 @@
     python -m bench.diloco_churn --quick    (about two minutes)
 
 A real coordinator (``trainfleet.testing.LiveFleet``, in this process) and real ``trainfleet
-join`` workers (one thread each) run one ``[[runs]]`` entry: 4 replicas of a tiny byte GPT on
-the synthetic dialect mixture (its exact loss floor is printed). Every ``kill_every`` rounds
-the bench destroys a worker that is running a replica (daemon and job, as a machine dying)
-and starts a newcomer. From the run's own records (``GET /v1/runs/{run}``):
+join`` workers (one thread each) run one ``[[runs]]`` entry: 4 replicas of the bench's byte
+GPT (2 layers, width 64) on the synthetic dialect mixture (its exact loss floor is printed).
+Every ``kill_every`` rounds the bench destroys, half a typical round after the round opened,
+a worker running one of its replicas (daemon and job, as a machine dying) and starts a
+newcomer. From the run's own records (``GET /v1/runs/{run}``):
 
 - goodput: compute seconds of applied contributions / compute seconds of every contribution
   reported, plus an upper bound on what each kill destroyed (kill time - the killed task's
@@ -43,6 +44,10 @@ from trainfleet.testing import LiveFleet
 STARTED = time.perf_counter()
 RUN = "churn"
 DEADLINE_S = 900
+HYPER = (
+    "n_layers = 2, d_model = 64, n_heads = 4, seq_len = 64, batch_size = 8, lr = 3e-3,"
+    " warmup_steps = 10, eval_batches = 8"
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class Sizes:
 
     @classmethod
     def pick(cls, quick: bool) -> Sizes:
-        return cls(4, 4, 10, 6, 2) if quick else cls(5, 4, 20, 12, 3)
+        return cls(4, 4, 20, 6, 2) if quick else cls(5, 4, 200, 12, 3)
 
 
 def say(message: str) -> None:
@@ -82,8 +87,7 @@ dataset = "syn"
 replicas = {sizes.replicas}
 inner_steps = {sizes.inner_steps}
 rounds = {sizes.rounds}
-hyper = {{ n_layers = 1, d_model = 32, n_heads = 2, seq_len = 32, batch_size = 8, lr = 1e-2,
-  warmup_steps = 0, eval_batches = 4 }}
+hyper = {{ {HYPER} }}
 """
 
 
@@ -100,13 +104,18 @@ def churn(sizes: Sizes, tmp: Path) -> dict[str, Any]:
         workers = [fleet.start_worker(f"cpu-{i}") for i in range(sizes.workers)]
         next_kill = sizes.kill_every
         deadline = time.monotonic() + DEADLINE_S
-        while (run := detail(fleet)["run"])["state"] != "completed":
+        while (d := detail(fleet))["run"]["state"] != "completed":
             if time.monotonic() > deadline:
-                raise TimeoutError(f"run {RUN} not completed in {DEADLINE_S} s: {run}")
-            current = run["round"]
-            if current >= next_kill and current < sizes.rounds - 1:
+                raise TimeoutError(f"run {RUN} not completed in {DEADLINE_S} s: {d['run']}")
+            current = d["run"]["round"]
+            walls = [r["wall_s"] for r in d["rounds"] if r["wall_s"]]
+            opened = max((r["opened_at"] for r in d["rounds"]), default=time.time())
+            # kill mid-round: half a typical round after it opened
+            mid = time.time() >= opened + 0.5 * (statistics.median(walls) if walls else 0)
+            if current >= next_kill and current < sizes.rounds - 1 and mid:
+                prefix = f"{RUN}.r{current}."
                 victim = next(
-                    (w for w in workers if any(n.startswith(f"{RUN}.r") for n in w.job_names())),
+                    (w for w in workers if any(n.startswith(prefix) for n in w.job_names())),
                     None,
                 )
                 if victim is not None:

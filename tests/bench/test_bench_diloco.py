@@ -88,3 +88,50 @@ def test_quick_run_writes_the_metrics(tmp_path: Path, monkeypatch: pytest.Monkey
     assert m["one_worker_bytes_sent_per_replica"] == 0
     assert isinstance(m["goal_within_2pct_and_1000x_held"], bool)
     assert m["sync_dp_time_to_sync_loss_s_1g"] is not None  # the target is its own final loss
+
+
+def test_churn_figures_come_from_the_run_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    churn = bench(monkeypatch, "diloco_churn")
+
+    def rnd(n: int, wall: float) -> dict[str, object]:
+        return {
+            "round": n,
+            "opened_at": 100.0 * n,
+            "wall_s": wall,
+            "late_applied": n == 2,
+            "heldout_loss": 3.0 - n,
+            "bytes_up": 10,
+            "bytes_down": 20,
+        }
+
+    def contrib(n: int, worker: str, status: str, steps: int = 5) -> dict[str, object]:
+        return {
+            "round": n,
+            "worker_id": worker,
+            "status": status,
+            "compute_s": 2.0,
+            "inner_steps_done": steps,
+            "applied_in_round": n if status == "applied" else None,
+        }
+
+    detail = {
+        "rounds": [rnd(0, 10.0), rnd(1, 14.0), rnd(2, 10.0)],
+        "contributions": [
+            contrib(0, "a", "applied"),
+            contrib(0, "b", "applied"),
+            contrib(1, "a", "applied"),
+            contrib(1, "n", "dropped", 3),
+            contrib(2, "n", "applied"),
+            contrib(2, "a", "applied"),
+        ],
+    }
+    kills = [{"round": 1, "time": 104.0, "host": "hb", "jobs": ["churn.r1.k1"]}]
+    m = churn.measure(detail, kills, {"new": 0.0}, {"a": "ha", "n": "new"})
+
+    assert m["applied_compute_s"] == 10.0 and m["reported_compute_s"] == 12.0
+    assert m["killed_compute_s_upper_bound"] == 4.0  # killed 4 s after round 1 opened
+    assert m["goodput"] == 10.0 / 16.0
+    assert m["stall_s_per_kill_mean"] == 4.0  # 14 s against a calm median of 10 s
+    assert m["newcomer_discarded_inner_steps"] == 3
+    assert m["newcomer_first_applied_round_max"] == 2
+    assert m["late_applied"] == 1
