@@ -36,9 +36,12 @@ test-fast: setup
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.queue
 	$(BIN)/python -m bench.data
 	$(BIN)/python -m bench.chaos
+	$(BIN)/python -m bench.diloco
+	$(BIN)/python -m bench.diloco_churn
 
 clean:
 	rm -rf $(VENV) .demo .trainfleet .pytest_cache .ruff_cache .mypy_cache
