@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python -m bench.data
 	$(BIN)/python -m bench.chaos
 	$(BIN)/python -m bench.diloco
+	$(BIN)/python -m bench.diloco_link
 	$(BIN)/python -m bench.diloco_churn
 
 clean:
