@@ -257,9 +257,8 @@ def test_a_stale_attempt_cannot_complete_a_reclaimed_slot(api: Api) -> None:
     api.clock.advance(3)  # past the affinity wait
     new = claim(api, other)
     assert new is not None and new.job_id == old.job_id and new.epoch > old.epoch
-    data = pseudograd.encode(
-        _start(api, old), {k: v * 0.9 for k, v in _start(api, old).items()}, CompressionSpec()
-    ).data
+    start = _start(api, new)  # the reaped worker may no longer fetch the weights
+    data = pseudograd.encode(start, {k: v * 0.9 for k, v in start.items()}, CompressionSpec()).data
     r = api.upload(workers[0], old.job_id, old.epoch, data)
     assert_error(r, 409, r.json()["error"])
     finish(api, new)
@@ -410,3 +409,17 @@ def test_a_round_with_no_contribution_at_its_timeout_stays_open_and_says_so(api:
     assert detail["run"]["state"] == "active"
     states = {api.job(t.job_id)["job"]["state"] for t in tasks}
     assert states <= {"pending", "claimed", "running"}
+
+
+def test_only_a_worker_holding_a_task_of_the_round_may_fetch_its_weights(api: Api) -> None:
+    # The run's placement (allowed_hosts, CUDA) is checked at the claim; the weights route
+    # must not let any other worker read the model.
+    workers, tasks = _round0(api, run_toml(replicas=1, min_quorum=1, rounds=2), hosts="a")
+    sha = tasks[0].task["weights"]
+    outsider = api.register("cpu-z")
+    r = api.http.get(f"/v1/weights/{sha}", headers=outsider.auth)
+    assert "holds no replica task" in assert_error(r, 403, "forbidden")["message"]
+    ok = api.http.get(f"/v1/weights/{sha}", headers=workers[0].auth)
+    assert ok.status_code == 200 and hashlib.sha256(ok.content).hexdigest() == sha
+    finish(api, tasks[0])  # the task is over: its worker no longer holds it
+    assert_error(api.http.get(f"/v1/weights/{sha}", headers=workers[0].auth), 403, "forbidden")

@@ -5,7 +5,9 @@ API (JSON shapes are the pydantic models named; field lists in ``queue.runs_base
 - ``GET /v1/weights/{sha256}`` (auth ``worker``): the bytes of a run's global weights
   (safetensors, fp32) named by a ``ReplicaTask.weights``; streamed, ``application/octet-stream``.
   404 (JSON) for any digest that is not some run round's start weights, so a worker
-  credential cannot read other artifacts through it. The bytes served are counted into the
+  credential cannot read other artifacts through it; 403 unless the worker holds an active
+  replica task that starts from them (so a run's placement rules cover its weights). The
+  bytes served are counted into the
   round's ``bytes_down``. Content addressed: cache by digest and check the sha256.
 - ``GET /v1/runs`` (auth ``read``): ``RunList`` = ``{"runs": [RunRecord]}``, oldest first;
   RunRecord = ``{id, name, state: active|completed|paused|superseded, spec: RunSpec,
@@ -36,7 +38,7 @@ from starlette.responses import StreamingResponse
 from trainfleet.coordinator.endpoints import Ctx, Param, RouteTable
 from trainfleet.coordinator.routes_read import stream_blob
 from trainfleet.coordinator.schemas import Body
-from trainfleet.errors import NotFound
+from trainfleet.errors import Forbidden, NotFound
 from trainfleet.queue.runs_base import ContributionRecord, RoundRecord, RunRecord
 
 routes = RouteTable()
@@ -68,7 +70,8 @@ class RunDetail(Body):
     "GET",
     "/v1/weights/{sha256}",
     auth="worker",
-    summary="Download a run round's global weights (safetensors) by sha256",
+    summary="Download a run round's global weights (safetensors) by sha256; only to a worker"
+    " holding a replica task that starts from them",
     media_type="application/octet-stream",
 )
 async def weights(ctx: Ctx) -> StreamingResponse:
@@ -77,6 +80,10 @@ async def weights(ctx: Ctx) -> StreamingResponse:
     where = await ctx.run(coord.queue.weights_round, sha)
     if where is None or not await ctx.run(coord.store.exists, sha):
         raise NotFound(f"no run weights {sha}")
+    # Only to a worker that holds a task starting from them: a run's allowed_hosts and CUDA
+    # requirements, checked at the claim, cover its weights too.
+    if not await ctx.run(coord.queue.holds_weights, ctx.worker, sha):
+        raise Forbidden("this worker holds no replica task that starts from these weights")
     await ctx.run(
         coord.queue.add_bytes_down, where[0], where[1], await ctx.run(coord.store.size, sha)
     )

@@ -419,6 +419,10 @@ class JobQueue(abc.ABC):
         """(run id, round) of the newest round that started from these weights, or None."""
 
     @abc.abstractmethod
+    def holds_weights(self, worker_id: str, sha256: str) -> bool:
+        """Whether the worker holds an active replica task that starts from these weights."""
+
+    @abc.abstractmethod
     def add_bytes_down(self, run_id: str, round: int, num_bytes: int) -> None: ...
 
     @abc.abstractmethod

@@ -418,6 +418,9 @@ class SQLiteQueue(JobQueue):
     def weights_round(self, sha256: str) -> tuple[str, int] | None:
         return sqlite_runs.weights_round(self._conn(), sha256)
 
+    def holds_weights(self, worker_id: str, sha256: str) -> bool:
+        return sqlite_runs.holds_weights(self._conn(), worker_id, sha256)
+
     def add_bytes_down(self, run_id: str, round: int, num_bytes: int) -> None:
         with self._tx() as conn:
             sqlite_runs.add_bytes_down(conn, run_id, round, num_bytes)

@@ -413,6 +413,15 @@ def weights_round(conn: sqlite3.Connection, sha256: str) -> tuple[str, int] | No
     return None if row is None else (row["run_id"], row["round"])
 
 
+def holds_weights(conn: sqlite3.Connection, worker_id: str, sha256: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM jobs WHERE worker_id = ? AND state IN ('claimed', 'running')"
+        " AND json_extract(spec, '$.task.weights') = ? LIMIT 1",
+        (worker_id, sha256),
+    ).fetchone()
+    return row is not None
+
+
 def add_bytes_down(conn: sqlite3.Connection, rid: str, round: int, num_bytes: int) -> None:
     conn.execute(
         "UPDATE rounds SET bytes_down = bytes_down + ? WHERE run_id = ? AND round = ?",
