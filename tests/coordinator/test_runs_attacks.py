@@ -423,3 +423,24 @@ def test_only_a_worker_holding_a_task_of_the_round_may_fetch_its_weights(api: Ap
     assert ok.status_code == 200 and hashlib.sha256(ok.content).hexdigest() == sha
     finish(api, tasks[0])  # the task is over: its worker no longer holds it
     assert_error(api.http.get(f"/v1/weights/{sha}", headers=workers[0].auth), 403, "forbidden")
+
+
+def test_a_lone_replica_whose_norm_jumps_is_refused_against_earlier_rounds(api: Api) -> None:
+    # One replica: no round median to screen against, so the rule compares with the median
+    # norm applied in the previous round of the same H.
+    toml = run_toml(replicas=1, min_quorum=1, rounds=3, outlier_factor=5.0)
+    workers, tasks = _round0(api, toml, hosts="a")
+    finish(api, tasks[0])
+    assert tick(api)["rounds"][0]["state"] == "closed"
+    t1 = claim(api, workers[0])
+    assert t1 is not None and t1.task["round"] == 1
+    start = _start(api, t1)
+    huge = {k: v - 1000.0 * (v.abs() + 1e-3) for k, v in start.items()}  # finite, 1000x off
+    verdict = _verdict(finish(api, t1, data=pseudograd.encode(start, huge, CompressionSpec()).data))
+    assert verdict["status"] == "accepted"  # finite: judged at the close
+    detail = tick(api)
+    r1 = detail["rounds"][1]
+    assert r1["state"] == "closed" and r1["refused"] == 1
+    (c,) = [c for c in detail["contributions"] if c["round"] == 1]
+    assert c["status"] == "refused" and "median norm of earlier rounds" in c["reason"]
+    assert detail["rounds"][2]["weights"] == r1["weights"]  # the step was discarded

@@ -54,6 +54,20 @@ def test_screen_needs_three_finite_for_the_outlier_rule() -> None:
     assert len(accepted) == 2 and refused == []
 
 
+def test_with_fewer_than_three_the_rule_uses_earlier_rounds_median() -> None:
+    from trainfleet.train.pseudograd import global_norm
+
+    usual = global_norm(rand(0))
+    contribs = [Contribution(0, rand(0)), Contribution(1, rand(1, scale=100.0), worker_id="bad")]
+    accepted, refused = screen(contribs, outlier_factor=5.0, history_median=usual)
+    assert [c.replica for c in accepted] == [0]
+    assert refused[0][0].worker_id == "bad"
+    assert "median norm of earlier rounds" in refused[0][1]
+    # a lone replica is judged against history too; without history it is taken as is
+    assert screen([contribs[1]], 5.0, history_median=usual)[1]
+    assert screen([contribs[1]], 5.0)[1] == []
+
+
 def test_staleness_damping() -> None:
     assert [staleness_damping(s) for s in (0, 1, 3)] == [1.0, 0.5, 0.25]
     with pytest.raises(ValueError):

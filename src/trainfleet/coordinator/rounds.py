@@ -48,6 +48,7 @@ import hashlib
 import logging
 import math
 import os
+import statistics
 import tempfile
 import threading
 from collections import OrderedDict
@@ -285,7 +286,9 @@ class RoundDriver:
             weight = max(1, c.inner_steps_done) / h
             contrib = outer.Contribution(c.replica, delta, staleness, weight, c.worker_id)
             used.append((c, contrib))
-        kept, screened = outer.screen([x for _, x in used], spec.outlier_factor)
+        kept, screened = outer.screen(
+            [x for _, x in used], spec.outlier_factor, self._history_median(run.id, spec, rnd.round)
+        )
         by_obj = {id(x): c for c, x in used}
         refused += [(by_obj[id(x)].job_id, by_obj[id(x)].epoch, why_) for x, why_ in screened]
         applied = [by_obj[id(x)] for x in kept]
@@ -339,6 +342,19 @@ class RoundDriver:
             next_tasks=replica_tasks(run, nxt, sha, size, target) if nxt < run.num_rounds else [],
             next_target_s=target,
         )
+
+    def _history_median(self, run_id: str, spec: RunSpec, round: int) -> float | None:
+        """The median norm of the contributions applied in the last earlier round with the
+        same H (a warm-up round's single step is not comparable), or None."""
+        h = inner_steps_of(spec, round)
+        by_round: dict[int, list[float]] = {}
+        for c in self.coord.queue.run_contributions(run_id):
+            comparable = c.round < round and inner_steps_of(spec, c.round) == h
+            if c.status == "applied" and c.norm and comparable:
+                by_round.setdefault(c.round, []).append(c.norm)
+        if not by_round:
+            return None
+        return statistics.median(by_round[max(by_round)])
 
     def _heldout_loss(self, spec: RunSpec, weights: Weights) -> float:
         from trainfleet.data.prepare import CacheSettings

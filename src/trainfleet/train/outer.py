@@ -51,9 +51,14 @@ def _non_finite(delta: dict[str, Tensor]) -> str | None:
 
 
 def screen(
-    contribs: list[Contribution], outlier_factor: float
+    contribs: list[Contribution], outlier_factor: float, history_median: float | None = None
 ) -> tuple[list[Contribution], list[tuple[Contribution, str]]]:
-    """Split ``contribs`` into accepted (in order) and refused with a reason each."""
+    """Split ``contribs`` into accepted (in order) and refused with a reason each.
+
+    The norm rule compares with the median of the round's finite contributions when there
+    are at least ``MIN_FOR_OUTLIERS`` of them; with fewer (a run of 1-2 replicas, or a round
+    after refusals) it compares with ``history_median``, the median norm applied in earlier
+    comparable rounds, when the caller has one."""
     refused: list[tuple[Contribution, str]] = []
     finite: list[tuple[Contribution, float]] = []
     for c in contribs:
@@ -64,9 +69,12 @@ def screen(
             finite.append((c, global_norm(c.delta)))
     accepted: list[Contribution] = []
     median = statistics.median(n for _, n in finite) if finite else 0.0
+    which = "median norm"
+    if len(finite) < MIN_FOR_OUTLIERS:
+        median, which = history_median or 0.0, "median norm of earlier rounds"
     for c, norm in finite:
-        if len(finite) >= MIN_FOR_OUTLIERS and median > 0 and norm > outlier_factor * median:
-            refused.append((c, f"norm {norm:.4g} > {outlier_factor:g} x median norm {median:.4g}"))
+        if median > 0 and norm > outlier_factor * median:
+            refused.append((c, f"norm {norm:.4g} > {outlier_factor:g} x {which} {median:.4g}"))
         else:
             accepted.append(c)
     for c, reason in refused:
