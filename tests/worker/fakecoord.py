@@ -83,7 +83,21 @@ def command_attempt(
         "mode": "full",
         "timeout_s": kw.pop("timeout_s", 60.0),
     }
-    claim = {"attempt": 1, "epoch": 3, "job": {"id": JOB_ID, "name": "j", "spec": spec}}
+    return make_attempt(client, workdir, "j", spec, stop=stop, **kw)
+
+
+def make_attempt(
+    client: Any,
+    workdir: Path,
+    name: str,
+    spec: dict[str, Any],
+    *,
+    attempt: int = 1,
+    stop: threading.Event | None = None,
+    **kw: Any,
+) -> Attempt:
+    """An attempt (epoch 3) of job ``name`` with ``spec``, with fast heartbeats and backoff."""
+    claim = {"attempt": attempt, "epoch": 3, "job": {"id": JOB_ID, "name": name, "spec": spec}}
     stop = stop or threading.Event()
     return Attempt(
         client,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
-from fakecoord import JOB_ID, FakeClient
+from fakecoord import JOB_ID, FakeClient, make_attempt
 from safetensors.torch import save_file
 
 import trainfleet.worker.attempt as attempt_module
@@ -22,7 +21,6 @@ from trainfleet.testing import wait_until
 from trainfleet.worker.attempt import Attempt
 from trainfleet.worker.launch import ReplicaFiles, build_argv, build_env
 from trainfleet.worker.replica_task import WeightsCache, contribution, replica_task, state_dir
-from trainfleet.worker.report import Reporter
 
 RUN_ID = "ab" * 32
 
@@ -356,20 +354,12 @@ def fake_program(monkeypatch) -> None:
 def replica_attempt(
     client: Any, workdir: Path, cache: WeightsCache, attempt: int = 1, **task: Any
 ) -> Attempt:
-    claim = {
-        "attempt": attempt,
-        "epoch": 3,
-        "job": {"id": JOB_ID, "name": "collab.r2.k1", "spec": replica_spec(**task)},
-    }
-    stop = threading.Event()
-    return Attempt(
+    return make_attempt(
         client,
-        claim,
         workdir,
-        heartbeat_interval_s=0.2,
-        num_threads=1,
-        stop=stop,
-        reporter=Reporter(stop, initial_backoff_s=0.05, max_backoff_s=0.2),
+        "collab.r2.k1",
+        replica_spec(**task),
+        attempt=attempt,
         max_mbps=4.0,
         weights=cache,
     )

@@ -32,6 +32,7 @@ from trainfleet import env
 from trainfleet.data.prepare import CacheSettings
 from trainfleet.manifest.runs import ReplicaTask
 from trainfleet.train.__main__ import EXIT_USAGE, _describe, run_training
+from trainfleet.train.__main__ import _fail as fail
 from trainfleet.train.inner import WeightsMismatch, check_weights, run_replica
 from trainfleet.train.recipes import GPTParams
 
@@ -45,8 +46,7 @@ def _log(line: str) -> None:
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    return code
+    return fail(message, code, PROG)
 
 
 def _positive(name: str, number: type[int] | type[float]) -> int | float | None:
