@@ -61,6 +61,7 @@ from trainfleet.coordinator.round_plan import (
     replica_tasks,
     target_s,
 )
+from trainfleet.errors import NotFound
 from trainfleet.manifest.runs import CompressionSpec, RunSpec
 from trainfleet.queue.base import ACTIVE_STATES, JobRecord
 from trainfleet.queue.runs_base import (
@@ -70,6 +71,7 @@ from trainfleet.queue.runs_base import (
     RunRecord,
     Verdict,
 )
+from trainfleet.train.recipes import GPTParams
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -145,7 +147,6 @@ class RoundDriver:
         return record
 
     def judge(self, job: JobRecord, result: dict[str, Any]) -> Verdict:
-        from trainfleet.errors import NotFound
         from trainfleet.train import pseudograd
 
         task = job.spec.task
@@ -210,7 +211,6 @@ class RoundDriver:
 
     def _open_first(self, run: RunRecord) -> None:
         from trainfleet.train import inner
-        from trainfleet.train.recipes import GPTParams
 
         sha, size = self.save_weights(inner.init_weights(GPTParams(**run.spec.hyper)))
         if self.coord.queue.open_first_round(
@@ -359,7 +359,6 @@ class RoundDriver:
     def _heldout_loss(self, spec: RunSpec, weights: Weights) -> float:
         from trainfleet.data.prepare import CacheSettings
         from trainfleet.train import inner
-        from trainfleet.train.recipes import GPTParams
 
         assert self.coord.runs_dir is not None
         settings = CacheSettings(directory=self.coord.runs_dir / "eval-cache")
