@@ -1,205 +1,195 @@
-"""Queue throughput: jobs claimed and completed per second, in process and over HTTP.
+"""Queue throughput and latency of a live coordinator, beside a minimal reference server.
 
-    python -m bench.queue            (full: 2000 jobs in process, 600 over HTTP)
-    python -m bench.queue --quick    (under a minute)
+    python -m bench.queue                  (default sizes: a few minutes on 2 cores)
+    python -m bench.queue --quick          (under a minute)
+    python -m bench.queue --jobs 100000    (the issue's 100k seeded jobs per arm)
+    python -m bench.queue --arms sqlite,reference --sizes 64
+    python -m bench.queue --long           (also 1M claims, rounds of 100k jobs, checked)
 
-Anchor: the storage engine's own ceiling on this machine, i.e. the rate of bare SQLite write
-transactions (WAL, synchronous=NORMAL, two per job, as a claim and a completion need). Our
-figure beside it shows what the queue's logic (matching, fencing, events) costs on top.
-Over HTTP the coordinator runs as a real `trainfleet serve` process and workers are
-concurrent HTTP clients doing claim -> heartbeat -> complete.
+Each arm starts fresh server processes on a fresh database, loads a seeded manifest (mixed
+constraints, three priorities, host deny rules: ``queue_mix``), registers N workers for real
+and drives them with an asyncio load generator over keep-alive HTTP/1.1 (``queue_load``)
+until every job is claimed, heartbeat once and completed. Reported per arm: cycles/s, claim
+latency p50/p99 for claims that got a job and for empty ones, the server's CPU per cycle
+(psutil on its pid: steadier than throughput on a shared machine) and the generator's CPU
+per request. Arms: ``sqlite`` and ``postgresql`` (ours, one coordinator), ``two`` (two
+coordinators on one PostgreSQL database), ``batched`` (up to --batch jobs per request, ours
+and the reference), ``reference`` (``queue_ref``: a minimal ASGI server with the same SQL
+essentials and fencing), ``fleet`` (``queue_fleet``: --fleet workers heartbeating while 64
+claim). Every arm ends with the invariant checks of ``queue_check`` on the database.
+Defaults use --jobs 3000 per arm (300 at N = 1) to fit a few minutes; say --jobs 100000 for
+the issue's size.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
-import socket
-import sqlite3
-import statistics
-import subprocess
-import sys
+import contextlib
+import math
 import tempfile
-import threading
-import time
+import traceback
+import urllib.request
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from bench.common import RESULTS, environment, write_result
-from trainfleet.client import Client
-from trainfleet.manifest import parse_manifest
-from trainfleet.queue.sqlite import SQLiteQueue
+from bench.common import RESULTS, environment, package_version, write_result
+from bench.queue_arms import Arm, run_arm
+from bench.queue_fleet import run_fleet
+from bench.queue_report import goals, print_table
+from bench.queue_servers import postgres_reachable, trainfleet_servers
 
-
-def manifest_text(n: int) -> str:
-    return "\n".join(f'[[jobs]]\nname = "j{i}"\nhyper = {{ steps = 5 }}' for i in range(n))
-
-
-def bare_sqlite_txn_per_s(path: Path, n: int) -> float:
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, state TEXT, epoch INTEGER)")
-    conn.executemany("INSERT INTO t VALUES (?, 'pending', 0)", [(i,) for i in range(n)])
-    started = time.perf_counter()
-    for i in range(n):
-        for state in ("claimed", "completed"):
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("UPDATE t SET state = ?, epoch = epoch + 1 WHERE id = ?", (state, i))
-            conn.execute("COMMIT")
-    elapsed = time.perf_counter() - started
-    conn.close()
-    return n / elapsed
+ALL_ARMS = ("sqlite", "reference", "postgresql", "two", "batched", "fleet")
+PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-def in_process_jobs_per_s(path: Path, n: int, num_threads: int) -> float:
-    from trainfleet.capability.model import Capability
-
-    queue = SQLiteQueue(path)
-    queue.apply_manifest(parse_manifest(manifest_text(n)))
-    # Each worker joins as the coordinator's API makes it: with its host's enrollment token.
-    workers = [
-        queue.register_enrolled(
-            Capability(host=f"h{i}", hostname=f"h{i}", cores=4, ram_gib=8, cuda=False),
-            queue.enroll_host(f"h{i}"),
-        )[0].id
-        for i in range(num_threads)
-    ]
-
-    def drain(worker: str) -> None:
-        while (claim := queue.claim(worker)) is not None:
-            queue.complete(claim.job.id, worker, claim.epoch, {})
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=drain, args=(w,)) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    assert queue.counts() == {"completed": n}
-    queue.close()
-    return n / elapsed
-
-
-def http_jobs_per_s(state: Path, n: int, num_clients: int) -> dict[str, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    manifest = state / "bench.toml"
-    state.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(manifest_text(n))
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trainfleet.cli.main",
-            "serve",
-            str(manifest),
-            "--port",
-            str(port),
-            "--state-dir",
-            str(state),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    p.add_argument("--arms", default=",".join(ALL_ARMS), help=f"comma list of {ALL_ARMS}")
+    p.add_argument("--sizes", default="1,16,64,256", help="N concurrent workers, comma list")
+    p.add_argument("--jobs", type=int, default=3000, help="seeded jobs per arm (300 at N=1)")
+    p.add_argument("--batch", type=int, default=8, help="jobs per request in batched arms")
+    p.add_argument("--batch-n", type=int, default=16, help="workers in batched arms")
+    p.add_argument("--pg-n", type=int, default=64, help="workers in the PostgreSQL arms")
+    p.add_argument("--fleet", type=int, default=10_000, help="heartbeating workers (fleet)")
+    p.add_argument("--fleet-s", type=float, default=20.0, help="fleet arm's measured window")
+    p.add_argument("--db", default=PG_DEFAULT, help="PostgreSQL server for the PG arms")
+    p.add_argument(
+        "--long", action="store_true", help="also 1M claims at N=64 on SQLite (rounds of 100k)"
     )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "queue.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.jobs, args.fleet, args.fleet_s = "1,16", 300, 300, 5.0
+    return args
+
+
+def batch_supported(tmp: Path) -> str | None:
+    """None if ``trainfleet serve`` offers POST /v1/claims, else why the arm is skipped."""
+    manifest = tmp / "probe.toml"
+    manifest.write_text("")
+    with trainfleet_servers(tmp / "probe", manifest) as s:
+        url = f"http://127.0.0.1:{s.ports[0]}/openapi.json"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            spec = r.read().decode()
+    return None if '"/v1/claims"' in spec else "trainfleet serve has no POST /v1/claims yet"
+
+
+def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Arm], dict[str, str]]:
+    """The arms to run, and the arms skipped with the reason."""
+    chosen = set(args.arms.split(","))
+    sizes = [int(n) for n in args.sizes.split(",")]
+    skipped: dict[str, str] = {}
+
+    def jobs(n: int) -> int:
+        return min(args.jobs, 300) if n == 1 else args.jobs
+
+    arms: list[Arm] = []
+    for n in sizes:
+        if "reference" in chosen:
+            arms.append(Arm("reference", n, jobs(n)))
+        if "sqlite" in chosen:
+            arms.append(Arm("trainfleet", n, jobs(n)))
+    if "batched" in chosen:
+        arms.append(Arm("reference", args.batch_n, 2 * args.jobs, batch=args.batch))
+        why = batch_supported(tmp)
+        if why is None:
+            arms.append(Arm("trainfleet", args.batch_n, 2 * args.jobs, batch=args.batch))
+        else:
+            skipped["trainfleet batched"] = why
+    if chosen & {"postgresql", "two"}:
+        why = postgres_reachable(args.db)
+        if why is not None:
+            skipped["postgresql"] = f"no PostgreSQL at {args.db}: {why}"
+        else:
+            if "postgresql" in chosen:
+                arms.append(Arm("trainfleet", args.pg_n, args.jobs, db="postgresql"))
+            if "two" in chosen:
+                arms.append(
+                    Arm("trainfleet", args.pg_n, args.jobs, db="postgresql", coordinators=2)
+                )
+    if args.long:  # rounds of at least 100k jobs, each on a fresh server, each checked
+        per_round = max(args.jobs, 100_000)
+        arms += [Arm("trainfleet", 64, per_round) for _ in range(math.ceil(1e6 / per_round))]
+    return arms, skipped
+
+
+def guarded(what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one arm; a failure is recorded with its reason and the run goes on."""
     try:
-        with Client(url) as probe:
-            probe.wait_healthy()
-        operator_token = (state / "operator.token").read_text().strip()
-        with Client(url, operator_token) as operator:
-            join = {i: operator.enroll_host(f"h{i}")["token"] for i in range(num_clients)}
-        latencies: list[float] = []
-        lock = threading.Lock()
-
-        def work(i: int) -> None:
-            with Client(url, join[i]) as joiner:
-                cap = {
-                    "host": f"h{i}",
-                    "hostname": f"h{i}",
-                    "cores": 4,
-                    "ram_gib": 8.0,
-                    "cuda": False,
-                }
-                token = joiner.register(cap)["token"]
-            with Client(url, token) as client:
-                while True:
-                    t0 = time.perf_counter()
-                    claim = client.claim()
-                    with lock:
-                        latencies.append(time.perf_counter() - t0)
-                    if claim is None:
-                        return
-                    client.heartbeat(claim["job"]["id"], claim["epoch"])
-                    client.complete(claim["job"]["id"], claim["epoch"], {"metrics": {}})
-
-        started = time.perf_counter()
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(num_clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - started
-        latencies.sort()
-        return {
-            "http_jobs_per_s": n / elapsed,
-            "http_claim_p50_ms": 1000 * statistics.median(latencies),
-            "http_claim_p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-        }
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        return fn()
+    except Exception as err:
+        traceback.print_exc()
+        return {"arm": what, "failed": f"{type(err).__name__}: {err}"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
-    args = parser.parse_args()
-    n_local, n_http, clients = (500, 200, 4) if args.quick else (2000, 600, 8)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        ceiling = bare_sqlite_txn_per_s(root / "bare.db", n_local)
-        one = in_process_jobs_per_s(root / "one.db", n_local, 1)
-        four = in_process_jobs_per_s(root / "four.db", n_local, 4)
-        http = http_jobs_per_s(root / "http", n_http, clients)
-    metrics = {
-        "sqlite_bare_jobs_per_s_reference": ceiling,
-        "inprocess_jobs_per_s_1_worker": one,
-        "inprocess_jobs_per_s_4_workers": four,
-        "inprocess_vs_bare_ratio": one / ceiling,
-        **http,
-    }
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-queue-") as tmp_name:
+        tmp = Path(tmp_name)
+        arms, skipped = plan(args, tmp)
+        for i, arm in enumerate(arms):
+            print(f"[{i + 1}/{len(arms)}] {arm.name} ({arm.jobs} jobs)", flush=True)
+            path = tmp / f"arm{i}"
+            results.append(
+                guarded(arm.name, partial(run_arm, arm, path, seed=args.seed, pg_url=args.db))
+            )
+        if "fleet" in args.arms.split(","):
+            print(f"[fleet] {args.fleet} workers heartbeating, 64 claiming", flush=True)
+
+            fleet = partial(
+                run_fleet,
+                trainfleet_servers,
+                tmp / "fleet",
+                args.fleet,
+                64,
+                args.fleet_s,
+                4 * args.jobs,
+            )
+            results.append(guarded("fleet", fleet))
     result = {
         "benchmark": "queue",
-        "params": {
-            "quick": args.quick,
-            "jobs_in_process": n_local,
-            "jobs_http": n_http,
-            "http_clients": clients,
-        },
-        "env": environment(),
-        "metrics": metrics,
-    }
-    write_result(result, RESULTS / "queue.json")
-    rows = [
-        ("bare SQLite, 2 write txns per job (reference ceiling)", ceiling, "jobs/s"),
-        ("queue in process, 1 worker (claim + complete)", one, "jobs/s"),
-        ("queue in process, 4 worker threads", four, "jobs/s"),
-        (
-            f"coordinator over HTTP, {clients} clients (claim+heartbeat+complete)",
-            http["http_jobs_per_s"],
-            "jobs/s",
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "env": environment(
+            uvloop=package_version("uvloop"),
+            httptools=package_version("httptools"),
+            psycopg=package_version("psycopg"),
         ),
-        ("HTTP claim latency p50", http["http_claim_p50_ms"], "ms"),
-        ("HTTP claim latency p99", http["http_claim_p99_ms"], "ms"),
-    ]
-    print(f"{'measure':<70} {'value':>10}")
-    for name, value, unit in rows:
-        print(f"{name:<70} {value:>10.1f} {unit}")
-    print(f"in-process / bare ratio: {one / ceiling:.2f}   (written to {RESULTS / 'queue.json'})")
+        "skipped": skipped,
+        "arms": results,
+        "goals": goals(results, long_mode=args.long),
+        "metrics": flat_metrics(results),
+    }
+    with contextlib.suppress(OSError):
+        write_result(result, args.out)
+    print_table(result)
+    print(f"(written to {args.out})")
+    return result
+
+
+def flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Named figures, one per arm and measure (the STYLE convention's flat metrics)."""
+    keys = (
+        "cycles_per_s",
+        "claim_got_p50_ms",
+        "claim_got_p99_ms",
+        "claim_empty_p99_ms",
+        "server_cpu_ms_per_cycle",
+        "client_cpu_ms_per_request",
+        "false_requeues",
+    )
+    out: dict[str, float] = {}
+    for r in results:
+        for k in keys:
+            if isinstance(r.get(k), int | float):
+                out[f"{r['arm']}_{k}"] = float(r[k])
+        if "check" in r:
+            out[f"{r['arm']}_violations"] = float(r["check"]["violations"])
+    return out
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ from trainfleet.errors import (
     TrainfleetError,
     UntrustedCertificate,
 )
+from trainfleet.failover import FailoverTransport, split_urls
 
 CHUNK_BYTES = 1 << 20  # unthrottled transfer chunk
 THROTTLED_CHUNK_BYTES = 1 << 16  # under a rate cap: small chunks, so the pace is smooth
+LONG_POLL_GRACE_S = 10.0  # a long-poll claim's read timeout: its wait plus this
 
 _NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
@@ -160,8 +162,11 @@ class Client:
     ):
         """``ca_cert``: a PEM file of the CA that signed an https coordinator's certificate
         (a self-signed certificate is its own CA); default: the system's trust store.
-        ``max_mbps`` (or a ready ``bucket``): cap on uploads and downloads, in Mbit/s."""
-        self.url = url.rstrip("/")
+        ``max_mbps`` (or a ready ``bucket``): cap on uploads and downloads, in Mbit/s.
+        ``url`` may name several coordinators of one database, ``URL1,URL2``: requests go
+        round-robin over them, failing over on a refused connection (``failover``)."""
+        urls = split_urls(url)
+        self.url = ",".join(urls)
         self.token = token
         if bucket is None and max_mbps is not None:
             bucket = TokenBucket.from_mbps(max_mbps)
@@ -169,8 +174,10 @@ class Client:
         verify: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
         )
+        if transport is None and len(urls) > 1:
+            transport = FailoverTransport(urls, verify=verify)
         self._http = httpx.Client(
-            base_url=self.url, timeout=timeout_s, transport=transport, verify=verify
+            base_url=urls[0], timeout=timeout_s, transport=transport, verify=verify
         )
 
     def close(self) -> None:
@@ -234,8 +241,17 @@ class Client:
     def deregister(self) -> None:
         self.request("POST", "/v1/workers/deregister")
 
-    def claim(self) -> dict[str, Any] | None:
-        return self.request("POST", "/v1/workers/claim")["claim"]
+    def claim(self, wait_s: float = 0.0) -> dict[str, Any] | None:
+        """Claim a job; with ``wait_s``, a long poll: the coordinator waits up to that long
+        for work before answering with no claim."""
+        if wait_s <= 0:
+            return self.request("POST", "/v1/workers/claim")["claim"]
+        return self.request(
+            "POST",
+            "/v1/workers/claim",
+            json={"wait_s": wait_s},
+            timeout=wait_s + LONG_POLL_GRACE_S,
+        )["claim"]
 
     def heartbeat(self, job_id: str, epoch: int) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/heartbeat", json={"epoch": epoch})

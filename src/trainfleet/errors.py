@@ -17,7 +17,9 @@
     │   └── InsufficientStorage 507 the coordinator's disk is full (retry later)
     ├── CoordinatorUnavailable  the coordinator cannot be reached (client side)
     │   └── UntrustedCertificate  its TLS certificate fails verification: retrying cannot help
+    ├── StorageUnavailable      the artifact store cannot be opened (no bucket, no access)
     ├── CorpusTooSmall          a corpus split is shorter than one training window
+    ├── SchemaTooNew            the database's schema is newer than this trainfleet knows
     └── DataError               a dataset spec cannot be materialized as pinned
         ├── SourceUnavailable   the source cannot be read here (offline, missing files/extra)
         ├── SourceMismatch      the source differs from what the spec pins (version, hash)
@@ -134,8 +136,17 @@ class UntrustedCertificate(CoordinatorUnavailable):
     registering exits on it; calls that retry while unreachable still treat it as such."""
 
 
+class StorageUnavailable(TrainfleetError):
+    """The artifact store cannot be opened: no such bucket, no credentials or access, or the
+    fsspec backend for its URL is not installed."""
+
+
 class CorpusTooSmall(TrainfleetError):
     """A train or held-out split is shorter than one window of seq_len + 1 bytes."""
+
+
+class SchemaTooNew(TrainfleetError):
+    """The database was upgraded by a later trainfleet; this one refuses to touch it."""
 
 
 class DataError(TrainfleetError):

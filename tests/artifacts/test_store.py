@@ -1,4 +1,5 @@
-"""Contract tests for ArtifactStore, run once against every backend (local dir, memory://)."""
+"""Contract tests for ArtifactStore, run once against every backend (local dir, memory://,
+s3:// on a live S3 API server)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from trainfleet.artifacts import ArtifactStore, IngestBuffer, sha256_file
 from trainfleet.errors import BadRequest, IntegrityError, NotFound
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ArtifactStore]:
     if request.param == "local":
         yield ArtifactStore(tmp_path / "artifacts")
+        return
+    if request.param == "s3":  # a real S3 API server (moto), one bucket per test
+        yield request.getfixturevalue("s3_store")
         return
     s = ArtifactStore(f"memory://trainfleet-test-{uuid.uuid4().hex}/artifacts")
     try:

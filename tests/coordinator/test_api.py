@@ -167,6 +167,10 @@ def serve(tmp_path: Path, clock: FakeClock, **coord_kw: Any) -> Iterator[Api]:
         queue.close()
 
 
+# What every heartbeat reply carries besides cancel and state (coordinator.beats).
+PACE = {"heartbeat_interval_s": 2.0, "heartbeat_timeout_s": 10.0}
+
+
 def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     """A JSON error body with this status and code, and a message; never a traceback."""
     assert response.status_code == status, response.text
@@ -476,7 +480,8 @@ def test_full_worker_flow_over_http(api: Api) -> None:
     assert r.json() == {"claim": None}
 
     r = api.http.post(f"/v1/jobs/{job_id}/heartbeat", json={"epoch": 1}, headers=worker.auth)
-    assert r.json() == {"cancel": False, "state": "running"}
+    # The reply carries the pace to keep: the interval, and the lease (>= 3 intervals + 1 s).
+    assert r.json() == {"cancel": False, "state": "running", **PACE}
     # One job at a time per worker: the 409 names the job it holds.
     r = api.http.post("/v1/workers/claim", headers=worker.auth)
     assert_error(r, 409, "conflict")
@@ -694,7 +699,7 @@ def test_a_stale_worker_is_fenced_off_everywhere(api: Api, tmp_path: Path) -> No
     job = api.job(job_id)["job"]
     assert (job["state"], job["worker_id"], job["epoch"]) == ("claimed", second.id, 2)
     current = api.client(second.token)
-    assert current.heartbeat(job_id, 2) == {"cancel": False, "state": "running"}
+    assert current.heartbeat(job_id, 2)["state"] == "running"
 
 
 def test_lifespan_reaper_requeues_a_silent_job(
@@ -728,7 +733,7 @@ def test_cancel_reaches_the_worker_at_its_next_heartbeat(
     worker, job_id = running
     operator, client = api.client(OP_TOKEN), api.client(worker.token)
     assert operator.cancel("solo")["state"] == "cancelled"
-    assert client.heartbeat(job_id, 1) == {"cancel": True, "state": "cancelled"}
+    assert client.heartbeat(job_id, 1) == {"cancel": True, "state": "cancelled", **PACE}
     with pytest.raises(Conflict, match="cancelled") as info:
         client.complete(job_id, 1, {"metrics": {"loss": 1.0}})
     assert info.value.status_code == 409

@@ -24,7 +24,7 @@ from trainfleet.manifest.spec import Manifest
 from trainfleet.queue import JobQueue
 from trainfleet.queue import sqlite as sqlite_module
 from trainfleet.queue.ledger import ShardReport, shard_reports
-from trainfleet.queue.sqlite import SQLiteQueue
+from trainfleet.queue.sqlite import SQLiteQueue, SQLQueue
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 # Jobs are claimed in this order: three on path 0 of the routed dataset "tiny", one on
@@ -312,6 +312,7 @@ def test_a_database_from_before_flags_gets_the_column(tmp_path: Path, clock: Fak
     conn = sqlite3.connect(path)
     conn.execute("ALTER TABLE jobs DROP COLUMN flags")
     conn.execute("ALTER TABLE jobs DROP COLUMN pinned")
+    conn.execute("DROP TABLE schema_migrations")  # as a file from before versioned schemas
     conn.close()
     conn = sqlite3.connect(path)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
@@ -335,24 +336,14 @@ def test_a_database_from_before_flags_gets_the_column(tmp_path: Path, clock: Fak
         queue.close()
 
 
-def test_a_spec_stored_with_max_attempts_reads_as_max_failures(
-    tmp_path: Path, clock: FakeClock
-) -> None:
-    path = tmp_path / "old.db"
-    queue = SQLiteQueue(path, clock=clock)
+def test_a_spec_stored_with_max_attempts_reads_as_max_failures(queue: JobQueue) -> None:
     queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_failures = 4\n'))
-    queue.close()
-    conn = sqlite3.connect(path)
-    (spec,) = conn.execute("SELECT spec FROM jobs").fetchone()
-    old = json.loads(spec)
-    old["max_attempts"] = old.pop("max_failures")
-    conn.execute("UPDATE jobs SET spec = ?", (json.dumps(old),))
-    conn.commit()
-    conn.close()
-    queue = SQLiteQueue(path, clock=clock)
-    try:
-        assert queue.get_job("j").spec.max_failures == 4
-        plan = queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_failures = 4\n'))
-        assert plan.changed == [] and len(plan.kept) == 1
-    finally:
-        queue.close()
+    assert isinstance(queue, SQLQueue)
+    with queue.db.tx() as conn:  # as an older release stored it
+        (spec,) = conn.execute("SELECT spec FROM jobs").fetchone()
+        old = json.loads(spec)
+        old["max_attempts"] = old.pop("max_failures")
+        conn.execute("UPDATE jobs SET spec = ?", (json.dumps(old),))
+    assert queue.get_job("j").spec.max_failures == 4
+    plan = queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\nmax_failures = 4\n'))
+    assert plan.changed == [] and len(plan.kept) == 1

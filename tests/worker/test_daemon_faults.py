@@ -37,7 +37,7 @@ class DaemonClient(FakeClient):
             "heartbeat_timeout_s": 5.0,
         }
 
-    def claim(self) -> Any:
+    def claim(self, wait_s: float = 0.0) -> Any:
         self.record("claim")
         item = self.claims.pop(0) if self.claims else None
         if isinstance(item, Exception):

@@ -3,7 +3,10 @@
 An artifact is named by the sha256 of its bytes and stored once, at
 ``<root>/sha256/<first 2 hex>/<64 hex>``. The root is a local directory by default
 (``ArtifactStore("/var/lib/tf/artifacts")``) or any fsspec URL (``memory://``, ``s3://`` ...),
-so one coordinator keeps artifacts on disk and many replicas share an object store.
+so one coordinator keeps artifacts on disk and many replicas share an object store. On S3
+(``s3://bucket/prefix``) objects are written by :mod:`trainfleet.artifacts.s3`: a single PUT
+up to ``part_bytes``, a multipart upload of ``part_bytes`` parts above it, and read back in
+blocks of ``part_bytes`` at most, so neither direction holds a whole artifact in memory.
 
 Uploads arrive in two steps. The coordinator streams the request body into an
 :class:`IngestBuffer` (a staging file, hashed and counted as it is written), then calls
@@ -38,9 +41,11 @@ from typing import Any, BinaryIO, cast
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from trainfleet.errors import BadRequest, IntegrityError, NotFound
+from trainfleet.artifacts import s3
+from trainfleet.errors import BadRequest, IntegrityError, NotFound, StorageUnavailable
 
 CHUNK_BYTES = 1 << 20
+_LOCK_STRIPES = 64
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -65,17 +70,40 @@ def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
 class ArtifactStore:
     """Artifacts named by sha256, stored once under a local directory or fsspec URL."""
 
-    def __init__(self, url: str | os.PathLike[str], **storage_options: Any):
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        part_bytes: int = s3.DEFAULT_PART_BYTES,
+        **storage_options: Any,
+    ):
+        """``storage_options`` go to the fsspec filesystem (for S3: s3fs's ``key``,
+        ``secret``, ``endpoint_url``, ``client_kwargs`` ...); without them s3fs finds
+        credentials and endpoint the way every AWS SDK does (``AWS_*`` variables, profile,
+        instance role). ``part_bytes``: S3's single-PUT limit, multipart part size and read
+        block size (at least 5 MiB)."""
         self.url = os.fspath(url)
-        fs, root = url_to_fs(self.url, **storage_options)
+        try:
+            fs, root = url_to_fs(self.url, **s3.default_options(self.url, storage_options))
+        except ImportError as err:  # fsspec names the missing package (s3fs, gcsfs ...)
+            raise StorageUnavailable(
+                f"cannot open artifact store {self.url}: {err} (for s3://, install the s3"
+                " extra: pip install 'trainfleet[s3]')"
+            ) from None
         self.fs = fs
         self.root: str = root.rstrip("/") or "/"
         self._local = isinstance(fs, LocalFileSystem)
-        fs.makedirs(self.root, exist_ok=True)
-        # Commits and guarded deletes take _lock (never held while an upload streams); pins
-        # mark digests an upload in this process is storing or about to bind (_pin_lock only
-        # guards the counter, so the event loop may take it).
-        self._lock = threading.Lock()
+        self._s3 = s3.is_s3(fs)
+        self.part_bytes = s3.part_size(0, part_bytes) if self._s3 else part_bytes
+        if self._s3:
+            s3.probe(fs, self.root)  # fail at start, not at the first upload
+        else:
+            fs.makedirs(self.root, exist_ok=True)
+        # Commits and guarded deletes of a digest take its lock (never held while an upload
+        # streams in; striped by digest, so a long S3 upload delays only commits of digests
+        # that share its stripe); pins mark digests an upload in this process is storing or
+        # about to bind (_pin_lock only guards the counter, so the event loop may take it).
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._pin_lock = threading.Lock()
         self._pins: Counter[str] = Counter()
 
@@ -141,7 +169,7 @@ class ArtifactStore:
         either finds the blob still there (and the checks see its fresh time or pin) or stores
         it again. Returns whether it was deleted.
         """
-        with self._lock:
+        with self._lock_for(sha256):
             with self._pin_lock:
                 if self._pins[sha256] > 0:
                     return False
@@ -157,16 +185,25 @@ class ArtifactStore:
         except FileNotFoundError:
             return 0.0
 
+    def _lock_for(self, sha256: str) -> threading.Lock:
+        return self._locks[int(check_digest(sha256)[:4], 16) % _LOCK_STRIPES]
+
     def _store(self, staged: Path, sha256: str, *, move: bool) -> bool:
-        with self._lock:
+        with self._lock_for(sha256):
             return self._store_locked(staged, sha256, move=move)
 
     def _store_locked(self, staged: Path, sha256: str, *, move: bool) -> bool:
         final = self._path(sha256)
         if self.fs.exists(final):
+            # A fresh binding is coming: restart its GC grace period.
             if self._local:
-                os.utime(final)  # a fresh binding is coming: restart its GC grace period
+                os.utime(final)
+            elif self._s3:
+                s3.refresh(self.fs, staged, final, sha256, self.part_bytes)
             return False
+        if self._s3:
+            s3.upload(self.fs, staged, final, sha256, self.part_bytes)
+            return True
         parent = final.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         if not self._local:
@@ -211,8 +248,11 @@ class ArtifactStore:
 
     def open(self, sha256: str) -> BinaryIO:
         """Open a stored artifact for binary reading; :class:`NotFound` if absent."""
+        # Remote reads fetch blocks of part_bytes at most (s3fs's default is 50 MiB), so a
+        # download streamed through the coordinator holds about one block.
+        options: dict[str, Any] = {} if self._local else {"block_size": self.part_bytes}
         try:
-            return cast(BinaryIO, self.fs.open(self._path(sha256), "rb"))
+            return cast(BinaryIO, self.fs.open(self._path(sha256), "rb", **options))
         except FileNotFoundError:
             raise NotFound(f"no artifact {sha256}", sha256=sha256) from None
 
@@ -220,6 +260,15 @@ class ArtifactStore:
         """All bytes of a stored artifact; :class:`NotFound` if absent."""
         with self.open(sha256) as f:
             return f.read()
+
+    def presigned_url(self, sha256: str, expires_s: int = 3600) -> str | None:
+        """A URL that downloads the artifact straight from S3 for ``expires_s`` seconds with
+        no credentials, or None for a store that cannot presign (local, memory)."""
+        if not self._s3:
+            return None
+        if not self.exists(sha256):
+            raise NotFound(f"no artifact {sha256}", sha256=sha256)
+        return s3.presign(self.fs, self._path(sha256), expires_s)
 
     def url_for(self, sha256: str) -> str:
         """The artifact's fsspec URL (``file:///...``, ``memory:///...``, ``s3://...``)."""

@@ -40,6 +40,7 @@ from trainfleet.cli.common import print_json as _print_json
 from trainfleet.cli.common import safe_stdio as _safe_stdio
 from trainfleet.cli.common import setup_logging as _setup_logging
 from trainfleet.cli.data import app as data_app
+from trainfleet.cli.db import app as db_app
 from trainfleet.cli.fleet import hosts_app, workers_app
 from trainfleet.cli.hints import WorkerTag, serve_hints
 from trainfleet.cli.runs import list_runs, run_app
@@ -85,14 +86,32 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = env.DEFAULT_PORT,
     state_dir: StateOpt = DEFAULT_STATE,
     queue_url: Annotated[
-        str | None, typer.Option(help="Queue URL. Default: sqlite:///STATE_DIR/queue.db.")
+        str | None,
+        typer.Option(
+            "--db",
+            "--queue-url",
+            help="Queue database: sqlite:///PATH, a PATH ending in .db, or postgresql://..."
+            " (several coordinators may share one PostgreSQL database)."
+            " Default: sqlite:///STATE_DIR/queue.db.",
+        ),
     ] = None,
     artifacts: Annotated[
         str | None,
         typer.Option(
-            help="Artifact store: a directory or any fsspec URL. Default: STATE_DIR/artifacts."
+            help="Artifact store: a directory or any fsspec URL, e.g. s3://BUCKET/PREFIX"
+            " (needs the s3 extra; endpoint and credentials from the standard AWS variables:"
+            " AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE ...)."
+            " Default: STATE_DIR/artifacts."
         ),
     ] = None,
+    artifact_part_mib: Annotated[
+        int,
+        typer.Option(
+            min=5,
+            help="S3 artifacts: uploads up to this many MiB are one PUT, larger ones multipart"
+            " in parts of this size; downloads read blocks of this size.",
+        ),
+    ] = 16,
     operator_token_file: Annotated[
         Path | None,
         typer.Option(
@@ -130,12 +149,19 @@ def serve(
         Path | None, typer.Option(help="The private key (PEM) of --tls-cert.")
     ] = None,
     heartbeat_interval_s: Annotated[
-        float, typer.Option(help="Seconds between worker heartbeats.")
+        float,
+        typer.Option(
+            help="Seconds between worker heartbeats (the least: it grows with the fleet"
+            " past ~1,000 workers)."
+        ),
     ] = 2.0,
     heartbeat_timeout_s: Annotated[
         float,
-        typer.Option(help="A job silent this long is requeued (within one more reap interval)."),
-    ] = 30.0,
+        typer.Option(
+            help="A job silent this long is requeued (within one more reap interval); at"
+            " least 3 heartbeat intervals + 1 s."
+        ),
+    ] = 8.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the coordinator (HTTP API on HOST:PORT; state in STATE_DIR)."""
@@ -156,6 +182,7 @@ def serve(
         state_dir=state_dir,
         queue_url=queue_url,
         artifacts=artifacts,
+        artifact_part_bytes=artifact_part_mib * 1024 * 1024,
         operator_token=_secret(operator_token_file, env.TOKEN),
         join_token=_secret(join_token_file, env.JOIN_TOKEN),
         open_join=open_join,
@@ -221,7 +248,14 @@ def _check_port_free(host: str, port: int) -> None:
 
 @app.command()
 def join(
-    url: Annotated[str, typer.Argument(help="Coordinator URL, e.g. http://10.0.0.5:8470.")],
+    url: Annotated[
+        str,
+        typer.Argument(
+            help="Coordinator URL, e.g. http://10.0.0.5:8470; or several coordinators of one"
+            " database, comma-separated (URL1,URL2): requests go round-robin over them and"
+            " fail over to the next when one refuses the connection."
+        ),
+    ],
     token_file: Annotated[
         Path | None,
         typer.Option(
@@ -320,6 +354,9 @@ def join(
         )
     if ca_cert is not None and not ca_cert.is_file():
         _fail(f"cannot read {ca_cert}", 2)
+    for one in url.split(","):
+        if not one.strip().startswith(("http://", "https://")):
+            _fail(f"not a coordinator URL: {one.strip()!r} (want http://HOST:PORT)", 2)
     # Each line names the host the worker registered as (the token decides it), not this
     # machine's hostname.
     _setup_logging(log_level, "[%(worker_tag)s] ")
@@ -573,6 +610,7 @@ def download(
 
 
 app.add_typer(data_app)
+app.add_typer(db_app)
 app.add_typer(hosts_app)
 app.add_typer(workers_app)
 app.command("runs")(list_runs)

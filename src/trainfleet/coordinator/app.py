@@ -1,12 +1,17 @@
-"""Build the coordinator's ASGI app: routes, JSON errors, OpenAPI, metrics, the reaper, the
-artifact GC and the round driver of collaborative runs (``rounds``). The reaper restarts
-every active lease after a wall-clock step, so that a step neither requeues running jobs nor
-keeps lost ones (the rule: ``clock_steps``)."""
+"""Build the coordinator's ASGI app: routes, JSON errors, OpenAPI, metrics, and the tasks its
+lifespan runs: the heartbeat flusher (``beats``), the reaper, the artifact GC and the round
+driver of collaborative runs (``rounds``). The reaper flushes the heartbeat book before each
+pass, so it never misses a beat that arrived, and it restarts every active lease after a
+wall-clock step, so that a step neither requeues running jobs nor keeps lost ones (the rule:
+``clock_steps``). A reaped job wakes the long-poll claims (``longpoll``). On a PostgreSQL
+database several coordinators share, only the leader reaps, renews leases and ticks rounds
+(``leader``), and each LISTENs for work the others made claimable (``notify``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -23,6 +28,7 @@ from trainfleet import __version__
 from trainfleet.artifacts.gc import INTERVAL_S as GC_INTERVAL_S
 from trainfleet.artifacts.gc import collect_garbage
 from trainfleet.coordinator import (
+    routes_batch,
     routes_data,
     routes_hosts,
     routes_operator,
@@ -30,10 +36,13 @@ from trainfleet.coordinator import (
     routes_runs,
     routes_worker,
 )
+from trainfleet.coordinator.beats import Run, flush_forever
 from trainfleet.coordinator.clock_steps import ClockSteps
 from trainfleet.coordinator.endpoints import RAW_PATH_KEY, Ctx, RouteTable
+from trainfleet.coordinator.notify import listen_for_work
 from trainfleet.coordinator.rounds import TICK_S as ROUND_TICK_S
 from trainfleet.coordinator.state import Coordinator
+from trainfleet.coordinator.writer import run_on
 from trainfleet.queue.base import JobRecord
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,7 @@ def api_routes() -> RouteTable:
     table = RouteTable()
     for module in (
         routes_worker,
+        routes_batch,
         routes_operator,
         routes_read,
         routes_data,
@@ -68,20 +78,42 @@ def reap_once(coord: Coordinator, steps: ClockSteps) -> list[JobRecord]:
     return coord.queue.reap()
 
 
+def db_runner(coord: Coordinator) -> Run:
+    """Run a queue call on the coordinator's writer (``coordinator.writer``)."""
+    return functools.partial(run_on, coord.db_executor)
+
+
+async def _renew_if_new_term(coord: Coordinator, run: Run) -> None:
+    """The leader of a new term (the start, or a take-over) gives every active attempt a
+    fresh lease: it cannot know which beats went unflushed, nor how long nobody reaped."""
+    if coord.leader.take_new_term():
+        renewed = await run(coord.queue.renew_leases)
+        if renewed:
+            log.info("resuming: %d active job(s) get a fresh heartbeat deadline", renewed)
+
+
 async def _reap_forever(coord: Coordinator) -> None:
     """Requeue lost attempts within ``heartbeat_timeout_s + reap_interval_s`` of the last beat."""
     steps = ClockSteps()
     steps.step_s()  # the first measurement: a step during the first sleep is then noticed
+    run = db_runner(coord)
     while True:
         await asyncio.sleep(coord.reap_interval_s)
+        if not coord.leader.is_leader:
+            continue  # another coordinator of this database reaps (coordinator.leader)
         try:
-            reaped = await run_in_threadpool(reap_once, coord, steps)
+            await _renew_if_new_term(coord, run)
+            await coord.beats.flush(run)  # every beat received so far is in the database
+            reaped = await run(reap_once, coord, steps)
         except Exception:
             log.exception("reaper pass failed; retrying")
             continue
         for job in reaped:
+            coord.beats.forget(job.id)
             coord.metrics.requeues.inc()
             log.warning("job %s (%s) lost its worker: now %s", job.name, job.id[:12], job.state)
+        if any(job.state == "pending" for job in reaped):
+            coord.work.notify()
 
 
 async def _collect_garbage_forever(coord: Coordinator) -> None:
@@ -110,6 +142,8 @@ async def _drive_rounds_forever(coord: Coordinator) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), ROUND_TICK_S)
             wake.clear()
+            if not coord.leader.is_leader:
+                continue  # another coordinator of this database ticks (coordinator.leader)
             try:
                 await run_in_threadpool(coord.rounds.tick)
             except Exception:
@@ -145,11 +179,11 @@ def create_app(coord: Coordinator) -> Starlette:
         "GET",
         "/health",
         auth="none",
-        summary="Liveness and the coordinator version",
+        summary="Liveness, the coordinator version, and whether it leads (runs the reaper)",
         media_type="application/json",
     )
     async def health(_: Ctx) -> Response:
-        return JSONResponse({"ok": True, "version": __version__})
+        return JSONResponse({"ok": True, "version": __version__, "leader": coord.leader.is_leader})
 
     @service.route(
         "GET",
@@ -183,10 +217,13 @@ def create_app(coord: Coordinator) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        renewed = await run_in_threadpool(coord.queue.renew_leases)
-        if renewed:
-            log.info("resuming: %d active job(s) get a fresh heartbeat deadline", renewed)
+        coord.work.bind(asyncio.get_running_loop())
+        run = db_runner(coord)
+        await asyncio.to_thread(coord.leader.start)
+        listener = listen_for_work(coord.queue, coord.work.notify)
+        await _renew_if_new_term(coord, run)
         tasks = [
+            asyncio.create_task(flush_forever(coord.beats, coord.beat_flush_s, run)),
             asyncio.create_task(_reap_forever(coord)),
             asyncio.create_task(_collect_garbage_forever(coord)),
             asyncio.create_task(_drive_rounds_forever(coord)),
@@ -198,6 +235,13 @@ def create_app(coord: Coordinator) -> Starlette:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            try:  # a clean stop keeps every beat (a crash loses at most one flush: beats)
+                await coord.beats.flush(run)
+            except Exception:
+                log.exception("last heartbeat flush failed")
+            if listener is not None:
+                await asyncio.to_thread(listener.stop)
+            await asyncio.to_thread(coord.leader.stop)  # another coordinator may lead now
 
     app = Starlette(
         routes=table.starlette_routes(coord),

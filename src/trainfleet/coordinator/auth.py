@@ -11,19 +11,26 @@ Kinds of caller (``Auth``):
 - ``read``: the operator token, or anyone when the coordinator serves ``--public-reads``;
 - ``reader``: the operator token or a worker credential.
 
-Every check is a constant-time comparison or one lookup by token hash, on every request:
-there is no cache, so a revoke or a rotation takes effect on the very next request.
+Every check is a constant-time comparison or a lookup by token hash. Worker and host
+lookups are cached in memory (``TokenCache``) for at most ``TOKEN_TTL_S``, so a busy fleet's
+requests cost no database read: a revoke, rotation or deregistration in this process clears
+the cache at once (the next request is refused); one made through another coordinator of the
+same database takes effect here within ``TOKEN_TTL_S``, and meanwhile fencing already keeps
+a revoked worker's writes out (its jobs were requeued by the revoke).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from trainfleet.capability.model import Capability
+from trainfleet.coordinator.writer import run_on
 from trainfleet.errors import Unauthorized
 from trainfleet.queue.base import WorkerRecord
 
@@ -31,6 +38,55 @@ if TYPE_CHECKING:
     from trainfleet.coordinator.state import Coordinator
 
 Auth = Literal["none", "join", "worker", "operator", "read", "reader"]
+
+TOKEN_TTL_S = 1.0  # how long another coordinator's revoke may go unseen here
+MAX_CACHED_TOKENS = 100_000
+
+
+class TokenCache:
+    """Credential -> worker id (or host name), for ``ttl_s``; keyed by the token's hash."""
+
+    def __init__(
+        self, ttl_s: float = TOKEN_TTL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._entries: dict[bytes, tuple[str, float]] = {}
+        self.generation = 0  # bumped by clear(): a lookup begun before it is not cached
+
+    @staticmethod
+    def _key(kind: str, token: str) -> bytes:
+        return hashlib.sha256(f"{kind}\0{token}".encode("utf-8", "surrogateescape")).digest()
+
+    def get(self, kind: str, token: str) -> str | None:
+        key = self._key(kind, token)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self.clock() >= entry[1]:
+            del self._entries[key]
+            return None
+        return entry[0]
+
+    def put(self, kind: str, token: str, value: str, generation: int) -> None:
+        """Cache ``value`` unless the cache was cleared since ``generation`` was read (a
+        revoke committed while the lookup ran)."""
+        if generation != self.generation:
+            return
+        now = self.clock()
+        if len(self._entries) >= MAX_CACHED_TOKENS:
+            self._entries = {k: e for k, e in self._entries.items() if e[1] > now}
+            if len(self._entries) >= MAX_CACHED_TOKENS:
+                self._entries.clear()
+        self._entries[self._key(kind, token)] = (value, now + self.ttl_s)
+
+    def clear(self) -> None:
+        """Forget every credential: called on any revoke, rotation or deregistration."""
+        self._entries.clear()
+        self.generation += 1
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def bearer_token(request: Request) -> str:
@@ -55,13 +111,24 @@ async def authenticate(auth: Auth, request: Request, coord: Coordinator) -> str 
     if auth == "join":
         # Checked here, before the body is read, and again atomically by register_caller.
         if not _join_host(token, coord):
-            await run_in_threadpool(coord.queue.authenticate_host, token)
+            await _cached(coord, "host", token, coord.queue.authenticate_host)
         return None
     if auth in ("operator", "read", "reader") and _same(token, coord.operator_token):
         return None
     if auth in ("operator", "read"):
         raise Unauthorized("wrong operator token")
-    return await run_in_threadpool(coord.queue.authenticate_worker, token)
+    return await _cached(coord, "worker", token, coord.queue.authenticate_worker)
+
+
+async def _cached(coord: Coordinator, kind: str, token: str, lookup: Callable[[str], str]) -> str:
+    """``lookup(token)`` through the coordinator's token cache; refusals are not cached."""
+    known = coord.tokens.get(kind, token)
+    if known is not None:
+        return known
+    generation = coord.tokens.generation
+    value = await run_on(coord.db_executor, lookup, token)
+    coord.tokens.put(kind, token, value, generation)
+    return value
 
 
 def _join_host(token: str, coord: Coordinator) -> bool:
@@ -88,5 +155,5 @@ async def register_caller(
     """Register the worker presenting this join token, as the host the token allows."""
     token = bearer_token(request)
     if _join_host(token, coord):
-        return await run_in_threadpool(coord.queue.register_open, capability)
-    return await run_in_threadpool(coord.queue.register_enrolled, capability, token)
+        return await run_on(coord.db_executor, coord.queue.register_open, capability)
+    return await run_on(coord.db_executor, coord.queue.register_enrolled, capability, token)

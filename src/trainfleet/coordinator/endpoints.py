@@ -2,8 +2,9 @@
 body validation, JSON errors and the endpoint's OpenAPI entry (``coordinator/openapi.py``),
 so the served API and its description cannot drift apart.
 
-Handlers are ``async def handler(ctx) -> BaseModel | Response | None``; queue calls go through
-``ctx.run`` (a thread pool), keeping the event loop free while SQLite works. Parameters are
+Handlers are ``async def handler(ctx) -> BaseModel | Response | None``; blocking calls go
+through ``ctx.run``, keeping the event loop free: queue calls on the coordinator's writer
+(``coordinator/writer.py``), file I/O and CPU work on the threadpool. Parameters are
 validated against their declaration before the handler runs: a path parameter against its
 pattern, a query integer against its range (SQLite integers are 64-bit), a JSON body against
 its size and nesting limits (``coordinator/bodies.py``) and then its model.
@@ -27,6 +28,7 @@ from starlette.routing import Route
 
 from trainfleet.coordinator.auth import Auth, authenticate
 from trainfleet.coordinator.bodies import MAX_JSON_BYTES, parse_json, read_limited
+from trainfleet.coordinator.writer import run_on
 from trainfleet.errors import ApiError, BadRequest
 
 if TYPE_CHECKING:
@@ -166,6 +168,20 @@ class Ctx:
         return None if value is None else str(value)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A queue method (bound to ``coord.queue``) on the writer, anything else (the
+        artifact store's file I/O, manifest parsing, the round driver) on the threadpool."""
+        if getattr(fn, "__self__", None) is self.coord.queue:
+            return await self.run_db(fn, *args, **kwargs)
+        return await self.run_io(fn, *args, **kwargs)
+
+    async def run_db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` on ``coord.db_executor`` (``coordinator/writer.py``): queue transactions only,
+        nothing slow."""
+        return await run_on(self.coord.db_executor, fn, *args, **kwargs)
+
+    async def run_io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` on the ordinary threadpool: file I/O and CPU work that must not hold the
+        writer."""
         return await run_in_threadpool(fn, *args, **kwargs)
 
     @property

@@ -127,7 +127,8 @@ def _operation(ep: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
         op["parameters"] = params
     if ep.body:
         op["requestBody"] = {
-            "required": True,
+            # A body whose every field has a default may be left out (a plain claim).
+            "required": any(f.is_required() for f in ep.body.model_fields.values()),
             "content": {"application/json": {"schema": refs[(ep.body, "validation")]}},
         }
     if ep.raw_body:

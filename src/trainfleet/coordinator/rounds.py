@@ -216,6 +216,7 @@ class RoundDriver:
         if self.coord.queue.open_first_round(
             run.id, sha, size, replica_tasks(run, 0, sha, size, None)
         ):
+            self.coord.work.notify()  # its tasks are claimable: wake long-poll claims
             log.info("run %s (%s): round 0 opened, weights %s", run.name, run.id[:12], sha[:12])
 
     def _maybe_close(self, st: RoundStatus) -> None:
@@ -242,6 +243,7 @@ class RoundDriver:
             return
         outcome = self.close(st, why)
         if self.coord.queue.close_round(outcome):
+            self.coord.work.notify()  # the next round's tasks are claimable
             self.coord.metrics.rounds_closed.inc()
             log.info(
                 "run %s round %d closed (%s): %d applied, %d late, %d refused, %d dropped, loss %s",

@@ -89,6 +89,7 @@ async def rotate(ctx: Ctx) -> Rotated:
     token, requeued = await ctx.run(
         ctx.coord.queue.rotate_host, name, revoke_workers=body.revoke_workers
     )
+    _forget(ctx, requeued)
     ctx.coord.metrics.requeues.inc(len(requeued))
     return Rotated(host=name, token=token, requeued=requeued)
 
@@ -120,5 +121,16 @@ async def revoke_worker(ctx: Ctx) -> Revoked:
 async def _revoke(ctx: Ctx, revoke: Callable[[str], list[JobRecord]], target: str) -> Revoked:
     """Revoke ``target`` (a host or a worker id) and count the jobs it put back to pending."""
     requeued = await ctx.run(revoke, target)
+    _forget(ctx, requeued)
     ctx.coord.metrics.requeues.inc(len(requeued))
     return Revoked(revoked=target, requeued=requeued)
+
+
+def _forget(ctx: Ctx, requeued: list[JobRecord]) -> None:
+    """Drop the credentials cached in memory (the next request is refused) and the requeued
+    attempts' heartbeats; wake long-poll claims for the requeued jobs."""
+    ctx.coord.tokens.clear()
+    for job in requeued:
+        ctx.coord.beats.forget(job.id)
+    if requeued:
+        ctx.coord.work.notify()

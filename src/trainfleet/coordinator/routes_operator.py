@@ -25,7 +25,10 @@ routes = RouteTable()
 async def reload(ctx: Ctx) -> ReloadPlan:
     body: ManifestBody = ctx.body
     manifest = await ctx.run(_parse, body.text, body.path)
-    return await ctx.run(ctx.coord.queue.apply_manifest, manifest, dry_run=body.dry_run)
+    plan = await ctx.run(ctx.coord.queue.apply_manifest, manifest, dry_run=body.dry_run)
+    if not body.dry_run:
+        ctx.coord.work.notify()  # wake long-poll claims (coordinator.longpoll)
+    return plan
 
 
 def _parse(text: str, path: str) -> Manifest:
@@ -49,7 +52,9 @@ def _parse(text: str, path: str) -> Manifest:
     response=JobRecord,
 )
 async def cancel(ctx: Ctx) -> JobRecord:
-    return await ctx.run(ctx.coord.queue.cancel, ctx.path("job_id"))
+    job = await ctx.run(ctx.coord.queue.cancel, ctx.path("job_id"))
+    ctx.coord.beats.forget(job.id)  # its next heartbeat reads the cancel (coordinator.beats)
+    return job
 
 
 @routes.route(
@@ -60,4 +65,7 @@ async def cancel(ctx: Ctx) -> JobRecord:
     response=JobRecord,
 )
 async def requeue(ctx: Ctx) -> JobRecord:
-    return await ctx.run(ctx.coord.queue.requeue, ctx.path("job_id"))
+    job = await ctx.run(ctx.coord.queue.requeue, ctx.path("job_id"))
+    ctx.coord.beats.forget(job.id)  # the old claim's next heartbeat is fenced
+    ctx.coord.work.notify()
+    return job

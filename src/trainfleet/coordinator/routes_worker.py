@@ -6,13 +6,15 @@ Every write after a claim names the claim's epoch; the queue refuses a stale one
 from __future__ import annotations
 
 import errno
-import json
 
 from starlette.requests import ClientDisconnect
 
 from trainfleet.artifacts import IngestBuffer, space
 from trainfleet.coordinator.auth import register_caller
+from trainfleet.coordinator.beats import BeatReply
+from trainfleet.coordinator.completion import MAX_RESULT_BYTES, complete_attempt
 from trainfleet.coordinator.endpoints import INT64_MAX, MAX_JSON_BYTES, Ctx, Param, RouteTable
+from trainfleet.coordinator.longpoll import ClaimWait, claim_waiting
 from trainfleet.coordinator.schemas import (
     Body,
     ClaimResponse,
@@ -27,13 +29,12 @@ from trainfleet.coordinator.schemas import (
 from trainfleet.coordinator.state import Coordinator
 from trainfleet.errors import (
     ApiError,
-    BadRequest,
     Conflict,
     InsufficientStorage,
     IntegrityError,
     PayloadTooLarge,
 )
-from trainfleet.queue.base import ArtifactRecord, HeartbeatReply, JobRecord
+from trainfleet.queue.base import ArtifactRecord, Claim, JobRecord
 from trainfleet.queue.sqlite_attempts import MAX_LOG_LINE_CHARS
 
 routes = RouteTable()
@@ -43,10 +44,6 @@ def _max_length(model: type[Body], field: str) -> int:
     metadata = model.model_fields[field].metadata
     return int(next(m.max_length for m in metadata if hasattr(m, "max_length")))
 
-
-# A completed attempt's result, serialized: kept with the job and sent with every job listing.
-# The worker reports at most 1 MiB of metrics (worker/result.py), plus its own few fields.
-MAX_RESULT_BYTES = 2 * 1024 * 1024
 
 MAX_ARTIFACTS_PER_ATTEMPT = 4  # the worker uploads one archive per attempt
 
@@ -71,6 +68,8 @@ WORKER_LIMITS = {
 async def register(ctx: Ctx) -> RegisterResponse:
     body: RegisterRequest = ctx.body
     worker, token = await register_caller(ctx.request, ctx.coord, body.capability)
+    if body.slots != 1:  # a batch client (referee, benchmark) holding several jobs at once
+        await ctx.run(ctx.coord.queue.set_worker_slots, worker.id, body.slots)
     return RegisterResponse(
         worker_id=worker.id,
         token=token,
@@ -85,13 +84,16 @@ async def register(ctx: Ctx) -> RegisterResponse:
 @routes.route("POST", "/v1/workers/deregister", auth="worker", summary="Leave the fleet")
 async def deregister(ctx: Ctx) -> None:
     await ctx.run(ctx.coord.queue.deregister_worker, ctx.worker)
+    ctx.coord.tokens.clear()  # its credential is refused from the next request on
 
 
 @routes.route(
     "POST",
     "/v1/workers/claim",
     auth="worker",
-    summary="Claim the best job this worker may run (claim is null when there is none)",
+    summary="Claim the best job this worker may run (claim is null when there is none);"
+    " with wait_s, wait up to that long for work (long poll)",
+    body=ClaimWait,
     response=ClaimResponse,
     links={
         name: {
@@ -108,7 +110,10 @@ async def deregister(ctx: Ctx) -> None:
     },
 )
 async def claim(ctx: Ctx) -> ClaimResponse:
-    got = await ctx.run(ctx.coord.queue.claim, ctx.worker)
+    async def claim_once() -> Claim | None:
+        return await ctx.run(ctx.coord.queue.claim, ctx.worker)
+
+    got = await claim_waiting(ctx.request, ctx.coord.work, claim_once, ctx.body.wait_s)
     if got is not None:
         ctx.coord.metrics.claims.inc()
     return ClaimResponse(claim=got)
@@ -118,12 +123,14 @@ async def claim(ctx: Ctx) -> ClaimResponse:
     "POST",
     "/v1/jobs/{job_id}/heartbeat",
     auth="worker",
-    summary="Keep a claim alive; the reply says whether the job was cancelled",
+    summary="Keep a claim alive; the reply says whether the job was cancelled, and the"
+    " heartbeat interval and lease to keep",
     body=EpochBody,
-    response=HeartbeatReply,
+    response=BeatReply,
 )
-async def heartbeat(ctx: Ctx) -> HeartbeatReply:
-    return await ctx.run(ctx.coord.queue.heartbeat, ctx.path("job_id"), ctx.worker, ctx.body.epoch)
+async def heartbeat(ctx: Ctx) -> BeatReply:
+    """Answered from the coordinator's heartbeat book, written in batches (``beats``)."""
+    return await ctx.coord.beats.beat(ctx.path("job_id"), ctx.worker, ctx.body.epoch, ctx.run)
 
 
 @routes.route(
@@ -261,27 +268,7 @@ async def _stream_and_store(ctx: Ctx, sha256: str, size: int) -> bool:
 )
 async def complete(ctx: Ctx) -> JobRecord:
     body: CompleteBody = ctx.body
-    job_id, queue = ctx.path("job_id"), ctx.coord.queue
-    size = len(json.dumps(body.result, ensure_ascii=False).encode())
-    if size > MAX_RESULT_BYTES:
-        raise PayloadTooLarge(
-            f"result of {size} bytes (as JSON) is over the {MAX_RESULT_BYTES}-byte limit",
-            limit_bytes=MAX_RESULT_BYTES,
-        )
-    metrics = body.result.get("metrics")
-    if metrics is not None and not isinstance(metrics, dict):
-        raise BadRequest(
-            f"result.metrics must be a JSON object of named metrics, not {type(metrics).__name__}"
-        )
-    artifact = body.result.get("artifact")
-    if artifact is not None:
-        bound = await ctx.run(queue.artifacts, job_id)
-        if not any(a.sha256 == artifact and a.epoch == body.epoch for a in bound):
-            raise BadRequest(f"result names artifact {artifact!r}, not uploaded by this attempt")
-    job = await ctx.run(queue.get_job, job_id)
-    if job.spec.kind == "replica":  # a run's task: its pseudo-gradient is judged and recorded
-        return await ctx.run(ctx.coord.rounds.complete, job, ctx.worker, body.epoch, body.result)
-    return await ctx.run(queue.complete, job_id, ctx.worker, body.epoch, body.result)
+    return await complete_attempt(ctx, ctx.path("job_id"), body.epoch, body.result)
 
 
 @routes.route(
@@ -294,7 +281,7 @@ async def complete(ctx: Ctx) -> JobRecord:
 )
 async def fail(ctx: Ctx) -> JobRecord:
     body: FailBody = ctx.body
-    return await ctx.run(
+    job = await ctx.run(
         ctx.coord.queue.fail,
         ctx.path("job_id"),
         ctx.worker,
@@ -303,6 +290,10 @@ async def fail(ctx: Ctx) -> JobRecord:
         retryable=body.retryable,
         release=body.release,
     )
+    ctx.coord.beats.forget(job.id)
+    if job.state == "pending":
+        ctx.coord.work.notify()  # wake long-poll claims: it can run elsewhere
+    return job
 
 
 __all__ = ["routes"]

@@ -16,6 +16,12 @@ class Body(BaseModel):
 
 class RegisterRequest(Body):
     capability: Capability
+    slots: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="jobs this worker may hold at once (batch clients; the worker daemon: 1)",
+    )
 
 
 class RegisterResponse(Body):

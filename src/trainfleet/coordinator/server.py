@@ -23,6 +23,7 @@ from pathlib import Path
 import uvicorn
 
 from trainfleet.artifacts import ArtifactStore
+from trainfleet.artifacts.s3 import DEFAULT_PART_BYTES
 from trainfleet.coordinator.app import create_app
 from trainfleet.coordinator.state import Coordinator
 from trainfleet.queue import QueueSettings, open_queue
@@ -62,13 +63,17 @@ class ServeConfig:
     state_dir: Path
     queue_url: str | None = None
     artifacts: str | None = None
+    artifact_part_bytes: int = DEFAULT_PART_BYTES  # S3: single-PUT limit and multipart part
     operator_token: str | None = None
     join_token: str | None = None
     open_join: bool = False
     public_reads: bool = False
-    heartbeat_interval_s: float = 2.0
-    heartbeat_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 2.0  # the least interval; more above ~1,000 workers
+    # the least lease: with a 1 s reaper, a dead worker's job is pending again within 10 s
+    heartbeat_timeout_s: float = 8.0
     reap_interval_s: float = 1.0
+    beat_flush_s: float = 1.0  # heartbeats are written in one batch this often
+    beat_budget_per_s: float = 500.0  # heartbeats/s the fleet may send: scales the interval
 
 
 def build_coordinator(cfg: ServeConfig) -> Coordinator:
@@ -85,7 +90,9 @@ def build_coordinator(cfg: ServeConfig) -> Coordinator:
     )
     return Coordinator(
         queue=queue,
-        store=ArtifactStore(cfg.artifacts or str(cfg.state_dir / "artifacts")),
+        store=ArtifactStore(
+            cfg.artifacts or str(cfg.state_dir / "artifacts"), part_bytes=cfg.artifact_part_bytes
+        ),
         staging_dir=cfg.state_dir / "staging",
         operator_token=ensure_token(cfg.state_dir / OPERATOR_TOKEN_FILE, cfg.operator_token),
         join_token=ensure_token(cfg.state_dir / JOIN_TOKEN_FILE, cfg.join_token),
@@ -93,6 +100,8 @@ def build_coordinator(cfg: ServeConfig) -> Coordinator:
         public_reads=cfg.public_reads,
         heartbeat_interval_s=cfg.heartbeat_interval_s,
         reap_interval_s=cfg.reap_interval_s,
+        beat_flush_s=cfg.beat_flush_s,
+        beat_budget_per_s=cfg.beat_budget_per_s,
     )
 
 

@@ -14,8 +14,8 @@ epoch and are refused with ``StaleEpoch`` unless it is still current.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +29,9 @@ from trainfleet.queue.runs_base import (
     RunRecord,
     Verdict,
 )
+
+if TYPE_CHECKING:
+    from trainfleet.queue.beats import Beat, FlushResult
 
 JobState = Literal["pending", "claimed", "running", "completed", "failed", "cancelled"]
 ACTIVE_STATES: tuple[JobState, ...] = ("claimed", "running")
@@ -293,6 +296,20 @@ class JobQueue(abc.ABC):
         self, job_id: str, worker_id: str, epoch: int, result: dict[str, Any]
     ) -> JobRecord: ...
 
+    def claim_many(self, worker_id: str, max_jobs: int) -> list[Claim]:
+        """Up to ``max_jobs`` claims at once, bounded by the worker's free slots."""
+        got = self.claim(worker_id)
+        return [got] if got is not None else []
+
+    def set_worker_slots(self, worker_id: str, slots: int) -> None:
+        """How many active jobs the worker may hold (registration; default 1)."""
+        raise NotImplementedError
+
+    def ensure_shard_plan(self, job_id: str) -> None:
+        """Plan the shards of the job's dataset, if it has one and no plan exists yet: slow
+        (it streams the source), so the coordinator calls it on its threadpool before
+        ``complete``, which then finds the plan made (``complete`` plans it itself if not)."""
+
     @abc.abstractmethod
     def fail(
         self,
@@ -317,6 +334,10 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     def reap(self) -> list[JobRecord]:
         """Requeue (or fail) active jobs whose heartbeats stopped or whose time ran out."""
+
+    @abc.abstractmethod
+    def heartbeat_many(self, beats: Sequence[Beat]) -> FlushResult:
+        """Write the coordinator's batched heartbeats in one transaction (``queue.beats``)."""
 
     # data plane ----------------------------------------------------------------------
     @abc.abstractmethod

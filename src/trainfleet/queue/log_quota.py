@@ -16,8 +16,8 @@ one indexed read per request however long the log already is.
 from __future__ import annotations
 
 import json
-import sqlite3
 
+from trainfleet.queue.db import Conn
 from trainfleet.queue.sqlite_schema import insert_event
 
 MAX_LOG_LINES_PER_ATTEMPT = 100_000
@@ -25,7 +25,7 @@ MAX_LOG_CHARS_PER_ATTEMPT = 16 * 1024 * 1024
 
 
 def admit_lines(
-    conn: sqlite3.Connection,
+    conn: Conn,
     job_id: str,
     attempt: int,
     lines: list[str],

@@ -1,22 +1,26 @@
-"""SQLite backend of the job queue (WAL mode; one coordinator process).
+"""The job queue on SQL: ``SQLQueue`` over a ``db.Database``, SQLite or PostgreSQL.
 
-Every state change runs inside ``BEGIN IMMEDIATE``, which takes SQLite's single write lock up
-front, so a claim's read-check-write is atomic: two workers can never claim the same job, and
-a fenced write can never interleave with a requeue. Each thread gets its own connection.
+Every state change runs inside a write transaction (``db.tx()``) that serializes it against
+every other: ``BEGIN IMMEDIATE`` on SQLite (one coordinator process), an exclusive advisory
+lock on PostgreSQL (any number of coordinators on one database). So a read-check-write is
+atomic: a fenced write can never interleave with a requeue. Claims alone share the lock on
+PostgreSQL and take their row ``FOR UPDATE SKIP LOCKED`` (``sqlite_attempts._lock_pending``):
+two workers still never claim the same job.
 
-``SQLiteQueue`` owns the connections and the transactions and answers the reads; the writes
-live beside it as plain functions on a connection: ``sqlite_operator`` (reload, cancel,
-requeue), ``sqlite_workers`` (the worker registry) and ``sqlite_attempts`` (claim, fenced
-reports, complete/fail, reaping). The tables are in ``sqlite_schema``.
+``SQLQueue`` owns the transactions and answers the reads; the writes live beside it as plain
+functions on a ``db.Conn`` (the modules keep their ``sqlite_`` names; their SQL is the neutral
+subset both engines accept): ``sqlite_operator`` (reload, cancel, requeue), ``sqlite_workers``
+(the worker registry) and ``sqlite_attempts`` (claim, fenced reports, complete/fail, reaping).
+The schema is ``migrations``'s, applied when the queue opens. ``SQLiteQueue(path)`` and
+``PostgresQueue(url)`` open the two backends.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,6 @@ from trainfleet.queue import (
     sqlite_hosts,
     sqlite_operator,
     sqlite_runs,
-    sqlite_schema,
     sqlite_workers,
 )
 from trainfleet.queue.base import (
@@ -47,7 +50,18 @@ from trainfleet.queue.base import (
     RouterRecord,
     WorkerRecord,
 )
+from trainfleet.queue.beats import Beat, FlushResult, heartbeat_many
+from trainfleet.queue.claims import claim_many
+from trainfleet.queue.db import (
+    Conn,
+    Database,
+    PostgresDatabase,
+    SQLiteDatabase,
+    StatementConn,
+)
 from trainfleet.queue.explain import explain_job
+from trainfleet.queue.fleet_cache import FleetCache
+from trainfleet.queue.migrations import migrate
 from trainfleet.queue.runs_base import (
     ContributionRecord,
     RoundOutcome,
@@ -58,9 +72,7 @@ from trainfleet.queue.runs_base import (
 )
 from trainfleet.queue.shard_plans import plan_expected_shards
 from trainfleet.queue.sqlite_schema import (
-    SCHEMA,
     artifact_record,
-    connect,
     event_record,
     find_job_row,
     job_record,
@@ -72,59 +84,46 @@ from trainfleet.queue.sqlite_schema import (
 )
 
 
-class SQLiteQueue(JobQueue):
-    """The queue on one SQLite file. ``clock`` is injectable so tests control time."""
+class SQLQueue(JobQueue):
+    """The queue on one ``Database`` (it upgrades the schema on open). ``clock`` is
+    injectable so tests control time."""
 
     def __init__(
         self,
-        path: str | Path,
+        db: Database,
         settings: QueueSettings | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self.path = str(path)
+        self.db = db
         self.settings = settings or QueueSettings()
         self.clock = clock
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
         self._plan_lock = threading.Lock()
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn().executescript(SCHEMA)
-        sqlite_schema.migrate(self._conn())
+        self._reads = StatementConn(db)
+        self.fleet = FleetCache()  # the claim's view of workers and host policies
+        try:
+            migrate(db)
+        except BaseException:
+            db.close()
+            raise
 
     # connections & transactions ---------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.path)
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
+    def _conn(self) -> Conn:
+        """Reads outside a transaction, one statement at a time (each sees the latest
+        commit); safe from any thread."""
+        return self._reads
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _tx(self, *, shared: bool = False) -> AbstractContextManager[Conn]:
+        return self.db.tx(shared=shared)
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
+        self.db.close()
 
     # operator ---------------------------------------------------------------------------
     def apply_manifest(self, manifest: Manifest, *, dry_run: bool = False) -> ReloadPlan:
         with self._tx() as conn:
-            return sqlite_operator.apply_manifest(conn, manifest, self.clock, dry_run=dry_run)
+            plan = sqlite_operator.apply_manifest(conn, manifest, self.clock, dry_run=dry_run)
+        self.fleet.invalidate()  # host policies may have changed
+        return plan
 
     def cancel(self, job_id: str, reason: str = "cancelled by operator") -> JobRecord:
         with self._tx() as conn:
@@ -147,6 +146,7 @@ class SQLiteQueue(JobQueue):
     def deregister_worker(self, worker_id: str) -> None:
         with self._tx() as conn:
             sqlite_workers.deregister_worker(conn, worker_id, self.clock())
+        self.fleet.invalidate(worker_id)
 
     # hosts: enrollment and revocation (sqlite_hosts) ------------------------------------
     def enroll_host(self, name: str) -> str:
@@ -157,15 +157,21 @@ class SQLiteQueue(JobQueue):
         self, name: str, *, revoke_workers: bool = False
     ) -> tuple[str, list[JobRecord]]:
         with self._tx() as conn:
-            return sqlite_hosts.rotate_host(conn, name, self.clock(), revoke_workers=revoke_workers)
+            out = sqlite_hosts.rotate_host(conn, name, self.clock(), revoke_workers=revoke_workers)
+        self.fleet.invalidate()
+        return out
 
     def revoke_host(self, name: str) -> list[JobRecord]:
         with self._tx() as conn:
-            return sqlite_hosts.revoke_host(conn, name, self.clock())
+            out = sqlite_hosts.revoke_host(conn, name, self.clock())
+        self.fleet.invalidate()
+        return out
 
     def revoke_worker(self, worker_id: str) -> list[JobRecord]:
         with self._tx() as conn:
-            return sqlite_hosts.revoke_worker(conn, worker_id, self.clock())
+            out = sqlite_hosts.revoke_worker(conn, worker_id, self.clock())
+        self.fleet.invalidate(worker_id)
+        return out
 
     def list_hosts(self) -> list[HostRecord]:
         return sqlite_hosts.list_hosts(self._conn(), self.clock(), self.settings.offline_after_s)
@@ -187,9 +193,20 @@ class SQLiteQueue(JobQueue):
 
     # attempts ---------------------------------------------------------------------------
     def claim(self, worker_id: str) -> Claim | None:
+        got = self.claim_many(worker_id, 1)
+        return got[0] if got else None
+
+    def claim_many(self, worker_id: str, max_jobs: int) -> list[Claim]:
+        """Up to ``max_jobs`` claims, bounded by the worker's free slots (``claims``)."""
         self.reap()
+        with self._tx(shared=True) as conn:
+            return claim_many(
+                conn, worker_id, self.clock, self.settings, max_jobs, fleet=self.fleet
+            )
+
+    def set_worker_slots(self, worker_id: str, slots: int) -> None:
         with self._tx() as conn:
-            return sqlite_attempts.claim(conn, worker_id, self.clock, self.settings)
+            sqlite_workers.set_slots(conn, worker_id, slots)
 
     def check_epoch(self, job_id: str, worker_id: str, epoch: int) -> JobRecord:
         return job_record(sqlite_attempts.fenced(self._conn(), job_id, worker_id, epoch))
@@ -213,11 +230,11 @@ class SQLiteQueue(JobQueue):
     def complete(
         self, job_id: str, worker_id: str, epoch: int, result: dict[str, Any]
     ) -> JobRecord:
-        self._ensure_shard_plan(job_id)
+        self.ensure_shard_plan(job_id)
         with self._tx() as conn:
             return sqlite_attempts.complete(conn, job_id, worker_id, epoch, result, self.clock)
 
-    def _ensure_shard_plan(self, job_id: str) -> None:
+    def ensure_shard_plan(self, job_id: str) -> None:
         """Plan the shards of the job's dataset here, once per digest, before the completion's
         transaction: planning streams the source (bounded by ``shard_plan_budget_s``) and must
         not hold the write lock. One plan is made at a time."""
@@ -401,7 +418,7 @@ class SQLiteQueue(JobQueue):
     def complete_replica(
         self, job_id: str, worker_id: str, epoch: int, result: dict[str, Any], verdict: Verdict
     ) -> JobRecord:
-        self._ensure_shard_plan(job_id)
+        self.ensure_shard_plan(job_id)
         with self._tx() as conn:
             return sqlite_runs.complete_replica(
                 conn, job_id, worker_id, epoch, result, verdict, self.clock
@@ -424,3 +441,36 @@ class SQLiteQueue(JobQueue):
     def add_bytes_down(self, run_id: str, round: int, num_bytes: int) -> None:
         with self._tx() as conn:
             sqlite_runs.add_bytes_down(conn, run_id, round, num_bytes)
+
+    # liveness (queue.beats) -------------------------------------------------------------
+    def heartbeat_many(self, beats: Sequence[Beat]) -> FlushResult:
+        with self._tx(shared=True) as conn:  # beside claims; never beside a requeue or reap
+            return heartbeat_many(conn, beats, self.clock(), self.settings.offline_after_s)
+
+
+class SQLiteQueue(SQLQueue):
+    """The queue on one SQLite file (WAL; one coordinator process)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        settings: QueueSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.path = str(path)
+        super().__init__(SQLiteDatabase(self.path), settings, clock)
+
+
+class PostgresQueue(SQLQueue):
+    """The queue on a PostgreSQL database (``postgresql://...``): any number of
+    coordinators may share it. ``pool_size`` bounds this process's connections."""
+
+    def __init__(
+        self,
+        url: str,
+        settings: QueueSettings | None = None,
+        clock: Callable[[], float] = time.time,
+        *,
+        pool_size: int = 10,
+    ):
+        super().__init__(PostgresDatabase(url, pool_size=pool_size), settings, clock)

@@ -1,9 +1,8 @@
 """The life of one attempt on the SQLite queue: claim, report, finish, or be reaped.
 
-A claim picks the first pending job (by priority, then manifest order) that the worker's
-effective capability fits and no scheduling rule defers, and bumps the job's *epoch*. A claim
-is idempotent: a worker that asks again while it holds a job it never heartbeat (the reply
-was lost) gets the same claim back; one that holds a running job gets a 409 naming it. Every
+A claim (``claims``) picks the first pending job (by priority, then manifest order) that the
+worker's effective capability fits and no scheduling rule defers, and bumps the job's
+*epoch*; asking again is idempotent. Every
 later write of that attempt (heartbeat, log lines, artifact, complete, fail) names the epoch
 and is *fenced*: it is refused with ``StaleEpoch`` once the attempt has been written off, so a
 worker that lost its claim can never overwrite the attempt that replaced it. A replica task
@@ -18,7 +17,6 @@ and ``clock`` is the queue's clock.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -29,35 +27,31 @@ from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import (
     ACTIVE_STATES,
     ArtifactRecord,
-    Claim,
     HeartbeatReply,
     JobRecord,
-    QueueSettings,
 )
+from trainfleet.queue.db import Conn, Row
 from trainfleet.queue.log_quota import admit_lines
-from trainfleet.queue.matching import blockers
-from trainfleet.queue.scheduling import Candidate, deferrals
 from trainfleet.queue.sqlite_data import check_shards
 from trainfleet.queue.sqlite_schema import (
     artifact_record,
     insert_event,
     load_job,
     read_hosts,
-    read_meta,
 )
-from trainfleet.queue.sqlite_workers import candidates, release_worker, touch
+from trainfleet.queue.sqlite_workers import release_worker, touch
 
 MAX_LOG_LINE_CHARS = 4096  # what is kept of each log line
 AFFINITY_WAIT_S = 2.0  # a replica task waits this long for its slot's previous worker
 
 
-def fenced(conn: sqlite3.Connection, job_id: str, worker_id: str, epoch: int) -> sqlite3.Row:
+def fenced(conn: Conn, job_id: str, worker_id: str, epoch: int) -> Row:
     """The job's row, if ``worker_id`` still holds it at ``epoch`` and it is still active."""
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return _check_fence(row, job_id, worker_id, epoch)
 
 
-def _check_fence(row: sqlite3.Row | None, job_id: str, worker_id: str, epoch: int) -> sqlite3.Row:
+def _check_fence(row: Row | None, job_id: str, worker_id: str, epoch: int) -> Row:
     """``fenced`` on a row the caller already read."""
     if row is None:
         raise NotFound(f"no job {job_id!r}")
@@ -74,105 +68,11 @@ def _check_fence(row: sqlite3.Row | None, job_id: str, worker_id: str, epoch: in
     return row
 
 
-def claim(
-    conn: sqlite3.Connection, worker_id: str, clock: Callable[[], float], settings: QueueSettings
-) -> Claim | None:
-    wrow = touch(conn, worker_id, clock())
-    if wrow["current_job"] is not None:
-        held = conn.execute(
-            "SELECT * FROM jobs WHERE id = ? AND worker_id = ?", (wrow["current_job"], worker_id)
-        ).fetchone()
-        if held is not None and held["state"] == "claimed":
-            return _redeliver(conn, held, worker_id, clock)
-        if held is not None and held["state"] in ACTIVE_STATES:
-            raise Conflict(
-                f"worker {worker_id} still holds job {held['id'][:12]} ({held['state']});"
-                " complete or fail it first",
-                job_id=held["id"],
-                epoch=held["epoch"],
-                state=held["state"],
-            )
-    hosts = read_hosts(conn)
-    policy = hosts.get(wrow["host"])
-    cap, _ = effective_capability(Capability.model_validate_json(wrow["capability"]), policy)
-    me = Candidate(worker_id, cap, policy, idle=True)
-    others = candidates(conn, hosts, clock(), settings.idle_window_s, settings.offline_after_s)
-    wait_s = float(read_meta(conn, "prefer_cuda_wait_s", "30"))
-    now = clock()
-    rows = conn.execute(
-        "SELECT * FROM jobs WHERE state = 'pending' AND (in_manifest = 1 OR pinned = 1)"
-        " AND (require_cuda = 0 OR ?) AND min_vram_gib <= ? AND min_ram_gib <= ?"
-        " AND min_cores <= ? ORDER BY priority DESC, seq",
-        (int(cap.cuda), cap.vram_gib, cap.ram_gib, cap.cores),
-    )
-    for row in rows:
-        spec = JobSpec.model_validate_json(row["spec"])
-        if blockers(spec, cap, policy):
-            continue
-        if deferrals(spec, me, others, now - row["pending_since"], wait_s):
-            continue
-        if spec.kind == "replica" and affinity_wait(
-            conn, spec, worker_id, now - row["pending_since"], now, settings.offline_after_s
-        ):
-            continue
-        return _take(conn, row, worker_id, cap, clock)
-    return None
-
-
-def _take(
-    conn: sqlite3.Connection,
-    row: sqlite3.Row,
-    worker_id: str,
-    cap: Capability,
-    clock: Callable[[], float],
-) -> Claim:
-    now = clock()
-    epoch, attempt = row["epoch"] + 1, row["attempt"] + 1
-    mhash = read_meta(conn, "manifest_hash", row["manifest_hash"])
-    conn.execute(
-        "UPDATE jobs SET state = 'claimed', epoch = ?, attempt = ?, worker_id = ?, host = ?,"
-        " claimed_at = ?, heartbeat_at = ?, updated_at = ?, manifest_hash = ?, error = NULL"
-        " WHERE id = ?",
-        (epoch, attempt, worker_id, cap.host, now, now, now, mhash, row["id"]),
-    )
-    conn.execute("UPDATE workers SET current_job = ? WHERE id = ?", (row["id"], worker_id))
-    insert_event(
-        conn,
-        clock(),
-        row["id"],
-        "claimed",
-        "pending",
-        "claimed",
-        worker_id,
-        epoch,
-        detail=f"attempt {attempt} on host {cap.host}",
-    )
-    return Claim(job=load_job(conn, row["id"]), epoch=epoch, attempt=attempt)
-
-
-def _redeliver(
-    conn: sqlite3.Connection, row: sqlite3.Row, worker_id: str, clock: Callable[[], float]
-) -> Claim:
-    """The claim ``worker_id`` already holds and never heartbeat: its reply was probably lost.
-
-    Same epoch, same attempt, nothing counted: asking again is idempotent.
-    """
-    insert_event(
-        conn,
-        clock(),
-        row["id"],
-        "redelivered",
-        None,
-        None,
-        worker_id,
-        row["epoch"],
-        detail=f"claim of attempt {row['attempt']} asked again (its reply was probably lost)",
-    )
-    return Claim(job=load_job(conn, row["id"]), epoch=row["epoch"], attempt=row["attempt"])
+# Claiming (claim, _take, redelivery) lives in ``claims``.
 
 
 def heartbeat(
-    conn: sqlite3.Connection, job_id: str, worker_id: str, epoch: int, clock: Callable[[], float]
+    conn: Conn, job_id: str, worker_id: str, epoch: int, clock: Callable[[], float]
 ) -> HeartbeatReply:
     touch(conn, worker_id, clock())
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -197,7 +97,7 @@ def heartbeat(
 
 
 def append_log(
-    conn: sqlite3.Connection,
+    conn: Conn,
     job_id: str,
     worker_id: str,
     epoch: int,
@@ -216,7 +116,7 @@ def append_log(
 
 
 def record_artifact(
-    conn: sqlite3.Connection,
+    conn: Conn,
     job_id: str,
     worker_id: str,
     epoch: int,
@@ -285,7 +185,7 @@ def record_artifact(
 
 
 def complete(
-    conn: sqlite3.Connection,
+    conn: Conn,
     job_id: str,
     worker_id: str,
     epoch: int,
@@ -315,7 +215,7 @@ def complete(
 
 
 def fail(
-    conn: sqlite3.Connection,
+    conn: Conn,
     job_id: str,
     worker_id: str,
     epoch: int,
@@ -333,8 +233,8 @@ def fail(
 
 
 def _end_attempt(
-    conn: sqlite3.Connection,
-    row: sqlite3.Row,
+    conn: Conn,
+    row: Row,
     error: str,
     clock: Callable[[], float],
     *,
@@ -377,7 +277,7 @@ def _end_attempt(
     )
 
 
-def _round_over(conn: sqlite3.Connection, spec: JobSpec) -> str:
+def _round_over(conn: Conn, spec: JobSpec) -> str:
     """For a replica task, why its round takes no more attempts ('' while it does)."""
     if spec.task is None:
         return ""
@@ -391,19 +291,19 @@ def _round_over(conn: sqlite3.Connection, spec: JobSpec) -> str:
     return ""
 
 
-def overdue_jobs(conn: sqlite3.Connection, now: float, heartbeat_timeout_s: float) -> list[str]:
+def overdue_jobs(conn: Conn, now: float, heartbeat_timeout_s: float) -> list[str]:
     """Ids of active jobs that look lost or timed out; cheap enough to run outside the lock."""
     rows = conn.execute(
         "SELECT id FROM jobs WHERE state IN ('claimed', 'running') AND heartbeat_at < ?"
         " UNION SELECT id FROM jobs WHERE state IN ('claimed', 'running')"
-        " AND claimed_at + CAST(json_extract(spec, '$.timeout_s') AS REAL) + ? < ?",
+        " AND claimed_at + timeout_s + ? < ?",
         (now - heartbeat_timeout_s, heartbeat_timeout_s, now),
     ).fetchall()
     return [jid for (jid,) in rows]
 
 
 def reap_jobs(
-    conn: sqlite3.Connection,
+    conn: Conn,
     job_ids: list[str],
     now: float,
     heartbeat_timeout_s: float,
@@ -431,7 +331,7 @@ def reap_jobs(
 
 
 def affinity_wait(
-    conn: sqlite3.Connection,
+    conn: Conn,
     spec: JobSpec,
     worker_id: str,
     pending_for_s: float,

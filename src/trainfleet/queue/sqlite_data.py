@@ -4,13 +4,13 @@ and the shard ledger (its rules are in ``queue.ledger``)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 from trainfleet.data.spec import DatasetSpec, dataset_digest
 from trainfleet.errors import BadRequest, NotFound
 from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import RouterRecord
+from trainfleet.queue.db import Conn
 from trainfleet.queue.ledger import (
     ShardReport,
     mismatch_flag,
@@ -23,7 +23,7 @@ from trainfleet.queue.sqlite_schema import insert_event
 
 
 def publish_router(
-    conn: sqlite3.Connection, fit_id: str, digest: str, body: dict[str, Any], now: float
+    conn: Conn, fit_id: str, digest: str, body: dict[str, Any], now: float
 ) -> RouterRecord:
     conn.execute(
         "INSERT INTO routers (fit_id, digest, body, published_at) VALUES (?, ?, ?, ?)"
@@ -34,7 +34,7 @@ def publish_router(
     return RouterRecord(fit_id=fit_id, digest=digest, published_at=now)
 
 
-def get_router(conn: sqlite3.Connection, fit_id: str) -> dict[str, Any]:
+def get_router(conn: Conn, fit_id: str) -> dict[str, Any]:
     row = conn.execute("SELECT body FROM routers WHERE fit_id = ?", (fit_id,)).fetchone()
     if row is None:
         raise NotFound(f"no router published for fit id {fit_id}")
@@ -42,7 +42,7 @@ def get_router(conn: sqlite3.Connection, fit_id: str) -> dict[str, Any]:
     return body
 
 
-def stored_plan(conn: sqlite3.Connection, digest: str) -> ExpectedShards | None:
+def stored_plan(conn: Conn, digest: str) -> ExpectedShards | None:
     """The coordinator's plan of dataset ``digest``, if it was made."""
     row = conn.execute("SELECT * FROM shard_plans WHERE dataset_digest = ?", (digest,)).fetchone()
     if row is None:
@@ -52,29 +52,29 @@ def stored_plan(conn: sqlite3.Connection, digest: str) -> ExpectedShards | None:
     )
 
 
-def has_plan(conn: sqlite3.Connection, digest: str) -> bool:
+def has_plan(conn: Conn, digest: str) -> bool:
     """Whether the coordinator's plan of dataset ``digest`` was made (without loading it)."""
     sql = "SELECT 1 FROM shard_plans WHERE dataset_digest = ?"
     return conn.execute(sql, (digest,)).fetchone() is not None
 
 
-def store_plan(conn: sqlite3.Connection, plan: ExpectedShards, now: float) -> None:
+def store_plan(conn: Conn, plan: ExpectedShards, now: float) -> None:
     """Keep the first plan made of a digest (two made at once are equal: pure functions)."""
     conn.execute(
-        "INSERT OR IGNORE INTO shard_plans (dataset_digest, status, detail, shards, planned_at)"
-        " VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO shard_plans (dataset_digest, status, detail, shards, planned_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (dataset_digest) DO NOTHING",
         (plan.digest, plan.status, plan.detail, json.dumps(plan.shards), now),
     )
 
 
-def job_dataset(conn: sqlite3.Connection, job_id: str) -> DatasetSpec | None:
+def job_dataset(conn: Conn, job_id: str) -> DatasetSpec | None:
     """The dataset spec of job ``job_id`` (None without one, or without such a job)."""
     row = conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return JobSpec.model_validate_json(row["spec"]).trained_dataset if row is not None else None
 
 
 def _first_reports(
-    conn: sqlite3.Connection,
+    conn: Conn,
     reports: list[ShardReport],
     job_id: str,
     worker_id: str,
@@ -100,7 +100,7 @@ def _first_reports(
 
 
 def check_shards(
-    conn: sqlite3.Connection,
+    conn: Conn,
     job_id: str,
     worker_id: str,
     epoch: int,

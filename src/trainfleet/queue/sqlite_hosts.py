@@ -15,7 +15,6 @@ In open mode (``serve --open-join``) a worker with the shared join token is regi
 from __future__ import annotations
 
 import secrets
-import sqlite3
 from collections.abc import Callable
 
 from trainfleet.capability.model import (
@@ -27,6 +26,7 @@ from trainfleet.capability.model import (
 )
 from trainfleet.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from trainfleet.queue.base import HostRecord, JobRecord, WorkerRecord
+from trainfleet.queue.db import Conn
 from trainfleet.queue.sqlite_schema import insert_event, load_job, token_hash
 from trainfleet.queue.sqlite_workers import register_worker
 
@@ -43,7 +43,7 @@ def _check_name(name: str, *, open_ok: bool = False) -> None:
         )
 
 
-def enroll_host(conn: sqlite3.Connection, name: str, now: float) -> str:
+def enroll_host(conn: Conn, name: str, now: float) -> str:
     """Enroll ``name`` (or re-enroll a revoked one); returns the new join token."""
     _check_name(name)
     row = conn.execute("SELECT state FROM enrollments WHERE host = ?", (name,)).fetchone()
@@ -63,7 +63,7 @@ def enroll_host(conn: sqlite3.Connection, name: str, now: float) -> str:
 
 
 def rotate_host(
-    conn: sqlite3.Connection, name: str, now: float, *, revoke_workers: bool
+    conn: Conn, name: str, now: float, *, revoke_workers: bool
 ) -> tuple[str, list[JobRecord]]:
     """A new token for an enrolled host; the old one is refused from now on."""
     _check_name(name)
@@ -81,7 +81,7 @@ def rotate_host(
     return token, requeued
 
 
-def revoke_host(conn: sqlite3.Connection, name: str, now: float) -> list[JobRecord]:
+def revoke_host(conn: Conn, name: str, now: float) -> list[JobRecord]:
     """Revoke the host's enrollment (if any) and every worker registered as it."""
     _check_name(name, open_ok=True)
     cur = conn.execute(
@@ -93,15 +93,13 @@ def revoke_host(conn: sqlite3.Connection, name: str, now: float) -> list[JobReco
     return _revoke_workers(conn, "host = ?", name, now, f"host {name} revoked")
 
 
-def revoke_worker(conn: sqlite3.Connection, worker_id: str, now: float) -> list[JobRecord]:
+def revoke_worker(conn: Conn, worker_id: str, now: float) -> list[JobRecord]:
     if conn.execute("SELECT 1 FROM workers WHERE id = ?", (worker_id,)).fetchone() is None:
         raise NotFound(f"no worker {worker_id!r}")
     return _revoke_workers(conn, "id = ?", worker_id, now, f"worker {worker_id} revoked")
 
 
-def _revoke_workers(
-    conn: sqlite3.Connection, where: str, value: str, now: float, why: str
-) -> list[JobRecord]:
+def _revoke_workers(conn: Conn, where: str, value: str, now: float, why: str) -> list[JobRecord]:
     """Mark the matching workers revoked and requeue their active jobs (no failure counted:
     the job did nothing wrong). The epoch is bumped, so a late write is fenced too."""
     ids = [
@@ -139,7 +137,7 @@ def _revoke_workers(
     return requeued
 
 
-def list_hosts(conn: sqlite3.Connection, now: float, offline_after_s: float) -> list[HostRecord]:
+def list_hosts(conn: Conn, now: float, offline_after_s: float) -> list[HostRecord]:
     """Enrolled hosts; a worker counts as online by the rule of ``worker_record`` (online and
     seen within ``offline_after_s``), so this agrees with ``trainfleet workers``."""
     rows = conn.execute(
@@ -161,7 +159,7 @@ def list_hosts(conn: sqlite3.Connection, now: float, offline_after_s: float) -> 
     ]
 
 
-def authenticate_host(conn: sqlite3.Connection, token: str) -> str:
+def authenticate_host(conn: Conn, token: str) -> str:
     """The host whose active join token ``token`` is."""
     row = conn.execute(
         "SELECT host, state FROM enrollments WHERE token_hash = ?", (token_hash(token),)
@@ -177,7 +175,7 @@ def authenticate_host(conn: sqlite3.Connection, token: str) -> str:
 
 
 def register_enrolled(
-    conn: sqlite3.Connection,
+    conn: Conn,
     capability: Capability,
     token: str,
     clock: Callable[[], float],
@@ -198,7 +196,7 @@ def register_enrolled(
 
 
 def register_open(
-    conn: sqlite3.Connection,
+    conn: Conn,
     capability: Capability,
     clock: Callable[[], float],
     offline_after_s: float,

@@ -16,7 +16,6 @@ function runs on a connection the caller has already put inside a write transact
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 
 from trainfleet.errors import Conflict
@@ -24,8 +23,11 @@ from trainfleet.manifest.identity import manifest_hash
 from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue import sqlite_runs_reload
 from trainfleet.queue.base import JobRecord, PlanEntry, ReloadPlan
+from trainfleet.queue.db import Conn
 from trainfleet.queue.reload import Diff, StoredJob, diff_manifest
 from trainfleet.queue.sqlite_schema import (
+    SPEC_COLUMNS,
+    SPEC_SET,
     find_job_row,
     insert_event,
     load_job,
@@ -35,7 +37,7 @@ from trainfleet.queue.sqlite_workers import release_worker
 
 
 def apply_manifest(
-    conn: sqlite3.Connection, manifest: Manifest, clock: Callable[[], float], *, dry_run: bool
+    conn: Conn, manifest: Manifest, clock: Callable[[], float], *, dry_run: bool
 ) -> ReloadPlan:
     mhash = manifest_hash(manifest)
     stored = [
@@ -47,8 +49,7 @@ def apply_manifest(
             in_manifest=bool(r["in_manifest"]),
         )
         for r in conn.execute(
-            "SELECT id, name, state, spec, in_manifest FROM jobs"
-            " WHERE json_extract(spec, '$.kind') IS NOT 'replica'"
+            "SELECT id, name, state, spec, in_manifest FROM jobs WHERE kind != 'replica'"
         )
     ]
     diff = diff_manifest(manifest, stored)
@@ -71,7 +72,7 @@ def apply_manifest(
 
 
 def _apply_diff(
-    conn: sqlite3.Connection, manifest: Manifest, mhash: str, diff: Diff, clock: Callable[[], float]
+    conn: Conn, manifest: Manifest, mhash: str, diff: Diff, clock: Callable[[], float]
 ) -> None:
     now = clock()
     conn.execute("DELETE FROM hosts")
@@ -80,17 +81,22 @@ def _apply_diff(
         [(name, p.model_dump_json()) for name, p in manifest.hosts.items()],
     )
     conn.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES ('prefer_cuda_wait_s', ?)",
+        "INSERT INTO meta (key, value) VALUES ('prefer_cuda_wait_s', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (str(manifest.defaults.prefer_cuda_wait_s),),
     )
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('manifest_hash', ?)", (mhash,))
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('manifest_hash', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (mhash,),
+    )
     seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
     for jid, spec in diff.added:
         seq += 1
         conn.execute(
-            "INSERT INTO jobs (id, seq, name, spec, state, priority, require_cuda,"
-            " min_vram_gib, min_ram_gib, min_cores, created_at, updated_at, pending_since,"
-            " manifest_hash) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO jobs (id, seq, name, state, {SPEC_COLUMNS}, created_at, updated_at,"
+            " pending_since, manifest_hash)"
+            " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 jid,
                 seq,
@@ -105,9 +111,7 @@ def _apply_diff(
         insert_event(conn, clock(), jid, "added", None, "pending", detail=f"manifest {mhash[:12]}")
     for entry, spec in diff.changed:
         conn.execute(
-            "UPDATE jobs SET spec = ?, priority = ?, require_cuda = ?, min_vram_gib = ?,"
-            " min_ram_gib = ?, min_cores = ?, in_manifest = 1, pinned = 0, updated_at = ?"
-            " WHERE id = ?",
+            f"UPDATE jobs SET {SPEC_SET}, in_manifest = 1, pinned = 0, updated_at = ? WHERE id = ?",
             (*scheduling_columns(spec), now, entry.id),
         )
         insert_event(
@@ -123,9 +127,7 @@ def _apply_diff(
         insert_event(conn, clock(), entry.id, "removed", None, None, detail=detail)
 
 
-def cancel(
-    conn: sqlite3.Connection, ref: str, reason: str, clock: Callable[[], float]
-) -> JobRecord:
+def cancel(conn: Conn, ref: str, reason: str, clock: Callable[[], float]) -> JobRecord:
     row = find_job_row(conn, ref)
     if row["state"] in ("completed", "failed", "cancelled"):
         raise Conflict(f"job {row['name']} is already {row['state']}")
@@ -140,9 +142,7 @@ def cancel(
     return load_job(conn, row["id"])
 
 
-def requeue(
-    conn: sqlite3.Connection, ref: str, reason: str, clock: Callable[[], float]
-) -> JobRecord:
+def requeue(conn: Conn, ref: str, reason: str, clock: Callable[[], float]) -> JobRecord:
     row = find_job_row(conn, ref)
     # A removed job is requeued by pinning it: claimable although not in the manifest.
     pin = not row["in_manifest"]

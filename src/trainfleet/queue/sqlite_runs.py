@@ -19,7 +19,6 @@ Rules kept here (the round rules themselves are ``coordinator.rounds``'s; a relo
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from trainfleet.manifest.runs import RunSpec
 from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue import sqlite_attempts
 from trainfleet.queue.base import JobRecord
+from trainfleet.queue.db import Conn, Row
 from trainfleet.queue.runs_base import (
     ContributionRecord,
     ContributionStatus,
@@ -39,17 +39,18 @@ from trainfleet.queue.runs_base import (
     Verdict,
 )
 from trainfleet.queue.sqlite_schema import (
+    SPEC_COLUMNS,
     insert_event,
     load_job,
     read_meta,
     scheduling_columns,
 )
 
-TASK_RUN = "json_extract(spec, '$.task.run_id')"
+TASK_RUN = "run_id"  # a replica job's run (NULL for other jobs)
 
 
 # rows -> records --------------------------------------------------------------------------
-def run_record(row: sqlite3.Row | dict[str, Any]) -> RunRecord:
+def run_record(row: Row | dict[str, Any]) -> RunRecord:
     d = dict(row)
     d.pop("seq")
     d["spec"] = RunSpec.model_validate_json(d["spec"])
@@ -57,22 +58,22 @@ def run_record(row: sqlite3.Row | dict[str, Any]) -> RunRecord:
     return RunRecord(**d)
 
 
-def round_record(row: sqlite3.Row) -> RoundRecord:
+def round_record(row: Row) -> RoundRecord:
     return RoundRecord(**dict(row))
 
 
-def contribution_record(row: sqlite3.Row) -> ContributionRecord:
+def contribution_record(row: Row) -> ContributionRecord:
     return ContributionRecord(**dict(row))
 
 
-def _run_row(conn: sqlite3.Connection, rid: str) -> sqlite3.Row:
+def _run_row(conn: Conn, rid: str) -> Row:
     row = conn.execute("SELECT * FROM runs WHERE id = ?", (rid,)).fetchone()
     if row is None:
         raise NotFound(f"no run {rid!r}")
     return row
 
 
-def get_run(conn: sqlite3.Connection, ref: str) -> RunRecord:
+def get_run(conn: Conn, ref: str) -> RunRecord:
     row = conn.execute("SELECT * FROM runs WHERE id = ?", (ref,)).fetchone()
     if row is None:
         row = conn.execute(
@@ -83,7 +84,7 @@ def get_run(conn: sqlite3.Connection, ref: str) -> RunRecord:
     return run_record(row)
 
 
-def set_claimable(conn: sqlite3.Connection, rid: str, claimable: bool, now: float) -> None:
+def set_claimable(conn: Conn, rid: str, claimable: bool, now: float) -> None:
     conn.execute(
         f"UPDATE jobs SET in_manifest = ?, updated_at = ? WHERE {TASK_RUN} = ?",
         (int(claimable), now, rid),
@@ -91,7 +92,7 @@ def set_claimable(conn: sqlite3.Connection, rid: str, claimable: bool, now: floa
 
 
 def cancel_tasks(
-    conn: sqlite3.Connection,
+    conn: Conn,
     rid: str,
     round: int | None,
     reason: str,
@@ -105,7 +106,7 @@ def cancel_tasks(
     sql = f"SELECT * FROM jobs WHERE {TASK_RUN} = ? AND state IN ({','.join('?' * len(states))})"
     args: list[Any] = [rid, *states]
     if round is not None:
-        sql += " AND json_extract(spec, '$.task.round') = ?"
+        sql += " AND round = ?"
         args.append(round)
     rows = conn.execute(sql, args).fetchall()
     now = clock()
@@ -139,26 +140,23 @@ def scheduling_fields(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-def _insert_tasks(
-    conn: sqlite3.Connection, tasks: list[JobSpec], now: float, claimable: bool
-) -> None:
+def _insert_tasks(conn: Conn, tasks: list[JobSpec], now: float, claimable: bool) -> None:
     mhash = read_meta(conn, "manifest_hash", "")
     seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
     for spec in tasks:
         seq += 1
         jid = job_id(spec)
         conn.execute(
-            "INSERT OR IGNORE INTO jobs (id, seq, name, spec, state, priority, require_cuda,"
-            " min_vram_gib, min_ram_gib, min_cores, created_at, updated_at, pending_since,"
-            " manifest_hash, in_manifest) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?,"
-            " ?, ?, ?)",
+            f"INSERT INTO jobs (id, seq, name, state, {SPEC_COLUMNS}, created_at, updated_at,"
+            " pending_since, manifest_hash, in_manifest) VALUES (?, ?, ?, 'pending', ?, ?, ?,"
+            " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             (jid, seq, spec.name, *scheduling_columns(spec), now, now, now, mhash, int(claimable)),
         )
         insert_event(conn, now, jid, "added", None, "pending", detail="replica task")
 
 
 def _open_round(
-    conn: sqlite3.Connection,
+    conn: Conn,
     rid: str,
     round: int,
     weights: str,
@@ -177,7 +175,7 @@ def _open_round(
 
 
 def open_first_round(
-    conn: sqlite3.Connection,
+    conn: Conn,
     rid: str,
     weights: str,
     size: int,
@@ -196,7 +194,7 @@ def open_first_round(
     return True
 
 
-def runs_to_open(conn: sqlite3.Connection) -> list[RunRecord]:
+def runs_to_open(conn: Conn) -> list[RunRecord]:
     rows = conn.execute(
         "SELECT * FROM runs WHERE state = 'active' AND NOT EXISTS"
         " (SELECT 1 FROM rounds WHERE rounds.run_id = runs.id) ORDER BY seq"
@@ -204,7 +202,7 @@ def runs_to_open(conn: sqlite3.Connection) -> list[RunRecord]:
     return [run_record(r) for r in rows]
 
 
-def open_rounds(conn: sqlite3.Connection) -> list[RoundStatus]:
+def open_rounds(conn: Conn) -> list[RoundStatus]:
     out = []
     rows = conn.execute(
         "SELECT runs.*, rounds.round AS open_round FROM runs JOIN rounds"
@@ -224,8 +222,7 @@ def open_rounds(conn: sqlite3.Connection) -> list[RoundStatus]:
             (run.id, run.round),
         ).fetchall()
         tasks = conn.execute(
-            f"SELECT state, json_extract(spec, '$.task.replica') AS replica FROM jobs"
-            f" WHERE {TASK_RUN} = ? AND json_extract(spec, '$.task.round') = ?",
+            "SELECT state, replica FROM jobs WHERE run_id = ? AND round = ?",
             (run.id, run.round),
         ).fetchall()
         out.append(
@@ -245,7 +242,7 @@ def _without_verdict(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def complete_replica(
-    conn: sqlite3.Connection,
+    conn: Conn,
     jid: str,
     worker_id: str,
     epoch: int,
@@ -287,9 +284,10 @@ def complete_replica(
     job = sqlite_attempts.complete(conn, jid, worker_id, epoch, {**result, "verdict": shown}, clock)
     now = clock()
     conn.execute(
-        "INSERT OR IGNORE INTO contributions (run_id, round, replica, job_id, epoch, worker_id,"
+        "INSERT INTO contributions (run_id, round, replica, job_id, epoch, worker_id,"
         " sha256, size, status, reason, norm, inner_steps_done, compute_s, staleness,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (job_id, epoch) DO NOTHING",
         (
             task.run_id,
             task.round,
@@ -328,7 +326,7 @@ def complete_replica(
 
 
 # closing ----------------------------------------------------------------------------------
-def close_round(conn: sqlite3.Connection, out: RoundOutcome, clock: Callable[[], float]) -> bool:
+def close_round(conn: Conn, out: RoundOutcome, clock: Callable[[], float]) -> bool:
     rnd = conn.execute(
         "SELECT * FROM rounds WHERE run_id = ? AND round = ? AND state = 'open'",
         (out.run_id, out.round),
@@ -396,7 +394,7 @@ def close_round(conn: sqlite3.Connection, out: RoundOutcome, clock: Callable[[],
     return True
 
 
-def note_round(conn: sqlite3.Connection, rid: str, round: int, detail: str) -> None:
+def note_round(conn: Conn, rid: str, round: int, detail: str) -> None:
     conn.execute(
         "UPDATE rounds SET detail = ? WHERE run_id = ? AND round = ? AND state = 'open'",
         (detail, rid, round),
@@ -404,7 +402,7 @@ def note_round(conn: sqlite3.Connection, rid: str, round: int, detail: str) -> N
 
 
 # reads for routes, the GC and the claim -----------------------------------------------------
-def weights_round(conn: sqlite3.Connection, sha256: str) -> tuple[str, int] | None:
+def weights_round(conn: Conn, sha256: str) -> tuple[str, int] | None:
     row = conn.execute(
         "SELECT run_id, round FROM rounds WHERE weights = ? ORDER BY opened_at DESC, round DESC"
         " LIMIT 1",
@@ -413,26 +411,27 @@ def weights_round(conn: sqlite3.Connection, sha256: str) -> tuple[str, int] | No
     return None if row is None else (row["run_id"], row["round"])
 
 
-def holds_weights(conn: sqlite3.Connection, worker_id: str, sha256: str) -> bool:
+def holds_weights(conn: Conn, worker_id: str, sha256: str) -> bool:
     row = conn.execute(
-        "SELECT 1 FROM jobs WHERE worker_id = ? AND state IN ('claimed', 'running')"
-        " AND json_extract(spec, '$.task.weights') = ? LIMIT 1",
+        "SELECT 1 FROM jobs JOIN rounds ON rounds.run_id = jobs.run_id"
+        " AND rounds.round = jobs.round WHERE jobs.worker_id = ?"
+        " AND jobs.state IN ('claimed', 'running') AND rounds.weights = ? LIMIT 1",
         (worker_id, sha256),
     ).fetchone()
     return row is not None
 
 
-def add_bytes_down(conn: sqlite3.Connection, rid: str, round: int, num_bytes: int) -> None:
+def add_bytes_down(conn: Conn, rid: str, round: int, num_bytes: int) -> None:
     conn.execute(
         "UPDATE rounds SET bytes_down = bytes_down + ? WHERE run_id = ? AND round = ?",
         (num_bytes, rid, round),
     )
 
 
-def is_bound(conn: sqlite3.Connection, sha256: str) -> bool:
+def is_bound(conn: Conn, sha256: str) -> bool:
     """Whether a run's weights or momentum, or any round's weights, name this digest."""
     sql = (
-        "SELECT 1 FROM runs WHERE weights = ?1 OR momentum = ?1"
-        " UNION ALL SELECT 1 FROM rounds WHERE weights = ?1 OR next_weights = ?1 LIMIT 1"
+        "SELECT 1 FROM runs WHERE weights = ? OR momentum = ?"
+        " UNION ALL SELECT 1 FROM rounds WHERE weights = ? OR next_weights = ? LIMIT 1"
     )
-    return conn.execute(sql, (sha256,)).fetchone() is not None
+    return conn.execute(sql, (sha256,) * 4).fetchone() is not None

@@ -16,20 +16,20 @@ unfinished tasks are cancelled, and their workers hear it at their next heartbea
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Callable
 
 from trainfleet.manifest.identity import canonical_json
 from trainfleet.manifest.runs import RunSpec
 from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue.base import PlanEntry
+from trainfleet.queue.db import Conn, Row
 from trainfleet.queue.sqlite_runs import (
     TASK_RUN,
     cancel_tasks,
     scheduling_fields,
     set_claimable,
 )
-from trainfleet.queue.sqlite_schema import scheduling_columns
+from trainfleet.queue.sqlite_schema import SPEC_SET, scheduling_columns
 
 _IDENTITY = {
     "name",
@@ -59,7 +59,7 @@ def num_rounds(spec: RunSpec) -> int:
 
 # the plan -----------------------------------------------------------------------------------
 def apply_runs(
-    conn: sqlite3.Connection, manifest: Manifest, clock: Callable[[], float], *, dry_run: bool
+    conn: Conn, manifest: Manifest, clock: Callable[[], float], *, dry_run: bool
 ) -> list[PlanEntry]:
     """Plan (and unless ``dry_run``, write) the runs part of a reload."""
     now = clock()
@@ -118,7 +118,7 @@ def apply_runs(
     return entries
 
 
-def _insert_run(conn: sqlite3.Connection, spec: RunSpec, rid: str, now: float) -> None:
+def _insert_run(conn: Conn, spec: RunSpec, rid: str, now: float) -> None:
     seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0] + 1
     conn.execute(
         "INSERT INTO runs (id, seq, name, spec, state, round, num_rounds, created_at,"
@@ -127,7 +127,7 @@ def _insert_run(conn: sqlite3.Connection, spec: RunSpec, rid: str, now: float) -
     )
 
 
-def _update_run(conn: sqlite3.Connection, old: sqlite3.Row, spec: RunSpec, now: float) -> None:
+def _update_run(conn: Conn, old: Row, spec: RunSpec, now: float) -> None:
     """New scheduling fields (and budget); a paused run resumes."""
     state = "active" if old["state"] == "paused" else old["state"]
     conn.execute(
@@ -141,16 +141,13 @@ def _update_run(conn: sqlite3.Connection, old: sqlite3.Row, spec: RunSpec, now: 
     ).fetchall():
         job = JobSpec.model_validate_json(row["spec"]).model_copy(update=sched)
         conn.execute(
-            "UPDATE jobs SET spec = ?, priority = ?, require_cuda = ?, min_vram_gib = ?,"
-            " min_ram_gib = ?, min_cores = ?, updated_at = ? WHERE id = ?",
+            f"UPDATE jobs SET {SPEC_SET}, updated_at = ? WHERE id = ?",
             (*scheduling_columns(job), now, row["id"]),
         )
     set_claimable(conn, old["id"], state == "active", now)
 
 
-def _supersede(
-    conn: sqlite3.Connection, old: sqlite3.Row, new_id: str, clock: Callable[[], float]
-) -> None:
+def _supersede(conn: Conn, old: Row, new_id: str, clock: Callable[[], float]) -> None:
     now = clock()
     conn.execute(
         "UPDATE runs SET state = 'superseded', in_manifest = 0, updated_at = ? WHERE id = ?",

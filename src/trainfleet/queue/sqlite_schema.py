@@ -1,10 +1,9 @@
-"""The SQLite queue's tables, and how their rows are read and written.
+"""The queue's tables, and how their rows are read and written (both backends).
 
-This is the storage layer under ``SQLiteQueue``: the DDL, how a connection is opened (WAL,
-busy timeout), the converters from ``sqlite3.Row`` to the backend-neutral records of
-``queue.base``, and the few row helpers every operation shares (meta values, host policies,
-job lookup, the event log). Nothing here opens a transaction; callers pass a connection that
-is already inside one where they need atomicity.
+The converters from result rows to the backend-neutral records of ``queue.base``, and the
+few row helpers every operation shares (meta values, host policies, job lookup, the event
+log). Nothing here opens a transaction; callers pass a ``db.Conn`` that is already inside one
+where they need atomicity. The tables themselves are made by ``migrations``.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from trainfleet.capability.model import Capability
 from trainfleet.capability.policy import effective_capability
 from trainfleet.errors import BadRequest, NotFound
 from trainfleet.manifest.spec import HostPolicy, JobSpec
+from trainfleet.queue import db
 from trainfleet.queue.base import (
     ArtifactRecord,
     Event,
@@ -26,211 +26,13 @@ from trainfleet.queue.base import (
     LogLine,
     WorkerRecord,
 )
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, policy TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    state TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    require_cuda INTEGER NOT NULL,
-    min_vram_gib REAL NOT NULL,
-    min_ram_gib REAL NOT NULL,
-    min_cores INTEGER NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    num_failures INTEGER NOT NULL DEFAULT 0,
-    epoch INTEGER NOT NULL DEFAULT 0,
-    worker_id TEXT,
-    host TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    pending_since REAL,
-    claimed_at REAL,
-    heartbeat_at REAL,
-    finished_at REAL,
-    in_manifest INTEGER NOT NULL DEFAULT 1,
-    pinned INTEGER NOT NULL DEFAULT 0,
-    manifest_hash TEXT NOT NULL,
-    result TEXT,
-    error TEXT,
-    flags TEXT NOT NULL DEFAULT '[]'
-);
-CREATE INDEX IF NOT EXISTS jobs_by_claim_order ON jobs (state, priority DESC, seq);
-CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs (name);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    from_state TEXT,
-    to_state TEXT,
-    worker_id TEXT,
-    epoch INTEGER,
-    detail TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    capability TEXT NOT NULL,
-    token_hash TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL,
-    registered_at REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    current_job TEXT
-);
-CREATE TABLE IF NOT EXISTS logs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    epoch INTEGER NOT NULL,
-    at REAL NOT NULL,
-    line TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS logs_by_job ON logs (job_id, seq);
-CREATE TABLE IF NOT EXISTS artifacts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    epoch INTEGER NOT NULL,
-    worker_id TEXT NOT NULL,
-    capability TEXT NOT NULL,
-    manifest_hash TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS artifacts_by_job ON artifacts (job_id);
-CREATE TABLE IF NOT EXISTS routers (
-    fit_id TEXT PRIMARY KEY,
-    digest TEXT NOT NULL,
-    body TEXT NOT NULL,
-    published_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS shard_hashes (
-    dataset_digest TEXT NOT NULL,
-    shard_key TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    worker_id TEXT NOT NULL,
-    recorded_at REAL NOT NULL,
-    PRIMARY KEY (dataset_digest, shard_key)
-);
-CREATE TABLE IF NOT EXISTS shard_plans (
-    dataset_digest TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    shards TEXT NOT NULL,
-    planned_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS enrollments (
-    host TEXT PRIMARY KEY,
-    token_hash TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL,
-    enrolled_at REAL NOT NULL,
-    rotated_at REAL NOT NULL,
-    revoked_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs
-    (json_extract(spec, '$.task.run_id'), json_extract(spec, '$.task.round'));
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    state TEXT NOT NULL,
-    round INTEGER NOT NULL DEFAULT 0,
-    num_rounds INTEGER NOT NULL,
-    weights TEXT,
-    weights_size INTEGER NOT NULL DEFAULT 0,
-    momentum TEXT,
-    in_manifest INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_by_name ON runs (name, seq);
-CREATE TABLE IF NOT EXISTS rounds (
-    run_id TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    weights TEXT NOT NULL,
-    weights_size INTEGER NOT NULL,
-    target_s REAL,
-    opened_at REAL NOT NULL,
-    quorum_at REAL,
-    closed_at REAL,
-    accepted INTEGER NOT NULL DEFAULT 0,
-    refused INTEGER NOT NULL DEFAULT 0,
-    late_applied INTEGER NOT NULL DEFAULT 0,
-    dropped INTEGER NOT NULL DEFAULT 0,
-    heldout_loss REAL,
-    bytes_up INTEGER NOT NULL DEFAULT 0,
-    bytes_down INTEGER NOT NULL DEFAULT 0,
-    next_weights TEXT,
-    wall_s REAL,
-    detail TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (run_id, round)
-);
-CREATE INDEX IF NOT EXISTS rounds_by_weights ON rounds (weights);
-CREATE TABLE IF NOT EXISTS contributions (
-    run_id TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    replica INTEGER NOT NULL,
-    job_id TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    worker_id TEXT NOT NULL,
-    sha256 TEXT,
-    size INTEGER NOT NULL DEFAULT 0,
-    status TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    norm REAL,
-    inner_steps_done INTEGER NOT NULL DEFAULT 0,
-    compute_s REAL,
-    staleness INTEGER NOT NULL DEFAULT 0,
-    applied_in_round INTEGER,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (job_id, epoch)
-);
-CREATE INDEX IF NOT EXISTS contributions_by_round ON contributions (run_id, round, replica);
-CREATE TABLE IF NOT EXISTS log_usage (
-    job_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    lines INTEGER NOT NULL,
-    chars INTEGER NOT NULL,
-    dropped INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (job_id, attempt)
-);
-"""
-
-# Columns added after a table's first release: (table, column, DDL), added when missing.
-MIGRATIONS = (
-    ("jobs", "flags", "ALTER TABLE jobs ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'"),
-    ("jobs", "pinned", "ALTER TABLE jobs ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0"),
-)
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Bring a database made by an earlier release up to ``SCHEMA``."""
-    for table, column, ddl in MIGRATIONS:
-        columns = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in columns:
-            conn.execute(ddl)
+from trainfleet.queue.fleet_cache import SPECS
+from trainfleet.queue.notify import notify_work
 
 
 def connect(path: str) -> sqlite3.Connection:
     """Open a connection in autocommit mode (transactions are explicit), rows by name."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
+    return db.sqlite_connect(path)
 
 
 def token_hash(token: str) -> str:
@@ -239,12 +41,12 @@ def token_hash(token: str) -> str:
 
 
 # rows -> records ------------------------------------------------------------------------
-def job_record(row: sqlite3.Row) -> JobRecord:
+def job_record(row: db.Row) -> JobRecord:
     return JobRecord(
         id=row["id"],
         name=row["name"],
         state=row["state"],
-        spec=JobSpec.model_validate_json(row["spec"]),
+        spec=SPECS.get(row["id"], row["spec"]),  # parsed once per stored text
         priority=row["priority"],
         attempt=row["attempt"],
         num_failures=row["num_failures"],
@@ -267,7 +69,7 @@ def job_record(row: sqlite3.Row) -> JobRecord:
 
 
 def worker_record(
-    row: sqlite3.Row,
+    row: db.Row,
     hosts: dict[str, HostPolicy],
     clock: Callable[[], float],
     offline_after_s: float,
@@ -291,15 +93,15 @@ def worker_record(
     )
 
 
-def event_record(row: sqlite3.Row) -> Event:
+def event_record(row: db.Row) -> Event:
     return Event(**dict(row))
 
 
-def log_line(row: sqlite3.Row) -> LogLine:
+def log_line(row: db.Row) -> LogLine:
     return LogLine(**dict(row))
 
 
-def artifact_record(row: sqlite3.Row) -> ArtifactRecord:
+def artifact_record(row: db.Row) -> ArtifactRecord:
     d = dict(row)
     d.pop("id")
     d["capability"] = Capability.model_validate_json(d["capability"])
@@ -307,19 +109,19 @@ def artifact_record(row: sqlite3.Row) -> ArtifactRecord:
 
 
 # shared row helpers ---------------------------------------------------------------------
-def read_meta(conn: sqlite3.Connection, key: str, default: str) -> str:
+def read_meta(conn: db.Conn, key: str, default: str) -> str:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return row["value"] if row else default
 
 
-def read_hosts(conn: sqlite3.Connection) -> dict[str, HostPolicy]:
+def read_hosts(conn: db.Conn) -> dict[str, HostPolicy]:
     """The host policies of the last applied manifest, by host name."""
     rows = conn.execute("SELECT name, policy FROM hosts").fetchall()
     return {r["name"]: HostPolicy.model_validate_json(r["policy"]) for r in rows}
 
 
 def insert_event(
-    conn: sqlite3.Connection,
+    conn: db.Conn,
     at: float,
     job_id: str,
     kind: str,
@@ -329,20 +131,23 @@ def insert_event(
     epoch: int | None = None,
     detail: str = "",
 ) -> None:
-    """Append one transition (or note) to a job's event log."""
+    """Append one transition (or note) to a job's event log. A job (back) in pending tells
+    the other coordinators of a PostgreSQL database at commit (``queue.notify``)."""
     conn.execute(
         "INSERT INTO events (job_id, at, kind, from_state, to_state, worker_id, epoch, detail)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (job_id, at, kind, from_state, to_state, worker_id, epoch, detail),
     )
+    if to_state == "pending":
+        notify_work(conn)
 
 
-def load_job(conn: sqlite3.Connection, job_id: str) -> JobRecord:
+def load_job(conn: db.Conn, job_id: str) -> JobRecord:
     """The job with exactly this id, as it stands now."""
     return job_record(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 
-def find_job_row(conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
+def find_job_row(conn: db.Conn, ref: str) -> db.Row:
     """Resolve a job reference: a full id, a name, or an unambiguous hex id prefix.
 
     A name several jobs had (editing a job's hyperparameters makes a new job under the same
@@ -368,7 +173,7 @@ def find_job_row(conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
     return rows[0]
 
 
-def same_name_refs(conn: sqlite3.Connection, job_id: str) -> list[JobRef]:
+def same_name_refs(conn: db.Conn, job_id: str) -> list[JobRef]:
     """The other jobs named like ``job_id``, oldest first."""
     rows = conn.execute(
         "SELECT id, name, state, in_manifest, created_at FROM jobs"
@@ -387,9 +192,20 @@ def same_name_refs(conn: sqlite3.Connection, job_id: str) -> list[JobRef]:
     ]
 
 
-def scheduling_columns(spec: JobSpec) -> tuple[str, int, int, float, float, int]:
-    """spec, priority, require_cuda, min_vram_gib, min_ram_gib, min_cores: what a claim's SQL
-    prefilter reads, kept in columns beside the JSON spec."""
+# What queries read of a job's spec, kept in columns beside the JSON (``scheduling_columns``).
+SPEC_COLUMNS = (
+    "spec, priority, require_cuda, min_vram_gib, min_ram_gib, min_cores,"
+    " kind, run_id, round, replica, timeout_s"
+)
+SPEC_SET = ", ".join(f"{c.strip()} = ?" for c in SPEC_COLUMNS.split(","))
+
+
+def scheduling_columns(
+    spec: JobSpec,
+) -> tuple[str, int, int, float, float, int, str, str | None, int | None, int | None, float]:
+    """The values of ``SPEC_COLUMNS``: what a claim's SQL prefilter, the reaper and the run
+    queries read, so no query parses JSON (``json_extract`` is SQLite's alone)."""
+    task = spec.task
     return (
         spec.model_dump_json(),
         spec.priority,
@@ -397,4 +213,9 @@ def scheduling_columns(spec: JobSpec) -> tuple[str, int, int, float, float, int]
         spec.min_vram_gib,
         spec.min_ram_gib,
         spec.min_cores,
+        spec.kind,
+        task.run_id if task else None,
+        task.round if task else None,
+        task.replica if task else None,
+        spec.timeout_s,
     )

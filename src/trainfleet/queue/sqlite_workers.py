@@ -10,7 +10,6 @@ enrollment and revocation live beside it in ``sqlite_hosts``.
 from __future__ import annotations
 
 import secrets
-import sqlite3
 from collections.abc import Callable
 
 from trainfleet.capability.model import Capability
@@ -18,12 +17,13 @@ from trainfleet.capability.policy import effective_capability
 from trainfleet.errors import NotFound, Unauthorized
 from trainfleet.manifest.spec import HostPolicy
 from trainfleet.queue.base import WorkerRecord
+from trainfleet.queue.db import Conn, Row
 from trainfleet.queue.scheduling import Candidate
 from trainfleet.queue.sqlite_schema import read_hosts, token_hash, worker_record
 
 
 def register_worker(
-    conn: sqlite3.Connection,
+    conn: Conn,
     capability: Capability,
     clock: Callable[[], float],
     offline_after_s: float,
@@ -48,7 +48,7 @@ def register_worker(
     return worker_record(row, read_hosts(conn), clock, offline_after_s), token
 
 
-def new_worker_id(conn: sqlite3.Connection, host: str) -> str:
+def new_worker_id(conn: Conn, host: str) -> str:
     """``HOST-xxxxxx``, not taken by any worker, past or present. The suffix is short for
     people to read, so it can repeat: many workers giving one name in open mode would
     otherwise hit an existing id (an integrity error, not a takeover, but a 500)."""
@@ -58,7 +58,7 @@ def new_worker_id(conn: sqlite3.Connection, host: str) -> str:
             return worker_id
 
 
-def authenticate_worker(conn: sqlite3.Connection, token: str) -> str:
+def authenticate_worker(conn: Conn, token: str) -> str:
     """The id of the worker holding ``token``; ``Unauthorized`` if none or deregistered."""
     row = conn.execute(
         "SELECT id, state FROM workers WHERE token_hash = ?", (token_hash(token),)
@@ -72,14 +72,14 @@ def authenticate_worker(conn: sqlite3.Connection, token: str) -> str:
     return str(row["id"])
 
 
-def deregister_worker(conn: sqlite3.Connection, worker_id: str, now: float) -> None:
+def deregister_worker(conn: Conn, worker_id: str, now: float) -> None:
     conn.execute(
         "UPDATE workers SET state = 'stopped', last_seen = ? WHERE id = ? AND state != 'revoked'",
         (now, worker_id),
     )
 
 
-def touch(conn: sqlite3.Connection, worker_id: str, now: float) -> sqlite3.Row:
+def touch(conn: Conn, worker_id: str, now: float) -> Row:
     """Mark the worker seen (and online) now; returns its row.
 
     A revoked worker stays revoked: a request authenticated just before the revoke
@@ -98,7 +98,7 @@ def touch(conn: sqlite3.Connection, worker_id: str, now: float) -> sqlite3.Row:
 
 
 def candidates(
-    conn: sqlite3.Connection,
+    conn: Conn,
     hosts: dict[str, HostPolicy],
     now: float,
     idle_window_s: float,
@@ -118,10 +118,19 @@ def candidates(
     return out
 
 
-def release_worker(conn: sqlite3.Connection, worker_id: str | None, job_id: str) -> None:
+def release_worker(conn: Conn, worker_id: str | None, job_id: str) -> None:
     """Free ``worker_id``'s slot if it is still held by ``job_id``."""
     if worker_id:
         conn.execute(
             "UPDATE workers SET current_job = NULL WHERE id = ? AND current_job = ?",
             (worker_id, job_id),
         )
+
+
+def set_slots(conn: Conn, worker_id: str, slots: int) -> None:
+    """How many active jobs ``worker_id`` may hold at once (``claims``): set once, right
+    after it registers; the worker daemon keeps the default of 1."""
+    if conn.execute(
+        "UPDATE workers SET slots = ? WHERE id = ? RETURNING id", (slots, worker_id)
+    ).fetchone() is None:
+        raise NotFound(f"no worker {worker_id!r}")

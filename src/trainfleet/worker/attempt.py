@@ -160,6 +160,7 @@ class Attempt:
             )
             if reply.accepted:
                 self.lease_renewed_at = sent_at
+                self._adopt_pace(reply.value or {})
                 if reply.value and reply.value.get("cancel"):
                     log.warning("job %s was cancelled by the operator", self.name)
                     self.cancelled.set()
@@ -174,6 +175,15 @@ class Attempt:
             else:
                 log.warning("heartbeat failed, will retry: %s", reply.reason)
             self._done.wait(self.heartbeat_interval_s)
+
+    def _adopt_pace(self, reply: dict[str, Any]) -> None:
+        """Keep the interval and lease the coordinator sends with each reply: they grow with
+        the fleet (``coordinator.beats``). An older coordinator sends neither."""
+        interval, lease = reply.get("heartbeat_interval_s"), reply.get("heartbeat_timeout_s")
+        if isinstance(interval, int | float) and interval > 0:
+            self.heartbeat_interval_s = float(interval)
+        if isinstance(lease, int | float) and lease > 0:
+            self.lease_s = float(lease)
 
     def lease_expired(self) -> bool:
         """No heartbeat accepted for longer than the coordinator waits before requeueing."""

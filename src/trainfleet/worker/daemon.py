@@ -6,10 +6,13 @@ by SIGTERM) whenever the coordinator is unreachable, and nothing the coordinator
 kills the daemon: it re-registers if its credential is no longer known, and a claim refused
 because this worker "still holds" a job (an attempt whose report never landed) fails that job
 so it can run again, then claims anew. A claim whose reply was lost is simply asked again:
-the coordinator hands back the claim this worker already holds. On SIGTERM or SIGINT it stops
-claiming, stops the running job and hands it back (no failure counted), deregisters and exits
-0. Attempt directories are removed once their result is accepted; the last
-``keep_failed_attempts`` others are kept for debugging.
+the coordinator hands back the claim this worker already holds. An idle worker's claim is a
+long poll (``claim_wait_s``): the coordinator answers as soon as work arrives, or with no
+claim once the wait has passed, so a worker neither polls every second nor waits for work
+that is there. On SIGTERM or SIGINT it stops claiming (a long poll in flight is cut short:
+the coordinator hands a client that hung up no job), stops the running job and hands it back
+(no failure counted), deregisters and exits 0. Attempt directories are removed once their
+result is accepted; the last ``keep_failed_attempts`` others are kept for debugging.
 
 Before each claim the daemon checks that its workdir has ``min_free_bytes`` free; while it
 has not, it claims nothing and waits (says so once; a stop ends the wait). An attempt that
@@ -50,12 +53,19 @@ from trainfleet.worker.attempt import Attempt, Outcome
 from trainfleet.worker.disk import MAX_DISK_HANDBACKS, ClaimGate, min_free_bytes_from_env
 from trainfleet.worker.logship import LogLimits
 from trainfleet.worker.replica_task import WeightsCache
-from trainfleet.worker.report import Reporter, cut_text
+from trainfleet.worker.report import Reply, Reporter, cut_text
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KEEP_FAILED_ATTEMPTS = 5
 OUTCOME_FILE = "outcome.txt"  # written in an attempt's directory when it ends
+DEFAULT_CLAIM_WAIT_S = 20.0  # a long-poll claim's wait (the coordinator allows up to 30 s)
+MIN_CLAIM_WAIT_S = 0.5  # shorter waits (near exit_when_idle_s) are plain claims
+
+
+class ClaimInterrupted(BaseException):
+    """Raised by the signal handler to cut a long-poll claim short (like KeyboardInterrupt,
+    it is no Exception, so no retry loop swallows it)."""
 
 
 @dataclass
@@ -64,7 +74,8 @@ class WorkerConfig:
     join_token: str
     host: str | None = None
     workdir: Path = Path(".trainfleet-worker")
-    poll_interval_s: float = 1.0
+    poll_interval_s: float = 1.0  # the least pause between two claims that found nothing
+    claim_wait_s: float = DEFAULT_CLAIM_WAIT_S  # long poll: wait this long for work (0: poll)
     num_threads: int | None = None  # default: the effective capability's cores
     max_jobs: int | None = None  # exit after this many attempts
     exit_when_idle_s: float | None = None  # exit after this long without work
@@ -96,6 +107,7 @@ class Worker:
         self.gate = ClaimGate(
             cfg.workdir, cfg.min_free_bytes, prune=lambda: prune_kept_attempts(cfg.workdir)
         )
+        self._long_polling = False  # a long-poll claim is in flight (the signal handler cuts it)
 
     # lifecycle --------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -108,6 +120,8 @@ class Worker:
                 signal.Signals(signum).name,
             )
             self.stop.set()
+            if self._long_polling:
+                raise ClaimInterrupted
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
@@ -161,8 +175,9 @@ class Worker:
                     break
                 self.stop.wait(self.cfg.poll_interval_s)
                 continue
-            answer = self.reporter.send("claim", self.client.claim)
-            if answer.outcome == "unreachable":
+            started = time.monotonic()
+            answer = self._claim(self._claim_wait_s(idle_since))
+            if answer is None or answer.outcome == "unreachable":
                 break  # only when stopped
             if answer.error is not None:
                 if isinstance(answer.error, Unauthorized):
@@ -182,12 +197,36 @@ class Worker:
             if claim is None:
                 if self._idle_too_long(idle_since):
                     break
-                self.stop.wait(self.cfg.poll_interval_s)
+                # An answer sooner than the poll interval (no long poll asked, or a coordinator
+                # that does not long-poll) waits out the rest: never a busy loop.
+                self.stop.wait(max(0.0, self.cfg.poll_interval_s - (time.monotonic() - started)))
                 continue
             self.outcomes.append(self._run_attempt(claim))
             idle_since = time.monotonic()
         self._leave()
         return self.outcomes
+
+    def _claim_wait_s(self, idle_since: float) -> float:
+        """How long this claim may wait for work: ``claim_wait_s``, cut to what is left of
+        ``exit_when_idle_s``; 0 (a plain claim) when that is under ``MIN_CLAIM_WAIT_S``."""
+        wait_s = self.cfg.claim_wait_s
+        if self.cfg.exit_when_idle_s is not None:
+            wait_s = min(wait_s, self.cfg.exit_when_idle_s - (time.monotonic() - idle_since))
+        return wait_s if wait_s >= MIN_CLAIM_WAIT_S else 0.0
+
+    def _claim(self, wait_s: float) -> Reply[dict[str, Any] | None] | None:
+        """One claim, a long poll when ``wait_s`` > 0; None when a stop cut it short."""
+        if wait_s <= 0:
+            return self.reporter.send("claim", self.client.claim)
+        self._long_polling = True
+        try:
+            if self.stop.is_set():
+                return None
+            return self.reporter.send("claim", lambda: self.client.claim(wait_s=wait_s))
+        except ClaimInterrupted:
+            return None
+        finally:
+            self._long_polling = False
 
     def _idle_too_long(self, idle_since: float) -> bool:
         idle_s = time.monotonic() - idle_since
@@ -241,6 +280,11 @@ class Worker:
         )
         try:
             outcome = attempt.run()
+            # The pace the coordinator last asked for (it grows with the fleet) holds for the
+            # next attempt's first beats too.
+            self.registration["heartbeat_interval_s"] = attempt.heartbeat_interval_s
+            if attempt.lease_s is not None:
+                self.registration["heartbeat_timeout_s"] = attempt.lease_s
         except Exception as err:  # a bug here must not take the whole worker down
             log.exception("attempt of %s crashed in the worker", claim["job"]["name"])
             error = cut_text(f"worker error: {err!r}", attempt.limits.max_error_chars)

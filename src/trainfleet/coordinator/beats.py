@@ -1,0 +1,219 @@
+"""The heartbeat book: heartbeats absorbed in memory, flushed to the queue in batches.
+
+A fleet of 10,000 workers beating every 2 s is 5,000 write transactions a second, enough to
+starve the claims. So the coordinator answers a heartbeat from memory and writes only the
+latest beat of each attempt, all in ONE transaction every ``beat_flush_s``
+(``queue.heartbeat_many``, fenced in its WHERE clause).
+
+- **Fencing** is checked against the book's record of the attempt (job, worker, epoch). A
+  beat the book does not know exactly (the first beat of an attempt, which also moves the job
+  to ``running``; a stale epoch; an attempt the book forgot) is answered by the database, as
+  before, and fills the book.
+- **Cancels and requeues** reach the book within one flush: each flushed beat returns the
+  job's state, so a cancelled job's worker is told to stop at its next beat, and an attempt
+  written off is forgotten (its worker's next beat gets the database's 409).
+- **Durability rule**: a coordinator crash loses at most one flush interval of beats. That is
+  safe: on start the coordinator renews every active lease (``queue.renew_leases``), so no job
+  is reaped for beats it lost, and fencing keeps a written-off worker's writes out. The
+  reaper flushes the book before each pass, so no beat that arrived is ever missed by it.
+
+**Interval and lease** (``Pace``): the coordinator tells each worker its heartbeat interval,
+``max(base_interval_s, online_workers / beat_budget_per_s)``, so the fleet's beats stay within
+the budget however large it grows, and the lease (the reaper's heartbeat timeout) follows,
+``max(heartbeat_timeout_s, 3 * interval + 1)``. A longer lease applies at once; a shorter one
+only after the longer one has held for a whole lease, so a worker still beating at the old
+interval is never reaped. Every heartbeat reply carries both (``BeatReply``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import Field
+
+from trainfleet.queue.base import HeartbeatReply, JobQueue
+from trainfleet.queue.beats import Beat, FlushResult
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Run = Callable[..., Awaitable[Any]]  # runs a blocking queue call off the event loop
+
+DEFAULT_FLUSH_S = 1.0
+DEFAULT_BUDGET_PER_S = 500.0  # heartbeats a second the fleet may send this coordinator
+
+
+class BeatReply(HeartbeatReply):
+    """The heartbeat reply, with the pace the worker should keep (fields added, so older
+    workers keep reading ``cancel`` and ``state``)."""
+
+    heartbeat_interval_s: float | None = Field(
+        None, description="send the next heartbeat this many seconds after this one"
+    )
+    heartbeat_timeout_s: float | None = Field(
+        None, description="the lease: an attempt silent this long is requeued"
+    )
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How often workers beat, and how long a silent attempt keeps its lease."""
+
+    base_interval_s: float = 2.0
+    min_lease_s: float = 8.0
+    budget_per_s: float = DEFAULT_BUDGET_PER_S
+
+    def interval_s(self, online_workers: int) -> float:
+        return max(self.base_interval_s, online_workers / self.budget_per_s)
+
+    def lease_s(self, interval_s: float) -> float:
+        return max(self.min_lease_s, 3 * interval_s + 1)
+
+
+@dataclass
+class _Attempt:
+    worker_id: str
+    epoch: int
+    last_beat: float
+    cancelled: bool = False
+
+
+class HeartbeatBook:
+    """Active attempts and their latest unflushed beats. Used from the event loop only."""
+
+    def __init__(self, queue: JobQueue, pace: Pace):
+        self.queue = queue
+        self.pace = pace
+        self.interval_s = pace.interval_s(0)
+        self.lease_s = pace.lease_s(self.interval_s)
+        self._shorter_since: float | None = None  # when a shorter lease was first computed
+        self._attempts: dict[str, _Attempt] = {}
+        self._pending: dict[str, Beat] = {}
+        self._flushing = asyncio.Lock()
+        self._base_offline_s = queue.settings.offline_after_s
+        self._apply_lease()
+
+    # answering --------------------------------------------------------------------------
+    def answer(self, job_id: str, worker_id: str, epoch: int) -> BeatReply | None:
+        """The reply from memory, or None when the database must answer (a miss)."""
+        known = self._attempts.get(job_id)
+        if known is None or known.worker_id != worker_id or known.epoch != epoch:
+            return None
+        if known.cancelled:
+            return self._reply(cancel=True, state="cancelled")
+        now = self.queue.clock()
+        known.last_beat = now
+        self._pending[job_id] = Beat(job_id, worker_id, epoch, now)
+        return self._reply(cancel=False, state="running")
+
+    def remember(self, job_id: str, worker_id: str, epoch: int, reply: HeartbeatReply) -> BeatReply:
+        """Record an attempt the database just answered for; returns the paced reply."""
+        self._attempts[job_id] = _Attempt(
+            worker_id, epoch, self.queue.clock(), cancelled=reply.cancel
+        )
+        return self._reply(cancel=reply.cancel, state=reply.state)
+
+    def forget(self, job_id: str) -> None:
+        """Drop an attempt (cancelled, requeued or reaped here): its next beat asks the
+        database."""
+        self._attempts.pop(job_id, None)
+        self._pending.pop(job_id, None)
+
+    async def beat(self, job_id: str, worker_id: str, epoch: int, run: Run) -> BeatReply:
+        reply = self.answer(job_id, worker_id, epoch)
+        if reply is not None:
+            return reply
+        fresh: HeartbeatReply = await run(self.queue.heartbeat, job_id, worker_id, epoch)
+        return self.remember(job_id, worker_id, epoch, fresh)
+
+    def _reply(self, *, cancel: bool, state: Any) -> BeatReply:
+        return BeatReply(
+            cancel=cancel,
+            state=state,
+            heartbeat_interval_s=self.interval_s,
+            heartbeat_timeout_s=self.lease_s,
+        )
+
+    @property
+    def num_attempts(self) -> int:
+        return len(self._attempts)
+
+    # flushing ---------------------------------------------------------------------------
+    async def flush(self, run: Run) -> int:
+        """Write every pending beat in one transaction; returns how many. Flushes never
+        overlap, so a reaper pass that flushed first sees every beat received before it."""
+        async with self._flushing:
+            beats = list(self._pending.values())
+            self._pending.clear()
+            try:
+                result: FlushResult = await run(self.queue.heartbeat_many, beats)
+            except BaseException:
+                for beat in beats:  # kept for the next flush, unless a newer beat came
+                    self._pending.setdefault(beat.job_id, beat)
+                raise
+            self.settle(result)
+            return len(beats)
+
+    def settle(self, result: FlushResult) -> None:
+        """Apply what the flush found: cancels, attempts gone, the fleet's size."""
+        for outcome in result.outcomes:
+            known = self._attempts.get(outcome.job_id)
+            if known is None or known.epoch != outcome.epoch:
+                continue  # the book already moved on (a newer attempt was answered since)
+            if outcome.state == "cancelled":
+                known.cancelled = True
+            elif outcome.state not in ("claimed", "running"):
+                self.forget(outcome.job_id)
+        now = self.queue.clock()
+        stale = [j for j, a in self._attempts.items() if now - a.last_beat > 2 * self.lease_s]
+        for job_id in stale:  # ended without a word (completed, failed): no beat will come
+            self.forget(job_id)
+        self.pace_for(result.online_workers, now)
+
+    def pace_for(self, online_workers: int, now: float) -> None:
+        """Set the interval and lease for ``online_workers``; a shorter lease waits."""
+        interval = self.pace.interval_s(online_workers)
+        lease = self.pace.lease_s(interval)
+        if lease >= self.lease_s:
+            self._shorter_since = None
+        elif self._shorter_since is None:
+            self._shorter_since = now
+            return
+        elif now - self._shorter_since < self.lease_s:
+            return
+        else:
+            self._shorter_since = None
+        if (interval, lease) != (self.interval_s, self.lease_s):
+            log.info(
+                "%d workers online: heartbeat every %.1fs, lease %.1fs",
+                online_workers,
+                interval,
+                lease,
+            )
+        self.interval_s, self.lease_s = interval, lease
+        self._apply_lease()
+
+    def _apply_lease(self) -> None:
+        """The reaper (``queue.reap``) and registration read the lease from the settings; a
+        worker beating at a longer interval must not look offline between beats either."""
+        settings = self.queue.settings
+        update = {
+            "heartbeat_timeout_s": self.lease_s,
+            "offline_after_s": max(self._base_offline_s, 2 * self.lease_s),
+        }
+        if any(getattr(settings, k) != v for k, v in update.items()):
+            self.queue.settings = settings.model_copy(update=update)
+
+
+async def flush_forever(book: HeartbeatBook, flush_s: float, run: Run) -> None:
+    """The flusher: every ``flush_s``, write the book's pending beats."""
+    while True:
+        await asyncio.sleep(flush_s)
+        try:
+            await book.flush(run)
+        except Exception:
+            log.exception("heartbeat flush failed; its beats are retried with the next ones")

@@ -1,0 +1,47 @@
+"""Where the coordinator runs its queue calls: ``coord.db_executor``.
+
+On SQLite there is one write lock. Forty threadpool threads each holding a connection and
+queueing on ``BEGIN IMMEDIATE`` spent their time in a lock convoy (issue 9 measured a
+``BEGIN IMMEDIATE`` wait p99 near 1 s), so every queue call of a request runs on ONE thread
+instead: calls are served in arrival order, each transaction begins at once, and the thread
+keeps its connection warm. A database that takes concurrent writers (``single_writer`` False:
+PostgreSQL) gets a pool sized to its connection pool.
+
+The rule that keeps this fast: nothing slow runs on that thread. Shard planning, decoding a
+pseudo-gradient, held-out evaluation and file I/O go to the ordinary threadpool
+(``Ctx.run_io``); only the queue's own transactions go to the writer (``Ctx.run_db``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_POOL = 8  # writers for a multi-writer database that does not say its pool size
+
+
+def make_db_executor(queue: object) -> ThreadPoolExecutor:
+    """One thread when the queue's database has a single writer (SQLite, and any queue that
+    does not say), else one thread per pooled connection."""
+    db = getattr(queue, "db", None)
+    single = bool(getattr(db, "single_writer", True))
+    if single:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainfleet-writer")
+    size = int(getattr(db, "pool_size", 0) or DEFAULT_POOL)
+    return ThreadPoolExecutor(max_workers=size, thread_name_prefix="trainfleet-db")
+
+
+async def run_on(
+    executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """``fn(*args, **kwargs)`` on ``executor``, awaited from the event loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+
+
+__all__ = ["make_db_executor", "run_on"]

@@ -1,0 +1,225 @@
+"""Claiming: hand a worker the best pending jobs it may run, up to its free slots.
+
+A claim picks pending jobs by priority, then manifest order, that the worker's effective
+capability fits and no scheduling rule defers, and bumps each job's *epoch* (the fence every
+later write of the attempt names). A worker registers with ``slots`` (default 1) and holds at
+most that many active jobs; the worker daemon runs one, batch clients (referees, benchmarks)
+ask for several in one request (``claim_many``).
+
+A claim is idempotent: a worker that asks again while it holds claims it never heartbeat
+(the reply was lost) gets those claims back, same epoch, nothing counted. A worker whose
+every slot holds a running job gets a 409 naming one.
+
+The fast path (issue 9): no pydantic parse per pending row (``fleet_cache.SPECS``: a spec is
+parsed once per stored text) and no scan of the workers table: the claimant's effective
+capability and the host policies come from ``FleetCache``; the other workers matter only to
+the host-priority rule, so they are read only when some host has a higher priority than the
+claimant's, and then only the idle workers of those hosts. The job row is taken with its
+precondition in the WHERE clause (``state = 'pending'``) and ``RETURNING`` the new epoch, so a
+row another claim took first is skipped, never claimed twice.
+
+Each function runs on a connection the caller has already put inside a write transaction
+(on PostgreSQL a shared one: claims run side by side, rows locked ``FOR UPDATE SKIP LOCKED``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from trainfleet.errors import Conflict
+from trainfleet.manifest.spec import JobSpec
+from trainfleet.queue.base import Claim, QueueSettings
+from trainfleet.queue.db import Conn, Dialect, Row
+from trainfleet.queue.fleet_cache import SPECS, FleetCache, Member
+from trainfleet.queue.matching import blockers
+from trainfleet.queue.scheduling import Candidate, deferrals
+from trainfleet.queue.sqlite_attempts import affinity_wait
+from trainfleet.queue.sqlite_schema import insert_event, load_job, read_meta
+from trainfleet.queue.sqlite_workers import touch
+
+MAX_CLAIMS = 64  # jobs one request may claim
+
+
+def claim_many(
+    conn: Conn,
+    worker_id: str,
+    clock: Callable[[], float],
+    settings: QueueSettings,
+    max_jobs: int = 1,
+    *,
+    fleet: FleetCache | None = None,
+) -> list[Claim]:
+    """Up to ``max_jobs`` claims for ``worker_id``: its unacknowledged claims again, then new
+    jobs for its free slots. ``Conflict`` if every slot holds a running job."""
+    fleet = fleet or FleetCache()
+    wrow = touch(conn, worker_id, clock())
+    slots = worker_slots(wrow)
+    held = _held(conn, wrow, slots)
+    again = [r for r in held if r["state"] == "claimed"][:max_jobs]
+    out = [_redeliver(conn, r, worker_id, clock) for r in again]
+    free = min(max_jobs - len(out), slots - len(held))
+    if free <= 0:
+        if not out and held:
+            busy = held[0]
+            raise Conflict(
+                f"worker {worker_id} still holds job {busy['id'][:12]} ({busy['state']});"
+                " complete or fail it first"
+                + (f" (all {slots} of its slots are busy)" if slots > 1 else ""),
+                job_id=busy["id"],
+                epoch=busy["epoch"],
+                state=busy["state"],
+            )
+        return out
+    me = fleet.member(conn, wrow)
+    for row in _choose(conn, me, clock(), settings, fleet, free):
+        got = _take(conn, row, me, clock)
+        if got is not None:
+            out.append(got)
+    return out
+
+
+def worker_slots(wrow: Row) -> int:
+    """The jobs a worker may hold at once (1 for a row written before slots existed)."""
+    try:
+        return max(1, int(wrow["slots"]))
+    except (IndexError, KeyError):
+        return 1
+
+
+def _held(conn: Conn, wrow: Row, slots: int) -> list[Row]:
+    """The active jobs the worker holds. One slot: its ``current_job`` (a primary-key read);
+    several: its active jobs by worker (``jobs_by_worker``)."""
+    if slots == 1:
+        if wrow["current_job"] is None:
+            return []
+        row = conn.execute(
+            "SELECT * FROM jobs WHERE id = ? AND worker_id = ?", (wrow["current_job"], wrow["id"])
+        ).fetchone()
+        return [row] if row is not None and row["state"] in ("claimed", "running") else []
+    return list(
+        conn.execute(
+            "SELECT * FROM jobs WHERE worker_id = ? AND state IN ('claimed', 'running')"
+            " ORDER BY priority DESC, seq",
+            (wrow["id"],),
+        ).fetchall()
+    )
+
+
+def _choose(
+    conn: Conn, me: Member, now: float, settings: QueueSettings, fleet: FleetCache, limit: int
+) -> list[Row]:
+    """The first ``limit`` pending rows ``me`` may take now, in claim order. Collected before
+    any is written, so the scan never reads rows its own writes moved."""
+    cap = me.cap
+    wait_s = float(read_meta(conn, "prefer_cuda_wait_s", "30"))
+    mine = Candidate(me.worker_id, cap, me.policy, idle=True)
+    others = _idle_betters(conn, me, now, settings, fleet)
+    rows = conn.execute(
+        "SELECT * FROM jobs WHERE state = 'pending' AND (in_manifest = 1 OR pinned = 1)"
+        " AND (require_cuda = 0 OR ? = 1) AND min_vram_gib <= ? AND min_ram_gib <= ?"
+        " AND min_cores <= ? ORDER BY priority DESC, seq",
+        (int(cap.cuda), cap.vram_gib, cap.ram_gib, cap.cores),
+    )
+    chosen: list[Row] = []
+    for row in rows:
+        spec: JobSpec = SPECS.get(row["id"], row["spec"])
+        if blockers(spec, cap, me.policy):
+            continue
+        pending_for = now - row["pending_since"]
+        if deferrals(spec, mine, others, pending_for, wait_s):
+            continue
+        if spec.kind == "replica" and affinity_wait(
+            conn, spec, me.worker_id, pending_for, now, settings.offline_after_s
+        ):
+            continue
+        if not _lock_pending(conn, row["id"]):
+            continue
+        chosen.append(row)
+        if len(chosen) >= limit:
+            break
+    return chosen
+
+
+def _idle_betters(
+    conn: Conn, me: Member, now: float, settings: QueueSettings, fleet: FleetCache
+) -> list[Candidate]:
+    """The idle online workers of hosts with a higher priority than ``me``'s: the only others
+    the scheduling rules compare a claimant with. None are read when no host outranks it."""
+    hosts = fleet.hosts(conn)
+    better = sorted(h for h, p in hosts.items() if p.priority > me.priority)
+    sql = "SELECT id FROM workers WHERE state = 'online' AND current_job IS NULL AND last_seen >= ?"
+    params: list[object] = [now - min(settings.idle_window_s, settings.offline_after_s)]
+    if me.priority >= 0:  # hosts without a policy (priority 0) do not outrank it
+        if not better:
+            return []
+        sql += f" AND host IN ({', '.join('?' for _ in better)})"
+        params += better
+    ids = [r["id"] for r in conn.execute(sql, params).fetchall() if r["id"] != me.worker_id]
+    return [
+        Candidate(m.worker_id, m.cap, m.policy, idle=True)
+        for m in fleet.members(conn, ids)
+        if m.priority > me.priority
+    ]
+
+
+def _lock_pending(conn: Conn, job_id: str) -> bool:
+    """Whether this claim may take the pending job ``job_id``. On SQLite the claim holds the
+    one write lock, so always. On PostgreSQL claims run side by side (``tx(shared=True)``):
+    the row is locked ``FOR UPDATE SKIP LOCKED`` and re-read, so a job another claim holds or
+    has just taken is skipped, never claimed twice."""
+    if conn.dialect != Dialect.POSTGRES:
+        return True
+    sql = "SELECT 1 FROM jobs WHERE id = ? AND state = 'pending' FOR UPDATE SKIP LOCKED"
+    return conn.execute(sql, (job_id,)).fetchone() is not None
+
+
+def _take(conn: Conn, row: Row, me: Member, clock: Callable[[], float]) -> Claim | None:
+    """Claim the pending job ``row``: fenced in the WHERE clause (still pending, same epoch),
+    the new epoch and attempt RETURNED; None if the row moved meanwhile."""
+    now = clock()
+    mhash = read_meta(conn, "manifest_hash", row["manifest_hash"])
+    took = conn.execute(
+        "UPDATE jobs SET state = 'claimed', epoch = epoch + 1, attempt = attempt + 1,"
+        " worker_id = ?, host = ?, claimed_at = ?, heartbeat_at = ?, updated_at = ?,"
+        " manifest_hash = ?, error = NULL WHERE id = ? AND state = 'pending' AND epoch = ?"
+        " RETURNING epoch, attempt",
+        (me.worker_id, me.cap.host, now, now, now, mhash, row["id"], row["epoch"]),
+    ).fetchone()
+    if took is None:
+        return None
+    epoch, attempt = int(took["epoch"]), int(took["attempt"])
+    conn.execute("UPDATE workers SET current_job = ? WHERE id = ?", (row["id"], me.worker_id))
+    insert_event(
+        conn,
+        clock(),
+        row["id"],
+        "claimed",
+        "pending",
+        "claimed",
+        me.worker_id,
+        epoch,
+        detail=f"attempt {attempt} on host {me.cap.host}",
+    )
+    return Claim(job=load_job(conn, row["id"]), epoch=epoch, attempt=attempt)
+
+
+def _redeliver(conn: Conn, row: Row, worker_id: str, clock: Callable[[], float]) -> Claim:
+    """A claim ``worker_id`` already holds and never heartbeat: its reply was probably lost.
+
+    Same epoch, same attempt, nothing counted: asking again is idempotent.
+    """
+    insert_event(
+        conn,
+        clock(),
+        row["id"],
+        "redelivered",
+        None,
+        None,
+        worker_id,
+        row["epoch"],
+        detail=f"claim of attempt {row['attempt']} asked again (its reply was probably lost)",
+    )
+    return Claim(job=load_job(conn, row["id"]), epoch=row["epoch"], attempt=row["attempt"])
+
+
+__all__ = ["MAX_CLAIMS", "claim_many", "worker_slots"]

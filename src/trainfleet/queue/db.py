@@ -1,0 +1,344 @@
+"""The storage layer under the queue: one ``Database`` API over SQLite and PostgreSQL.
+
+The queue's SQL is written once, in a subset both engines accept (``?`` placeholders,
+``ON CONFLICT``, ``IS DISTINCT FROM``, booleans as 0/1, ids from ``RETURNING``), and runs on a
+``Conn`` that hides the driver. What differs is how a write transaction gets its lock:
+
+- SQLite: ONE connection guarded by a re-entrant lock; ``tx()`` is ``BEGIN IMMEDIATE``, which
+  takes the file's single write lock, so every read-check-write in the queue is atomic. The
+  coordinator runs every queue call on one thread (``single_writer``).
+- PostgreSQL: a ``psycopg_pool`` pool; ``tx()`` takes ``pg_advisory_xact_lock(WRITE_LOCK_KEY)``
+  first: the same guarantee as ``BEGIN IMMEDIATE``, across any number of coordinators on one
+  database. ``tx(shared=True)`` takes the shared variant, for the claim and the batched
+  heartbeat flush only: those run side by side (a claim picks rows with ``FOR UPDATE SKIP
+  LOCKED``), and no exclusive writer (cancel, requeue, reap, reload, complete) interleaves.
+
+A transaction or read opened while the same thread is already inside one joins it (same
+connection, no new BEGIN): a nested ``tx()`` on PostgreSQL would otherwise wait forever on
+the advisory lock its own thread holds.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+# Advisory lock keys (64-bit, ASCII "tf" + a tag): every trainfleet lock in one database.
+WRITE_LOCK_KEY = 0x7466_5752_4954_4500  # "tfWRITE": the queue's write transactions
+LEADER_KEY = 0x7466_4C45_4144_4500  # "tfLEAD": the coordinator that runs the reaper/ticker
+MIGRATE_LOCK_KEY = 0x7466_4D49_4752_4100  # "tfMIGRA": one schema migration at a time
+
+Params = Sequence[Any] | Mapping[str, Any]
+
+
+class Dialect(StrEnum):
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"
+
+
+class Row(Protocol):
+    """A result row: ``row["col"]`` and ``row[0]`` both work; ``dict(row)`` too."""
+
+    def __getitem__(self, key: Any) -> Any: ...
+    def keys(self) -> list[str]: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """One connection inside a transaction (``tx``) or not (``read``)."""
+
+    dialect: Dialect
+
+    def execute(self, sql: str, params: Params = ()) -> Cursor: ...
+    def executemany(self, sql: str, seq: Sequence[Params]) -> None: ...
+
+
+class Database(Protocol):
+    dialect: Dialect
+    single_writer: bool  # True: the coordinator runs every queue call on ONE thread
+    url: str
+
+    def tx(self, *, shared: bool = False) -> AbstractContextManager[Conn]: ...
+    def read(self) -> AbstractContextManager[Conn]: ...
+    def close(self) -> None: ...
+
+
+def open_database(url: str, *, pool_size: int = 10) -> Database:
+    """``sqlite:///path``, a plain file path (or ``:memory:``), or ``postgresql://...``
+    (``postgres://`` too; libpq query parameters such as ``options`` pass through)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresDatabase(url, pool_size=pool_size)
+    if url.startswith("sqlite:///"):
+        return SQLiteDatabase(url.removeprefix("sqlite:///"))
+    if "://" in url:
+        raise ValueError(f"unsupported database URL {url!r}")
+    return SQLiteDatabase(url)
+
+
+# SQLite ---------------------------------------------------------------------------------
+class SQLiteConn:
+    """The SQLite connection itself speaks the neutral SQL; this only adds ``dialect``."""
+
+    dialect = Dialect.SQLITE
+
+    def __init__(self, raw: sqlite3.Connection):
+        self.raw = raw
+
+    def execute(self, sql: str, params: Params = ()) -> Cursor:
+        return self.raw.execute(sql, params)
+
+    def executemany(self, sql: str, seq: Sequence[Params]) -> None:
+        self.raw.executemany(sql, seq)
+
+
+def sqlite_connect(path: str) -> sqlite3.Connection:
+    """Autocommit mode (transactions are explicit), rows by name and by index, WAL."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class SQLiteDatabase:
+    """One connection behind an RLock: SQLite has one writer anyway, and one connection
+    makes ``:memory:`` work and lets a read see the transaction its thread has open."""
+
+    dialect = Dialect.SQLITE
+    single_writer = True
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.url = self.path
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self.raw = sqlite_connect(self.path)
+        self._conn = SQLiteConn(self.raw)
+
+    @contextmanager
+    def tx(self, *, shared: bool = False) -> Iterator[Conn]:
+        with self._lock:
+            if self.raw.in_transaction:  # nested on this thread: join the open transaction
+                yield self._conn
+                return
+            self.raw.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self.raw.execute("ROLLBACK")
+                raise
+            self.raw.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[Conn]:
+        with self._lock:
+            yield self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            self.raw.close()
+
+
+# PostgreSQL -----------------------------------------------------------------------------
+_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|%|(?<!:):([A-Za-z_]\w*)")
+
+
+@lru_cache(maxsize=1024)
+def to_pyformat(sql: str) -> str:
+    """Neutral SQL -> psycopg's: ``?`` -> ``%s``, ``:name`` -> ``%(name)s``, every literal
+    ``%`` doubled (inside quotes too); ``?`` or ``:x`` inside quotes, and ``::`` casts, stay."""
+
+    def sub(m: re.Match[str]) -> str:
+        tok = m.group(0)
+        if tok == "?":
+            return "%s"
+        if tok == "%":
+            return "%%"
+        if m.group(1):
+            return f"%({m.group(1)})s"
+        return tok.replace("%", "%%")  # psycopg reads % even inside quotes
+
+    return _TOKEN.sub(sub, sql)
+
+
+def _adapt(params: Params) -> Params:
+    """Booleans become 0/1 (the columns are integers on both engines)."""
+    if isinstance(params, Mapping):
+        return {k: int(v) if isinstance(v, bool) else v for k, v in params.items()}
+    return [int(v) if isinstance(v, bool) else v for v in params]
+
+
+class PgRow:
+    """A psycopg row readable like ``sqlite3.Row``: by name, by index, ``dict(row)``."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: dict[str, int], values: Sequence[Any]):
+        self._index = index
+        self._values = values
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return self._values[self._index[key]]
+        return self._values[key]
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"PgRow({dict(zip(self._index, self._values, strict=True))!r})"
+
+
+def pg_row_factory(cursor: Any) -> Any:
+    names = [d.name for d in cursor.description or ()]
+    index = {name: i for i, name in enumerate(names)}
+
+    def make(values: Sequence[Any]) -> PgRow:
+        return PgRow(index, values)
+
+    return make
+
+
+class PgConn:
+    dialect = Dialect.POSTGRES
+
+    def __init__(self, raw: Any):
+        self.raw = raw  # a psycopg.Connection
+
+    def execute(self, sql: str, params: Params = ()) -> Cursor:
+        if not params:
+            return self.raw.execute(sql)
+        return self.raw.execute(to_pyformat(sql), _adapt(params))
+
+    def executemany(self, sql: str, seq: Sequence[Params]) -> None:
+        if seq:
+            with self.raw.cursor() as cur:
+                cur.executemany(to_pyformat(sql), [_adapt(p) for p in seq])
+
+
+class PostgresDatabase:
+    """A connection pool; write transactions serialized (or shared) by an advisory lock."""
+
+    dialect = Dialect.POSTGRES
+    single_writer = False
+
+    def __init__(self, url: str, *, pool_size: int = 10, connect_timeout_s: float = 10.0):
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        self.pool_size = pool_size
+        self._psycopg = psycopg
+        self._local = threading.local()
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True, "row_factory": pg_row_factory},
+            open=False,
+            name="trainfleet",
+        )
+        self.pool.open(wait=True, timeout=connect_timeout_s)
+
+    def connect(self) -> Any:
+        """A dedicated connection outside the pool (autocommit; rows like the pool's): for
+        what holds a session for long, such as the leader lock or LISTEN."""
+        return self._psycopg.connect(self.url, autocommit=True, row_factory=pg_row_factory)
+
+    @contextmanager
+    def _checkout(self) -> Iterator[tuple[PgConn, bool]]:
+        """This thread's open connection if it has one (True), else one from the pool."""
+        held = getattr(self._local, "conn", None)
+        if held is not None:
+            yield held, True
+            return
+        with self.pool.connection() as raw:
+            conn = PgConn(raw)
+            self._local.conn = conn
+            try:
+                yield conn, False
+            finally:
+                self._local.conn = None
+
+    @contextmanager
+    def tx(self, *, shared: bool = False) -> Iterator[Conn]:
+        with self._checkout() as (conn, nested):
+            if nested and conn.raw.info.transaction_status != 0:  # 0: idle, no transaction
+                yield conn
+                return
+            lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+            with conn.raw.transaction():
+                conn.raw.execute(f"SELECT {lock}(%s)", (WRITE_LOCK_KEY,))
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Conn]:
+        with self._checkout() as (conn, _):
+            yield conn
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+# reads one statement at a time ------------------------------------------------------------
+class _Rows:
+    """A cursor's rows, fetched before its connection went back."""
+
+    def __init__(self, rows: list[Any], rowcount: int):
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        return self._rows.pop(0) if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+class StatementConn:
+    """A ``Conn`` for reads outside a transaction: each statement runs in its own ``read()``
+    (on PostgreSQL a pooled connection, given back at once) and its rows are fetched before
+    it returns, so one object serves every thread; each statement sees the latest commit, as
+    autocommit reads did before. Inside a transaction its thread has open, it joins it."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.dialect = db.dialect
+
+    def execute(self, sql: str, params: Params = ()) -> Cursor:
+        with self.db.read() as conn:
+            cur: Any = conn.execute(sql, params)
+            rows = cur.fetchall() if cur.description else []
+            return _Rows(rows, cur.rowcount)
+
+    def executemany(self, sql: str, seq: Sequence[Params]) -> None:
+        with self.db.read() as conn:
+            conn.executemany(sql, seq)

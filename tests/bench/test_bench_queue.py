@@ -1,0 +1,170 @@
+"""bench.queue's invariant checker finds what it claims to find, and the bench runs end to end
+against a live coordinator at a tiny size with no violation."""
+
+from __future__ import annotations
+
+import importlib
+import sqlite3
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is a top-level package beside src/
+    names = ("queue_mix", "queue_check", "queue_ref", "queue_arms")
+    return {n: importlib.import_module(f"bench.{n}") for n in names}
+
+
+def drained_reference(bench: dict[str, ModuleType], tmp_path: Path, n_jobs: int = 24) -> Any:
+    """A reference queue (in process, no HTTP) whose jobs four workers claimed, heartbeat and
+    completed; returns (queue, jobs, rules, worker ids by index)."""
+    mix, ref = bench["queue_mix"], bench["queue_ref"]
+    jobs, rules = mix.job_reqs(n_jobs, seed=3), mix.host_rules(4)
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(mix.manifest_toml(jobs, rules))
+    q = ref.RefQueue(tmp_path / "ref.db", manifest, "op")
+    workers = []
+    for i in range(4):
+        host = f"h{i}"
+        _, token = q.register(host, mix.capability(i, host))
+        workers.append(q.workers[token])
+    progress = True
+    while progress:
+        progress = False
+        for wid, host, cap in workers:
+            for claim in q.claim(wid, host, cap, 1):
+                jid, epoch = claim["job"]["id"], claim["epoch"]
+                assert q.beat(wid, [(jid, epoch)]) == ["running"]
+                assert q.complete(wid, [(jid, epoch, {})]) == ["accepted"]
+                progress = True
+    return q, jobs, rules, workers
+
+
+def event(conn: sqlite3.Connection, jid: str, frm: str, to: str, wid: str, epoch: int) -> None:
+    conn.execute(
+        "INSERT INTO events (job_id, at, kind, from_state, to_state, worker_id, epoch)"
+        " VALUES (?, 1e12, ?, ?, ?, ?, ?)",
+        (jid, to, frm, to, wid, epoch),
+    )
+
+
+def test_a_clean_run_has_no_violation_and_a_planted_double_claim_is_found(
+    bench: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    q, jobs, rules, workers = drained_reference(bench, tmp_path)
+    check = bench["queue_check"].check
+    clean = check(str(tmp_path / "ref.db"), jobs, rules)
+    assert (clean.violations, clean.claims) == (0, len(jobs))
+    # A job handed to a second worker while the first still held it.
+    jid = q.conn.execute("SELECT id FROM jobs WHERE name = ?", (jobs[0].name,)).fetchone()[0]
+    epoch = q.conn.execute("SELECT epoch FROM jobs WHERE id = ?", (jid,)).fetchone()[0]
+    event(q.conn, jid, "completed", "claimed", workers[0][0], epoch + 1)  # a fresh claim...
+    event(q.conn, jid, "pending", "claimed", workers[1][0], epoch + 2)  # ...claimed again
+    report = check(str(tmp_path / "ref.db"), jobs, rules)
+    assert report.double_claims == 1
+    assert any("double claim" in e for e in report.examples)
+
+
+def test_a_reused_epoch_is_a_double_claim(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    q, jobs, rules, workers = drained_reference(bench, tmp_path)
+    jid, epoch = q.conn.execute("SELECT id, epoch FROM jobs ORDER BY seq LIMIT 1").fetchone()
+    event(q.conn, jid, "pending", "claimed", workers[2][0], epoch)
+    report = bench["queue_check"].check(str(tmp_path / "ref.db"), jobs, rules)
+    assert report.double_claims == 1
+
+
+def test_policy_priority_and_requeue_violations_are_each_found(
+    bench: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    mix, check = bench["queue_mix"], bench["queue_check"].replay
+    jobs = [
+        mix.JobReq("a-cuda-1", 0, require_cuda=True),
+        mix.JobReq("b-any-2", 0),
+        mix.JobReq("c-any-3", 2),
+        mix.JobReq("d-x-4", 0),
+    ]
+    by_name = {j.name: j for j in jobs}
+    names = {f"id{i}": j.name for i, j in enumerate(jobs)}
+    final = dict.fromkeys(names, "completed")
+    rules = {"h4": mix.HostRule(deny_jobs=("*-x-*",))}
+    workers = {"cpu": ("h1", mix.capability(1, "h1")), "deny": ("h4", mix.capability(0, "h4"))}
+
+    def cycle(seq: int, jid: str, wid: str, at: float) -> list[tuple[Any, ...]]:
+        return [
+            (seq, jid, at, "claimed", "pending", "claimed", wid, 1),
+            (seq + 1, jid, at, "completed", "claimed", "completed", wid, 1),
+        ]
+
+    events = (
+        cycle(1, "id2", "cpu", 1.0)
+        + cycle(3, "id0", "cpu", 2.0)  # a CUDA job on a CPU worker: policy
+        + cycle(5, "id3", "deny", 3.0)  # a denied name on h4: policy
+        + cycle(7, "id1", "cpu", 4.0)
+    )
+    report = check(events, names, final, by_name, workers, rules, None, True)
+    assert (report.policy_violations, report.priority_inversions) == (2, 0)
+    # The p2 job claimed last, after a p0 job the same worker could run: an inversion.
+    late = cycle(1, "id1", "cpu", 1.0) + cycle(3, "id2", "cpu", 9.0)
+    names2 = {"id1": "b-any-2", "id2": "c-any-3"}
+    report = check(late, names2, final, by_name, workers, rules, None, True)
+    assert report.priority_inversions == 1
+    # ...which a grace of several seconds (several writers) forgives only when it was short.
+    assert check(late, names2, final, by_name, workers, rules, 10.0, True).priority_inversions == 0
+    assert check(late, names2, final, by_name, workers, rules, 1.0, True).priority_inversions == 1
+    # A job requeued from a live worker, then completed by another: a false requeue.
+    requeued = [(1, "id1", 1.0, "lost", "running", "pending", "cpu", 1)]
+    requeued += [
+        (2, "id1", 2.0, "claimed", "pending", "claimed", "deny", 2),
+        (3, "id1", 2.0, "completed", "claimed", "completed", "deny", 2),
+    ]
+    report = check(requeued, {"id1": "b-any-2"}, final, by_name, workers, rules, None, True)
+    assert (report.false_requeues, report.double_claims, report.not_completed_once) == (1, 0, 0)
+    # A job completed twice, or never.
+    twice = cycle(1, "id1", "cpu", 1.0)
+    twice.append((3, "id1", 1.0, "completed", "running", "completed", "cpu", 1))
+    one = {"id1": "b-any-2"}
+    report = check(twice, one, final, by_name, workers, rules, None, True)
+    assert report.not_completed_once == 1
+    report = check([], one, {"id1": "pending"}, by_name, workers, rules, None, True)
+    assert report.not_completed_once == 1
+
+
+@pytest.mark.slow
+def test_a_tiny_run_against_a_live_coordinator(
+    bench: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """trainfleet serve (real uvicorn, SQLite), 4 workers, 40 jobs: all done, nothing
+    violated; then a planted double claim in its database is found."""
+    arms = bench["queue_arms"]
+    result = arms.run_arm(arms.Arm("trainfleet", 4, 40), tmp_path / "arm")
+    assert result["errors"] == 0, result["error_examples"]
+    assert result["cycles"] == 40
+    assert result["check"]["violations"] == 0, result["check"]["examples"]
+    assert result["server_cpu_ms_per_cycle"] > 0
+    db = tmp_path / "arm" / "c0" / "queue.db"
+    conn = sqlite3.connect(db)
+    jid, epoch, wid = conn.execute(
+        "SELECT job_id, epoch, worker_id FROM events WHERE kind = 'claimed' LIMIT 1"
+    ).fetchone()
+    other = conn.execute("SELECT id FROM workers WHERE id != ? LIMIT 1", (wid,)).fetchone()[0]
+    conn.execute(
+        "INSERT INTO events (job_id, at, kind, from_state, to_state, worker_id, epoch, detail)"
+        " VALUES (?, 1e12, 'claimed', 'pending', 'claimed', ?, ?, '')",
+        (jid, other, epoch),
+    )
+    conn.commit()
+    conn.close()
+    mix = bench["queue_mix"]
+    report = bench["queue_check"].check(str(db), mix.job_reqs(40, 0), mix.host_rules(4))
+    assert report.double_claims == 1
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,71 @@
+"""The daemon's long-poll claims: how long it asks to wait, and a SIGTERM cutting a wait short
+(the daemon then deregisters and returns, with no job)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_daemon_faults import DaemonClient, worker_with
+
+
+class WaitingClient(DaemonClient):
+    """A coordinator with no work: a long-poll claim blocks until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.waits: list[float] = []
+        self.waiting = threading.Event()
+        self.release = threading.Event()
+
+    def claim(self, wait_s: float = 0.0) -> Any:
+        self.record("claim")
+        self.waits.append(wait_s)
+        if wait_s > 0:
+            self.waiting.set()
+            self.release.wait(wait_s)
+        return None
+
+
+@pytest.fixture
+def restore_signals() -> Iterator[None]:
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_the_claim_waits_at_most_what_is_left_of_exit_when_idle(tmp_path: Path) -> None:
+    client = WaitingClient()
+    client.release.set()
+    worker = worker_with(client, tmp_path, exit_when_idle_s=1.5, claim_wait_s=20.0)
+    worker.run()
+    assert client.waits and 0.5 <= client.waits[0] <= 1.5  # cut to the idle limit
+    assert all(w == 0.0 or w <= 1.5 for w in client.waits)
+    assert client.kinds()[-1] == "deregister"
+    short = WaitingClient()
+    worker_with(short, tmp_path, exit_when_idle_s=0.05, claim_wait_s=20.0).run()
+    assert short.waits == [0.0] * len(short.waits)  # too short to wait: plain claims
+
+
+def test_sigterm_cuts_a_long_poll_claim_short(tmp_path: Path, restore_signals: None) -> None:
+    client = WaitingClient()
+    worker = worker_with(client, tmp_path, exit_when_idle_s=None, claim_wait_s=3600.0)
+    worker.install_signal_handlers()
+    sender = threading.Thread(
+        target=lambda: client.waiting.wait(30) and os.kill(os.getpid(), signal.SIGTERM)
+    )
+    sender.start()
+    try:
+        assert worker.run() == []  # returns: the hour-long wait did not hold it
+    finally:
+        client.release.set()
+        sender.join(30)
+    assert client.waits == [3600.0]
+    assert worker.stop.is_set()
+    assert client.kinds() == ["claim", "deregister"]
