@@ -1,29 +1,28 @@
 """The fleet arm: F registered workers each holding a long job and heartbeating it at the
 interval the coordinator advertises, while 64 other workers claim and complete short jobs.
 
-Setup: the manifest has F long jobs at priority 3 (above every short job) and the usual
-mix of short ones; the F fleet workers (class 0, so any long job fits) register and claim
-first, so each holds one long job. Then for ``seconds`` the fleet heartbeats (each worker
-at its advertised interval, read from the register reply and updated from every heartbeat
-reply, with a random phase) over a pool of keep-alive connections (10,000 sockets are not
-needed to make 10,000 workers' requests), and the claimers run claim -> heartbeat ->
-complete cycles. Measured: the claimers' claim p50/p99, cycles/s, the heartbeat latency, and
-afterwards from the event log the false requeues (jobs requeued although their worker kept
-beating: here every requeue is one, since no worker dies).
+The manifest has F long jobs at priority 3 (above every short job) and the usual mix of
+short ones. The F fleet workers register (100 hosts), then each claims a long job and from
+that moment heartbeats it, as a worker does: at the interval from its register reply,
+updated from every heartbeat reply. They share a pool of 128 keep-alive connections (10,000
+sockets are not needed to make 10,000 workers' requests; a beat's latency includes waiting
+for a free connection). Once every fleet worker holds its job, 64 claimers run claim ->
+heartbeat -> complete cycles for ``seconds``. Measured over that window: the claimers' claim
+p50/p99 and cycles/s, the beats' latency and rate, both sides' CPU; afterwards, from the
+event log, the false requeues (every requeue is one: no worker dies here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.queue_check import check
 from bench.queue_http import Conn
-from bench.queue_load import LoadStats, Worker, cpu_s, enroll_and_register, pct
+from bench.queue_load import LoadStats, Worker, cpu_s, cycle, enroll_and_register, pct
 from bench.queue_mix import JobReq, host_rules, job_reqs, manifest_toml
 from bench.queue_servers import Servers
 
@@ -35,90 +34,87 @@ def fleet_jobs(fleet: int, short: int, seed: int) -> list[JobReq]:
     return long + job_reqs(short, seed, prefix="s")
 
 
-async def _claim_all(ports: list[int], workers: list[Worker], concurrency: int = 32) -> dict:
-    """Each fleet worker claims its long job; returns worker index -> (job id, epoch)."""
-    held: dict[int, tuple[str, int]] = {}
+class Fleet:
+    """The fleet's workers, sharing a pool of keep-alive connections per coordinator."""
 
-    async def run(k: int) -> None:
-        c = Conn("127.0.0.1", ports[k % len(ports)])
-        for w in workers[k::concurrency]:
-            if w.url_index != k % len(ports):
-                c2 = Conn("127.0.0.1", ports[w.url_index])
-                reply = await c2.call("POST", "/v1/workers/claim", w.token)
-                c2.close()
-            else:
-                reply = await c.call("POST", "/v1/workers/claim", w.token)
-            if reply["claim"] is not None:
-                held[w.index] = (reply["claim"]["job"]["id"], reply["claim"]["epoch"])
-        c.close()
+    def __init__(self, ports: list[int], workers: list[Worker], pool_size: int = 128) -> None:
+        self.workers = workers
+        self.pools: list[asyncio.Queue[Conn]] = []
+        for port in ports:
+            q: asyncio.Queue[Conn] = asyncio.Queue()
+            for _ in range(max(1, pool_size // len(ports))):
+                q.put_nowait(Conn("127.0.0.1", port))
+            self.pools.append(q)
+        self.held: dict[int, tuple[str, int]] = {}
+        self.claiming = asyncio.Semaphore(32)  # claims in flight while the fleet forms
+        self.formed = asyncio.Event()
+        self.tried = 0
+        self.stop = asyncio.Event()
+        self.beat_ms: list[float] = []
+        self.beat_errors = 0
+        self.interval_s = 0.0
 
-    await asyncio.gather(*(run(k) for k in range(concurrency)))
-    return held
+    async def call(self, w: Worker, path: str, payload: Any = None) -> Any:
+        pool = self.pools[w.url_index]
+        c = await pool.get()
+        try:
+            return await c.call("POST", path, w.token, payload)
+        finally:
+            pool.put_nowait(c)
 
-
-async def _beat_fleet(
-    ports: list[int],
-    workers: list[Worker],
-    held: dict[int, tuple[str, int]],
-    stop: asyncio.Event,
-    out: dict[str, Any],
-    pool_size: int = 128,
-) -> None:
-    pools: list[asyncio.Queue[Conn]] = []
-    for port in ports:
-        q: asyncio.Queue[Conn] = asyncio.Queue()
-        for _ in range(pool_size // len(ports)):
-            q.put_nowait(Conn("127.0.0.1", port))
-        pools.append(q)
-    beat_ms: list[float] = []
-    intervals: list[float] = []
-    errors = [0]
-    rng = random.Random(1)
-
-    async def one(w: Worker) -> None:
-        job_id, epoch = held[w.index]
-        await asyncio.sleep(rng.uniform(0, w.interval_s))
-        while not stop.is_set():
-            pool = pools[w.url_index]
-            c = await pool.get()
+    async def life(self, w: Worker) -> None:
+        """Claim a long job, then heartbeat it from the first moment, as a worker does."""
+        async with self.claiming:
+            try:
+                claim = (await self.call(w, "/v1/workers/claim"))["claim"]
+            finally:
+                self.tried += 1
+                if self.tried == len(self.workers):
+                    self.formed.set()
+        if claim is None:
+            return
+        job_id, epoch = claim["job"]["id"], claim["epoch"]
+        self.held[w.index] = (job_id, epoch)
+        while not self.stop.is_set():
             t0 = time.perf_counter()
             try:
-                reply = await c.call(
-                    "POST", f"/v1/jobs/{job_id}/heartbeat", w.token, {"epoch": epoch}
-                )
+                reply = await self.call(w, f"/v1/jobs/{job_id}/heartbeat", {"epoch": epoch})
                 w.interval_s = float(reply.get("heartbeat_interval_s") or w.interval_s)
             except Exception:
-                errors[0] += 1
-            finally:
-                pool.put_nowait(c)
-            beat_ms.append(1000 * (time.perf_counter() - t0))
-            intervals.append(w.interval_s)
+                self.beat_errors += 1
+            self.beat_ms.append(1000 * (time.perf_counter() - t0))
+            self.interval_s = max(self.interval_s, w.interval_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), w.interval_s)
+                await asyncio.wait_for(self.stop.wait(), w.interval_s)
 
-    await asyncio.gather(*(one(w) for w in workers if w.index in held))
-    out.update(
-        beats=len(beat_ms),
-        beat_p50_ms=pct(beat_ms, 0.5),
-        beat_p99_ms=pct(beat_ms, 0.99),
-        beat_errors=errors[0],
-        advertised_interval_s=max(intervals) if intervals else float("nan"),
-    )
-    for q in pools:
-        while not q.empty():
-            q.get_nowait().close()
+    async def complete_all(self) -> int:
+        sem, done = asyncio.Semaphore(64), [0]
+
+        async def one(w: Worker) -> None:
+            job_id, epoch = self.held[w.index]
+            async with sem:
+                await self.call(w, f"/v1/jobs/{job_id}/complete", {"epoch": epoch, "result": {}})
+            done[0] += 1
+
+        await asyncio.gather(
+            *(one(w) for w in self.workers if w.index in self.held), return_exceptions=True
+        )
+        return done[0]
+
+    def close(self) -> None:
+        for q in self.pools:
+            while not q.empty():
+                q.get_nowait().close()
 
 
 async def _claimers(
     ports: list[int], workers: list[Worker], stop: asyncio.Event, stats: LoadStats
 ) -> None:
-    from bench.queue_load import _cycle
-
     async def one(w: Worker) -> None:
         c = Conn("127.0.0.1", ports[w.url_index])
         while not stop.is_set():
             try:
-                got = await _cycle(c, w, stats)
+                got = await cycle(c, w, stats)
             except Exception as err:
                 stats.error(f"{type(err).__name__}: {err}")
                 got = 0
@@ -131,59 +127,45 @@ async def _claimers(
     await asyncio.gather(*(one(w) for w in workers))
 
 
-async def _complete_all(
-    ports: list[int], workers: list[Worker], held: dict[int, tuple[str, int]]
-) -> int:
-    done = [0]
-
-    async def run(k: int, group: list[Worker]) -> None:
-        c = Conn("127.0.0.1", ports[k % len(ports)])
-        for w in group:
-            job_id, epoch = held[w.index]
-            c2 = c if w.url_index == k % len(ports) else Conn("127.0.0.1", ports[w.url_index])
-            await c2.call(
-                "POST",
-                f"/v1/jobs/{job_id}/complete",
-                w.token,
-                {"epoch": epoch, "result": {}},
-                expect=(200, 409),
-            )
-            done[0] += 1
-            if c2 is not c:
-                c2.close()
-        c.close()
-
-    mine = [w for w in workers if w.index in held]
-    await asyncio.gather(*(run(k, mine[k::32]) for k in range(32)))
-    return done[0]
-
-
 async def fleet_phase(
     s: Servers, fleet: int, claimers: int, seconds: float
 ) -> tuple[dict[str, Any], LoadStats]:
-    """Register the fleet and the claimers, run both for ``seconds``, complete the fleet."""
+    """Register the fleet; each worker claims and starts beating; once every one holds its
+    job, the claimers run for ``seconds``; then the fleet completes its jobs."""
     t0 = time.perf_counter()
-    fleet_workers = await enroll_and_register(
+    workers = await enroll_and_register(
         s.ports, s.operator_token, fleet, num_hosts=min(fleet, FLEET_HOSTS)
     )
-    held = await _claim_all(s.ports, fleet_workers)
-    setup_s = time.perf_counter() - t0
+    f = Fleet(s.ports, workers)
+    lives = [asyncio.create_task(f.life(w)) for w in workers]
+    await f.formed.wait()
     claim_workers = await enroll_and_register(
         s.ports, s.operator_token, claimers, host_offset=FLEET_HOSTS
     )
-    info: dict[str, Any] = {"fleet_held": len(held), "setup_s": setup_s}
+    info: dict[str, Any] = {"fleet_held": len(f.held), "setup_s": time.perf_counter() - t0}
     stats = LoadStats()
     stop = asyncio.Event()
+    f.beat_ms.clear()
+    beat_errors0 = f.beat_errors
     cpu0, srv0, w0 = cpu_s(), s.cpu_s(), time.perf_counter()
-    beating = asyncio.create_task(_beat_fleet(s.ports, fleet_workers, held, stop, info))
     claiming = asyncio.create_task(_claimers(s.ports, claim_workers, stop, stats))
     await asyncio.sleep(seconds)  # the measured window: a duration, not a wait for a state
     stop.set()
-    await asyncio.gather(beating, claiming)
+    await claiming
     stats.wall_s = time.perf_counter() - w0
     stats.client_cpu_s = cpu_s() - cpu0
     info["server_cpu_s"] = s.cpu_s() - srv0
-    info["fleet_completed"] = await _complete_all(s.ports, fleet_workers, held)
+    info.update(
+        beats=len(f.beat_ms),
+        beat_p50_ms=pct(f.beat_ms, 0.5),
+        beat_p99_ms=pct(f.beat_ms, 0.99),
+        beat_errors=f.beat_errors - beat_errors0,
+        advertised_interval_s=f.interval_s,
+    )
+    f.stop.set()
+    await asyncio.gather(*lives, return_exceptions=True)
+    info["fleet_completed"] = await f.complete_all()
+    f.close()
     return info, stats
 
 
@@ -207,6 +189,7 @@ def run_fleet(
         "claimers": claimers,
         "seconds": seconds,
         **info,
+        "requests": stats.requests,
         "cycles": stats.cycles,
         "cycles_per_s": stats.cycles / stats.wall_s if stats.wall_s else 0.0,
         "claim_got_p50_ms": pct(stats.got_ms, 0.5),

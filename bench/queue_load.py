@@ -129,9 +129,9 @@ async def drain(
         while not done.is_set():
             try:
                 if batch:
-                    got = await _batched_cycle(c, w, batch, stats)
+                    got = await batched_cycle(c, w, batch, stats)
                 else:
-                    got = await _cycle(c, w, stats)
+                    got = await cycle(c, w, stats)
             except Exception as err:  # counted and shown; the run goes on
                 stats.error(f"{type(err).__name__}: {err}")
                 await asyncio.sleep(poll_s)
@@ -158,7 +158,7 @@ async def drain(
     return stats
 
 
-async def _cycle(c: Conn, w: Worker, stats: LoadStats) -> int:
+async def cycle(c: Conn, w: Worker, stats: LoadStats) -> int:
     t0 = time.perf_counter()
     reply = await c.call("POST", "/v1/workers/claim", w.token)
     ms = 1000 * (time.perf_counter() - t0)
@@ -173,7 +173,7 @@ async def _cycle(c: Conn, w: Worker, stats: LoadStats) -> int:
     return 1
 
 
-async def _batched_cycle(c: Conn, w: Worker, k: int, stats: LoadStats) -> int:
+async def batched_cycle(c: Conn, w: Worker, k: int, stats: LoadStats) -> int:
     t0 = time.perf_counter()
     reply = await c.call("POST", "/v1/claims", w.token, {"max_jobs": k})
     ms = 1000 * (time.perf_counter() - t0)

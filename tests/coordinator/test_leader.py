@@ -139,7 +139,7 @@ class Wakes:
             self.count += 1
 
 
-def test_a_committed_notify_wakes_the_listener_and_a_rolled_back_one_does_not(
+def test_a_committed_notify_wakes_the_listener_and_others_do_not(
     pg_url: str,
 ) -> None:
     db = open_database(pg_url)
@@ -151,11 +151,16 @@ def test_a_committed_notify_wakes_the_listener_and_a_rolled_back_one_does_not(
         with pytest.raises(RuntimeError), db.tx() as conn:
             notify_work(conn)
             raise RuntimeError("roll back")
+        with fresh_schema() as other_url:  # another fleet's schema in the same database
+            other = open_database(other_url)
+            with other.tx() as conn:
+                notify_work(conn)
+            other.close()
         with db.tx() as conn:
             notify_work(conn)
             notify_work(conn)  # twice in one transaction: delivered once
         wait_until(lambda: listener.notifications == 1, 10, "the notification")
-        with db.tx() as conn:  # a later one proves the rolled-back one would have come first
+        with db.tx() as conn:  # a later one: the rolled-back and foreign ones came before it
             notify_work(conn)
         wait_until(lambda: listener.notifications == 2, 10, "the second notification")
         assert wakes.count == 1 + 2  # once on connecting, once per notification

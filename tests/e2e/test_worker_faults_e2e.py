@@ -107,14 +107,15 @@ def test_sigterm_while_a_claim_is_in_flight_stops_promptly_and_hands_it_back(
     fleet: Fleet,
 ) -> None:
     w = fleet.start_worker("cpu-a")
-    w.proxy.wait_for("POST", r"/claim$", timeout_s=20)  # registered and polling
-    w.proxy.delay("POST", r"/claim$", seconds=1.0, times=-1)  # every claim is slow now
-    fleet.reload(slow_job("j", 30.0))
-    w.proxy.wait_for("POST", r"/claim$", fault="delayed", timeout_s=20)
-    w.sigterm()  # lands while a (slow) claim is in flight
+    w.proxy.wait_arrival("POST", r"/claim$", timeout_s=20)  # registered; its claim waits
+    w.sigterm()  # lands while the (long-poll) claim is in flight
     assert w.wait(timeout=10) == 0
+    # Work arrives and wakes the abandoned claim: the worker has left, so it takes nothing.
+    fleet.reload(slow_job("j", 30.0))
+    answered = w.proxy.wait_for("POST", r"/claim$", timeout_s=30)
+    assert answered.status == 401, answered
     job = fleet.job("j")["job"]
-    assert job["state"] == "pending" and job["num_failures"] == 0  # handed back, not held
+    assert job["state"] == "pending" and job["attempt"] == 0  # never held by a gone worker
     assert not w.job_pids()
 
 

@@ -17,6 +17,7 @@ from trainfleet.queue.base import QueueSettings
 from trainfleet.queue.claims import claim_many
 from trainfleet.queue.db import (
     Database,
+    DatabaseUnavailable,
     Dialect,
     PostgresDatabase,
     SQLiteDatabase,
@@ -207,3 +208,9 @@ def test_sqlite_queue_keeps_its_path_and_dialect(tmp_path: Path) -> None:
         assert queue.db.dialect == Dialect.SQLITE and queue.db.single_writer
     finally:
         queue.close()
+
+
+def test_an_unreachable_postgres_is_a_clear_error_without_the_password() -> None:
+    with pytest.raises(DatabaseUnavailable, match=r"postgres:\*\*\*@127.0.0.1:1/") as err:
+        PostgresDatabase("postgresql://postgres:hunter2@127.0.0.1:1/test", connect_timeout_s=0.5)
+    assert "hunter2" not in str(err.value)

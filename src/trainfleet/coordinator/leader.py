@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from trainfleet.queue.db import schema_key
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,6 @@ class SoleLeader:
 
     def stop(self) -> None:
         pass
-
-
-def schema_key(base: int, schema: str) -> int:
-    """``base`` (a signed 64-bit advisory lock key) with its low 32 bits replaced by a hash
-    of ``schema``: one lock per trainfleet schema of a database."""
-    return (base & ~0xFFFF_FFFF) | zlib.crc32(schema.encode())
 
 
 class AdvisoryLeader:

@@ -7,7 +7,9 @@ PostgreSQL LISTEN/NOTIFY bridge of several coordinators calls it too), then clai
 it answers ``{"claim": null}`` only once W has passed. A claim is also retried every
 ``RECHECK_S`` while waiting: some work becomes claimable by time alone (a job kept for a
 CUDA host, a replica task kept for its slot's previous worker), and each try marks the worker
-seen, so a waiting worker never looks offline. A client that hangs up is not handed a job.
+seen, so a waiting worker never looks offline. A worker that deregistered or was revoked
+meanwhile gets nothing (its credential is checked before each try), and a client that hung
+up is not handed a job.
 
 Without a body (older workers) the claim answers at once, as before.
 """
@@ -19,12 +21,16 @@ import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import Field
-from starlette.requests import Request
 
+from trainfleet.coordinator.auth import authenticate
 from trainfleet.coordinator.schemas import Body
+from trainfleet.errors import Unauthorized
+
+if TYPE_CHECKING:
+    from trainfleet.coordinator.endpoints import Ctx
 
 T = TypeVar("T")
 
@@ -88,20 +94,34 @@ class WorkSignal:
 
 
 async def claim_waiting(
-    request: Request,
-    signal: WorkSignal,
+    ctx: Ctx,
     claim_once: Callable[[], Awaitable[T | None]],
+    hand_back: Callable[[T], Awaitable[object]],
     wait_s: float,
 ) -> T | None:
-    """``claim_once()`` now and, while it finds nothing, whenever ``signal`` fires (or every
-    ``RECHECK_S``), until ``wait_s`` has passed or the client has hung up."""
+    """``claim_once()`` now and, while it finds nothing, whenever ``ctx.coord.work`` fires
+    (or every ``RECHECK_S``), until ``wait_s`` has passed.
+
+    Before each retry the worker's credential is checked again (a deregistered or revoked
+    worker's waiting claim takes nothing: 401), and a client that hung up is not handed a
+    job: a claim made for it just then is handed back (``hand_back``), no failure counted.
+    """
+    signal: WorkSignal = ctx.coord.work
     deadline = time.monotonic() + wait_s
+    retry = False
     while True:
+        if retry:
+            if await ctx.request.is_disconnected():
+                return None
+            if await authenticate("worker", ctx.request, ctx.coord) != ctx.worker:
+                raise Unauthorized("this credential no longer names the waiting worker")
+        retry = True
         generation = signal.generation
         got = await claim_once()
+        if got is not None and wait_s > 0 and await ctx.request.is_disconnected():
+            await hand_back(got)
+            return None
         left = deadline - time.monotonic()
         if got is not None or left <= 0:
             return got
         await signal.wait(generation, min(left, RECHECK_S))
-        if await request.is_disconnected():
-            return None

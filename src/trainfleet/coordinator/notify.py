@@ -3,8 +3,8 @@
 Another coordinator of the same database that makes work claimable commits a ``NOTIFY`` on
 ``trainfleet_work`` (``queue.notify``). :class:`WorkListener` holds a dedicated connection
 that LISTENs on that channel, on a thread of its own, and calls ``on_work`` (the coordinator's
-``WorkSignal.notify``, safe from any thread) for each notification, so this coordinator's
-idle workers claim at once instead of at their next re-check.
+``WorkSignal.notify``, safe from any thread) for each notification from its own schema (the
+payload), so this coordinator's idle workers claim at once instead of at their next re-check.
 
 A dropped connection is re-opened every ``retry_s``; while it is down notifications are lost,
 so the listener calls ``on_work`` once after each (re)connection: whatever happened meanwhile,
@@ -71,14 +71,16 @@ class WorkListener:
     def _listen(self) -> None:
         conn = self._connect()
         try:
+            schema = str(conn.execute("SELECT current_schema()").fetchone()[0])
             conn.execute(f"LISTEN {WORK_CHANNEL}")
             self.backend_pid = int(conn.info.backend_pid)
             self.connections += 1
             self._on_work()  # anything made claimable while nobody listened
             while not self._stop.is_set():
-                for _ in conn.notifies(timeout=self.poll_s):
-                    self.notifications += 1
-                    self._on_work()
+                for note in conn.notifies(timeout=self.poll_s):
+                    if note.payload == schema:  # another schema's fleet: not ours
+                        self.notifications += 1
+                        self._on_work()
         finally:
             try:
                 conn.close()

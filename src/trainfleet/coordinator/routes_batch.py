@@ -125,7 +125,12 @@ async def claim_batch(ctx: Ctx) -> ClaimsResponse:
         got = await ctx.run_db(ctx.coord.queue.claim_many, ctx.worker, body.max_jobs)
         return got or None
 
-    claims = await claim_waiting(ctx.request, ctx.coord.work, claim_once, body.wait_s) or []
+    async def hand_back(got: list[Claim]) -> None:  # the worker hung up during a long poll
+        why = "the worker hung up before its claim reached it"
+        for c in got:
+            await ctx.run_db(ctx.coord.queue.fail, c.job.id, ctx.worker, c.epoch, why, release=True)
+
+    claims = await claim_waiting(ctx, claim_once, hand_back, body.wait_s) or []
     ctx.coord.metrics.claims.inc(len(claims))
     return ClaimsResponse(claims=claims)
 

@@ -113,7 +113,13 @@ async def claim(ctx: Ctx) -> ClaimResponse:
     async def claim_once() -> Claim | None:
         return await ctx.run(ctx.coord.queue.claim, ctx.worker)
 
-    got = await claim_waiting(ctx.request, ctx.coord.work, claim_once, ctx.body.wait_s)
+    async def hand_back(got: Claim) -> JobRecord:  # the worker hung up during a long poll
+        why = "the worker hung up before its claim reached it"
+        return await ctx.run(
+            ctx.coord.queue.fail, got.job.id, ctx.worker, got.epoch, why, release=True
+        )
+
+    got = await claim_waiting(ctx, claim_once, hand_back, ctx.body.wait_s)
     if got is not None:
         ctx.coord.metrics.claims.inc()
     return ClaimResponse(claim=got)

@@ -7,8 +7,8 @@ The queue's SQL is written once, in a subset both engines accept (``?`` placehol
 - SQLite: ONE connection guarded by a re-entrant lock; ``tx()`` is ``BEGIN IMMEDIATE``, which
   takes the file's single write lock, so every read-check-write in the queue is atomic. The
   coordinator runs every queue call on one thread (``single_writer``).
-- PostgreSQL: a ``psycopg_pool`` pool; ``tx()`` takes ``pg_advisory_xact_lock(WRITE_LOCK_KEY)``
-  first: the same guarantee as ``BEGIN IMMEDIATE``, across any number of coordinators on one
+- PostgreSQL: a ``psycopg_pool`` pool; ``tx()`` first takes ``pg_advisory_xact_lock`` on the
+  schema's write key (``schema_key``): the same guarantee as ``BEGIN IMMEDIATE``, across any number of coordinators on one
   database. ``tx(shared=True)`` takes the shared variant, for the claim and the batched
   heartbeat flush only: those run side by side (a claim picks rows with ``FOR UPDATE SKIP
   LOCKED``), and no exclusive writer (cancel, requeue, reap, reload, complete) interleaves.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from enum import StrEnum
@@ -30,12 +31,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from trainfleet.errors import TrainfleetError
+
 # Advisory lock keys (64-bit, ASCII "tf" + a tag): every trainfleet lock in one database.
 WRITE_LOCK_KEY = 0x7466_5752_4954_4500  # "tfWRITE": the queue's write transactions
 LEADER_KEY = 0x7466_4C45_4144_4500  # "tfLEAD": the coordinator that runs the reaper/ticker
-MIGRATE_LOCK_KEY = 0x7466_4D49_4752_4100  # "tfMIGRA": one schema migration at a time
 
 Params = Sequence[Any] | Mapping[str, Any]
+
+
+class DatabaseUnavailable(TrainfleetError):
+    """The database cannot be reached (or refuses us) when the queue opens."""
 
 
 class Dialect(StrEnum):
@@ -213,6 +219,11 @@ class PgRow:
         return f"PgRow({dict(zip(self._index, self._values, strict=True))!r})"
 
 
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
 def pg_row_factory(cursor: Any) -> Any:
     names = [d.name for d in cursor.description or ()]
     index = {name: i for i, name in enumerate(names)}
@@ -240,6 +251,13 @@ class PgConn:
                 cur.executemany(to_pyformat(sql), [_adapt(p) for p in seq])
 
 
+def schema_key(base: int, schema: str) -> int:
+    """``base`` (a signed 64-bit advisory lock key) with its low 32 bits replaced by a hash
+    of ``schema``. Advisory locks are per database, not per schema: this gives each trainfleet
+    schema of one database its own locks (tests run in parallel schemas of one database)."""
+    return (base & ~0xFFFF_FFFF) | zlib.crc32(schema.encode())
+
+
 class PostgresDatabase:
     """A connection pool; write transactions serialized (or shared) by an advisory lock."""
 
@@ -262,7 +280,26 @@ class PostgresDatabase:
             open=False,
             name="trainfleet",
         )
-        self.pool.open(wait=True, timeout=connect_timeout_s)
+        try:
+            self.pool.open(wait=True, timeout=connect_timeout_s)
+        except Exception as err:
+            self.pool.close()
+            raise DatabaseUnavailable(
+                f"cannot open the database {redact(url)}: {self._why(err)}"
+            ) from None
+        with self.pool.connection() as raw:
+            row = raw.execute("SELECT current_schema()").fetchone()
+        self.schema = str(row[0]) if row else "public"
+        self.write_key = schema_key(WRITE_LOCK_KEY, self.schema)
+
+    def _why(self, err: Exception) -> str:
+        """The pool only says it timed out; one direct attempt says why."""
+        try:
+            self._psycopg.connect(self.url, connect_timeout=3).close()
+        except Exception as direct:
+            text = str(direct).strip()
+            return " ".join(text.split()) or type(direct).__name__
+        return str(err)
 
     def connect(self) -> Any:
         """A dedicated connection outside the pool (autocommit; rows like the pool's): for
@@ -292,7 +329,7 @@ class PostgresDatabase:
                 return
             lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
             with conn.raw.transaction():
-                conn.raw.execute(f"SELECT {lock}(%s)", (WRITE_LOCK_KEY,))
+                conn.raw.execute(f"SELECT {lock}(%s)", (self.write_key,))
                 yield conn
 
     @contextmanager

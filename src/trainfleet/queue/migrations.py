@@ -30,7 +30,7 @@ from typing import Union
 
 from trainfleet.errors import SchemaTooNew
 from trainfleet.queue import schema_v1
-from trainfleet.queue.db import MIGRATE_LOCK_KEY, Conn, Database, Dialect
+from trainfleet.queue.db import Conn, Database, Dialect
 
 __all__ = [
     "MIGRATIONS",
@@ -209,8 +209,6 @@ def migrate(db: Database, *, dry_run: bool = False, to: int | None = None) -> li
     applied = []
     for migration in plan:
         with db.tx() as conn:
-            if conn.dialect == Dialect.POSTGRES:
-                conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATE_LOCK_KEY,))
             state = _read_state(conn)  # again, under the lock: another process may have won
             if migration not in state.pending:
                 continue

@@ -9,6 +9,10 @@ delivers to every listening coordinator when, and only if, the transaction commi
 in one transaction arrive as one). Each coordinator listens (``coordinator.notify``) and wakes
 its waiting claims. On SQLite one process serves the database: nothing to tell.
 
+Channels belong to the whole database, schemas do not: the payload is the writer's schema,
+and a listener heeds only its own, so two trainfleet schemas in one database (two fleets,
+or tests side by side) do not wake each other.
+
 A notification is a hint, never the truth: a woken claim simply claims again, and a waiting
 claim re-checks every few seconds anyway, so a lost notification costs latency, not work.
 """
@@ -24,4 +28,4 @@ def notify_work(conn: Conn) -> None:
     """Inside a write transaction: tell every coordinator, at commit, that work may be
     claimable. A no-op on SQLite."""
     if conn.dialect == Dialect.POSTGRES:
-        conn.execute(f"NOTIFY {WORK_CHANNEL}")
+        conn.execute("SELECT pg_notify(?, current_schema())", (WORK_CHANNEL,))
