@@ -8,7 +8,6 @@ its own notifications with a timeout."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from fleetkit import make_cap, manifest_of
+from pgkit import require_postgres
 from trainfleet.coordinator.leader import (
     AdvisoryLeader,
     SoleLeader,
@@ -29,18 +29,14 @@ from trainfleet.coordinator.notify import WorkListener, listen_for_work
 from trainfleet.queue import open_queue
 from trainfleet.queue.db import LEADER_KEY, open_database
 from trainfleet.queue.notify import notify_work
-from trainfleet.testing.postgres import fresh_schema, unreachable_reason
+from trainfleet.testing.postgres import fresh_schema
 from trainfleet.testing.wait import wait_until
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL schema; skipped without a server, except in CI."""
-    reason = unreachable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_postgres()
     with fresh_schema() as url:
         yield url
 

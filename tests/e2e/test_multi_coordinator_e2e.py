@@ -6,7 +6,6 @@ The proof is read from the jobs' events, which the database wrote."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,11 @@ from typing import Any
 import pytest
 
 from livefleet import kill_tree, slow_job, wait_until
+from pgkit import require_postgres
 from trainfleet.coordinator.leader import schema_key
 from trainfleet.queue.db import LEADER_KEY
 from trainfleet.testing.multi import MultiServedFleet
-from trainfleet.testing.postgres import fresh_schema, unreachable_reason
+from trainfleet.testing.postgres import fresh_schema
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +29,7 @@ HOSTS = ("cpu-a", "cpu-b", "cpu-c")
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL schema; skipped without a server, except in CI."""
-    reason = unreachable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_postgres()
     with fresh_schema() as url:
         yield url
 

@@ -107,7 +107,7 @@ def test_sigterm_while_a_claim_is_in_flight_stops_promptly_and_hands_it_back(
     fleet: Fleet,
 ) -> None:
     w = fleet.start_worker("cpu-a")
-    w.proxy.wait_arrival("POST", r"/claim$", timeout_s=20)  # registered; its claim waits
+    wait_until(lambda: fleet.coord.work.waiting == 1, 20, "the claim to wait for work")
     w.sigterm()  # lands while the (long-poll) claim is in flight
     assert w.wait(timeout=10) == 0
     # Work arrives and wakes the abandoned claim: the worker has left, so it takes nothing.
