@@ -37,7 +37,7 @@ from typing import Any
 from bench.common import RESULTS, environment, package_version, write_result
 from bench.queue_arms import Arm, run_arm
 from bench.queue_fleet import run_fleet
-from bench.queue_report import goals, print_table
+from bench.queue_report import ANCHORS, goals, print_table
 from bench.queue_servers import postgres_reachable, trainfleet_servers
 
 ALL_ARMS = ("sqlite", "reference", "postgresql", "two", "batched", "fleet")
@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pg-n", type=int, default=64, help="workers in the PostgreSQL arms")
     p.add_argument("--fleet", type=int, default=10_000, help="heartbeating workers (fleet)")
     p.add_argument("--fleet-s", type=float, default=20.0, help="fleet arm's measured window")
+    p.add_argument(
+        "--fleet-on",
+        choices=("sqlite", "postgresql", "two"),
+        default="sqlite",
+        help="the fleet arm's coordinator(s): SQLite, PostgreSQL, or two on PostgreSQL",
+    )
     p.add_argument("--db", default=PG_DEFAULT, help="PostgreSQL server for the PG arms")
     p.add_argument(
         "--long", action="store_true", help="also 1M claims at N=64 on SQLite (rounds of 100k)"
@@ -139,16 +145,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 guarded(arm.name, partial(run_arm, arm, path, seed=args.seed, pg_url=args.db))
             )
         if "fleet" in args.arms.split(","):
-            print(f"[fleet] {args.fleet} workers heartbeating, 64 claiming", flush=True)
+            print(
+                f"[fleet] {args.fleet} workers heartbeating, 64 claiming ({args.fleet_on})",
+                flush=True,
+            )
 
             fleet = partial(
                 run_fleet,
-                trainfleet_servers,
                 tmp / "fleet",
                 args.fleet,
                 64,
                 args.fleet_s,
                 4 * args.jobs,
+                db="postgresql" if args.fleet_on != "sqlite" else "sqlite",
+                coordinators=2 if args.fleet_on == "two" else 1,
+                pg_url=args.db,
             )
             results.append(guarded("fleet", fleet))
     result = {
@@ -162,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "skipped": skipped,
         "arms": results,
         "goals": goals(results, long_mode=args.long),
+        "anchors": ANCHORS,
         "metrics": flat_metrics(results),
     }
     with contextlib.suppress(OSError):

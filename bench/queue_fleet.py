@@ -136,13 +136,20 @@ async def fleet_phase(
     workers = await enroll_and_register(
         s.ports, s.operator_token, fleet, num_hosts=min(fleet, FLEET_HOSTS)
     )
+    registered_s = time.perf_counter() - t0
     f = Fleet(s.ports, workers)
     lives = [asyncio.create_task(f.life(w)) for w in workers]
     await f.formed.wait()
+    formed_s = time.perf_counter() - t0 - registered_s
     claim_workers = await enroll_and_register(
         s.ports, s.operator_token, claimers, host_offset=FLEET_HOSTS
     )
-    info: dict[str, Any] = {"fleet_held": len(f.held), "setup_s": time.perf_counter() - t0}
+    info: dict[str, Any] = {
+        "fleet_held": len(f.held),
+        "setup_s": time.perf_counter() - t0,
+        "register_per_s": fleet / registered_s,
+        "fleet_claims_per_s": fleet / formed_s,
+    }
     stats = LoadStats()
     stop = asyncio.Event()
     f.beat_ms.clear()
@@ -170,21 +177,35 @@ async def fleet_phase(
 
 
 def run_fleet(
-    s_factory: Any, tmp: Path, fleet: int, claimers: int, seconds: float, short_jobs: int
+    tmp: Path,
+    fleet: int,
+    claimers: int,
+    seconds: float,
+    short_jobs: int,
+    *,
+    db: str = "sqlite",
+    coordinators: int = 1,
+    pg_url: str = "",
 ) -> dict[str, Any]:
-    from bench.queue_arms import run_async
+    """The fleet arm on ``db`` ("sqlite" or "postgresql") with ``coordinators`` servers."""
+    from bench.queue_arms import Arm, run_async, servers_for
 
     tmp.mkdir(parents=True, exist_ok=True)
     jobs = fleet_jobs(fleet, short_jobs, seed=1)
     rules = host_rules(FLEET_HOSTS + claimers)
     manifest = tmp / "fleet.toml"
     manifest.write_text(manifest_toml(jobs, rules))
-    with s_factory(tmp, manifest) as s:
+    arm = Arm("trainfleet", fleet, len(jobs), db=db, coordinators=coordinators)
+    with servers_for(arm, tmp, manifest, pg_url) as s:
         info, stats = run_async(fleet_phase(s, fleet, claimers, seconds))
         s.stop()
-        report = check(s.db, jobs, rules, grace_s=1.0, require_all_completed=False)
+        grace = 1.0 if db == "postgresql" else None  # as in queue_arms
+        report = check(s.db, jobs, rules, grace_s=grace, require_all_completed=False)
+    name = f"fleet_{db}" + (f"_{coordinators}coord" if coordinators > 1 else "") + f"_{fleet}"
     return {
-        "arm": f"fleet_{fleet}",
+        "arm": name,
+        "db": db,
+        "coordinators": coordinators,
         "fleet_workers": fleet,
         "claimers": claimers,
         "seconds": seconds,

@@ -18,7 +18,7 @@ from typing import Any
 
 PRIORITIES = (0, 1, 2)
 DENY_PATTERN = "*-x-*"
-ALLOWED = ["h0", "h1", "h2", "h3"]
+ALLOWED = [f"h{i}" for i in range(16)]  # a pinned job's hosts: few enough to constrain
 
 # Capability classes; worker i gets CLASSES[i % 4]. Class 0 fits every job.
 CLASSES: list[dict[str, Any]] = [
@@ -56,7 +56,7 @@ def job_reqs(n: int, seed: int = 0, prefix: str = "j") -> list[JobReq]:
     jobs = []
     for i in range(n):
         prio = rng.choices(PRIORITIES, weights=(6, 3, 1))[0]
-        kind = rng.choices(("any", "cuda", "big", "x", "pin"), weights=(55, 15, 15, 10, 5))[0]
+        kind = rng.choices(("any", "cuda", "big", "x", "pin"), weights=(58, 15, 15, 10, 2))[0]
         name = f"{prefix}-{kind}-{i:06d}"
         if kind == "cuda":
             vram = rng.choice((0.0, 16.0, 40.0))

@@ -5,6 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+# Published anchors (issue 9), printed beside our figures; not measured here.
+ANCHORS = {
+    "issue 9 measurement here: minimal ASGI server, 64 conns, unbatched": "1,514 cycles/s",
+    "issue 9 measurement here: the same, 8 jobs per request": "3,940 jobs/s",
+    "issue 9 measurement here: PostgreSQL SKIP LOCKED from psycopg, no HTTP": "1,018 cycles/s",
+    "Solid Queue in production at HEY": "~400 jobs/s",
+    "PgQueuer, published, dedicated hardware": "6-18k jobs/s",
+}
+
 
 def _find(results: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     for r in results:
@@ -122,12 +131,14 @@ def print_table(result: dict[str, Any]) -> None:
     for r in results:
         if str(r.get("arm", "")).startswith("fleet_") and "failed" not in r:
             print(
-                f"fleet: {r['fleet_workers']} workers ({r['fleet_held']} holding a job)"
+                f"{r['arm']}: {r['fleet_workers']} workers ({r['fleet_held']} holding a job)"
                 f" beating every {_f(r.get('advertised_interval_s'))} s"
                 f" (beat p99 {_f(r.get('beat_p99_ms'))} ms, {r.get('beat_errors')} errors);"
                 f" 64 claimers: {_f(r['cycles_per_s'])} cycles/s, claim p50"
                 f" {_f(r['claim_got_p50_ms'])} / p99 {_f(r['claim_got_p99_ms'])} ms;"
-                f" false requeues {r['false_requeues']}; setup {_f(r['setup_s'])} s;"
+                f" false requeues {r['false_requeues']}; setup {_f(r['setup_s'])} s"
+                f" ({_f(r.get('register_per_s'))} registers/s, then"
+                f" {_f(r.get('fleet_claims_per_s'))} claims/s while beating);"
                 f" {_f(r.get('beats_per_s'))} beats/s; CPU cores used: server"
                 f" {_f(r.get('server_cpu_cores'), 2)}, generator {_f(r.get('client_cpu_cores'), 2)}"
             )
@@ -137,6 +148,9 @@ def print_table(result: dict[str, Any]) -> None:
     for g in result["goals"]:
         met = {True: "met", False: "NOT met", None: "not run"}[g["met"]]
         print(f"  {g['goal']:<52} ours {_f(g['ours'], 2):>9}  target {g['target']:<8} {met}")
+    print("\npublished anchors (not measured in this run):")
+    for what, figure in ANCHORS.items():
+        print(f"  {what:<72} {figure}")
     errors = sum(r.get("errors", 0) for r in results)
     if errors:
         print(f"\n{errors} request errors; examples:")

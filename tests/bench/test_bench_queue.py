@@ -18,14 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
     monkeypatch.syspath_prepend(str(ROOT))  # bench/ is a top-level package beside src/
-    names = ("queue_mix", "queue_check", "queue_ref", "queue_arms")
+    names = ("queue_mix", "queue_check", "queue_ref_store", "queue_arms")
     return {n: importlib.import_module(f"bench.{n}") for n in names}
 
 
 def drained_reference(bench: dict[str, ModuleType], tmp_path: Path, n_jobs: int = 24) -> Any:
     """A reference queue (in process, no HTTP) whose jobs four workers claimed, heartbeat and
     completed; returns (queue, jobs, rules, worker ids by index)."""
-    mix, ref = bench["queue_mix"], bench["queue_ref"]
+    mix, ref = bench["queue_mix"], bench["queue_ref_store"]
     jobs, rules = mix.job_reqs(n_jobs, seed=3), mix.host_rules(4)
     manifest = tmp_path / "m.toml"
     manifest.write_text(mix.manifest_toml(jobs, rules))

@@ -47,7 +47,7 @@ def test_an_edited_job_runs_instead_of_its_old_version(fleet: Fleet, tmp_path: P
     assert f"also named j: {old_id[:12]} (pending, removed from the manifest)" in shown
 
     # A worker takes the new version only, although the old one had the higher priority...
-    worker = fleet.start_worker("cpu-a")
+    worker = fleet.start_worker("cpu-a", "--claim-wait-s", "0")  # polls: each claim is seen
     assert fleet.wait_state(new_id, {"completed", "failed"}, timeout_s=30)["state"] == "completed"
     # ...and, asking again and again, is never handed the old one.
     asked = len(worker.proxy.seen("POST", r"/claim$"))

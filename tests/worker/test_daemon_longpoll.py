@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -57,8 +56,12 @@ def test_sigterm_cuts_a_long_poll_claim_short(tmp_path: Path, restore_signals: N
     client = WaitingClient()
     worker = worker_with(client, tmp_path, exit_when_idle_s=None, claim_wait_s=3600.0)
     worker.install_signal_handlers()
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    # To the main thread itself, as the kernel does in the daemon (its only thread while it
+    # claims): a signal taken by another thread would not interrupt the main thread's wait.
     sender = threading.Thread(
-        target=lambda: client.waiting.wait(30) and os.kill(os.getpid(), signal.SIGTERM)
+        target=lambda: client.waiting.wait(30) and signal.pthread_kill(main, signal.SIGTERM)
     )
     sender.start()
     try:

@@ -281,7 +281,18 @@ def join(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads per job (default: the host's effective cores).")
     ] = None,
-    poll_interval_s: Annotated[float, typer.Option(help="Seconds between claims when idle.")] = 1.0,
+    poll_interval_s: Annotated[
+        float, typer.Option(help="The least pause between two claims that found nothing.")
+    ] = 1.0,
+    claim_wait_s: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=30,
+            help="An idle worker's claim waits up to this long for work (long poll; the"
+            " coordinator answers as soon as work arrives); 0: poll every --poll-interval-s.",
+        ),
+    ] = 20.0,
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many attempts.")] = None,
     exit_when_idle_s: Annotated[
         float | None, typer.Option(help="Exit after this many seconds without work.")
@@ -369,6 +380,7 @@ def join(
             host=host,
             workdir=workdir,
             poll_interval_s=poll_interval_s,
+            claim_wait_s=claim_wait_s,
             num_threads=threads,
             max_jobs=max_jobs,
             exit_when_idle_s=exit_when_idle_s,
