@@ -1,10 +1,12 @@
 """Queue throughput and latency of a live coordinator, beside a minimal reference server.
 
-    python -m bench.queue                  (default sizes: a few minutes on 2 cores)
+    python -m bench.queue                  (default sizes: ~10 min on 2 cores, half of it the
+                                            10,000-worker fleet's registration)
     python -m bench.queue --quick          (under a minute)
     python -m bench.queue --jobs 100000    (the issue's 100k seeded jobs per arm)
     python -m bench.queue --arms sqlite,reference --sizes 64
     python -m bench.queue --long           (also 1M claims, rounds of 100k jobs, checked)
+    python -m bench.queue --arms fleet --fleet-on two   (the fleet on two PG coordinators)
 
 Each arm starts fresh server processes on a fresh database, loads a seeded manifest (mixed
 constraints, three priorities, host deny rules: ``queue_mix``), registers N workers for real
@@ -17,8 +19,8 @@ coordinators on one PostgreSQL database), ``batched`` (up to --batch jobs per re
 and the reference), ``reference`` (``queue_ref``: a minimal ASGI server with the same SQL
 essentials and fencing), ``fleet`` (``queue_fleet``: --fleet workers heartbeating while 64
 claim). Every arm ends with the invariant checks of ``queue_check`` on the database.
-Defaults use --jobs 3000 per arm (300 at N = 1) to fit a few minutes; say --jobs 100000 for
-the issue's size.
+Defaults use --jobs 3000 per arm (300 at N = 1, --pg-jobs 1000 on PostgreSQL) to fit a few
+minutes; say --jobs 100000 --pg-jobs 100000 for the issue's size.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="jobs per request in batched arms")
     p.add_argument("--batch-n", type=int, default=16, help="workers in batched arms")
     p.add_argument("--pg-n", type=int, default=64, help="workers in the PostgreSQL arms")
+    p.add_argument("--pg-jobs", type=int, default=1000, help="jobs in the PostgreSQL arms")
     p.add_argument("--fleet", type=int, default=10_000, help="heartbeating workers (fleet)")
     p.add_argument("--fleet-s", type=float, default=20.0, help="fleet arm's measured window")
     p.add_argument(
@@ -111,12 +114,11 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Arm], dict[str, str]
         if why is not None:
             skipped["postgresql"] = f"no PostgreSQL at {args.db}: {why}"
         else:
+            pg_jobs = min(args.jobs, args.pg_jobs)
             if "postgresql" in chosen:
-                arms.append(Arm("trainfleet", args.pg_n, args.jobs, db="postgresql"))
+                arms.append(Arm("trainfleet", args.pg_n, pg_jobs, db="postgresql"))
             if "two" in chosen:
-                arms.append(
-                    Arm("trainfleet", args.pg_n, args.jobs, db="postgresql", coordinators=2)
-                )
+                arms.append(Arm("trainfleet", args.pg_n, pg_jobs, db="postgresql", coordinators=2))
     if args.long:  # rounds of at least 100k jobs, each on a fresh server, each checked
         per_round = max(args.jobs, 100_000)
         arms += [Arm("trainfleet", 64, per_round) for _ in range(math.ceil(1e6 / per_round))]

@@ -80,7 +80,9 @@ def run_arm(arm: Arm, tmp: Path, *, seed: int = 0, pg_url: str = "") -> dict[str
             enroll_and_register(s.ports, s.operator_token, arm.n, register_extra=extra)
         )
         cpu0 = s.cpu_s()
-        stats = run_async(drain(s.ports, workers, arm.jobs, batch=arm.batch))
+        # A stuck run ends: at least 20 jobs/s or 10 minutes, whichever is longer.
+        limit = max(600.0, arm.jobs / 20)
+        stats = run_async(drain(s.ports, workers, arm.jobs, batch=arm.batch, timeout_s=limit))
         server_cpu = s.cpu_s() - cpu0
         s.stop()
         # Several writers commit events out of sequence order: allow a claim in flight.

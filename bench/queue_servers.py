@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def wait_healthy(
-    port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120.0
+    port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 300.0
 ) -> None:
     """Wait until GET /health answers 200 (or the process died, or ``timeout_s`` passed)."""
     deadline = time.monotonic() + timeout_s

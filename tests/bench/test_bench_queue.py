@@ -166,5 +166,17 @@ def test_a_tiny_run_against_a_live_coordinator(
     assert report.double_claims == 1
 
 
+@pytest.mark.slow
+def test_the_reference_server_serves_the_same_api_batched(
+    bench: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """The reference arm over HTTP with 4 jobs per request: every job done exactly once."""
+    arms = bench["queue_arms"]
+    result = arms.run_arm(arms.Arm("reference", 4, 40, batch=4), tmp_path / "ref")
+    assert result["errors"] == 0, result["error_examples"]
+    assert (result["cycles"], result["check"]["claims"]) == (40, 40)
+    assert result["check"]["violations"] == 0, result["check"]["examples"]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

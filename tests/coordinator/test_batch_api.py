@@ -91,6 +91,7 @@ def test_batch_completion_reports_each_item(api: Api) -> None:
     results = [{"job_id": c["job"]["id"], "epoch": c["epoch"], "result": {}} for c in got]
     results.append({"job_id": "f" * 64, "epoch": 1, "result": {}})  # no such job
     results.append({"job_id": got[2]["job"]["id"], "epoch": 1, "result": {"metrics": 3}})
+    results.append({"job_id": got[2]["job"]["id"], "epoch": 1, "result": {"artifact": "0" * 64}})
     r = api.http.post("/v1/completions", json={"results": results}, headers=worker.auth)
     assert r.status_code == 200, r.text
     outcomes = r.json()["outcomes"]
@@ -100,7 +101,9 @@ def test_batch_completion_reports_each_item(api: Api) -> None:
         "accepted",
         "refused",
         "refused",
+        "refused",
     ]
+    assert "not uploaded" in outcomes[5]["detail"]
     assert "stale" in outcomes[1]["detail"]
     assert outcomes[0]["state"] == "completed"
     assert api.coord.queue.get_job(got[0]["job"]["id"]).state == "completed"

@@ -15,7 +15,7 @@ from typing import Any
 
 from trainfleet.coordinator.endpoints import Ctx
 from trainfleet.errors import BadRequest, PayloadTooLarge
-from trainfleet.queue.base import JobRecord
+from trainfleet.queue.base import JobQueue, JobRecord
 
 # A completed attempt's result, serialized: kept with the job and sent with every job listing.
 # The worker reports at most 1 MiB of metrics (worker/result.py), plus its own few fields.
@@ -38,23 +38,39 @@ def check_result(result: dict[str, Any]) -> None:
 
 
 async def complete_attempt(ctx: Ctx, job_ref: str, epoch: int, result: dict[str, Any]) -> JobRecord:
-    """Complete ``worker``'s attempt ``epoch`` of ``job_ref`` with ``result`` (fenced)."""
+    """Complete ``worker``'s attempt ``epoch`` of ``job_ref`` with ``result`` (fenced).
+
+    A plain job without a dataset (the common case) completes in ONE writer call; a job with
+    a dataset has its shards planned on the threadpool first, and a replica task is judged
+    there (``RoundDriver.complete``)."""
     queue = ctx.coord.queue
     check_result(result)
-    artifact = result.get("artifact")
-    if artifact is not None:
-        bound = await ctx.run_db(queue.artifacts, job_ref)
-        if not any(a.sha256 == artifact and a.epoch == epoch for a in bound):
-            raise BadRequest(f"result names artifact {artifact!r}, not uploaded by this attempt")
-    job = await ctx.run_db(queue.get_job, job_ref)
-    await ctx.run_io(queue.ensure_shard_plan, job.id)
-    if job.spec.kind == "replica":  # a run's task: its pseudo-gradient is judged and recorded
-        # Judging decodes the pseudo-gradient: the threadpool's work (RoundDriver.complete).
-        record = await ctx.run_io(ctx.coord.rounds.complete, job, ctx.worker, epoch, result)
-    else:
-        record = await ctx.run_db(queue.complete, job.id, ctx.worker, epoch, result)
+    job, record = await ctx.run_db(_complete_plain, queue, job_ref, ctx.worker, epoch, result)
+    if record is None:
+        if job.spec.trained_dataset is not None:
+            await ctx.run_io(queue.ensure_shard_plan, job.id)
+        if job.spec.kind == "replica":  # a run's task: its pseudo-gradient is judged
+            record = await ctx.run_io(ctx.coord.rounds.complete, job, ctx.worker, epoch, result)
+        else:
+            record = await ctx.run_db(queue.complete, job.id, ctx.worker, epoch, result)
     ctx.coord.beats.forget(job.id)  # the attempt is over: its beats are no longer answered
     return record
+
+
+def _complete_plain(
+    queue: JobQueue, job_ref: str, worker_id: str, epoch: int, result: dict[str, Any]
+) -> tuple[JobRecord, JobRecord | None]:
+    """On the writer: the job, its result's artifact checked, and the completion itself when
+    nothing slow must come first (no dataset to plan, no pseudo-gradient to judge)."""
+    job = queue.get_job(job_ref)
+    artifact = result.get("artifact")
+    if artifact is not None:
+        bound = queue.artifacts(job.id)
+        if not any(a.sha256 == artifact and a.epoch == epoch for a in bound):
+            raise BadRequest(f"result names artifact {artifact!r}, not uploaded by this attempt")
+    if job.spec.kind == "replica" or job.spec.trained_dataset is not None:
+        return job, None
+    return job, queue.complete(job.id, worker_id, epoch, result)
 
 
 __all__ = ["MAX_RESULT_BYTES", "check_result", "complete_attempt"]

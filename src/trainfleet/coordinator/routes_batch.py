@@ -23,12 +23,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from trainfleet.coordinator.beats import BeatReply
-from trainfleet.coordinator.completion import complete_attempt
+from trainfleet.coordinator.completion import check_result, complete_attempt
 from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.longpoll import MAX_WAIT_S, claim_waiting
 from trainfleet.coordinator.schemas import Body
-from trainfleet.errors import ApiError, StaleEpoch
-from trainfleet.queue.base import Claim, JobState
+from trainfleet.errors import ApiError, BadRequest, StaleEpoch
+from trainfleet.queue.base import ArtifactRecord, Claim, JobQueue, JobRecord, JobState
 from trainfleet.queue.claims import MAX_CLAIMS
 
 routes = RouteTable()
@@ -171,18 +171,84 @@ async def heartbeat_batch(ctx: Ctx) -> HeartbeatsResponse:
     errors=(422,),
 )
 async def complete_batch(ctx: Ctx) -> CompletionsResponse:
+    """Few hops for the whole batch: the results are checked here, every job (and the
+    artifacts of those naming one) is read in one writer call, the shard plans are made on
+    the threadpool, and the plain jobs complete in ONE transaction (one savepoint per item);
+    a replica task is judged and recorded on its own (``completion.complete_attempt``)."""
     body: CompletionsBody = ctx.body
     _bounded(body.results, "results")
-    outcomes = []
-    for item in body.results:
+    queue = ctx.coord.queue
+    items = body.results
+    outcomes: dict[int, CompletionOutcome] = {}
+
+    def refuse(i: int, err: ApiError) -> None:
+        outcome = "fenced" if isinstance(err, StaleEpoch) else "refused"
+        outcomes[i] = CompletionOutcome(job_id=items[i].job_id, outcome=outcome, detail=str(err))
+
+    for i, item in enumerate(items):
         try:
-            job = await complete_attempt(ctx, item.job_id, item.epoch, item.result)
+            check_result(item.result)
         except ApiError as err:
-            outcome = "fenced" if isinstance(err, StaleEpoch) else "refused"
-            outcomes.append(CompletionOutcome(job_id=item.job_id, outcome=outcome, detail=str(err)))
+            refuse(i, err)
+    todo = [i for i in range(len(items)) if i not in outcomes]
+    looked = await ctx.run_db(
+        _look_up, queue, [(items[i].job_id, "artifact" in items[i].result) for i in todo]
+    )
+    jobs: dict[int, JobRecord] = {}
+    for i, (job, bound) in zip(todo, looked, strict=True):
+        if isinstance(job, ApiError):
+            refuse(i, job)
             continue
-        outcomes.append(CompletionOutcome(job_id=item.job_id, outcome="accepted", state=job.state))
-    return CompletionsResponse(outcomes=outcomes)
+        artifact = items[i].result.get("artifact")
+        if bound is not None and not any(
+            a.sha256 == artifact and a.epoch == items[i].epoch for a in bound
+        ):
+            refuse(i, BadRequest(f"result names artifact {artifact!r}, not uploaded by it"))
+            continue
+        jobs[i] = job
+    with_data = [job.id for job in jobs.values() if job.spec.trained_dataset is not None]
+    if with_data:
+        await ctx.run_io(_plan_shards, queue, with_data)
+    plain = [i for i, job in jobs.items() if job.spec.kind != "replica"]
+    done = await ctx.run_db(
+        queue.complete_many,
+        ctx.worker,
+        [(jobs[i].id, items[i].epoch, items[i].result) for i in plain],
+    )
+    finished: dict[int, JobRecord | ApiError] = dict(zip(plain, done, strict=True))
+    for i, job in jobs.items():
+        if i not in finished:  # a replica: its pseudo-gradient is judged on the threadpool
+            try:
+                finished[i] = await complete_attempt(ctx, job.id, items[i].epoch, items[i].result)
+            except ApiError as err:
+                finished[i] = err
+    for i, got in finished.items():
+        if isinstance(got, ApiError):
+            refuse(i, got)
+            continue
+        ctx.coord.beats.forget(got.id)
+        outcomes[i] = CompletionOutcome(job_id=items[i].job_id, outcome="accepted", state=got.state)
+    return CompletionsResponse(outcomes=[outcomes[i] for i in range(len(items))])
+
+
+def _look_up(
+    queue: JobQueue, refs: list[tuple[str, bool]]
+) -> list[tuple[JobRecord | ApiError, list[ArtifactRecord] | None]]:
+    """Each job, and its artifacts where asked; a job not found gives its error."""
+    out: list[tuple[JobRecord | ApiError, list[ArtifactRecord] | None]] = []
+    for ref, with_artifacts in refs:
+        try:
+            job = queue.get_job(ref)
+        except ApiError as err:
+            out.append((err, None))
+            continue
+        out.append((job, queue.artifacts(job.id) if with_artifacts else None))
+    return out
+
+
+def _plan_shards(queue: JobQueue, job_ids: list[str]) -> None:
+    for job_id in job_ids:
+        queue.ensure_shard_plan(job_id)
 
 
 __all__ = ["MAX_ITEMS", "routes"]

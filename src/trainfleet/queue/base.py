@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainfleet.capability.model import Capability
+from trainfleet.errors import ApiError
 from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue.runs_base import (
     ContributionRecord,
@@ -301,6 +302,19 @@ class JobQueue(abc.ABC):
         got = self.claim(worker_id)
         return [got] if got is not None else []
 
+    def complete_many(
+        self, worker_id: str, items: list[tuple[str, int, dict[str, Any]]]
+    ) -> list[JobRecord | ApiError]:
+        """``complete`` each ``(job_id, epoch, result)``; an item refused gives its error in
+        place of its record, and the others still complete."""
+        out: list[JobRecord | ApiError] = []
+        for job_id, epoch, result in items:
+            try:
+                out.append(self.complete(job_id, worker_id, epoch, result))
+            except ApiError as err:
+                out.append(err)
+        return out
+
     def set_worker_slots(self, worker_id: str, slots: int) -> None:
         """How many active jobs the worker may hold (registration; default 1)."""
         raise NotImplementedError
@@ -309,6 +323,7 @@ class JobQueue(abc.ABC):
         """Plan the shards of the job's dataset, if it has one and no plan exists yet: slow
         (it streams the source), so the coordinator calls it on its threadpool before
         ``complete``, which then finds the plan made (``complete`` plans it itself if not)."""
+        return None  # a backend without shard plans
 
     @abc.abstractmethod
     def fail(

@@ -26,6 +26,7 @@ from typing import Any
 
 from trainfleet.capability.model import Capability
 from trainfleet.data.spec import dataset_digest
+from trainfleet.errors import ApiError
 from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue import (
     sqlite_attempts,
@@ -233,6 +234,14 @@ class SQLQueue(JobQueue):
         self.ensure_shard_plan(job_id)
         with self._tx() as conn:
             return sqlite_attempts.complete(conn, job_id, worker_id, epoch, result, self.clock)
+
+    def complete_many(
+        self, worker_id: str, items: list[tuple[str, int, dict[str, Any]]]
+    ) -> list[JobRecord | ApiError]:
+        for job_id, _, _ in items:
+            self.ensure_shard_plan(job_id)
+        with self._tx() as conn:
+            return sqlite_attempts.complete_many(conn, worker_id, items, self.clock)
 
     def ensure_shard_plan(self, job_id: str) -> None:
         """Plan the shards of the job's dataset here, once per digest, before the completion's

@@ -22,7 +22,7 @@ from typing import Any
 
 from trainfleet.capability.model import Capability
 from trainfleet.capability.policy import effective_capability
-from trainfleet.errors import Conflict, NotFound, StaleEpoch
+from trainfleet.errors import ApiError, Conflict, NotFound, StaleEpoch
 from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import (
     ACTIVE_STATES,
@@ -31,6 +31,7 @@ from trainfleet.queue.base import (
     JobRecord,
 )
 from trainfleet.queue.db import Conn, Row
+from trainfleet.queue.fleet_cache import SPECS
 from trainfleet.queue.log_quota import admit_lines
 from trainfleet.queue.sqlite_data import check_shards
 from trainfleet.queue.sqlite_schema import (
@@ -203,11 +204,19 @@ def complete(
         return load_job(conn, job_id)  # the same report again: its reply was lost
     row = _check_fence(row, job_id, worker_id, epoch)
     now = clock()
-    conn.execute(
+    # Fenced in the WHERE clause too: on a backend where claims run beside this transaction
+    # the row is re-checked as it is written, never completed for a written-off attempt.
+    done = conn.execute(
         "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, updated_at = ?"
-        " WHERE id = ?",
-        (json.dumps(result), now, now, job_id),
-    )
+        " WHERE id = ? AND epoch = ? AND worker_id = ? AND state IN ('claimed', 'running')"
+        " RETURNING id",
+        (json.dumps(result), now, now, job_id, epoch, worker_id),
+    ).fetchone()
+    if done is None:
+        raise StaleEpoch(
+            f"epoch {epoch} of job {row['name']} was written off while it completed",
+            current_epoch=row["epoch"],
+        )
     release_worker(conn, worker_id, job_id)
     insert_event(conn, clock(), job_id, "completed", row["state"], "completed", worker_id, epoch)
     check_shards(conn, job_id, worker_id, epoch, result, now)
@@ -245,7 +254,7 @@ def _end_attempt(
     """Close the active attempt: back to pending, or failed when attempts are used up."""
     now = clock()
     failures = row["num_failures"] + int(count)
-    spec = JobSpec.model_validate_json(row["spec"])
+    spec = SPECS.get(row["id"], row["spec"])
     max_failures = spec.max_failures
     round_over = _round_over(conn, spec)
     if round_over:  # a replica task whose round has closed: rerunning it is wasted work
@@ -316,7 +325,7 @@ def reap_jobs(
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (jid,)).fetchone()
         if row["state"] not in ACTIVE_STATES:
             continue
-        timeout_s = JobSpec.model_validate_json(row["spec"]).timeout_s
+        timeout_s = SPECS.get(jid, row["spec"]).timeout_s
         if row["heartbeat_at"] < deadline:
             silent_s = now - row["heartbeat_at"]
             why = f"lost: no heartbeat for {silent_s:.0f}s from {row['worker_id']}"
@@ -358,3 +367,24 @@ def affinity_wait(
     if row["state"] != "online" or now - row["last_seen"] > offline_after_s:
         return None
     return f"kept for worker {row['worker_id']} (it has slot {task.replica}'s optimizer state)"
+
+
+def complete_many(
+    conn: Conn,
+    worker_id: str,
+    items: list[tuple[str, int, dict[str, Any]]],
+    clock: Callable[[], float],
+) -> list[JobRecord | ApiError]:
+    """``complete`` each ``(job_id, epoch, result)`` in one transaction, each item inside its
+    own savepoint: an item refused (fenced, not found...) is rolled back alone and returned
+    as its error, in place of its record."""
+    out: list[JobRecord | ApiError] = []
+    for job_id, epoch, result in items:
+        conn.execute("SAVEPOINT completion")
+        try:
+            out.append(complete(conn, job_id, worker_id, epoch, result, clock))
+        except ApiError as err:
+            conn.execute("ROLLBACK TO SAVEPOINT completion")
+            out.append(err)
+        conn.execute("RELEASE SAVEPOINT completion")
+    return out

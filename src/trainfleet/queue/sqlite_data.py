@@ -8,9 +8,9 @@ from typing import Any
 
 from trainfleet.data.spec import DatasetSpec, dataset_digest
 from trainfleet.errors import BadRequest, NotFound
-from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import RouterRecord
 from trainfleet.queue.db import Conn
+from trainfleet.queue.fleet_cache import SPECS
 from trainfleet.queue.ledger import (
     ShardReport,
     mismatch_flag,
@@ -70,7 +70,7 @@ def store_plan(conn: Conn, plan: ExpectedShards, now: float) -> None:
 def job_dataset(conn: Conn, job_id: str) -> DatasetSpec | None:
     """The dataset spec of job ``job_id`` (None without one, or without such a job)."""
     row = conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    return JobSpec.model_validate_json(row["spec"]).trained_dataset if row is not None else None
+    return SPECS.get(job_id, row["spec"]).trained_dataset if row is not None else None
 
 
 def _first_reports(
@@ -111,7 +111,7 @@ def check_shards(
     ``queue.ledger``); flag the job where they disagree. ``BadRequest`` (and nothing written:
     the caller's transaction rolls back) when the result names another dataset digest."""
     row = conn.execute("SELECT spec, flags FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    spec = JobSpec.model_validate_json(row["spec"])
+    spec = SPECS.get(job_id, row["spec"])
     dataset = spec.trained_dataset
     reports = shard_reports(result)
     digest = reported_digest(result)

@@ -130,7 +130,6 @@ def release_worker(conn: Conn, worker_id: str | None, job_id: str) -> None:
 def set_slots(conn: Conn, worker_id: str, slots: int) -> None:
     """How many active jobs ``worker_id`` may hold at once (``claims``): set once, right
     after it registers; the worker daemon keeps the default of 1."""
-    if conn.execute(
-        "UPDATE workers SET slots = ? WHERE id = ? RETURNING id", (slots, worker_id)
-    ).fetchone() is None:
+    sql = "UPDATE workers SET slots = ? WHERE id = ? RETURNING id"
+    if conn.execute(sql, (slots, worker_id)).fetchone() is None:
         raise NotFound(f"no worker {worker_id!r}")
