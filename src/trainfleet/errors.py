@@ -149,6 +149,10 @@ class SchemaTooNew(TrainfleetError):
     """The database was upgraded by a later trainfleet; this one refuses to touch it."""
 
 
+class SchemaUnknown(TrainfleetError):
+    """The database records schema versions no trainfleet wrote (another program's table)."""
+
+
 class DataError(TrainfleetError):
     """A dataset spec cannot be materialized as it pins."""
 

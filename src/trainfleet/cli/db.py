@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
@@ -146,11 +145,22 @@ def _open(url: str, *, create: bool) -> Iterator[Database]:
     except ValueError as err:
         fail(str(err), 2)
     except _driver_errors() as err:  # unreachable server, bad credentials, unwritable path
-        fail(f"cannot open {_redact(url)}: {str(err).strip().splitlines()[0]}")
+        fail(f"cannot open {_redact(url)}: {_why(err, url)}")
     try:
         yield database
+    except _driver_errors() as err:  # a file or schema that is not a trainfleet queue
+        fail(
+            f"{_redact(url)} is not a trainfleet database this version can read or upgrade:"
+            f" {_why(err, url)}"
+        )
     finally:
         database.close()
+
+
+def _why(err: BaseException, url: str) -> str:
+    """The first line of a driver's error, with the URL (libpq quotes it) redacted."""
+    text = str(err).replace(url, _redact(url)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _driver_errors() -> tuple[type[BaseException], ...]:
@@ -169,9 +179,7 @@ def _sqlite_path(url: str) -> str | None:
 
 
 def _redact(url: str) -> str:
-    """The URL without its password, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL without its passwords, for printing (``queue.db.redact``)."""
+    from trainfleet.queue.db import redact
+
+    return redact(url)

@@ -11,6 +11,12 @@ seen, so a waiting worker never looks offline. A worker that deregistered or was
 meanwhile gets nothing (its credential is checked before each try), and a client that hung
 up is not handed a job.
 
+A worker has at most ``MAX_WAITING_PER_WORKER`` long polls waiting at once (its current one,
+and one sent again after a connection it gave up on): each waiting claim holds a connection
+and is tried again, on the queue's writer, at every wake-up, so one credential opening
+thousands would starve everyone. A long poll over the bound is answered at once, as a claim
+without ``wait_s`` is (the daemon then pauses its poll interval: no busy loop).
+
 Without a body (older workers) the claim answers at once, as before.
 """
 
@@ -36,6 +42,7 @@ T = TypeVar("T")
 
 MAX_WAIT_S = 30.0
 RECHECK_S = 5.0  # a waiting claim is tried again at least this often
+MAX_WAITING_PER_WORKER = 2  # long polls one worker may have waiting at once
 
 
 class ClaimWait(Body):
@@ -54,6 +61,7 @@ class WorkSignal:
     def __init__(self) -> None:
         self.generation = 0
         self.waiting = 0  # claims waiting now
+        self.polls: dict[str, int] = {}  # long polls in progress, by worker
         self._event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -107,6 +115,28 @@ async def claim_waiting(
     job: a claim made for it just then is handed back (``hand_back``), no failure counted.
     """
     signal: WorkSignal = ctx.coord.work
+    worker = ctx.worker
+    if wait_s > 0 and signal.polls.get(worker, 0) >= MAX_WAITING_PER_WORKER:
+        wait_s = 0.0  # over the bound: answered at once
+    if wait_s <= 0:
+        return await claim_once()
+    signal.polls[worker] = signal.polls.get(worker, 0) + 1
+    try:
+        return await _claim_until(ctx, signal, claim_once, hand_back, wait_s)
+    finally:
+        left = signal.polls.pop(worker) - 1
+        if left:
+            signal.polls[worker] = left
+
+
+async def _claim_until(
+    ctx: Ctx,
+    signal: WorkSignal,
+    claim_once: Callable[[], Awaitable[T | None]],
+    hand_back: Callable[[T], Awaitable[object]],
+    wait_s: float,
+) -> T | None:
+    """The long poll itself (``claim_waiting``, within the worker's bound)."""
     deadline = time.monotonic() + wait_s
     retry = False
     while True:
@@ -118,7 +148,7 @@ async def claim_waiting(
         retry = True
         generation = signal.generation
         got = await claim_once()
-        if got is not None and wait_s > 0 and await ctx.request.is_disconnected():
+        if got is not None and await ctx.request.is_disconnected():
             await hand_back(got)
             return None
         left = deadline - time.monotonic()

@@ -53,6 +53,7 @@ class Coordinator:
             self.runs_dir = self.staging_dir.parent / "runs"
         self.metrics = Metrics(self.queue)
         self.db_executor = make_db_executor(self.queue)
+        self.queue.reap_on_claim = False  # only the reaper reaps, after flushing the book
         self.rounds = RoundDriver(self)
         pace = Pace(
             base_interval_s=self.heartbeat_interval_s,

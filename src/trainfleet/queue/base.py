@@ -212,6 +212,11 @@ class JobQueue(abc.ABC):
 
     settings: QueueSettings
     clock: Callable[[], float]
+    # Whether a claim first reaps lost attempts (``reap``). A coordinator turns it off: its
+    # leader's reaper flushes the heartbeat book before each pass, and a claim's reap would
+    # not (it would requeue a job whose beats are in the book, unflushed), nor would it skip
+    # a pass after a wall-clock step or run only on the leader.
+    reap_on_claim: bool = True
 
     # operator ------------------------------------------------------------------------
     @abc.abstractmethod

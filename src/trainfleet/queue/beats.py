@@ -64,7 +64,7 @@ _RENEW = (
 )
 _TOUCH = (
     "UPDATE workers SET last_seen = ?, state = 'online'"
-    " WHERE id = ? AND state <> 'revoked' AND last_seen < ?"
+    " WHERE id = ? AND state NOT IN ('revoked', 'stopped') AND last_seen < ?"
 )
 _ONLINE = "SELECT COUNT(*) FROM workers WHERE state = 'online' AND last_seen >= ?"
 

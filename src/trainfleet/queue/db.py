@@ -92,7 +92,7 @@ def open_database(url: str, *, pool_size: int = 10) -> Database:
     if url.startswith("sqlite:///"):
         return SQLiteDatabase(url.removeprefix("sqlite:///"))
     if "://" in url:
-        raise ValueError(f"unsupported database URL {url!r}")
+        raise ValueError(f"unsupported database URL {redact(url)!r}")
     return SQLiteDatabase(url)
 
 
@@ -219,9 +219,24 @@ class PgRow:
         return f"PgRow({dict(zip(self._index, self._values, strict=True))!r})"
 
 
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|sslpassword)=)[^&#]*", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """``url`` without its password, for messages."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    """``url`` without its passwords, for messages: the one in the user info (up to the
+    authority's last '@', as libpq reads it) and any ``password=`` query parameter (libpq
+    takes one there too). Never raises, whatever the text (a malformed URL is printed in
+    error messages too)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _QUERY_PASSWORD.sub(r"\1***", url)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        if ":" in userinfo:
+            authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    return f"{scheme}://{authority}" + _QUERY_PASSWORD.sub(r"\1***", tail)
 
 
 def pg_row_factory(cursor: Any) -> Any:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
-from trainfleet.errors import SchemaTooNew
+from trainfleet.errors import SchemaTooNew, SchemaUnknown
 from trainfleet.queue import schema_v1
 from trainfleet.queue.db import Conn, Database, Dialect
 
@@ -237,7 +237,13 @@ def _record(conn: Conn, migration: Migration) -> None:
 def _read_state(conn: Conn) -> SchemaState:
     if _has_table(conn, "schema_migrations"):
         row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-        return SchemaState(row[0] or 0)
+        version = row[0] or 0
+        if not isinstance(version, int) or version < 0:  # compared with ints next: no 500
+            raise SchemaUnknown(
+                f"schema_migrations holds version {str(version)[:40]!r}, not one trainfleet"
+                " writes: this database belongs to something else"
+            )
+        return SchemaState(version)
     if _has_table(conn, "jobs"):
         return SchemaState(1, untracked=True)
     return SchemaState(0)

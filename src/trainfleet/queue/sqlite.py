@@ -199,7 +199,8 @@ class SQLQueue(JobQueue):
 
     def claim_many(self, worker_id: str, max_jobs: int) -> list[Claim]:
         """Up to ``max_jobs`` claims, bounded by the worker's free slots (``claims``)."""
-        self.reap()
+        if self.reap_on_claim:
+            self.reap()
         with self._tx(shared=True) as conn:
             return claim_many(
                 conn, worker_id, self.clock, self.settings, max_jobs, fleet=self.fleet

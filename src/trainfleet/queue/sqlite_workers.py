@@ -82,11 +82,13 @@ def deregister_worker(conn: Conn, worker_id: str, now: float) -> None:
 def touch(conn: Conn, worker_id: str, now: float) -> Row:
     """Mark the worker seen (and online) now; returns its row.
 
-    A revoked worker stays revoked: a request authenticated just before the revoke
-    committed is refused here, inside the write lock, rather than claiming work.
+    A revoked or deregistered worker stays so: a request authenticated just before the
+    revoke or deregistration committed (or through another coordinator's credential cache)
+    is refused here, inside the write lock, rather than claiming work or coming back online.
     """
     conn.execute(
-        "UPDATE workers SET last_seen = ?, state = 'online' WHERE id = ? AND state != 'revoked'",
+        "UPDATE workers SET last_seen = ?, state = 'online'"
+        " WHERE id = ? AND state NOT IN ('revoked', 'stopped')",
         (now, worker_id),
     )
     row = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone()
@@ -94,6 +96,8 @@ def touch(conn: Conn, worker_id: str, now: float) -> Row:
         raise NotFound(f"no worker {worker_id!r}")
     if row["state"] == "revoked":
         raise Unauthorized(f"worker {worker_id}'s credential was revoked by the operator")
+    if row["state"] == "stopped":
+        raise Unauthorized(f"worker {worker_id} has deregistered; register again")
     return row
 
 
