@@ -137,6 +137,26 @@ def test_a_batch_of_a_hundred_thousand_items_is_refused(api: Api, path: str, key
     assert "64" in r.json()["message"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="routes_batch (helper B2): the 64-item bound is checked after pydantic validated every"
+    " item, on the event loop (500,000 beats: ~1.6 s with the loop blocked); declare it in the"
+    " models, Field(max_length=MAX_ITEMS), and pydantic refuses before the first item",
+)
+@pytest.mark.parametrize("path, key", [("/v1/heartbeats", "beats"), ("/v1/completions", "results")])
+def test_a_huge_batch_is_refused_before_its_items_are_validated(
+    api: Api, path: str, key: str
+) -> None:
+    worker = register(api, slots=4)
+    items: list[dict[str, Any]] = [{"job_id": "0123abcd", "epoch": 1, "result": {}}] * 100_000
+    items[70_000] = {"job_id": "0123abcd", "epoch": 0, "result": {}}  # item 70,000 is bad too
+    if key == "beats":
+        items = [{k: v for k, v in item.items() if k != "result"} for item in items]
+    r = api.http.post(path, json={key: items}, headers=worker.auth)
+    assert 400 <= r.status_code < 500, r.text
+    assert "70000" not in r.text  # refused for its length, not after reading every item
+
+
 def test_epochs_past_sqlite_integers_are_refused_or_fenced_never_a_500(api: Api) -> None:
     api.reload(ONE_JOB)
     worker = register(api, slots=2)
@@ -166,8 +186,8 @@ def test_a_batch_completion_of_another_workers_job_is_fenced(api: Api) -> None:
         beats = {"beats": [{"job_id": job_id, "epoch": 1}]}
         reply = api.http.post("/v1/heartbeats", json=beats, headers=thief.auth).json()
         assert reply["replies"][0]["outcome"] == "fenced"  # the book knows it: still not his
-    job = api.job(job_id)["job"]
-    assert (job["state"], job["worker_id"]) == ("running", owner.id)
+    job = api.job(job_id)["job"]  # running once the book's first beat is flushed
+    assert (job["state"] in ("claimed", "running"), job["worker_id"]) == (True, owner.id)
 
 
 def test_duplicate_items_in_a_batch_complete_a_job_once(api: Api) -> None:
@@ -263,6 +283,7 @@ def test_a_claim_never_reaps_an_attempt_whose_beats_are_in_the_book(
     r = api.http.post("/v1/workers/claim", headers=other.auth)
     assert r.status_code == 200 and r.json()["claim"] is None, r.text
     assert beat(api, worker, job_id, 1).json()["state"] == "running"
+    flush(api)
     job = api.job(job_id)["job"]
     assert (job["state"], job["epoch"], job["worker_id"]) == ("running", 1, worker.id)
 
@@ -380,7 +401,10 @@ def test_db_upgrade_on_a_garbage_file_is_a_clear_error(tmp_path: Path, content: 
             "CREATE TABLE schema_migrations (version TEXT, note BLOB)",
             "INSERT INTO schema_migrations VALUES ('v-two', x'00')",
         ],
-        ["CREATE TABLE schema_migrations (version INTEGER)", "INSERT INTO schema_migrations VALUES (1)"],
+        [
+            "CREATE TABLE schema_migrations (version INTEGER)",
+            "INSERT INTO schema_migrations VALUES (1)",
+        ],
         ["CREATE TABLE jobs (id INTEGER)"],  # another program's jobs: taken for issue 8's
     ],
 )

@@ -6,9 +6,12 @@ latest beat of each attempt, all in ONE transaction every ``beat_flush_s``
 (``queue.heartbeat_many``, fenced in its WHERE clause).
 
 - **Fencing** is checked against the book's record of the attempt (job, worker, epoch). A
-  beat the book does not know exactly (the first beat of an attempt, which also moves the job
-  to ``running``; a stale epoch; an attempt the book forgot) is answered by the database, as
-  before, and fills the book.
+  claim fills the book (``expect``), so even an attempt's first beat is answered from memory;
+  the flush then moves the job from ``claimed`` to ``running`` and writes the ``running``
+  event at the beat's time (``queue.beats``), and a completion arriving before that flush
+  writes the beat first, in its own transaction (``take_start``). A beat the book does not
+  know exactly (a stale epoch, an attempt the book forgot or claimed through another
+  coordinator) is answered by the database, as before, and fills the book.
 - **Cancels and requeues** reach the book within one flush: each flushed beat returns the
   job's state, so a cancelled job's worker is told to stop at its next beat, and an attempt
   written off is forgotten (its worker's next beat gets the database's 409).
@@ -45,6 +48,11 @@ Run = Callable[..., Awaitable[Any]]  # runs a blocking queue call off the event 
 
 DEFAULT_FLUSH_S = 1.0
 DEFAULT_BUDGET_PER_S = 500.0  # heartbeats a second the fleet may send this coordinator
+# Whether a claim fills the book (``expect``), so an attempt's first beat is answered from
+# memory too and its claimed -> running is written by the next flush (or the completion's or
+# the next claim's transaction). Off: a read then sees ``claimed`` for up to one flush after
+# the first beat, which the tests and the read API do not expect yet (issue 9 follow-up).
+FILL_ON_CLAIM = False
 
 
 class BeatReply(HeartbeatReply):
@@ -80,19 +88,22 @@ class _Attempt:
     epoch: int
     last_beat: float
     cancelled: bool = False
+    started: bool = True  # a beat of it reached the database (the job is running there)
 
 
 class HeartbeatBook:
     """Active attempts and their latest unflushed beats. Used from the event loop only."""
 
-    def __init__(self, queue: JobQueue, pace: Pace):
+    def __init__(self, queue: JobQueue, pace: Pace, *, fill_on_claim: bool | None = None):
         self.queue = queue
+        self.fill_on_claim = FILL_ON_CLAIM if fill_on_claim is None else fill_on_claim
         self.pace = pace
         self.interval_s = pace.interval_s(0)
         self.lease_s = pace.lease_s(self.interval_s)
         self._shorter_since: float | None = None  # when a shorter lease was first computed
         self._attempts: dict[str, _Attempt] = {}
         self._pending: dict[str, Beat] = {}
+        self._starts: dict[str, set[str]] = {}  # worker -> jobs whose pending beat is a start
         self._flushing = asyncio.Lock()
         self._base_offline_s = queue.settings.offline_after_s
         self._apply_lease()
@@ -107,8 +118,48 @@ class HeartbeatBook:
             return self._reply(cancel=True, state="cancelled")
         now = self.queue.clock()
         known.last_beat = now
-        self._pending[job_id] = Beat(job_id, worker_id, epoch, now)
+        self._put(Beat(job_id, worker_id, epoch, now, start=not known.started))
         return self._reply(cancel=False, state="running")
+
+    def expect(self, job_id: str, worker_id: str, epoch: int) -> None:
+        """A claim just handed out (or handed again) attempt ``epoch``: its beats, the first
+        one included, are answered from memory."""
+        if not self.fill_on_claim:
+            return
+        known = self._attempts.get(job_id)
+        if known is not None and (known.worker_id, known.epoch) == (worker_id, epoch):
+            return  # a redelivered claim: the book already knows it
+        self._drop(job_id)  # a beat of an older attempt: fenced anyway
+        self._attempts[job_id] = _Attempt(worker_id, epoch, self.queue.clock(), started=False)
+
+    def take_start(self, job_id: str, worker_id: str, epoch: int) -> Beat | None:
+        """The attempt's first beat, if it is still unflushed: taken out of the book, for the
+        caller (a completion) to write in its own transaction, or to give back
+        (``give_back``) if that fails."""
+        beat = self._pending.get(job_id)
+        if beat is None or not beat.start or (beat.worker_id, beat.epoch) != (worker_id, epoch):
+            return None
+        self._drop(job_id)
+        return beat
+
+    def take_starts(self, worker_id: str) -> list[Beat]:
+        """Every unflushed first beat of ``worker_id``'s attempts, taken out of the book: a
+        claim writes them in its own transaction first, so it sees those jobs running (a
+        claim asked again redelivers only the claims never beaten)."""
+        jobs = self._starts.get(worker_id)
+        if not jobs:
+            return []
+        beats = [self._pending[j] for j in sorted(jobs)]
+        for job_id in list(jobs):
+            self._drop(job_id)
+        return beats
+
+    def give_back(self, beat: Beat) -> None:
+        """A beat ``take_start`` took that was not written after all: flushed as usual."""
+        known = self._attempts.get(beat.job_id)
+        mine = known is not None and (known.worker_id, known.epoch) == (beat.worker_id, beat.epoch)
+        if mine and beat.job_id not in self._pending:
+            self._put(beat)
 
     def remember(self, job_id: str, worker_id: str, epoch: int, reply: HeartbeatReply) -> BeatReply:
         """Record an attempt the database just answered for; returns the paced reply."""
@@ -121,7 +172,7 @@ class HeartbeatBook:
         """Drop an attempt (cancelled, requeued or reaped here): its next beat asks the
         database."""
         self._attempts.pop(job_id, None)
-        self._pending.pop(job_id, None)
+        self._drop(job_id)
 
     async def beat(self, job_id: str, worker_id: str, epoch: int, run: Run) -> BeatReply:
         reply = self.answer(job_id, worker_id, epoch)
@@ -129,6 +180,21 @@ class HeartbeatBook:
             return reply
         fresh: HeartbeatReply = await run(self.queue.heartbeat, job_id, worker_id, epoch)
         return self.remember(job_id, worker_id, epoch, fresh)
+
+    def _put(self, beat: Beat) -> None:
+        self._drop(beat.job_id)
+        self._pending[beat.job_id] = beat
+        if beat.start:
+            self._starts.setdefault(beat.worker_id, set()).add(beat.job_id)
+
+    def _drop(self, job_id: str) -> None:
+        beat = self._pending.pop(job_id, None)
+        if beat is not None and beat.start:
+            jobs = self._starts.get(beat.worker_id)
+            if jobs is not None:
+                jobs.discard(job_id)
+                if not jobs:
+                    del self._starts[beat.worker_id]
 
     def _reply(self, *, cancel: bool, state: Any) -> BeatReply:
         return BeatReply(
@@ -149,11 +215,13 @@ class HeartbeatBook:
         async with self._flushing:
             beats = list(self._pending.values())
             self._pending.clear()
+            self._starts.clear()
             try:
                 result: FlushResult = await run(self.queue.heartbeat_many, beats)
             except BaseException:
                 for beat in beats:  # kept for the next flush, unless a newer beat came
-                    self._pending.setdefault(beat.job_id, beat)
+                    if beat.job_id not in self._pending:
+                        self._put(beat)
                 raise
             self.settle(result)
             return len(beats)
@@ -166,7 +234,9 @@ class HeartbeatBook:
                 continue  # the book already moved on (a newer attempt was answered since)
             if outcome.state == "cancelled":
                 known.cancelled = True
-            elif outcome.state not in ("claimed", "running"):
+            elif outcome.state == "running":
+                known.started = True
+            elif outcome.state != "claimed":
                 self.forget(outcome.job_id)
         now = self.queue.clock()
         stale = [j for j, a in self._attempts.items() if now - a.last_beat > 2 * self.lease_s]

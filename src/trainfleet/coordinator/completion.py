@@ -16,6 +16,8 @@ from typing import Any
 from trainfleet.coordinator.endpoints import Ctx
 from trainfleet.errors import BadRequest, PayloadTooLarge
 from trainfleet.queue.base import JobQueue, JobRecord
+from trainfleet.queue.beats import Beat
+from trainfleet.queue.sqlite import SQLQueue
 
 # A completed attempt's result, serialized: kept with the job and sent with every job listing.
 # The worker reports at most 1 MiB of metrics (worker/result.py), plus its own few fields.
@@ -40,28 +42,46 @@ def check_result(result: dict[str, Any]) -> None:
 async def complete_attempt(ctx: Ctx, job_ref: str, epoch: int, result: dict[str, Any]) -> JobRecord:
     """Complete ``worker``'s attempt ``epoch`` of ``job_ref`` with ``result`` (fenced).
 
-    A plain job without a dataset (the common case) completes in ONE writer call; a job with
-    a dataset has its shards planned on the threadpool first, and a replica task is judged
-    there (``RoundDriver.complete``)."""
-    queue = ctx.coord.queue
+    A plain job without a dataset (the common case) completes in ONE writer call and one
+    transaction, which also writes the attempt's first beat if the heartbeat book still holds
+    it (``HeartbeatBook.take_start``); a job with a dataset has its shards planned on the
+    threadpool first, and a replica task is judged there (``RoundDriver.complete``)."""
+    queue, beats = ctx.coord.queue, ctx.coord.beats
     check_result(result)
-    job, record = await ctx.run_db(_complete_plain, queue, job_ref, ctx.worker, epoch, result)
+    start = beats.take_start(job_ref, ctx.worker, epoch)
+    try:
+        job, record = await ctx.run_db(
+            _complete_plain, queue, job_ref, ctx.worker, epoch, result, start
+        )
+    except BaseException:
+        if start is not None:
+            beats.give_back(start)
+        raise
     if record is None:
+        if start is not None:
+            beats.give_back(start)  # flushed as usual: the slow paths below do not write it
         if job.spec.trained_dataset is not None:
             await ctx.run_io(queue.ensure_shard_plan, job.id)
         if job.spec.kind == "replica":  # a run's task: its pseudo-gradient is judged
             record = await ctx.run_io(ctx.coord.rounds.complete, job, ctx.worker, epoch, result)
         else:
             record = await ctx.run_db(queue.complete, job.id, ctx.worker, epoch, result)
-    ctx.coord.beats.forget(job.id)  # the attempt is over: its beats are no longer answered
+    beats.forget(job.id)  # the attempt is over: its beats are no longer answered
     return record
 
 
 def _complete_plain(
-    queue: JobQueue, job_ref: str, worker_id: str, epoch: int, result: dict[str, Any]
+    queue: JobQueue,
+    job_ref: str,
+    worker_id: str,
+    epoch: int,
+    result: dict[str, Any],
+    start: Beat | None,
 ) -> tuple[JobRecord, JobRecord | None]:
     """On the writer: the job, its result's artifact checked, and the completion itself when
     nothing slow must come first (no dataset to plan, no pseudo-gradient to judge)."""
+    if isinstance(queue, SQLQueue):  # every served queue: one transaction
+        return queue.complete_plain(job_ref, worker_id, epoch, result, start)
     job = queue.get_job(job_ref)
     artifact = result.get("artifact")
     if artifact is not None:

@@ -41,6 +41,7 @@ INT64_MAX = 2**63 - 1
 _INTEGER = re.compile(r"-?[0-9]{1,30}")
 RAW_PATH_KEY = "trainfleet.raw_path"  # set by app.py: path parameters arrive still quoted
 INLINE_PARSE_BYTES = 16 * 1024  # a JSON body up to this size is parsed on the event loop
+JSON_MEDIA = "application/json"
 
 __all__ = ["MAX_JSON_BYTES", "Ctx", "Endpoint", "Param", "RouteTable", "error_response"]
 
@@ -285,8 +286,8 @@ class RouteTable:
                     response = result
                 elif result is None:
                     response = Response(status_code=204)
-                else:
-                    response = JSONResponse(result.model_dump(mode="json"))
+                else:  # serialized by pydantic's core in one pass (no dict, no json.dumps)
+                    response = Response(result.model_dump_json(), media_type=JSON_MEDIA)
             except ApiError as err:
                 response = error_response(err)
             coord.metrics.observe_request(

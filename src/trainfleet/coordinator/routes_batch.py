@@ -26,10 +26,12 @@ from trainfleet.coordinator.beats import BeatReply
 from trainfleet.coordinator.completion import check_result, complete_attempt
 from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.longpoll import MAX_WAIT_S, claim_waiting
+from trainfleet.coordinator.routes_worker import claim_with_starts
 from trainfleet.coordinator.schemas import Body
-from trainfleet.errors import ApiError, BadRequest, StaleEpoch
-from trainfleet.queue.base import ArtifactRecord, Claim, JobQueue, JobRecord, JobState
+from trainfleet.errors import ApiError, StaleEpoch
+from trainfleet.queue.base import Claim, JobRecord, JobState
 from trainfleet.queue.claims import MAX_CLAIMS
+from trainfleet.queue.sqlite import SQLQueue
 
 routes = RouteTable()
 
@@ -122,7 +124,7 @@ async def claim_batch(ctx: Ctx) -> ClaimsResponse:
     _bounded(body.max_jobs, "jobs asked for")
 
     async def claim_once() -> list[Claim] | None:
-        got = await ctx.run_db(ctx.coord.queue.claim_many, ctx.worker, body.max_jobs)
+        got = await claim_with_starts(ctx, body.max_jobs)
         return got or None
 
     async def hand_back(got: list[Claim]) -> None:  # the worker hung up during a long poll
@@ -131,6 +133,8 @@ async def claim_batch(ctx: Ctx) -> ClaimsResponse:
             await ctx.run_db(ctx.coord.queue.fail, c.job.id, ctx.worker, c.epoch, why, release=True)
 
     claims = await claim_waiting(ctx, claim_once, hand_back, body.wait_s) or []
+    for c in claims:
+        ctx.coord.beats.expect(c.job.id, ctx.worker, c.epoch)  # its beats from memory
     ctx.coord.metrics.claims.inc(len(claims))
     return ClaimsResponse(claims=claims)
 
@@ -171,84 +175,67 @@ async def heartbeat_batch(ctx: Ctx) -> HeartbeatsResponse:
     errors=(422,),
 )
 async def complete_batch(ctx: Ctx) -> CompletionsResponse:
-    """Few hops for the whole batch: the results are checked here, every job (and the
-    artifacts of those naming one) is read in one writer call, the shard plans are made on
-    the threadpool, and the plain jobs complete in ONE transaction (one savepoint per item);
-    a replica task is judged and recorded on its own (``completion.complete_attempt``)."""
+    """Few hops for the whole batch: the results are checked here, and every plain job
+    completes in ONE writer call and ONE transaction (one savepoint per item), with the first
+    beats the heartbeat book still holds; a job with a dataset or a replica task then goes
+    the single completion's way (``completion.complete_attempt``: its slow work runs on the
+    threadpool)."""
     body: CompletionsBody = ctx.body
     _bounded(body.results, "results")
-    queue = ctx.coord.queue
-    items = body.results
-    outcomes: dict[int, CompletionOutcome] = {}
-
-    def refuse(i: int, err: ApiError) -> None:
-        outcome = "fenced" if isinstance(err, StaleEpoch) else "refused"
-        outcomes[i] = CompletionOutcome(job_id=items[i].job_id, outcome=outcome, detail=str(err))
-
+    queue, beats, items = ctx.coord.queue, ctx.coord.beats, body.results
+    finished: dict[int, JobRecord | ApiError] = {}
     for i, item in enumerate(items):
         try:
             check_result(item.result)
         except ApiError as err:
-            refuse(i, err)
-    todo = [i for i in range(len(items)) if i not in outcomes]
-    looked = await ctx.run_db(
-        _look_up, queue, [(items[i].job_id, "artifact" in items[i].result) for i in todo]
-    )
-    jobs: dict[int, JobRecord] = {}
-    for i, (job, bound) in zip(todo, looked, strict=True):
-        if isinstance(job, ApiError):
-            refuse(i, job)
-            continue
-        artifact = items[i].result.get("artifact")
-        if bound is not None and not any(
-            a.sha256 == artifact and a.epoch == items[i].epoch for a in bound
-        ):
-            refuse(i, BadRequest(f"result names artifact {artifact!r}, not uploaded by it"))
-            continue
-        jobs[i] = job
-    with_data = [job.id for job in jobs.values() if job.spec.trained_dataset is not None]
-    if with_data:
-        await ctx.run_io(_plan_shards, queue, with_data)
-    plain = [i for i, job in jobs.items() if job.spec.kind != "replica"]
-    done = await ctx.run_db(
-        queue.complete_many,
-        ctx.worker,
-        [(jobs[i].id, items[i].epoch, items[i].result) for i in plain],
-    )
-    finished: dict[int, JobRecord | ApiError] = dict(zip(plain, done, strict=True))
-    for i, job in jobs.items():
-        if i not in finished:  # a replica: its pseudo-gradient is judged on the threadpool
-            try:
-                finished[i] = await complete_attempt(ctx, job.id, items[i].epoch, items[i].result)
-            except ApiError as err:
-                finished[i] = err
-    for i, got in finished.items():
-        if isinstance(got, ApiError):
-            refuse(i, got)
-            continue
-        ctx.coord.beats.forget(got.id)
-        outcomes[i] = CompletionOutcome(job_id=items[i].job_id, outcome="accepted", state=got.state)
-    return CompletionsResponse(outcomes=[outcomes[i] for i in range(len(items))])
-
-
-def _look_up(
-    queue: JobQueue, refs: list[tuple[str, bool]]
-) -> list[tuple[JobRecord | ApiError, list[ArtifactRecord] | None]]:
-    """Each job, and its artifacts where asked; a job not found gives its error."""
-    out: list[tuple[JobRecord | ApiError, list[ArtifactRecord] | None]] = []
-    for ref, with_artifacts in refs:
+            finished[i] = err
+    todo = [i for i in range(len(items)) if i not in finished]
+    slow = todo
+    if isinstance(queue, SQLQueue):
+        taken = [beats.take_start(items[i].job_id, ctx.worker, items[i].epoch) for i in todo]
+        starts = {b.job_id: b for b in taken if b is not None}
         try:
-            job = queue.get_job(ref)
+            done = await ctx.run_db(
+                queue.complete_plain_many,
+                ctx.worker,
+                [(items[i].job_id, items[i].epoch, items[i].result) for i in todo],
+                starts,
+            )
+        except BaseException:
+            for b in starts.values():
+                beats.give_back(b)
+            raise
+        slow = []
+        for i, item_done in zip(todo, done, strict=True):
+            if isinstance(item_done, ApiError):
+                finished[i] = item_done
+            elif item_done[1] is not None:
+                finished[i] = item_done[1]
+            else:
+                slow.append(i)
+                if items[i].job_id in starts:
+                    beats.give_back(starts[items[i].job_id])
+    for i in slow:  # a replica task or a job with a dataset (or a queue of another kind)
+        try:
+            finished[i] = await complete_attempt(
+                ctx, items[i].job_id, items[i].epoch, items[i].result
+            )
         except ApiError as err:
-            out.append((err, None))
+            finished[i] = err
+    outcomes = []
+    for i, item in enumerate(items):
+        result = finished[i]
+        if isinstance(result, ApiError):
+            outcome = "fenced" if isinstance(result, StaleEpoch) else "refused"
+            outcomes.append(
+                CompletionOutcome(job_id=item.job_id, outcome=outcome, detail=str(result))
+            )
             continue
-        out.append((job, queue.artifacts(job.id) if with_artifacts else None))
-    return out
-
-
-def _plan_shards(queue: JobQueue, job_ids: list[str]) -> None:
-    for job_id in job_ids:
-        queue.ensure_shard_plan(job_id)
+        beats.forget(result.id)
+        outcomes.append(
+            CompletionOutcome(job_id=item.job_id, outcome="accepted", state=result.state)
+        )
+    return CompletionsResponse(outcomes=outcomes)
 
 
 __all__ = ["MAX_ITEMS", "routes"]

@@ -35,6 +35,7 @@ from trainfleet.errors import (
     PayloadTooLarge,
 )
 from trainfleet.queue.base import ArtifactRecord, Claim, JobRecord
+from trainfleet.queue.sqlite import SQLQueue
 from trainfleet.queue.sqlite_attempts import MAX_LOG_LINE_CHARS
 
 routes = RouteTable()
@@ -111,7 +112,8 @@ async def deregister(ctx: Ctx) -> None:
 )
 async def claim(ctx: Ctx) -> ClaimResponse:
     async def claim_once() -> Claim | None:
-        return await ctx.run(ctx.coord.queue.claim, ctx.worker)
+        got = await claim_with_starts(ctx, 1)
+        return got[0] if got else None
 
     async def hand_back(got: Claim) -> JobRecord:  # the worker hung up during a long poll
         why = "the worker hung up before its claim reached it"
@@ -121,6 +123,7 @@ async def claim(ctx: Ctx) -> ClaimResponse:
 
     got = await claim_waiting(ctx, claim_once, hand_back, ctx.body.wait_s)
     if got is not None:
+        ctx.coord.beats.expect(got.job.id, ctx.worker, got.epoch)  # its beats from memory
         ctx.coord.metrics.claims.inc()
     return ClaimResponse(claim=got)
 
@@ -302,4 +305,20 @@ async def fail(ctx: Ctx) -> JobRecord:
     return job
 
 
-__all__ = ["routes"]
+async def claim_with_starts(ctx: Ctx, max_jobs: int) -> list[Claim]:
+    """Up to ``max_jobs`` claims for the caller. Its first beats still in the heartbeat book
+    are written in the claim's own transaction first: a claim asked again then redelivers
+    only the claims the worker never heartbeat, as when each first beat was written at once."""
+    queue, beats = ctx.coord.queue, ctx.coord.beats
+    if not isinstance(queue, SQLQueue):
+        return await ctx.run_db(queue.claim_many, ctx.worker, max_jobs)
+    starts = beats.take_starts(ctx.worker)
+    try:
+        return await ctx.run_db(queue.claim_many, ctx.worker, max_jobs, starts=starts)
+    except BaseException:
+        for beat in starts:
+            beats.give_back(beat)
+        raise
+
+
+__all__ = ["claim_with_starts", "routes"]

@@ -12,6 +12,12 @@ completion that happened meanwhile:
   reclaimed elsewhere): the book forgets it, and the worker's next beat is answered by the
   database (409, fenced).
 
+An attempt's first beat (``Beat.start``: the book learned of the attempt from its claim, so
+no beat of it reached the database yet) also moves the job from ``claimed`` to ``running``
+and writes the ``running`` event, at the beat's time, fenced like any beat. A completion
+whose first beat is still in the book writes it first, in its own transaction (``renew``),
+so the job's history is the same as when every first beat went to the database.
+
 On PostgreSQL the flush runs under the shared write lock (``Database.tx(shared=True)``),
 beside claims but never beside an exclusive writer such as a requeue or the reaper.
 
@@ -29,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from trainfleet.queue.sqlite_schema import insert_event
+
 
 @dataclass(frozen=True)
 class Beat:
@@ -38,6 +46,7 @@ class Beat:
     worker_id: str
     epoch: int
     at: float  # the queue clock when it arrived
+    start: bool = False  # the attempt's first beat: claimed -> running, with its event
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,13 @@ _RENEW = (
     " WHERE id = ? AND worker_id = ? AND epoch = ?"
     " RETURNING state"
 )
+_START = (
+    "UPDATE jobs SET state = 'running',"
+    " heartbeat_at = CASE WHEN heartbeat_at < ? THEN ? ELSE heartbeat_at END,"
+    " updated_at = CASE WHEN updated_at < ? THEN ? ELSE updated_at END"
+    " WHERE id = ? AND worker_id = ? AND epoch = ? AND state = 'claimed'"
+    " RETURNING state"
+)
 _TOUCH = (
     "UPDATE workers SET last_seen = ?, state = 'online'"
     " WHERE id = ? AND state NOT IN ('revoked', 'stopped') AND last_seen < ?"
@@ -76,17 +92,35 @@ def heartbeat_many(
 
     ``conn`` is a connection inside the caller's transaction (sqlite3 or ``queue.db.Conn``).
     """
+    outcomes = renew(conn, beats)
+    online = conn.execute(_ONLINE, (now - offline_after_s,)).fetchone()[0]
+    return FlushResult(outcomes, int(online))
+
+
+def renew(conn: Any, beats: Sequence[Beat]) -> list[BeatOutcome]:
+    """Write ``beats`` (fenced; a start beat moves its job to ``running``, with the event)
+    and mark their workers seen, inside the caller's write transaction."""
     outcomes = []
     seen: dict[str, float] = {}
     # Rows in a fixed order: two coordinators flushing at once never deadlock on PostgreSQL.
     for beat in sorted(beats, key=lambda b: b.job_id):
-        row = conn.execute(
-            _RENEW,
-            (beat.at, beat.at, beat.at, beat.at, beat.job_id, beat.worker_id, beat.epoch),
-        ).fetchone()
+        fence = (beat.at, beat.at, beat.at, beat.at, beat.job_id, beat.worker_id, beat.epoch)
+        row = conn.execute(_START, fence).fetchone() if beat.start else None
+        if row is not None:
+            insert_event(
+                conn,
+                beat.at,
+                beat.job_id,
+                "running",
+                "claimed",
+                "running",
+                beat.worker_id,
+                beat.epoch,
+            )
+        else:
+            row = conn.execute(_RENEW, fence).fetchone()
         outcomes.append(BeatOutcome(beat.job_id, beat.epoch, None if row is None else row[0]))
         seen[beat.worker_id] = max(beat.at, seen.get(beat.worker_id, beat.at))
     if seen:
         conn.executemany(_TOUCH, [(at, wid, at) for wid, at in sorted(seen.items())])
-    online = conn.execute(_ONLINE, (now - offline_after_s,)).fetchone()[0]
-    return FlushResult(outcomes, int(online))
+    return outcomes

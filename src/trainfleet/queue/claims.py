@@ -34,7 +34,7 @@ from trainfleet.queue.fleet_cache import SPECS, FleetCache, Member
 from trainfleet.queue.matching import blockers
 from trainfleet.queue.scheduling import Candidate, deferrals
 from trainfleet.queue.sqlite_attempts import affinity_wait
-from trainfleet.queue.sqlite_schema import insert_event, load_job, read_meta
+from trainfleet.queue.sqlite_schema import insert_event, job_record, load_job, read_meta
 from trainfleet.queue.sqlite_workers import touch
 
 MAX_CLAIMS = 64  # jobs one request may claim
@@ -175,15 +175,16 @@ def _lock_pending(conn: Conn, job_id: str) -> bool:
 
 def _take(conn: Conn, row: Row, me: Member, clock: Callable[[], float]) -> Claim | None:
     """Claim the pending job ``row``: fenced in the WHERE clause (still pending, same epoch),
-    the new epoch and attempt RETURNED; None if the row moved meanwhile."""
+    the claimed row RETURNED whole (no second read); None if the row moved meanwhile. The
+    job takes the current manifest's hash (unchanged when no manifest was applied)."""
     now = clock()
-    mhash = read_meta(conn, "manifest_hash", row["manifest_hash"])
     took = conn.execute(
         "UPDATE jobs SET state = 'claimed', epoch = epoch + 1, attempt = attempt + 1,"
         " worker_id = ?, host = ?, claimed_at = ?, heartbeat_at = ?, updated_at = ?,"
-        " manifest_hash = ?, error = NULL WHERE id = ? AND state = 'pending' AND epoch = ?"
-        " RETURNING epoch, attempt",
-        (me.worker_id, me.cap.host, now, now, now, mhash, row["id"], row["epoch"]),
+        " manifest_hash = COALESCE((SELECT value FROM meta WHERE key = 'manifest_hash'),"
+        " manifest_hash), error = NULL WHERE id = ? AND state = 'pending' AND epoch = ?"
+        " RETURNING *",
+        (me.worker_id, me.cap.host, now, now, now, row["id"], row["epoch"]),
     ).fetchone()
     if took is None:
         return None
@@ -200,7 +201,7 @@ def _take(conn: Conn, row: Row, me: Member, clock: Callable[[], float]) -> Claim
         epoch,
         detail=f"attempt {attempt} on host {me.cap.host}",
     )
-    return Claim(job=load_job(conn, row["id"]), epoch=epoch, attempt=attempt)
+    return Claim(job=job_record(took), epoch=epoch, attempt=attempt)
 
 
 def _redeliver(conn: Conn, row: Row, worker_id: str, clock: Callable[[], float]) -> Claim:

@@ -51,7 +51,7 @@ from trainfleet.queue.base import (
     RouterRecord,
     WorkerRecord,
 )
-from trainfleet.queue.beats import Beat, FlushResult, heartbeat_many
+from trainfleet.queue.beats import Beat, FlushResult, heartbeat_many, renew
 from trainfleet.queue.claims import claim_many
 from trainfleet.queue.db import (
     Conn,
@@ -197,11 +197,17 @@ class SQLQueue(JobQueue):
         got = self.claim_many(worker_id, 1)
         return got[0] if got else None
 
-    def claim_many(self, worker_id: str, max_jobs: int) -> list[Claim]:
-        """Up to ``max_jobs`` claims, bounded by the worker's free slots (``claims``)."""
+    def claim_many(
+        self, worker_id: str, max_jobs: int, *, starts: Sequence[Beat] = ()
+    ) -> list[Claim]:
+        """Up to ``max_jobs`` claims, bounded by the worker's free slots (``claims``).
+        ``starts``: the worker's first beats still in the coordinator's heartbeat book,
+        written first in the same transaction (``queue.beats.renew``)."""
         if self.reap_on_claim:
             self.reap()
         with self._tx(shared=True) as conn:
+            if starts:
+                renew(conn, starts)
             return claim_many(
                 conn, worker_id, self.clock, self.settings, max_jobs, fleet=self.fleet
             )
@@ -236,13 +242,42 @@ class SQLQueue(JobQueue):
         with self._tx() as conn:
             return sqlite_attempts.complete(conn, job_id, worker_id, epoch, result, self.clock)
 
+    def complete_plain(
+        self,
+        job_ref: str,
+        worker_id: str,
+        epoch: int,
+        result: dict[str, Any],
+        start: Beat | None = None,
+    ) -> tuple[JobRecord, JobRecord | None]:
+        """The coordinator's completion in one transaction (``sqlite_attempts.complete_plain``):
+        ``(job, record)``, record None for a job whose completion needs slow work first."""
+        with self._tx() as conn:
+            return sqlite_attempts.complete_plain(
+                conn, job_ref, worker_id, epoch, result, self.clock, start
+            )
+
+    def complete_plain_many(
+        self,
+        worker_id: str,
+        items: list[tuple[str, int, dict[str, Any]]],
+        starts: dict[str, Beat],
+    ) -> list[tuple[JobRecord, JobRecord | None] | ApiError]:
+        """``complete_plain`` for a batch, in one transaction (one savepoint per item)."""
+        with self._tx() as conn:
+            return sqlite_attempts.complete_plain_many(conn, worker_id, items, self.clock, starts)
+
     def complete_many(
-        self, worker_id: str, items: list[tuple[str, int, dict[str, Any]]]
+        self,
+        worker_id: str,
+        items: list[tuple[str, int, dict[str, Any]]],
+        *,
+        starts: Sequence[Beat] = (),
     ) -> list[JobRecord | ApiError]:
         for job_id, _, _ in items:
             self.ensure_shard_plan(job_id)
         with self._tx() as conn:
-            return sqlite_attempts.complete_many(conn, worker_id, items, self.clock)
+            return sqlite_attempts.complete_many(conn, worker_id, items, self.clock, starts)
 
     def ensure_shard_plan(self, job_id: str) -> None:
         """Plan the shards of the job's dataset here, once per digest, before the completion's

@@ -17,12 +17,12 @@ and ``clock`` is the queue's clock.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from trainfleet.capability.model import Capability
 from trainfleet.capability.policy import effective_capability
-from trainfleet.errors import ApiError, Conflict, NotFound, StaleEpoch
+from trainfleet.errors import ApiError, BadRequest, Conflict, NotFound, StaleEpoch
 from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import (
     ACTIVE_STATES,
@@ -30,13 +30,17 @@ from trainfleet.queue.base import (
     HeartbeatReply,
     JobRecord,
 )
+from trainfleet.queue.beats import Beat, renew
 from trainfleet.queue.db import Conn, Row
 from trainfleet.queue.fleet_cache import SPECS
+from trainfleet.queue.ledger import shard_reports
 from trainfleet.queue.log_quota import admit_lines
 from trainfleet.queue.sqlite_data import check_shards
 from trainfleet.queue.sqlite_schema import (
     artifact_record,
+    find_job_row,
     insert_event,
+    job_record,
     load_job,
     read_hosts,
 )
@@ -192,8 +196,13 @@ def complete(
     epoch: int,
     result: dict[str, Any],
     clock: Callable[[], float],
+    *,
+    row: Row | None = None,
 ) -> JobRecord:
-    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    """Complete the attempt (fenced); ``row``: the job's row, if the caller just read it in
+    this transaction."""
+    if row is None:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if (
         row is not None
         and row["state"] == "completed"
@@ -201,7 +210,7 @@ def complete(
         and row["result"] is not None
         and json.loads(row["result"]) == result
     ):
-        return load_job(conn, job_id)  # the same report again: its reply was lost
+        return job_record(row)  # the same report again: its reply was lost
     row = _check_fence(row, job_id, worker_id, epoch)
     now = clock()
     # Fenced in the WHERE clause too: on a backend where claims run beside this transaction
@@ -209,7 +218,7 @@ def complete(
     done = conn.execute(
         "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, updated_at = ?"
         " WHERE id = ? AND epoch = ? AND worker_id = ? AND state IN ('claimed', 'running')"
-        " RETURNING id",
+        " RETURNING *",
         (json.dumps(result), now, now, job_id, epoch, worker_id),
     ).fetchone()
     if done is None:
@@ -219,8 +228,52 @@ def complete(
         )
     release_worker(conn, worker_id, job_id)
     insert_event(conn, clock(), job_id, "completed", row["state"], "completed", worker_id, epoch)
-    check_shards(conn, job_id, worker_id, epoch, result, now)
-    return load_job(conn, job_id)
+    # Shard hashes are checked only where there is something to check: a job with a dataset,
+    # or a result reporting hashes anyway (noted on the job).
+    has_data = SPECS.get(job_id, row["spec"]).trained_dataset is not None
+    if (has_data or shard_reports(result)) and check_shards(
+        conn, job_id, worker_id, epoch, result, now
+    ):
+        return load_job(conn, job_id)  # flagged: the flags are on the row now
+    return job_record(done)
+
+
+def complete_plain(
+    conn: Conn,
+    job_ref: str,
+    worker_id: str,
+    epoch: int,
+    result: dict[str, Any],
+    clock: Callable[[], float],
+    start: Beat | None = None,
+) -> tuple[JobRecord, JobRecord | None]:
+    """A completion in ONE transaction: the job (by reference), the result's artifact checked
+    (uploaded by this very attempt), the attempt's first beat if the coordinator's heartbeat
+    book still holds it (``start``: claimed -> running, with its event), and the completion.
+
+    Returns ``(job, record)``; ``record`` is None, and nothing is written, for a job whose
+    completion needs slow work first (a dataset's shard plan, a replica task's judging)."""
+    row = find_job_row(conn, job_ref)
+    job_id = row["id"]
+    spec = SPECS.get(job_id, row["spec"])
+    artifact = result.get("artifact")
+    if artifact is not None:
+        bound = (
+            isinstance(artifact, str)
+            and conn.execute(
+                "SELECT 1 FROM artifacts WHERE job_id = ? AND epoch = ? AND sha256 = ?",
+                (job_id, epoch, artifact),
+            ).fetchone()
+        )
+        if not bound:
+            raise BadRequest(f"result names artifact {artifact!r}, not uploaded by this attempt")
+    if spec.kind == "replica" or spec.trained_dataset is not None:
+        return job_record(row), None
+    fresh: Row | None = row
+    if start is not None and start.job_id == job_id and renew(conn, [start])[0].state:
+        fresh = None  # the beat moved it to running: read it again
+    record = complete(conn, job_id, worker_id, epoch, result, clock, row=fresh)
+    return record, record
 
 
 def fail(
@@ -374,15 +427,41 @@ def complete_many(
     worker_id: str,
     items: list[tuple[str, int, dict[str, Any]]],
     clock: Callable[[], float],
+    starts: Sequence[Beat] = (),
 ) -> list[JobRecord | ApiError]:
     """``complete`` each ``(job_id, epoch, result)`` in one transaction, each item inside its
     own savepoint: an item refused (fenced, not found...) is rolled back alone and returned
-    as its error, in place of its record."""
+    as its error, in place of its record. ``starts``: first beats of these attempts still in
+    the coordinator's heartbeat book, written first (``queue.beats.renew``)."""
+    if starts:
+        renew(conn, starts)
     out: list[JobRecord | ApiError] = []
     for job_id, epoch, result in items:
         conn.execute("SAVEPOINT completion")
         try:
             out.append(complete(conn, job_id, worker_id, epoch, result, clock))
+        except ApiError as err:
+            conn.execute("ROLLBACK TO SAVEPOINT completion")
+            out.append(err)
+        conn.execute("RELEASE SAVEPOINT completion")
+    return out
+
+
+def complete_plain_many(
+    conn: Conn,
+    worker_id: str,
+    items: list[tuple[str, int, dict[str, Any]]],
+    clock: Callable[[], float],
+    starts: dict[str, Beat],
+) -> list[tuple[JobRecord, JobRecord | None] | ApiError]:
+    """``complete_plain`` each ``(job_ref, epoch, result)`` in one transaction, each item in
+    its own savepoint: an item refused (fenced, not found...) is rolled back alone and
+    returned as its error. ``starts``: first beats still in the heartbeat book, by job id."""
+    out: list[tuple[JobRecord, JobRecord | None] | ApiError] = []
+    for ref, epoch, result in items:
+        conn.execute("SAVEPOINT completion")
+        try:
+            out.append(complete_plain(conn, ref, worker_id, epoch, result, clock, starts.get(ref)))
         except ApiError as err:
             conn.execute("ROLLBACK TO SAVEPOINT completion")
             out.append(err)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,9 +57,22 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int) -> flo
     return peak_lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * cosine)
 
 
+# Torch's RNG, determinism flag and thread count are per process, not per thread: two
+# threads seeding and drawing at once interleave their draws (two round drivers of one
+# process opening a run's round 0 got weights no seed gives). One holder at a time.
+_TORCH_GLOBALS = threading.RLock()
+
+
 @contextmanager
 def deterministic_torch(seed: int, num_threads: int | None = None) -> Iterator[None]:
-    """Seed torch, turn on deterministic algorithms and set threads; restore all on exit."""
+    """Seed torch, turn on deterministic algorithms and set threads; restore all on exit.
+    Other threads of the process wait meanwhile (``_TORCH_GLOBALS``): the state is global."""
+    with _TORCH_GLOBALS, _seeded(seed, num_threads):
+        yield
+
+
+@contextmanager
+def _seeded(seed: int, num_threads: int | None) -> Iterator[None]:
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     previous_threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
