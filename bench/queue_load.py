@@ -37,6 +37,8 @@ class LoadStats:
     errors: int = 0
     got_ms: list[float] = field(default_factory=list)  # claims that got a job
     empty_ms: list[float] = field(default_factory=list)  # claims that found none
+    beat_ms: list[float] = field(default_factory=list)  # heartbeat requests
+    complete_ms: list[float] = field(default_factory=list)  # complete requests
     wall_s: float = 0.0
     client_cpu_s: float = 0.0
     error_examples: list[str] = field(default_factory=list)
@@ -168,8 +170,12 @@ async def cycle(c: Conn, w: Worker, stats: LoadStats) -> int:
         return 0
     stats.got_ms.append(ms)
     job_id, epoch = claim["job"]["id"], claim["epoch"]
+    t1 = time.perf_counter()
     await c.call("POST", f"/v1/jobs/{job_id}/heartbeat", w.token, {"epoch": epoch})
+    t2 = time.perf_counter()
     await c.call("POST", f"/v1/jobs/{job_id}/complete", w.token, {"epoch": epoch, "result": {}})
+    stats.beat_ms.append(1000 * (t2 - t1))
+    stats.complete_ms.append(1000 * (time.perf_counter() - t2))
     return 1
 
 
@@ -183,12 +189,16 @@ async def batched_cycle(c: Conn, w: Worker, k: int, stats: LoadStats) -> int:
         return 0
     stats.got_ms.append(ms)
     held = [{"job_id": cl["job"]["id"], "epoch": cl["epoch"]} for cl in claims]
+    t1 = time.perf_counter()
     beats = await c.call("POST", "/v1/heartbeats", w.token, {"beats": held})
+    stats.beat_ms.append(1000 * (time.perf_counter() - t1))
     for item in beats["replies"]:
         if item.get("outcome") != "ok":
             stats.error(f"heartbeat {item}")
     results = [{**h, "result": {}} for h in held]
+    t2 = time.perf_counter()
     reply = await c.call("POST", "/v1/completions", w.token, {"results": results})
+    stats.complete_ms.append(1000 * (time.perf_counter() - t2))
     accepted = 0
     for item in reply["outcomes"]:
         if item.get("outcome") == "accepted":

@@ -7,7 +7,8 @@ instead: calls are served in arrival order, each transaction begins at once, and
 keeps its connection warm. A database that takes concurrent writers (``single_writer`` False:
 PostgreSQL) gets a pool sized to its connection pool.
 
-The rule that keeps this fast: nothing slow runs on that thread. Shard planning, decoding a
+The rule that keeps this fast: nothing slow runs on that thread; on SQLite not even the WAL
+checkpoints, which run on a thread of their own (``queue.checkpoint``). Shard planning, decoding a
 pseudo-gradient, held-out evaluation and file I/O go to the ordinary threadpool
 (``Ctx.run_io``); only the queue's own transactions go to the writer (``Ctx.run_db``).
 """
@@ -30,6 +31,9 @@ def make_db_executor(queue: object) -> ThreadPoolExecutor:
     does not say), else one thread per pooled connection."""
     db = getattr(queue, "db", None)
     single = bool(getattr(db, "single_writer", True))
+    background = getattr(queue, "checkpoint_in_background", None)
+    if background is not None:  # SQLite: no checkpoint (an fsync) inside the writer's commits
+        background()
     if single:
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainfleet-writer")
     size = int(getattr(db, "pool_size", 0) or DEFAULT_POOL)

@@ -52,6 +52,7 @@ from trainfleet.queue.base import (
     WorkerRecord,
 )
 from trainfleet.queue.beats import Beat, FlushResult, heartbeat_many, renew
+from trainfleet.queue.checkpoint import Checkpointer
 from trainfleet.queue.claims import claim_many
 from trainfleet.queue.db import (
     Conn,
@@ -503,7 +504,23 @@ class SQLiteQueue(SQLQueue):
         clock: Callable[[], float] = time.time,
     ):
         self.path = str(path)
-        super().__init__(SQLiteDatabase(self.path), settings, clock)
+        self._sqlite = SQLiteDatabase(self.path)
+        self._checkpointer: Checkpointer | None = None
+        super().__init__(self._sqlite, settings, clock)
+
+    def checkpoint_in_background(self) -> None:
+        """Checkpoint the WAL on a thread of its own, never inside a commit (``checkpoint``):
+        the coordinator's writer then never waits on a checkpoint's fsync. Stopped by
+        ``close``."""
+        if self._checkpointer is None and self.path != ":memory:":
+            self._checkpointer = Checkpointer(self._sqlite)
+            self._checkpointer.start()
+
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
+        super().close()
 
 
 class PostgresQueue(SQLQueue):
