@@ -7,6 +7,9 @@ instead: calls are served in arrival order, each transaction begins at once, and
 keeps its connection warm. A database that takes concurrent writers (``single_writer`` False:
 PostgreSQL) gets a pool sized to its connection pool.
 
+On SQLite the calls waiting for that thread at once commit together, in one transaction,
+each in its own savepoint (``coordinator.group_commit``).
+
 The rule that keeps this fast: nothing slow runs on that thread; on SQLite not even the WAL
 checkpoints, which run on a thread of their own (``queue.checkpoint``). Shard planning, decoding a
 pseudo-gradient, held-out evaluation and file I/O go to the ordinary threadpool
@@ -21,9 +24,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from trainfleet.coordinator.group_commit import GroupWriter
+
 T = TypeVar("T")
 
 DEFAULT_POOL = 8  # writers for a multi-writer database that does not say its pool size
+GROUP_COMMIT = True  # SQLite: queue calls waiting together share one transaction
 
 
 def make_db_executor(queue: object) -> ThreadPoolExecutor:
@@ -35,6 +41,8 @@ def make_db_executor(queue: object) -> ThreadPoolExecutor:
     if background is not None:  # SQLite: no checkpoint (an fsync) inside the writer's commits
         background()
     if single:
+        if getattr(db, "dialect", None) == "sqlite" and GROUP_COMMIT:
+            return GroupWriter(db)  # the calls waiting together commit together
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainfleet-writer")
     size = int(getattr(db, "pool_size", 0) or DEFAULT_POOL)
     return ThreadPoolExecutor(max_workers=size, thread_name_prefix="trainfleet-db")

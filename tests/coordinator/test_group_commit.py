@@ -1,0 +1,54 @@
+"""Group commit (``coordinator.group_commit``): queue calls waiting together share one
+transaction; a call that fails is rolled back alone and gets its own error."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from trainfleet.coordinator.group_commit import GroupWriter
+from trainfleet.queue.db import SQLiteDatabase
+
+
+def insert(db: SQLiteDatabase, value: int) -> int:
+    with db.tx() as conn:
+        conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
+    return value
+
+
+def insert_then_fail(db: SQLiteDatabase, value: int) -> None:
+    with db.tx() as conn:
+        conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
+        raise ValueError(f"refused {value}")
+
+
+def test_waiting_calls_commit_together_and_a_failure_rolls_back_alone(tmp_path: Path) -> None:
+    db = SQLiteDatabase(tmp_path / "g.db")
+    with db.tx() as conn:
+        conn.execute("CREATE TABLE t (v INTEGER)")
+    writer = GroupWriter(db)
+    release = threading.Event()
+    try:
+        blocker = writer.submit(release.wait, 30)  # the writer is busy: the next calls wait
+        futures = [
+            writer.submit(insert, db, 1),
+            writer.submit(insert_then_fail, db, 2),
+            writer.submit(insert, db, 3),
+        ]
+        release.set()
+        assert blocker.result(30) is True
+        assert futures[0].result(30) == 1
+        with pytest.raises(ValueError, match="refused 2"):
+            futures[1].result(30)
+        assert futures[2].result(30) == 3
+        assert writer.groups == 1  # the three waited together: one transaction
+        with db.read() as conn:
+            values = [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v").fetchall()]
+        assert values == [1, 3]
+    finally:
+        writer.shutdown()
+        db.close()
+    with pytest.raises(RuntimeError):
+        writer.submit(insert, db, 4)
