@@ -137,12 +137,6 @@ def test_a_batch_of_twenty_thousand_items_is_refused(api: Api, path: str, key: s
     assert "64" in r.json()["message"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes_batch (helper B2): the 64-item bound is checked after pydantic validated every"
-    " item, on the event loop (500,000 beats: ~1.6 s with the loop blocked); declare it in the"
-    " models, Field(max_length=MAX_ITEMS), and pydantic refuses before the first item",
-)
 @pytest.mark.parametrize("path, key", [("/v1/heartbeats", "beats"), ("/v1/completions", "results")])
 def test_a_huge_batch_is_refused_before_its_items_are_validated(
     api: Api, path: str, key: str
