@@ -10,8 +10,9 @@ The queue's SQL is written once, in a subset both engines accept (``?`` placehol
 - PostgreSQL: a ``psycopg_pool`` pool; ``tx()`` first takes ``pg_advisory_xact_lock`` on the
   schema's write key (``schema_key``): the same guarantee as ``BEGIN IMMEDIATE``, across any
   number of coordinators on one database. ``tx(shared=True)`` takes the shared variant, for
-  the claim and the batched heartbeat flush only: those run side by side (a claim picks rows with ``FOR UPDATE SKIP
-  LOCKED``), and no exclusive writer (cancel, requeue, reap, reload, complete) interleaves.
+  the claim and the batched heartbeat flush only: those run side by side (a claim picks rows
+  with ``FOR UPDATE SKIP LOCKED``), and no exclusive writer (cancel, requeue, reap, reload,
+  complete) interleaves.
 
 A transaction or read opened while the same thread is already inside one joins it (same
 connection, no new BEGIN): a nested ``tx()`` on PostgreSQL would otherwise wait forever on
