@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import threading
 from collections.abc import Iterator
@@ -14,20 +16,26 @@ from test_daemon_faults import DaemonClient, worker_with
 
 
 class WaitingClient(DaemonClient):
-    """A coordinator with no work: a long-poll claim blocks until ``release`` is set."""
+    """A coordinator with no work: a long-poll claim blocks until ``release()``. It blocks in
+    ``select`` on a pipe, as the real client blocks in a socket read: a signal handler that
+    raises there leaves nothing half done (raised inside ``Event.wait``, it can catch the
+    condition's lock mid-restore: "release unlocked lock")."""
 
     def __init__(self) -> None:
         super().__init__([])
         self.waits: list[float] = []
         self.waiting = threading.Event()
-        self.release = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+
+    def release(self) -> None:
+        os.write(self._wake_w, b"x")
 
     def claim(self, wait_s: float = 0.0) -> Any:
         self.record("claim")
         self.waits.append(wait_s)
         if wait_s > 0:
             self.waiting.set()
-            self.release.wait(wait_s)
+            select.select([self._wake_r], [], [], wait_s)
         return None
 
 
@@ -41,7 +49,7 @@ def restore_signals() -> Iterator[None]:
 
 def test_the_claim_waits_at_most_what_is_left_of_exit_when_idle(tmp_path: Path) -> None:
     client = WaitingClient()
-    client.release.set()
+    client.release()
     worker = worker_with(client, tmp_path, exit_when_idle_s=1.5, claim_wait_s=20.0)
     worker.run()
     assert client.waits and 0.5 <= client.waits[0] <= 1.5  # cut to the idle limit
@@ -67,7 +75,7 @@ def test_sigterm_cuts_a_long_poll_claim_short(tmp_path: Path, restore_signals: N
     try:
         assert worker.run() == []  # returns: the hour-long wait did not hold it
     finally:
-        client.release.set()
+        client.release()
         sender.join(30)
     assert client.waits == [3600.0]
     assert worker.stop.is_set()

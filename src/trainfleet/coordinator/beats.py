@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from pydantic import Field
 
+from trainfleet.errors import ApiError
 from trainfleet.queue.base import HeartbeatReply, JobQueue
 from trainfleet.queue.beats import Beat, FlushResult
 
@@ -180,6 +181,30 @@ class HeartbeatBook:
             return reply
         fresh: HeartbeatReply = await run(self.queue.heartbeat, job_id, worker_id, epoch)
         return self.remember(job_id, worker_id, epoch, fresh)
+
+    async def beat_many(
+        self, worker_id: str, items: list[tuple[str, int]], run: Run
+    ) -> list[BeatReply | ApiError]:
+        """``beat`` for each ``(job_id, epoch)`` of one worker, each reply or its error in
+        order; the beats the book cannot answer go to the database in ONE call (one
+        transaction) where the queue offers it (``heartbeat_each``)."""
+        out: list[BeatReply | ApiError | None] = [self.answer(j, worker_id, e) for j, e in items]
+        misses = [i for i, got in enumerate(out) if got is None]
+        each = getattr(self.queue, "heartbeat_each", None)
+        if misses and each is not None:
+            fresh = await run(each, worker_id, [items[i] for i in misses])
+            for i, got in zip(misses, fresh, strict=True):
+                job_id, epoch = items[i]
+                if not isinstance(got, ApiError):
+                    got = self.remember(job_id, worker_id, epoch, got)
+                out[i] = got
+        elif misses:  # a queue without it: one database call per beat
+            for i in misses:
+                try:
+                    out[i] = await self.beat(items[i][0], worker_id, items[i][1], run)
+                except ApiError as err:
+                    out[i] = err
+        return [got for got in out if got is not None]
 
     def _put(self, beat: Beat) -> None:
         self._drop(beat.job_id)

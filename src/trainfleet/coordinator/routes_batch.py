@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trainfleet.coordinator.beats import BeatReply
 from trainfleet.coordinator.completion import check_result, complete_attempt
 from trainfleet.coordinator.endpoints import Ctx, RouteTable
 from trainfleet.coordinator.longpoll import MAX_WAIT_S, claim_waiting
@@ -136,14 +135,13 @@ async def claim_batch(ctx: Ctx) -> ClaimsResponse:
 async def heartbeat_batch(ctx: Ctx) -> HeartbeatsResponse:
     body: HeartbeatsBody = ctx.body
     replies = []
-    for beat in body.beats:
-        try:
-            got: BeatReply = await ctx.coord.beats.beat(
-                beat.job_id, ctx.worker, beat.epoch, ctx.run
-            )
-        except ApiError as err:
-            outcome = "fenced" if isinstance(err, StaleEpoch) else "refused"
-            replies.append(BeatOutcome(job_id=beat.job_id, outcome=outcome, detail=str(err)))
+    items = [(beat.job_id, beat.epoch) for beat in body.beats]
+    # The beats the book cannot answer go to the database together: one writer call.
+    answers = await ctx.coord.beats.beat_many(ctx.worker, items, ctx.run_db)
+    for beat, got in zip(body.beats, answers, strict=True):
+        if isinstance(got, ApiError):
+            outcome = "fenced" if isinstance(got, StaleEpoch) else "refused"
+            replies.append(BeatOutcome(job_id=beat.job_id, outcome=outcome, detail=str(got)))
             continue
         replies.append(BeatOutcome(job_id=beat.job_id, outcome="ok", **got.model_dump()))
     return HeartbeatsResponse(replies=replies)

@@ -224,6 +224,26 @@ class SQLQueue(JobQueue):
         with self._tx() as conn:
             return sqlite_attempts.heartbeat(conn, job_id, worker_id, epoch, self.clock)
 
+    def heartbeat_each(
+        self, worker_id: str, items: list[tuple[str, int]]
+    ) -> list[HeartbeatReply | ApiError]:
+        """``heartbeat`` for each ``(job_id, epoch)`` in one transaction, each in its own
+        savepoint: a beat refused (fenced, not found) is rolled back alone and returned as
+        its error."""
+        out: list[HeartbeatReply | ApiError] = []
+        with self._tx() as conn:
+            for job_id, epoch in items:
+                conn.execute("SAVEPOINT beat")
+                try:
+                    out.append(
+                        sqlite_attempts.heartbeat(conn, job_id, worker_id, epoch, self.clock)
+                    )
+                except ApiError as err:
+                    conn.execute("ROLLBACK TO SAVEPOINT beat")
+                    out.append(err)
+                conn.execute("RELEASE SAVEPOINT beat")
+        return out
+
     def append_log(self, job_id: str, worker_id: str, epoch: int, lines: list[str]) -> int:
         with self._tx() as conn:
             return sqlite_attempts.append_log(conn, job_id, worker_id, epoch, lines, self.clock)
