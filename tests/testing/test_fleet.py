@@ -85,7 +85,9 @@ def test_a_failing_test_still_leaves_no_process_behind(tmp_path: Path) -> None:
 
 def test_sigterm_lands_while_a_claim_is_held_in_flight(tmp_path: Path) -> None:
     with LiveFleet(tmp_path) as fleet:
-        worker = fleet.start_worker("cpu-a")
+        # A plain claim, waited for to the end; a SIGTERM abandons a long poll instead (that
+        # case: tests/e2e/test_worker_faults_e2e.py).
+        worker = fleet.start_worker("cpu-a", "--claim-wait-s", "0")
         assert worker.proxy is not None
         worker.sigterm_during("POST", r"/claim$", hold_s=1.0, timeout_s=20)
         assert worker.proxy.arrived("POST", r"/claim$", fault="delayed")

@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,12 @@ class WaitingClient(DaemonClient):
         self.waits.append(wait_s)
         if wait_s > 0:
             self.waiting.set()
-            select.select([self._wake_r], [], [], wait_s)
+            # In slices: a signal that lands just before a blocking call runs its Python
+            # handler only when the call returns (the interpreter checks between bytecodes).
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if select.select([self._wake_r], [], [], 0.05)[0]:
+                    break
         return None
 
 

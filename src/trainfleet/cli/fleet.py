@@ -102,7 +102,9 @@ def _hand_over(reply: dict[str, Any], token_file: Path | None, url: str, verb: s
     host = escape(reply["host"])
     if token_file is not None:
         write_secret(token_file, reply["token"])
-        err_console.print(f"{verb} host {host}; its join token is in {escape(str(token_file))}")
+        err_console.print(
+            f"{verb} host {host}; its join token is in {escape(str(token_file))}", soft_wrap=True
+        )
         where = str(token_file)
     else:
         err_console.print(f"{verb} host {host}; its join token (shown once):")
@@ -110,7 +112,10 @@ def _hand_over(reply: dict[str, Any], token_file: Path | None, url: str, verb: s
         sys.stdout.flush()
         where = "NAME.token"
     join = join_command(url, where, tls=url.lower().startswith("https:"))
-    err_console.print(f"on {host}:  {escape(join)}   (or set {env.JOIN_TOKEN})", highlight=False)
+    # soft_wrap: a command to copy must never be broken across lines, however long its paths
+    err_console.print(
+        f"on {host}:  {escape(join)}   (or set {env.JOIN_TOKEN})", highlight=False, soft_wrap=True
+    )
     local = urlsplit(url).hostname
     if local in LOOPBACK_HOSTS:
         err_console.print(
