@@ -25,6 +25,7 @@ that what happens to a large artifact is explicit rather than an s3fs default:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import time
@@ -122,7 +123,10 @@ def _multipart(fs: Any, f: BinaryIO, bucket: str, key: str, part_bytes: int) -> 
             MultipartUpload={"Parts": done},
         )
     except BaseException:
-        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        # The original error is what the caller must see; an abort that fails too (the same
+        # broken network) leaves an incomplete upload for the bucket's lifecycle rule.
+        with contextlib.suppress(Exception):
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
         raise
     return len(done)
 

@@ -219,16 +219,18 @@ def create_app(coord: Coordinator) -> Starlette:
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         coord.work.bind(asyncio.get_running_loop())
         run = db_runner(coord)
-        await asyncio.to_thread(coord.leader.start)
-        listener = listen_for_work(coord.queue, coord.work.notify)
-        await _renew_if_new_term(coord, run)
-        tasks = [
-            asyncio.create_task(flush_forever(coord.beats, coord.beat_flush_s, run)),
-            asyncio.create_task(_reap_forever(coord)),
-            asyncio.create_task(_collect_garbage_forever(coord)),
-            asyncio.create_task(_drive_rounds_forever(coord)),
-        ]
-        try:
+        listener = None
+        tasks: list[asyncio.Task[None]] = []
+        try:  # whatever fails while starting, what was started is stopped (finally)
+            await asyncio.to_thread(coord.leader.start)
+            listener = listen_for_work(coord.queue, coord.work.notify)
+            await _renew_if_new_term(coord, run)
+            tasks = [
+                asyncio.create_task(flush_forever(coord.beats, coord.beat_flush_s, run)),
+                asyncio.create_task(_reap_forever(coord)),
+                asyncio.create_task(_collect_garbage_forever(coord)),
+                asyncio.create_task(_drive_rounds_forever(coord)),
+            ]
             yield
         finally:
             for task in tasks:

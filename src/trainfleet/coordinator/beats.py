@@ -34,7 +34,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import Field
 
@@ -44,10 +44,9 @@ from trainfleet.queue.beats import Beat, FlushResult
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Run = Callable[..., Awaitable[Any]]  # runs a blocking queue call off the event loop
 
-DEFAULT_FLUSH_S = 1.0
+
 DEFAULT_BUDGET_PER_S = 500.0  # heartbeats a second the fleet may send this coordinator
 # Whether a claim fills the book (``expect``), so an attempt's first beat is answered from
 # memory too and its claimed -> running is written by the next flush (or the completion's or
@@ -228,10 +227,6 @@ class HeartbeatBook:
             heartbeat_interval_s=self.interval_s,
             heartbeat_timeout_s=self.lease_s,
         )
-
-    @property
-    def num_attempts(self) -> int:
-        return len(self._attempts)
 
     # flushing ---------------------------------------------------------------------------
     async def flush(self, run: Run) -> int:

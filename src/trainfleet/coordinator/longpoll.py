@@ -150,6 +150,7 @@ async def _claim_until(
         got = await claim_once()
         if got is not None and await ctx.request.is_disconnected():
             await hand_back(got)
+            signal.notify()  # claimable again: other waiting polls may take it
             return None
         left = deadline - time.monotonic()
         if got is not None or left <= 0:

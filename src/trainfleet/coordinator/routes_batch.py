@@ -19,6 +19,7 @@ model before any item is read.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 from pydantic import Field
@@ -113,8 +114,11 @@ async def claim_batch(ctx: Ctx) -> ClaimsResponse:
 
     async def hand_back(got: list[Claim]) -> None:  # the worker hung up during a long poll
         why = "the worker hung up before its claim reached it"
-        for c in got:
-            await ctx.run_db(ctx.coord.queue.fail, c.job.id, ctx.worker, c.epoch, why, release=True)
+        for c in got:  # each on its own: one already written off does not keep the rest
+            with contextlib.suppress(ApiError):
+                await ctx.run_db(
+                    ctx.coord.queue.fail, c.job.id, ctx.worker, c.epoch, why, release=True
+                )
 
     claims = await claim_waiting(ctx, claim_once, hand_back, body.wait_s) or []
     for c in claims:

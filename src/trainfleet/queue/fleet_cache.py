@@ -131,10 +131,6 @@ class FleetCache:
         del hosts
         return [out[w] for w in worker_ids if w in out]
 
-    def top_priority(self, conn: Any) -> int:
-        """The highest priority any host policy gives (0 without policies)."""
-        return max((p.priority for p in self.hosts(conn).values()), default=0)
-
 
 class SpecCache:
     """Parsed job specs by job id, valid while the stored spec text is unchanged."""

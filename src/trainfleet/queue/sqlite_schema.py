@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Callable
 
 from trainfleet.capability.model import Capability
@@ -28,11 +27,6 @@ from trainfleet.queue.base import (
 )
 from trainfleet.queue.fleet_cache import SPECS
 from trainfleet.queue.notify import notify_work
-
-
-def connect(path: str) -> sqlite3.Connection:
-    """Open a connection in autocommit mode (transactions are explicit), rows by name."""
-    return db.sqlite_connect(path)
 
 
 def token_hash(token: str) -> str:
