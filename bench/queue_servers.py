@@ -8,6 +8,7 @@ separate from the load generator's on the same machine.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import ROOT
+from bench.queue_profile import PROFILE_ENV
 
 
 def free_port() -> int:
@@ -110,6 +112,9 @@ def trainfleet_servers(
         for i in range(count):
             port = free_port()
             cmd = [sys.executable, "-m", "trainfleet.cli.main", "serve"]
+            profile = os.environ.get(PROFILE_ENV)
+            if profile:  # cProfile of the event loop and the writer (bench.queue_profile)
+                cmd[2:3] = ["bench.queue_profile", profile]
             cmd += [str(manifest)] if i == 0 else []
             cmd += ["--port", str(port), "--state-dir", str(state / f"c{i}")]
             cmd += ["--operator-token-file", str(token_file), "--log-level", "warning"]
@@ -133,7 +138,7 @@ def reference_server(state: Path, manifest: Path) -> Iterator[Servers]:
     state.mkdir(parents=True, exist_ok=True)
     token, port, db = secrets.token_urlsafe(24), free_port(), state / "ref.db"
     cmd = [sys.executable, "-m", "bench.queue_ref", "--db", str(db), "--manifest", str(manifest)]
-    cmd += ["--port", str(port), "--operator-token", token]
+    cmd += ["--port", str(port), f"--operator-token={token}"]  # a token may start with "-"
     log = state / "ref.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -148,6 +148,14 @@ def run_path(ref: str) -> str:
     return quote(ref, safe="")
 
 
+def market_path(ref: str, what: str) -> str:
+    """A competition or submission reference as one URL path segment; :class:`EmptyReference`
+    (a ValueError) for an empty one."""
+    if not ref or not ref.strip():
+        raise EmptyReference(f"empty {what} reference: give a {what} name or id")
+    return quote(ref, safe="")
+
+
 class Client:
     def __init__(
         self,
@@ -379,6 +387,90 @@ class Client:
             result: dict[str, Any] = self.request("GET", f"/v1/routers/{quote(fit_id, safe='')}")
         except NotFound:
             return None
+        return result
+
+    # training market (verify; coordinator.routes_market) ----------------------------------
+    def upload_model(self, path: Path) -> dict[str, Any]:
+        """Store a model file (safetensors) on the coordinator: ``{"sha256", "size"}``.
+        Content addressed: uploading the same bytes again stores nothing new."""
+        from trainfleet.artifacts import sha256_file
+
+        sha256, size = sha256_file(path)
+        chunk_bytes = self._chunk_bytes
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := f.read(chunk_bytes):
+                    yield chunk
+
+        result: dict[str, Any] = self.request(
+            "PUT",
+            f"/v1/market/models/{sha256}",
+            params={"size": size},
+            content=self._throttled(chunks()),
+            headers={"Content-Length": str(size)},
+        )
+        return result
+
+    def get_model(
+        self,
+        sha256: str,
+        dest: Path,
+        max_bytes: int | None = None,
+        give_up: Callable[[], bool] | None = None,
+    ) -> int:
+        """A market model (worker auth: only one a referee job it holds names) into
+        ``dest``, checked against ``sha256``; its size."""
+        return self._fetch_verified(
+            f"/v1/market/models/{quote(sha256, safe='')}", sha256, dest, max_bytes, give_up
+        )
+
+    def create_competition(self, spec: dict[str, Any], baseline: str) -> dict[str, Any]:
+        """Create a competition from its spec and an uploaded baseline model's sha256."""
+        body = {"spec": spec, "baseline": baseline}
+        result: dict[str, Any] = self.request("POST", "/v1/market/competitions", json=body)
+        return result
+
+    def competitions(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/v1/market/competitions")[
+            "competitions"
+        ]
+        return result
+
+    def competition(self, ref: str) -> dict[str, Any]:
+        """One competition (by name or id) with its submissions and balances."""
+        result: dict[str, Any] = self.request(
+            "GET", f"/v1/market/competitions/{market_path(ref, 'competition')}"
+        )
+        return result
+
+    def submit(self, competition: str, sha256: str, claim: float) -> dict[str, Any]:
+        """Submit an uploaded model with its claimed held-out loss: the submission."""
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/v1/market/competitions/{market_path(competition, 'competition')}/submissions",
+            json={"sha256": sha256, "claim": claim},
+        )
+        return result
+
+    def leaderboard(self, competition: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "GET",
+            f"/v1/market/competitions/{market_path(competition, 'competition')}/leaderboard",
+        )
+        return result
+
+    def submission(self, ref: str) -> dict[str, Any]:
+        """One submission with its referees' reports."""
+        result: dict[str, Any] = self.request(
+            "GET", f"/v1/market/submissions/{market_path(ref, 'submission')}"
+        )
+        return result
+
+    def market_ledger(self, competition: str | None = None) -> dict[str, Any]:
+        """The market ledger (every payment, oldest first) and the balances derived from it."""
+        params = {"competition": competition} if competition else {}
+        result: dict[str, Any] = self.request("GET", "/v1/market/ledger", params=params)
         return result
 
     def _stream(self, path: str) -> Iterator[bytes]:

@@ -322,3 +322,25 @@ def test_a_version_finishes_a_database_that_already_has_part_of_it(tmp_path: Pat
         assert columns.count("kind") == 1 and "timeout_s" in columns
     finally:
         db.close()
+
+
+def test_version_4_gives_old_jobs_the_public_tier_and_adds_the_market_tables(
+    db: Database,
+) -> None:
+    make_issue8(db)
+    migrate(db)
+    assert {"competitions", "submissions", "referee_reports", "market_ledger"} <= tables(db)
+    assert "attest_nonces" in tables(db)
+    with db.read() as conn:
+        rows = conn.execute("SELECT name, panel, tier FROM jobs ORDER BY seq").fetchall()
+        workers = conn.execute("SELECT attested_until, measurement FROM workers").fetchall()
+    assert [tuple(r) for r in rows] == [("a", None, "public"), ("r/3/1", None, "public")]
+    assert workers == []
+    with db.tx() as conn:  # the ledger pays a submission once: a database fact
+        entry = (
+            "INSERT INTO market_ledger (competition_id, submission_id, account, amount,"
+            " frontier_before, frontier_after, at) VALUES ('c', 's', 'h', 1.0, 2.0, 1.9, 0)"
+        )
+        conn.execute(entry)
+    with pytest.raises(Exception, match=r"(?i)unique"), db.tx() as conn:
+        conn.execute(entry)

@@ -14,13 +14,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
 
 from trainfleet import __version__, env
 from trainfleet.cli import render
+from trainfleet.cli.attest import attest_app
 from trainfleet.cli.common import (
     DEFAULT_STATE,
     CaCertOpt,
@@ -43,8 +44,12 @@ from trainfleet.cli.data import app as data_app
 from trainfleet.cli.db import app as db_app
 from trainfleet.cli.fleet import hosts_app, workers_app
 from trainfleet.cli.hints import WorkerTag, serve_hints
+from trainfleet.cli.market import app as market_app
 from trainfleet.cli.runs import list_runs, run_app
 from trainfleet.client import Client
+
+if TYPE_CHECKING:
+    from trainfleet.verify.attest import AttestationPolicy
 
 app = typer.Typer(
     name="trainfleet",
@@ -162,6 +167,30 @@ def serve(
             " least 3 heartbeat intervals + 1 s."
         ),
     ] = 8.0,
+    attestation_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--attestation-key",
+            help="Pin this Ed25519 attestation public key (PEM; repeatable): workers whose"
+            " quote it signs may claim private jobs (`trainfleet attest keygen` makes a"
+            " SIMULATED one). Default: none, private work is off.",
+        ),
+    ] = None,
+    measurements: Annotated[
+        Path | None,
+        typer.Option(
+            help="The allowlist of attested measurements: one sha256 per line"
+            " (`trainfleet attest measure` prints this install's)."
+        ),
+    ] = None,
+    attest_ttl_s: Annotated[
+        float,
+        typer.Option(
+            min=60,
+            help="An accepted attestation lasts this many seconds (workers attest again"
+            " before it ends; at least 60: longer than a worker's long-poll claim).",
+        ),
+    ] = 3600.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the coordinator (HTTP API on HOST:PORT; state in STATE_DIR)."""
@@ -190,9 +219,11 @@ def serve(
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_timeout_s=heartbeat_timeout_s,
     )
+    attestation = _attestation(attestation_key or [], measurements, attest_ttl_s)
     _check_port_free(host, port)
     with _errors():
         coord = build_coordinator(cfg)
+        coord.attestation = attestation
         if manifest is not None:
             plan = coord.queue.apply_manifest(load_manifest(manifest))
             err_console.print(
@@ -212,6 +243,32 @@ def serve(
         )
         err_console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
         run_server(coord, host, port, tls)
+
+
+def _attestation(
+    keys: list[Path], measurements: Path | None, ttl_s: float
+) -> AttestationPolicy | None:
+    """The private tier's verifier from the serve flags (None: private work is off)."""
+    from trainfleet.verify.attest import (
+        AttestationPolicy,
+        PinnedKeyVerifier,
+        load_measurements,
+        load_public_key,
+    )
+
+    if not keys:
+        if measurements is not None:
+            _fail("--measurements needs --attestation-key", 2)
+        return None
+    if measurements is None:
+        _fail("--attestation-key needs --measurements FILE (the allowed measurements)", 2)
+    try:
+        verifier = PinnedKeyVerifier(
+            [load_public_key(k) for k in keys], load_measurements(measurements)
+        )
+    except (OSError, ValueError) as err:
+        _fail(str(err), 2)
+    return AttestationPolicy(verifier, ttl_s=ttl_s)
 
 
 def _secret(path: Path | None, var: str) -> str | None:
@@ -332,6 +389,13 @@ def join(
             " never part of a run's spec. Default: no cap.",
         ),
     ] = None,
+    enclave: Annotated[
+        str | None,
+        typer.Option(
+            help="Attest for private jobs with this enclave: simulated:KEYFILE (a SIMULATED"
+            " attestation key from `trainfleet attest keygen`). Default: public work only.",
+        ),
+    ] = None,
     state_dir: StateOpt = DEFAULT_STATE,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -368,6 +432,13 @@ def join(
     for one in url.split(","):
         if not one.strip().startswith(("http://", "https://")):
             _fail(f"not a coordinator URL: {one.strip()!r} (want http://HOST:PORT)", 2)
+    if enclave is not None:
+        from trainfleet.worker.attest import enclave_from_spec
+
+        try:
+            enclave_from_spec(enclave)  # a bad spec or key file: a message, not a traceback
+        except ValueError as err:
+            _fail(str(err), 2)
     # Each line names the host the worker registered as (the token decides it), not this
     # machine's hostname.
     _setup_logging(log_level, "[%(worker_tag)s] ")
@@ -392,6 +463,7 @@ def join(
                 verify_routing=verify_routing,
             ),
             max_mbps=max_mbps,
+            enclave=enclave,
         ),
         client_factory=lambda tok: Client(url, tok, ca_cert=ca_cert, max_mbps=max_mbps),
     )
@@ -622,8 +694,10 @@ def download(
 
 
 app.add_typer(data_app)
+app.add_typer(attest_app)
 app.add_typer(db_app)
 app.add_typer(hosts_app)
+app.add_typer(market_app)
 app.add_typer(workers_app)
 app.command("runs")(list_runs)
 app.add_typer(run_app)

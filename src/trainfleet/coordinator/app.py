@@ -28,9 +28,11 @@ from trainfleet import __version__
 from trainfleet.artifacts.gc import INTERVAL_S as GC_INTERVAL_S
 from trainfleet.artifacts.gc import collect_garbage
 from trainfleet.coordinator import (
+    routes_attest,
     routes_batch,
     routes_data,
     routes_hosts,
+    routes_market,
     routes_operator,
     routes_read,
     routes_runs,
@@ -39,6 +41,8 @@ from trainfleet.coordinator import (
 from trainfleet.coordinator.beats import Run, flush_forever
 from trainfleet.coordinator.clock_steps import ClockSteps
 from trainfleet.coordinator.endpoints import RAW_PATH_KEY, Ctx, RouteTable
+from trainfleet.coordinator.fastpath import FastPath
+from trainfleet.coordinator.market import drive_forever as drive_market_forever
 from trainfleet.coordinator.notify import listen_for_work
 from trainfleet.coordinator.rounds import TICK_S as ROUND_TICK_S
 from trainfleet.coordinator.state import Coordinator
@@ -58,6 +62,8 @@ def api_routes() -> RouteTable:
         routes_data,
         routes_hosts,
         routes_runs,
+        routes_attest,
+        routes_market,
     ):
         table.include(module.routes)
     return table
@@ -230,6 +236,7 @@ def create_app(coord: Coordinator) -> Starlette:
                 asyncio.create_task(_reap_forever(coord)),
                 asyncio.create_task(_collect_garbage_forever(coord)),
                 asyncio.create_task(_drive_rounds_forever(coord)),
+                asyncio.create_task(drive_market_forever(coord)),
             ]
             yield
         finally:
@@ -248,7 +255,11 @@ def create_app(coord: Coordinator) -> Starlette:
     app = Starlette(
         routes=table.starlette_routes(coord),
         exception_handlers={HTTPException: http_error, Exception: server_error},
-        middleware=[Middleware(RawPathRouting)],
+        # The hot worker routes skip the routing and body validation below (fastpath).
+        middleware=[
+            Middleware(FastPath, coord=coord, endpoints=table.endpoints),
+            Middleware(RawPathRouting),
+        ],
         lifespan=lifespan,
     )
     # "/v1/jobs/" is a 404, not a redirect the description cannot list.

@@ -9,7 +9,9 @@ Kinds of caller (``Auth``):
 - ``worker``: a worker credential from ``/v1/workers/register``;
 - ``operator``: the operator token;
 - ``read``: the operator token, or anyone when the coordinator serves ``--public-reads``;
-- ``reader``: the operator token or a worker credential.
+- ``reader``: the operator token or a worker credential;
+- ``submitter``: the operator token (the caller is ``OPERATOR``) or an enrolled host's join
+  token (the caller is that host): who submits a model to the market (``routes_market``).
 
 Every check is a constant-time comparison or a lookup by token hash. Worker and host
 lookups are cached in memory (``TokenCache``) for at most ``TOKEN_TTL_S``, so a busy fleet's
@@ -33,11 +35,12 @@ from trainfleet.capability.model import Capability
 from trainfleet.coordinator.writer import run_on
 from trainfleet.errors import Unauthorized
 from trainfleet.queue.base import WorkerRecord
+from trainfleet.verify.market import OPERATOR  # the producer of what the operator submits
 
 if TYPE_CHECKING:
     from trainfleet.coordinator.state import Coordinator
 
-Auth = Literal["none", "join", "worker", "operator", "read", "reader"]
+Auth = Literal["none", "join", "worker", "operator", "read", "reader", "submitter"]
 
 TOKEN_TTL_S = 1.0  # how long another coordinator's revoke may go unseen here
 MAX_CACHED_TOKENS = 100_000
@@ -104,10 +107,20 @@ def _same(given: str, expected: str) -> bool:
 
 
 async def authenticate(auth: Auth, request: Request, coord: Coordinator) -> str | None:
-    """Check the caller; returns the worker id for ``worker`` (and a worker ``reader``)."""
+    """Check the caller; returns the worker id for ``worker`` (and a worker ``reader``),
+    the producer (``OPERATOR`` or a host name) for ``submitter``."""
     if auth == "none" or (auth == "read" and coord.public_reads):
         return None
     token = bearer_token(request)
+    if auth == "submitter":
+        if _same(token, coord.operator_token):
+            return OPERATOR
+        if _same(token, coord.join_token):
+            raise Unauthorized(
+                "the shared join token does not submit: use a host's own join token"
+                " (`trainfleet hosts enroll NAME`) or the operator token"
+            )
+        return await _cached(coord, "host", token, coord.queue.authenticate_host)
     if auth == "join":
         # Checked here, before the body is read, and again atomically by register_caller.
         if not _join_host(token, coord):

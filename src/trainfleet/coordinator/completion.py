@@ -5,7 +5,10 @@ The checks of the result (size, metrics, its artifact uploaded by this very atte
 first. Then the slow parts run on the ordinary threadpool, never on the queue's writer
 (``coordinator/writer.py``): the shard plan of the job's dataset (it streams the source) and,
 for a replica task of a collaborative run, judging its pseudo-gradient (decoding it). Only the
-completion's own transaction runs on the writer.
+completion's own transaction runs on the writer. A referee job's loss arrays are checked
+first too (``market.check_referee_losses``); once it completed, its submission is settled on
+the threadpool (``MarketDriver.referee_done``: the report, and the verdict if the panel is
+complete).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 from typing import Any
 
 from trainfleet.coordinator.endpoints import Ctx
+from trainfleet.coordinator.market import check_referee_losses
 from trainfleet.errors import BadRequest, PayloadTooLarge
 from trainfleet.queue.base import JobQueue, JobRecord
 from trainfleet.queue.beats import Beat
@@ -48,6 +52,7 @@ async def complete_attempt(ctx: Ctx, job_ref: str, epoch: int, result: dict[str,
     threadpool first, and a replica task is judged there (``RoundDriver.complete``)."""
     queue, beats = ctx.coord.queue, ctx.coord.beats
     check_result(result)
+    check_referee_losses(result)
     start = beats.take_start(job_ref, ctx.worker, epoch)
     try:
         job, record = await ctx.run_db(
@@ -67,6 +72,8 @@ async def complete_attempt(ctx: Ctx, job_ref: str, epoch: int, result: dict[str,
         else:
             record = await ctx.run_db(queue.complete, job.id, ctx.worker, epoch, result)
     beats.forget(job.id)  # the attempt is over: its beats are no longer answered
+    if job.spec.kind == "referee" and record.state == "completed":
+        await ctx.run_io(ctx.coord.market.referee_done, record)
     return record
 
 

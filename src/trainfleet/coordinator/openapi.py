@@ -43,6 +43,7 @@ ACCEPTS: dict[str, list[str]] = {
     "operator": ["operatorToken"],
     "read": ["operatorToken"],  # or none, when the coordinator serves --public-reads
     "reader": ["operatorToken", "workerCredential"],
+    "submitter": ["operatorToken", "joinToken"],  # a market submission's producer
 }
 
 ERROR_SCHEMA: dict[str, Any] = {

@@ -149,7 +149,7 @@ class RoundDriver:
     def judge(self, job: JobRecord, result: dict[str, Any]) -> Verdict:
         from trainfleet.train import pseudograd
 
-        task = job.spec.task
+        task = job.spec.replica_task
         assert task is not None
         # What the replica did: its contribution record, else its metrics (as the worker
         # reported them; they only weigh its pseudo-gradient, within [0, H] steps).

@@ -16,8 +16,10 @@ from trainfleet.coordinator.leader import Leadership, leadership_for
 from trainfleet.coordinator.longpoll import WorkSignal
 from trainfleet.coordinator.metrics import Metrics
 from trainfleet.queue.base import JobQueue
+from trainfleet.verify.attest import AttestationPolicy
 
 if TYPE_CHECKING:
+    from trainfleet.coordinator.market import MarketDriver
     from trainfleet.coordinator.rounds import RoundDriver
 
 
@@ -36,8 +38,10 @@ class Coordinator:
     beat_budget_per_s: float = 500.0  # heartbeats/s the fleet may send: scales the interval
     max_upload_bytes: int = 16 * 1024**3
     runs_dir: Path | None = None  # the round driver's files (eval cache); default beside staging
+    attestation: AttestationPolicy | None = None  # the private tier (verify.attest); None: off
     metrics: Metrics = field(init=False)
     rounds: RoundDriver = field(init=False)  # drives collaborative runs (coordinator.rounds)
+    market: MarketDriver = field(init=False)  # competitions, referee panels (.market)
     db_executor: ThreadPoolExecutor = field(init=False)  # runs queue calls (coordinator.writer)
     beats: HeartbeatBook = field(init=False)  # heartbeats in memory (coordinator.beats)
     work: WorkSignal = field(init=False)  # wakes long-poll claims (coordinator.longpoll)
@@ -45,6 +49,7 @@ class Coordinator:
     leader: Leadership = field(init=False)  # runs the reaper and ticker? (coordinator.leader)
 
     def __post_init__(self) -> None:
+        from trainfleet.coordinator.market import MarketDriver
         from trainfleet.coordinator.rounds import RoundDriver
         from trainfleet.coordinator.writer import make_db_executor
 
@@ -55,6 +60,7 @@ class Coordinator:
         self.db_executor = make_db_executor(self.queue)
         self.queue.reap_on_claim = False  # only the reaper reaps, after flushing the book
         self.rounds = RoundDriver(self)
+        self.market = MarketDriver(self)
         pace = Pace(
             base_interval_s=self.heartbeat_interval_s,
             min_lease_s=self.queue.settings.heartbeat_timeout_s,

@@ -329,6 +329,11 @@ def _check_job(
             f"{where}.kind: 'replica' jobs are a run's tasks, made by the coordinator;"
             " declare a [[runs]] table instead"
         )
+    elif job.kind == "referee":
+        problems.append(
+            f"{where}.kind: 'referee' jobs re-measure market submissions, made by the"
+            " coordinator; they are never written in a manifest"
+        )
     elif job.kind == "train":
         if job.command is not None:
             problems.append(f"{where}.command: only kind='command' jobs take a command")

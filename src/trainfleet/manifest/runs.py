@@ -119,6 +119,9 @@ class RunSpec(_Spec):
     )
     max_failures: int = Field(3, ge=1, le=100, description="failed attempts of one task")
     timeout_s: float = Field(3600, gt=0, description="wall-clock limit of one task attempt")
+    tier: Literal["public", "private"] = Field(
+        "public", description="'private': only attested workers may claim its replica tasks"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunSpec:

@@ -6,19 +6,38 @@ docs: one name per concept.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    Discriminator,
     Field,
+    Tag,
     model_validator,
 )
 
 from trainfleet.data.spec import DatasetSpec, content_fields
 from trainfleet.manifest.names import HostName, Name, _Spec
 from trainfleet.manifest.runs import ReplicaTask, RunSpec
+from trainfleet.verify.spec import RefereeTask
 
 Scalar = str | int | float | bool
-JobKind = Literal["train", "command", "replica"]
+JobKind = Literal["train", "command", "replica", "referee"]
+Tier = Literal["public", "private"]
+
+
+def _task_kind(value: Any) -> str:
+    """Which task a job carries: a referee task names a submission, a replica task a run."""
+    if isinstance(value, RefereeTask) or (isinstance(value, dict) and "submission_id" in value):
+        return "referee"
+    return "replica"
+
+
+# A replica task parses exactly as before (same JSON, same identity); a referee task is told
+# apart by its submission_id, and ``JobSpec`` checks that it rides on a kind='referee' job.
+Task = Annotated[
+    Annotated[ReplicaTask, Tag("replica")] | Annotated[RefereeTask, Tag("referee")],
+    Discriminator(_task_kind),
+]
 
 
 class HostPolicy(_Spec):
@@ -61,6 +80,7 @@ _JOB_DEFAULTABLE = (
     "allowed_hosts",
     "max_failures",
     "timeout_s",
+    "tier",
 )
 
 # Keys renamed in a release: old manifest key -> new one. The loader accepts the old key with a
@@ -121,14 +141,29 @@ class JobSpec(_Spec):
     path: int | None = Field(
         None, ge=0, description="for a routed dataset: the path whose documents the job trains on"
     )
-    task: ReplicaTask | None = Field(
-        None, description="for kind='replica': the run, round and replica slot it trains"
+    tier: Tier = Field(
+        "public",
+        description="'private': only a worker with a valid attestation may claim it",
+    )
+    task: Task | None = Field(
+        None,
+        description="for kind='replica': the run, round and replica slot it trains; for"
+        " kind='referee': the submission and held-out subset it re-measures",
     )
 
     @model_validator(mode="before")
     @classmethod
     def _read_renamed_keys(cls, data: Any) -> Any:
         return _renamed(data)
+
+    @model_validator(mode="after")
+    def _referee_task_on_referee_jobs(self) -> JobSpec:
+        referee_task = isinstance(self.task, RefereeTask)
+        if self.kind == "referee" and not referee_task:
+            raise ValueError("a kind='referee' job needs a referee task")
+        if referee_task and self.kind != "referee":
+            raise ValueError(f"a referee task rides on a kind='referee' job, not {self.kind!r}")
+        return self
 
     def identity(self) -> dict[str, Any]:
         """The fields that make a job the same job (scheduling fields may change freely)."""
@@ -151,10 +186,23 @@ class JobSpec(_Spec):
 
     @property
     def trained_dataset(self) -> DatasetSpec | None:
-        """The dataset it trains on: its own, or its run's for a replica task."""
+        """The dataset it trains on: its own, or its run's for a replica task (a referee
+        task's held-out dataset is evaluated, not trained on)."""
         if self.dataset is not None:
             return self.dataset
-        return self.task.dataset if self.task is not None else None
+        task = self.replica_task
+        return task.dataset if task is not None else None
+
+    @property
+    def replica_task(self) -> ReplicaTask | None:
+        """Its replica task, if it is a run's (None for every other job)."""
+        return self.task if isinstance(self.task, ReplicaTask) else None
+
+    @property
+    def panel(self) -> str | None:
+        """For a referee job, the submission it judges: the jobs of one panel go to distinct
+        hosts (the ``jobs.panel`` column)."""
+        return self.task.submission_id if isinstance(self.task, RefereeTask) else None
 
     def scheduling(self) -> dict[str, Any]:
         """Fields a reload may change on an existing job without changing its identity."""
@@ -194,6 +242,7 @@ class Defaults(_Spec):
     allowed_hosts: list[HostName] | None = None
     max_failures: int | None = Field(None, ge=1, le=100)
     timeout_s: float | None = Field(None, gt=0)
+    tier: Tier | None = None
     prefer_cuda_wait_s: float = Field(
         30.0, ge=0, description="how long prefer_cuda jobs wait for a CUDA host"
     )

@@ -33,6 +33,14 @@ from trainfleet.queue.runs_base import (
 
 if TYPE_CHECKING:
     from trainfleet.queue.beats import Beat, FlushResult
+    from trainfleet.queue.market_base import (
+        CompetitionRecord,
+        LedgerEntry,
+        SubmissionRecord,
+    )
+    from trainfleet.verify.market import CompetitionSpec
+    from trainfleet.verify.panel import RefereeReport
+    from trainfleet.verify.panel import Verdict as PanelVerdict
 
 JobState = Literal["pending", "claimed", "running", "completed", "failed", "cancelled"]
 ACTIVE_STATES: tuple[JobState, ...] = ("claimed", "running")
@@ -468,3 +476,79 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    # attestation of the private tier (queue.sqlite_attest, verify.attest) ---------------
+    @abc.abstractmethod
+    def attest_nonce(self, worker_id: str, ttl_s: float) -> str:
+        """A fresh single-use nonce for ``worker_id``, valid ``ttl_s``."""
+
+    @abc.abstractmethod
+    def check_attest_nonce(self, worker_id: str, nonce: str) -> None:
+        """Refuse (``AttestationRefused``) a nonce that is unknown, another worker's,
+        expired or used; writes nothing."""
+
+    @abc.abstractmethod
+    def attest_worker(self, worker_id: str, nonce: str, measurement: str, until: float) -> None:
+        """Consume the nonce (checked again) and mark the worker attested until ``until``."""
+
+    # the training market (queue.sqlite_market, verify.market) ---------------------------
+    @abc.abstractmethod
+    def create_competition(
+        self, spec: CompetitionSpec, baseline_sha: str, baseline_score: float
+    ) -> CompetitionRecord:
+        """A new competition whose frontier is its baseline; ``Conflict`` if named already."""
+
+    @abc.abstractmethod
+    def get_competition(self, ref: str) -> CompetitionRecord:
+        """A competition by name or id; ``NotFound``."""
+
+    @abc.abstractmethod
+    def list_competitions(self) -> list[CompetitionRecord]: ...
+
+    @abc.abstractmethod
+    def submit(
+        self,
+        competition_id: str,
+        sha256: str,
+        size: int,
+        producer: str,
+        claim: float,
+        tasks: list[JobSpec],
+        *,
+        submission_id: str | None = None,
+    ) -> SubmissionRecord:
+        """Record a submission with its referee jobs (``tasks``) in one transaction, or as a
+        ``duplicate`` (no jobs, pays nothing) when its model was submitted before."""
+
+    @abc.abstractmethod
+    def get_submission(self, ref: str) -> SubmissionRecord:
+        """A submission by id or unambiguous id prefix, with its referee reports."""
+
+    @abc.abstractmethod
+    def list_submissions(self, competition_id: str) -> list[SubmissionRecord]: ...
+
+    @abc.abstractmethod
+    def refereeing_submissions(self) -> list[SubmissionRecord]:
+        """Every submission still waiting for its panel, oldest first."""
+
+    @abc.abstractmethod
+    def panel_jobs(self, submission_id: str) -> list[JobRecord]:
+        """The referee jobs of a submission."""
+
+    @abc.abstractmethod
+    def record_referee_report(
+        self, job_id: str, epoch: int, report: RefereeReport
+    ) -> SubmissionRecord:
+        """Store a referee job's report for its panel slot (again: no change)."""
+
+    @abc.abstractmethod
+    def decide(self, submission_id: str, verdict: PanelVerdict, paid: float) -> SubmissionRecord:
+        """Write the verdict, and for ``paid > 0`` the ledger row and the frontier move, in
+        one transaction; a decided submission is returned unchanged (pays once)."""
+
+    @abc.abstractmethod
+    def ledger(self, competition_id: str | None = None) -> list[LedgerEntry]: ...
+
+    @abc.abstractmethod
+    def balances(self, competition_id: str | None = None) -> dict[str, float]:
+        """Credits paid to each account, summed from the ledger."""

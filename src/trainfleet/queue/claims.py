@@ -10,6 +10,17 @@ A claim is idempotent: a worker that asks again while it holds claims it never h
 (the reply was lost) gets those claims back, same epoch, nothing counted. A worker whose
 every slot holds a running job gets a 409 naming one.
 
+Two rules beyond capability and scheduling (issue 10), checked in ``_choose``:
+
+- a referee job (``kind = "referee"``) goes only to a worker on an *enrolled* host (not an
+  ``open:`` one) that did not produce the model under review and has not taken another job
+  of the same panel: distinct hosts, not distinct workers, since one machine running three
+  workers is one referee (``referee_blocker``). On PostgreSQL, where claims run side by
+  side, the panel is locked for the claim (``pg_try_advisory_xact_lock``) so two workers of
+  one host cannot take two of its jobs at once; a claim that finds it locked skips the job;
+- a private job (``tier = "private"``) goes only to a worker whose attestation is valid
+  now (``workers.attested_until``, read with the worker's row; ``tier_blocker``).
+
 The fast path (issue 9): no pydantic parse per pending row (``fleet_cache.SPECS``: a spec is
 parsed once per stored text) and no scan of the workers table: the claimant's effective
 capability and the host policies come from ``FleetCache``; the other workers matter only to
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from trainfleet.capability.model import OPEN_HOST_PREFIX
 from trainfleet.errors import Conflict
 from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import Claim, QueueSettings
@@ -36,8 +48,10 @@ from trainfleet.queue.scheduling import Candidate, deferrals
 from trainfleet.queue.sqlite_attempts import affinity_wait
 from trainfleet.queue.sqlite_schema import insert_event, job_record, load_job, read_meta
 from trainfleet.queue.sqlite_workers import touch
+from trainfleet.verify.spec import RefereeTask
 
 MAX_CLAIMS = 64  # jobs one request may claim
+PANEL_LOCK_CLASS = 0x74665000  # "tfP": the two-key advisory locks of referee panels
 
 
 def claim_many(
@@ -71,7 +85,8 @@ def claim_many(
             )
         return out
     me = fleet.member(conn, wrow)
-    for row in _choose(conn, me, clock(), settings, fleet, free):
+    attested = attested_until(wrow) > clock()
+    for row in _choose(conn, me, clock(), settings, fleet, free, attested=attested):
         got = _take(conn, row, me, clock)
         if got is not None:
             out.append(got)
@@ -84,6 +99,53 @@ def worker_slots(wrow: Row) -> int:
         return max(1, int(wrow["slots"]))
     except (IndexError, KeyError):
         return 1
+
+
+def attested_until(wrow: Row) -> float:
+    """Until when the worker's attestation is valid (-inf: never attested)."""
+    try:
+        until = wrow["attested_until"]
+    except (IndexError, KeyError):
+        return float("-inf")
+    return float("-inf") if until is None else float(until)
+
+
+def tier_blocker(spec: JobSpec, attested: bool) -> str | None:
+    """Why a worker may not take a private job (None: it may, or the job is public)."""
+    if spec.tier == "private" and not attested:
+        return "private: needs an attested worker (a valid attestation, not expired)"
+    return None
+
+
+def referee_blocker(conn: Conn, spec: JobSpec, host: str, job_id: str) -> str | None:
+    """Why a worker on ``host`` may not take referee job ``job_id`` (None: it may)."""
+    return referee_host_blocker(spec, host) or panel_blocker(conn, spec, host, job_id)
+
+
+def referee_host_blocker(spec: JobSpec, host: str) -> str | None:
+    """The rules on the host alone: enrolled, and not the producer of the model."""
+    task = spec.task
+    if not isinstance(task, RefereeTask):
+        return None
+    if host.startswith(OPEN_HOST_PREFIX):
+        return "a referee must be an enrolled host; this one joined in open mode"
+    if host == task.producer:
+        return f"host {host} produced the model under review"
+    return None
+
+
+def panel_blocker(conn: Conn, spec: JobSpec, host: str, job_id: str) -> str | None:
+    """The rule on the panel: no other of its jobs was taken by a worker of ``host``."""
+    task = spec.task
+    if not isinstance(task, RefereeTask):
+        return None
+    taken = conn.execute(
+        "SELECT 1 FROM jobs WHERE panel = ? AND host = ? AND id <> ? LIMIT 1",
+        (task.submission_id, host, job_id),
+    ).fetchone()
+    if taken is not None:
+        return f"host {host} already took a job of this panel (one referee per host)"
+    return None
 
 
 def _held(conn: Conn, wrow: Row, slots: int) -> list[Row]:
@@ -106,10 +168,18 @@ def _held(conn: Conn, wrow: Row, slots: int) -> list[Row]:
 
 
 def _choose(
-    conn: Conn, me: Member, now: float, settings: QueueSettings, fleet: FleetCache, limit: int
+    conn: Conn,
+    me: Member,
+    now: float,
+    settings: QueueSettings,
+    fleet: FleetCache,
+    limit: int,
+    *,
+    attested: bool = False,
 ) -> list[Row]:
     """The first ``limit`` pending rows ``me`` may take now, in claim order. Collected before
-    any is written, so the scan never reads rows its own writes moved."""
+    any is written, so the scan never reads rows its own writes moved (so one panel's jobs
+    are counted here too: at most one of them per claim)."""
     cap = me.cap
     wait_s = float(read_meta(conn, "prefer_cuda_wait_s", "30"))
     mine = Candidate(me.worker_id, cap, me.policy, idle=True)
@@ -117,13 +187,22 @@ def _choose(
     rows = conn.execute(
         "SELECT * FROM jobs WHERE state = 'pending' AND (in_manifest = 1 OR pinned = 1)"
         " AND (require_cuda = 0 OR ? = 1) AND min_vram_gib <= ? AND min_ram_gib <= ?"
-        " AND min_cores <= ? ORDER BY priority DESC, seq",
-        (int(cap.cuda), cap.vram_gib, cap.ram_gib, cap.cores),
+        " AND min_cores <= ? AND (tier = 'public' OR ? = 1) ORDER BY priority DESC, seq",
+        (int(cap.cuda), cap.vram_gib, cap.ram_gib, cap.cores, int(attested)),
     )
     chosen: list[Row] = []
+    panels: set[str] = set()
     for row in rows:
         spec: JobSpec = SPECS.get(row["id"], row["spec"])
-        if blockers(spec, cap, me.policy):
+        if blockers(spec, cap, me.policy) or tier_blocker(spec, attested):
+            continue
+        panel = spec.panel
+        if panel is not None and (  # the panel is locked before its hosts are read
+            panel in panels
+            or referee_host_blocker(spec, me.host)
+            or not _lock_panel(conn, panel)
+            or panel_blocker(conn, spec, me.host, row["id"])
+        ):
             continue
         pending_for = now - row["pending_since"]
         if deferrals(spec, mine, others, pending_for, wait_s):
@@ -135,6 +214,8 @@ def _choose(
         if not _lock_pending(conn, row["id"]):
             continue
         chosen.append(row)
+        if panel is not None:
+            panels.add(panel)
         if len(chosen) >= limit:
             break
     return chosen
@@ -171,6 +252,17 @@ def _lock_pending(conn: Conn, job_id: str) -> bool:
         return True
     sql = "SELECT 1 FROM jobs WHERE id = ? AND state = 'pending' FOR UPDATE SKIP LOCKED"
     return conn.execute(sql, (job_id,)).fetchone() is not None
+
+
+def _lock_panel(conn: Conn, panel: str) -> bool:
+    """Whether this claim may decide on a job of ``panel``. On SQLite the claim holds the one
+    write lock: always. On PostgreSQL the panel's advisory lock is tried (never waited for:
+    no deadlock between claims) and held to the commit, so a second claim checks the panel's
+    hosts only after the first's job row shows its host."""
+    if conn.dialect != Dialect.POSTGRES:
+        return True
+    sql = "SELECT pg_try_advisory_xact_lock(?, hashtext(?))"
+    return bool(conn.execute(sql, (PANEL_LOCK_CLASS, panel)).fetchone()[0])
 
 
 def _take(conn: Conn, row: Row, me: Member, clock: Callable[[], float]) -> Claim | None:
@@ -223,4 +315,11 @@ def _redeliver(conn: Conn, row: Row, worker_id: str, clock: Callable[[], float])
     return Claim(job=load_job(conn, row["id"]), epoch=row["epoch"], attempt=row["attempt"])
 
 
-__all__ = ["MAX_CLAIMS", "claim_many", "worker_slots"]
+__all__ = [
+    "MAX_CLAIMS",
+    "attested_until",
+    "claim_many",
+    "referee_blocker",
+    "tier_blocker",
+    "worker_slots",
+]

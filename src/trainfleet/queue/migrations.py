@@ -151,6 +151,43 @@ V3_STEPS: list[Step] = [
     "CREATE INDEX IF NOT EXISTS workers_by_host ON workers (host, state)",
 ]
 
+# Version 4 (issue 10): the training market (competitions, submissions, their referee
+# reports and the append-only ledger whose UNIQUE submission_id makes "pay once" a database
+# fact), attestation (a worker's attested_until and measurement, single-use nonces), and two
+# job columns: ``panel`` (a referee job's submission id: a panel's jobs go to distinct hosts)
+# and ``tier`` ('private' jobs go to attested workers only).
+V4_TABLES = [
+    "CREATE TABLE IF NOT EXISTS competitions (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,"
+    " spec TEXT NOT NULL, baseline TEXT NOT NULL, baseline_score REAL NOT NULL,"
+    " frontier TEXT NOT NULL, frontier_score REAL NOT NULL, frontier_submission TEXT,"
+    " created_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS submissions (id TEXT PRIMARY KEY, seq INTEGER NOT NULL,"
+    " competition_id TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,"
+    " producer TEXT NOT NULL, claim REAL NOT NULL, state TEXT NOT NULL,"
+    " frontier TEXT NOT NULL, frontier_score REAL NOT NULL, trusted_score REAL,"
+    " improvement REAL, paid REAL NOT NULL DEFAULT 0, verdict TEXT NOT NULL DEFAULT '',"
+    " created_at REAL NOT NULL, decided_at REAL)",
+    "CREATE INDEX IF NOT EXISTS submissions_by_competition ON submissions (competition_id, seq)",
+    "CREATE TABLE IF NOT EXISTS referee_reports (submission_id TEXT NOT NULL,"
+    " idx INTEGER NOT NULL, job_id TEXT NOT NULL, worker_id TEXT NOT NULL, host TEXT NOT NULL,"
+    " ok INTEGER NOT NULL, mean REAL, lo REAL, hi REAL, improvement REAL, lower REAL,"
+    " certified INTEGER NOT NULL, reason TEXT NOT NULL, created_at REAL NOT NULL,"
+    " PRIMARY KEY (submission_id, idx))",
+    "CREATE TABLE IF NOT EXISTS market_ledger (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " competition_id TEXT NOT NULL, submission_id TEXT NOT NULL UNIQUE, account TEXT NOT NULL,"
+    " amount REAL NOT NULL, frontier_before REAL NOT NULL, frontier_after REAL NOT NULL,"
+    " at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS attest_nonces (nonce TEXT PRIMARY KEY, worker_id TEXT NOT NULL,"
+    " issued_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL)",
+]
+V4_COLUMNS: list[Step] = [
+    AddColumns("jobs", (("panel", "TEXT"), ("tier", "TEXT NOT NULL DEFAULT 'public'"))),
+    AddColumns("workers", (("attested_until", "REAL"), ("measurement", "TEXT"))),
+    "CREATE INDEX IF NOT EXISTS jobs_by_panel ON jobs (panel)",
+]
+V4_SQLITE: list[Step] = [*V4_TABLES, *V4_COLUMNS]
+V4_POSTGRES: list[Step] = [*(schema_v1.to_postgres(s) for s in V4_TABLES), *V4_COLUMNS]
+
 MIGRATIONS: list[Migration] = [
     Migration(
         1,
@@ -162,6 +199,7 @@ MIGRATIONS: list[Migration] = [
         2, "job columns kind/run_id/round/replica/timeout_s, lease index", V2_SQLITE, V2_POSTGRES
     ),
     Migration(3, "worker slots, jobs by worker, workers by host", V3_STEPS, V3_STEPS),
+    Migration(4, "market, attestation, tiers", V4_SQLITE, V4_POSTGRES),
 ]
 
 

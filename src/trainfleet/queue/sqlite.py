@@ -30,8 +30,10 @@ from trainfleet.errors import ApiError
 from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue import (
     sqlite_attempts,
+    sqlite_attest,
     sqlite_data,
     sqlite_hosts,
+    sqlite_market,
     sqlite_operator,
     sqlite_runs,
     sqlite_workers,
@@ -63,6 +65,7 @@ from trainfleet.queue.db import (
 )
 from trainfleet.queue.explain import explain_job
 from trainfleet.queue.fleet_cache import FleetCache
+from trainfleet.queue.market_base import CompetitionRecord, LedgerEntry, SubmissionRecord
 from trainfleet.queue.migrations import migrate
 from trainfleet.queue.runs_base import (
     ContributionRecord,
@@ -84,6 +87,9 @@ from trainfleet.queue.sqlite_schema import (
     same_name_refs,
     worker_record,
 )
+from trainfleet.verify.market import CompetitionSpec
+from trainfleet.verify.panel import RefereeReport
+from trainfleet.verify.panel import Verdict as PanelVerdict
 
 
 class SQLQueue(JobQueue):
@@ -436,6 +442,8 @@ class SQLQueue(JobQueue):
             hosts=hosts,
             prefer_cuda_wait_s=float(read_meta(conn, "prefer_cuda_wait_s", "30")),
             now=now,
+            attested=sqlite_market.attested_workers(conn, now),
+            panel_hosts=sqlite_market.panel_hosts(conn, job.spec.panel, job.id),
         )
 
     def current_manifest_hash(self) -> str | None:
@@ -512,6 +520,79 @@ class SQLQueue(JobQueue):
     def heartbeat_many(self, beats: Sequence[Beat]) -> FlushResult:
         with self._tx(shared=True) as conn:  # beside claims; never beside a requeue or reap
             return heartbeat_many(conn, beats, self.clock(), self.settings.offline_after_s)
+
+    # attestation of the private tier (sqlite_attest) ------------------------------------
+    def attest_nonce(self, worker_id: str, ttl_s: float) -> str:
+        with self._tx() as conn:
+            return sqlite_attest.issue_nonce(conn, worker_id, self.clock(), ttl_s)
+
+    def check_attest_nonce(self, worker_id: str, nonce: str) -> None:
+        sqlite_attest.check_nonce(self._conn(), worker_id, nonce, self.clock())
+
+    def attest_worker(self, worker_id: str, nonce: str, measurement: str, until: float) -> None:
+        with self._tx() as conn:
+            sqlite_attest.attest_worker(conn, worker_id, nonce, measurement, until, self.clock())
+        self.fleet.invalidate(worker_id)  # a claim's cached view of it may carry the old term
+
+    # the training market (sqlite_market) ------------------------------------------------
+    def create_competition(
+        self, spec: CompetitionSpec, baseline_sha: str, baseline_score: float
+    ) -> CompetitionRecord:
+        with self._tx() as conn:
+            return sqlite_market.create_competition(
+                conn, spec, baseline_sha, baseline_score, self.clock()
+            )
+
+    def get_competition(self, ref: str) -> CompetitionRecord:
+        return sqlite_market.get_competition(self._conn(), ref)
+
+    def list_competitions(self) -> list[CompetitionRecord]:
+        return sqlite_market.list_competitions(self._conn())
+
+    def submit(
+        self,
+        competition_id: str,
+        sha256: str,
+        size: int,
+        producer: str,
+        claim: float,
+        tasks: list[JobSpec],
+        *,
+        submission_id: str | None = None,
+    ) -> SubmissionRecord:
+        with self._tx() as conn:
+            return sqlite_market.submit(
+                conn, competition_id, sha256, size, producer, claim, tasks, self.clock(),
+                submission_id,
+            )  # fmt: skip
+
+    def get_submission(self, ref: str) -> SubmissionRecord:
+        return sqlite_market.get_submission(self._conn(), ref)
+
+    def list_submissions(self, competition_id: str) -> list[SubmissionRecord]:
+        return sqlite_market.list_submissions(self._conn(), competition_id)
+
+    def refereeing_submissions(self) -> list[SubmissionRecord]:
+        return sqlite_market.refereeing_submissions(self._conn())
+
+    def panel_jobs(self, submission_id: str) -> list[JobRecord]:
+        return sqlite_market.panel_jobs(self._conn(), submission_id)
+
+    def record_referee_report(
+        self, job_id: str, epoch: int, report: RefereeReport
+    ) -> SubmissionRecord:
+        with self._tx() as conn:
+            return sqlite_market.record_referee_report(conn, job_id, epoch, report, self.clock())
+
+    def decide(self, submission_id: str, verdict: PanelVerdict, paid: float) -> SubmissionRecord:
+        with self._tx() as conn:
+            return sqlite_market.decide(conn, submission_id, verdict, paid, self.clock())
+
+    def ledger(self, competition_id: str | None = None) -> list[LedgerEntry]:
+        return sqlite_market.ledger(self._conn(), competition_id)
+
+    def balances(self, competition_id: str | None = None) -> dict[str, float]:
+        return sqlite_market.balances(self._conn(), competition_id)
 
 
 class SQLiteQueue(SQLQueue):

@@ -341,15 +341,16 @@ def _end_attempt(
 
 def _round_over(conn: Conn, spec: JobSpec) -> str:
     """For a replica task, why its round takes no more attempts ('' while it does)."""
-    if spec.task is None:
+    task = spec.replica_task
+    if task is None:
         return ""
-    run = conn.execute("SELECT state, round FROM runs WHERE id = ?", (spec.task.run_id,)).fetchone()
+    run = conn.execute("SELECT state, round FROM runs WHERE id = ?", (task.run_id,)).fetchone()
     if run is None:
         return ""
     if run["state"] in ("completed", "superseded"):
-        return f"run {spec.task.run} is {run['state']}"
-    if spec.task.round < run["round"]:
-        return f"round {spec.task.round} of run {spec.task.run} has closed"
+        return f"run {task.run} is {run['state']}"
+    if task.round < run["round"]:
+        return f"round {task.round} of run {task.run} has closed"
     return ""
 
 
@@ -406,7 +407,7 @@ def affinity_wait(
     worker whose slot-k contribution was accepted in round r-1, while that worker is online,
     so that worker keeps its inner optimizer state (DiLoCo replicas keep AdamW state).
     """
-    task = spec.task
+    task = spec.replica_task
     if task is None or task.round == 0 or pending_for_s >= AFFINITY_WAIT_S:
         return None
     row = conn.execute(

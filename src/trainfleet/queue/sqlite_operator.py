@@ -27,6 +27,7 @@ from trainfleet.queue.db import Conn
 from trainfleet.queue.reload import Diff, StoredJob, diff_manifest
 from trainfleet.queue.sqlite_schema import (
     SPEC_COLUMNS,
+    SPEC_MARKS,
     SPEC_SET,
     find_job_row,
     insert_event,
@@ -49,7 +50,8 @@ def apply_manifest(
             in_manifest=bool(r["in_manifest"]),
         )
         for r in conn.execute(
-            "SELECT id, name, state, spec, in_manifest FROM jobs WHERE kind != 'replica'"
+            "SELECT id, name, state, spec, in_manifest FROM jobs"
+            " WHERE kind NOT IN ('replica', 'referee')"
         )
     ]
     diff = diff_manifest(manifest, stored)
@@ -96,7 +98,7 @@ def _apply_diff(
         conn.execute(
             f"INSERT INTO jobs (id, seq, name, state, {SPEC_COLUMNS}, created_at, updated_at,"
             " pending_since, manifest_hash)"
-            " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f" VALUES (?, ?, ?, 'pending', {SPEC_MARKS}, ?, ?, ?, ?)",
             (
                 jid,
                 seq,

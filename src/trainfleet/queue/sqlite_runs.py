@@ -40,6 +40,7 @@ from trainfleet.queue.runs_base import (
 )
 from trainfleet.queue.sqlite_schema import (
     SPEC_COLUMNS,
+    SPEC_MARKS,
     insert_event,
     load_job,
     read_meta,
@@ -137,6 +138,7 @@ def scheduling_fields(spec: RunSpec) -> dict[str, Any]:
         "allowed_hosts": spec.allowed_hosts,
         "max_failures": spec.max_failures,
         "timeout_s": spec.timeout_s,
+        "tier": spec.tier,
     }
 
 
@@ -148,8 +150,8 @@ def _insert_tasks(conn: Conn, tasks: list[JobSpec], now: float, claimable: bool)
         jid = job_id(spec)
         conn.execute(
             f"INSERT INTO jobs (id, seq, name, state, {SPEC_COLUMNS}, created_at, updated_at,"
-            " pending_since, manifest_hash, in_manifest) VALUES (?, ?, ?, 'pending', ?, ?, ?,"
-            " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            f" pending_since, manifest_hash, in_manifest) VALUES (?, ?, ?, 'pending', {SPEC_MARKS},"
+            " ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             (jid, seq, spec.name, *scheduling_columns(spec), now, now, now, mhash, int(claimable)),
         )
         insert_event(conn, now, jid, "added", None, "pending", detail="replica task")
@@ -260,7 +262,7 @@ def complete_replica(
     ):
         return load_job(conn, jid)  # the same report again: its reply was lost
     sqlite_attempts.fenced(conn, jid, worker_id, epoch)
-    task = JobSpec.model_validate_json(row["spec"]).task
+    task = JobSpec.model_validate_json(row["spec"]).replica_task
     assert task is not None, "complete_replica on a job without a replica task"
     run = _run_row(conn, task.run_id)
     spec = RunSpec.model_validate_json(run["spec"])

@@ -189,17 +189,22 @@ def same_name_refs(conn: db.Conn, job_id: str) -> list[JobRef]:
 # What queries read of a job's spec, kept in columns beside the JSON (``scheduling_columns``).
 SPEC_COLUMNS = (
     "spec, priority, require_cuda, min_vram_gib, min_ram_gib, min_cores,"
-    " kind, run_id, round, replica, timeout_s"
+    " kind, run_id, round, replica, timeout_s, panel, tier"
 )
 SPEC_SET = ", ".join(f"{c.strip()} = ?" for c in SPEC_COLUMNS.split(","))
+SPEC_MARKS = ", ".join("?" for _ in SPEC_COLUMNS.split(","))  # one placeholder a column
+
+SpecColumns = tuple[
+    str, int, int, float, float, int, str, str | None, int | None, int | None, float,
+    str | None, str,
+]  # fmt: skip
 
 
-def scheduling_columns(
-    spec: JobSpec,
-) -> tuple[str, int, int, float, float, int, str, str | None, int | None, int | None, float]:
+def scheduling_columns(spec: JobSpec) -> SpecColumns:
     """The values of ``SPEC_COLUMNS``: what a claim's SQL prefilter, the reaper and the run
-    queries read, so no query parses JSON (``json_extract`` is SQLite's alone)."""
-    task = spec.task
+    queries read, so no query parses JSON (``json_extract`` is SQLite's alone). ``panel``
+    is a referee job's submission id (its panel's jobs go to distinct hosts)."""
+    task = spec.replica_task
     return (
         spec.model_dump_json(),
         spec.priority,
@@ -212,4 +217,6 @@ def scheduling_columns(
         task.round if task else None,
         task.replica if task else None,
         spec.timeout_s,
+        spec.panel,
+        spec.tier,
     )

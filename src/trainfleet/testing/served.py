@@ -39,8 +39,10 @@ class ServedFleet(LiveFleet):
         *,
         heartbeat_interval_s: float = 0.5,
         heartbeat_timeout_s: float = 3.0,
+        serve_args: tuple[str, ...] = (),  # more `trainfleet serve` flags
         **serve_options: Any,
     ) -> None:
+        self.serve_args = serve_args
         super().__init__(
             tmp,
             heartbeat_interval_s=heartbeat_interval_s,
@@ -86,6 +88,7 @@ class ServedFleet(LiveFleet):
             str(self.config.heartbeat_interval_s),
             "--heartbeat-timeout-s",
             str(self.config.heartbeat_timeout_s),
+            *self.serve_args,
         )
         self.server = subprocess.Popen(
             argv,

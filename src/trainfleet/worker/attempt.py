@@ -23,7 +23,9 @@ A ``replica`` job (one replica of one round of a collaborative DiLoCo run) runs 
 only its preparation and its payload differ (:mod:`trainfleet.worker.replica_task`): the
 round's global weights are fetched into the worker's weights cache first (while heartbeats
 run; the same outcomes apply to the download), and on exit 0 the pseudo-gradient file itself
-is uploaded and reported with a ``contribution`` record.
+is uploaded and reported with a ``contribution`` record. A ``referee`` job (one referee of a
+market submission's panel) fetches the candidate and frontier models the same way
+(:mod:`trainfleet.worker.referee_task`) and completes with its loss arrays, uploading nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import TypeAdapter
 
@@ -49,8 +51,9 @@ from trainfleet.data.prepare import CacheSettings
 from trainfleet.data.spec import DatasetSpec
 from trainfleet.data.verify import router_fit_id
 from trainfleet.errors import ApiError, CoordinatorUnavailable
+from trainfleet.worker import referee_task as referee
 from trainfleet.worker.disk import DISK_FULL_BYTES, free_bytes, job_filled_disk, tree_bytes
-from trainfleet.worker.launch import ReplicaFiles, build_argv, build_env
+from trainfleet.worker.launch import RefereeFiles, ReplicaFiles, build_argv, build_env
 from trainfleet.worker.logship import LogLimits, LogSpool
 from trainfleet.worker.process import JobProcess, ensure_dir, is_disk_full
 from trainfleet.worker.replica_task import (
@@ -64,12 +67,13 @@ from trainfleet.worker.report import Reply, Reporter, cut_text
 from trainfleet.worker.result import MetricsError, read_metrics
 
 log = logging.getLogger(__name__)
+_Files = TypeVar("_Files", ReplicaFiles, RefereeFiles)
 
 TERM_GRACE_S = 10.0
 USAGE_ERROR_EXIT = 2  # a built-in trainer exiting 2 rejected its parameters: never retried
 REFUSED_EXIT = 3  # a built-in trainer exiting 3 refused its data (a wrong router): never retried
 NOT_RETRIED_EXITS = (USAGE_ERROR_EXIT, REFUSED_EXIT)
-BUILTIN_KINDS = ("train", "replica")  # programs of ours: their exit codes 2 and 3 mean the above
+BUILTIN_KINDS = ("train", "replica", "referee")  # programs of ours: exits 2 and 3 mean the above
 REPORT_PATIENCE_S = 3600.0  # how long a finished attempt keeps trying to report
 LOG_FLUSH_S = 0.5
 DISK_CHECK_S = 1.0
@@ -252,9 +256,13 @@ class Attempt:
                 if is_disk_full(err):
                     return self._disk_full("preparing the attempt", err, started=False)
                 return self._fail(_disk_message("preparing the attempt", err))
-            replica = None
-            if self.spec["kind"] == "replica":
-                prepared = self._prepare_replica()
+            replica: ReplicaFiles | RefereeFiles | None = None
+            if self.spec["kind"] in ("replica", "referee"):
+                prepared = (
+                    self._prepare_replica()
+                    if self.spec["kind"] == "replica"
+                    else self._prepare_referee()
+                )
                 if isinstance(prepared, Outcome):
                     return prepared
                 replica = prepared
@@ -283,14 +291,37 @@ class Attempt:
             task = replica_task(self.spec)
         except ValueError as err:
             return self._fail(f"malformed replica task: {err}", retryable=False)
+        return self._fetch(
+            "weights",
+            lambda give_up: prepare(
+                task, self.dir, self.workdir, self.weights, self.client, give_up
+            ),
+        )
+
+    def _prepare_referee(self) -> RefereeFiles | Outcome:
+        """The referee program's files (both models fetched while heartbeats go on), or how
+        the attempt ended if they could not be had."""
+        try:
+            task = referee.referee_task(self.spec)
+        except ValueError as err:
+            return self._fail(f"malformed referee task: {err}", retryable=False)
+        cache = referee.models_cache(self.weights)
+        return self._fetch(
+            "models",
+            lambda give_up: referee.prepare(task, self.dir, cache, self.client, give_up),
+        )
+
+    def _fetch(self, what: str, fetch: Callable[[Callable[[], bool]], _Files]) -> _Files | Outcome:
+        """Run ``fetch(give_up)`` (a download) under the reporter's patience: its value, or
+        how the attempt ended."""
 
         def give_up() -> bool:  # the attempt ended meanwhile: stop downloading
             return self._why_stop(float("inf")) is not None
 
         try:
             reply = self.reporter.send(
-                f"weights download of {self.name}",
-                lambda: prepare(task, self.dir, self.workdir, self.weights, self.client, give_up),
+                f"{what} download of {self.name}",
+                lambda: fetch(give_up),
                 patience_s=self.report_patience_s,
                 give_up=give_up,
             )
@@ -300,12 +331,12 @@ class Attempt:
             return self._fail(str(err))
         except OSError as err:
             if is_disk_full(err):
-                return self._disk_full("fetching the weights", err, started=False)
-            return self._fail(_disk_message("fetching the weights", err))
+                return self._disk_full(f"fetching the {what}", err, started=False)
+            return self._fail(_disk_message(f"fetching the {what}", err))
         if reply.accepted and reply.value is not None:
             return reply.value
         if reply.outcome == "refused":
-            return self._fail(f"coordinator refused the weights: {reply.reason}")
+            return self._fail(f"coordinator refused the {what}: {reply.reason}")
         if reply.outcome == "fenced":
             return Outcome("fenced", f"{self.name}: stopped, nothing reported")
         stopped_by = self._why_stop(float("inf")) or "lease"  # out of patience: it is lost
@@ -488,6 +519,8 @@ class Attempt:
             metrics, non_finite = read_metrics(self.output_dir / "metrics.json")
         except MetricsError as err:
             return self._fail(str(err), retryable=False)
+        if self.spec["kind"] == "referee":  # its losses are its result: nothing to upload
+            return self._complete(referee.referee_result(metrics, non_finite), "losses reported")
         packaged = self._package()
         if isinstance(packaged, Outcome):
             return packaged
@@ -508,12 +541,13 @@ class Attempt:
             result["non_finite"] = non_finite
         if dropped:
             result["dropped_log_lines"] = dropped
+        return self._complete(result, f"artifact {sha256[:12]} ({size} bytes)")
+
+    def _complete(self, result: dict[str, Any], detail: str) -> Outcome:
         reply = self._send("result", lambda: self.client.complete(self.job_id, self.epoch, result))
         if reply.outcome == "refused":
             return self._fail(f"coordinator refused the result: {reply.reason}")
-        return self._after_report(
-            reply, Outcome("completed", f"artifact {sha256[:12]} ({size} bytes)", result)
-        )
+        return self._after_report(reply, Outcome("completed", detail, result))
 
 
 def _disk_message(doing: str, err: OSError) -> str:

@@ -50,6 +50,7 @@ from trainfleet.errors import (
     UntrustedCertificate,
 )
 from trainfleet.worker.attempt import Attempt, Outcome
+from trainfleet.worker.attest import Attester, enclave_from_spec
 from trainfleet.worker.disk import MAX_DISK_HANDBACKS, ClaimGate, min_free_bytes_from_env
 from trainfleet.worker.logship import LogLimits
 from trainfleet.worker.replica_task import WeightsCache
@@ -85,6 +86,8 @@ class WorkerConfig:
     min_free_bytes: int = field(default_factory=min_free_bytes_from_env)
     # the volunteer's link cap in Mbit/s (uploads, downloads; replica codecs): never the run's
     max_mbps: float | None = None
+    # attest for the private tier with this enclave ("simulated:KEYFILE"; worker.attest)
+    enclave: str | None = None
 
 
 class Worker:
@@ -108,6 +111,7 @@ class Worker:
             cfg.workdir, cfg.min_free_bytes, prune=lambda: prune_kept_attempts(cfg.workdir)
         )
         self._long_polling = False  # a long-poll claim is in flight (the signal handler cuts it)
+        self.attester = Attester(enclave_from_spec(cfg.enclave)) if cfg.enclave else None
 
     # lifecycle --------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -160,6 +164,9 @@ class Worker:
         )
         for note in reply["notes"]:
             log.warning("host policy: %s", note)
+        if self.attester is not None:  # a new worker id starts unattested
+            self.attester.reset()
+            self.attester.attest(self.client)
         return True
 
     def run(self) -> list[Outcome]:
@@ -175,6 +182,8 @@ class Worker:
                     break
                 self.stop.wait(self.cfg.poll_interval_s)
                 continue
+            if self.attester is not None and self.attester.due():
+                self.attester.attest(self.client)  # a refusal leaves public work claimable
             started = time.monotonic()
             answer = self._claim(self._claim_wait_s(idle_since))
             if answer is None or answer.outcome == "unreachable":

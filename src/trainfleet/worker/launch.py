@@ -6,6 +6,10 @@ files the worker prepared for it (:class:`ReplicaFiles`: the task, the cached gl
 the replica's state directory, kept across rounds). The worker's link cap
 (``trainfleet join --max-mbps``) reaches it as ``TRAINFLEET_MAX_MBPS``: the volunteer's
 setting, from which the replica picks its pseudo-gradient codec.
+
+A ``referee`` job (one referee of a market submission's panel) runs ``python -m
+trainfleet.verify.referee`` on the files the worker prepared for it (:class:`RefereeFiles`:
+the task, the candidate and the frontier model, fetched by sha256).
 """
 
 from __future__ import annotations
@@ -31,13 +35,41 @@ class ReplicaFiles:
     state_dir: Path  # <workdir>/runs/<run_id>/replica<k>: optimizer state across rounds
 
 
+@dataclass(frozen=True)
+class RefereeFiles:
+    """What the worker prepared for a referee job."""
+
+    task: Path  # the RefereeTask as JSON
+    candidate: Path  # the submitted model (in the worker's models cache)
+    frontier: Path  # the competition's frontier model it is compared with
+
+
 def build_argv(
-    spec: dict[str, Any], output_dir: Path, replica: ReplicaFiles | None = None
+    spec: dict[str, Any],
+    output_dir: Path,
+    replica: ReplicaFiles | RefereeFiles | None = None,
 ) -> list[str]:
-    """The job's command line: the built-in trainer, the replica program (``replica``
-    gives its files), or the manifest's command + --key value."""
+    """The job's command line: the built-in trainer, the replica or referee program
+    (``replica`` gives its prepared files), or the manifest's command + --key value."""
+    if spec["kind"] == "referee":
+        if not isinstance(replica, RefereeFiles):
+            raise ValueError("a referee job needs its prepared files")
+        return [
+            sys.executable,
+            "-u",
+            "-m",
+            "trainfleet.verify.referee",
+            "--task",
+            str(replica.task),
+            "--candidate",
+            str(replica.candidate),
+            "--frontier",
+            str(replica.frontier),
+            "--output",
+            str(output_dir),
+        ]
     if spec["kind"] == "replica":
-        if replica is None:
+        if not isinstance(replica, ReplicaFiles):
             raise ValueError("a replica job needs its prepared files")
         return [
             sys.executable,

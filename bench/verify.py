@@ -1,0 +1,389 @@
+"""The cheat benchmark (issue 10, points 5 and 6): how often a referee panel catches each kind
+of cheat, how often it wrongly turns an honest improvement away, what the referees cost, and
+whether the market's payments track what contributions are worth.
+
+    python -m bench.verify            (full: about 8 minutes on 2 cores)
+    python -m bench.verify --quick    (seconds)
+
+Everything runs in process on real tiny models (``verify_world``: a 1-layer byte GPT trained
+by the recipe's own step on stdlib sources) and the real verification code: the referee's
+``subset_windows`` and ``window_losses``, ``panel.report_from_losses`` and ``panel.judge``,
+``market.payment``; no coordinator (the end-to-end tests cover that path).
+
+1. Detection (``verify_cheats``): for each panel (n referees, quorum m) and subset size
+   (windows per referee), the share of each cheat kind caught (rejected or paid nothing) and
+   the share of honest improvements falsely accused (rejected or unpaid), each with its
+   Wilson 95% interval, over seeded trials. Two subset rules: ``referee`` is what
+   ``verify.referee.referee_eval`` does now (a seeded few held-out shards up to
+   ``heldout_tokens``' budget); ``pool`` draws windows uniformly over the whole held-out pool.
+2. Referee compute: CPU seconds of one real ``referee_eval`` (read two model files, prepare
+   the held-out data from the cache, evaluate both models) at each subset size, times n,
+   over the CPU seconds an honest contributor spent training its submission.
+   Goal (issue 10): >= 95% detection of every kind at <= 1% false accusation for <= 10% of
+   the contributors' compute; the table says which settings meet it (point estimates; the
+   JSON also has the stricter reading on the interval bounds).
+3. Payment fidelity (``verify_market``): Spearman's rank correlation between what each
+   submission (and each contributor) was paid in a simulated competition and its true
+   marginal value on a secret held-out set; goal >= 0.9. The same for DiLoCo rounds'
+   pseudo-gradients scored alone by referees, against their leave-one-out value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import RESULTS, environment, write_result
+from bench.verify_cheats import Setting, build_pool, detection, referee_cpu_s, tally_metrics
+from bench.verify_market import diloco_rounds, simulate_market
+from bench.verify_world import World
+
+GOAL_DETECTION = 0.95
+GOAL_FALSE_ACCUSATION = 0.01
+GOAL_COMPUTE = 0.10
+GOAL_SPEARMAN = 0.9
+RULES = ("referee", "pool")
+STARTED = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Sizes:
+    num_files: int  # stdlib files, split in two: competition (even) and secret (odd)
+    universe_per_shard: int
+    claim_per_shard: int
+    secret_windows: int
+    frontier_steps: int
+    honest_steps: tuple[int, ...]
+    sandbag_fractions: tuple[float, ...]
+    noise_levels: tuple[float, ...]
+    inflations: tuple[float, ...]
+    panels: tuple[tuple[int, int], ...]
+    windows: tuple[int, ...]
+    margins: tuple[float, ...]
+    honest_trials: int
+    cheat_trials: int
+    cpu_repeats: int
+    market_rounds: int
+    market_seeds: tuple[int, ...]
+    market_setting: tuple[int, int, int]
+    diloco_rounds: int
+    diloco_steps: tuple[int, ...]
+    diloco_noise: tuple[tuple[int, float], ...]
+    diloco_windows: tuple[int, ...]
+
+    def settings(self) -> list[Setting]:
+        return [
+            Setting(n, m, w, margin)
+            for margin in self.margins
+            for n, m in self.panels
+            for w in self.windows
+        ]
+
+    @classmethod
+    def pick(cls, quick: bool) -> Sizes:
+        if quick:
+            return cls(
+                num_files=120,
+                universe_per_shard=256,
+                claim_per_shard=128,
+                secret_windows=512,
+                frontier_steps=30,
+                honest_steps=(60, 120),
+                sandbag_fractions=(0.2,),
+                noise_levels=(0.01,),
+                inflations=(1.7, 3.0, 10.0),
+                panels=((1, 1), (3, 2)),
+                windows=(16, 64),
+                margins=(0.0,),
+                honest_trials=30,
+                cheat_trials=15,
+                cpu_repeats=1,
+                market_rounds=1,
+                market_seeds=(0,),
+                market_setting=(3, 2, 64),
+                diloco_rounds=1,
+                diloco_steps=(10, 20, 40, 10),
+                diloco_noise=((3, 2.0),),
+                diloco_windows=(64,),
+            )
+        return cls(
+            num_files=800,
+            universe_per_shard=2048,
+            claim_per_shard=512,
+            secret_windows=4096,
+            frontier_steps=100,
+            honest_steps=(100, 150, 200, 300, 400, 500),
+            sandbag_fractions=(0.1, 0.5),
+            noise_levels=(0.003, 0.01, 0.03),
+            inflations=(1.7, 3.0, 10.0),
+            panels=((1, 1), (3, 2), (5, 3), (7, 4)),
+            windows=(16, 64, 256),
+            margins=(0.0, 0.01),
+            honest_trials=500,
+            cheat_trials=200,
+            cpu_repeats=5,
+            market_rounds=3,
+            market_seeds=(0, 1),
+            market_setting=(3, 2, 64),
+            diloco_rounds=4,
+            diloco_steps=(10, 20, 40, 80, 10, 20, 40, 80),
+            diloco_noise=((3, 1.0), (6, 3.0)),
+            diloco_windows=(64, 256),
+        )
+
+
+def say(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    world = World(
+        sizes.num_files,
+        sizes.universe_per_shard,
+        sizes.claim_per_shard,
+        sizes.secret_windows,
+        work / "cache",
+    )
+    say(
+        f"world: {len(world.train_shards)} train shards, {len(world.shards)} held-out shards "
+        f"({int(world.num_starts.sum()):,} window starts), secret {len(world.secret):,} tokens"
+    )
+    pool = build_pool(
+        world,
+        sizes.frontier_steps,
+        sizes.honest_steps,
+        sizes.sandbag_fractions,
+        sizes.noise_levels,
+        say,
+    )
+    train_cpu_s = statistics.fmean(pool.honest_train_cpu_s)
+    metrics["train_cpu_s_per_submission"] = train_cpu_s
+    metrics["train_steps_per_submission"] = statistics.fmean(pool.honest_steps)
+    metrics["train_cpu_s_per_step"] = train_cpu_s / metrics["train_steps_per_submission"]
+    metrics["frontier_pool_loss"] = pool.frontier.claim_loss
+    metrics["honest_secret_improvement_min"] = min(
+        pool.frontier.secret_loss - m.secret_loss for m, _ in pool.kinds["honest"]
+    )
+    for kind, models in pool.kinds.items():
+        values = [pool.frontier.secret_loss - m.secret_loss for m, _ in models]
+        metrics[f"value_{slug(kind)}_mean"] = statistics.fmean(values)
+    cpu = {w: referee_cpu_s(world, pool, w, sizes.cpu_repeats, work) for w in sizes.windows}
+    for w, seconds in cpu.items():
+        metrics[f"referee_cpu_s_w{w}"] = seconds
+    for n, m in sizes.panels:
+        for w in sizes.windows:
+            metrics[f"compute_fraction_n{n}w{w}"] = n * cpu[w] / train_cpu_s
+    settings = sizes.settings()
+    for rule in rules:
+        tallies, half = detection(
+            world,
+            pool,
+            settings,
+            sizes.honest_trials,
+            sizes.cheat_trials,
+            sizes.inflations,
+            rule,
+            say,
+        )
+        for w, h in half.items():
+            metrics[f"half_width_{rule}_w{w}"] = h
+        for key, kinds in tallies.items():
+            for kind, tally in kinds.items():
+                name = "false" if kind == "honest" else f"det_{slug(kind)}"
+                metrics.update(tally_metrics(f"{rule}_{key}_{name}", tally))
+        for setting in settings:
+            metrics.update(goal(metrics, rule, setting))
+        setting = Setting(*sizes.market_setting)
+        markets = [
+            simulate_market(
+                world,
+                setting,
+                rule,
+                pool.frontier.weights,
+                half[setting.windows] if setting.windows in half else half[max(half)],
+                sizes.market_rounds,
+                seed,
+                len(sizes.market_seeds) == 1,
+                say,
+            )
+            for seed in sizes.market_seeds
+        ]
+        for name in markets[0]:
+            values = [x[name] for x in markets]
+            metrics[f"market_{rule}_{name}"] = statistics.fmean(values)
+        metrics[f"market_{rule}_spearman_submissions_min"] = min(
+            x["spearman_submissions"] for x in markets
+        )
+        rounds = diloco_rounds(
+            world,
+            rule,
+            pool.frontier.weights,
+            sizes.diloco_rounds,
+            sizes.diloco_steps,
+            dict(sizes.diloco_noise),
+            sizes.diloco_windows,
+            3,
+            say,
+        )
+        metrics.update({f"{rule}_{k}": v for k, v in rounds.items()})
+    return metrics
+
+
+def kinds_of(metrics: dict[str, Any], rule: str, key: str) -> list[str]:
+    prefix = f"{rule}_{key}_det_"
+    return sorted(k[len(prefix) : -len("_rate")] for k in metrics if k.startswith(prefix) and k.endswith("_rate"))
+
+
+def goal(metrics: dict[str, Any], rule: str, setting: Setting) -> dict[str, Any]:
+    key = setting.key
+    kinds = kinds_of(metrics, rule, key)
+    worst = min(kinds, key=lambda k: metrics[f"{rule}_{key}_det_{k}_rate"])
+    worst_lo = min(metrics[f"{rule}_{key}_det_{k}_lo"] for k in kinds)
+    detection_ok = metrics[f"{rule}_{key}_det_{worst}_rate"] >= GOAL_DETECTION
+    false_ok = metrics[f"{rule}_{key}_false_rate"] <= GOAL_FALSE_ACCUSATION
+    compute_ok = metrics[f"compute_fraction_n{setting.n}w{setting.windows}"] <= GOAL_COMPUTE
+    return {
+        f"{rule}_{key}_worst_kind": worst,
+        f"{rule}_{key}_worst_detection": metrics[f"{rule}_{key}_det_{worst}_rate"],
+        f"{rule}_{key}_goal_met": detection_ok and false_ok and compute_ok,
+        f"{rule}_{key}_goal_met_on_bounds": worst_lo >= GOAL_DETECTION
+        and metrics[f"{rule}_{key}_false_hi"] <= GOAL_FALSE_ACCUSATION
+        and compute_ok,
+    }
+
+
+SHORT = {
+    "inflated_x1_7": "infl1.7",
+    "inflated_x3": "infl3",
+    "inflated_x10": "infl10",
+    "free_rider_same_file": "fr-sha",
+    "free_rider_new_bytes": "fr-bytes",
+    "noisy_copy": "noisy",
+    "sandbagger_f_0_1": "sand.1",
+    "sandbagger_f_0_2": "sand.2",
+    "sandbagger_f_0_5": "sand.5",
+    "diverged": "diverg",
+    "nan_weights": "NaN",
+}
+
+
+def pct(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def table(metrics: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> list[str]:
+    """The detection curve, one row per (rule, margin, panel, windows), then the fidelity
+    figures."""
+    lines = []
+    for rule in rules:
+        kinds = kinds_of(metrics, rule, sizes.settings()[0].key)
+        head = ["margin", "n,m", "win", "false% [95% CI]", "cost%"]
+        head += [SHORT.get(k, k) for k in kinds]
+        lines.append(f"subset rule: {rule}  (% of trials caught: rejected or paid nothing)")
+        lines.append(" | ".join(f"{h:>7}" for h in head) + " | goal")
+        for setting in sizes.settings():
+            p = f"{rule}_{setting.key}"
+            false = (
+                f"{pct(metrics[f'{p}_false_rate'])} [{pct(metrics[f'{p}_false_lo'])},"
+                f"{pct(metrics[f'{p}_false_hi'])}]"
+            )
+            cells = [
+                f"{setting.margin:g}",
+                f"{setting.n},{setting.m}",
+                str(setting.windows),
+                false,
+                pct(metrics[f"compute_fraction_n{setting.n}w{setting.windows}"]),
+            ]
+            cells += [pct(metrics[f"{p}_det_{k}_rate"]) for k in kinds]
+            verdict = "MET" if metrics[f"{p}_goal_met"] else "-"
+            lines.append(" | ".join(f"{c:>7}" for c in cells) + f" | {verdict}")
+        lines.append(
+            "  typical interval half-width (nats): "
+            + ", ".join(f"w{w} {metrics[f'half_width_{rule}_w{w}']:.4f}" for w in sizes.windows)
+        )
+        lines.append(
+            f"  market (n,m,w = {sizes.market_setting}): spearman paid vs value, submissions "
+            f"{metrics[f'market_{rule}_spearman_submissions']:.3f} (min "
+            f"{metrics[f'market_{rule}_spearman_submissions_min']:.3f}), contributors "
+            f"{metrics[f'market_{rule}_spearman_contributors']:.3f}, LOO of adopted "
+            f"{metrics[f'market_{rule}_spearman_loo_adopted']:.3f} (goal >= {GOAL_SPEARMAN})"
+        )
+        lines.append(
+            "  diloco rounds: spearman referee score vs leave-one-out, "
+            + ", ".join(
+                f"w{w} mean {metrics[f'{rule}_diloco_w{w}_spearman_mean']:.3f} min "
+                f"{metrics[f'{rule}_diloco_w{w}_spearman_min']:.3f}"
+                for w in sizes.diloco_windows
+            )
+        )
+    lines.append(
+        "referee CPU s per evaluation: "
+        + ", ".join(f"w{w} {metrics[f'referee_cpu_s_w{w}']:.3f}" for w in sizes.windows)
+        + f"; contributor training {metrics['train_cpu_s_per_submission']:.2f} CPU s "
+        f"({metrics['train_steps_per_submission']:.0f} steps) per submission"
+    )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
+    parser.add_argument("--out", type=Path, default=RESULTS / "verify.json", help="result JSON")
+    parser.add_argument(
+        "--rule",
+        choices=(*RULES, "both"),
+        default=None,
+        help="referee subset rule(s); default: both (quick: referee only)",
+    )
+    args = parser.parse_args(argv)
+    sizes = Sizes.pick(args.quick)
+    chosen = args.rule or ("referee" if args.quick else "both")
+    rules = RULES if chosen == "both" else (chosen,)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU seconds per evaluation and per step, one core each
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = run(sizes, rules, Path(tmp))
+    finally:
+        torch.set_num_threads(threads)
+    result = {
+        "benchmark": "verify",
+        "params": {
+            "quick": args.quick,
+            "rules": list(rules),
+            **asdict(sizes),
+            "goal": (
+                f"detection >= {GOAL_DETECTION:.0%} of every kind, false accusation <= "
+                f"{GOAL_FALSE_ACCUSATION:.0%}, referee compute <= {GOAL_COMPUTE:.0%} of the "
+                f"contributors' training; payment spearman >= {GOAL_SPEARMAN}"
+            ),
+        },
+        "env": environment(numpy=np.__version__, torch_threads=1),
+        "metrics": metrics,
+    }
+    write_result(result, args.out)
+    for line in table(metrics, sizes, rules):
+        print(line)
+    print(f"(written to {args.out})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""The hot worker endpoints served in front of Starlette: claim, heartbeat and complete, and
+their batch forms (issue 9).
+
+A busy fleet spends most of the coordinator's requests on these six, and about half of their
+server time went to the framework around the work: Starlette's middleware and its route
+scan (a regular expression per route until one matches), a ``Request`` and a body stream,
+pydantic validating the body, a ``Response`` object. ``FastPath`` is an ASGI wrapper that
+takes exactly those six routes off that path:
+
+- the route is found by one dictionary lookup on the raw path (``/v1/jobs/{job_id}/...`` by
+  its suffix, the job id a plain printable-ASCII segment);
+- the caller comes from the credential cache (``auth.TokenCache``); a miss goes the slow way;
+- the body is read within the same bound as ``bodies.read_limited``, decoded by the same
+  ``bodies.parse_json``, and checked by hand against the body's model (``_parse_*``): a body
+  the model would accept unchanged becomes that model without validation
+  (``model_construct``);
+- the route's own handler runs, as it would behind Starlette (one hop to the writer, the
+  heartbeat book, the long poll), and its reply goes out as pre-encoded bytes.
+
+Anything unusual goes to the Starlette app instead, with the body it has read so far handed
+on unchanged: a credential the cache does not hold, a quoted or odd job id, a body without a
+``Content-Length`` or over ``endpoints.INLINE_PARSE_BYTES``, a body the model would refuse
+or coerce (a string epoch, an unknown key...). The answer to such a request, and to every
+other route, is then exactly what it always was: its error body, its status, its OpenAPI
+entry. A request the fast path does answer gets the same reply as the slow path would give
+(``tests/coordinator/test_fastpath.py`` runs a table of requests through both), and counts
+in the same request metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from trainfleet.coordinator.bodies import parse_json
+from trainfleet.coordinator.endpoints import (
+    INLINE_PARSE_BYTES,
+    INT64_MAX,
+    Ctx,
+    Endpoint,
+    error_response,
+)
+from trainfleet.coordinator.longpoll import MAX_WAIT_S, ClaimWait
+from trainfleet.coordinator.routes_batch import (
+    MAX_ITEMS,
+    BeatItem,
+    ClaimsBody,
+    CompletionsBody,
+    HeartbeatsBody,
+    ResultItem,
+)
+from trainfleet.coordinator.schemas import CompleteBody, EpochBody
+from trainfleet.errors import ApiError
+
+if TYPE_CHECKING:
+    from trainfleet.coordinator.state import Coordinator
+
+JOB_PARAM = "{job_id}"
+MAX_JOB_REF = 256  # endpoints.JOB_REF's max_length, and the batch items' job_id's
+_PLAIN_JOB_REF = re.compile(rb"[\x20-\x24\x26-\x7e]{1,%d}" % MAX_JOB_REF)
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_Parse = Callable[[Any], BaseModel | None]
+
+
+class _Unusual(Exception):
+    """The body is not one the fast path answers: the slow path does."""
+
+
+# Hand checks of the hot bodies. Each returns the model the slow path's validation would
+# build, or raises _Unusual for anything it would refuse OR coerce (a bool or a string
+# where an int is declared, a float epoch), so that only exact inputs are taken here.
+
+
+def _keys(data: Any, required: frozenset[str], allowed: frozenset[str]) -> dict[str, Any]:
+    if type(data) is not dict or not required <= data.keys() <= allowed:
+        raise _Unusual
+    return data
+
+
+def _int(value: Any, low: int, high: int = INT64_MAX) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise _Unusual
+    return value
+
+
+def _wait_s(data: dict[str, Any]) -> float:
+    value = data.get("wait_s", 0.0)
+    if type(value) not in (int, float) or not 0 <= value <= MAX_WAIT_S or math.isnan(value):
+        raise _Unusual
+    return float(value)
+
+
+def _job_ref(value: Any) -> str:
+    if type(value) is not str or not 1 <= len(value) <= MAX_JOB_REF:
+        raise _Unusual
+    return value
+
+
+def _result(data: dict[str, Any]) -> dict[str, Any]:
+    result = data.get("result", {})
+    if type(result) is not dict:
+        raise _Unusual
+    return result
+
+
+def _items(data: Any, key: str) -> list[Any]:
+    items = _keys(data, frozenset({key}), frozenset({key}))[key]
+    if type(items) is not list or len(items) > MAX_ITEMS:
+        raise _Unusual
+    return items
+
+
+_EPOCH = frozenset({"epoch"})
+_JOB_EPOCH = frozenset({"job_id", "epoch"})
+
+
+def _parse_claim(data: Any) -> ClaimWait:
+    body = _keys(data, frozenset(), frozenset({"wait_s"}))
+    return ClaimWait.model_construct(wait_s=_wait_s(body))
+
+
+def _parse_claims(data: Any) -> ClaimsBody:
+    body = _keys(data, frozenset(), frozenset({"max_jobs", "wait_s"}))
+    max_jobs = _int(body.get("max_jobs", 1), 1, MAX_ITEMS)
+    return ClaimsBody.model_construct(max_jobs=max_jobs, wait_s=_wait_s(body))
+
+
+def _parse_epoch(data: Any) -> EpochBody:
+    return EpochBody.model_construct(epoch=_int(_keys(data, _EPOCH, _EPOCH)["epoch"], 1))
+
+
+def _parse_complete(data: Any) -> CompleteBody:
+    body = _keys(data, _EPOCH, frozenset({"epoch", "result"}))
+    return CompleteBody.model_construct(epoch=_int(body["epoch"], 1), result=_result(body))
+
+
+def _parse_beats(data: Any) -> HeartbeatsBody:
+    beats = []
+    for item in _items(data, "beats"):
+        beat = _keys(item, _JOB_EPOCH, _JOB_EPOCH)
+        beats.append(
+            BeatItem.model_construct(job_id=_job_ref(beat["job_id"]), epoch=_int(beat["epoch"], 1))
+        )
+    return HeartbeatsBody.model_construct(beats=beats)
+
+
+def _parse_results(data: Any) -> CompletionsBody:
+    results = []
+    for item in _items(data, "results"):
+        one = _keys(item, _JOB_EPOCH, frozenset({"job_id", "epoch", "result"}))
+        results.append(
+            ResultItem.model_construct(
+                job_id=_job_ref(one["job_id"]), epoch=_int(one["epoch"], 1), result=_result(one)
+            )
+        )
+    return CompletionsBody.model_construct(results=results)
+
+
+# The hot routes by their handler's name (the route table's operation id): a route renamed or
+# moved keeps its fast path, a route removed loses it.
+PARSERS: dict[str, _Parse] = {
+    "claim": _parse_claim,
+    "claim_batch": _parse_claims,
+    "heartbeat": _parse_epoch,
+    "heartbeat_batch": _parse_beats,
+    "complete": _parse_complete,
+    "complete_batch": _parse_results,
+}
+
+
+@dataclass(frozen=True)
+class _Hot:
+    endpoint: Endpoint
+    parse: _Parse
+
+
+class FastPath:
+    """ASGI wrapper: the hot routes of ``endpoints`` (``PARSERS``) answered here, everything
+    else (and anything unusual about a hot request) passed to ``app``."""
+
+    def __init__(self, app: ASGIApp, coord: Coordinator, endpoints: list[Endpoint]) -> None:
+        self.app = app
+        self.coord = coord
+        self.exact: dict[bytes, _Hot] = {}  # "/v1/claims" -> its route
+        self.job_prefix = b""  # "/v1/jobs/"
+        self.by_suffix: dict[bytes, _Hot] = {}  # "/heartbeat" -> its route
+        self._observers: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self.served = 0  # requests answered here (the rest went to ``app``)
+        for ep in endpoints:
+            parse = PARSERS.get(ep.operation_id)
+            if parse is None or ep.method != "POST":
+                continue
+            hot = _Hot(ep, parse)
+            if "{" not in ep.path:
+                self.exact[ep.path.encode()] = hot
+                continue
+            prefix, param, suffix = ep.path.partition(JOB_PARAM)
+            assert param and "{" not in suffix and "/" not in suffix[1:], ep.path
+            assert self.job_prefix in (b"", prefix.encode()), ep.path
+            self.job_prefix = prefix.encode()
+            self.by_suffix[suffix.encode()] = hot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hot = None
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            hot, job_id = self._route(scope.get("raw_path"))
+        if hot is None:
+            await self.app(scope, receive, send)
+            return
+        worker_id, length = self._caller(scope)
+        if worker_id is None:
+            await self.app(scope, receive, send)
+            return
+        read, raw = await _read_body(receive, length)
+        body = None
+        if raw is not None:
+            try:
+                body = hot.parse(parse_json(raw))
+            except (ApiError, _Unusual):
+                body = None
+        if body is None:  # the slow path answers, from the same bytes
+            await self.app(scope, _Replay(read, receive), send)
+            return
+        await self._serve(hot.endpoint, scope, receive, send, worker_id, body, job_id)
+
+    def _route(self, raw_path: Any) -> tuple[_Hot | None, str | None]:
+        """The hot route of ``raw_path`` and its job id, if it is one."""
+        if type(raw_path) is not bytes:
+            return None, None
+        hot = self.exact.get(raw_path)
+        if hot is not None:
+            return hot, None
+        if not raw_path.startswith(self.job_prefix) or not self.job_prefix:
+            return None, None
+        segment, slash, suffix = raw_path[len(self.job_prefix) :].partition(b"/")
+        hot = self.by_suffix.get(slash + suffix)
+        if hot is None or not _plain_job_ref(segment):
+            return None, None  # a quoted or odd id: Ctx.path's unquoting and checks apply
+        return hot, segment.decode("ascii")
+
+    def _caller(self, scope: Scope) -> tuple[str | None, int]:
+        """The worker the credential cache names for this request's bearer token (None: the
+        slow path decides), and how many body bytes the fast path may read."""
+        token = ""
+        length = INLINE_PARSE_BYTES  # no Content-Length: read up to this, then decide
+        seen = set()
+        for name, value in scope["headers"]:
+            if name in seen:
+                continue  # the first of each counts, as in Starlette's ``headers.get``
+            seen.add(name)
+            if name == b"authorization":
+                scheme, _, rest = value.decode("latin-1").partition(" ")
+                token = rest.strip() if scheme.lower() == "bearer" and rest else ""
+            elif name == b"content-length":
+                length = int(value) if value.isdigit() else -1
+        if not token or not 0 <= length <= INLINE_PARSE_BYTES:
+            return None, 0
+        return self.coord.tokens.get("worker", token), length
+
+    async def _serve(
+        self,
+        ep: Endpoint,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        worker_id: str,
+        body: BaseModel,
+        job_id: str | None,
+    ) -> None:
+        """Run the route's handler and send its reply, as ``RouteTable._wrap`` does."""
+        started = time.perf_counter()
+        self.served += 1
+        path_values = None if job_id is None else {"job_id": job_id}
+        ctx = Ctx(Request(scope, receive), self.coord, worker_id, body, ep, path_values)
+        try:
+            result = await ep.handler(ctx)
+        except ApiError as err:
+            response = error_response(err)
+            self._observe(ep.path, response.status_code, started)
+            await response(scope, receive, send)
+            return
+        if isinstance(result, Response):  # not one of the hot handlers' own replies today
+            self._observe(ep.path, result.status_code, started)
+            await result(scope, receive, send)
+            return
+        assert result is not None, f"{ep.path} answered nothing"
+        payload = result.__pydantic_serializer__.to_json(result)
+        self._observe(ep.path, 200, started)
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    def _observe(self, route: str, status: int, started: float) -> None:
+        """``Metrics.observe_request``, with the labelled children looked up once."""
+        key = (route, status)
+        children = self._observers.get(key)
+        if children is None:
+            metrics = self.coord.metrics
+            children = (
+                metrics.requests.labels("POST", route, str(status)),
+                metrics.latency.labels(route),
+            )
+            self._observers[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
+
+
+def _plain_job_ref(segment: bytes) -> bool:
+    """Printable ASCII without '%' (nothing to unquote), 1 to 256 bytes: the job id as is."""
+    return _PLAIN_JOB_REF.fullmatch(segment) is not None
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bytes | None]:
+    """The messages received and the whole body; body None if it is not a plain one of at
+    most ``limit`` bytes (a disconnect, a body longer than declared)."""
+    read: list[Message] = []
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        read.append(message)
+        if message["type"] != "http.request":
+            return read, None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return read, None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return read, b"".join(chunks)
+
+
+class _Replay:
+    """A ``receive`` that hands on the messages already read, then the connection's own."""
+
+    def __init__(self, read: list[Message], receive: Receive) -> None:
+        self.read = deque(read)
+        self.receive = receive
+
+    async def __call__(self) -> Message:
+        if self.read:
+            return self.read.popleft()
+        return await self.receive()
+
+
+__all__ = ["PARSERS", "FastPath"]

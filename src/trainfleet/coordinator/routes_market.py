@@ -1,0 +1,322 @@
+"""Training-market endpoints: models, competitions, submissions, the leaderboard, the ledger.
+
+The rules are ``coordinator.market``'s (and ``verify``'s); here is who may call what, and the
+shapes. Everything a submitter sends is untrusted: a model upload is streamed, bounded
+(``market.MAX_MODEL_BYTES``) and checked against its sha256; a submission's model must fit the
+competition's family before any referee runs (400 with the reason otherwise).
+
+API (JSON shapes are the pydantic models named):
+
+- ``PUT /v1/market/models/{sha256}?size=N`` (auth ``submitter``: the operator token, or an
+  enrolled host's join token): store a model file (safetensors bytes), content addressed;
+  ``ModelStored``. The same bytes again store nothing new.
+- ``GET /v1/market/models/{sha256}`` (auth ``worker``): the bytes, only to a worker holding an
+  active referee job that names that model (candidate or frontier); 403 for any other
+  digest, so a worker credential cannot read other artifacts through it.
+- ``POST /v1/market/competitions`` (auth ``operator``): ``{"spec": CompetitionSpec,
+  "baseline": sha256}`` -> ``CompetitionRecord``; the coordinator scores the baseline on the
+  held-out data itself (409 if the name is taken).
+- ``GET /v1/market/competitions`` (auth ``read``): ``CompetitionList``.
+- ``GET /v1/market/competitions/{competition}`` (auth ``read``; a name or id):
+  ``CompetitionDetail`` (its submissions, newest last, and the balances it paid).
+- ``POST /v1/market/competitions/{competition}/submissions`` (auth ``submitter``; the producer
+  is "operator" or the host the join token is enrolled for): ``{"sha256", "claim"}`` ->
+  ``SubmissionRecord`` (state ``refereeing``, or ``duplicate`` for a model submitted before).
+- ``GET /v1/market/competitions/{competition}/leaderboard`` (auth ``read``): ``Leaderboard``:
+  accepted submissions by trusted score (the panel's, never the claim).
+- ``GET /v1/market/submissions/{submission}`` (auth ``submitter``, so a host that submitted
+  follows its verdict with its own token): ``SubmissionDetail`` (its referees' reports and
+  jobs).
+- ``GET /v1/market/ledger[?competition=NAME]`` (auth ``read``): ``Ledger``: every payment,
+  oldest first, and the balances derived from them.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from starlette.responses import StreamingResponse
+
+from trainfleet.coordinator.endpoints import HEX64, INT64_MAX, Ctx, Param, RouteTable
+from trainfleet.coordinator.market import MAX_MODEL_BYTES
+from trainfleet.coordinator.routes_read import stream_blob
+from trainfleet.coordinator.routes_worker import _stream_and_store
+from trainfleet.coordinator.schemas import Body
+from trainfleet.errors import Forbidden, IntegrityError, NotFound, PayloadTooLarge
+from trainfleet.queue.base import ACTIVE_STATES, JobState
+from trainfleet.queue.market_base import (
+    CompetitionRecord,
+    LedgerEntry,
+    SubmissionRecord,
+)
+from trainfleet.verify.market import CompetitionSpec
+from trainfleet.verify.spec import RefereeTask
+
+routes = RouteTable()
+
+REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+COMPETITION = Param(
+    "competition", "a competition's name or id", pattern=REF_PATTERN, max_length=128
+)
+SUBMISSION = Param("submission", "a submission's id", pattern=REF_PATTERN, max_length=128)
+COMPETITION_QUERY = Param(
+    "competition", "only this competition (a name or id)", pattern=REF_PATTERN, max_length=128
+)
+MODEL_SIZE = Param(
+    "size", "the model file's length in bytes", "integer", 0, INT64_MAX, required=True
+)
+
+
+class ModelStored(Body):
+    sha256: str
+    size: int
+    stored: bool = Field(description="false when the coordinator had these bytes already")
+
+
+class NewCompetition(Body):
+    spec: CompetitionSpec
+    baseline: str = Field(pattern=HEX64, description="sha256 of the uploaded baseline model")
+
+
+class NewSubmission(Body):
+    sha256: str = Field(pattern=HEX64, description="sha256 of the uploaded model")
+    claim: float = Field(
+        ge=0,
+        le=1e6,
+        allow_inf_nan=False,
+        description="the submitter's own held-out loss (nats/token): checked by the"
+        " referees, never used for ranking or payment",
+    )
+
+
+class CompetitionList(Body):
+    competitions: list[CompetitionRecord]
+
+
+class CompetitionDetail(Body):
+    competition: CompetitionRecord
+    submissions: list[SubmissionRecord] = Field(description="oldest first")
+    balances: dict[str, float] = Field(description="account -> credits paid by this competition")
+
+
+class Leaderboard(Body):
+    competition: CompetitionRecord
+    entries: list[SubmissionRecord] = Field(
+        description="accepted submissions, best (lowest) trusted score first"
+    )
+    total_paid: float
+
+
+class RefereeJob(Body):
+    id: str
+    name: str
+    state: JobState
+    host: str | None = Field(description="the host of its current (or last) attempt")
+    attempt: int
+    error: str | None
+
+
+class SubmissionDetail(Body):
+    submission: SubmissionRecord = Field(description="with its referees' reports")
+    referees: list[RefereeJob] = Field(description="the submission's referee jobs")
+
+
+class Ledger(Body):
+    entries: list[LedgerEntry] = Field(description="every payment, oldest first")
+    balances: dict[str, float] = Field(description="account -> sum of its entries")
+    total_paid: float
+
+
+# models -------------------------------------------------------------------------------------
+@routes.route(
+    "PUT",
+    "/v1/market/models/{sha256}",
+    auth="submitter",
+    summary="Upload a model file (safetensors) for the market; verified against its sha256",
+    response=ModelStored,
+    raw_body="application/octet-stream",
+    query=(MODEL_SIZE,),
+)
+async def upload_model(ctx: Ctx) -> ModelStored:
+    coord, sha256 = ctx.coord, ctx.path("sha256")
+    size = ctx.query_int("size")
+    limit = min(MAX_MODEL_BYTES, coord.max_upload_bytes)
+    if size > limit:
+        raise PayloadTooLarge(
+            f"model of {size} bytes exceeds the market's {limit}-byte limit", limit_bytes=limit
+        )
+    declared = ctx.request.headers.get("content-length")
+    if declared is not None and declared.strip() != str(size):
+        raise IntegrityError(
+            f"the body's Content-Length {declared[:40]!r} is not the declared size {size}",
+            expected_size=size,
+        )
+    with coord.store.pinned(sha256):  # no GC pass deletes it while it is stored
+        stored = await _stream_and_store(ctx, sha256, size)
+    return ModelStored(sha256=sha256, size=size, stored=stored)
+
+
+@routes.route(
+    "GET",
+    "/v1/market/models/{sha256}",
+    auth="worker",
+    summary="Download a market model by sha256; only to a worker holding a referee job that"
+    " names it",
+    media_type="application/octet-stream",
+    errors=(403,),
+)
+async def model(ctx: Ctx) -> StreamingResponse:
+    coord, sha = ctx.coord, ctx.path("sha256")
+    # Asked first: a worker credential learns nothing of other digests (always 403).
+    if not await _holds_model(ctx, sha):
+        raise Forbidden("this worker holds no referee job that names this model")
+    if not await ctx.run(coord.store.exists, sha):
+        raise NotFound(f"market model {sha} is not stored")
+    return await stream_blob(ctx, sha)
+
+
+async def _holds_model(ctx: Ctx, sha: str) -> bool:
+    """Whether the caller holds an active referee job whose task names ``sha`` (candidate or
+    frontier): a scan of the active jobs, which a model download (two per referee job) can
+    afford."""
+    for state in ACTIVE_STATES:
+        for job in await ctx.run(ctx.coord.queue.list_jobs, state):
+            task = job.spec.task
+            if (
+                job.worker_id == ctx.worker
+                and isinstance(task, RefereeTask)
+                and sha in (task.candidate, task.frontier)
+            ):
+                return True
+    return False
+
+
+# competitions -------------------------------------------------------------------------------
+@routes.route(
+    "POST",
+    "/v1/market/competitions",
+    auth="operator",
+    summary="Create a competition from its spec and an uploaded baseline model (scored by"
+    " the coordinator on the held-out data)",
+    body=NewCompetition,
+    response=CompetitionRecord,
+    errors=(404,),
+)
+async def create_competition(ctx: Ctx) -> CompetitionRecord:
+    body: NewCompetition = ctx.body
+    return await ctx.run_io(ctx.coord.market.create, body.spec, body.baseline)
+
+
+@routes.route(
+    "GET",
+    "/v1/market/competitions",
+    auth="read",
+    summary="List competitions",
+    response=CompetitionList,
+)
+async def list_competitions(ctx: Ctx) -> CompetitionList:
+    return CompetitionList(competitions=await ctx.run(ctx.coord.queue.list_competitions))
+
+
+@routes.route(
+    "GET",
+    "/v1/market/competitions/{competition}",
+    auth="read",
+    summary="One competition (by name or id) with its submissions and balances",
+    response=CompetitionDetail,
+    path_params=(COMPETITION,),
+)
+async def competition_detail(ctx: Ctx) -> CompetitionDetail:
+    queue = ctx.coord.queue
+    competition = await ctx.run(queue.get_competition, ctx.path("competition"))
+    return CompetitionDetail(
+        competition=competition,
+        submissions=await ctx.run(queue.list_submissions, competition.id),
+        balances=await ctx.run(queue.balances, competition.id),
+    )
+
+
+@routes.route(
+    "POST",
+    "/v1/market/competitions/{competition}/submissions",
+    auth="submitter",
+    summary="Submit an uploaded model with its claimed held-out loss; referees re-measure it",
+    body=NewSubmission,
+    response=SubmissionRecord,
+    path_params=(COMPETITION,),
+)
+async def submit(ctx: Ctx) -> SubmissionRecord:
+    body: NewSubmission = ctx.body
+    producer = ctx.worker_id  # for auth "submitter": "operator" or the enrolled host
+    assert producer is not None
+    return await ctx.run_io(
+        ctx.coord.market.submit, ctx.path("competition"), body.sha256, body.claim, producer
+    )
+
+
+@routes.route(
+    "GET",
+    "/v1/market/competitions/{competition}/leaderboard",
+    auth="read",
+    summary="Accepted submissions by trusted score (the referees', never the claim)",
+    response=Leaderboard,
+    path_params=(COMPETITION,),
+)
+async def leaderboard(ctx: Ctx) -> Leaderboard:
+    queue = ctx.coord.queue
+    competition = await ctx.run(queue.get_competition, ctx.path("competition"))
+    submissions = await ctx.run(queue.list_submissions, competition.id)
+    accepted = [s for s in submissions if s.state == "accepted" and s.trusted_score is not None]
+    accepted.sort(key=lambda s: (s.trusted_score, s.seq))
+    return Leaderboard(
+        competition=competition,
+        entries=accepted,
+        total_paid=sum(s.paid for s in submissions),
+    )
+
+
+@routes.route(
+    "GET",
+    "/v1/market/submissions/{submission}",
+    auth="submitter",  # a host that submitted follows its verdict with its own token
+    summary="One submission with its referees' reports and jobs",
+    response=SubmissionDetail,
+    path_params=(SUBMISSION,),
+)
+async def submission_detail(ctx: Ctx) -> SubmissionDetail:
+    queue = ctx.coord.queue
+    submission = await ctx.run(queue.get_submission, ctx.path("submission"))
+    jobs = await ctx.run(queue.panel_jobs, submission.id)
+    return SubmissionDetail(
+        submission=submission,
+        referees=[
+            RefereeJob(
+                id=j.id, name=j.name, state=j.state, host=j.host, attempt=j.attempt, error=j.error
+            )
+            for j in jobs
+        ],
+    )
+
+
+@routes.route(
+    "GET",
+    "/v1/market/ledger",
+    auth="read",
+    summary="The market ledger (append-only) and the balances derived from it",
+    response=Ledger,
+    query=(COMPETITION_QUERY,),
+)
+async def ledger(ctx: Ctx) -> Ledger:
+    queue = ctx.coord.queue
+    ref = ctx.query_str("competition")
+    competition_id = None
+    if ref is not None:
+        competition_id = (await ctx.run(queue.get_competition, ref)).id
+    entries = await ctx.run(queue.ledger, competition_id)
+    return Ledger(
+        entries=entries,
+        balances=await ctx.run(queue.balances, competition_id),
+        total_paid=sum(e.amount for e in entries),
+    )
+
+
+__all__ = ["routes"]
