@@ -60,6 +60,7 @@ STARTED = time.perf_counter()
 
 @dataclass(frozen=True)
 class Sizes:
+    quick: bool
     num_files: int  # stdlib files, split in two: competition (even) and secret (odd)
     universe_per_shard: int
     claim_per_shard: int
@@ -68,6 +69,7 @@ class Sizes:
     honest_steps: tuple[int, ...]
     sandbag_fractions: tuple[float, ...]
     noise_levels: tuple[float, ...]
+    sandbag_models: int  # sandbaggers shadow the first few honest models
     inflations: tuple[float, ...]
     panels: tuple[tuple[int, int], ...]
     windows: tuple[int, ...]
@@ -95,6 +97,7 @@ class Sizes:
     def pick(cls, quick: bool) -> Sizes:
         if quick:
             return cls(
+                quick=True,
                 num_files=120,
                 universe_per_shard=256,
                 claim_per_shard=128,
@@ -103,6 +106,7 @@ class Sizes:
                 honest_steps=(60, 120),
                 sandbag_fractions=(0.2,),
                 noise_levels=(0.01,),
+                sandbag_models=2,
                 inflations=(1.7, 3.0, 10.0),
                 panels=((1, 1), (3, 2)),
                 windows=(16, 64),
@@ -119,14 +123,16 @@ class Sizes:
                 diloco_windows=(64,),
             )
         return cls(
+            quick=False,
             num_files=800,
-            universe_per_shard=2048,
+            universe_per_shard=1024,
             claim_per_shard=512,
             secret_windows=4096,
             frontier_steps=100,
             honest_steps=(100, 150, 200, 300, 400, 500),
             sandbag_fractions=(0.1, 0.5),
             noise_levels=(0.003, 0.01, 0.03),
+            sandbag_models=3,
             inflations=(1.7, 3.0, 10.0),
             panels=((1, 1), (3, 2), (5, 3), (7, 4)),
             windows=(16, 64, 256),
@@ -170,6 +176,7 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
         sizes.frontier_steps,
         sizes.honest_steps,
         sizes.sandbag_fractions,
+        sizes.sandbag_models,
         sizes.noise_levels,
         say,
     )
@@ -187,7 +194,7 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
     cpu = {w: referee_cpu_s(world, pool, w, sizes.cpu_repeats, work) for w in sizes.windows}
     for w, seconds in cpu.items():
         metrics[f"referee_cpu_s_w{w}"] = seconds
-    for n, m in sizes.panels:
+    for n, _ in sizes.panels:
         for w in sizes.windows:
             metrics[f"compute_fraction_n{n}w{w}"] = n * cpu[w] / train_cpu_s
     settings = sizes.settings()
@@ -220,7 +227,7 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
                 half[setting.windows] if setting.windows in half else half[max(half)],
                 sizes.market_rounds,
                 seed,
-                len(sizes.market_seeds) == 1,
+                sizes.quick,
                 say,
             )
             for seed in sizes.market_seeds
@@ -248,7 +255,11 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
 
 def kinds_of(metrics: dict[str, Any], rule: str, key: str) -> list[str]:
     prefix = f"{rule}_{key}_det_"
-    return sorted(k[len(prefix) : -len("_rate")] for k in metrics if k.startswith(prefix) and k.endswith("_rate"))
+    return sorted(
+        k[len(prefix) : -len("_rate")]
+        for k in metrics
+        if k.startswith(prefix) and k.endswith("_rate")
+    )
 
 
 def goal(metrics: dict[str, Any], rule: str, setting: Setting) -> dict[str, Any]:

@@ -97,6 +97,7 @@ def build_pool(
     frontier_steps: int,
     honest_steps: Sequence[int],
     sandbag_fractions: Sequence[float],
+    sandbag_models: int,
     noise_levels: Sequence[float],
     say: Callable[[str], None],
 ) -> Pool:
@@ -118,22 +119,29 @@ def build_pool(
     pool.kinds["honest"] = [(h, h.claim_loss) for h in honest]
     pool.kinds["free-rider (new bytes)"] = [(frontier, frontier.claim_loss)]
     pool.kinds["noisy copy"] = [
-        (world.measure(Model(f"noisy{level}", noisy(frontier.weights, level, seed))), claim)
-        for level in noise_levels
-        for seed, claim in ((7, frontier.claim_loss), (8, frontier.claim_loss))
+        (
+            world.measure(Model(f"noisy{level}", noisy(frontier.weights, level, seed))),
+            frontier.claim_loss,
+        )
+        for seed, level in enumerate(noise_levels)
     ]
     for f in sandbag_fractions:
         models = []
-        for i, (steps, full) in enumerate(zip(honest_steps, honest, strict=True)):
+        shadowed = zip(honest_steps[:sandbag_models], honest[:sandbag_models], strict=True)
+        for i, (steps, full) in enumerate(shadowed):
             part = max(1, round(f * steps))
             w, cpu_s = world.train(frontier.weights, part, lr=world.params.lr, seed=100 + i)
-            models.append((world.measure(Model(f"sandbag{f}+{part}", w, cpu_s, part)), full.claim_loss))
+            models.append(
+                (world.measure(Model(f"sandbag{f}+{part}", w, cpu_s, part)), full.claim_loss)
+            )
         pool.kinds[f"sandbagger f={f:g}"] = models
     w, cpu_s = world.train(frontier.weights, 30, lr=1.0, seed=900)
     diverged = world.measure(Model("diverged", w, cpu_s, 30))
     say(f"diverged (lr 1.0): loss {diverged.claim_loss:.4f}")
     pool.kinds["diverged"] = [(diverged, diverged.claim_loss)]
-    pool.kinds["NaN weights"] = [(world.measure(Model("nan", with_nan(frontier.weights))), honest[0].claim_loss)]
+    pool.kinds["NaN weights"] = [
+        (world.measure(Model("nan", with_nan(frontier.weights))), honest[0].claim_loss)
+    ]
     return pool
 
 
@@ -143,7 +151,12 @@ def trial_seed(*parts: object) -> int:
 
 
 def reports_for(
-    world: World, rule: str, candidate: Model, frontier: Model, windows: int, n_max: int,
+    world: World,
+    rule: str,
+    candidate: Model,
+    frontier: Model,
+    windows: int,
+    n_max: int,
     seed: int,
 ) -> list[RefereeReport]:
     """n_max referees' reports on one submission, each on its own subset (``rule``)."""
@@ -182,6 +195,27 @@ def competition(world: World, setting: Setting) -> CompetitionSpec:
         confidence=CONFIDENCE,
         resamples=RESAMPLES,
     )
+
+
+@dataclass
+class Judge:
+    """Judges submissions under one setting and tallies the outcomes by kind."""
+
+    setting: Setting
+    spec: CompetitionSpec
+    frontier: Model
+    out: dict[str, Tally]
+
+    def record(self, kind: str, model: Model, claim: float, reports: list[RefereeReport]) -> None:
+        n, m, score = self.setting.n, self.setting.m, self.frontier.claim_loss
+        verdict = judge(claim, score, reports[:n], m=m, n=n)
+        paid = payment(self.spec, score, verdict)
+        rejected = verdict.state == "rejected"
+        value = self.frontier.secret_loss - model.secret_loss
+        unpaid = rejected or paid == 0.0
+        if kind == "honest":  # falsely accused: a real improvement beyond the margin, unpaid
+            unpaid = unpaid and value > self.setting.margin
+        self.out.setdefault(kind, Tally()).add(unpaid, rejected, paid, value)
 
 
 def at_margin(reports: list[RefereeReport], margin: float) -> list[RefereeReport]:
@@ -227,29 +261,15 @@ def detection(
         )
         half_widths[w] = half
         for setting in (s for s in settings if s.windows == w):
-            spec = competition(world, setting)
             out = tallies[setting.key]
-
-            def record(kind: str, model: Model, claim: float, reports: list[RefereeReport]) -> None:
-                n, m = setting.n, setting.m
-                verdict = judge(claim, frontier.claim_loss, reports[:n], m=m, n=n)
-                paid = payment(spec, frontier.claim_loss, verdict)
-                rejected = verdict.state == "rejected"
-                value = frontier.secret_loss - model.secret_loss
-                tally = out.setdefault(kind, Tally())
-                unpaid = rejected or paid == 0.0
-                if kind == "honest":
-                    tally.add(value > setting.margin and unpaid, rejected, paid, value)
-                else:
-                    tally.add(unpaid, rejected, paid, value)
-
+            judged_by = Judge(setting, competition(world, setting), frontier, out)
             for kind, trials in draws.items():
                 for model, claim, reports in trials:
                     judged = at_margin(reports, setting.margin)
-                    record(kind, model, claim, judged)
+                    judged_by.record(kind, model, claim, judged)
                     if kind == "honest":
                         for k in inflations:
-                            record(f"inflated x{k:g}", model, claim - k * half, judged)
+                            judged_by.record(f"inflated x{k:g}", model, claim - k * half, judged)
             # A resubmission of the frontier's own file never reaches a referee.
             same = out.setdefault("free-rider (same file)", Tally())
             for _ in range(cheat_trials):

@@ -172,8 +172,8 @@ def simulate_market(
             score = next_frontier(score, verdict)
         else:
             subs.append(Submission(persona, 0.0, max(0.0, value), verdict.state, False, None))
-    paid = [x.paid for x in subs]
-    value = [x.value for x in subs]
+    amounts = [x.paid for x in subs]
+    values = [x.value for x in subs]
     by_persona: dict[str, list[float]] = {p.name: [0.0, 0.0] for p in people}
     for x in subs:
         by_persona[x.persona.name][0] += x.paid
@@ -188,17 +188,17 @@ def simulate_market(
     cheats = [x for x in subs if x.persona.kind != "honest"]
     say(
         f"market seed {seed}: {len(subs)} submissions, {len(adopted)} paid, spearman "
-        f"{spearman(paid, value):.3f}"
+        f"{spearman(amounts, values):.3f}"
     )
     return {
         "submissions": len(subs),
         "paid_submissions": len(adopted),
-        "spearman_submissions": spearman(paid, value),
+        "spearman_submissions": spearman(amounts, values),
         "spearman_contributors": spearman(
             [v[0] for v in by_persona.values()], [v[1] for v in by_persona.values()]
         ),
         "spearman_loo_adopted": spearman([x.paid for x in adopted], loo),
-        "total_paid": sum(paid),
+        "total_paid": sum(amounts),
         "baseline_minus_final_score": baseline_score - score,
         "secret_improvement": baseline_secret - frontier_secret,
         "honest_paid_share": sum(x.paid > 0 for x in honest) / max(1, len(honest)),
@@ -246,7 +246,11 @@ def diloco_rounds(
             scores = []
             for k, delta in enumerate(deltas):
                 reports = panel_reports(
-                    world, rule, setting, minus(global_weights, delta), global_weights,
+                    world,
+                    rule,
+                    setting,
+                    minus(global_weights, delta),
+                    global_weights,
                     trial_seed("diloco", r, k, w),
                 )
                 usable = [x.gate.improvement for x in reports if x.ok]

@@ -7,6 +7,7 @@ measurement are refused with their reasons, over real HTTP."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,10 @@ def trainfleet(*args: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def refusal(call: object) -> str:
+def refusal(call: Callable[[], object]) -> str:
     """The reason of the 403 that ``call()`` must raise."""
     with pytest.raises(ApiError) as err:
-        call()  # type: ignore[operator]
+        call()
     assert err.value.status_code == 403, err.value
     return str(err.value.details["reason"])
 

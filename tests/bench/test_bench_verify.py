@@ -1,0 +1,81 @@
+"""The cheat benchmark runs end to end at tiny sizes, writes every metric it reports, and its
+figures say what the verification rules promise."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_writes_the_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is a top-level package beside src/
+    bench_verify = importlib.import_module("bench.verify")
+    out = tmp_path / "verify.json"
+
+    bench_verify.main(["--quick", "--rule", "referee", "--out", str(out)])
+
+    result = json.loads(out.read_text())
+    metrics = result["metrics"]
+    assert result["benchmark"] == "verify"
+    assert result["params"]["quick"] is True
+    assert {"cores", "numpy", "torch", "commit"} <= set(result["env"])
+    sizes = bench_verify.Sizes.pick(True)
+    kinds = {
+        "inflated_x1_7",
+        "inflated_x3",
+        "inflated_x10",
+        "free_rider_same_file",
+        "free_rider_new_bytes",
+        "noisy_copy",
+        "sandbagger_f_0_2",
+        "diverged",
+        "nan_weights",
+    }
+    for setting in sizes.settings():
+        p = f"referee_{setting.key}"
+        assert set(bench_verify.kinds_of(metrics, "referee", setting.key)) == kinds
+        for kind in kinds:
+            rate, lo, hi = (metrics[f"{p}_det_{kind}_{x}"] for x in ("rate", "lo", "hi"))
+            assert 0 <= lo <= rate <= hi <= 1
+            inflated = kind.startswith("inflated")  # judged on the honest trials' reports
+            trials = sizes.honest_trials if inflated else sizes.cheat_trials
+            assert metrics[f"{p}_det_{kind}_trials"] == trials
+        # A free-rider never earns anything, whatever its bytes; NaN weights are always
+        # rejected; a claim ten half-widths too low is always rejected.
+        for kind in ("free_rider_same_file", "free_rider_new_bytes", "nan_weights"):
+            assert metrics[f"{p}_det_{kind}_rate"] == 1.0
+            assert metrics[f"{p}_det_{kind}_paid_nats"] == 0.0
+        assert metrics[f"{p}_det_nan_weights_rejected"] == sizes.cheat_trials
+        assert metrics[f"{p}_det_inflated_x10_rate"] == 1.0
+        # Honest submissions: the false-accusation rate lies inside its own interval.
+        false, lo, hi = (metrics[f"{p}_false_{x}"] for x in ("rate", "lo", "hi"))
+        assert metrics[f"{p}_false_trials"] == sizes.honest_trials
+        assert 0 <= lo <= false <= hi <= 1
+        assert metrics[f"{p}_false_paid_nats"] > 0  # honest improvements do get paid
+        assert isinstance(metrics[f"{p}_goal_met"], bool)
+        assert metrics[f"compute_fraction_n{setting.n}w{setting.windows}"] > 0
+    for w in sizes.windows:
+        assert metrics[f"referee_cpu_s_w{w}"] > 0
+        assert metrics[f"half_width_referee_w{w}"] > 0
+    assert metrics["half_width_referee_w64"] < metrics["half_width_referee_w16"]
+    # Payments telescope: what was paid is exactly the frontier's total move.
+    assert math.isclose(
+        metrics["market_referee_total_paid"],
+        metrics["market_referee_baseline_minus_final_score"],
+        rel_tol=1e-9,
+        abs_tol=1e-12,
+    )
+    for name in ("spearman_submissions", "spearman_contributors"):
+        assert -1 <= metrics[f"market_referee_{name}"] <= 1
+    assert (
+        metrics["market_referee_cheats_paid_nats"]
+        <= metrics["market_referee_cheats_value_nats"] + 0.05
+    )  # a cheat is paid at most about what its model is really worth
+    for w in sizes.diloco_windows:
+        assert -1 <= metrics[f"referee_diloco_w{w}_spearman_mean"] <= 1
