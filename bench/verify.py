@@ -137,10 +137,10 @@ class Sizes:
             panels=((1, 1), (3, 2), (5, 3), (7, 4)),
             windows=(16, 64, 256),
             margins=(0.0, 0.01),
-            honest_trials=500,
-            cheat_trials=200,
+            honest_trials=400,
+            cheat_trials=150,
             cpu_repeats=5,
-            market_rounds=3,
+            market_rounds=2,
             market_seeds=(0, 1),
             market_setting=(3, 2, 64),
             diloco_rounds=4,
@@ -197,6 +197,10 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
     for n, _ in sizes.panels:
         for w in sizes.windows:
             metrics[f"compute_fraction_n{n}w{w}"] = n * cpu[w] / train_cpu_s
+            # The smallest contribution (in training steps) the panel costs <= 10% of.
+            metrics[f"steps_for_goal_n{n}w{w}"] = math.ceil(
+                n * cpu[w] / (GOAL_COMPUTE * metrics["train_cpu_s_per_step"])
+            )
     settings = sizes.settings()
     for rule in rules:
         tallies, half = detection(
@@ -238,9 +242,10 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
         metrics[f"market_{rule}_spearman_submissions_min"] = min(
             x["spearman_submissions"] for x in markets
         )
-        rounds = diloco_rounds(
+    metrics.update(
+        diloco_rounds(
             world,
-            rule,
+            rules,
             pool.frontier.weights,
             sizes.diloco_rounds,
             sizes.diloco_steps,
@@ -249,7 +254,7 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
             3,
             say,
         )
-        metrics.update({f"{rule}_{k}": v for k, v in rounds.items()})
+    )
     return metrics
 
 
@@ -353,6 +358,79 @@ def table(metrics: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> list[s
     return lines
 
 
+LONG = {
+    "inflated_x1_7": "inflated 1.7x",
+    "inflated_x3": "inflated 3x",
+    "inflated_x10": "inflated 10x",
+    "free_rider_same_file": "free-rider (same file)",
+    "free_rider_new_bytes": "free-rider (new bytes)",
+    "noisy_copy": "noisy copy",
+    "sandbagger_f_0_1": "sandbagger 10%",
+    "sandbagger_f_0_2": "sandbagger 20%",
+    "sandbagger_f_0_5": "sandbagger 50%",
+    "diverged": "diverged",
+    "nan_weights": "NaN",
+}
+
+
+def markdown(result: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> str:
+    """The README's table: the detection curve per subset rule, then payment fidelity."""
+    metrics = result["metrics"]
+    env = result["env"]
+    out = [
+        f"Cheat benchmark (`python -m bench.verify`; commit {env['commit']}, {env['cores']} "
+        f"cores, torch {env['torch']}): a 1-layer byte GPT, contributions of "
+        f"{metrics['train_steps_per_submission']:.0f} training steps on average "
+        f"({metrics['train_cpu_s_per_submission']:.2f} CPU s); {sizes.honest_trials} honest "
+        f"and {sizes.cheat_trials} trials per cheat kind per row. Cells: % caught (rejected or "
+        "paid nothing); false accusation: % of honest improvements rejected or unpaid, with "
+        "its Wilson 95% interval; cost: the panel's referee CPU as % of the contribution's "
+        "training CPU. Goal: >= 95% caught of every kind, <= 1% false, <= 10% cost.",
+        "",
+    ]
+    for rule in rules:
+        kinds = kinds_of(metrics, rule, sizes.settings()[0].key)
+        title = {
+            "referee": "subset rule `referee` (what referee_eval does now: the shards its "
+            "seed picks, up to heldout_tokens' budget)",
+            "pool": "subset rule `pool` (windows uniform over the whole held-out pool)",
+        }[rule]
+        out += [f"**{title}**", ""]
+        head = ["margin", "n, m", "windows", "false accusation %", "cost %"]
+        head += [LONG.get(k, k) for k in kinds] + ["goal"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for setting in sizes.settings():
+            p = f"{rule}_{setting.key}"
+            cells = [
+                f"{setting.margin:g}",
+                f"{setting.n}, {setting.m}",
+                str(setting.windows),
+                f"{pct(metrics[f'{p}_false_rate'])} [{pct(metrics[f'{p}_false_lo'])}, "
+                f"{pct(metrics[f'{p}_false_hi'])}]",
+                pct(metrics[f"compute_fraction_n{setting.n}w{setting.windows}"]),
+            ]
+            cells += [pct(metrics[f"{p}_det_{k}_rate"]) for k in kinds]
+            cells.append("**met**" if metrics[f"{p}_goal_met"] else "")
+            out.append("| " + " | ".join(cells) + " |")
+        out += [
+            "",
+            f"Payment fidelity ({rule}; n, m, windows = {sizes.market_setting}): Spearman "
+            f"rank correlation of paid vs true marginal value (secret held-out set) "
+            f"{metrics[f'market_{rule}_spearman_submissions']:.3f} over submissions (min "
+            f"{metrics[f'market_{rule}_spearman_submissions_min']:.3f} over "
+            f"{len(sizes.market_seeds)} simulated competitions), "
+            f"{metrics[f'market_{rule}_spearman_contributors']:.3f} over contributors; "
+            f"DiLoCo pseudo-gradients scored alone by 3 referees vs their leave-one-out value: "
+            + ", ".join(
+                f"{metrics[f'{rule}_diloco_w{w}_spearman_mean']:.3f} at {w} windows"
+                for w in sizes.diloco_windows
+            )
+            + f" (mean over {sizes.diloco_rounds} rounds). Goal >= {GOAL_SPEARMAN}.",
+            "",
+        ]
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
@@ -363,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=None,
         help="referee subset rule(s); default: both (quick: referee only)",
     )
+    parser.add_argument("--markdown", type=Path, help="also write the README table here")
     args = parser.parse_args(argv)
     sizes = Sizes.pick(args.quick)
     chosen = args.rule or ("referee" if args.quick else "both")
@@ -393,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for line in table(metrics, sizes, rules):
         print(line)
     print(f"(written to {args.out})")
+    if args.markdown:
+        args.markdown.write_text(markdown(result, sizes, rules))
     return result
 
 

@@ -211,7 +211,7 @@ def simulate_market(
 
 def diloco_rounds(
     world: World,
-    rule: str,
+    rules: Sequence[str],
     start: Weights,
     rounds: int,
     replica_steps: Sequence[int],
@@ -220,11 +220,13 @@ def diloco_rounds(
     referees: int,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Score each round's pseudo-gradients alone by referees; rank against leave-one-out."""
+    """Score each round's pseudo-gradients alone by referees (under each subset rule and
+    subset size); rank the scores against the leave-one-out values."""
     global_weights = start
     num = len(replica_steps)
     shards = world.train_shards
-    per_round: dict[int, list[float]] = {w: [] for w in windows}
+    arms = [(rule, w) for rule in rules for w in windows]
+    per_round: dict[tuple[str, int], list[float]] = {arm: [] for arm in arms}
     for r in range(rounds):
         deltas = []
         for k, steps in enumerate(replica_steps):
@@ -241,30 +243,25 @@ def diloco_rounds(
             - full_secret
             for k in range(num)
         ]
-        for w in windows:
+        for rule, w in arms:
             setting = Setting(referees, 1, w)
             scores = []
             for k, delta in enumerate(deltas):
-                reports = panel_reports(
-                    world,
-                    rule,
-                    setting,
-                    minus(global_weights, delta),
-                    global_weights,
-                    trial_seed("diloco", r, k, w),
-                )
+                seed = trial_seed("diloco", r, k, w)
+                candidate = minus(global_weights, delta)
+                reports = panel_reports(world, rule, setting, candidate, global_weights, seed)
                 usable = [x.gate.improvement for x in reports if x.ok]
                 scores.append(statistics.median(usable) if usable else 0.0)
-            per_round[w].append(spearman(scores, loo))
+            per_round[rule, w].append(spearman(scores, loo))
         say(
             f"diloco round {r}: spearman "
-            + ", ".join(f"w{w} {per_round[w][-1]:.3f}" for w in windows)
+            + ", ".join(f"{rule} w{w} {per_round[rule, w][-1]:.3f}" for rule, w in arms)
         )
         global_weights = full
     out: dict[str, Any] = {}
-    for w in windows:
-        finite = [x for x in per_round[w] if math.isfinite(x)]
-        out[f"diloco_w{w}_spearman_mean"] = statistics.fmean(finite) if finite else math.nan
-        out[f"diloco_w{w}_spearman_min"] = min(finite) if finite else math.nan
-        out[f"diloco_w{w}_spearman_rounds"] = per_round[w]
+    for (rule, w), values in per_round.items():
+        finite = [x for x in values if math.isfinite(x)]
+        out[f"{rule}_diloco_w{w}_spearman_mean"] = statistics.fmean(finite) if finite else math.nan
+        out[f"{rule}_diloco_w{w}_spearman_min"] = min(finite) if finite else math.nan
+        out[f"{rule}_diloco_w{w}_spearman_rounds"] = values
     return out

@@ -160,7 +160,10 @@ class JobSpec(_Spec):
     def _referee_task_on_referee_jobs(self) -> JobSpec:
         referee_task = isinstance(self.task, RefereeTask)
         if self.kind == "referee" and not referee_task:
-            raise ValueError("a kind='referee' job needs a referee task")
+            raise ValueError(
+                "a kind='referee' job needs a referee task: referee jobs re-measure market"
+                " submissions and are made by the coordinator, never written in a manifest"
+            )
         if referee_task and self.kind != "referee":
             raise ValueError(f"a referee task rides on a kind='referee' job, not {self.kind!r}")
         return self

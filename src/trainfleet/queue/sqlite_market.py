@@ -113,10 +113,9 @@ def create_competition(
 
 def get_competition(conn: Conn, ref: str) -> CompetitionRecord:
     """A competition by id or name."""
-    row = conn.execute(
-        "SELECT * FROM competitions WHERE id = ? OR name = ? ORDER BY created_at LIMIT 1",
-        (ref, ref),
-    ).fetchone()
+    row = conn.execute("SELECT * FROM competitions WHERE id = ?", (ref,)).fetchone()
+    if row is None:
+        row = conn.execute("SELECT * FROM competitions WHERE name = ?", (ref,)).fetchone()
     if row is None:
         raise NotFound(f"no competition {ref[:200]!r}")
     return competition_record(row)

@@ -116,6 +116,7 @@ class LiveFleet:
             self._operator.close()
             self._operator = None
         if self._server is not None:
+            self._end_long_polls()
             self._server.should_exit = True
             if self._thread is not None:
                 self._thread.join(timeout=30)
@@ -124,6 +125,20 @@ class LiveFleet:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def _end_long_polls(self, timeout_s: float = 5.0) -> None:
+        """Wake the claims still waiting in the coordinator until none is left.
+
+        A waiting claim notices that its worker hung up only when it wakes (on work, or
+        every ``longpoll.RECHECK_S``), and uvicorn's graceful shutdown waits for every request
+        in flight: without this each teardown waited out a recheck (~5 s). A claim whose
+        client is still connected claims again and waits on; it is given ``timeout_s``."""
+        work = self.coord.work
+        deadline = time.monotonic() + timeout_s
+        pause = threading.Event()
+        while work.polls and time.monotonic() < deadline:
+            work.notify()
+            pause.wait(0.02)
 
     # -- operator side ------------------------------------------------------------------
     @property
