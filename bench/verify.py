@@ -24,8 +24,16 @@ by the recipe's own step on stdlib sources) and the real verification code: the 
    JSON also has the stricter reading on the interval bounds).
 3. Payment fidelity (``verify_market``): Spearman's rank correlation between what each
    submission (and each contributor) was paid in a simulated competition and its true
-   marginal value on a secret held-out set; goal >= 0.9. The same for DiLoCo rounds'
-   pseudo-gradients scored alone by referees, against their leave-one-out value.
+   marginal value on a secret held-out set (leave-one-out along the frontier's chain: its
+   improvement over the frontier it was judged against if adopted, else nothing); goal >=
+   0.9. Also against a perfect market (every honest improvement paid, no cheat), and the same
+   for DiLoCo rounds' pseudo-gradients scored alone by referees, against their leave-one-out
+   value in the round's average.
+
+Reading the detection figures: a caught cheat is one rejected or paid nothing. A sandbagger
+or noisy copy that is not caught is paid the consensus improvement its own model makes, never
+its claim: the JSON's ``*_paid_nats`` against ``*_value_nats`` (its true improvement on the
+secret set) shows what the uncaught were paid against what they were worth.
 """
 
 from __future__ import annotations
@@ -46,7 +54,14 @@ import numpy as np
 import torch
 
 from bench.common import RESULTS, environment, write_result
-from bench.verify_cheats import Setting, build_pool, detection, referee_cpu_s, tally_metrics
+from bench.verify_cheats import (
+    Pool,
+    Setting,
+    build_pool,
+    detection,
+    referee_cpu_s,
+    tally_metrics,
+)
 from bench.verify_market import diloco_rounds, simulate_market
 from bench.verify_world import World
 
@@ -63,7 +78,6 @@ class Sizes:
     quick: bool
     num_files: int  # stdlib files, split in two: competition (even) and secret (odd)
     universe_per_shard: int
-    claim_per_shard: int
     secret_windows: int
     frontier_steps: int
     honest_steps: tuple[int, ...]
@@ -79,7 +93,7 @@ class Sizes:
     cpu_repeats: int
     market_rounds: int
     market_seeds: tuple[int, ...]
-    market_setting: tuple[int, int, int]
+    market_settings: tuple[tuple[int, int, int], ...]  # (n, m, windows); the current rule: first
     diloco_rounds: int
     diloco_steps: tuple[int, ...]
     diloco_noise: tuple[tuple[int, float], ...]
@@ -100,7 +114,6 @@ class Sizes:
                 quick=True,
                 num_files=120,
                 universe_per_shard=256,
-                claim_per_shard=128,
                 secret_windows=512,
                 frontier_steps=30,
                 honest_steps=(60, 120),
@@ -116,7 +129,7 @@ class Sizes:
                 cpu_repeats=1,
                 market_rounds=1,
                 market_seeds=(0,),
-                market_setting=(3, 2, 64),
+                market_settings=((3, 2, 64),),
                 diloco_rounds=1,
                 diloco_steps=(10, 20, 40, 10),
                 diloco_noise=((3, 2.0),),
@@ -126,7 +139,6 @@ class Sizes:
             quick=False,
             num_files=800,
             universe_per_shard=1024,
-            claim_per_shard=512,
             secret_windows=4096,
             frontier_steps=100,
             honest_steps=(100, 150, 200, 300, 400, 500),
@@ -142,8 +154,8 @@ class Sizes:
             cpu_repeats=5,
             market_rounds=2,
             market_seeds=(0, 1),
-            market_setting=(3, 2, 64),
-            diloco_rounds=4,
+            market_settings=((3, 2, 64), (5, 3, 64)),
+            diloco_rounds=6,
             diloco_steps=(10, 20, 40, 80, 10, 20, 40, 80),
             diloco_noise=((3, 1.0), (6, 3.0)),
             diloco_windows=(64, 256),
@@ -158,15 +170,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    world = World(
-        sizes.num_files,
-        sizes.universe_per_shard,
-        sizes.claim_per_shard,
-        sizes.secret_windows,
-        work / "cache",
-    )
+def run(sizes: Sizes, rules: Sequence[str], work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics, and each simulated market's submissions ([contributor, paid?, paid nats,
+    true improvement on the secret set])."""
+    world = World(sizes.num_files, sizes.universe_per_shard, sizes.secret_windows, work / "cache")
     say(
         f"world: {len(world.train_shards)} train shards, {len(world.shards)} held-out shards "
         f"({int(world.num_starts.sum()):,} window starts), secret {len(world.secret):,} tokens"
@@ -180,82 +187,127 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> dict[str, Any]:
         sizes.noise_levels,
         say,
     )
-    train_cpu_s = statistics.fmean(pool.honest_train_cpu_s)
-    metrics["train_cpu_s_per_submission"] = train_cpu_s
-    metrics["train_steps_per_submission"] = statistics.fmean(pool.honest_steps)
-    metrics["train_cpu_s_per_step"] = train_cpu_s / metrics["train_steps_per_submission"]
-    metrics["frontier_pool_loss"] = pool.frontier.claim_loss
-    metrics["honest_secret_improvement_min"] = min(
-        pool.frontier.secret_loss - m.secret_loss for m, _ in pool.kinds["honest"]
+    metrics = pool_metrics(pool) | compute_metrics(world, pool, sizes, work)
+    traces: dict[str, Any] = {}
+    for rule in rules:
+        half = detection_metrics(world, pool, sizes, rule, metrics)
+        for n, m, w in sizes.market_settings[: 1 if rule == "referee" else None]:
+            setting = Setting(n, m, w)
+            markets = [
+                simulate_market(
+                    world,
+                    setting,
+                    rule,
+                    pool.frontier.weights,
+                    half[w] if w in half else half[max(half)],
+                    sizes.market_rounds,
+                    seed,
+                    sizes.quick,
+                    say,
+                )
+                for seed in sizes.market_seeds
+            ]
+            tag = f"market_{rule}_{market_tag(n, m, w)}"
+            for seed, market in zip(sizes.market_seeds, markets, strict=True):
+                traces[f"{tag}_seed{seed}"] = market.pop("trace")
+            for name in markets[0]:
+                metrics[f"{tag}_{name}"] = statistics.fmean(x[name] for x in markets)
+            metrics[f"{tag}_spearman_submissions_min"] = min(
+                x["spearman_submissions"] for x in markets
+            )
+            metrics[f"{tag}_spearman_contributors_min"] = min(
+                x["spearman_contributors"] for x in markets
+            )
+    rounds = diloco_rounds(
+        world,
+        rules,
+        pool.frontier.weights,
+        sizes.diloco_rounds,
+        sizes.diloco_steps,
+        dict(sizes.diloco_noise),
+        sizes.diloco_windows,
+        3,
+        say,
+    )
+    return metrics | rounds, traces
+
+
+def market_tag(n: int, m: int, windows: int) -> str:
+    return f"n{n}m{m}w{windows}"
+
+
+def market_summary(metrics: dict[str, Any], sizes: Sizes, rule: str) -> list[str]:
+    """One sentence per simulated market setting of ``rule``."""
+    out = []
+    for n, m, w in sizes.market_settings:
+        tag = f"market_{rule}_{market_tag(n, m, w)}"
+        if f"{tag}_submissions" not in metrics:
+            continue
+        out.append(
+            f"market n={n}, m={m}, {w} windows ({len(sizes.market_seeds)} competitions of "
+            f"{metrics[f'{tag}_submissions']:.0f} submissions): Spearman paid vs true value, "
+            f"contributors {metrics[f'{tag}_spearman_contributors']:.3f} (worst "
+            f"{metrics[f'{tag}_spearman_contributors_min']:.3f}), submissions "
+            f"{metrics[f'{tag}_spearman_submissions']:.3f} (worst "
+            f"{metrics[f'{tag}_spearman_submissions_min']:.3f}), among the paid "
+            f"{metrics[f'{tag}_spearman_adopted']:.3f}; against a perfect market "
+            f"{metrics[f'{tag}_spearman_submissions_ideal']:.3f}; honest paid "
+            f"{100 * metrics[f'{tag}_honest_paid_share']:.0f}%, cheats paid "
+            f"{metrics[f'{tag}_cheats_paid']:.1f} per competition"
+        )
+    return out
+
+
+def pool_metrics(pool: Pool) -> dict[str, Any]:
+    """What the contributions cost to train and are worth (secret-set improvement)."""
+    metrics: dict[str, Any] = {
+        "train_cpu_s_per_submission": statistics.fmean(pool.honest_train_cpu_s),
+        "train_steps_per_submission": statistics.fmean(pool.honest_steps),
+        "frontier_pool_loss": pool.frontier.claim_loss,
+    }
+    metrics["train_cpu_s_per_step"] = (
+        metrics["train_cpu_s_per_submission"] / metrics["train_steps_per_submission"]
     )
     for kind, models in pool.kinds.items():
         values = [pool.frontier.secret_loss - m.secret_loss for m, _ in models]
         metrics[f"value_{slug(kind)}_mean"] = statistics.fmean(values)
-    cpu = {w: referee_cpu_s(world, pool, w, sizes.cpu_repeats, work) for w in sizes.windows}
-    for w, seconds in cpu.items():
-        metrics[f"referee_cpu_s_w{w}"] = seconds
-    for n, _ in sizes.panels:
-        for w in sizes.windows:
-            metrics[f"compute_fraction_n{n}w{w}"] = n * cpu[w] / train_cpu_s
-            # The smallest contribution (in training steps) the panel costs <= 10% of.
-            metrics[f"steps_for_goal_n{n}w{w}"] = math.ceil(
-                n * cpu[w] / (GOAL_COMPUTE * metrics["train_cpu_s_per_step"])
-            )
-    settings = sizes.settings()
-    for rule in rules:
-        tallies, half = detection(
-            world,
-            pool,
-            settings,
-            sizes.honest_trials,
-            sizes.cheat_trials,
-            sizes.inflations,
-            rule,
-            say,
-        )
-        for w, h in half.items():
-            metrics[f"half_width_{rule}_w{w}"] = h
-        for key, kinds in tallies.items():
-            for kind, tally in kinds.items():
-                name = "false" if kind == "honest" else f"det_{slug(kind)}"
-                metrics.update(tally_metrics(f"{rule}_{key}_{name}", tally))
-        for setting in settings:
-            metrics.update(goal(metrics, rule, setting))
-        setting = Setting(*sizes.market_setting)
-        markets = [
-            simulate_market(
-                world,
-                setting,
-                rule,
-                pool.frontier.weights,
-                half[setting.windows] if setting.windows in half else half[max(half)],
-                sizes.market_rounds,
-                seed,
-                sizes.quick,
-                say,
-            )
-            for seed in sizes.market_seeds
-        ]
-        for name in markets[0]:
-            values = [x[name] for x in markets]
-            metrics[f"market_{rule}_{name}"] = statistics.fmean(values)
-        metrics[f"market_{rule}_spearman_submissions_min"] = min(
-            x["spearman_submissions"] for x in markets
-        )
-    metrics.update(
-        diloco_rounds(
-            world,
-            rules,
-            pool.frontier.weights,
-            sizes.diloco_rounds,
-            sizes.diloco_steps,
-            dict(sizes.diloco_noise),
-            sizes.diloco_windows,
-            3,
-            say,
-        )
-    )
+        metrics[f"value_{slug(kind)}_min"] = min(values)
     return metrics
+
+
+def compute_metrics(world: World, pool: Pool, sizes: Sizes, work: Path) -> dict[str, Any]:
+    """Referee CPU per evaluation and per panel, against the contributions' training CPU."""
+    train_cpu_s = statistics.fmean(pool.honest_train_cpu_s)
+    per_step = train_cpu_s / statistics.fmean(pool.honest_steps)
+    metrics: dict[str, Any] = {}
+    for w in sizes.windows:
+        cpu = metrics[f"referee_cpu_s_w{w}"] = referee_cpu_s(
+            world, pool, w, sizes.cpu_repeats, work
+        )
+        for n, _ in sizes.panels:
+            metrics[f"compute_fraction_n{n}w{w}"] = n * cpu / train_cpu_s
+            # The smallest contribution (training steps) this panel costs <= 10% of.
+            metrics[f"steps_for_goal_n{n}w{w}"] = math.ceil(n * cpu / (GOAL_COMPUTE * per_step))
+    return metrics
+
+
+def detection_metrics(
+    world: World, pool: Pool, sizes: Sizes, rule: str, metrics: dict[str, Any]
+) -> dict[int, float]:
+    """Add the detection curve under ``rule`` to ``metrics``; the typical half-widths."""
+    settings = sizes.settings()
+    tallies, half = detection(
+        world, pool, settings, sizes.honest_trials, sizes.cheat_trials, sizes.inflations, rule, say
+    )
+    for w, h in half.items():
+        metrics[f"half_width_{rule}_w{w}"] = h
+    for key, kinds in tallies.items():
+        for kind, tally in kinds.items():
+            name = "false" if kind == "honest" else f"det_{slug(kind)}"
+            metrics.update(tally_metrics(f"{rule}_{key}_{name}", tally))
+    for setting in settings:
+        metrics.update(goal(metrics, rule, setting))
+    return half
 
 
 def kinds_of(metrics: dict[str, Any], rule: str, key: str) -> list[str]:
@@ -268,20 +320,25 @@ def kinds_of(metrics: dict[str, Any], rule: str, key: str) -> list[str]:
 
 
 def goal(metrics: dict[str, Any], rule: str, setting: Setting) -> dict[str, Any]:
-    key = setting.key
-    kinds = kinds_of(metrics, rule, key)
-    worst = min(kinds, key=lambda k: metrics[f"{rule}_{key}_det_{k}_rate"])
-    worst_lo = min(metrics[f"{rule}_{key}_det_{k}_lo"] for k in kinds)
-    detection_ok = metrics[f"{rule}_{key}_det_{worst}_rate"] >= GOAL_DETECTION
-    false_ok = metrics[f"{rule}_{key}_false_rate"] <= GOAL_FALSE_ACCUSATION
-    compute_ok = metrics[f"compute_fraction_n{setting.n}w{setting.windows}"] <= GOAL_COMPUTE
+    """Whether ``setting`` meets the issue's goal, and what falls short (point estimates;
+    ``goal_met_on_bounds`` asks the same of the Wilson bounds)."""
+    p = f"{rule}_{setting.key}"
+    kinds = kinds_of(metrics, rule, setting.key)
+    cost = metrics[f"compute_fraction_n{setting.n}w{setting.windows}"]
+    short = [SHORT.get(k, k) for k in kinds if metrics[f"{p}_det_{k}_rate"] < GOAL_DETECTION]
+    if metrics[f"{p}_false_rate"] > GOAL_FALSE_ACCUSATION:
+        short.append("false")
+    if cost > GOAL_COMPUTE:
+        short.append("cost")
+    worst = min(kinds, key=lambda k: metrics[f"{p}_det_{k}_rate"])
     return {
-        f"{rule}_{key}_worst_kind": worst,
-        f"{rule}_{key}_worst_detection": metrics[f"{rule}_{key}_det_{worst}_rate"],
-        f"{rule}_{key}_goal_met": detection_ok and false_ok and compute_ok,
-        f"{rule}_{key}_goal_met_on_bounds": worst_lo >= GOAL_DETECTION
-        and metrics[f"{rule}_{key}_false_hi"] <= GOAL_FALSE_ACCUSATION
-        and compute_ok,
+        f"{p}_worst_kind": worst,
+        f"{p}_worst_detection": metrics[f"{p}_det_{worst}_rate"],
+        f"{p}_goal_short_of": " ".join(short),
+        f"{p}_goal_met": not short,
+        f"{p}_goal_met_on_bounds": min(metrics[f"{p}_det_{k}_lo"] for k in kinds) >= GOAL_DETECTION
+        and metrics[f"{p}_false_hi"] <= GOAL_FALSE_ACCUSATION
+        and cost <= GOAL_COMPUTE,
     }
 
 
@@ -328,27 +385,28 @@ def table(metrics: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> list[s
                 pct(metrics[f"compute_fraction_n{setting.n}w{setting.windows}"]),
             ]
             cells += [pct(metrics[f"{p}_det_{k}_rate"]) for k in kinds]
-            verdict = "MET" if metrics[f"{p}_goal_met"] else "-"
+            verdict = "MET" if metrics[f"{p}_goal_met"] else f"no: {metrics[f'{p}_goal_short_of']}"
             lines.append(" | ".join(f"{c:>7}" for c in cells) + f" | {verdict}")
         lines.append(
             "  typical interval half-width (nats): "
             + ", ".join(f"w{w} {metrics[f'half_width_{rule}_w{w}']:.4f}" for w in sizes.windows)
         )
-        lines.append(
-            f"  market (n,m,w = {sizes.market_setting}): spearman paid vs value, submissions "
-            f"{metrics[f'market_{rule}_spearman_submissions']:.3f} (min "
-            f"{metrics[f'market_{rule}_spearman_submissions_min']:.3f}), contributors "
-            f"{metrics[f'market_{rule}_spearman_contributors']:.3f}, LOO of adopted "
-            f"{metrics[f'market_{rule}_spearman_loo_adopted']:.3f} (goal >= {GOAL_SPEARMAN})"
-        )
+        lines += [f"  {line}" for line in market_summary(metrics, sizes, rule)]
         lines.append(
             "  diloco rounds: spearman referee score vs leave-one-out, "
             + ", ".join(
                 f"w{w} mean {metrics[f'{rule}_diloco_w{w}_spearman_mean']:.3f} min "
-                f"{metrics[f'{rule}_diloco_w{w}_spearman_min']:.3f}"
+                f"{metrics[f'{rule}_diloco_w{w}_spearman_min']:.3f} (vs the secret alone "
+                f"score {metrics[f'{rule}_diloco_w{w}_score_vs_alone_spearman_mean']:.3f}); "
+                f"referees measuring leave-one-out directly "
+                f"{metrics[f'{rule}_diloco_w{w}_referee_loo_spearman_mean']:.3f}"
                 for w in sizes.diloco_windows
             )
         )
+    lines.append(
+        "diloco: the secret alone score vs leave-one-out (the proxy's own gap): "
+        f"{metrics['diloco_alone_vs_loo_spearman_mean']:.3f}"
+    )
     lines.append(
         "referee CPU s per evaluation: "
         + ", ".join(f"w{w} {metrics[f'referee_cpu_s_w{w}']:.3f}" for w in sizes.windows)
@@ -410,22 +468,30 @@ def markdown(result: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> str:
                 pct(metrics[f"compute_fraction_n{setting.n}w{setting.windows}"]),
             ]
             cells += [pct(metrics[f"{p}_det_{k}_rate"]) for k in kinds]
-            cells.append("**met**" if metrics[f"{p}_goal_met"] else "")
+            short = metrics[f"{p}_goal_short_of"]
+            cells.append("**met**" if metrics[f"{p}_goal_met"] else f"short: {short}")
             out.append("| " + " | ".join(cells) + " |")
+        m = metrics
         out += [
             "",
-            f"Payment fidelity ({rule}; n, m, windows = {sizes.market_setting}): Spearman "
-            f"rank correlation of paid vs true marginal value (secret held-out set) "
-            f"{metrics[f'market_{rule}_spearman_submissions']:.3f} over submissions (min "
-            f"{metrics[f'market_{rule}_spearman_submissions_min']:.3f} over "
-            f"{len(sizes.market_seeds)} simulated competitions), "
-            f"{metrics[f'market_{rule}_spearman_contributors']:.3f} over contributors; "
-            f"DiLoCo pseudo-gradients scored alone by 3 referees vs their leave-one-out value: "
+            f"Payment fidelity ({rule}; true value = leave-one-out on the secret set, goal "
+            f">= {GOAL_SPEARMAN}): "
+            + "; ".join(market_summary(m, sizes, rule))
+            + ". DiLoCo rounds "
+            f"({sizes.diloco_rounds} x {len(sizes.diloco_steps)} replicas): pseudo-gradients "
+            "scored alone by 3 referees vs their leave-one-out value in the round's average "
             + ", ".join(
-                f"{metrics[f'{rule}_diloco_w{w}_spearman_mean']:.3f} at {w} windows"
+                f"{m[f'{rule}_diloco_w{w}_spearman_mean']:.3f} at {w} windows"
                 for w in sizes.diloco_windows
             )
-            + f" (mean over {sizes.diloco_rounds} rounds). Goal >= {GOAL_SPEARMAN}.",
+            + " (scoring alone, even measured exactly on the secret set: "
+            f"{m['diloco_alone_vs_loo_spearman_mean']:.3f}); referees measuring each "
+            "leave-one-out directly: "
+            + ", ".join(
+                f"{m[f'{rule}_diloco_w{w}_referee_loo_spearman_mean']:.3f} at {w} windows"
+                for w in sizes.diloco_windows
+            )
+            + ".",
             "",
         ]
     return "\n".join(out)
@@ -450,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)  # CPU seconds per evaluation and per step, one core each
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            metrics = run(sizes, rules, Path(tmp))
+            metrics, traces = run(sizes, rules, Path(tmp))
     finally:
         torch.set_num_threads(threads)
     result = {
@@ -467,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "env": environment(numpy=np.__version__, torch_threads=1),
         "metrics": metrics,
+        "market_traces": traces,
     }
     write_result(result, args.out)
     for line in table(metrics, sizes, rules):

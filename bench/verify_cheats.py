@@ -4,11 +4,13 @@ cheat, and how often it wrongly turns away an honest improvement.
 The competition is held at one frontier (a baseline trained a few steps). Each kind draws a
 submission from a small pool of models trained once:
 
-- honest: the frontier trained further (more steps, another data order); its claim is its
-  true loss, the mean over 4096 windows of the held-out pool (what an honest user measures);
+- honest: the frontier trained further (more steps, another data order, a fresh optimizer);
+  its claim is its exact loss over the held-out pool (``World.pool_mean``);
 - inflated xK: an honest model whose claim is K x the referees' typical interval half-width
   below its true loss (K = 1.7 is the near-boundary case);
-- free-rider (same file): the frontier's own bytes: refused by sha256 before any referee runs;
+- free-rider (same file): the frontier's own bytes: refused by sha256 before any referee runs
+  (``queue.submit``'s rule, applied here to the file's bytes; the queue's tests cover the
+  queue itself);
 - free-rider (new bytes): the frontier's values in a file whose bytes differ (a metadata
   note): the sha check misses it, the referees see exactly zero improvement;
 - noisy copy: the frontier plus gaussian noise, claiming the frontier's loss;

@@ -24,7 +24,11 @@ different shards for different numbers of steps, some add noise to their pseudo-
 Referees score each pseudo-gradient alone (paired improvement of ``global - delta_k`` over
 ``global``, median of n referees, as templar's Gauntlet scores by loss before and after); the
 true value is the leave-one-out effect on the secret set of the round's averaged update:
-``L(global - mean_{j != k} delta_j) - L(global - mean_j delta_j)``.
+``L(global - mean_{j != k} delta_j) - L(global - mean_j delta_j)``. Two more figures split
+the gap: the referees' alone scores against the same alone scores on the secret set (is the
+measurement good?) and the secret alone scores against leave-one-out (is scoring alone the
+right question?); and the alternative, referees measuring each leave-one-out directly (the
+round's average with the pseudo-gradient against the average without it).
 """
 
 from __future__ import annotations
@@ -37,9 +41,17 @@ from typing import Any
 
 import numpy as np
 
-from bench.verify_cheats import CONFIDENCE, RESAMPLES, Setting, competition, trial_seed
+from bench.verify_cheats import (
+    CONFIDENCE,
+    RESAMPLES,
+    Setting,
+    competition,
+    reports_for,
+    trial_seed,
+)
 from bench.verify_stats import spearman
 from bench.verify_world import (
+    Model,
     Weights,
     World,
     average,
@@ -80,10 +92,21 @@ def personas(quick: bool) -> list[Persona]:
 class Submission:
     persona: Persona
     paid: float
-    value: float
-    state: str
+    step: float  # secret-set improvement over the frontier it was judged against
     adopted: bool
-    delta: Weights | None
+    delta: Weights | None  # adopted: its weights minus that frontier's
+
+    @property
+    def value(self) -> float:
+        """Leave-one-out value along the chain: its step if adopted, else nothing."""
+        return self.step if self.adopted else 0.0
+
+    @property
+    def ideal(self) -> float:
+        """What a perfect market would pay: every honest improvement, no cheat."""
+        if self.adopted:
+            return self.step
+        return max(0.0, self.step) if self.persona.kind == "honest" else 0.0
 
 
 def panel_reports(
@@ -111,6 +134,27 @@ def panel_reports(
     return reports
 
 
+def contribution(
+    world: World, persona: Persona, frontier: Weights, score: float, half_width: float, seed: int
+) -> tuple[Weights, float, str]:
+    """What ``persona`` submits against ``frontier``: weights, claim, and a note that makes
+    the file's bytes differ (a copy's)."""
+    kind = persona.kind
+    if kind in ("honest", "inflated", "diverged"):
+        weights, _ = world.train(frontier, persona.steps, lr=persona.lr, seed=seed)
+        claim = world.pool_mean(world.universe_losses(weights))
+        return weights, claim - (3 * half_width if kind == "inflated" else 0.0), ""
+    if kind == "sandbagger":  # claims the loss of 5x the steps it trained
+        full, _ = world.train(frontier, persona.steps, lr=persona.lr, seed=seed)
+        weights, _ = world.train(frontier, persona.steps // 5, lr=persona.lr, seed=seed)
+        return weights, world.pool_mean(world.universe_losses(full)), ""
+    if kind == "free-rider":
+        return frontier, score, ""
+    if kind == "noisy copy":
+        return noisy(frontier, 0.01, seed), score, "copy"
+    return with_nan(frontier), score - 0.05, ""
+
+
 def simulate_market(
     world: World,
     setting: Setting,
@@ -127,85 +171,70 @@ def simulate_market(
     rng = np.random.Generator(np.random.PCG64(seed))
     people = personas(quick)
     order = [people[int(j)] for _ in range(rounds) for j in rng.permutation(len(people))]
-    frontier, score = baseline, world.pool_mean(baseline)
-    baseline_score = score
-    frontier_secret = baseline_secret = world.secret_mean(baseline)
-    known = {sha256(file_bytes(frontier))}
+    frontier = world.measure(Model("baseline", baseline))
+    baseline_score = score = frontier.claim_loss
+    baseline_secret = frontier.secret_loss
+    known = {sha256(file_bytes(frontier.weights))}
     subs: list[Submission] = []
     for i, persona in enumerate(order):
-        note = ""
         s = trial_seed(seed, i)
-        if persona.kind == "honest":
-            weights, _ = world.train(frontier, persona.steps, lr=persona.lr, seed=s)
-            claim = world.pool_mean(weights)
-        elif persona.kind == "inflated":
-            weights, _ = world.train(frontier, persona.steps, lr=persona.lr, seed=s)
-            claim = world.pool_mean(weights) - 3 * half_width
-        elif persona.kind == "free-rider":
-            weights, claim = frontier, score
-        elif persona.kind == "noisy copy":
-            weights, claim, note = noisy(frontier, 0.01, s), score, "copy"
-        elif persona.kind == "sandbagger":
-            full, _ = world.train(frontier, persona.steps, lr=persona.lr, seed=s)
-            weights, _ = world.train(frontier, persona.steps // 5, lr=persona.lr, seed=s)
-            claim = world.pool_mean(full)
-        elif persona.kind == "diverged":
-            weights, _ = world.train(frontier, persona.steps, lr=persona.lr, seed=s)
-            claim = world.pool_mean(weights)
-        else:
-            weights, claim = with_nan(frontier), score - 0.05
+        weights, claim, note = contribution(world, persona, frontier.weights, score, half_width, s)
         sha = sha256(file_bytes(weights, note))
         if sha in known:  # queue.submit's rule: a resubmitted file pays nothing, unrefereed
-            subs.append(Submission(persona, 0.0, 0.0, "duplicate", False, None))
+            subs.append(Submission(persona, 0.0, 0.0, False, None))
             continue
         known.add(sha)
-        reports = panel_reports(world, rule, setting, weights, frontier, s)
+        model = world.measure(Model(persona.name, weights))
+        reports = reports_for(world, rule, model, frontier, setting.windows, setting.n, s)
         verdict = judge(claim, score, reports, m=setting.m, n=setting.n)
         paid = payment(spec, score, verdict)
-        secret = world.secret_mean(weights) if persona.kind != "NaN" else math.inf
-        value = frontier_secret - secret
+        step = frontier.secret_loss - model.secret_loss
+        if not math.isfinite(step):
+            step = -math.inf
         if paid > 0:
-            subs.append(
-                Submission(persona, paid, value, verdict.state, True, minus(weights, frontier))
-            )
-            frontier, frontier_secret = weights, secret
-            score = next_frontier(score, verdict)
+            subs.append(Submission(persona, paid, step, True, minus(weights, frontier.weights)))
+            frontier, score = model, next_frontier(score, verdict)
         else:
-            subs.append(Submission(persona, 0.0, max(0.0, value), verdict.state, False, None))
+            subs.append(Submission(persona, 0.0, step, False, None))
     amounts = [x.paid for x in subs]
-    values = [x.value for x in subs]
     by_persona: dict[str, list[float]] = {p.name: [0.0, 0.0] for p in people}
     for x in subs:
         by_persona[x.persona.name][0] += x.paid
         by_persona[x.persona.name][1] += x.value
     adopted = [x for x in subs if x.adopted]
+    final_secret = frontier.secret_loss
     loo = [
-        world.secret_mean(minus(frontier, x.delta)) - frontier_secret
+        world.secret_mean(minus(frontier.weights, x.delta)) - final_secret
         for x in adopted
         if x.delta is not None
     ]
     honest = [x for x in subs if x.persona.kind == "honest"]
     cheats = [x for x in subs if x.persona.kind != "honest"]
+    rho = spearman(amounts, [x.value for x in subs])
     say(
-        f"market seed {seed}: {len(subs)} submissions, {len(adopted)} paid, spearman "
-        f"{spearman(amounts, values):.3f}"
+        f"{rule} market seed {seed}: {len(subs)} submissions, {len(adopted)} paid, spearman "
+        f"{rho:.3f} (ideal {spearman(amounts, [x.ideal for x in subs]):.3f})"
     )
+    trace = [[x.persona.name, x.adopted, round(x.paid, 5), round(x.step, 5)] for x in subs]
     return {
+        "trace": trace,
         "submissions": len(subs),
         "paid_submissions": len(adopted),
-        "spearman_submissions": spearman(amounts, values),
+        "spearman_submissions": rho,
+        "spearman_submissions_ideal": spearman(amounts, [x.ideal for x in subs]),
         "spearman_contributors": spearman(
             [v[0] for v in by_persona.values()], [v[1] for v in by_persona.values()]
         ),
-        "spearman_loo_adopted": spearman([x.paid for x in adopted], loo),
+        "spearman_adopted": spearman([x.paid for x in adopted], [x.step for x in adopted]),
+        "spearman_loo_final_adopted": spearman([x.paid for x in adopted], loo),
         "total_paid": sum(amounts),
         "baseline_minus_final_score": baseline_score - score,
-        "secret_improvement": baseline_secret - frontier_secret,
+        "secret_improvement": baseline_secret - final_secret,
         "honest_paid_share": sum(x.paid > 0 for x in honest) / max(1, len(honest)),
-        "honest_with_value_unpaid": sum(x.paid == 0 and x.value > 0 for x in honest),
+        "honest_improvements_unpaid": sum(x.paid == 0 and x.step > 0 for x in honest),
         "cheats_paid": sum(x.paid > 0 for x in cheats),
         "cheats_paid_nats": sum(x.paid for x in cheats),
-        "cheats_value_nats": sum(x.value for x in cheats if x.paid > 0),
+        "cheats_paid_value_nats": sum(x.step for x in cheats if x.paid > 0),
     }
 
 
@@ -227,6 +256,9 @@ def diloco_rounds(
     shards = world.train_shards
     arms = [(rule, w) for rule in rules for w in windows]
     per_round: dict[tuple[str, int], list[float]] = {arm: [] for arm in arms}
+    accuracy: dict[tuple[str, int], list[float]] = {arm: [] for arm in arms}
+    referee_loo: dict[tuple[str, int], list[float]] = {arm: [] for arm in arms}
+    proxy: list[float] = []  # alone on the secret set vs leave-one-out: the proxy's own gap
     for r in range(rounds):
         deltas = []
         for k, steps in enumerate(replica_steps):
@@ -238,11 +270,11 @@ def diloco_rounds(
             deltas.append(delta)
         full = minus(global_weights, average(deltas))
         full_secret = world.secret_mean(full)
-        loo = [
-            world.secret_mean(minus(global_weights, average(deltas[:k] + deltas[k + 1 :])))
-            - full_secret
-            for k in range(num)
-        ]
+        before = world.secret_mean(global_weights)
+        alone = [before - world.secret_mean(minus(global_weights, d)) for d in deltas]
+        without = [minus(global_weights, average(deltas[:k] + deltas[k + 1 :])) for k in range(num)]
+        loo = [world.secret_mean(weights) - full_secret for weights in without]
+        proxy.append(spearman(alone, loo))
         for rule, w in arms:
             setting = Setting(referees, 1, w)
             scores = []
@@ -253,15 +285,34 @@ def diloco_rounds(
                 usable = [x.gate.improvement for x in reports if x.ok]
                 scores.append(statistics.median(usable) if usable else 0.0)
             per_round[rule, w].append(spearman(scores, loo))
+            accuracy[rule, w].append(spearman(scores, alone))
+            # The alternative: referees measure each leave-one-out directly (the round's
+            # average with it against the average without it).
+            measured = []
+            for k in range(num):
+                seed = trial_seed("diloco-loo", r, k, w)
+                reports = panel_reports(world, rule, setting, full, without[k], seed)
+                usable = [x.gate.improvement for x in reports if x.ok]
+                measured.append(statistics.median(usable) if usable else 0.0)
+            referee_loo[rule, w].append(spearman(measured, loo))
         say(
             f"diloco round {r}: spearman "
             + ", ".join(f"{rule} w{w} {per_round[rule, w][-1]:.3f}" for rule, w in arms)
         )
         global_weights = full
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {
+        "diloco_alone_vs_loo_spearman_mean": _mean(proxy),
+        "diloco_alone_vs_loo_spearman_rounds": proxy,
+    }
     for (rule, w), values in per_round.items():
-        finite = [x for x in values if math.isfinite(x)]
-        out[f"{rule}_diloco_w{w}_spearman_mean"] = statistics.fmean(finite) if finite else math.nan
-        out[f"{rule}_diloco_w{w}_spearman_min"] = min(finite) if finite else math.nan
+        out[f"{rule}_diloco_w{w}_spearman_mean"] = _mean(values)
+        out[f"{rule}_diloco_w{w}_spearman_min"] = min(values)
         out[f"{rule}_diloco_w{w}_spearman_rounds"] = values
+        out[f"{rule}_diloco_w{w}_score_vs_alone_spearman_mean"] = _mean(accuracy[rule, w])
+        out[f"{rule}_diloco_w{w}_referee_loo_spearman_mean"] = _mean(referee_loo[rule, w])
     return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [x for x in values if math.isfinite(x)]
+    return statistics.fmean(finite) if finite else math.nan

@@ -20,7 +20,8 @@ def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
     denominator = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denominator
     spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, centre - spread), min(1.0, centre + spread)
+    # The interval contains p; say so exactly where rounding would put p a hair outside.
+    return max(0.0, min(p, centre - spread)), min(1.0, max(p, centre + spread))
 
 
 def ranks(values: Sequence[float]) -> np.ndarray:

@@ -3,26 +3,36 @@ referees' measurements, shared by the detection trials and the payment simulatio
 
 Data: this Python's standard-library sources, split by file into two disjoint corpora (even
 and odd positions of the sorted file list). The competition's dataset spec holds the even
-files: contributors train on its training shards and referees evaluate on its held-out pool.
-The odd files are the secret set no referee and no contributor ever saw: a model's true value
-is measured there, on many windows. Model family: a 1-layer byte GPT (width 32, context 32),
-the gpt recipe's own model, trained with the recipe's own step (``trainer.train_step``, AdamW,
-warmup then cosine, clip 1) on the recipe's ``ShardFeed``.
+files: contributors train on its training shards and referees evaluate on its held-out pool
+(``inner.heldout_pool``, as ``verify.referee.referee_eval`` reads it). The odd files are the
+secret set no referee and no contributor ever saw: a model's true value is measured there,
+on many windows. Model family: a 1-layer byte GPT (width 32, context 32), the gpt recipe's
+own model, trained with the recipe's own step (``trainer.train_step``, AdamW, warmup then
+cosine, clip 1) on the recipe's ``ShardFeed``.
 
-Measurements use the referee's own code (``verify.referee.subset_windows`` and
-``window_losses``). Per-window losses of a model are computed once on a fixed universe of
-windows that ``subset_windows`` drew from the pool; a trial's referee subset is a seeded draw
-from that universe, so thousands of trials cost bootstrap work, not model evaluations.
+Measurement uses the referee's own code (``verify.referee.subset_windows`` and
+``window_losses``). Each held-out shard gets a fixed universe of windows that
+``subset_windows`` drew from it, and every model's per-window losses on the universes are
+computed once; a referee's subset in a trial is a seeded draw from the universes of the
+shards its rule picks (``World.subset``), so thousands of trials cost bootstrap work, not
+model evaluations. In this emulation the universes ARE the pool: a model's pool loss (what an
+honest submitter claims) is the shard-weighted mean of its universe losses, exactly what a
+referee's uniform subset estimates. A subset drawn from a finite universe varies a little less
+than one drawn from the whole shard (variance factor 1 - windows / universe size: 0.96 for 256
+windows over the full run's 6 x 1024-window pool, 0.75 when the ``referee`` rule picks a
+single shard): there, the honest false-accusation rate is slightly optimistic and the
+near-boundary detection slightly pessimistic.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import sysconfig
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +92,8 @@ class Model:
     train_cpu_s: float = 0.0  # CPU seconds its producer spent training it (from its start)
     steps: int = 0
     losses: np.ndarray | None = None  # on the referees' universe (every shard's, joined)
-    claim_loss: float = math.nan  # mean over the honest claimant's own windows
+    claim_loss: float = math.nan  # its exact pool loss: what an honest submitter claims
     secret_loss: float = math.nan  # mean over the secret set's windows
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def file_bytes(weights: Weights, note: str = "") -> bytes:
@@ -103,7 +112,6 @@ class World:
         self,
         num_files: int,
         universe_per_shard: int,
-        claim_per_shard: int,
         secret_windows: int,
         cache_dir: Path,
     ):
@@ -124,10 +132,7 @@ class World:
             for i, (t, n) in enumerate(zip(self.shard_tokens, self.num_starts, strict=True))
         ]
         self.offsets = np.cumsum([0] + [len(u) for u in self.universe])
-        self.claim_starts = [
-            subset_windows(t, seq, min(claim_per_shard, int(n)), seed=20_000 + i)
-            for i, (t, n) in enumerate(zip(self.shard_tokens, self.num_starts, strict=True))
-        ]
+        self.shard_weights = self.num_starts / self.num_starts.sum()
         secret = prepare_dataset(self.secret_dataset, self.settings, log=lambda _: None)
         # Every secret document, held-out split or not: no contributor or referee saw any.
         self.secret = torch.cat([shard_tensor(secret, s) for s in secret.plan.shards])
@@ -138,28 +143,30 @@ class World:
     def losses(self, weights: Weights, tokens: torch.Tensor, starts: torch.Tensor) -> np.ndarray:
         return np.asarray(window_losses(self.params, weights, tokens, starts), dtype=np.float64)
 
-    def pool_mean(self, weights: Weights) -> float:
-        """The model's loss over the whole held-out pool (each shard weighted by its number
-        of windows), from the claim windows: what an honest submitter measures and claims."""
-        means = [
-            self.losses(weights, t, s).mean()
-            for t, s in zip(self.shard_tokens, self.claim_starts, strict=True)
-        ]
-        return float(np.average(means, weights=self.num_starts))
+    def universe_losses(self, weights: Weights) -> np.ndarray:
+        """The model's losses on every shard's universe, joined (``Model.losses``)."""
+        return np.concatenate(
+            [
+                self.losses(weights, t, u)
+                for t, u in zip(self.shard_tokens, self.universe, strict=True)
+            ]
+        )
+
+    def pool_mean(self, losses: np.ndarray) -> float:
+        """The pool's mean loss from universe losses: each shard's universe mean weighted by
+        the shard's number of windows. In this emulation the universe IS the pool, so this is
+        a model's exact pool loss: what an honest submitter claims, and exactly what a
+        referee's uniform subset estimates."""
+        means = [losses[a:b].mean() for a, b in itertools.pairwise(self.offsets)]
+        return float(np.dot(self.shard_weights, means))
 
     def secret_mean(self, weights: Weights) -> float:
         return float(self.losses(weights, self.secret, self.secret_starts).mean())
 
-    def measure(self, model: Model, *, universe: bool = True) -> Model:
+    def measure(self, model: Model) -> Model:
         """Fill in the model's universe losses, honest claim and secret loss."""
-        if universe:
-            model.losses = np.concatenate(
-                [
-                    self.losses(model.weights, t, u)
-                    for t, u in zip(self.shard_tokens, self.universe, strict=True)
-                ]
-            )
-        model.claim_loss = self.pool_mean(model.weights)
+        model.losses = self.universe_losses(model.weights)
+        model.claim_loss = self.pool_mean(model.losses)
         model.secret_loss = self.secret_mean(model.weights)
         return model
 

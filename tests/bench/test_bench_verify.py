@@ -66,16 +66,17 @@ def test_quick_run_writes_the_metrics(tmp_path: Path, monkeypatch: pytest.Monkey
     assert metrics["half_width_referee_w64"] < metrics["half_width_referee_w16"]
     # Payments telescope: what was paid is exactly the frontier's total move.
     assert math.isclose(
-        metrics["market_referee_total_paid"],
-        metrics["market_referee_baseline_minus_final_score"],
+        metrics["market_referee_n3m2w64_total_paid"],
+        metrics["market_referee_n3m2w64_baseline_minus_final_score"],
         rel_tol=1e-9,
         abs_tol=1e-12,
     )
-    for name in ("spearman_submissions", "spearman_contributors"):
-        assert -1 <= metrics[f"market_referee_{name}"] <= 1
+    for name in ("spearman_submissions", "spearman_contributors", "spearman_submissions_ideal"):
+        assert -1 <= metrics[f"market_referee_n3m2w64_{name}"] <= 1
+    # A cheat is paid at most about what its model is really worth (its own improvement).
     assert (
-        metrics["market_referee_cheats_paid_nats"]
-        <= metrics["market_referee_cheats_value_nats"] + 0.05
-    )  # a cheat is paid at most about what its model is really worth
+        metrics["market_referee_n3m2w64_cheats_paid_nats"]
+        <= metrics["market_referee_n3m2w64_cheats_paid_value_nats"] + 0.05
+    )
     for w in sizes.diloco_windows:
         assert -1 <= metrics[f"referee_diloco_w{w}_spearman_mean"] <= 1

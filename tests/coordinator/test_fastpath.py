@@ -16,6 +16,7 @@ from test_api import OP, SWEEP, Api, Worker, bearer, serve
 
 from fleetkit import FakeClock
 from trainfleet.coordinator import fastpath
+from trainfleet.coordinator.auth import SOLE_TOKEN_TTL_S, TOKEN_TTL_S
 from trainfleet.coordinator.fastpath import FastPath
 
 # A request: method, path, who sends it, and its body (a JSON value, raw bytes, or None).
@@ -225,3 +226,18 @@ def test_fast_requests_count_in_the_request_metrics(tmp_path: Path) -> None:
     assert seen[0] == seen[1]
     claims = 'trainfleet_http_requests_total{method="POST",route="/v1/workers/claim",status="200"}'
     assert float(seen[1][claims]) >= 3
+
+
+def test_a_sole_coordinator_keeps_credentials_cached_past_the_shared_ttl(tmp_path: Path) -> None:
+    """On SQLite no other coordinator can revoke behind this one's back, so a fleet beating
+    every 20 s keeps its credentials cached (``auth.SOLE_TOKEN_TTL_S``) and its beats go the
+    fast way; a revoke here still clears them at once (above)."""
+    with coordinator(tmp_path, fast=True) as (api, workers):
+        clock = FakeClock()
+        api.coord.tokens.clock = clock
+        w1 = workers["w1"]
+        assert api.http.post("/v1/workers/claim", headers=w1.auth).status_code == 200
+        clock.advance(TOKEN_TTL_S + 20)
+        assert api.coord.tokens.get("worker", w1.token) == w1.id
+        clock.advance(SOLE_TOKEN_TTL_S)
+        assert api.coord.tokens.get("worker", w1.token) is None

@@ -3,12 +3,14 @@ transaction; a call that fails is rolled back alone and gets its own error."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
 import pytest
 
 from trainfleet.coordinator.group_commit import GroupWriter
+from trainfleet.coordinator.writer import run_on
 from trainfleet.queue.db import SQLiteDatabase
 
 
@@ -52,3 +54,44 @@ def test_waiting_calls_commit_together_and_a_failure_rolls_back_alone(tmp_path: 
         db.close()
     with pytest.raises(RuntimeError):
         writer.submit(insert, db, 4)
+
+
+def test_event_loop_calls_are_answered_on_the_loop_and_a_cancelled_one_is_skipped(
+    tmp_path: Path,
+) -> None:
+    """``run_on`` (``coordinator.writer``) awaits ``GroupWriter.call``: a group's answers reach
+    the loop together; a call whose awaiting task was cancelled before its turn never runs."""
+    db = SQLiteDatabase(tmp_path / "g.db")
+    with db.tx() as conn:
+        conn.execute("CREATE TABLE t (v INTEGER)")
+    writer = GroupWriter(db)
+    started, release = threading.Event(), threading.Event()
+
+    def block() -> bool:
+        started.set()
+        return release.wait(30)
+
+    async def scenario() -> list[object]:
+        blocker = asyncio.ensure_future(run_on(writer, block))
+        assert await asyncio.to_thread(started.wait, 30)  # the writer is busy from now on
+        calls = [
+            asyncio.ensure_future(run_on(writer, insert, db, 1)),
+            asyncio.ensure_future(run_on(writer, insert_then_fail, db, 2)),
+            asyncio.ensure_future(run_on(writer, insert, db, 3)),
+        ]
+        await asyncio.sleep(0)  # every call is queued behind the blocker
+        calls[2].cancel()
+        release.set()
+        return await asyncio.gather(blocker, *calls, return_exceptions=True)
+
+    try:
+        got = asyncio.run(scenario())
+        assert got[:2] == [True, 1]
+        assert isinstance(got[2], ValueError) and "refused 2" in str(got[2])
+        assert isinstance(got[3], asyncio.CancelledError)
+        with db.read() as conn:
+            values = [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v").fetchall()]
+        assert values == [1]  # 2 rolled back alone, 3 never ran
+    finally:
+        writer.shutdown()
+        db.close()

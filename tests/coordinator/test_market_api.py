@@ -10,16 +10,24 @@ and complete with the loss arrays, as ``trainfleet join`` does (the live version
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from safetensors.torch import save as save_bytes
-from test_api import OP, Api, Worker, assert_error, bearer
+from test_api import JOIN_TOKEN, OP, OP_TOKEN, Api, TestClient, Worker, assert_error, bearer
 
+from fleetkit import FakeClock
 from tinymarket import baseline, competition, heldout_mean, misfit, trained
+from trainfleet.artifacts import ArtifactStore
+from trainfleet.artifacts.gc import collect_garbage
+from trainfleet.coordinator.app import create_app
+from trainfleet.coordinator.state import Coordinator
 from trainfleet.data.prepare import CacheSettings
+from trainfleet.queue import JobQueue
 from trainfleet.verify.referee import referee_eval
 from trainfleet.verify.spec import RefereeTask
 
@@ -107,6 +115,31 @@ def ledger(api: Api) -> dict[str, Any]:
     r = api.http.get("/v1/market/ledger", headers=OP)
     assert r.status_code == 200, r.text
     return dict(r.json())
+
+
+@pytest.fixture
+def api(tmp_path: Path, clock: FakeClock, make_queue: Callable[..., JobQueue]) -> Iterator[Api]:
+    """The app in-process (``test_api.serve``) on each queue backend: SQLite, PostgreSQL."""
+    coord = Coordinator(
+        queue=make_queue(),
+        store=ArtifactStore(tmp_path / "artifacts"),
+        staging_dir=tmp_path / "staging",
+        operator_token=OP_TOKEN,
+        join_token=JOIN_TOKEN,
+    )
+    with TestClient(create_app(coord)) as http:
+        served = Api(http, coord, clock, tmp_path)
+        try:
+            yield served
+        finally:
+            served.close()
+
+
+@pytest.fixture(autouse=True)
+def fixed_ids(api: Api) -> None:
+    """Submission ids (and so the referees' subsets) the same on every run."""
+    ids = itertools.count(1)
+    api.coord.market.new_id = lambda: f"{next(ids):032x}"
 
 
 @pytest.fixture
@@ -338,3 +371,36 @@ def test_lazy_or_failed_referees_cannot_make_a_quorum(
     failed = next(r for r in decided["reports"] if not r["ok"])
     assert "out of memory" in failed["reason"]
     assert ledger(api)["entries"] == []
+
+
+def test_the_artifact_gc_keeps_every_model_the_market_names(api: Api) -> None:
+    comp = create(api)
+    sub = submit(api, trained(5), 3.0).json()
+    stray = upload(api, trained(3))  # uploaded, never submitted: the GC may take it
+    removed = collect_garbage(api.coord.store, api.coord.queue, grace_s=-1)
+    assert removed == [stray]
+    for sha in (comp["baseline"], sub["sha256"]):
+        assert api.coord.store.exists(sha)
+
+
+def test_a_panel_completed_behind_the_drivers_back_is_decided_by_the_next_tick(
+    api: Api, referees: list[Worker], tmp_path: Path
+) -> None:
+    """As after a coordinator died between the referees' completions and the decision: the
+    stored results alone decide the submission, once."""
+    create(api)
+    better = trained(HONEST_STEPS)
+    sub = submit(api, better, heldout_mean(better)).json()
+    for worker in referees:
+        claim = api.claim(worker)
+        task = RefereeTask.model_validate(claim["job"]["spec"]["task"])
+        paths = [tmp_path / f"{worker.id}-{w}.safetensors" for w in ("c", "f")]
+        for path, sha in zip(paths, (task.candidate, task.frontier), strict=True):
+            path.write_bytes(api.coord.store.read_bytes(sha))
+        losses = referee_eval(task, *paths, CacheSettings(None))
+        api.coord.queue.complete(claim["job"]["id"], worker.id, claim["epoch"], {"referee": losses})
+    api.coord.market.tick()  # (or the app's own ticker got there first)
+    decided = submission(api, sub["id"])["submission"]
+    assert decided["state"] == "accepted" and decided["paid"] > 0
+    api.coord.market.tick()
+    assert [e["submission_id"] for e in ledger(api)["entries"]] == [sub["id"]]

@@ -48,7 +48,7 @@ def _tampered_router() -> dict:  # type: ignore[type-arg]
 
 def test_dataset_job_trains_on_local_shards_and_reports_their_hashes(fleet: Fleet, tmp_path):
     fleet.reload(DATASET + routed_job("p0", 0) + routed_job("p1", 1))
-    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "2", "--max-shards", "2")
+    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "0.5", "--max-shards", "2")
     for name in ("p0", "p1"):
         job = fleet.wait_state(name, {"completed", "failed"}, timeout_s=120)
         assert job["state"] == "completed", job["error"]
@@ -88,7 +88,7 @@ def test_verifying_worker_refuses_a_tampered_router_and_the_job_is_not_retried(f
     fleet.reload(DATASET + routed_job("p2", 2))
     tampered = _tampered_router()
     fleet.operator.publish_router(tampered["fit_id"], tampered)
-    worker = fleet.start_worker("cpu-v", "--exit-when-idle-s", "2", "--verify-routing")
+    worker = fleet.start_worker("cpu-v", "--exit-when-idle-s", "0.5", "--verify-routing")
     job = fleet.wait_state("p2", {"completed", "failed"}, timeout_s=120)
     assert job["state"] == "failed" and job["attempt"] == 1, job
     assert "routing verification failed" in job["error"]
@@ -99,14 +99,14 @@ def test_verifying_worker_refuses_a_tampered_router_and_the_job_is_not_retried(f
 
 def test_a_tampered_router_used_unverified_is_flagged_by_the_shard_ledger(fleet: Fleet):
     fleet.reload(DATASET + routed_job("honest", 0))
-    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "2")
+    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "0.5")
     assert fleet.wait_state("honest", {"completed", "failed"}, timeout_s=120)["flags"] == []
     assert worker.wait(timeout=60) == 0
 
     tampered = _tampered_router()
     fleet.operator.publish_router(tampered["fit_id"], tampered)
     fleet.reload(DATASET + routed_job("honest", 0) + routed_job("trusting", 0))
-    worker = fleet.start_worker("cpu-b", "--exit-when-idle-s", "2")
+    worker = fleet.start_worker("cpu-b", "--exit-when-idle-s", "0.5")
     job = fleet.wait_state("trusting", {"completed", "failed"}, timeout_s=120)
     assert job["state"] == "completed", job["error"]  # the result is kept...
     assert job["result"]["metrics"]["data"]["routing"] == "trusted"

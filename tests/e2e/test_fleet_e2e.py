@@ -25,7 +25,7 @@ TINY = (
 
 def test_train_and_command_jobs_complete_with_artifacts(fleet: Fleet, tmp_path) -> None:
     fleet.reload(f'[[jobs]]\nname = "tiny-gpt"\nmode = "smoke"\n{TINY}\n' + slow_job("cmd", 0.3))
-    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "2")
+    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "0.5")
     for name in ("tiny-gpt", "cmd"):
         job = fleet.wait_state(name, {"completed", "failed"})
         assert job["state"] == "completed", job["error"]
@@ -142,7 +142,7 @@ def test_corrupted_and_truncated_uploads_are_refused(fleet: Fleet) -> None:
 
 def test_cancelled_job_is_stopped_and_its_completion_refused(fleet: Fleet) -> None:
     fleet.reload(slow_job("doomed", 30.0) + slow_job("next", 0.2, priority=-1))
-    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "2")
+    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "0.5")
     fleet.wait_state("doomed", {"running"})
     out = fleet.cli("cancel", "doomed", check=True)
     assert "cancelled doomed" in out.stdout
@@ -160,7 +160,7 @@ def test_reload_changes_nothing_that_already_ran(fleet: Fleet) -> None:
     manifest_path = fleet.tmp / "fleet.toml"
     manifest_path.write_text(manifest)
     fleet.cli("reload", str(manifest_path), check=True)
-    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "2")
+    worker = fleet.start_worker("cpu-a", "--exit-when-idle-s", "0.5")
     fleet.wait_state("a", {"completed"})
     fleet.wait_state("b", {"completed"})
     worker.wait(timeout=60)

@@ -53,7 +53,8 @@ def ledger(fleet: ServedFleet) -> dict[str, Any]:
 
 def test_a_live_market_pays_once_refuses_cheats_and_survives_a_restart(tmp_path: Path) -> None:
     base = save(baseline(), tmp_path / "baseline.safetensors")
-    inflated_model = save(trained(30), tmp_path / "inflated.safetensors")
+    lesser = trained(30)
+    inflated_model = save(lesser, tmp_path / "inflated.safetensors")
     honest = trained(60)
     honest_model = save(honest, tmp_path / "honest.safetensors")
     (tmp_path / "tiny-lm.toml").write_text(competition_toml())
@@ -68,7 +69,7 @@ def test_a_live_market_pays_once_refuses_cheats_and_survives_a_restart(tmp_path:
         start = fleet.operator.competition("tiny-lm")["competition"]
 
         # An inflated claim: half a nat better than the model is. Refused, paid nothing.
-        code, told = submit(fleet, inflated_model, heldout_mean(trained(30)) - 0.5, "--wait")
+        code, told = submit(fleet, inflated_model, heldout_mean(lesser) - 0.5, "--wait")
         inflated = told["submission"]
         assert code == 1 and inflated["state"] == "rejected", inflated
         assert "inflated claim" in inflated["verdict"] and inflated["paid"] == 0

@@ -69,6 +69,9 @@ def test_artifact_lands_in_the_bucket_and_downloads_back(tmp_path: Path) -> None
                 trainfleet_argv(
                     "join", url, "--host", "s3-host", "--workdir", str(tmp_path / "work"),
                     "--poll-interval-s", "0.2",
+                    # A short long poll: the coordinator's graceful stop at the end waits
+                    # for the claim in flight (the default 20 s one ends at its recheck).
+                    "--claim-wait-s", "1",
                 ),
                 {**no_aws_env(), env.JOIN_TOKEN: join_token},
             )  # fmt: skip

@@ -18,7 +18,10 @@ lookups are cached in memory (``TokenCache``) for at most ``TOKEN_TTL_S``, so a 
 requests cost no database read: a revoke, rotation or deregistration in this process clears
 the cache at once (the next request is refused); one made through another coordinator of the
 same database takes effect here within ``TOKEN_TTL_S``, and meanwhile fencing already keeps
-a revoked worker's writes out (its jobs were requeued by the revoke).
+a revoked worker's writes out (its jobs were requeued by the revoke). A database no other
+coordinator serves (SQLite: one coordinator, one writer) keeps its entries for
+``SOLE_TOKEN_TTL_S`` instead: every revoke comes through this process and clears the cache,
+and a fleet beating every 20 s then finds its credentials cached (issue 9).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
 Auth = Literal["none", "join", "worker", "operator", "read", "reader", "submitter"]
 
 TOKEN_TTL_S = 1.0  # how long another coordinator's revoke may go unseen here
+SOLE_TOKEN_TTL_S = 60.0  # the same on a database only this coordinator serves (SQLite)
 MAX_CACHED_TOKENS = 100_000
 
 
@@ -71,9 +75,11 @@ class TokenCache:
             return None
         return entry[0]
 
-    def put(self, kind: str, token: str, value: str, generation: int) -> None:
-        """Cache ``value`` unless the cache was cleared since ``generation`` was read (a
-        revoke committed while the lookup ran)."""
+    def put(
+        self, kind: str, token: str, value: str, generation: int, ttl_s: float | None = None
+    ) -> None:
+        """Cache ``value`` for ``ttl_s`` (default: the cache's) unless the cache was cleared
+        since ``generation`` was read (a revoke committed while the lookup ran)."""
         if generation != self.generation:
             return
         now = self.clock()
@@ -81,7 +87,7 @@ class TokenCache:
             self._entries = {k: e for k, e in self._entries.items() if e[1] > now}
             if len(self._entries) >= MAX_CACHED_TOKENS:
                 self._entries.clear()
-        self._entries[self._key(kind, token)] = (value, now + self.ttl_s)
+        self._entries[self._key(kind, token)] = (value, now + (ttl_s or self.ttl_s))
 
     def clear(self) -> None:
         """Forget every credential: called on any revoke, rotation or deregistration."""
@@ -140,8 +146,15 @@ async def _cached(coord: Coordinator, kind: str, token: str, lookup: Callable[[s
         return known
     generation = coord.tokens.generation
     value = await run_on(coord.db_executor, lookup, token)
-    coord.tokens.put(kind, token, value, generation)
+    coord.tokens.put(kind, token, value, generation, _ttl_s(coord))
     return value
+
+
+def _ttl_s(coord: Coordinator) -> float | None:
+    """``SOLE_TOKEN_TTL_S`` on a database no other coordinator writes (SQLite's single
+    writer), else None: the cache's own, short enough for another coordinator's revoke."""
+    sole = getattr(getattr(coord.queue, "db", None), "single_writer", False)
+    return SOLE_TOKEN_TTL_S if sole is True else None
 
 
 def _join_host(token: str, coord: Coordinator) -> bool:

@@ -173,6 +173,8 @@ class MarketDriver:
         self.evaluate: Evaluate = evaluate or self._heldout_loss
         self.lock = threading.Lock()
         self.wake: Callable[[], None] = lambda: None  # set by the app's ticker
+        # A submission's id; its referees' subset seeds derive from it (``subset_seed``).
+        self.new_id: Callable[[], str] = lambda: uuid.uuid4().hex
 
     # models -------------------------------------------------------------------------------
     def load_model(self, spec: CompetitionSpec, sha256: str) -> Weights:
@@ -250,7 +252,7 @@ class MarketDriver:
         competition = queue.get_competition(ref)
         self.load_model(competition.spec, sha256)
         size = self.coord.store.size(sha256)
-        submission_id = uuid.uuid4().hex
+        submission_id = self.new_id()
         tasks = referee_jobs(competition, submission_id, sha256, producer)
         record = queue.submit(
             competition.id, sha256, size, producer, claim, tasks, submission_id=submission_id
@@ -298,12 +300,14 @@ class MarketDriver:
         queue = self.coord.queue
         competition = queue.get_competition(submission.competition_id)
         spec: CompetitionSpec = competition.spec
+        recorded = {r.index for r in submission.reports}
         reports: list[RefereeReport] = []
         for job in queue.panel_jobs(submission.id):
             if job.state not in TERMINAL:
                 continue
-            report = self.report(spec, job)
-            queue.record_referee_report(job.id, job.epoch, report)
+            report = self.report(spec, job)  # a pure function of the stored job: recomputed
+            if report.index not in recorded:
+                queue.record_referee_report(job.id, job.epoch, report)
             reports.append(report)
         if len({r.index for r in reports}) < spec.referees:
             return  # referees still at work

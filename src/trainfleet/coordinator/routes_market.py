@@ -243,6 +243,7 @@ async def competition_detail(ctx: Ctx) -> CompetitionDetail:
     body=NewSubmission,
     response=SubmissionRecord,
     path_params=(COMPETITION,),
+    errors=(409,),  # the frontier moved while the submission was made: submit again
 )
 async def submit(ctx: Ctx) -> SubmissionRecord:
     body: NewSubmission = ctx.body
@@ -304,6 +305,7 @@ async def submission_detail(ctx: Ctx) -> SubmissionDetail:
     summary="The market ledger (append-only) and the balances derived from it",
     response=Ledger,
     query=(COMPETITION_QUERY,),
+    errors=(404,),
 )
 async def ledger(ctx: Ctx) -> Ledger:
     queue = ctx.coord.queue

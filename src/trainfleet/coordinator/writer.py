@@ -53,6 +53,9 @@ async def run_on(
 ) -> T:
     """``fn(*args, **kwargs)`` on ``executor``, awaited from the event loop."""
     loop = asyncio.get_running_loop()
+    if isinstance(executor, GroupWriter):  # answered straight on this loop (group_commit)
+        result: T = await executor.call(loop, fn, *args, **kwargs)
+        return result
     return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
 

@@ -66,7 +66,7 @@ def claim_many(
     """Up to ``max_jobs`` claims for ``worker_id``: its unacknowledged claims again, then new
     jobs for its free slots. ``Conflict`` if every slot holds a running job."""
     fleet = fleet or FleetCache()
-    wrow = touch(conn, worker_id, clock())
+    wrow = _touch(conn, worker_id, clock())
     slots = worker_slots(wrow)
     held = _held(conn, wrow, slots)
     again = [r for r in held if r["state"] == "claimed"][:max_jobs]
@@ -91,6 +91,17 @@ def claim_many(
         if got is not None:
             out.append(got)
     return out
+
+
+def _touch(conn: Conn, worker_id: str, now: float) -> Row:
+    """``sqlite_workers.touch`` in one statement when the worker may claim (nearly always):
+    the UPDATE returns the row; a worker it refuses is explained by ``touch`` itself."""
+    row = conn.execute(
+        "UPDATE workers SET last_seen = ?, state = 'online'"
+        " WHERE id = ? AND state NOT IN ('revoked', 'stopped') RETURNING *",
+        (now, worker_id),
+    ).fetchone()
+    return row if row is not None else touch(conn, worker_id, now)
 
 
 def worker_slots(wrow: Row) -> int:
