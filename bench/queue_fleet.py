@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from bench.queue_check import check
 from bench.queue_http import Conn
 from bench.queue_load import LoadStats, Worker, cpu_s, cycle, enroll_and_register, pct
 from bench.queue_mix import JobReq, host_rules, job_reqs, manifest_toml
+from bench.queue_profile import WINDOW_ENV
 from bench.queue_servers import Servers
 
 FLEET_HOSTS = 100  # the fleet's workers share hosts h0..h99; the claimers get their own
@@ -154,6 +157,9 @@ async def fleet_phase(
     stop = asyncio.Event()
     f.beat_ms.clear()
     beat_errors0 = f.beat_errors
+    if os.environ.get(WINDOW_ENV):  # bench.queue_profile: profile this window only
+        for proc in s.procs:
+            proc.send_signal(signal.SIGUSR1)
     cpu0, srv0, w0 = cpu_s(), s.cpu_s(), time.perf_counter()
     claiming = asyncio.create_task(_claimers(s.ports, claim_workers, stop, stats))
     await asyncio.sleep(seconds)  # the measured window: a duration, not a wait for a state

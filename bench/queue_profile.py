@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 PROFILE_ENV = "TRAINFLEET_BENCH_PROFILE"
+WINDOW_ENV = "TRAINFLEET_BENCH_PROFILE_WINDOW"  # set: profile the loop from SIGUSR1 on
 
 
 def _exit(signum: int, frame: object) -> None:
@@ -36,7 +37,8 @@ def main() -> None:
     serve = group_commit.GroupWriter._serve
 
     def profiled_serve(self: Any) -> None:
-        writer.enable()
+        if not os.environ.get(WINDOW_ENV):
+            writer.enable()
         serve(self)
 
     group_commit.GroupWriter._serve = profiled_serve  # type: ignore[method-assign]
@@ -44,7 +46,10 @@ def main() -> None:
     # so that the profiles below are written.
     signal.signal(signal.SIGTERM, _exit)
     loop = cProfile.Profile(time.thread_time)
-    loop.enable()
+    if os.environ.get(WINDOW_ENV):  # the event loop only, from SIGUSR1 (the fleet's window)
+        signal.signal(signal.SIGUSR1, lambda *_: loop.enable())
+    else:
+        loop.enable()
     try:
         cli_main()
     finally:

@@ -3,6 +3,7 @@ at outer lr 1, no momentum, fp32 is plain training), and the quick mode writes i
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -64,6 +65,10 @@ def test_one_replica_diloco_is_the_one_worker_arm(
 def test_quick_run_writes_the_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     main = bench(monkeypatch, "diloco")
     out = tmp_path / "diloco.json"
+    # Quick sizes with 2 replicas, not 4: the sync-DP arm spawns a process per replica (each
+    # imports torch), and what is checked here is how the figures are derived, per replica.
+    sizes = dataclasses.replace(main.Sizes.pick(True, 0.2), replicas=2)
+    monkeypatch.setattr(main.Sizes, "pick", classmethod(lambda *_: sizes))
 
     main.main(["--quick", "--scale", "0.2", "--no-torchft", "--out", str(out)])
 

@@ -10,17 +10,18 @@ takes exactly those six routes off that path:
 - the route is found by one dictionary lookup on the raw path (``/v1/jobs/{job_id}/...`` by
   its suffix, the job id a plain printable-ASCII segment);
 - the caller comes from the credential cache (``auth.TokenCache``); a miss goes the slow way;
-- the body is read within the same bound as ``bodies.read_limited``, decoded by the same
-  ``bodies.parse_json``, and checked by hand against the body's model (``_parse_*``): a body
-  the model would accept unchanged becomes that model without validation
-  (``model_construct``);
+- a body of at most ``endpoints.INLINE_PARSE_BYTES`` (a hot body is a few dozen bytes) is
+  read, decoded by the same ``bodies.parse_json`` (the standard library's json: decoding is
+  a few microseconds of a request's hundred or more, so no faster parser is worth a
+  dependency), and checked by hand against the body's model (``_parse_*``): a body the
+  model would accept unchanged becomes that model without validation (``model_construct``);
 - the route's own handler runs, as it would behind Starlette (one hop to the writer, the
   heartbeat book, the long poll), and its reply goes out as pre-encoded bytes.
 
 Anything unusual goes to the Starlette app instead, with the body it has read so far handed
-on unchanged: a credential the cache does not hold, a quoted or odd job id, a body without a
-``Content-Length`` or over ``endpoints.INLINE_PARSE_BYTES``, a body the model would refuse
-or coerce (a string epoch, an unknown key...). The answer to such a request, and to every
+on unchanged: a credential the cache does not hold, a quoted or odd job id, a larger body
+(declared or read), a body the model would refuse or coerce (a string epoch, an unknown
+key...). The answer to such a request, and to every
 other route, is then exactly what it always was: its error body, its status, its OpenAPI
 entry. A request the fast path does answer gets the same reply as the slow path would give
 (``tests/coordinator/test_fastpath.py`` runs a table of requests through both), and counts
@@ -30,7 +31,6 @@ in the same request metrics.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
 JOB_PARAM = "{job_id}"
 MAX_JOB_REF = 256  # endpoints.JOB_REF's max_length, and the batch items' job_id's
-_PLAIN_JOB_REF = re.compile(rb"[\x20-\x24\x26-\x7e]{1,%d}" % MAX_JOB_REF)
+_PLAIN_BYTES = bytes(range(0x20, 0x7F)).replace(b"%", b"")  # printable ASCII but '%'
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _Parse = Callable[[Any], BaseModel | None]
 
@@ -212,7 +212,7 @@ class FastPath:
             self.by_suffix[suffix.encode()] = hot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hot = None
+        hot, job_id = None, None
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             hot, job_id = self._route(scope.get("raw_path"))
         if hot is None:
@@ -254,7 +254,7 @@ class FastPath:
         slow path decides), and how many body bytes the fast path may read."""
         token = ""
         length = INLINE_PARSE_BYTES  # no Content-Length: read up to this, then decide
-        seen = set()
+        seen: set[bytes] = set()
         for name, value in scope["headers"]:
             if name in seen:
                 continue  # the first of each counts, as in Starlette's ``headers.get``
@@ -318,7 +318,7 @@ class FastPath:
 
 def _plain_job_ref(segment: bytes) -> bool:
     """Printable ASCII without '%' (nothing to unquote), 1 to 256 bytes: the job id as is."""
-    return _PLAIN_JOB_REF.fullmatch(segment) is not None
+    return 0 < len(segment) <= MAX_JOB_REF and not segment.translate(None, _PLAIN_BYTES)
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bytes | None]:
