@@ -445,6 +445,10 @@ def markdown(result: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> str:
         "its Wilson 95% interval; cost: the panel's referee CPU as % of the contribution's "
         "training CPU. Goal: >= 95% caught of every kind, <= 1% false, <= 10% cost.",
         "",
+        *summary_table(metrics, sizes, rules),
+        "",
+        "<details><summary>Every setting</summary>",
+        "",
     ]
     for rule in rules:
         kinds = kinds_of(metrics, rule, sizes.settings()[0].key)
@@ -494,7 +498,49 @@ def markdown(result: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> str:
             + ".",
             "",
         ]
-    return "\n".join(out)
+    return "\n".join([*out, "</details>", ""])
+
+
+def summary_table(metrics: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> list[str]:
+    """The settings worth reading (panels of 3+, 64+ windows, the largest margin), one row
+    each: false accusations, cost, the weakest catch rate apart from sandbaggers, and the
+    sandbaggers' own."""
+    margin = max(sizes.margins)
+    head = ["subset rule", "n, m", "windows", "false accusation % [95% CI]", "cost %"]
+    head += ["lowest % caught, sandbaggers aside", "sandbaggers caught %", "goal"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rule in rules:
+        for setting in sizes.settings():
+            if setting.margin != margin or setting.n < 3 or setting.windows < 64:
+                continue
+            p = f"{rule}_{setting.key}"
+            kinds = kinds_of(metrics, rule, setting.key)
+            others = [k for k in kinds if not k.startswith("sandbagger")]
+            low = min(others, key=lambda k: metrics[f"{p}_det_{k}_rate"])
+            sandbaggers = ", ".join(
+                f"{LONG.get(k, k).split()[-1]}: {pct(metrics[f'{p}_det_{k}_rate'])}"
+                for k in kinds
+                if k.startswith("sandbagger")
+            )
+            short = metrics[f"{p}_goal_short_of"]
+            out.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"`{rule}`",
+                        f"{setting.n}, {setting.m}",
+                        str(setting.windows),
+                        f"{pct(metrics[f'{p}_false_rate'])} [{pct(metrics[f'{p}_false_lo'])},"
+                        f" {pct(metrics[f'{p}_false_hi'])}]",
+                        pct(metrics[f"compute_fraction_n{setting.n}w{setting.windows}"]),
+                        f"{pct(metrics[f'{p}_det_{low}_rate'])} ({LONG.get(low, low)})",
+                        sandbaggers,
+                        "**met**" if not short else f"short: {short}",
+                    ]
+                )
+                + " |"
+            )
+    return [f"Margin {margin:g} nats:", "", *out]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

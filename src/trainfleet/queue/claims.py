@@ -43,7 +43,6 @@ from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import Claim, QueueSettings
 from trainfleet.queue.db import Conn, Dialect, Row
 from trainfleet.queue.fleet_cache import SPECS, FleetCache, Member
-from trainfleet.queue.matching import blockers
 from trainfleet.queue.scheduling import Candidate, deferrals
 from trainfleet.queue.sqlite_attempts import affinity_wait
 from trainfleet.queue.sqlite_schema import insert_event, job_record, load_job, read_meta
@@ -196,16 +195,19 @@ def _choose(
     mine = Candidate(me.worker_id, cap, me.policy, idle=True)
     others = _idle_betters(conn, me, now, settings, fleet)
     rows = conn.execute(
-        "SELECT * FROM jobs WHERE state = 'pending' AND (in_manifest = 1 OR pinned = 1)"
-        " AND (require_cuda = 0 OR ? = 1) AND min_vram_gib <= ? AND min_ram_gib <= ?"
-        " AND min_cores <= ? AND (tier = 'public' OR ? = 1) ORDER BY priority DESC, seq",
-        (int(cap.cuda), cap.vram_gib, cap.ram_gib, cap.cores, int(attested)),
+        "SELECT id, epoch, pending_since, spec FROM jobs WHERE state = 'pending'"
+        " AND (in_manifest = 1 OR pinned = 1) AND (require_cuda = 0 OR ? = 1)"
+        " AND min_vram_gib <= ? AND min_ram_gib <= ? AND min_cores <= ?"
+        f" AND (tier = 'public' OR ? = 1) AND {host_filter(conn)} ORDER BY priority DESC, seq",
+        (int(cap.cuda), cap.vram_gib, cap.ram_gib, cap.cores, int(attested), f",{cap.host},"),
     )
     chosen: list[Row] = []
     panels: set[str] = set()
     for row in rows:
+        if fleet.blocked(me, row["id"], row["spec"]):  # a dict lookup after the first time
+            continue
         spec: JobSpec = SPECS.get(row["id"], row["spec"])
-        if blockers(spec, cap, me.policy) or tier_blocker(spec, attested):
+        if tier_blocker(spec, attested):
             continue
         panel = spec.panel
         if panel is not None and (  # the panel is locked before its hosts are read
@@ -230,6 +232,19 @@ def _choose(
         if len(chosen) >= limit:
             break
     return chosen
+
+
+def host_filter(conn: Conn) -> str:
+    """The SQL that passes the jobs a worker on a host may take by their ``allowed_hosts``
+    column (``sqlite_schema.host_list``), given ``",HOST,"`` as its parameter: the pinned
+    jobs of other hosts never leave the database. A prefilter: ``matching.blockers`` still
+    decides each row that passes."""
+    find = (
+        "strpos(allowed_hosts, ?)"
+        if conn.dialect == Dialect.POSTGRES
+        else "instr(allowed_hosts, ?)"
+    )
+    return f"(allowed_hosts IS NULL OR {find} > 0)"
 
 
 def _idle_betters(
@@ -330,6 +345,7 @@ __all__ = [
     "MAX_CLAIMS",
     "attested_until",
     "claim_many",
+    "host_filter",
     "referee_blocker",
     "tier_blocker",
     "worker_slots",

@@ -15,6 +15,13 @@ are facts that rarely change, so they are kept here:
 - ``SpecCache``: each job's parsed ``JobSpec``, by job id. A reload may rewrite the spec of
   an id (priority, scheduling fields), so an entry is used only while the stored text is the
   same string: a string comparison instead of a pydantic parse.
+- ``FleetCache.blocked``: whether ``matching.blockers`` refuses a job to a worker, by job id
+  and worker *class* (host and effective capability: all that ``blockers`` reads of the
+  worker). Jobs no claimer may take (denied by a host's rules, say) stay pending at the head
+  of the claim order and every claim passes over them; remembering the verdict makes each a
+  dict lookup, so the scan does not slow down as they pile up. A verdict is valid while the
+  job's stored spec text is the same string, and all are dropped when the host policies
+  change (a new ``generation``, part of each key).
 
 Both are safe to share between threads: each update replaces whole values under a lock.
 """
@@ -31,10 +38,15 @@ from typing import Any
 from trainfleet.capability.model import Capability
 from trainfleet.capability.policy import effective_capability
 from trainfleet.manifest.spec import HostPolicy, JobSpec
+from trainfleet.queue.matching import blockers
 
 REFRESH_S = 1.0  # host policies are re-read at least this often (other coordinators' changes)
 MAX_WORKERS = 100_000  # entries kept; beyond, the oldest are dropped (reloaded on a miss)
 MAX_SPECS = 200_000
+MAX_VERDICTS = 500_000  # beyond, all are dropped (recomputed on the next scans)
+
+# What ``blockers`` reads of a worker, with the policy generation it was computed under.
+ClassKey = tuple[int, str, bool, float, float, int]
 
 
 @dataclass(frozen=True)
@@ -45,10 +57,18 @@ class Member:
     host: str
     cap: Capability  # effective: declared capability under its host's policy
     policy: HostPolicy | None
+    generation: int = 0  # of the host policies it was made under (``FleetCache``)
 
     @property
     def priority(self) -> int:
         return self.policy.priority if self.policy else 0
+
+    @property
+    def klass(self) -> ClassKey:
+        """Everything ``matching.blockers`` reads of this worker: workers with the same key
+        get the same verdict for every job."""
+        cap = self.cap
+        return (self.generation, cap.host, cap.cuda, cap.vram_gib, cap.ram_gib, cap.cores)
 
 
 class FleetCache:
@@ -62,7 +82,10 @@ class FleetCache:
         self._raw_hosts: dict[str, str] | None = None
         self._hosts: dict[str, HostPolicy] = {}
         self._hosts_read_at = float("-inf")
+        self._generation = 0  # bumped whenever the host policies may have changed
+        self._verdicts: dict[tuple[str, ClassKey], tuple[str, bool]] = {}
         self.loads = 0  # worker rows parsed (tests: a second claim parses none)
+        self.verdicts = 0  # ``blockers`` verdicts computed (tests: a second scan computes none)
 
     def invalidate(self, worker_id: str | None = None) -> None:
         """Forget one worker (deregistered, revoked), or everything (a host policy changed)."""
@@ -71,50 +94,64 @@ class FleetCache:
                 self._members.pop(worker_id, None)
                 self._declared.pop(worker_id, None)
                 return
-            self._members.clear()
+            self._forget_policies()
             self._raw_hosts = None
             self._hosts_read_at = float("-inf")
+
+    def _forget_policies(self) -> None:
+        """Drop what depends on the host policies (the caller holds the lock)."""
+        self._members.clear()
+        self._verdicts = {}
+        self._generation += 1
 
     def __contains__(self, worker_id: object) -> bool:
         return worker_id in self._members
 
     def hosts(self, conn: Any) -> dict[str, HostPolicy]:
         """The host policies, re-read when invalidated or older than ``REFRESH_S``."""
+        return self._policies(conn)[0]
+
+    def _policies(self, conn: Any) -> tuple[dict[str, HostPolicy], int]:
+        """The host policies and their generation, read together."""
         now = self._monotonic()
         if now - self._hosts_read_at < REFRESH_S and self._raw_hosts is not None:
-            return self._hosts
+            with self._lock:
+                return self._hosts, self._generation
         raw = {r["name"]: r["policy"] for r in conn.execute("SELECT name, policy FROM hosts")}
         with self._lock:
             if raw != self._raw_hosts:  # changed (elsewhere): every effective capability too
                 self._hosts = {name: HostPolicy.model_validate_json(p) for name, p in raw.items()}
                 self._raw_hosts = raw
-                self._members.clear()
+                self._forget_policies()
             self._hosts_read_at = now
-            return self._hosts
+            return self._hosts, self._generation
 
     def member(self, conn: Any, row: Any) -> Member:
         """The cached view of the worker whose ``workers`` row is ``row`` (read by the caller
         in its transaction, for liveness and revocation)."""
-        hosts = self.hosts(conn)
         worker_id = str(row["id"])
-        with self._lock:
-            found = self._members.get(worker_id)
-        if found is not None:
-            return found
-        declared = self._declared.get(worker_id)
-        if declared is None:
-            declared = Capability.model_validate_json(row["capability"])
-        policy = hosts.get(row["host"])
-        cap, _ = effective_capability(declared, policy)
-        member = Member(worker_id, row["host"], cap, policy)
-        with self._lock:
-            self.loads += 1
-            self._declared[worker_id] = declared
-            self._members[worker_id] = member
-            while len(self._members) > MAX_WORKERS:
-                gone, _ = self._members.popitem(last=False)
-                self._declared.pop(gone, None)
-        return member
+        while True:  # again if the policies changed while this one was made
+            hosts, generation = self._policies(conn)
+            with self._lock:
+                found = self._members.get(worker_id)
+            if found is not None:
+                return found
+            declared = self._declared.get(worker_id)
+            if declared is None:
+                declared = Capability.model_validate_json(row["capability"])
+            policy = hosts.get(row["host"])
+            cap, _ = effective_capability(declared, policy)
+            member = Member(worker_id, row["host"], cap, policy, generation)
+            with self._lock:
+                if generation != self._generation:
+                    continue
+                self.loads += 1
+                self._declared[worker_id] = declared
+                self._members[worker_id] = member
+                while len(self._members) > MAX_WORKERS:
+                    gone, _ = self._members.popitem(last=False)
+                    self._declared.pop(gone, None)
+            return member
 
     def members(self, conn: Any, worker_ids: list[str]) -> list[Member]:
         """The cached views of ``worker_ids``, loading the missing ones in one query."""
@@ -130,6 +167,21 @@ class FleetCache:
                 out[row["id"]] = self.member(conn, row)
         del hosts
         return [out[w] for w in worker_ids if w in out]
+
+    def blocked(self, member: Member, job_id: str, text: str) -> bool:
+        """Whether ``matching.blockers`` refuses job ``job_id``, whose stored spec is
+        ``text``, to ``member``: computed once per job, spec text and worker class."""
+        key = (job_id, member.klass)
+        hit = self._verdicts.get(key)
+        if hit is not None and hit[0] == text:
+            return hit[1]
+        verdict = bool(blockers(SPECS.get(job_id, text), member.cap, member.policy))
+        with self._lock:
+            self.verdicts += 1
+            if len(self._verdicts) >= MAX_VERDICTS:
+                self._verdicts = {}
+            self._verdicts[key] = (text, verdict)
+        return verdict
 
 
 class SpecCache:

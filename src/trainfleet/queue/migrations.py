@@ -188,6 +188,28 @@ V4_COLUMNS: list[Step] = [
 V4_SQLITE: list[Step] = [*V4_TABLES, *V4_COLUMNS]
 V4_POSTGRES: list[Step] = [*(schema_v1.to_postgres(s) for s in V4_TABLES), *V4_COLUMNS]
 
+# Version 5 (issue 9, the claim's scan): ``jobs.allowed_hosts``, the job's hosts as
+# ``",a,b,"`` (NULL: any host), so a claim's SQL skips the pinned jobs its host may not take
+# instead of checking each in Python on every claim (``claims._choose``). Only a filter in
+# front of the spec's own check: a row it lets through wrongly (a NULL left on a job, a
+# name holding a comma) is still refused by the claim, so the backfill cannot make a claim
+# wrong, only slower.
+V5_COLUMN = AddColumns("jobs", (("allowed_hosts", "TEXT"),))
+V5_SQLITE: list[Step] = [
+    V5_COLUMN,
+    "UPDATE jobs SET allowed_hosts = ',' || (SELECT group_concat(value, ',')"
+    " FROM json_each(jobs.spec, '$.allowed_hosts')) || ','"
+    " WHERE json_type(jobs.spec, '$.allowed_hosts') = 'array'"
+    " AND json_array_length(jobs.spec, '$.allowed_hosts') > 0",
+]
+V5_POSTGRES: list[Step] = [
+    V5_COLUMN,
+    "UPDATE jobs SET allowed_hosts = ',' || (SELECT string_agg(h, ',')"
+    " FROM jsonb_array_elements_text(spec::jsonb -> 'allowed_hosts') AS h) || ','"
+    " WHERE CASE WHEN jsonb_typeof(spec::jsonb -> 'allowed_hosts') = 'array'"
+    " THEN jsonb_array_length(spec::jsonb -> 'allowed_hosts') > 0 ELSE false END",
+]
+
 MIGRATIONS: list[Migration] = [
     Migration(
         1,
@@ -200,6 +222,7 @@ MIGRATIONS: list[Migration] = [
     ),
     Migration(3, "worker slots, jobs by worker, workers by host", V3_STEPS, V3_STEPS),
     Migration(4, "market, attestation, tiers", V4_SQLITE, V4_POSTGRES),
+    Migration(5, "jobs.allowed_hosts for the claim's filter", V5_SQLITE, V5_POSTGRES),
 ]
 
 

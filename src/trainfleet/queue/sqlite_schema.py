@@ -189,21 +189,22 @@ def same_name_refs(conn: db.Conn, job_id: str) -> list[JobRef]:
 # What queries read of a job's spec, kept in columns beside the JSON (``scheduling_columns``).
 SPEC_COLUMNS = (
     "spec, priority, require_cuda, min_vram_gib, min_ram_gib, min_cores,"
-    " kind, run_id, round, replica, timeout_s, panel, tier"
+    " kind, run_id, round, replica, timeout_s, panel, tier, allowed_hosts"
 )
 SPEC_SET = ", ".join(f"{c.strip()} = ?" for c in SPEC_COLUMNS.split(","))
 SPEC_MARKS = ", ".join("?" for _ in SPEC_COLUMNS.split(","))  # one placeholder a column
 
 SpecColumns = tuple[
     str, int, int, float, float, int, str, str | None, int | None, int | None, float,
-    str | None, str,
+    str | None, str, str | None,
 ]  # fmt: skip
 
 
 def scheduling_columns(spec: JobSpec) -> SpecColumns:
     """The values of ``SPEC_COLUMNS``: what a claim's SQL prefilter, the reaper and the run
     queries read, so no query parses JSON (``json_extract`` is SQLite's alone). ``panel``
-    is a referee job's submission id (its panel's jobs go to distinct hosts)."""
+    is a referee job's submission id (its panel's jobs go to distinct hosts);
+    ``allowed_hosts`` is ``host_list``'s text of the job's hosts (NULL: any host)."""
     task = spec.replica_task
     return (
         spec.model_dump_json(),
@@ -219,4 +220,13 @@ def scheduling_columns(spec: JobSpec) -> SpecColumns:
         spec.timeout_s,
         spec.panel,
         spec.tier,
+        host_list(spec.allowed_hosts),
     )
+
+
+def host_list(hosts: list[str]) -> str | None:
+    """The ``allowed_hosts`` column: the names between commas, ``",a,b,"``, so that a claim's
+    SQL skips a pinned job whose text lacks ``",HOST,"`` (``claims.host_filter``). A name
+    that itself holds a comma only makes the filter let more rows through; the claim checks
+    each row that passes against the spec. None (NULL) for a job any host may run."""
+    return "," + ",".join(hosts) + "," if hosts else None

@@ -9,12 +9,16 @@ referee reports losses, never a verdict: the coordinator computes intervals and 
 from the arrays itself (``panel.report_from_losses``), so a referee cannot pass a model by
 saying so, only by measuring it.
 
-The subset: the held-out shards of every path (``inner.heldout_pool``), taken in an order
-shuffled by the task's seed, supply ``feed.heldout_tokens``'s budget of tokens for ``windows``
-windows; ``subset_windows`` then draws ``windows`` window starts from those tokens, without
-replacement where there are enough. Each referee of a panel gets its own seed, so the panel
-measures the candidate on several independent subsets, none of which its producer could know
-in advance. Losses are computed under ``trainer.deterministic_torch(seed)``.
+The subset: window starts drawn by the task's seed uniformly over EVERY start of the whole
+held-out pool (the held-out shards of every path, ``inner.heldout_pool``; a window never spans
+two shards), without replacement where there are enough; only the shards a draw lands in are
+read. So a referee's subset mean is an unbiased estimate of the pool's mean window loss, the
+quantity a claim states (``heldout_score``, and ``trainfleet market score``), and its bootstrap
+interval covers it. (An earlier rule took the seed's first shards up to a token budget: shards
+differ in loss far more than an interval is wide, and bench/verify measured 14-78% of honest
+claims rejected with it.) Each referee of a panel gets its own seed, so the panel measures the
+candidate on several independent subsets, none of which its producer could know in advance.
+Losses are computed under ``trainer.deterministic_torch(seed)``.
 
 Exit codes (as ``python -m trainfleet.train``): 0 done; 2 a malformed task; 3 refused: a model
 file that is not safetensors or does not fit the competition's model family (names, shapes,
@@ -40,9 +44,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from trainfleet import env
-from trainfleet.data.prepare import CacheSettings, prepare_dataset
+from trainfleet.data.prepare import CacheSettings, PreparedDataset, prepare_dataset
+from trainfleet.data.shards import ShardInfo
+from trainfleet.data.spec import DatasetSpec
 from trainfleet.errors import CorpusTooSmall, DataError, RoutingMismatch
-from trainfleet.train.feed import heldout_tokens
+from trainfleet.train.feed import shard_tensor
 from trainfleet.train.inner import WeightsMismatch, check_weights, heldout_pool
 from trainfleet.train.model import VOCAB_SIZE
 from trainfleet.train.recipes import GPTParams
@@ -52,6 +58,11 @@ from trainfleet.verify.spec import RefereeTask
 METRICS_FILE = "metrics.json"
 EVAL_BATCH = 256
 """Windows per forward pass: big enough to be fast, small enough to bound memory."""
+
+SCORE_WINDOWS = 2048
+"""Windows of the pool a model's held-out score is measured on (``heldout_score``): a claim's
+own sampling error is then about a sixth of a 64-window referee interval's half-width."""
+SCORE_SEED = 0
 
 EXIT_DATA = 1
 EXIT_USAGE = 2
@@ -110,6 +121,65 @@ def window_losses(
     return losses
 
 
+class PoolDraw:
+    """Window starts drawn over a held-out pool, grouped by shard, in pool order."""
+
+    def __init__(self, prepared: PreparedDataset, picks: list[tuple[ShardInfo, torch.Tensor]]):
+        self.prepared = prepared
+        self.picks = picks
+        self.count = sum(len(starts) for _, starts in picks)
+
+    def losses(self, params: GPTParams, weights: dict[str, torch.Tensor]) -> list[float]:
+        """The model's loss on every drawn window, shard by shard (the same order for every
+        model, so two models' lists pair window by window)."""
+        out: list[float] = []
+        for shard, starts in self.picks:
+            out += window_losses(params, weights, shard_tensor(self.prepared, shard), starts)
+        return out
+
+
+def pool_windows(prepared: PreparedDataset, seq_len: int, windows: int, seed: int) -> PoolDraw:
+    """``windows`` seeded window starts uniform over every start of the held-out pool (each
+    shard contributes ``num_tokens - seq_len`` starts), distinct when the pool has that many."""
+    pool = [s for s in heldout_pool(prepared.plan) if s.num_tokens > seq_len]
+    sizes = np.array([s.num_tokens - seq_len for s in pool], dtype=np.int64)
+    total = int(sizes.sum())
+    if total < 1:
+        raise CorpusTooSmall(
+            f"dataset {prepared.spec.name!r} has no held-out shard longer than seq_len + 1 ="
+            f" {seq_len + 1} tokens; raise heldout_fraction or add documents"
+        )
+    rng = np.random.Generator(np.random.PCG64(seed))
+    flat = np.sort(rng.choice(total, size=windows, replace=windows > total))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    which = np.searchsorted(bounds, flat, side="right") - 1
+    picks = []
+    for i in np.unique(which):
+        starts = flat[which == i] - bounds[i]
+        picks.append((pool[int(i)], torch.from_numpy(starts.astype(np.int64))))
+    return PoolDraw(prepared, picks)
+
+
+def heldout_score(
+    params: GPTParams,
+    dataset: DatasetSpec,
+    weights: dict[str, torch.Tensor],
+    settings: CacheSettings,
+    *,
+    windows: int = SCORE_WINDOWS,
+    seed: int = SCORE_SEED,
+    handed_router: dict[str, Any] | None = None,
+    num_threads: int | None = None,
+) -> float:
+    """A model's held-out loss as a competition defines it: the mean window loss over
+    ``windows`` windows uniform over the whole held-out pool (what referees estimate). The
+    coordinator scores a baseline with it; a submitter claims it (``trainfleet market score``)."""
+    prepared = prepare_dataset(dataset, settings, handed_router=handed_router)
+    draw = pool_windows(prepared, params.seq_len, windows, seed)
+    with deterministic_torch(seed, num_threads):
+        return float(np.mean(draw.losses(params, weights)))
+
+
 def _json_numbers(losses: list[float]) -> list[float | None]:
     """``losses`` with each non-finite value (a diverged model) as None: JSON has no NaN."""
     return [loss if math.isfinite(loss) else None for loss in losses]
@@ -131,23 +201,14 @@ def referee_eval(
     candidate_weights = load_model(candidate, params, "candidate")
     frontier_weights = load_model(frontier, params, "frontier model")
     prepared = prepare_dataset(task.dataset, settings, handed_router=handed_router)
-    pool = heldout_pool(prepared.plan)
-    order = np.random.Generator(np.random.PCG64([task.seed, 1])).permutation(len(pool))
-    tokens, _ = heldout_tokens(
-        prepared,
-        [pool[i] for i in order],
-        task.windows,
-        params.seq_len,
-        f"(referee {task.index} of submission {task.submission_id})",
-    )
-    starts = subset_windows(tokens, params.seq_len, task.windows, task.seed)
+    draw = pool_windows(prepared, params.seq_len, task.windows, task.seed)
     with deterministic_torch(task.seed, num_threads):
-        candidate_losses = window_losses(params, candidate_weights, tokens, starts)
-        frontier_losses = window_losses(params, frontier_weights, tokens, starts)
+        candidate_losses = draw.losses(params, candidate_weights)
+        frontier_losses = draw.losses(params, frontier_weights)
     return {
         "candidate_losses": _json_numbers(candidate_losses),
         "frontier_losses": _json_numbers(frontier_losses),
-        "windows": len(starts),
+        "windows": draw.count,
         "seed": task.seed,
     }
 
