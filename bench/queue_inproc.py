@@ -1,19 +1,24 @@
 """The coordinator's own CPU per cycle, in-process: no sockets, no HTTP parser, no load
 generator in another process; the ASGI app called directly by N simulated workers.
 
-    python -m bench.queue_inproc [--n 64] [--jobs 3000] [--rounds 3]
+    python -m bench.queue_inproc [--n 64] [--jobs 3000] [--rounds 3] [--batch K]
+                                 [--profile FILE]
 
 Each round measures the app with the fast path (``coordinator.fastpath``) and without it
 (every request through Starlette's routing), alternately on fresh databases, and prints
 this process's CPU milliseconds per claim + heartbeat + complete cycle (best of the rounds:
 the figure least disturbed by a busy machine). A steadier A/B than ``bench.queue`` on a
 shared machine, for changes to the request path; it leaves out uvicorn and the network.
+``--batch K``: workers with K slots claim up to K jobs a request and beat and complete them
+in one request each (``/v1/claims``, ``/v1/heartbeats``, ``/v1/completions``); the figure is
+then CPU per job. ``--profile FILE``: cProfile of the last fast-path round, to FILE.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import tempfile
 import time
@@ -94,8 +99,38 @@ async def drain(app: Any, tokens: list[str], total: int) -> int:
     return done
 
 
-def measure(tmp: Path, n: int, jobs: int, fast: bool) -> float:
-    """CPU ms per cycle of ``jobs`` cycles by ``n`` workers, the fast path on or off."""
+async def drain_batched(app: Any, tokens: list[str], total: int, k: int) -> int:
+    done = 0
+
+    async def worker(token: str) -> None:
+        nonlocal done
+        while done < total:
+            status, got = await call(app, "/v1/claims", token, b'{"max_jobs": %d}' % k)
+            claims = got.get("claims") if status == 200 else None
+            if not claims:
+                await asyncio.sleep(0.01)
+                continue
+            held = [{"job_id": c["job"]["id"], "epoch": c["epoch"]} for c in claims]
+            await call(app, "/v1/heartbeats", token, json.dumps({"beats": held}).encode())
+            results = json.dumps({"results": [{**h, "result": {}} for h in held]}).encode()
+            status, got = await call(app, "/v1/completions", token, results)
+            if status == 200:
+                done += sum(o["outcome"] == "accepted" for o in got["outcomes"])
+
+    await asyncio.gather(*(worker(t) for t in tokens))
+    return done
+
+
+def measure(
+    tmp: Path,
+    n: int,
+    jobs: int,
+    fast: bool,
+    batch: int = 0,
+    profile: cProfile.Profile | None = None,
+) -> float:
+    """CPU ms per cycle (per job, batched) of ``jobs`` cycles by ``n`` workers, the fast
+    path on or off."""
     parsers = fastpath.PARSERS
     if not fast:
         fastpath.PARSERS = {}
@@ -111,11 +146,21 @@ def measure(tmp: Path, n: int, jobs: int, fast: bool) -> float:
         queue.apply_manifest(
             parse_manifest(manifest_toml(job_reqs(jobs), host_rules(n)), "bench.toml")
         )
-        tokens = [queue.register_worker(Capability(**capability(i, f"h{i}")))[1] for i in range(n)]
+        tokens = []
+        for i in range(n):
+            record, token = queue.register_worker(Capability(**capability(i, f"h{i}")))
+            if batch:
+                queue.set_worker_slots(record.id, batch)
+            tokens.append(token)
         app = create_app(coord)
+        run = drain_batched(app, tokens, jobs, batch) if batch else drain(app, tokens, jobs)
+        if profile is not None:
+            profile.enable()
         cpu0 = time.process_time()
-        done = asyncio.run(drain(app, tokens, jobs))
+        done = asyncio.run(run)
         cpu = time.process_time() - cpu0
+        if profile is not None:
+            profile.disable()
         coord.db_executor.shutdown()
         queue.close()
         return 1000 * cpu / max(done, 1)
@@ -128,15 +173,23 @@ def main() -> None:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--jobs", type=int, default=3000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=0, help="jobs per request (0: unbatched)")
+    p.add_argument("--profile", type=Path, help="write a cProfile of the last round here")
     args = p.parse_args()
     best: dict[bool, float] = {}
+    unit = "job" if args.batch else "cycle"
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for fast in (False, True):
-                ms = measure(Path(tmp) / f"{r}-{fast}", args.n, args.jobs, fast)
+                prof = (
+                    cProfile.Profile() if args.profile and fast and r == args.rounds - 1 else None
+                )
+                ms = measure(Path(tmp) / f"{r}-{fast}", args.n, args.jobs, fast, args.batch, prof)
                 best[fast] = min(best.get(fast, ms), ms)
-                print(f"round {r}: fast path {'on ' if fast else 'off'} {ms:.3f} ms/cycle")
-    print(f"best: off {best[False]:.3f}, on {best[True]:.3f} ms of CPU per cycle (in-process)")
+                print(f"round {r}: fast path {'on ' if fast else 'off'} {ms:.3f} ms/{unit}")
+                if prof is not None:
+                    prof.dump_stats(args.profile)
+    print(f"best: off {best[False]:.3f}, on {best[True]:.3f} ms of CPU per {unit} (in-process)")
 
 
 if __name__ == "__main__":

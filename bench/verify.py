@@ -13,9 +13,12 @@ by the recipe's own step on stdlib sources) and the real verification code: the 
 1. Detection (``verify_cheats``): for each panel (n referees, quorum m) and subset size
    (windows per referee), the share of each cheat kind caught (rejected or paid nothing) and
    the share of honest improvements falsely accused (rejected or unpaid), each with its
-   Wilson 95% interval, over seeded trials. Two subset rules: ``referee`` is what
-   ``verify.referee.referee_eval`` does now (a seeded few held-out shards up to
-   ``heldout_tokens``' budget); ``pool`` draws windows uniformly over the whole held-out pool.
+   Wilson 95% interval, over seeded trials. Subset rule ``referee`` is what
+   ``verify.referee.referee_eval`` does (windows uniform over the whole held-out pool); an
+   honest claim is the model's ``heldout_score`` (2048 pool windows, seed 0), as a real
+   submitter's is. ``shard-budget``, the rule before the fix (a seeded few held-out shards up
+   to ``heldout_tokens``' budget), is kept as a historical arm on the settings the summary
+   shows (its markets and DiLoCo rounds are not run again).
 2. Referee compute: CPU seconds of one real ``referee_eval`` (read two model files, prepare
    the held-out data from the cache, evaluate both models) at each subset size, times n,
    over the CPU seconds an honest contributor spent training its submission.
@@ -26,9 +29,11 @@ by the recipe's own step on stdlib sources) and the real verification code: the 
    submission (and each contributor) was paid in a simulated competition and its true
    marginal value on a secret held-out set (leave-one-out along the frontier's chain: its
    improvement over the frontier it was judged against if adopted, else nothing); goal >=
-   0.9. Also against a perfect market (every honest improvement paid, no cheat), and the same
-   for DiLoCo rounds' pseudo-gradients scored alone by referees, against their leave-one-out
-   value in the round's average.
+   0.9, over many simulated competitions (mean, spread, worst); also against the value on
+   the competition's own held-out pool (a large draw no referee used), and against a perfect
+   market (every honest improvement paid, no cheat). The same for DiLoCo rounds'
+   pseudo-gradients scored alone by referees, against their leave-one-out value in the
+   round's average.
 
 Reading the detection figures: a caught cheat is one rejected or paid nothing. A sandbagger
 or noisy copy that is not caught is paid the consensus improvement its own model makes, never
@@ -63,13 +68,13 @@ from bench.verify_cheats import (
     tally_metrics,
 )
 from bench.verify_market import diloco_rounds, simulate_market
-from bench.verify_world import World
+from bench.verify_world import RULES, World
 
 GOAL_DETECTION = 0.95
 GOAL_FALSE_ACCUSATION = 0.01
 GOAL_COMPUTE = 0.10
 GOAL_SPEARMAN = 0.9
-RULES = ("referee", "pool")
+MARKET_SPREAD = ("spearman_contributors", "spearman_submissions", "spearman_contributors_pool")
 STARTED = time.perf_counter()
 
 
@@ -77,8 +82,9 @@ STARTED = time.perf_counter()
 class Sizes:
     quick: bool
     num_files: int  # stdlib files, split in two: competition (even) and secret (odd)
-    universe_per_shard: int
+    universe: int  # the referees' universe: windows uniform over the held-out pool
     secret_windows: int
+    truth_windows: int  # the pool's truth draw for the market's value_pool
     frontier_steps: int
     honest_steps: tuple[int, ...]
     sandbag_fractions: tuple[float, ...]
@@ -107,14 +113,22 @@ class Sizes:
             for w in self.windows
         ]
 
+    def settings_of(self, rule: str) -> list[Setting]:
+        """Every setting for the referee's rule; the historical arm only on the settings the
+        summary shows (panels of 3+, 64+ windows, the largest margin)."""
+        if rule == "referee":
+            return self.settings()
+        return [s for s in self.settings() if summarised(s, self)]
+
     @classmethod
     def pick(cls, quick: bool) -> Sizes:
         if quick:
             return cls(
                 quick=True,
                 num_files=120,
-                universe_per_shard=256,
+                universe=2048,
                 secret_windows=512,
+                truth_windows=512,
                 frontier_steps=30,
                 honest_steps=(60, 120),
                 sandbag_fractions=(0.2,),
@@ -138,8 +152,9 @@ class Sizes:
         return cls(
             quick=False,
             num_files=800,
-            universe_per_shard=1024,
+            universe=8192,
             secret_windows=4096,
+            truth_windows=4096,
             frontier_steps=100,
             honest_steps=(100, 150, 200, 300, 400, 500),
             sandbag_fractions=(0.1, 0.5),
@@ -147,19 +162,24 @@ class Sizes:
             sandbag_models=3,
             inflations=(1.7, 3.0, 10.0),
             panels=((1, 1), (3, 2), (5, 3), (7, 4)),
-            windows=(16, 64, 256),
+            windows=(16, 64, 128, 256),
             margins=(0.0, 0.01),
             honest_trials=400,
             cheat_trials=150,
             cpu_repeats=5,
             market_rounds=2,
-            market_seeds=(0, 1, 2, 3),
+            market_seeds=tuple(range(16)),
             market_settings=((3, 2, 64),),
             diloco_rounds=6,
             diloco_steps=(10, 20, 40, 80, 10, 20, 40, 80),
             diloco_noise=((3, 1.0), (6, 3.0)),
             diloco_windows=(64, 256),
         )
+
+
+def summarised(setting: Setting, sizes: Sizes) -> bool:
+    """Whether the README's summary table shows ``setting``."""
+    return setting.margin == max(sizes.margins) and setting.n >= 3 and setting.windows >= 64
 
 
 def say(message: str) -> None:
@@ -173,10 +193,12 @@ def slug(text: str) -> str:
 def run(sizes: Sizes, rules: Sequence[str], work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The metrics, and each simulated market's submissions ([contributor, paid?, paid nats,
     true improvement on the secret set])."""
-    world = World(sizes.num_files, sizes.universe_per_shard, sizes.secret_windows, work / "cache")
+    world = World(
+        sizes.num_files, sizes.universe, sizes.secret_windows, work / "cache", sizes.truth_windows
+    )
     say(
         f"world: {len(world.train_shards)} train shards, {len(world.shards)} held-out shards "
-        f"({int(world.num_starts.sum()):,} window starts), secret {len(world.secret):,} tokens"
+        f"({int(world.pool_starts.sum()):,} window starts), secret {len(world.secret):,} tokens"
     )
     pool = build_pool(
         world,
@@ -191,7 +213,9 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> tuple[dict[str, Any],
     traces: dict[str, Any] = {}
     for rule in rules:
         half = detection_metrics(world, pool, sizes, rule, metrics)
-        for n, m, w in sizes.market_settings[: 1 if rule == "referee" else None]:
+        if rule != "referee":
+            continue  # the historical arm: detection only
+        for n, m, w in sizes.market_settings:
             setting = Setting(n, m, w)
             markets = [
                 simulate_market(
@@ -210,17 +234,10 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> tuple[dict[str, Any],
             tag = f"market_{rule}_{market_tag(n, m, w)}"
             for seed, market in zip(sizes.market_seeds, markets, strict=True):
                 traces[f"{tag}_seed{seed}"] = market.pop("trace")
-            for name in markets[0]:
-                metrics[f"{tag}_{name}"] = statistics.fmean(x[name] for x in markets)
-            metrics[f"{tag}_spearman_submissions_min"] = min(
-                x["spearman_submissions"] for x in markets
-            )
-            metrics[f"{tag}_spearman_contributors_min"] = min(
-                x["spearman_contributors"] for x in markets
-            )
+            metrics.update(market_metrics(tag, markets))
     rounds = diloco_rounds(
         world,
-        rules,
+        [r for r in rules if r == "referee"],
         pool.frontier.weights,
         sizes.diloco_rounds,
         sizes.diloco_steps,
@@ -230,6 +247,24 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> tuple[dict[str, Any],
         say,
     )
     return metrics | rounds, traces
+
+
+def market_metrics(tag: str, markets: list[dict[str, Any]]) -> dict[str, Any]:
+    """The competitions' mean of every figure; for the rank correlations also the spread
+    (sample standard deviation, standard error of the mean), worst, best and every value."""
+    out = {f"{tag}_{name}": statistics.fmean(x[name] for x in markets) for name in markets[0]}
+    out[f"{tag}_competitions"] = len(markets)
+    for name in MARKET_SPREAD:
+        values = [x[name] for x in markets if math.isfinite(x[name])]
+        sd = statistics.stdev(values) if len(values) > 1 else math.nan
+        out[f"{tag}_{name}"] = statistics.fmean(values) if values else math.nan
+        out[f"{tag}_{name}_sd"] = sd
+        out[f"{tag}_{name}_se"] = sd / math.sqrt(len(values)) if len(values) > 1 else math.nan
+        out[f"{tag}_{name}_median"] = statistics.median(values) if values else math.nan
+        out[f"{tag}_{name}_min"] = min(values, default=math.nan)
+        out[f"{tag}_{name}_max"] = max(values, default=math.nan)
+        out[f"{tag}_{name}_values"] = [x[name] for x in markets]
+    return out
 
 
 def market_tag(n: int, m: int, windows: int) -> str:
@@ -246,16 +281,24 @@ def market_summary(metrics: dict[str, Any], sizes: Sizes, rule: str) -> list[str
         out.append(
             f"market n={n}, m={m}, {w} windows ({len(sizes.market_seeds)} competitions of "
             f"{metrics[f'{tag}_submissions']:.0f} submissions): Spearman paid vs true value, "
-            f"contributors {metrics[f'{tag}_spearman_contributors']:.3f} (worst "
-            f"{metrics[f'{tag}_spearman_contributors_min']:.3f}), submissions "
-            f"{metrics[f'{tag}_spearman_submissions']:.3f} (worst "
-            f"{metrics[f'{tag}_spearman_submissions_min']:.3f}), among the paid "
+            f"contributors {spread(metrics, f'{tag}_spearman_contributors')}, submissions "
+            f"{spread(metrics, f'{tag}_spearman_submissions')}; against the value on the "
+            f"competition's own pool, contributors "
+            f"{spread(metrics, f'{tag}_spearman_contributors_pool')}; among the paid "
             f"{metrics[f'{tag}_spearman_adopted']:.3f}; against a perfect market "
             f"{metrics[f'{tag}_spearman_submissions_ideal']:.3f}; honest paid "
             f"{100 * metrics[f'{tag}_honest_paid_share']:.0f}%, cheats paid "
             f"{metrics[f'{tag}_cheats_paid']:.1f} per competition"
         )
     return out
+
+
+def spread(metrics: dict[str, Any], name: str) -> str:
+    """A rank correlation over the competitions: mean +- standard error, sd, worst."""
+    return (
+        f"{metrics[name]:.3f} +- {metrics[f'{name}_se']:.3f} (sd {metrics[f'{name}_sd']:.3f}, "
+        f"worst {metrics[f'{name}_min']:.3f})"
+    )
 
 
 def pool_metrics(pool: Pool) -> dict[str, Any]:
@@ -295,7 +338,7 @@ def detection_metrics(
     world: World, pool: Pool, sizes: Sizes, rule: str, metrics: dict[str, Any]
 ) -> dict[int, float]:
     """Add the detection curve under ``rule`` to ``metrics``; the typical half-widths."""
-    settings = sizes.settings()
+    settings = sizes.settings_of(rule)
     tallies, half = detection(
         world, pool, settings, sizes.honest_trials, sizes.cheat_trials, sizes.inflations, rule, say
     )
@@ -366,12 +409,13 @@ def table(metrics: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> list[s
     figures."""
     lines = []
     for rule in rules:
-        kinds = kinds_of(metrics, rule, sizes.settings()[0].key)
+        settings = sizes.settings_of(rule)
+        kinds = kinds_of(metrics, rule, settings[0].key)
         head = ["margin", "n,m", "win", "false% [95% CI]", "cost%"]
         head += [SHORT.get(k, k) for k in kinds]
         lines.append(f"subset rule: {rule}  (% of trials caught: rejected or paid nothing)")
         lines.append(" | ".join(f"{h:>7}" for h in head) + " | goal")
-        for setting in sizes.settings():
+        for setting in settings:
             p = f"{rule}_{setting.key}"
             false = (
                 f"{pct(metrics[f'{p}_false_rate'])} [{pct(metrics[f'{p}_false_lo'])},"
@@ -389,8 +433,13 @@ def table(metrics: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> list[s
             lines.append(" | ".join(f"{c:>7}" for c in cells) + f" | {verdict}")
         lines.append(
             "  typical interval half-width (nats): "
-            + ", ".join(f"w{w} {metrics[f'half_width_{rule}_w{w}']:.4f}" for w in sizes.windows)
+            + ", ".join(
+                f"w{w} {metrics[f'half_width_{rule}_w{w}']:.4f}"
+                for w in sorted({s.windows for s in settings})
+            )
         )
+        if rule != "referee":
+            continue
         lines += [f"  {line}" for line in market_summary(metrics, sizes, rule)]
         lines.append(
             "  diloco rounds: spearman referee score vs leave-one-out, "
@@ -431,6 +480,14 @@ LONG = {
 }
 
 
+TITLES = {
+    "referee": "subset rule `referee` (what referee_eval does: windows uniform over the whole "
+    "held-out pool; claims are heldout_score)",
+    "shard-budget": "subset rule `shard-budget` (the rule before the fix: the shards the "
+    "referee's seed picks, up to heldout_tokens' budget)",
+}
+
+
 def markdown(result: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> str:
     """The README's table: the detection curve per subset rule, then payment fidelity."""
     metrics = result["metrics"]
@@ -451,17 +508,14 @@ def markdown(result: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> str:
         "",
     ]
     for rule in rules:
-        kinds = kinds_of(metrics, rule, sizes.settings()[0].key)
-        title = {
-            "referee": "subset rule `referee` (what referee_eval does now: the shards its "
-            "seed picks, up to heldout_tokens' budget)",
-            "pool": "subset rule `pool` (windows uniform over the whole held-out pool)",
-        }[rule]
+        settings = sizes.settings_of(rule)
+        kinds = kinds_of(metrics, rule, settings[0].key)
+        title = TITLES[rule]
         out += [f"**{title}**", ""]
         head = ["margin", "n, m", "windows", "false accusation %", "cost %"]
         head += [LONG.get(k, k) for k in kinds] + ["goal"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for setting in sizes.settings():
+        for setting in settings:
             p = f"{rule}_{setting.key}"
             cells = [
                 f"{setting.margin:g}",
@@ -475,6 +529,9 @@ def markdown(result: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> str:
             short = metrics[f"{p}_goal_short_of"]
             cells.append("**met**" if metrics[f"{p}_goal_met"] else f"short: {short}")
             out.append("| " + " | ".join(cells) + " |")
+        if rule != "referee":
+            out.append("")
+            continue
         m = metrics
         out += [
             "",
@@ -510,8 +567,8 @@ def summary_table(metrics: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -
     head += ["lowest % caught, sandbaggers aside", "sandbaggers caught %", "goal"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rule in rules:
-        for setting in sizes.settings():
-            if setting.margin != margin or setting.n < 3 or setting.windows < 64:
+        for setting in sizes.settings_of(rule):
+            if not summarised(setting, sizes):
                 continue
             p = f"{rule}_{setting.key}"
             kinds = kinds_of(metrics, rule, setting.key)

@@ -11,13 +11,18 @@ interleave (inflated claim, free-rider, noisy copy of the frontier, sandbagger, 
 NaN).
 
 True marginal value, on the secret set (files no referee and no contributor saw): a
-submission's held-out improvement over the frontier it was judged against. That is its
-leave-one-out value along the chain: leave it out and the chain loses exactly that step (to
-first order: later submissions keep the improvement they made over their own frontier). A
-submission that was not adopted is worth ``max(0, improvement)``: what paying it would have
-added (an honest improvement turned away counts against the market). Also reported: the
-exact leave-one-out of each adopted submission's weight delta on the final model, on the same
-secret set.
+submission's held-out improvement over the frontier it was judged against, if it was adopted;
+nothing if not. That is its leave-one-out value along the chain: leave it out and the chain
+loses exactly that step (to first order: later submissions keep the improvement they made over
+their own frontier); a submission never adopted is in no model, so leaving it out changes
+nothing. (An honest improvement turned away is the market's loss, not the contributor's
+value: it shows in ``honest_improvements_unpaid`` and in the figure against a perfect market,
+which pays every honest improvement.) The secret set is other files than the competition's:
+its improvements are what generalises beyond the competition's data. The same figures against
+the value on a large draw of the competition's own held-out pool (``World.truth_draw``, none
+of the referees' windows: what the market is asked to pay for) are the ``*_pool`` ones. Also
+reported: the exact leave-one-out of each adopted submission's weight delta on the final
+model, on the secret set.
 
 DiLoCo rounds (point 6, where runs exist): from a common global model, replicas train on
 different shards for different numbers of steps, some add noise to their pseudo-gradient.
@@ -95,11 +100,16 @@ class Submission:
     step: float  # secret-set improvement over the frontier it was judged against
     adopted: bool
     delta: Weights | None  # adopted: its weights minus that frontier's
+    step_pool: float = 0.0  # the same improvement on the pool's truth draw
 
     @property
     def value(self) -> float:
         """Leave-one-out value along the chain: its step if adopted, else nothing."""
         return self.step if self.adopted else 0.0
+
+    @property
+    def value_pool(self) -> float:
+        return self.step_pool if self.adopted else 0.0
 
     @property
     def ideal(self) -> float:
@@ -142,12 +152,12 @@ def contribution(
     kind = persona.kind
     if kind in ("honest", "inflated", "diverged"):
         weights, _ = world.train(frontier, persona.steps, lr=persona.lr, seed=seed)
-        claim = world.pool_mean(world.universe_losses(weights))
+        claim = world.heldout_score(weights)
         return weights, claim - (3 * half_width if kind == "inflated" else 0.0), ""
     if kind == "sandbagger":  # claims the loss of 5x the steps it trained
         full, _ = world.train(frontier, persona.steps, lr=persona.lr, seed=seed)
         weights, _ = world.train(frontier, persona.steps // 5, lr=persona.lr, seed=seed)
-        return weights, world.pool_mean(world.universe_losses(full)), ""
+        return weights, world.heldout_score(full), ""
     if kind == "free-rider":
         return frontier, score, ""
     if kind == "noisy copy":
@@ -188,19 +198,20 @@ def simulate_market(
         reports = reports_for(world, rule, model, frontier, setting.windows, setting.n, s)
         verdict = judge(claim, score, reports, m=setting.m, n=setting.n)
         paid = payment(spec, score, verdict)
-        step = frontier.secret_loss - model.secret_loss
-        if not math.isfinite(step):
-            step = -math.inf
+        step = _finite(frontier.secret_loss - model.secret_loss)
+        step_pool = _finite(frontier.pool_loss - model.pool_loss)
         if paid > 0:
-            subs.append(Submission(persona, paid, step, True, minus(weights, frontier.weights)))
+            delta = minus(weights, frontier.weights)
+            subs.append(Submission(persona, paid, step, True, delta, step_pool))
             frontier, score = model, next_frontier(score, verdict)
         else:
-            subs.append(Submission(persona, 0.0, step, False, None))
+            subs.append(Submission(persona, 0.0, step, False, None, step_pool))
     amounts = [x.paid for x in subs]
-    by_persona: dict[str, list[float]] = {p.name: [0.0, 0.0] for p in people}
+    by_persona: dict[str, list[float]] = {p.name: [0.0, 0.0, 0.0] for p in people}
     for x in subs:
         by_persona[x.persona.name][0] += x.paid
         by_persona[x.persona.name][1] += x.value
+        by_persona[x.persona.name][2] += x.value_pool
     adopted = [x for x in subs if x.adopted]
     final_secret = frontier.secret_loss
     loo = [
@@ -215,7 +226,10 @@ def simulate_market(
         f"{rule} market seed {seed}: {len(subs)} submissions, {len(adopted)} paid, spearman "
         f"{rho:.3f} (ideal {spearman(amounts, [x.ideal for x in subs]):.3f})"
     )
-    trace = [[x.persona.name, x.adopted, round(x.paid, 5), round(x.step, 5)] for x in subs]
+    trace = [
+        [x.persona.name, x.adopted, round(x.paid, 5), round(x.step, 5), round(x.step_pool, 5)]
+        for x in subs
+    ]
     return {
         "trace": trace,
         "submissions": len(subs),
@@ -224,6 +238,10 @@ def simulate_market(
         "spearman_submissions_ideal": spearman(amounts, [x.ideal for x in subs]),
         "spearman_contributors": spearman(
             [v[0] for v in by_persona.values()], [v[1] for v in by_persona.values()]
+        ),
+        "spearman_submissions_pool": spearman(amounts, [x.value_pool for x in subs]),
+        "spearman_contributors_pool": spearman(
+            [v[0] for v in by_persona.values()], [v[2] for v in by_persona.values()]
         ),
         "spearman_adopted": spearman([x.paid for x in adopted], [x.step for x in adopted]),
         "spearman_loo_final_adopted": spearman([x.paid for x in adopted], loo),
@@ -311,6 +329,11 @@ def diloco_rounds(
         out[f"{rule}_diloco_w{w}_score_vs_alone_spearman_mean"] = _mean(accuracy[rule, w])
         out[f"{rule}_diloco_w{w}_referee_loo_spearman_mean"] = _mean(referee_loo[rule, w])
     return out
+
+
+def _finite(step: float) -> float:
+    """A step as a number to rank: a NaN model's is the worst there is."""
+    return step if math.isfinite(step) else -math.inf
 
 
 def _mean(values: Sequence[float]) -> float:

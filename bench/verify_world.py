@@ -10,24 +10,33 @@ on many windows. Model family: a 1-layer byte GPT (width 32, context 32), the gp
 own model, trained with the recipe's own step (``trainer.train_step``, AdamW, warmup then
 cosine, clip 1) on the recipe's ``ShardFeed``.
 
-Measurement uses the referee's own code (``verify.referee.subset_windows`` and
-``window_losses``). Each held-out shard gets a fixed universe of windows that
-``subset_windows`` drew from it, and every model's per-window losses on the universes are
-computed once; a referee's subset in a trial is a seeded draw from the universes of the
-shards its rule picks (``World.subset``), so thousands of trials cost bootstrap work, not
-model evaluations. In this emulation the universes ARE the pool: a model's pool loss (what an
-honest submitter claims) is the shard-weighted mean of its universe losses, exactly what a
-referee's uniform subset estimates. A subset drawn from a finite universe varies a little less
-than one drawn from the whole shard (variance factor 1 - windows / universe size: 0.96 for 256
-windows over the full run's 6 x 1024-window pool, 0.75 when the ``referee`` rule picks a
-single shard): there, the honest false-accusation rate is slightly optimistic and the
-near-boundary detection slightly pessimistic.
+Measurement uses the referee's own code (``verify.referee.pool_windows`` and
+``window_losses``). The referees' universe is one ``pool_windows`` draw (``universe`` windows
+uniform over every start of the whole held-out pool, distinct), and every model's losses on it
+are computed once; a referee's subset in a trial is a seeded uniform draw of ``windows``
+distinct universe windows (``World.subset``, rule ``referee``). A uniform draw from a uniform
+draw of the pool is a uniform draw of the pool, so each subset has exactly the distribution
+``referee_eval``'s has; thousands of trials then cost bootstrap work, not model evaluations.
+Two costs of the finite universe: subsets of one model vary a little less than the pool's
+(variance factor 1 - windows / universe, 0.97 for 256 of the full run's 8192), and they centre
+on the universe's mean, which misses the pool's by about sd / sqrt(universe) (a tenth of a
+256-window interval's half-width).
+
+A model's claim is exactly ``verify.referee.heldout_score``: its mean loss over the 2048
+windows ``pool_windows`` draws with seed 0 (what an honest submitter claims with
+``trainfleet market score``, and what the coordinator scores a baseline with). So an honest
+claim carries its own sampling error, as a real one does (about a sixth of a 64-window
+interval's half-width, a third of a 256-window one's).
+
+``shard-budget`` is the subset rule before the fix, kept as a historical arm: the held-out
+shards in the order the referee's seed shuffles them, taken until ``feed.heldout_tokens``'
+budget (8 x windows x (seq_len + 1) tokens) is met, then windows uniform over those shards'
+universe windows (a uniform draw over those shards' starts).
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import sysconfig
 import time
@@ -44,7 +53,7 @@ from trainfleet.data.prepare import CacheSettings, prepare_dataset
 from trainfleet.data.shards import ShardInfo
 from trainfleet.data.spec import StdlibDataset
 from trainfleet.train.feed import HELDOUT_WINDOWS_PER_EVAL_WINDOW, ShardFeed, shard_tensor
-from trainfleet.train.inner import heldout_pool, init_weights
+from trainfleet.train.inner import init_weights
 from trainfleet.train.recipes import GPTParams
 from trainfleet.train.trainer import (
     deterministic_torch,
@@ -53,7 +62,14 @@ from trainfleet.train.trainer import (
     model_from_weights,
     train_step,
 )
-from trainfleet.verify.referee import subset_windows, window_losses
+from trainfleet.verify.referee import (
+    SCORE_SEED,
+    SCORE_WINDOWS,
+    PoolDraw,
+    pool_windows,
+    subset_windows,
+    window_losses,
+)
 from trainfleet.verify.spec import MAX_WINDOWS
 
 Weights = dict[str, torch.Tensor]
@@ -71,6 +87,9 @@ PARAMS = GPTParams(
     seed=0,
 )
 SHARD_TOKENS = 65_536
+UNIVERSE_SEED = 10_000
+TRUTH_SEED = 20_000
+RULES = ("referee", "shard-budget")
 
 
 def stdlib_split(num_files: int) -> tuple[list[str], list[str]]:
@@ -91,8 +110,9 @@ class Model:
     weights: Weights
     train_cpu_s: float = 0.0  # CPU seconds its producer spent training it (from its start)
     steps: int = 0
-    losses: np.ndarray | None = None  # on the referees' universe (every shard's, joined)
-    claim_loss: float = math.nan  # its exact pool loss: what an honest submitter claims
+    losses: np.ndarray | None = None  # on the referees' universe
+    claim_loss: float = math.nan  # its heldout_score: what an honest submitter claims
+    pool_loss: float = math.nan  # on a large pool draw no referee's universe holds
     secret_loss: float = math.nan  # mean over the secret set's windows
 
 
@@ -111,9 +131,10 @@ class World:
     def __init__(
         self,
         num_files: int,
-        universe_per_shard: int,
+        universe: int,
         secret_windows: int,
         cache_dir: Path,
+        truth_windows: int = 0,
     ):
         even, odd = stdlib_split(num_files)
         self.params = PARAMS
@@ -123,16 +144,23 @@ class World:
         self.prepared = prepare_dataset(self.dataset, self.settings, log=lambda _: None)
         self.train_shards = self.prepared.plan.select("train")
         seq = self.params.seq_len
-        # The referees' pool, shard by shard, in inner.heldout_pool's order (referee_eval's).
-        self.shards = heldout_pool(self.prepared.plan)
+        # The referees' universe: one draw by the referee's own rule.
+        draw = pool_windows(self.prepared, seq, universe, UNIVERSE_SEED)
+        self.universe = draw
+        self.shards = [shard for shard, _ in draw.picks]
         self.shard_tokens = [shard_tensor(self.prepared, s) for s in self.shards]
-        self.num_starts = np.array([len(t) - seq for t in self.shard_tokens], dtype=np.int64)
-        self.universe = [
-            subset_windows(t, seq, min(universe_per_shard, int(n)), seed=10_000 + i)
-            for i, (t, n) in enumerate(zip(self.shard_tokens, self.num_starts, strict=True))
-        ]
-        self.offsets = np.cumsum([0] + [len(u) for u in self.universe])
-        self.shard_weights = self.num_starts / self.num_starts.sum()
+        # Per universe window (in PoolDraw.losses' order): its shard (index into self.shards)
+        # and its start in that shard.
+        self.window_shard = np.concatenate(
+            [np.full(len(starts), i) for i, (_, starts) in enumerate(draw.picks)]
+        )
+        self.window_start = np.concatenate([starts.numpy() for _, starts in draw.picks])
+        # Every held-out shard of the pool (the shard-budget rule shuffles them all).
+        self.pool_starts = np.array([len(t) - seq for t in self.shard_tokens], dtype=np.int64)
+        self.score_draw = pool_windows(self.prepared, seq, SCORE_WINDOWS, SCORE_SEED)
+        self.truth_draw = (
+            pool_windows(self.prepared, seq, truth_windows, TRUTH_SEED) if truth_windows else None
+        )
         secret = prepare_dataset(self.secret_dataset, self.settings, log=lambda _: None)
         # Every secret document, held-out split or not: no contributor or referee saw any.
         self.secret = torch.cat([shard_tensor(secret, s) for s in secret.plan.shards])
@@ -143,69 +171,65 @@ class World:
     def losses(self, weights: Weights, tokens: torch.Tensor, starts: torch.Tensor) -> np.ndarray:
         return np.asarray(window_losses(self.params, weights, tokens, starts), dtype=np.float64)
 
-    def universe_losses(self, weights: Weights) -> np.ndarray:
-        """The model's losses on every shard's universe, joined (``Model.losses``)."""
-        return np.concatenate(
-            [
-                self.losses(weights, t, u)
-                for t, u in zip(self.shard_tokens, self.universe, strict=True)
-            ]
-        )
+    def draw_losses(self, draw: PoolDraw, weights: Weights) -> np.ndarray:
+        return np.asarray(draw.losses(self.params, weights), dtype=np.float64)
 
-    def pool_mean(self, losses: np.ndarray) -> float:
-        """The pool's mean loss from universe losses: each shard's universe mean weighted by
-        the shard's number of windows. In this emulation the universe IS the pool, so this is
-        a model's exact pool loss: what an honest submitter claims, and exactly what a
-        referee's uniform subset estimates."""
-        means = [losses[a:b].mean() for a, b in itertools.pairwise(self.offsets)]
-        return float(np.dot(self.shard_weights, means))
+    def universe_losses(self, weights: Weights) -> np.ndarray:
+        """The model's losses on every universe window (``Model.losses``)."""
+        return self.draw_losses(self.universe, weights)
+
+    def heldout_score(self, weights: Weights) -> float:
+        """``verify.referee.heldout_score``, on this world's prepared data: the mean loss over
+        ``SCORE_WINDOWS`` pool windows of seed ``SCORE_SEED``, under the same torch state."""
+        with deterministic_torch(SCORE_SEED, 1):
+            return float(self.draw_losses(self.score_draw, weights).mean())
 
     def secret_mean(self, weights: Weights) -> float:
         return float(self.losses(weights, self.secret, self.secret_starts).mean())
 
     def measure(self, model: Model) -> Model:
-        """Fill in the model's universe losses, honest claim and secret loss."""
+        """Fill in the model's universe losses, honest claim, pool and secret losses."""
         model.losses = self.universe_losses(model.weights)
-        model.claim_loss = self.pool_mean(model.losses)
+        model.claim_loss = self.heldout_score(model.weights)
+        if self.truth_draw is not None:
+            model.pool_loss = float(self.draw_losses(self.truth_draw, model.weights).mean())
         model.secret_loss = self.secret_mean(model.weights)
         return model
 
     def subset(self, rule: str, windows: int, seed: int) -> np.ndarray:
-        """A referee's subset as indices into the universe (``Model.losses``).
+        """A referee's subset as indices into the universe (``Model.losses``), sorted.
 
-        ``referee``: as ``verify.referee.referee_eval`` does: the held-out shards in the
-        order its seed shuffles them, taken until ``feed.heldout_tokens``' budget of tokens
-        for ``windows`` windows is met, then windows uniform over those shards' starts.
-        ``pool``: windows uniform over the whole held-out pool."""
-        chosen = list(range(len(self.shards)))
+        ``referee``: ``windows`` distinct windows uniform over the universe, so uniform over
+        the whole held-out pool, as ``verify.referee.pool_windows`` draws them.
+        ``shard-budget`` (the rule before the fix): the shards in the order the seed
+        shuffles them, until ``feed.heldout_tokens``' budget for ``windows`` windows is met,
+        then ``windows`` windows uniform over those shards' universe windows."""
+        rng = np.random.Generator(np.random.PCG64(seed))
         if rule == "referee":
-            order = np.random.Generator(np.random.PCG64([seed, 1])).permutation(len(chosen))
+            candidates = np.arange(len(self.window_start))
+        elif rule == "shard-budget":
+            order = np.random.Generator(np.random.PCG64([seed, 1])).permutation(len(self.shards))
             budget = HELDOUT_WINDOWS_PER_EVAL_WINDOW * windows * (self.params.seq_len + 1)
             chosen, total = [], 0
             for i in order:
                 if total >= budget:
                     break
                 chosen.append(int(i))
-                total += int(self.num_starts[i]) + self.params.seq_len
-        elif rule != "pool":
-            raise ValueError(f"unknown subset rule {rule!r}: expected 'referee' or 'pool'")
-        rng = np.random.Generator(np.random.PCG64(seed))
-        weights = self.num_starts[chosen] / self.num_starts[chosen].sum()
-        counts = rng.multinomial(windows, weights)
-        parts = []
-        for i, count in zip(chosen, counts, strict=True):
-            size = len(self.universe[i])
-            parts.append(self.offsets[i] + rng.choice(size, size=count, replace=count > size))
-        return np.sort(np.concatenate(parts))
+                total += int(self.pool_starts[i]) + self.params.seq_len
+            candidates = np.flatnonzero(np.isin(self.window_shard, chosen))
+        else:
+            raise ValueError(f"unknown subset rule {rule!r}: expected one of {', '.join(RULES)}")
+        size = len(candidates)
+        return np.sort(candidates[rng.choice(size, size=windows, replace=windows > size)])
 
     def subset_losses(self, weights: Weights, indices: np.ndarray) -> np.ndarray:
         """A model's losses on a subset, evaluated now (``window_losses`` on each shard)."""
         out = np.empty(len(indices), dtype=np.float64)
-        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        shard_of = self.window_shard[indices]
         for i in np.unique(shard_of):
             where = shard_of == i
-            starts = self.universe[i][indices[where] - self.offsets[i]]
-            out[where] = self.losses(weights, self.shard_tokens[i], starts)
+            starts = torch.from_numpy(self.window_start[indices[where]])
+            out[where] = self.losses(weights, self.shard_tokens[int(i)], starts)
         return out
 
     # Training ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def test_quick_run_writes_the_metrics(tmp_path: Path, monkeypatch: pytest.Monkey
     bench_verify = importlib.import_module("bench.verify")
     out = tmp_path / "verify.json"
 
-    bench_verify.main(["--quick", "--rule", "referee", "--out", str(out)])
+    bench_verify.main(["--quick", "--rule", "both", "--out", str(out)])
 
     result = json.loads(out.read_text())
     metrics = result["metrics"]
@@ -78,5 +78,44 @@ def test_quick_run_writes_the_metrics(tmp_path: Path, monkeypatch: pytest.Monkey
         metrics["market_referee_n3m2w64_cheats_paid_nats"]
         <= metrics["market_referee_n3m2w64_cheats_paid_value_nats"] + 0.05
     )
+    tag = "market_referee_n3m2w64"
+    assert metrics[f"{tag}_competitions"] == len(sizes.market_seeds)
+    for name in bench_verify.MARKET_SPREAD:
+        values = metrics[f"{tag}_{name}_values"]
+        assert len(values) == len(sizes.market_seeds)
+        assert metrics[f"{tag}_{name}_min"] == min(values) <= metrics[f"{tag}_{name}"]
     for w in sizes.diloco_windows:
         assert -1 <= metrics[f"referee_diloco_w{w}_spearman_mean"] <= 1
+    # The historical arm (the subset rule before the fix) runs on the summarised settings.
+    old = [s for s in sizes.settings() if bench_verify.summarised(s, sizes)]
+    assert old and sizes.settings_of("shard-budget") == old
+    for setting in old:
+        assert 0 <= metrics[f"shard-budget_{setting.key}_false_rate"] <= 1
+        assert metrics[f"shard-budget_{setting.key}_det_nan_weights_rate"] == 1.0
+
+
+def test_the_bench_measures_what_a_competition_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An honest claim is exactly ``heldout_score``; a referee's subset is distinct windows
+    of the universe, which is ``pool_windows``' own draw over the whole held-out pool."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    world_module = importlib.import_module("bench.verify_world")
+    from trainfleet.verify.referee import heldout_score, pool_windows
+
+    world = world_module.World(120, 512, 64, tmp_path / "cache", truth_windows=64)
+    weights = world.init()
+    assert world.heldout_score(weights) == heldout_score(
+        world.params, world.dataset, weights, world.settings, num_threads=1
+    )
+    draw = pool_windows(world.prepared, world.params.seq_len, 512, world_module.UNIVERSE_SEED)
+    assert world.universe_losses(weights).tolist() == draw.losses(world.params, weights)
+    for seed in range(5):
+        chosen = world.subset("referee", 64, seed)
+        assert len(set(chosen.tolist())) == 64 and 0 <= chosen.min() and chosen.max() < 512
+        assert list(chosen) == sorted(chosen)
+        assert world.subset_losses(weights, chosen).tolist() == pytest.approx(
+            world.universe_losses(weights)[chosen].tolist(), abs=1e-5
+        )
+    with pytest.raises(ValueError, match="unknown subset rule 'pool'"):
+        world.subset("pool", 64, 0)

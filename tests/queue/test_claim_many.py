@@ -5,7 +5,7 @@ fenced item is rolled back alone while the others commit."""
 from __future__ import annotations
 
 from fleetkit import make_cap, manifest_of
-from trainfleet.errors import NotFound, StaleEpoch
+from trainfleet.errors import NotFound, StaleEpoch, Unauthorized
 from trainfleet.queue import JobQueue
 
 JOBS = "\n".join(f'[[jobs]]\nname = "j{i}"' for i in range(4))
@@ -36,3 +36,51 @@ def test_complete_many_rolls_back_a_refused_item_alone(queue: JobQueue) -> None:
     assert queue.get_job("j0").result == {"metrics": {"i": 0}}
     assert queue.get_job("j1").state == "running"
     assert queue.get_job("j2").state == "completed"
+
+
+def test_heartbeat_each_refuses_a_fenced_beat_alone_and_marks_the_worker_seen(
+    queue: JobQueue,
+) -> None:
+    """A clean batch runs in one savepoint; one refused beat reruns the batch a savepoint
+    per item: the others still move to running, with one event each."""
+    each = getattr(queue, "heartbeat_each", None)
+    if each is None:
+        return  # a queue without batch beats
+    queue.apply_manifest(manifest_of(JOBS))
+    w, _ = queue.register_worker(make_cap("cpu-a"))
+    queue.set_worker_slots(w.id, 3)
+    got = queue.claim_many(w.id, 3)
+    items = [(c.job.id, c.epoch) for c in got]
+    items[1] = (got[1].job.id, got[1].epoch + 1)
+    out = each(w.id, items)
+    assert isinstance(out[1], StaleEpoch)
+    assert [getattr(r, "state", None) for r in out] == ["running", None, "running"]
+    assert [queue.get_job(f"j{i}").state for i in range(3)] == ["running", "claimed", "running"]
+    assert [e.kind for e in queue.events(got[0].job.id)].count("running") == 1
+    again = each(w.id, [(c.job.id, c.epoch) for c in got])  # a clean batch: all ok
+    assert [getattr(r, "state", None) for r in again] == ["running"] * 3
+    assert [e.kind for e in queue.events(got[0].job.id)].count("running") == 1
+
+
+def test_heartbeat_each_of_a_revoked_worker_refuses_every_beat(queue: JobQueue) -> None:
+    each = getattr(queue, "heartbeat_each", None)
+    if each is None:
+        return
+    queue.apply_manifest(manifest_of(JOBS))
+    w, _ = queue.register_worker(make_cap("cpu-a"))
+    queue.set_worker_slots(w.id, 2)
+    got = queue.claim_many(w.id, 2)
+    queue.revoke_worker(w.id)
+    out = each(w.id, [(c.job.id, c.epoch) for c in got])
+    assert all(isinstance(r, Unauthorized) for r in out)
+
+
+def test_a_worker_claiming_several_jobs_holds_the_last_as_its_current_job(
+    queue: JobQueue,
+) -> None:
+    queue.apply_manifest(manifest_of(JOBS))
+    w, _ = queue.register_worker(make_cap("cpu-a"))
+    queue.set_worker_slots(w.id, 3)
+    got = queue.claim_many(w.id, 3)
+    current = {r.id: r.current_job for r in queue.list_workers()}[w.id]
+    assert current == got[-1].job.id

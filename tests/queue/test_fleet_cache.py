@@ -104,3 +104,31 @@ def test_a_spec_rewritten_under_its_id_is_parsed_again(queue: JobQueue) -> None:
     parses = SPECS.parses
     assert queue.get_job("j").spec.max_failures == 5
     assert SPECS.parses == parses
+
+
+def test_a_denied_job_is_judged_once_for_every_worker_of_its_class(queue: JobQueue) -> None:
+    """The claim order's head holds a job no claimer of cpu-a may take: each later claim
+    passes it with a lookup, not a new ``blockers`` verdict (the scan does not slow down as
+    such jobs pile up)."""
+    queue.apply_manifest(manifest_of(JOBS + '[[jobs]]\nname = "open-3"\n'))
+    a, b = worker(queue), worker(queue)  # one host, one capability: one class
+    assert finish(queue, a) == "open-1"  # judged: secret-1 (denied), open-1
+    verdicts = fleet(queue).verdicts
+    assert finish(queue, b) == "open-2"
+    assert fleet(queue).verdicts == verdicts + 1  # open-2 only
+    other = worker(queue, "cpu-b")  # another class: judged afresh, and not denied
+    assert finish(queue, other) == "secret-1"
+
+
+def test_a_job_pinned_to_other_hosts_never_reaches_the_claims_check(queue: JobQueue) -> None:
+    queue.apply_manifest(
+        manifest_of(
+            '[[jobs]]\nname = "pinned"\npriority = 9\nallowed_hosts = ["cpu-b"]\n'
+            '[[jobs]]\nname = "free"\n'
+        )
+    )
+    a = worker(queue)
+    verdicts = fleet(queue).verdicts
+    assert finish(queue, a) == "free"
+    assert fleet(queue).verdicts == verdicts + 1  # the SQL filter left "pinned" out
+    assert finish(queue, worker(queue, "cpu-b")) == "pinned"

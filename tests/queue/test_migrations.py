@@ -344,3 +344,45 @@ def test_version_4_gives_old_jobs_the_public_tier_and_adds_the_market_tables(
         conn.execute(entry)
     with pytest.raises(Exception, match=r"(?i)unique"), db.tx() as conn:
         conn.execute(entry)
+
+
+def test_version_5_fills_allowed_hosts_and_claims_still_check_the_spec(
+    db: Database, db_url: str
+) -> None:
+    """The claim's SQL filter column is filled from old specs; a row the filter lets through
+    wrongly (its column left NULL) is still refused by the spec's own check."""
+    make_issue8(db)
+    migrate(db, to=4)
+    pinned = JobSpec(name="p", kind="command", command=["true"], allowed_hosts=["h1", "h2"])
+    legacy = JobSpec(name="q", kind="command", command=["true"], allowed_hosts=["h1"])
+    with db.tx() as conn:
+        for jid, seq, spec in (("c" * 64, 3, pinned), ("d" * 64, 4, legacy)):
+            conn.execute(
+                "INSERT INTO jobs (id, seq, name, spec, state, priority, require_cuda,"
+                " min_vram_gib, min_ram_gib, min_cores, created_at, updated_at, pending_since,"
+                " manifest_hash) VALUES (?, ?, ?, ?, 'pending', 5, 0, 0, 0, 1, 1000, 1000,"
+                " 1000, 'm')",
+                (jid, seq, spec.name, spec.model_dump_json()),
+            )
+    migrate(db)
+    with db.read() as conn:
+        rows = conn.execute("SELECT name, allowed_hosts FROM jobs ORDER BY seq").fetchall()
+    assert [tuple(r) for r in rows] == [
+        ("a", None),
+        ("r/3/1", None),
+        ("p", ",h1,h2,"),
+        ("q", ",h1,"),
+    ]
+    with db.tx() as conn:  # as if the backfill had missed it: the filter passes the row
+        conn.execute("UPDATE jobs SET allowed_hosts = NULL WHERE name = 'q'")
+    db.close()
+    queue = open_queue(db_url)
+    try:
+        other, _ = queue.register_worker(make_cap("h3"))
+        claim = queue.claim(other.id)
+        assert claim is not None and claim.job.name == "a"  # neither p nor q: not its hosts
+        mine, _ = queue.register_worker(make_cap("h2"))
+        claim = queue.claim(mine.id)
+        assert claim is not None and claim.job.name == "p"
+    finally:
+        queue.close()

@@ -10,6 +10,11 @@ State directory (``--state-dir``, default ``.trainfleet``)::
 
 Hosts join with their own tokens (``trainfleet hosts enroll NAME``), stored hashed in the
 queue. With ``tls_cert``/``tls_key`` the API is served over https only.
+
+uvicorn's proxy-headers middleware (``X-Forwarded-For``/``-Proto`` from trusted proxies) runs
+only where ``FORWARDED_ALLOW_IPS`` is set in the environment (uvicorn's own setting, naming
+the proxies to trust): the coordinator reads neither the client's address nor the scheme, so
+without a proxy in front it is a cost on every request and nothing else (issue 9).
 """
 
 from __future__ import annotations
@@ -105,6 +110,9 @@ def build_coordinator(cfg: ServeConfig) -> Coordinator:
     )
 
 
+FORWARDED_ALLOW_IPS_ENV = "FORWARDED_ALLOW_IPS"  # uvicorn's: the proxies whose headers to trust
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """The certificate chain and private key (PEM) an https coordinator presents."""
@@ -125,6 +133,7 @@ def serve(coord: Coordinator, host: str, port: int, tls: TlsFiles | None = None)
             port=port,
             log_level="warning",
             access_log=False,
+            proxy_headers=bool(os.environ.get(FORWARDED_ALLOW_IPS_ENV)),
             ssl_certfile=str(tls.cert) if tls else None,
             ssl_keyfile=str(tls.key) if tls else None,
         )

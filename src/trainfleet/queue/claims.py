@@ -45,7 +45,7 @@ from trainfleet.queue.db import Conn, Dialect, Row
 from trainfleet.queue.fleet_cache import SPECS, FleetCache, Member
 from trainfleet.queue.scheduling import Candidate, deferrals
 from trainfleet.queue.sqlite_attempts import affinity_wait
-from trainfleet.queue.sqlite_schema import insert_event, job_record, load_job, read_meta
+from trainfleet.queue.sqlite_schema import insert_event, job_record, load_job
 from trainfleet.queue.sqlite_workers import touch
 from trainfleet.verify.spec import RefereeTask
 
@@ -65,7 +65,7 @@ def claim_many(
     """Up to ``max_jobs`` claims for ``worker_id``: its unacknowledged claims again, then new
     jobs for its free slots. ``Conflict`` if every slot holds a running job."""
     fleet = fleet or FleetCache()
-    wrow = _touch(conn, worker_id, clock())
+    wrow = touch(conn, worker_id, clock())
     slots = worker_slots(wrow)
     held = _held(conn, wrow, slots)
     again = [r for r in held if r["state"] == "claimed"][:max_jobs]
@@ -85,22 +85,15 @@ def claim_many(
         return out
     me = fleet.member(conn, wrow)
     attested = attested_until(wrow) > clock()
+    taken = None
     for row in _choose(conn, me, clock(), settings, fleet, free, attested=attested):
         got = _take(conn, row, me, clock)
         if got is not None:
             out.append(got)
+            taken = got.job.id
+    if taken is not None:  # once for the batch: the worker's current job is its last claim
+        conn.execute("UPDATE workers SET current_job = ? WHERE id = ?", (taken, worker_id))
     return out
-
-
-def _touch(conn: Conn, worker_id: str, now: float) -> Row:
-    """``sqlite_workers.touch`` in one statement when the worker may claim (nearly always):
-    the UPDATE returns the row; a worker it refuses is explained by ``touch`` itself."""
-    row = conn.execute(
-        "UPDATE workers SET last_seen = ?, state = 'online'"
-        " WHERE id = ? AND state NOT IN ('revoked', 'stopped') RETURNING *",
-        (now, worker_id),
-    ).fetchone()
-    return row if row is not None else touch(conn, worker_id, now)
 
 
 def worker_slots(wrow: Row) -> int:
@@ -191,7 +184,7 @@ def _choose(
     any is written, so the scan never reads rows its own writes moved (so one panel's jobs
     are counted here too: at most one of them per claim)."""
     cap = me.cap
-    wait_s = float(read_meta(conn, "prefer_cuda_wait_s", "30"))
+    wait_s = fleet.prefer_cuda_wait_s(conn)
     mine = Candidate(me.worker_id, cap, me.policy, idle=True)
     others = _idle_betters(conn, me, now, settings, fleet)
     rows = conn.execute(
@@ -294,7 +287,8 @@ def _lock_panel(conn: Conn, panel: str) -> bool:
 def _take(conn: Conn, row: Row, me: Member, clock: Callable[[], float]) -> Claim | None:
     """Claim the pending job ``row``: fenced in the WHERE clause (still pending, same epoch),
     the claimed row RETURNED whole (no second read); None if the row moved meanwhile. The
-    job takes the current manifest's hash (unchanged when no manifest was applied)."""
+    job takes the current manifest's hash (unchanged when no manifest was applied). The
+    caller sets the worker's ``current_job``, once for all the jobs it takes."""
     now = clock()
     took = conn.execute(
         "UPDATE jobs SET state = 'claimed', epoch = epoch + 1, attempt = attempt + 1,"
@@ -307,7 +301,6 @@ def _take(conn: Conn, row: Row, me: Member, clock: Callable[[], float]) -> Claim
     if took is None:
         return None
     epoch, attempt = int(took["epoch"]), int(took["attempt"])
-    conn.execute("UPDATE workers SET current_job = ? WHERE id = ?", (row["id"], me.worker_id))
     insert_event(
         conn,
         clock(),

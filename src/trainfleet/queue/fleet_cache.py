@@ -4,12 +4,13 @@ A claim used to parse every online worker's capability (pydantic) to apply the h
 rule, and every pending row's spec: 0.6 ms at 64 workers, 105 ms at 10,000 (issue 9). Both
 are facts that rarely change, so they are kept here:
 
-- ``FleetCache``: each worker's *effective* capability and host policy, by worker id, and the
-  host policies. A worker's declared capability never changes for its id (registering again
-  makes a new id), so an entry only goes stale when a host policy does: the queue calls
-  ``invalidate`` on a manifest reload (host policies), a revoke, a rotation and a deregister,
-  and the cache reloads the policies from the database at least every ``REFRESH_S`` on its
-  own, so a change made by another coordinator on the same database is seen within a second.
+- ``FleetCache``: each worker's *effective* capability and host policy, by worker id, the
+  host policies and the manifest's ``prefer_cuda_wait_s``. A worker's declared capability
+  never changes for its id (registering again makes a new id), so an entry only goes stale
+  when a host policy does: the queue calls ``invalidate`` on a manifest reload (host
+  policies), a revoke, a rotation and a deregister, and the cache reloads the policies from
+  the database at least every ``REFRESH_S`` on its own, so a change made by another
+  coordinator on the same database is seen within a second.
   What changes at every request (is a worker idle, seen lately, revoked) is never cached: the
   claim reads it in its transaction.
 - ``SpecCache``: each job's parsed ``JobSpec``, by job id. A reload may rewrite the spec of
@@ -43,6 +44,7 @@ from trainfleet.queue.matching import blockers
 REFRESH_S = 1.0  # host policies are re-read at least this often (other coordinators' changes)
 MAX_WORKERS = 100_000  # entries kept; beyond, the oldest are dropped (reloaded on a miss)
 MAX_SPECS = 200_000
+DEFAULT_WAIT_S = 30.0  # prefer_cuda_wait_s before any manifest set it
 MAX_VERDICTS = 500_000  # beyond, all are dropped (recomputed on the next scans)
 
 # What ``blockers`` reads of a worker, with the policy generation it was computed under.
@@ -83,6 +85,7 @@ class FleetCache:
         self._hosts: dict[str, HostPolicy] = {}
         self._hosts_read_at = float("-inf")
         self._generation = 0  # bumped whenever the host policies may have changed
+        self._wait_s = DEFAULT_WAIT_S
         self._verdicts: dict[tuple[str, ClassKey], tuple[str, bool]] = {}
         self.loads = 0  # worker rows parsed (tests: a second claim parses none)
         self.verdicts = 0  # ``blockers`` verdicts computed (tests: a second scan computes none)
@@ -118,13 +121,21 @@ class FleetCache:
             with self._lock:
                 return self._hosts, self._generation
         raw = {r["name"]: r["policy"] for r in conn.execute("SELECT name, policy FROM hosts")}
+        wait = conn.execute("SELECT value FROM meta WHERE key = 'prefer_cuda_wait_s'").fetchone()
         with self._lock:
+            self._wait_s = float(wait["value"]) if wait is not None else DEFAULT_WAIT_S
             if raw != self._raw_hosts:  # changed (elsewhere): every effective capability too
                 self._hosts = {name: HostPolicy.model_validate_json(p) for name, p in raw.items()}
                 self._raw_hosts = raw
                 self._forget_policies()
             self._hosts_read_at = now
             return self._hosts, self._generation
+
+    def prefer_cuda_wait_s(self, conn: Any) -> float:
+        """The manifest's ``prefer_cuda_wait_s``, read with the host policies (a reload
+        invalidates both; another coordinator's is seen within ``REFRESH_S``)."""
+        self._policies(conn)
+        return self._wait_s
 
     def member(self, conn: Any, row: Any) -> Member:
         """The cached view of the worker whose ``workers`` row is ``row`` (read by the caller

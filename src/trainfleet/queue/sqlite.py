@@ -233,22 +233,24 @@ class SQLQueue(JobQueue):
     def heartbeat_each(
         self, worker_id: str, items: list[tuple[str, int]]
     ) -> list[HeartbeatReply | ApiError]:
-        """``heartbeat`` for each ``(job_id, epoch)`` in one transaction, each in its own
-        savepoint: a beat refused (fenced, not found) is rolled back alone and returned as
-        its error."""
-        out: list[HeartbeatReply | ApiError] = []
+        """``heartbeat`` for each ``(job_id, epoch)`` in one transaction, as if each were in its
+        own savepoint (``sqlite_attempts.each_item``): a beat refused (fenced, not found) is
+        rolled back alone and returned as its error."""
         with self._tx() as conn:
-            for job_id, epoch in items:
-                conn.execute("SAVEPOINT beat")
-                try:
-                    out.append(
-                        sqlite_attempts.heartbeat(conn, job_id, worker_id, epoch, self.clock)
-                    )
-                except ApiError as err:
-                    conn.execute("ROLLBACK TO SAVEPOINT beat")
-                    out.append(err)
-                conn.execute("RELEASE SAVEPOINT beat")
-        return out
+            touched: list[bool] = []  # the worker is marked seen once for the whole batch
+
+            def one(item: tuple[str, int]) -> HeartbeatReply:
+                if not touched:
+                    sqlite_workers.touch(conn, worker_id, self.clock())
+                    touched.append(True)
+                return sqlite_attempts.heartbeat(
+                    conn, item[0], worker_id, item[1], self.clock, touched=True
+                )
+
+            def alone(item: tuple[str, int]) -> HeartbeatReply:
+                return sqlite_attempts.heartbeat(conn, item[0], worker_id, item[1], self.clock)
+
+            return sqlite_attempts.each_item(conn, items, one, alone)
 
     def append_log(self, job_id: str, worker_id: str, epoch: int, lines: list[str]) -> int:
         with self._tx() as conn:
@@ -419,8 +421,10 @@ class SQLQueue(JobQueue):
     def is_bound(self, sha256: str) -> bool:
         sql = "SELECT 1 FROM artifacts WHERE sha256 = ? LIMIT 1"
         conn = self._conn()
-        return conn.execute(sql, (sha256,)).fetchone() is not None or sqlite_runs.is_bound(
-            conn, sha256
+        return (
+            conn.execute(sql, (sha256,)).fetchone() is not None
+            or sqlite_runs.is_bound(conn, sha256)
+            or conn.execute(MARKET_BOUND, (sha256,) * 3).fetchone() is not None
         )
 
     def list_workers(self) -> list[WorkerRecord]:
@@ -593,6 +597,14 @@ class SQLQueue(JobQueue):
 
     def balances(self, competition_id: str | None = None) -> dict[str, float]:
         return sqlite_market.balances(self._conn(), competition_id)
+
+
+# The market's models the artifact GC keeps: every competition's baseline and frontier, and
+# each submission still refereed or accepted (a rejected or duplicate one's bytes may go).
+MARKET_BOUND = (
+    "SELECT 1 FROM competitions WHERE baseline = ? OR frontier = ? UNION ALL SELECT 1 FROM"
+    " submissions WHERE sha256 = ? AND state IN ('refereeing', 'accepted') LIMIT 1"
+)
 
 
 class SQLiteQueue(SQLQueue):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from trainfleet.capability.model import Capability
 from trainfleet.capability.policy import effective_capability
@@ -45,6 +45,9 @@ from trainfleet.queue.sqlite_schema import (
     read_hosts,
 )
 from trainfleet.queue.sqlite_workers import release_worker, touch
+
+Item = TypeVar("Item")
+Out = TypeVar("Out")
 
 MAX_LOG_LINE_CHARS = 4096  # what is kept of each log line
 AFFINITY_WAIT_S = 2.0  # a replica task waits this long for its slot's previous worker
@@ -77,9 +80,17 @@ def _check_fence(row: Row | None, job_id: str, worker_id: str, epoch: int) -> Ro
 
 
 def heartbeat(
-    conn: Conn, job_id: str, worker_id: str, epoch: int, clock: Callable[[], float]
+    conn: Conn,
+    job_id: str,
+    worker_id: str,
+    epoch: int,
+    clock: Callable[[], float],
+    *,
+    touched: bool = False,
 ) -> HeartbeatReply:
-    touch(conn, worker_id, clock())
+    """``touched``: the caller marked the worker seen in this transaction already."""
+    if not touched:
+        touch(conn, worker_id, clock())
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if (
         row is not None
@@ -436,16 +447,9 @@ def complete_many(
     the coordinator's heartbeat book, written first (``queue.beats.renew``)."""
     if starts:
         renew(conn, starts)
-    out: list[JobRecord | ApiError] = []
-    for job_id, epoch, result in items:
-        conn.execute("SAVEPOINT completion")
-        try:
-            out.append(complete(conn, job_id, worker_id, epoch, result, clock))
-        except ApiError as err:
-            conn.execute("ROLLBACK TO SAVEPOINT completion")
-            out.append(err)
-        conn.execute("RELEASE SAVEPOINT completion")
-    return out
+    return each_item(
+        conn, items, lambda item: complete(conn, item[0], worker_id, item[1], item[2], clock)
+    )
 
 
 def complete_plain_many(
@@ -458,13 +462,43 @@ def complete_plain_many(
     """``complete_plain`` each ``(job_ref, epoch, result)`` in one transaction, each item in
     its own savepoint: an item refused (fenced, not found...) is rolled back alone and
     returned as its error. ``starts``: first beats still in the heartbeat book, by job id."""
-    out: list[tuple[JobRecord, JobRecord | None] | ApiError] = []
-    for ref, epoch, result in items:
-        conn.execute("SAVEPOINT completion")
-        try:
-            out.append(complete_plain(conn, ref, worker_id, epoch, result, clock, starts.get(ref)))
-        except ApiError as err:
-            conn.execute("ROLLBACK TO SAVEPOINT completion")
-            out.append(err)
-        conn.execute("RELEASE SAVEPOINT completion")
+    return each_item(
+        conn,
+        items,
+        lambda i: complete_plain(conn, i[0], worker_id, i[1], i[2], clock, starts.get(i[0])),
+    )
+
+
+def each_item(
+    conn: Conn,
+    items: Sequence[Item],
+    one: Callable[[Item], Out],
+    alone: Callable[[Item], Out] | None = None,
+) -> list[Out | ApiError]:
+    """``one(item)`` for each item, in order, in the caller's transaction; an item refused
+    (an ``ApiError``) is rolled back alone and returned as its error, in its place.
+
+    Optimistic, since refusals are rare: the whole batch runs in ONE savepoint, and only if
+    an item is refused is it all rolled back and run again with a savepoint per item (by
+    ``alone``, default ``one``), which gives exactly the answers and writes of a savepoint
+    per item from the start. That saves two statements per item of a clean batch."""
+    conn.execute("SAVEPOINT batch")
+    try:
+        out: list[Out | ApiError] = [one(item) for item in items]
+    except ApiError:
+        conn.execute("ROLLBACK TO SAVEPOINT batch")
+        conn.execute("RELEASE SAVEPOINT batch")
+        return [_alone(conn, alone or one, item) for item in items]
+    conn.execute("RELEASE SAVEPOINT batch")
     return out
+
+
+def _alone(conn: Conn, one: Callable[[Item], Out], item: Item) -> Out | ApiError:
+    conn.execute("SAVEPOINT item")
+    try:
+        got: Out | ApiError = one(item)
+    except ApiError as err:
+        conn.execute("ROLLBACK TO SAVEPOINT item")
+        got = err
+    conn.execute("RELEASE SAVEPOINT item")
+    return got

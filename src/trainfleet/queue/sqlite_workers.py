@@ -86,11 +86,13 @@ def touch(conn: Conn, worker_id: str, now: float) -> Row:
     revoke or deregistration committed (or through another coordinator's credential cache)
     is refused here, inside the write lock, rather than claiming work or coming back online.
     """
-    conn.execute(
+    row = conn.execute(
         "UPDATE workers SET last_seen = ?, state = 'online'"
-        " WHERE id = ? AND state NOT IN ('revoked', 'stopped')",
+        " WHERE id = ? AND state NOT IN ('revoked', 'stopped') RETURNING *",
         (now, worker_id),
-    )
+    ).fetchone()
+    if row is not None:  # nearly always: one statement
+        return row
     row = conn.execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone()
     if row is None:
         raise NotFound(f"no worker {worker_id!r}")
