@@ -2,10 +2,10 @@
 
 A simulated competition (king of the hill, design10.md section 3): personas submit in a
 seeded interleaved order, each submission judged against the frontier of its time by n
-referees (``verify_world.World.subset``: each referee its own seeded subset, evaluated now
-with ``window_losses``), ``panel.judge``, ``market.payment``; a paid submission becomes the
-frontier and the frontier score moves down by the consensus improvement
-(``market.next_frontier``). Honest personas train the current frontier further (their
+referees (``verify_world.World.subset``: each referee its own seeded subset, both models
+evaluated now with ``window_losses``), ``panel.judge``, ``market.payment``; a paid
+submission becomes the frontier and the frontier score moves down by the consensus
+improvement (``market.next_frontier``). Honest personas train the current frontier further (their
 quality varies with steps and learning rate) and claim their true pool loss; cheats
 interleave (inflated claim, free-rider, noisy copy of the frontier, sandbagger, diverged,
 NaN).
@@ -51,7 +51,6 @@ from bench.verify_cheats import (
     RESAMPLES,
     Setting,
     competition,
-    reports_for,
     trial_seed,
 )
 from bench.verify_stats import spearman
@@ -181,7 +180,7 @@ def simulate_market(
     rng = np.random.Generator(np.random.PCG64(seed))
     people = personas(quick)
     order = [people[int(j)] for _ in range(rounds) for j in rng.permutation(len(people))]
-    frontier = world.measure(Model("baseline", baseline))
+    frontier = world.measure(Model("baseline", baseline), universe=False)
     baseline_score = score = frontier.claim_loss
     baseline_secret = frontier.secret_loss
     known = {sha256(file_bytes(frontier.weights))}
@@ -194,8 +193,9 @@ def simulate_market(
             subs.append(Submission(persona, 0.0, 0.0, False, None))
             continue
         known.add(sha)
-        model = world.measure(Model(persona.name, weights))
-        reports = reports_for(world, rule, model, frontier, setting.windows, setting.n, s)
+        # The referees evaluate both models now on their subsets; the claim is the persona's.
+        model = world.measure(Model(persona.name, weights), universe=False, claim=False)
+        reports = panel_reports(world, rule, setting, weights, frontier.weights, s)
         verdict = judge(claim, score, reports, m=setting.m, n=setting.n)
         paid = payment(spec, score, verdict)
         step = _finite(frontier.secret_loss - model.secret_loss)

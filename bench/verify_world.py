@@ -187,10 +187,13 @@ class World:
     def secret_mean(self, weights: Weights) -> float:
         return float(self.losses(weights, self.secret, self.secret_starts).mean())
 
-    def measure(self, model: Model) -> Model:
-        """Fill in the model's universe losses, honest claim, pool and secret losses."""
-        model.losses = self.universe_losses(model.weights)
-        model.claim_loss = self.heldout_score(model.weights)
+    def measure(self, model: Model, *, universe: bool = True, claim: bool = True) -> Model:
+        """Fill in the model's universe losses, honest claim (``universe`` / ``claim``: when
+        asked), pool and secret losses."""
+        if universe:
+            model.losses = self.universe_losses(model.weights)
+        if claim:
+            model.claim_loss = self.heldout_score(model.weights)
         if self.truth_draw is not None:
             model.pool_loss = float(self.draw_losses(self.truth_draw, model.weights).mean())
         model.secret_loss = self.secret_mean(model.weights)

@@ -17,9 +17,11 @@ import pytest
 from typer.testing import CliRunner
 
 import trainfleet.cli.market as market_cli
-from tinymarket import baseline, competition_toml, save
+from tinymarket import baseline, competition_toml, save, trained
 from trainfleet.cli.main import app
 from trainfleet.client import Client
+from trainfleet.data.prepare import CacheSettings
+from trainfleet.verify.referee import heldout_score
 
 runner = CliRunner()
 HOSTILE = "\x1b[31mred\x1b]8;;http://x\x07[bold]link[/]"
@@ -107,7 +109,9 @@ def model(tmp_path: Path) -> Path:
     return save(baseline(), tmp_path / "model.safetensors")
 
 
-@pytest.mark.parametrize("command", ["create", "submit", "list", "leaderboard", "ledger", "show"])
+@pytest.mark.parametrize(
+    "command", ["create", "submit", "score", "list", "leaderboard", "ledger", "show"]
+)
 def test_market_commands_explain_themselves(command: str) -> None:
     result = runner.invoke(app, ["market", command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -220,3 +224,33 @@ def test_leaderboard_ledger_and_show_render_plain_text(coordinator: dict[str, An
     assert json.loads(as_json.output)["submission"]["state"] == "rejected"
     missing = runner.invoke(app, ["market", "leaderboard", "nope"])
     assert missing.exit_code == 1 and "no /v1/market/competitions/nope" in missing.output
+
+
+def test_score_measures_the_honest_claim_locally_and_a_better_model_scores_lower(
+    model: Path, tmp_path: Path
+) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text(competition_toml())
+    better = save(trained(30), tmp_path / "better.safetensors")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    scores = []
+    for path in (model, better):
+        result = runner.invoke(
+            app, ["market", "score", str(path), "--file", str(toml), *cache, "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        scores.append(json.loads(result.stdout)["heldout_loss"])
+    assert scores[1] < scores[0]
+    # What a referee estimates: the same windows-over-the-pool definition, in process.
+    spec = market_cli.load_competition(toml)
+    direct = heldout_score(
+        spec.params(), spec.dataset, baseline(), CacheSettings(directory=tmp_path / "c2")
+    )
+    assert scores[0] == pytest.approx(direct, abs=1e-6)
+    said = runner.invoke(app, ["market", "score", str(better), "--file", str(toml), *cache])
+    assert f"--claim {scores[1]:.4f}" in said.output
+
+
+def test_score_needs_exactly_one_source_of_terms(model: Path) -> None:
+    result = runner.invoke(app, ["market", "score", str(model)])
+    assert result.exit_code == 2 and "exactly one of" in result.output

@@ -339,6 +339,72 @@ def submit(
         raise typer.Exit(exit_code(final))
 
 
+@app.command("score")
+def score(
+    model: ModelArg,
+    competition: Annotated[
+        str | None,
+        typer.Option("--competition", help="Competition name or id (its terms are fetched)."),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="Or a competition TOML file: no coordinator needed."),
+    ] = None,
+    cache_dir: Annotated[
+        Path, typer.Option("--cache-dir", help="Where the held-out shards are cached here.")
+    ] = Path(".trainfleet-data"),
+    url: UrlOpt = env.DEFAULT_URL,
+    token: TokenOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+    ca_cert: CaCertOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure MODEL's held-out loss here, as the competition defines it (2048 windows uniform
+    over its held-out pool, the quantity referees estimate): the honest --claim for submit."""
+    from trainfleet.data.prepare import CacheSettings
+    from trainfleet.errors import CorpusTooSmall, DataError
+    from trainfleet.verify.referee import SCORE_WINDOWS, ModelRefused, heldout_score, load_model
+
+    if (competition is None) == (file is None):
+        fail("give exactly one of --competition NAME and --file FILE", USAGE)
+    if file is not None:
+        try:
+            spec = load_competition(file)
+        except CompetitionFileError as err:
+            fail(str(err), USAGE)
+    else:
+        with errors(), client(url, token, state_dir, ca_cert) as c:
+            record = c.competition(str(competition))
+        try:
+            spec = CompetitionSpec.model_validate(record.get("spec"))
+        except ValidationError as err:
+            fail(f"the coordinator sent unusable competition terms: {err.errors()[0]['msg']}")
+    params = spec.params()
+    try:
+        weights = load_model(model, params, "model")
+        loss = heldout_score(
+            params,
+            spec.dataset,
+            weights,
+            CacheSettings(directory=cache_dir),
+            log=lambda line: err_console.print(render.plain(line), highlight=False),
+        )
+    except ModelRefused as err:
+        fail(str(err))
+    except (DataError, CorpusTooSmall) as err:
+        fail(f"cannot materialize the held-out data: {err}")
+    if as_json:
+        print_json({"competition": spec.name, "heldout_loss": loss, "windows": SCORE_WINDOWS})
+        return
+    console.print(
+        render.plain(
+            f"{model.name}: held-out loss {loss:.4f} nats/token on competition {spec.name}'s"
+            f" pool ({SCORE_WINDOWS} windows); submit it with --claim {loss:.4f}"
+        ),
+        highlight=False,
+    )
+
+
 @app.command("list")
 def list_competitions(
     url: UrlOpt = env.DEFAULT_URL,

@@ -6,7 +6,7 @@ referees needing ``m``. The rule (issue 10): a score counts only when workers ot
 author re-measured it; the submitter's own claim is checked, never used for ranking or pay.
 
 - **Create** (``create``): the baseline model (uploaded by sha256) must fit the family; the
-  coordinator measures its held-out loss itself (``inner.heldout_loss``, on the threadpool)
+  coordinator measures its held-out loss itself (``referee.heldout_score``, on the threadpool)
   and that is the first frontier score.
 - **Submit** (``submit``): the model must be stored, fit the family and hold finite numbers
   (else 400 with the reason, before any referee runs). Then ONE queue transaction records the
@@ -166,7 +166,7 @@ def check_referee_losses(result: dict[str, Any]) -> None:
 
 class MarketDriver:
     """The market's side of one coordinator. ``evaluate`` (the baseline's held-out loss)
-    is injectable; by default ``inner.heldout_loss`` with a cache under ``runs_dir``."""
+    is injectable; by default ``referee.heldout_score`` with a cache under ``runs_dir``."""
 
     def __init__(self, coord: Coordinator, evaluate: Evaluate | None = None):
         self.coord = coord
@@ -215,12 +215,14 @@ class MarketDriver:
         return weights
 
     def _heldout_loss(self, params: GPTParams, dataset: DatasetSpec, weights: Weights) -> float:
+        """The competition's own definition of a held-out loss (``referee.heldout_score``:
+        windows uniform over the whole held-out pool, what referees estimate)."""
         from trainfleet.data.prepare import CacheSettings
-        from trainfleet.train import inner
+        from trainfleet.verify.referee import heldout_score
 
         assert self.coord.runs_dir is not None
         settings = CacheSettings(directory=self.coord.runs_dir / "eval-cache")
-        return inner.heldout_loss(params, dataset, weights, settings)
+        return heldout_score(params, dataset, weights, settings)
 
     # the operator's and submitters' calls (threadpool) ------------------------------------
     def create(self, spec: CompetitionSpec, baseline: str) -> CompetitionRecord:

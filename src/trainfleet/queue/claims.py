@@ -245,8 +245,7 @@ def _idle_betters(
 ) -> list[Candidate]:
     """The idle online workers of hosts with a higher priority than ``me``'s: the only others
     the scheduling rules compare a claimant with. None are read when no host outranks it."""
-    hosts = fleet.hosts(conn)
-    better = sorted(h for h, p in hosts.items() if p.priority > me.priority)
+    better = fleet.hosts_above(conn, me.priority)
     sql = "SELECT id FROM workers WHERE state = 'online' AND current_job IS NULL AND last_seen >= ?"
     params: list[object] = [now - min(settings.idle_window_s, settings.offline_after_s)]
     if me.priority >= 0:  # hosts without a policy (priority 0) do not outrank it

@@ -86,6 +86,7 @@ class FleetCache:
         self._hosts_read_at = float("-inf")
         self._generation = 0  # bumped whenever the host policies may have changed
         self._wait_s = DEFAULT_WAIT_S
+        self._above: dict[tuple[int, int], list[str]] = {}  # (generation, priority) -> hosts
         self._verdicts: dict[tuple[str, ClassKey], tuple[str, bool]] = {}
         self.loads = 0  # worker rows parsed (tests: a second claim parses none)
         self.verdicts = 0  # ``blockers`` verdicts computed (tests: a second scan computes none)
@@ -105,6 +106,7 @@ class FleetCache:
         """Drop what depends on the host policies (the caller holds the lock)."""
         self._members.clear()
         self._verdicts = {}
+        self._above = {}
         self._generation += 1
 
     def __contains__(self, worker_id: object) -> bool:
@@ -130,6 +132,19 @@ class FleetCache:
                 self._forget_policies()
             self._hosts_read_at = now
             return self._hosts, self._generation
+
+    def hosts_above(self, conn: Any, priority: int) -> list[str]:
+        """The hosts whose policy's priority is above ``priority``, sorted (kept per
+        priority until the policies change: every claim asks)."""
+        hosts, generation = self._policies(conn)
+        key = (generation, priority)
+        found = self._above.get(key)
+        if found is None:
+            found = sorted(h for h, p in hosts.items() if p.priority > priority)
+            with self._lock:
+                if generation == self._generation:
+                    self._above[key] = found
+        return found
 
     def prefer_cuda_wait_s(self, conn: Any) -> float:
         """The manifest's ``prefer_cuda_wait_s``, read with the host policies (a reload

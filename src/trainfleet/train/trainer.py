@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -78,24 +77,14 @@ def _seeded(seed: int, num_threads: int | None) -> Iterator[None]:
     previous_threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         try:
             yield
         finally:
-            _use_deterministic_algorithms(was_deterministic)
+            torch.use_deterministic_algorithms(was_deterministic)
             torch.set_num_threads(previous_threads)
-
-
-def _use_deterministic_algorithms(mode: bool) -> None:
-    """``torch.use_deterministic_algorithms(mode)``, without its import of torch's compiler
-    (``torch._inductor.config``: dynamo and sympy, ~2 s of CPU in every training process) when
-    nothing loaded it: then nothing compiled reads the compiler's copy of the flag."""
-    if "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(mode)
-    else:
-        torch._C._set_deterministic_algorithms(mode, warn_only=False)
 
 
 def windows(

@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +171,12 @@ def heldout_score(
     seed: int = SCORE_SEED,
     handed_router: dict[str, Any] | None = None,
     num_threads: int | None = None,
+    log: Callable[[str], None] = print,
 ) -> float:
     """A model's held-out loss as a competition defines it: the mean window loss over
     ``windows`` windows uniform over the whole held-out pool (what referees estimate). The
     coordinator scores a baseline with it; a submitter claims it (``trainfleet market score``)."""
-    prepared = prepare_dataset(dataset, settings, handed_router=handed_router)
+    prepared = prepare_dataset(dataset, settings, handed_router=handed_router, log=log)
     draw = pool_windows(prepared, params.seq_len, windows, seed)
     with deterministic_torch(seed, num_threads):
         return float(np.mean(draw.losses(params, weights)))
