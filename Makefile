@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python examples/demo.py
 
+market-demo: setup
+	$(BIN)/python examples/market_demo.py
+
 lint: setup
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/ruff format --check src tests examples bench

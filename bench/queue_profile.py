@@ -34,20 +34,36 @@ def main() -> None:
     from trainfleet.coordinator import group_commit
 
     writer = cProfile.Profile(time.thread_time)  # CPU time, not waits
+    window = os.environ.get(WINDOW_ENV)
+    opened: list[bool] = []  # SIGUSR1 came: the writer starts profiling at its next group
+    run = group_commit.GroupWriter._run
+
+    def profiled_run(self: Any, group: Any) -> None:
+        if window and opened and len(opened) == 1:
+            opened.append(True)
+            writer.enable()  # on the writer thread itself
+        run(self, group)
+
     serve = group_commit.GroupWriter._serve
 
     def profiled_serve(self: Any) -> None:
-        if not os.environ.get(WINDOW_ENV):
+        if not window:
             writer.enable()
         serve(self)
 
     group_commit.GroupWriter._serve = profiled_serve  # type: ignore[method-assign]
+    group_commit.GroupWriter._run = profiled_run  # type: ignore[method-assign]
     # uvicorn raises the signal again after its graceful stop: end as an exception instead,
     # so that the profiles below are written.
     signal.signal(signal.SIGTERM, _exit)
     loop = cProfile.Profile(time.thread_time)
-    if os.environ.get(WINDOW_ENV):  # the event loop only, from SIGUSR1 (the fleet's window)
-        signal.signal(signal.SIGUSR1, lambda *_: loop.enable())
+
+    def open_window(*_: Any) -> None:
+        loop.enable()
+        opened.append(True)
+
+    if window:  # from SIGUSR1 on (the fleet's measured window)
+        signal.signal(signal.SIGUSR1, open_window)
     else:
         loop.enable()
     try:

@@ -168,7 +168,7 @@ class Sizes:
             cheat_trials=150,
             cpu_repeats=5,
             market_rounds=2,
-            market_seeds=tuple(range(16)),
+            market_seeds=tuple(range(12)),
             market_settings=((3, 2, 64),),
             diloco_rounds=6,
             diloco_steps=(10, 20, 40, 80, 10, 20, 40, 80),
@@ -252,7 +252,9 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> tuple[dict[str, Any],
 def market_metrics(tag: str, markets: list[dict[str, Any]]) -> dict[str, Any]:
     """The competitions' mean of every figure; for the rank correlations also the spread
     (sample standard deviation, standard error of the mean), worst, best and every value."""
-    out = {f"{tag}_{name}": statistics.fmean(x[name] for x in markets) for name in markets[0]}
+    out: dict[str, Any] = {
+        f"{tag}_{name}": statistics.fmean(x[name] for x in markets) for name in markets[0]
+    }
     out[f"{tag}_competitions"] = len(markets)
     for name in MARKET_SPREAD:
         values = [x[name] for x in markets if math.isfinite(x[name])]

@@ -112,7 +112,7 @@ def test_the_bench_measures_what_a_competition_does(
     assert world.universe_losses(weights).tolist() == draw.losses(world.params, weights)
     for seed in range(5):
         chosen = world.subset("referee", 64, seed)
-        assert len(set(chosen.tolist())) == 64 and 0 <= chosen.min() and chosen.max() < 512
+        assert len(set(chosen.tolist())) == 64 and chosen.min() >= 0 and chosen.max() < 512
         assert list(chosen) == sorted(chosen)
         assert world.subset_losses(weights, chosen).tolist() == pytest.approx(
             world.universe_losses(weights)[chosen].tolist(), abs=1e-5

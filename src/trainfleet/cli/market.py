@@ -114,8 +114,8 @@ def competitions_table(competitions: list[dict[str, Any]]) -> Table:
 
 
 def leaderboard_table(board: dict[str, Any]) -> Table:
-    name = render.clean((board.get("competition") or {}).get("name"))
-    table = Table(title=f"leaderboard {name}", title_justify="left")
+    name = (board.get("competition") or {}).get("name")
+    table = Table(title=render.plain(f"leaderboard {name}"), title_justify="left")
     for col in ("rank", "submission", "producer", "trusted score", "improvement", "paid", "claim"):
         table.add_column(col, justify="left" if col in ("submission", "producer") else "right")
     for rank, s in enumerate(board.get("entries") or [], 1):

@@ -126,7 +126,13 @@ async def authenticate(auth: Auth, request: Request, coord: Coordinator) -> str 
                 "the shared join token does not submit: use a host's own join token"
                 " (`trainfleet hosts enroll NAME`) or the operator token"
             )
-        return await _cached(coord, "host", token, coord.queue.authenticate_host)
+        host = await _cached(coord, "host", token, coord.queue.authenticate_host)
+        if host == OPERATOR:  # its ledger account, and the producer its referees avoid
+            raise Unauthorized(
+                f"a host named {OPERATOR!r} does not submit: its payments would be the"
+                " operator's; submit with the operator token, or from a host of another name"
+            )
+        return host
     if auth == "join":
         # Checked here, before the body is read, and again atomically by register_caller.
         if not _join_host(token, coord):

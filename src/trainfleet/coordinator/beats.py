@@ -105,6 +105,7 @@ class HeartbeatBook:
         self._pending: dict[str, Beat] = {}
         self._starts: dict[str, set[str]] = {}  # worker -> jobs whose pending beat is a start
         self._flushing = asyncio.Lock()
+        self._swept_at = float("-inf")  # when ``settle`` last dropped silent attempts
         self._base_offline_s = queue.settings.offline_after_s
         self._apply_lease()
 
@@ -259,9 +260,14 @@ class HeartbeatBook:
             elif outcome.state != "claimed":
                 self.forget(outcome.job_id)
         now = self.queue.clock()
-        stale = [j for j, a in self._attempts.items() if now - a.last_beat > 2 * self.lease_s]
-        for job_id in stale:  # ended without a word (completed, failed): no beat will come
-            self.forget(job_id)
+        # Attempts that ended without a word (completed, failed) get no more beats. Swept
+        # once a lease, not at every flush: a sweep reads every attempt, which is
+        # milliseconds on the event loop with 10,000 workers (a claim's p99 otherwise).
+        if now - self._swept_at >= self.lease_s:
+            self._swept_at = now
+            stale = [j for j, a in self._attempts.items() if now - a.last_beat > 2 * self.lease_s]
+            for job_id in stale:
+                self.forget(job_id)
         self.pace_for(result.online_workers, now)
 
     def pace_for(self, online_workers: int, now: float) -> None:

@@ -6,7 +6,8 @@ first. Then the slow parts run on the ordinary threadpool, never on the queue's 
 (``coordinator/writer.py``): the shard plan of the job's dataset (it streams the source) and,
 for a replica task of a collaborative run, judging its pseudo-gradient (decoding it). Only the
 completion's own transaction runs on the writer. A referee job's loss arrays are checked
-first too (``market.check_referee_losses``); once it completed, its submission is settled on
+first too (``market.check_referee_losses``, in ``check_result``: a batch's items as well);
+once it completed, its submission is settled on
 the threadpool (``MarketDriver.referee_done``: the report, and the verdict if the panel is
 complete).
 """
@@ -29,7 +30,9 @@ MAX_RESULT_BYTES = 2 * 1024 * 1024
 
 
 def check_result(result: dict[str, Any]) -> None:
-    """Refuse a result too large to keep, or whose metrics are not named numbers."""
+    """Refuse a result too large to keep, whose metrics are not named numbers, or whose
+    ``referee`` object is not two loss lists (``market.check_referee_losses``). Both the
+    single completion and each item of a batch (``routes_batch``) are checked here."""
     size = len(json.dumps(result, ensure_ascii=False).encode())
     if size > MAX_RESULT_BYTES:
         raise PayloadTooLarge(
@@ -41,6 +44,7 @@ def check_result(result: dict[str, Any]) -> None:
         raise BadRequest(
             f"result.metrics must be a JSON object of named metrics, not {type(metrics).__name__}"
         )
+    check_referee_losses(result)
 
 
 async def complete_attempt(ctx: Ctx, job_ref: str, epoch: int, result: dict[str, Any]) -> JobRecord:
@@ -52,7 +56,6 @@ async def complete_attempt(ctx: Ctx, job_ref: str, epoch: int, result: dict[str,
     threadpool first, and a replica task is judged there (``RoundDriver.complete``)."""
     queue, beats = ctx.coord.queue, ctx.coord.beats
     check_result(result)
-    check_referee_losses(result)
     start = beats.take_start(job_ref, ctx.worker, epoch)
     try:
         job, record = await ctx.run_db(

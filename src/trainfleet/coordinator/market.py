@@ -138,6 +138,18 @@ def referee_losses(result: dict[str, Any] | None) -> tuple[Any, Any, str]:
     return losses("candidate_losses"), losses("frontier_losses"), ""
 
 
+def _is_float(value: Any) -> bool:
+    """Whether ``value`` is a JSON number a float holds: JSON integers are unbounded, and
+    ``10**400`` taken as a loss made every report of its panel raise (it never decided)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
 def check_referee_losses(result: dict[str, Any]) -> None:
     """Refuse (400) a result whose ``referee`` object is not two equally long lists of at
     most ``MAX_WINDOWS`` numbers (``null`` for a non-finite one): a worker sending garbage
@@ -154,11 +166,11 @@ def check_referee_losses(result: dict[str, Any]) -> None:
         values = body.get(key)
         if not isinstance(values, list) or len(values) > MAX_WINDOWS:
             raise BadRequest(f"result.referee.{key} must be a list of at most {MAX_WINDOWS} losses")
-        if any(
-            v is not None and (isinstance(v, bool) or not isinstance(v, int | float))
-            for v in values
-        ):
-            raise BadRequest(f"result.referee.{key} must hold only numbers (null: non-finite)")
+        if not all(v is None or _is_float(v) for v in values):
+            raise BadRequest(
+                f"result.referee.{key} must hold only numbers that are finite floats"
+                " (null: a non-finite loss)"
+            )
         lengths.add(len(values))
     if len(lengths) != 1:
         raise BadRequest("result.referee's two loss lists must be equally long (paired windows)")
@@ -175,6 +187,21 @@ class MarketDriver:
         self.wake: Callable[[], None] = lambda: None  # set by the app's ticker
         # A submission's id; its referees' subset seeds derive from it (``subset_seed``).
         self.new_id: Callable[[], str] = lambda: uuid.uuid4().hex
+        self._family_bytes: dict[str, int] = {}  # competition id -> model_bytes_limit
+
+    def submitter_upload_limit(self) -> int:
+        """The largest model a host may upload: the largest family of any competition (0
+        when there is none). A host's upload can only be worth something as a submission,
+        so a gigabyte of bytes no family fits is refused at the door, not stored until the
+        GC; the operator's uploads (a baseline for a competition yet to be created) are
+        bounded by ``MAX_MODEL_BYTES`` alone."""
+        limit = 0
+        for competition in self.coord.queue.list_competitions():
+            if competition.id not in self._family_bytes:
+                params = competition.spec.params()
+                self._family_bytes[competition.id] = model_bytes_limit(params)
+            limit = max(limit, self._family_bytes[competition.id])
+        return limit
 
     # models -------------------------------------------------------------------------------
     def load_model(self, spec: CompetitionSpec, sha256: str) -> Weights:

@@ -9,7 +9,8 @@ API (JSON shapes are the pydantic models named):
 
 - ``PUT /v1/market/models/{sha256}?size=N`` (auth ``submitter``: the operator token, or an
   enrolled host's join token): store a model file (safetensors bytes), content addressed;
-  ``ModelStored``. The same bytes again store nothing new.
+  ``ModelStored``. The same bytes again store nothing new. A host's model is at most the
+  largest family of any competition (``MarketDriver.submitter_upload_limit``; 413 beyond).
 - ``GET /v1/market/models/{sha256}`` (auth ``worker``): the bytes, only to a worker holding an
   active referee job that names that model (candidate or frontier); 403 for any other
   digest, so a worker credential cannot read other artifacts through it.
@@ -42,14 +43,14 @@ from trainfleet.coordinator.routes_read import stream_blob
 from trainfleet.coordinator.routes_worker import _stream_and_store
 from trainfleet.coordinator.schemas import Body
 from trainfleet.errors import Forbidden, IntegrityError, NotFound, PayloadTooLarge
-from trainfleet.queue.base import ACTIVE_STATES, JobState
+from trainfleet.queue.base import JobState
 from trainfleet.queue.market_base import (
     CompetitionRecord,
     LedgerEntry,
     SubmissionRecord,
 )
-from trainfleet.verify.market import CompetitionSpec
-from trainfleet.verify.spec import RefereeTask
+from trainfleet.verify.market import OPERATOR, CompetitionSpec
+from trainfleet.verify.panel import MAX_LOSS
 
 routes = RouteTable()
 
@@ -81,7 +82,7 @@ class NewSubmission(Body):
     sha256: str = Field(pattern=HEX64, description="sha256 of the uploaded model")
     claim: float = Field(
         ge=0,
-        le=1e6,
+        le=MAX_LOSS,
         allow_inf_nan=False,
         description="the submitter's own held-out loss (nats/token): checked by the"
         " referees, never used for ranking or payment",
@@ -144,6 +145,14 @@ async def upload_model(ctx: Ctx) -> ModelStored:
         raise PayloadTooLarge(
             f"model of {size} bytes exceeds the market's {limit}-byte limit", limit_bytes=limit
         )
+    if ctx.worker_id != OPERATOR:  # a host: no larger than some competition's family
+        family = await ctx.run_io(coord.market.submitter_upload_limit)
+        if size > family:
+            raise PayloadTooLarge(
+                f"model of {size} bytes is larger than any competition's model family allows"
+                f" ({family} bytes)",
+                limit_bytes=family,
+            )
     declared = ctx.request.headers.get("content-length")
     if declared is not None and declared.strip() != str(size):
         raise IntegrityError(
@@ -176,18 +185,9 @@ async def model(ctx: Ctx) -> StreamingResponse:
 
 async def _holds_model(ctx: Ctx, sha: str) -> bool:
     """Whether the caller holds an active referee job whose task names ``sha`` (candidate or
-    frontier): a scan of the active jobs, which a model download (two per referee job) can
-    afford."""
-    for state in ACTIVE_STATES:
-        for job in await ctx.run(ctx.coord.queue.list_jobs, state):
-            task = job.spec.task
-            if (
-                job.worker_id == ctx.worker
-                and isinstance(task, RefereeTask)
-                and sha in (task.candidate, task.frontier)
-            ):
-                return True
-    return False
+    frontier): a read of the caller's own active jobs only, so a worker asking again and
+    again costs the queue a handful of rows, never a scan of every active job."""
+    return await ctx.run(ctx.coord.queue.holds_model, ctx.worker, sha)
 
 
 # competitions -------------------------------------------------------------------------------
@@ -268,11 +268,8 @@ async def leaderboard(ctx: Ctx) -> Leaderboard:
     submissions = await ctx.run(queue.list_submissions, competition.id)
     accepted = [s for s in submissions if s.state == "accepted" and s.trusted_score is not None]
     accepted.sort(key=lambda s: (s.trusted_score, s.seq))
-    return Leaderboard(
-        competition=competition,
-        entries=accepted,
-        total_paid=sum(s.paid for s in submissions),
-    )
+    paid = await ctx.run(queue.balances, competition.id)  # the ledger's sums, never a list's
+    return Leaderboard(competition=competition, entries=accepted, total_paid=sum(paid.values()))
 
 
 @routes.route(
@@ -314,11 +311,8 @@ async def ledger(ctx: Ctx) -> Ledger:
     if ref is not None:
         competition_id = (await ctx.run(queue.get_competition, ref)).id
     entries = await ctx.run(queue.ledger, competition_id)
-    return Ledger(
-        entries=entries,
-        balances=await ctx.run(queue.balances, competition_id),
-        total_paid=sum(e.amount for e in entries),
-    )
+    balances = await ctx.run(queue.balances, competition_id)
+    return Ledger(entries=entries, balances=balances, total_paid=sum(balances.values()))
 
 
 __all__ = ["routes"]

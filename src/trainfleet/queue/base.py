@@ -536,6 +536,10 @@ class JobQueue(abc.ABC):
         """The referee jobs of a submission."""
 
     @abc.abstractmethod
+    def holds_model(self, worker_id: str, sha256: str) -> bool:
+        """Whether the worker holds an active referee job naming this model."""
+
+    @abc.abstractmethod
     def record_referee_report(
         self, job_id: str, epoch: int, report: RefereeReport
     ) -> SubmissionRecord:

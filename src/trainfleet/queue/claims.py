@@ -25,7 +25,12 @@ The fast path (issue 9): no pydantic parse per pending row (``fleet_cache.SPECS`
 parsed once per stored text) and no scan of the workers table: the claimant's effective
 capability and the host policies come from ``FleetCache``; the other workers matter only to
 the host-priority rule, so they are read only when some host has a higher priority than the
-claimant's, and then only the idle workers of those hosts. The job row is taken with its
+claimant's, and then only the idle workers of those hosts. Jobs no claimer of a class may
+take pile up at the head of the claim order (pinned to busy hosts, denied by host rules), so
+the scan must not pay for them on every claim: the SQL leaves out the jobs pinned to other
+hosts (``host_filter`` on the ``allowed_hosts`` column), reads four columns instead of the
+whole row, and the rest of ``matching.blockers``'s verdict is remembered per job and worker
+class (``FleetCache.blocked``). The job row is taken with its
 precondition in the WHERE clause (``state = 'pending'``) and ``RETURNING`` the new epoch, so a
 row another claim took first is skipped, never claimed twice.
 

@@ -582,6 +582,9 @@ class SQLQueue(JobQueue):
     def panel_jobs(self, submission_id: str) -> list[JobRecord]:
         return sqlite_market.panel_jobs(self._conn(), submission_id)
 
+    def holds_model(self, worker_id: str, sha256: str) -> bool:
+        return sqlite_market.holds_model(self._conn(), worker_id, sha256)
+
     def record_referee_report(
         self, job_id: str, epoch: int, report: RefereeReport
     ) -> SubmissionRecord:

@@ -43,13 +43,18 @@ from trainfleet.queue.sqlite_schema import (
     read_meta,
     scheduling_columns,
 )
-from trainfleet.verify.market import FRONTIER_MOVED, CompetitionSpec
+from trainfleet.verify.market import FRONTIER_MOVED, OPERATOR, CompetitionSpec
 from trainfleet.verify.panel import RefereeReport, Verdict
 from trainfleet.verify.spec import RefereeTask
 
 SHA256_HEX = frozenset("0123456789abcdef")
 MAX_PRODUCER = 253
 MAX_LISTED = 10_000  # submissions or ledger rows one read returns at most
+MAX_REFEREEING = 8
+"""Submissions one host may have refereeing at once in a competition. Each costs the fleet a
+panel of referee jobs, and a model with one weight changed is new bytes: without a bound, an
+enrolled host could queue panels faster than the fleet runs them. The operator is not
+bounded."""
 
 
 def _finite(value: float | None) -> float | None:
@@ -162,6 +167,7 @@ def submit(
     if original is not None:
         state, verdict = "duplicate", f"resubmission of {original}: pays nothing"
     else:
+        _check_open(conn, competition, producer)
         _check_panel(competition, sid, sha256, producer, tasks)
     conn.execute(
         "INSERT INTO submissions (id, seq, competition_id, sha256, size, producer, claim, state,"
@@ -187,6 +193,24 @@ def _original(conn: Conn, competition: CompetitionRecord, sha256: str) -> str | 
         (competition.id, sha256),
     ).fetchone()
     return None if row is None else f"submission {row['id'][:12]} (#{row['seq']})"
+
+
+def _check_open(conn: Conn, competition: CompetitionRecord, producer: str) -> None:
+    """``Conflict`` if ``producer`` (a host) has ``MAX_REFEREEING`` submissions of this
+    competition still refereeing."""
+    if producer == OPERATOR:
+        return
+    open_now = conn.execute(
+        "SELECT COUNT(*) FROM submissions WHERE competition_id = ? AND producer = ?"
+        " AND state = 'refereeing'",
+        (competition.id, producer),
+    ).fetchone()[0]
+    if open_now >= MAX_REFEREEING:
+        raise Conflict(
+            f"{producer} has {open_now} submissions to {competition.name} still refereeing,"
+            f" the most a host may have at once ({MAX_REFEREEING}); submit again once one"
+            " is decided"
+        )
 
 
 def _check_panel(
@@ -249,13 +273,14 @@ def get_submission(conn: Conn, ref: str) -> SubmissionRecord:
 
 
 def list_submissions(conn: Conn, competition_ref: str) -> list[SubmissionRecord]:
-    """A competition's submissions, in the order they came (at most ``MAX_LISTED``)."""
+    """A competition's submissions, in the order they came: the newest ``MAX_LISTED``
+    (a long competition's oldest fall off the list, never its latest)."""
     competition = get_competition(conn, competition_ref)
     rows = conn.execute(
-        "SELECT * FROM submissions WHERE competition_id = ? ORDER BY seq LIMIT ?",
+        "SELECT * FROM submissions WHERE competition_id = ? ORDER BY seq DESC LIMIT ?",
         (competition.id, MAX_LISTED),
-    ).fetchall()
-    reports = _reports_of_competition(conn, competition.id)
+    ).fetchall()[::-1]
+    reports = _reports(conn, [r["id"] for r in rows])  # of the listed ones only
     return [submission_record(r, reports.get(r["id"], [])) for r in rows]
 
 
@@ -272,6 +297,22 @@ def panel_jobs(conn: Conn, submission_id: str) -> list[JobRecord]:
     """The referee jobs of a submission, in panel order."""
     rows = conn.execute("SELECT * FROM jobs WHERE panel = ? ORDER BY seq", (submission_id,))
     return [job_record(r) for r in rows.fetchall()]
+
+
+def holds_model(conn: Conn, worker_id: str, sha256: str) -> bool:
+    """Whether ``worker_id`` holds an active referee job naming model ``sha256`` (candidate
+    or frontier): the worker's own active jobs (``jobs_by_worker``, a handful) are read,
+    never the queue's."""
+    rows = conn.execute(
+        "SELECT * FROM jobs WHERE worker_id = ? AND state IN ('claimed', 'running')"
+        " AND panel IS NOT NULL",
+        (worker_id,),
+    ).fetchall()
+    for row in rows:
+        task = job_record(row).spec.task
+        if isinstance(task, RefereeTask) and sha256 in (task.candidate, task.frontier):
+            return True
+    return False
 
 
 def panel_hosts(conn: Conn, panel: str | None, job_id: str) -> set[str]:
@@ -303,18 +344,6 @@ def _reports(conn: Conn, submission_ids: list[str]) -> dict[str, list[RefereeRep
         ).fetchall()
         for row in rows:
             out.setdefault(row["submission_id"], []).append(report_record(row))
-    return out
-
-
-def _reports_of_competition(conn: Conn, cid: str) -> dict[str, list[RefereeReportRecord]]:
-    rows = conn.execute(
-        "SELECT r.* FROM referee_reports r JOIN submissions s ON s.id = r.submission_id"
-        " WHERE s.competition_id = ? ORDER BY r.submission_id, r.idx",
-        (cid,),
-    ).fetchall()
-    out: dict[str, list[RefereeReportRecord]] = {}
-    for row in rows:
-        out.setdefault(row["submission_id"], []).append(report_record(row))
     return out
 
 
@@ -395,16 +424,17 @@ def decide(
 
 # the ledger -----------------------------------------------------------------------------
 def ledger(conn: Conn, competition_ref: str | None = None) -> list[LedgerEntry]:
-    """Payments in the order they were made (one competition's, or all)."""
+    """Payments in the order they were made (one competition's, or all): the newest
+    ``MAX_LISTED`` (balances, ``balances``, always sum every entry)."""
     if competition_ref is None:
-        rows = conn.execute("SELECT * FROM market_ledger ORDER BY seq LIMIT ?", (MAX_LISTED,))
+        rows = conn.execute("SELECT * FROM market_ledger ORDER BY seq DESC LIMIT ?", (MAX_LISTED,))
     else:
         cid = get_competition(conn, competition_ref).id
         rows = conn.execute(
-            "SELECT * FROM market_ledger WHERE competition_id = ? ORDER BY seq LIMIT ?",
+            "SELECT * FROM market_ledger WHERE competition_id = ? ORDER BY seq DESC LIMIT ?",
             (cid, MAX_LISTED),
         )
-    return [ledger_entry(r) for r in rows.fetchall()]
+    return [ledger_entry(r) for r in rows.fetchall()[::-1]]
 
 
 def balances(conn: Conn, competition_ref: str | None = None) -> dict[str, float]:

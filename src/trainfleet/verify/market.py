@@ -85,7 +85,7 @@ class CompetitionSpec(BaseModel):
     quorum: int = Field(2, ge=1, le=MAX_REFEREES, description="m: referees that must agree")
     windows: int = Field(
         DEFAULT_WINDOWS,
-        ge=1,
+        ge=2,  # one window has no interval: every claim but its exact loss would be refused
         le=MAX_WINDOWS,
         description="held-out windows each referee evaluates (its seeded subset)",
     )

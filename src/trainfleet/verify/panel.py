@@ -33,6 +33,11 @@ from typing import Any, Literal
 from trainfleet.verify.gate import GateResult, Interval, Refusal, mean_interval, paired_gate
 from trainfleet.verify.spec import MAX_WINDOWS
 
+MAX_LOSS = 1e6
+"""The largest per-window loss (nats/token) a report may carry, and the largest claim: far
+above any model's cross entropy (ln of the vocabulary for a uniform guess), far below
+where a sum of ``MAX_WINDOWS`` of them stops being exact enough to judge."""
+
 _NO_INTERVAL = Interval(mean=math.nan, lo=math.nan, hi=math.nan, n=0)
 
 
@@ -70,8 +75,10 @@ class Verdict:
 
 def _loss_list(values: Any, what: str, windows: int | None) -> list[float]:
     """``values`` as floats if they are a list of at most ``MAX_WINDOWS`` real numbers (of
-    exactly ``windows`` when given); ``Refusal`` otherwise. Non-finite numbers pass here:
-    the gate refuses them with its own reason."""
+    exactly ``windows`` when given) in ``[0, MAX_LOSS]``; ``Refusal`` otherwise. Non-finite
+    numbers pass here: the gate refuses them with its own reason. The range keeps a lying
+    referee's numbers plausible (a negative loss, or a frontier loss of 1e300, would
+    "certify" any improvement) and every sum finite."""
     if not isinstance(values, Sequence) or isinstance(values, str | bytes):
         raise Refusal(f"{what} are not a list of numbers")
     limit = MAX_WINDOWS if windows is None else windows
@@ -84,7 +91,16 @@ def _loss_list(values: Any, what: str, windows: int | None) -> list[float]:
             raise Refusal(f"{what} hold null: a non-finite loss (a diverged model?)")
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise Refusal(f"{what} hold a value that is not a number: {str(value)[:40]!r}")
-    return [float(v) for v in values]
+    try:
+        losses = [float(v) for v in values]
+    except OverflowError:  # an integer beyond any float (JSON integers are unbounded)
+        raise Refusal(f"{what} hold a number too large for a float") from None
+    if any(math.isfinite(v) and not 0.0 <= v <= MAX_LOSS for v in losses):
+        raise Refusal(
+            f"{what} hold a value outside [0, {MAX_LOSS:g}]: a cross entropy is never negative,"
+            " and a loss that large is no measurement"
+        )
+    return losses
 
 
 def report_from_losses(

@@ -1,0 +1,50 @@
+"""Review of the referee claim rules (brief REVIEW10), on both backends. ``queue/claims.py``
+is being reworked by another helper: a gap found here is an ``xfail(strict=True)`` test
+that names it, for whoever owns ``_choose`` to make pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetkit import make_cap
+from marketkit import BASELINE_SCORE, pay, sha, submit, terms
+from trainfleet.queue import JobQueue
+from trainfleet.verify.spec import RefereeTask
+
+
+def worker(queue: JobQueue, host: str) -> str:
+    hosts = {h.name for h in queue.list_hosts()}
+    token = queue.enroll_host(host) if host not in hosts else queue.rotate_host(host)[0]
+    record, _ = queue.register_enrolled(make_cap(host), token)
+    return record.id
+
+
+@pytest.fixture
+def market(queue: JobQueue) -> JobQueue:
+    queue.create_competition(terms(), sha("baseline"), BASELINE_SCORE)
+    return queue
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="REVIEW10: a referee may be the host whose model is the frontier under challenge;"
+    " the incumbent gains by under-reporting every challenger (RefereeTask carries no"
+    " frontier producer and claims._choose does not check it)",
+)
+def test_the_incumbent_s_host_never_referees_a_challenge_to_its_own_frontier(
+    market: JobQueue,
+) -> None:
+    pay(market, submit(market, "alice-model", producer="alice"), 0.3)  # alice holds the frontier
+    challenge = submit(market, "bob-model", producer="bob")
+    assert challenge.frontier == sha("alice-model")
+    claim = market.claim(worker(market, "alice"))
+    assert claim is None or not isinstance(claim.job.spec.task, RefereeTask)
+
+
+def test_a_second_host_of_the_producer_s_owner_may_referee(market: JobQueue) -> None:
+    """By design: hosts are the unit of identity, and nothing ties two hosts to one owner
+    (README, "Verification and market": a producer with several enrolled hosts is held back
+    only by the m-of-n panel)."""
+    submit(market, "m1", producer="alice")
+    claim = market.claim(worker(market, "alice-2"))
+    assert claim is not None and isinstance(claim.job.spec.task, RefereeTask)
