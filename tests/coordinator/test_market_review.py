@@ -5,8 +5,12 @@ family, and what a submitter's host may be called. In-process app on SQLite and 
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import pytest
 import test_market_api as market_api
+import torch
 from test_api import OP, Api, Worker, assert_error
 from test_market_api import (
     create,
@@ -21,7 +25,7 @@ from test_market_api import (
 from tinymarket import trained
 
 # test_market_api's fixtures (the app on both backends, fixed submission ids, 3 referees)
-_api, _fixed_ids, _referees = market_api.api, market_api.fixed_ids, market_api.referees
+api, fixed_ids, referees = market_api.api, market_api.fixed_ids, market_api.referees
 
 
 def test_a_loss_too_large_for_a_float_is_refused_not_a_panel_that_never_decides(
@@ -120,3 +124,25 @@ def test_a_batch_completion_checks_a_referee_s_losses_as_a_single_one_does(
     [outcome] = r.json()["outcomes"]
     assert outcome["outcome"] == "refused" and "result.referee" in outcome["detail"]
     assert api.job(claim["job"]["id"])["job"]["state"] in ("claimed", "running")
+
+
+def test_crafted_model_files_are_a_400_before_any_referee(api: Api) -> None:
+    """A header length of 2**60, the family's names in float16 or int32, and one extra
+    tensor: each refused with its reason (never a 500, never a panel)."""
+    create(api)
+    alice = host_token(api, "alice")
+    good = trained(3)
+    crafted = {
+        "bomb": struct.pack("<Q", 1 << 60) + b"{}",
+        "half": model_bytes({k: v.half() for k, v in good.items()}),
+        "int": model_bytes({k: v.int() for k, v in good.items()}),
+        "extra": model_bytes({**good, "zz.extra": torch.zeros(4)}),
+    }
+    url = "/v1/market/competitions/tiny-lm/submissions"
+    for what, data in crafted.items():
+        assert put_model(api, data, alice).status_code == 200, what
+        sha = hashlib.sha256(data).hexdigest()
+        r = api.http.post(url, json={"sha256": sha, "claim": 3.0}, headers=alice)
+        message = assert_error(r, 400, "bad_request")["message"]
+        assert ("not a safetensors file" if what == "bomb" else "does not fit") in message, what
+    assert api.coord.queue.list_submissions("tiny-lm") == []
