@@ -40,7 +40,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.text import Text
@@ -118,9 +117,16 @@ class Walkthrough:
             raise StepFailed(f"`{shown}` exited {proc.returncode}, expected {expect}")
         return proc.returncode, "\n".join(lines)
 
-    def trainfleet(self, *args: str, **kw: Any) -> tuple[int, str]:
-        prefix = kw.pop("prefix", "")
-        return self.run(prefix + "trainfleet " + shlex.join(args), trainfleet(*args), **kw)
+    def trainfleet(
+        self,
+        *args: str,
+        as_user: str = "",
+        env: Mapping[str, str] | None = None,
+        expect: tuple[int, ...] = (0,),
+    ) -> tuple[int, str]:
+        """``trainfleet ARGS``, shown after ``as_user`` (how the user set its environment)."""
+        shown = as_user + "trainfleet " + shlex.join(args)
+        return self.run(shown, trainfleet(*args), env=env, expect=expect)
 
 
 def write_baseline(spec: CompetitionSpec, path: Path) -> None:
@@ -187,15 +193,23 @@ def walkthrough(
     # The terms from the competition's file (`--competition NAME` would fetch them from the
     # coordinator instead).
     score_args = ("--file", relfile, "--cache-dir", walk.at("alice-data"))
-    _, out = walk.trainfleet("market", "score", good, *score_args, env=alice, prefix=as_alice)
-    claim = claim_from(out)
-    submit = ("market", "submit")
-    code, out = walk.trainfleet(
-        *submit, good, "--claim", f"{claim:.4f}",
-        "--competition", spec.name, "--wait", "--timeout-s", "120",
-        env=alice, prefix=as_alice, expect=(0, 1, 3),
-    )  # fmt: skip
-    honest = client.submission(submission_id(out))["submission"]
+
+    def alice_scores(model: str) -> float:
+        _, out = walk.trainfleet("market", "score", model, *score_args, env=alice, as_user=as_alice)
+        return claim_from(out)
+
+    def alice_submits(model: str, claim: float) -> tuple[int, str]:
+        """`market submit --wait` as alice: its exit status (0 accepted, 1 not) and the id."""
+        code, out = walk.trainfleet(
+            "market", "submit", model, "--claim", f"{claim:.4f}",
+            "--competition", spec.name, "--wait", "--timeout-s", "120",
+            env=alice, as_user=as_alice, expect=(0, 1, 3),
+        )  # fmt: skip
+        return code, submission_id(out)
+
+    claim = alice_scores(good)
+    code, sid = alice_submits(good, claim)
+    honest = client.submission(sid)["submission"]
     check(
         outcomes,
         "honest claim accepted and paid",
@@ -205,15 +219,10 @@ def walkthrough(
 
     console.rule("4. an inflated claim")
     light = train_locally(walk, spec, LIGHT_STEPS, "alice-light")
-    _, out = walk.trainfleet("market", "score", light, *score_args, env=alice, prefix=as_alice)
-    inflated_claim = claim_from(out) - INFLATION_NATS
+    inflated_claim = alice_scores(light) - INFLATION_NATS
     console.print(f"(claiming {INFLATION_NATS} nat less than it scores: {inflated_claim:.4f})")
-    code, out = walk.trainfleet(
-        *submit, light, "--claim", f"{inflated_claim:.4f}",
-        "--competition", spec.name, "--wait", "--timeout-s", "120",
-        env=alice, prefix=as_alice, expect=(0, 1, 3),
-    )  # fmt: skip
-    inflated = client.submission(submission_id(out))["submission"]
+    code, sid = alice_submits(light, inflated_claim)
+    inflated = client.submission(sid)["submission"]
     check(
         outcomes,
         "inflated claim rejected, paid nothing",
@@ -225,12 +234,8 @@ def walkthrough(
     )
 
     console.rule("5. the paid model again")
-    code, out = walk.trainfleet(
-        *submit, good, "--claim", f"{claim:.4f}",
-        "--competition", spec.name, "--wait", "--timeout-s", "120",
-        env=alice, prefix=as_alice, expect=(0, 1, 3),
-    )  # fmt: skip
-    again = client.submission(submission_id(out))
+    code, sid = alice_submits(good, claim)
+    again = client.submission(sid)
     check(
         outcomes,
         "resubmission is a duplicate, paid nothing, no referee ran",

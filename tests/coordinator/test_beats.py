@@ -215,6 +215,32 @@ def test_a_long_poll_claim_is_answered_when_work_arrives(tmp_path: Path, clock: 
         assert got[0].json()["claim"]["job"]["name"] == "solo"
 
 
+def test_a_waiting_long_poll_answers_null_when_shutdown_begins(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """uvicorn's graceful shutdown waits for requests in flight: ``serve`` closes the work
+    signal first (``server._Server.handle_exit``), so a waiting claim answers at once."""
+    with serve(tmp_path, clock) as api:
+        worker = api.register()
+        got: list[Any] = []
+        asked = threading.Thread(
+            target=lambda: got.append(
+                api.http.post("/v1/workers/claim", json={"wait_s": 30}, headers=worker.auth)
+            )
+        )
+        asked.start()
+        try:
+            wait_until(lambda: api.coord.work.waiting == 1, 10, "the claim to wait")
+        finally:
+            api.coord.work.close()
+            asked.join(20)
+        assert got and got[0].status_code == 200 and got[0].json() == {"claim": None}
+        assert api.coord.work.waiting == 0
+        # and a claim that arrives after shutdown began does not wait at all
+        r = api.http.post("/v1/workers/claim", json={"wait_s": 30}, headers=worker.auth)
+        assert r.status_code == 200 and r.json() == {"claim": None}
+
+
 def test_a_long_poll_with_nothing_to_claim_answers_null_and_a_bad_wait_is_a_400(
     api: Api,
 ) -> None:

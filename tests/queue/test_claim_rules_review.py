@@ -42,9 +42,10 @@ def test_the_incumbent_s_host_never_referees_a_challenge_to_its_own_frontier(
 
 
 def test_a_second_host_of_the_producer_s_owner_may_referee(market: JobQueue) -> None:
-    """By design: hosts are the unit of identity, and nothing ties two hosts to one owner
-    (README, "Verification and market": a producer with several enrolled hosts is held back
-    only by the m-of-n panel)."""
+    """By design: hosts are the unit of identity, and nothing ties two hosts to one owner. A
+    producer with several enrolled hosts (a sybil) can referee its own submission from the
+    others; only the m-of-n panel holds it back (for the README's "Verification and market"
+    section)."""
     submit(market, "m1", producer="alice")
     claim = market.claim(worker(market, "alice-2"))
     assert claim is not None and isinstance(claim.job.spec.task, RefereeTask)

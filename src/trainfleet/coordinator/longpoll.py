@@ -60,6 +60,7 @@ class WorkSignal:
 
     def __init__(self) -> None:
         self.generation = 0
+        self.closing = False  # shutdown began: waiting claims answer now (``close``)
         self.waiting = 0  # claims waiting now
         self.polls: dict[str, int] = {}  # long polls in progress, by worker
         self._event: asyncio.Event | None = None
@@ -82,6 +83,11 @@ class WorkSignal:
         else:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
                 loop.call_soon_threadsafe(self._wake)
+
+    def close(self) -> None:
+        """Shutdown began: every waiting claim answers now, and none waits from here on."""
+        self.closing = True
+        self.notify()
 
     def _wake(self) -> None:
         self.generation += 1
@@ -153,6 +159,6 @@ async def _claim_until(
             signal.notify()  # claimable again: other waiting polls may take it
             return None
         left = deadline - time.monotonic()
-        if got is not None or left <= 0:
+        if got is not None or left <= 0 or signal.closing:
             return got
         await signal.wait(generation, min(left, RECHECK_S))

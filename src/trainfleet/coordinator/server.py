@@ -22,8 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -121,21 +123,37 @@ class TlsFiles:
     key: Path
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server that ends waiting long-poll claims as soon as shutdown begins: a
+    graceful shutdown waits for every request in flight, and a waiting claim would otherwise
+    hold it for up to ``longpoll.RECHECK_S``. They are answered ``{"claim": null}``; the
+    worker asks again (another coordinator, or this one once it is back)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)
+
+
 def serve(coord: Coordinator, host: str, port: int, tls: TlsFiles | None = None) -> None:
     """Serve ``coord`` with uvicorn until interrupted; closes its queue afterwards."""
     app = create_app(coord)
     scheme = "https" if tls else "http"
     log.info("coordinator on %s://%s:%d  store=%s", scheme, host, port, coord.store)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=bool(os.environ.get(FORWARDED_ALLOW_IPS_ENV)),
+        ssl_certfile=str(tls.cert) if tls else None,
+        ssl_keyfile=str(tls.key) if tls else None,
+    )
     try:
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            proxy_headers=bool(os.environ.get(FORWARDED_ALLOW_IPS_ENV)),
-            ssl_certfile=str(tls.cert) if tls else None,
-            ssl_keyfile=str(tls.key) if tls else None,
-        )
+        _Server(config, coord.work.close).run()
     finally:
         coord.queue.close()

@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from trainfleet.capability.model import Capability
@@ -45,7 +46,7 @@ REFRESH_S = 1.0  # host policies are re-read at least this often (other coordina
 MAX_WORKERS = 100_000  # entries kept; beyond, the oldest are dropped (reloaded on a miss)
 MAX_SPECS = 200_000
 DEFAULT_WAIT_S = 30.0  # prefer_cuda_wait_s before any manifest set it
-MAX_VERDICTS = 500_000  # beyond, all are dropped (recomputed on the next scans)
+MAX_VERDICTS = 200_000  # beyond, all are dropped (recomputed on the next scans)
 
 # What ``blockers`` reads of a worker, with the policy generation it was computed under.
 ClassKey = tuple[int, str, bool, float, float, int]
@@ -65,7 +66,7 @@ class Member:
     def priority(self) -> int:
         return self.policy.priority if self.policy else 0
 
-    @property
+    @cached_property
     def klass(self) -> ClassKey:
         """Everything ``matching.blockers`` reads of this worker: workers with the same key
         get the same verdict for every job."""
@@ -201,12 +202,13 @@ class FleetCache:
         hit = self._verdicts.get(key)
         if hit is not None and hit[0] == text:
             return hit[1]
-        verdict = bool(blockers(SPECS.get(job_id, text), member.cap, member.policy))
+        kept, spec = SPECS.entry(job_id, text)
+        verdict = bool(blockers(spec, member.cap, member.policy))
         with self._lock:
             self.verdicts += 1
             if len(self._verdicts) >= MAX_VERDICTS:
                 self._verdicts = {}
-            self._verdicts[key] = (text, verdict)
+            self._verdicts[key] = (kept, verdict)
         return verdict
 
 
@@ -220,16 +222,21 @@ class SpecCache:
         self.parses = 0
 
     def get(self, job_id: str, text: str) -> JobSpec:
+        return self.entry(job_id, text)[1]
+
+    def entry(self, job_id: str, text: str) -> tuple[str, JobSpec]:
+        """The spec and the text object it is kept under (equal to ``text``): a cache that
+        keeps that object, not ``text``, holds no second copy of the spec's text."""
         hit = self._specs.get(job_id)
         if hit is not None and hit[0] == text:
-            return hit[1]
-        spec = JobSpec.model_validate_json(text)
+            return hit
+        entry = (text, JobSpec.model_validate_json(text))
         with self._lock:
             self.parses += 1
-            self._specs[job_id] = (text, spec)
+            self._specs[job_id] = entry
             while len(self._specs) > self._max:
                 self._specs.popitem(last=False)
-        return spec
+        return entry
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
