@@ -1,6 +1,7 @@
 # The README's commands. Each target sets up what it needs first.
 #   make demo   create .venv, install, run the main job (a sweep on a 3-worker local fleet)
 #   make test   create .venv, install, lint + type-check + run the whole test suite
+#   make market-demo   a training-market competition on a local fleet (examples/market_demo.py)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 # its wall time on a 2-core machine. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo market-demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -36,10 +37,10 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[bench]'
@@ -49,6 +50,7 @@ bench: setup
 	$(BIN)/python -m bench.diloco
 	$(BIN)/python -m bench.diloco_link
 	$(BIN)/python -m bench.diloco_churn
+	$(BIN)/python -m bench.verify
 
 clean:
-	rm -rf $(VENV) .demo .trainfleet .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .demo .market-demo .trainfleet .pytest_cache .ruff_cache .mypy_cache

@@ -2,7 +2,7 @@
 of cheat, how often it wrongly turns an honest improvement away, what the referees cost, and
 whether the market's payments track what contributions are worth.
 
-    python -m bench.verify            (full: about 8 minutes on 2 cores)
+    python -m bench.verify            (full: about 10 minutes on 2 cores, 15 when shared)
     python -m bench.verify --quick    (seconds)
 
 Everything runs in process on real tiny models (``verify_world``: a 1-layer byte GPT trained
@@ -561,16 +561,16 @@ def markdown(result: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> str:
 
 
 def summary_table(metrics: dict[str, Any], sizes: Sizes, rules: Sequence[str]) -> list[str]:
-    """The settings worth reading (panels of 3+, 64+ windows, the largest margin), one row
-    each: false accusations, cost, the weakest catch rate apart from sandbaggers, and the
-    sandbaggers' own."""
+    """The settings worth reading (panels of 3 and 5, 64+ windows, the largest margin; the
+    historical arm's panels of 3), one row each: false accusations, cost, the weakest catch
+    rate apart from sandbaggers, and the sandbaggers' own."""
     margin = max(sizes.margins)
     head = ["subset rule", "n, m", "windows", "false accusation % [95% CI]", "cost %"]
     head += ["lowest % caught, sandbaggers aside", "sandbaggers caught %", "goal"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rule in rules:
         for setting in sizes.settings_of(rule):
-            if not summarised(setting, sizes):
+            if not summarised(setting, sizes) or setting.n > (5 if rule == "referee" else 3):
                 continue
             p = f"{rule}_{setting.key}"
             kinds = kinds_of(metrics, rule, setting.key)

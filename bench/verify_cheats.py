@@ -5,9 +5,10 @@ The competition is held at one frontier (a baseline trained a few steps). Each k
 submission from a small pool of models trained once:
 
 - honest: the frontier trained further (more steps, another data order, a fresh optimizer);
-  its claim is its exact loss over the held-out pool (``World.pool_mean``);
+  its claim is its held-out score as a competition defines it (``World.heldout_score``:
+  ``verify.referee.heldout_score``, 2048 pool windows of seed 0);
 - inflated xK: an honest model whose claim is K x the referees' typical interval half-width
-  below its true loss (K = 1.7 is the near-boundary case);
+  below its honest claim (K = 1.7 is the near-boundary case);
 - free-rider (same file): the frontier's own bytes: refused by sha256 before any referee runs
   (``queue.submit``'s rule, applied here to the file's bytes; the queue's tests cover the
   queue itself);

@@ -15,8 +15,9 @@ Measurement uses the referee's own code (``verify.referee.pool_windows`` and
 uniform over every start of the whole held-out pool, distinct), and every model's losses on it
 are computed once; a referee's subset in a trial is a seeded uniform draw of ``windows``
 distinct universe windows (``World.subset``, rule ``referee``). A uniform draw from a uniform
-draw of the pool is a uniform draw of the pool, so each subset has exactly the distribution
-``referee_eval``'s has; thousands of trials then cost bootstrap work, not model evaluations.
+draw of the pool is a uniform draw of the pool, so each subset, taken over the universe's
+own draw, has exactly the distribution ``referee_eval``'s has; thousands of trials then cost
+bootstrap work, not model evaluations.
 Two costs of the finite universe: subsets of one model vary a little less than the pool's
 (variance factor 1 - windows / universe, 0.97 for 256 of the full run's 8192), and they centre
 on the universe's mean, which misses the pool's by about sd / sqrt(universe) (a tenth of a
@@ -26,12 +27,16 @@ A model's claim is exactly ``verify.referee.heldout_score``: its mean loss over 
 windows ``pool_windows`` draws with seed 0 (what an honest submitter claims with
 ``trainfleet market score``, and what the coordinator scores a baseline with). So an honest
 claim carries its own sampling error, as a real one does (about a sixth of a 64-window
-interval's half-width, a third of a 256-window one's).
+interval's half-width, a third of a 256-window one's). A model's pool loss
+(``Model.pool_loss``, the market's value on the competition's own data) is its mean over
+another draw (``truth_windows``, seed ``TRUTH_SEED``), which shares next to no window with the
+universe.
 
 ``shard-budget`` is the subset rule before the fix, kept as a historical arm: the held-out
-shards in the order the referee's seed shuffles them, taken until ``feed.heldout_tokens``'
-budget (8 x windows x (seq_len + 1) tokens) is met, then windows uniform over those shards'
-universe windows (a uniform draw over those shards' starts).
+shards (every one that holds a universe window: all of them in the full run) in the order
+the referee's seed shuffles them, taken until ``feed.heldout_tokens``' budget (8 x windows x
+(seq_len + 1) tokens) is met, then windows uniform over those shards' universe windows (a
+uniform draw over those shards' starts).
 """
 
 from __future__ import annotations
