@@ -190,9 +190,9 @@ def walkthrough(
     alice["TRAINFLEET_TOKEN"] = (walk.root / f"{SUBMITTER}.token").read_text().strip()
     as_alice = f"TRAINFLEET_TOKEN=$(cat {walk.at(SUBMITTER + '.token')}) "
     good = train_locally(walk, spec, GOOD_STEPS, "alice-good")
-    # The terms from the competition's file (`--competition NAME` would fetch them from the
-    # coordinator instead).
-    score_args = ("--file", relfile, "--cache-dir", walk.at("alice-data"))
+    # The competition's terms come from the coordinator (alice's join token may read them);
+    # `--file FILE` reads them from the competition's file instead, with no coordinator.
+    score_args = ("--competition", spec.name, "--cache-dir", walk.at("alice-data"))
 
     def alice_scores(model: str) -> float:
         _, out = walk.trainfleet("market", "score", model, *score_args, env=alice, as_user=as_alice)

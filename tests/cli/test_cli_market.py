@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import trainfleet.cli.market as market_cli
-from tinymarket import baseline, competition_toml, save, trained
+from tinymarket import baseline, competition, competition_toml, save, trained
 from trainfleet.cli.main import app
 from trainfleet.client import Client
 from trainfleet.data.prepare import CacheSettings
@@ -83,6 +83,9 @@ def coordinator(monkeypatch) -> dict[str, Any]:
         if path == f"/v1/market/submissions/{SID}":
             details = served["details"]
             return httpx.Response(200, json=details.pop(0) if len(details) > 1 else details[0])
+        if path == "/v1/market/competitions/tiny-lm" and "terms" in served:
+            record = {**COMPETITION, "spec": served["terms"]}
+            return httpx.Response(200, json={"competition": record, "submissions": []})
         if path == "/v1/market/competitions/tiny-lm/leaderboard":
             entry = sub("accepted", producer=HOSTILE)
             return httpx.Response(200, json={"competition": COMPETITION, "entries": [entry],
@@ -254,3 +257,18 @@ def test_score_measures_the_honest_claim_locally_and_a_better_model_scores_lower
 def test_score_needs_exactly_one_source_of_terms(model: Path) -> None:
     result = runner.invoke(app, ["market", "score", str(model)])
     assert result.exit_code == 2 and "exactly one of" in result.output
+
+
+def test_score_fetches_the_terms_of_a_named_competition(
+    coordinator: dict[str, Any], model: Path, tmp_path: Path
+) -> None:
+    coordinator["terms"] = competition()
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    by_name = runner.invoke(
+        app, ["market", "score", str(model), "--competition", "tiny-lm", *cache, "--json"]
+    )
+    assert by_name.exit_code == 0, by_name.output
+    toml = tmp_path / "c.toml"
+    toml.write_text(competition_toml())
+    by_file = runner.invoke(app, ["market", "score", str(model), "--file", str(toml), *cache])
+    assert f"{json.loads(by_name.stdout)['heldout_loss']:.4f}" in by_file.stdout

@@ -404,3 +404,22 @@ def test_a_panel_completed_behind_the_drivers_back_is_decided_by_the_next_tick(
     assert decided["state"] == "accepted" and decided["paid"] > 0
     api.coord.market.tick()
     assert [e["submission_id"] for e in ledger(api)["entries"]] == [sub["id"]]
+
+
+def test_who_competes_reads_the_terms_the_leaderboard_and_the_ledger(api: Api) -> None:
+    create(api)
+    alice = host_token(api, "alice")
+    worker = api.register("ref-a")
+    reads = [
+        "/v1/market/competitions",
+        "/v1/market/competitions/tiny-lm",
+        "/v1/market/competitions/tiny-lm/leaderboard",
+        "/v1/market/ledger",
+    ]
+    for path in reads:
+        for headers in (OP, alice):
+            assert api.http.get(path, headers=headers).status_code == 200, path
+        for headers in ({}, bearer("join-token"), worker.auth):  # no market caller
+            assert_error(api.http.get(path, headers=headers), 401, "unauthorized")
+    terms = api.http.get("/v1/market/competitions/tiny-lm", headers=alice).json()
+    assert terms["competition"]["spec"]["hyper"]["d_model"] == competition()["hyper"]["d_model"]

@@ -375,8 +375,11 @@ def score(
     else:
         with errors(), client(url, token, state_dir, ca_cert) as c:
             record = c.competition(str(competition))
+        found = record.get("competition")
         try:
-            spec = CompetitionSpec.model_validate(record.get("spec"))
+            spec = CompetitionSpec.model_validate(
+                found.get("spec") if isinstance(found, dict) else None
+            )
         except ValidationError as err:
             fail(f"the coordinator sent unusable competition terms: {err.errors()[0]['msg']}")
     params = spec.params()

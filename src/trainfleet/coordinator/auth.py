@@ -11,7 +11,9 @@ Kinds of caller (``Auth``):
 - ``read``: the operator token, or anyone when the coordinator serves ``--public-reads``;
 - ``reader``: the operator token or a worker credential;
 - ``submitter``: the operator token (the caller is ``OPERATOR``) or an enrolled host's join
-  token (the caller is that host): who submits a model to the market (``routes_market``).
+  token (the caller is that host): who submits a model to the market (``routes_market``);
+- ``market``: as ``submitter``, or anyone with ``--public-reads``: who competes may read a
+  competition's terms, its leaderboard and the ledger.
 
 Every check is a constant-time comparison or a lookup by token hash. Worker and host
 lookups are cached in memory (``TokenCache``) for at most ``TOKEN_TTL_S``, so a busy fleet's
@@ -43,7 +45,7 @@ from trainfleet.verify.market import OPERATOR  # the producer of what the operat
 if TYPE_CHECKING:
     from trainfleet.coordinator.state import Coordinator
 
-Auth = Literal["none", "join", "worker", "operator", "read", "reader", "submitter"]
+Auth = Literal["none", "join", "worker", "operator", "read", "reader", "submitter", "market"]
 
 TOKEN_TTL_S = 1.0  # how long another coordinator's revoke may go unseen here
 SOLE_TOKEN_TTL_S = 60.0  # the same on a database only this coordinator serves (SQLite)
@@ -115,10 +117,10 @@ def _same(given: str, expected: str) -> bool:
 async def authenticate(auth: Auth, request: Request, coord: Coordinator) -> str | None:
     """Check the caller; returns the worker id for ``worker`` (and a worker ``reader``),
     the producer (``OPERATOR`` or a host name) for ``submitter``."""
-    if auth == "none" or (auth == "read" and coord.public_reads):
+    if auth == "none" or (auth in ("read", "market") and coord.public_reads):
         return None
     token = bearer_token(request)
-    if auth == "submitter":
+    if auth in ("submitter", "market"):  # market: who competes may read the terms and ledger
         if _same(token, coord.operator_token):
             return OPERATOR
         if _same(token, coord.join_token):

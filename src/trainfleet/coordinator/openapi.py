@@ -44,6 +44,7 @@ ACCEPTS: dict[str, list[str]] = {
     "read": ["operatorToken"],  # or none, when the coordinator serves --public-reads
     "reader": ["operatorToken", "workerCredential"],
     "submitter": ["operatorToken", "joinToken"],  # a market submission's producer
+    "market": ["operatorToken", "joinToken"],  # a market's terms and ledger (or none, public)
 }
 
 ERROR_SCHEMA: dict[str, Any] = {

@@ -17,18 +17,18 @@ API (JSON shapes are the pydantic models named):
 - ``POST /v1/market/competitions`` (auth ``operator``): ``{"spec": CompetitionSpec,
   "baseline": sha256}`` -> ``CompetitionRecord``; the coordinator scores the baseline on the
   held-out data itself (409 if the name is taken).
-- ``GET /v1/market/competitions`` (auth ``read``): ``CompetitionList``.
-- ``GET /v1/market/competitions/{competition}`` (auth ``read``; a name or id):
+- ``GET /v1/market/competitions`` (auth ``market``): ``CompetitionList``.
+- ``GET /v1/market/competitions/{competition}`` (auth ``market``; a name or id):
   ``CompetitionDetail`` (its submissions, newest last, and the balances it paid).
 - ``POST /v1/market/competitions/{competition}/submissions`` (auth ``submitter``; the producer
   is "operator" or the host the join token is enrolled for): ``{"sha256", "claim"}`` ->
   ``SubmissionRecord`` (state ``refereeing``, or ``duplicate`` for a model submitted before).
-- ``GET /v1/market/competitions/{competition}/leaderboard`` (auth ``read``): ``Leaderboard``:
+- ``GET /v1/market/competitions/{competition}/leaderboard`` (auth ``market``): ``Leaderboard``:
   accepted submissions by trusted score (the panel's, never the claim).
 - ``GET /v1/market/submissions/{submission}`` (auth ``submitter``, so a host that submitted
   follows its verdict with its own token): ``SubmissionDetail`` (its referees' reports and
   jobs).
-- ``GET /v1/market/ledger[?competition=NAME]`` (auth ``read``): ``Ledger``: every payment,
+- ``GET /v1/market/ledger[?competition=NAME]`` (auth ``market``): ``Ledger``: every payment,
   oldest first, and the balances derived from them.
 """
 
@@ -209,7 +209,7 @@ async def create_competition(ctx: Ctx) -> CompetitionRecord:
 @routes.route(
     "GET",
     "/v1/market/competitions",
-    auth="read",
+    auth="market",
     summary="List competitions",
     response=CompetitionList,
 )
@@ -220,7 +220,7 @@ async def list_competitions(ctx: Ctx) -> CompetitionList:
 @routes.route(
     "GET",
     "/v1/market/competitions/{competition}",
-    auth="read",
+    auth="market",
     summary="One competition (by name or id) with its submissions and balances",
     response=CompetitionDetail,
     path_params=(COMPETITION,),
@@ -257,7 +257,7 @@ async def submit(ctx: Ctx) -> SubmissionRecord:
 @routes.route(
     "GET",
     "/v1/market/competitions/{competition}/leaderboard",
-    auth="read",
+    auth="market",
     summary="Accepted submissions by trusted score (the referees', never the claim)",
     response=Leaderboard,
     path_params=(COMPETITION,),
@@ -298,7 +298,7 @@ async def submission_detail(ctx: Ctx) -> SubmissionDetail:
 @routes.route(
     "GET",
     "/v1/market/ledger",
-    auth="read",
+    auth="market",
     summary="The market ledger (append-only) and the balances derived from it",
     response=Ledger,
     query=(COMPETITION_QUERY,),
