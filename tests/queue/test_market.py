@@ -137,6 +137,21 @@ def test_a_submission_judged_against_a_moved_frontier_is_rejected_unpaid(
     assert again.state == "refereeing" and again.frontier == sha("m1")
 
 
+def test_a_frontier_move_retires_the_panels_judging_against_the_old_one_at_once(
+    market: JobQueue,
+) -> None:
+    first, second = submit(market, "m1", producer="alice"), submit(market, "m2", producer="bob")
+    assert {j.state for j in market.panel_jobs(second.id)} == {"pending"}
+    pay(market, first, 0.2)
+    retired = market.get_submission(second.id)
+    assert retired.state == "rejected" and retired.paid == 0.0
+    assert retired.verdict.startswith(FRONTIER_MOVED) and first.id[:12] in retired.verdict
+    assert {j.state for j in market.panel_jobs(second.id)} == {"cancelled"}
+    assert {j.state for j in market.panel_jobs(first.id)} == {"pending"}  # its own: untouched
+    late = pay(market, second, 0.3)  # its referees report anyway: nothing changes
+    assert late == retired and [e.account for e in market.ledger()] == ["alice"]
+
+
 def test_a_resubmission_is_a_duplicate_with_no_referees(market: JobQueue) -> None:
     original = submit(market, "m1", producer="alice")
     pay(market, original, 0.1)  # now the frontier

@@ -43,6 +43,7 @@ from trainfleet.queue.sqlite_schema import (
     read_meta,
     scheduling_columns,
 )
+from trainfleet.queue.sqlite_workers import release_worker
 from trainfleet.verify.market import FRONTIER_MOVED, OPERATOR, CompetitionSpec
 from trainfleet.verify.panel import RefereeReport, Verdict
 from trainfleet.verify.spec import RefereeTask
@@ -411,6 +412,7 @@ def decide(
                 " frontier_before, frontier_after, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (row["competition_id"], submission_id, row["producer"], paid, before, after, now),
             )
+            _retire_stale_panels(conn, row, now)
         else:
             state, reason, paid = "rejected", f"{FRONTIER_MOVED} ({reason})", 0.0
     conn.execute(
@@ -420,6 +422,40 @@ def decide(
          reason[:4000], now, submission_id),
     )  # fmt: skip
     return get_submission(conn, submission_id)
+
+
+def _retire_stale_panels(conn: Conn, paid: Row, now: float) -> None:
+    """The frontier just moved past ``paid``'s: every other submission still refereed
+    against the old frontier is decided now (rejected, ``FRONTIER_MOVED``: its panel compares
+    it with a model that is no longer the one to beat), and its referee jobs are cancelled,
+    so no referee spends more time on a verdict that can no longer count."""
+    stale = conn.execute(
+        "SELECT id FROM submissions WHERE competition_id = ? AND state = 'refereeing'"
+        " AND frontier = ? AND id <> ?",
+        (paid["competition_id"], paid["frontier"], paid["id"]),
+    ).fetchall()
+    reason = f"{FRONTIER_MOVED} (submission {paid['id'][:12]} moved it first)"
+    for sub in stale:
+        conn.execute(
+            "UPDATE submissions SET state = 'rejected', verdict = ?, decided_at = ?"
+            " WHERE id = ? AND state = 'refereeing'",
+            (reason, now, sub["id"]),
+        )
+        jobs = conn.execute(
+            "SELECT id, state, worker_id FROM jobs WHERE panel = ?"
+            " AND state IN ('pending', 'claimed', 'running')",
+            (sub["id"],),
+        ).fetchall()
+        for job in jobs:
+            conn.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?,"
+                " error = ? WHERE id = ?",
+                (now, now, reason, job["id"]),
+            )
+            release_worker(conn, job["worker_id"], job["id"])
+            insert_event(
+                conn, now, job["id"], "cancelled", job["state"], "cancelled", detail=reason
+            )
 
 
 # the ledger -----------------------------------------------------------------------------

@@ -27,7 +27,9 @@ Where the rules are enforced (``queue.sqlite_market``):
   for the same loss reduction. So the frontier move is guarded (it must still be the one the
   submission was judged against) and a submission that loses that race is decided
   ``rejected`` with ``FRONTIER_MOVED``: it may be submitted again, to be judged by a new
-  panel against the new frontier. (Re-queuing its referees automatically would work too,
+  panel against the new frontier. The payment that moves the frontier decides every such
+  submission at once and cancels its referee jobs (no referee spends time on a verdict that
+  can no longer count). (Re-queuing its referees automatically would work too,
   but costs a whole panel silently; the submitter decides.)
 - **Resubmissions pay nothing**: a model whose bytes equal the baseline or a submission of
   the competition still refereeing or accepted (every frontier is one of these) is a
