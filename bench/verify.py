@@ -98,8 +98,8 @@ class Sizes:
     cheat_trials: int
     cpu_repeats: int
     market_rounds: int
-    market_seeds: tuple[int, ...]
-    market_settings: tuple[tuple[int, int, int], ...]  # (n, m, windows); the current rule: first
+    # (n, m, windows, margin, competitions): today's CompetitionSpec defaults first
+    market_settings: tuple[tuple[int, int, int, float, int], ...]
     diloco_rounds: int
     diloco_steps: tuple[int, ...]
     diloco_noise: tuple[tuple[int, float], ...]
@@ -142,8 +142,7 @@ class Sizes:
                 cheat_trials=15,
                 cpu_repeats=1,
                 market_rounds=1,
-                market_seeds=(0,),
-                market_settings=((3, 2, 64),),
+                market_settings=((3, 2, 64, 0.0, 1),),
                 diloco_rounds=1,
                 diloco_steps=(10, 20, 40, 10),
                 diloco_noise=((3, 2.0),),
@@ -168,8 +167,7 @@ class Sizes:
             cheat_trials=150,
             cpu_repeats=5,
             market_rounds=2,
-            market_seeds=tuple(range(12)),
-            market_settings=((3, 2, 64),),
+            market_settings=((3, 2, 64, 0.0, 12), (3, 2, 128, 0.01, 8)),
             diloco_rounds=6,
             diloco_steps=(10, 20, 40, 80, 10, 20, 40, 80),
             diloco_noise=((3, 1.0), (6, 3.0)),
@@ -215,8 +213,9 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> tuple[dict[str, Any],
         half = detection_metrics(world, pool, sizes, rule, metrics)
         if rule != "referee":
             continue  # the historical arm: detection only
-        for n, m, w in sizes.market_settings:
-            setting = Setting(n, m, w)
+        for n, m, w, margin, competitions in sizes.market_settings:
+            setting = Setting(n, m, w, margin)
+            seeds = range(competitions)
             markets = [
                 simulate_market(
                     world,
@@ -229,10 +228,10 @@ def run(sizes: Sizes, rules: Sequence[str], work: Path) -> tuple[dict[str, Any],
                     sizes.quick,
                     say,
                 )
-                for seed in sizes.market_seeds
+                for seed in seeds
             ]
-            tag = f"market_{rule}_{market_tag(n, m, w)}"
-            for seed, market in zip(sizes.market_seeds, markets, strict=True):
+            tag = f"market_{rule}_{market_tag(setting)}"
+            for seed, market in zip(seeds, markets, strict=True):
                 traces[f"{tag}_seed{seed}"] = market.pop("trace")
             metrics.update(market_metrics(tag, markets))
     rounds = diloco_rounds(
@@ -269,19 +268,21 @@ def market_metrics(tag: str, markets: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def market_tag(n: int, m: int, windows: int) -> str:
-    return f"n{n}m{m}w{windows}"
+def market_tag(setting: Setting) -> str:
+    """``n3m2w64`` (margin 0), ``n3m2w128_margin0.01``."""
+    margin = f"_margin{setting.margin:g}" if setting.margin else ""
+    return f"n{setting.n}m{setting.m}w{setting.windows}{margin}"
 
 
 def market_summary(metrics: dict[str, Any], sizes: Sizes, rule: str) -> list[str]:
     """One sentence per simulated market setting of ``rule``."""
     out = []
-    for n, m, w in sizes.market_settings:
-        tag = f"market_{rule}_{market_tag(n, m, w)}"
+    for n, m, w, margin, competitions in sizes.market_settings:
+        tag = f"market_{rule}_{market_tag(Setting(n, m, w, margin))}"
         if f"{tag}_submissions" not in metrics:
             continue
         out.append(
-            f"market n={n}, m={m}, {w} windows ({len(sizes.market_seeds)} competitions of "
+            f"market n={n}, m={m}, {w} windows, margin {margin:g} ({competitions} competitions of "
             f"{metrics[f'{tag}_submissions']:.0f} submissions): Spearman paid vs true value, "
             f"contributors {spread(metrics, f'{tag}_spearman_contributors')}, submissions "
             f"{spread(metrics, f'{tag}_spearman_submissions')}; against the value on the "

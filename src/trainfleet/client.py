@@ -446,10 +446,23 @@ class Client:
 
     def submit(self, competition: str, sha256: str, claim: float) -> dict[str, Any]:
         """Submit an uploaded model with its claimed held-out loss: the submission."""
+        return self._submit(competition, {"sha256": sha256, "claim": claim})
+
+    def submit_job(self, competition: str, job: str, claim: float) -> dict[str, Any]:
+        """Submit the model a completed gpt train job wrote (operator only; its producer is
+        the job's host): the submission."""
+        return self._submit(competition, {"job": job, "claim": claim})
+
+    def submit_run(self, competition: str, run: str, round: int, claim: float) -> dict[str, Any]:
+        """Submit a run's global weights at the start of ``round`` (operator only; one past
+        the last round: the final weights): the submission."""
+        return self._submit(competition, {"run": run, "round": round, "claim": claim})
+
+    def _submit(self, competition: str, body: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
             "POST",
             f"/v1/market/competitions/{market_path(competition, 'competition')}/submissions",
-            json={"sha256": sha256, "claim": claim},
+            json=body,
         )
         return result
 

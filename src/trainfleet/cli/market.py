@@ -8,8 +8,10 @@ once. The self-reported loss is never used for ranking or payment.
 
 - ``market create FILE --baseline MODEL``: a competition from a TOML file (``[competition]``
   with ``[competition.hyper]`` and ``[competition.dataset]``) and a baseline model;
-- ``market submit MODEL --claim LOSS --competition NAME [--wait]``: upload and submit; with
-  ``--wait``, follow the referees and print the verdict. Exit 0: accepted; 1: rejected (or a
+- ``market submit (MODEL | --job JOB | --run RUN --round R) --claim LOSS --competition NAME
+  [--wait]``: upload and submit a model file, or (operator) a completed job's model or a run
+  round's global weights, already on the coordinator; with ``--wait``, follow the referees
+  and print the verdict. Exit 0: accepted; 1: rejected (or a
   duplicate, or refused before refereeing); 2: usage; 3: still refereeing at ``--timeout-s``;
 - ``market list``, ``market leaderboard NAME``, ``market ledger [NAME]``, ``market show ID``.
 
@@ -288,11 +290,40 @@ def create(
 
 @app.command("submit")
 def submit(
-    model: ModelArg,
     claim: Annotated[
-        float, typer.Option("--claim", help="Your held-out loss (nats/token) for MODEL.")
+        float, typer.Option("--claim", help="Your held-out loss (nats/token) for the model.")
     ],
     competition: Annotated[str, typer.Option("--competition", help="Competition name or id.")],
+    model: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Model file (safetensors); or give --job, or --run and --round.",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
+    ] = None,
+    job: Annotated[
+        str | None,
+        typer.Option(
+            "--job",
+            help="Operator: a completed gpt train job (name or id) whose model.safetensors"
+            " to submit; its host is the producer.",
+        ),
+    ] = None,
+    run: Annotated[
+        str | None,
+        typer.Option("--run", help="Operator, with --round: a run whose global weights to submit."),
+    ] = None,
+    round: Annotated[
+        int | None,
+        typer.Option(
+            "--round",
+            min=0,
+            help="With --run: the round whose starting weights to submit (one past the last"
+            " round: the run's final weights).",
+        ),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the referees and print the verdict.")
     ] = False,
@@ -305,21 +336,34 @@ def submit(
     ca_cert: CaCertOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Submit a model with its claimed held-out loss. Referees on other hosts re-measure it;
-    only their numbers rank and pay it. Exit 0 accepted, 1 rejected, 3 still refereeing."""
+    """Submit a model with its claimed held-out loss: a file (uploaded), a completed job's
+    model (--job) or a run round's global weights (--run, --round); the operator's token
+    only for the last two. Referees on other hosts re-measure it; only their numbers rank
+    and pay it. Exit 0 accepted, 1 rejected, 3 still refereeing."""
     if not competition.strip():
         fail("--competition: empty competition name", USAGE)
     if not math.isfinite(claim) or claim < 0:
         fail(f"--claim must be a finite loss >= 0, not {claim}", USAGE)
+    if (run is None) != (round is None):
+        fail("--run and --round go together", USAGE)
+    if sum(source is not None for source in (model, job, run)) != 1:
+        fail("give exactly one of MODEL, --job JOB, and --run RUN --round R", USAGE)
     with errors(), client(url, token, state_dir, ca_cert) as c:
-        uploaded = c.upload_model(model)
-        submission = c.submit(competition, uploaded["sha256"], claim)
+        if model is not None:
+            uploaded = c.upload_model(model)
+            submission = c.submit(competition, uploaded["sha256"], claim)
+        elif job is not None:
+            submission = c.submit_job(competition, job, claim)
+        else:
+            assert run is not None and round is not None
+            submission = c.submit_run(competition, run, round, claim)
         sid = str(submission["id"])
         if not as_json:
             console.print(
                 render.plain(
-                    f"submission {sid} ({submission.get('state')}): model"
-                    f" {uploaded['sha256'][:12]}, claim {claim:.4f}"
+                    f"submission {sid} ({submission.get('state')}) by"
+                    f" {submission.get('producer')}: model {str(submission.get('sha256'))[:12]},"
+                    f" claim {claim:.4f}"
                 ),
                 highlight=False,
             )

@@ -9,7 +9,10 @@ author re-measured it; the submitter's own claim is checked, never used for rank
   coordinator measures its held-out loss itself (``referee.heldout_score``, on the threadpool)
   and that is the first frontier score.
 - **Submit** (``submit``): the model must be stored, fit the family and hold finite numbers
-  (else 400 with the reason, before any referee runs). Then ONE queue transaction records the
+  (else 400 with the reason, before any referee runs). It is bytes a submitter uploaded, the
+  ``model.safetensors`` a completed gpt train job wrote (``submit_job``: its producer is the
+  job's host), or a run round's global weights (``submit_run``: producer ``"operator"``, the
+  coordinator computed them); ``market_sources`` finds those. Then ONE queue transaction records the
   submission with its ``n`` referee jobs (``kind = "referee"``, a ``RefereeTask`` each; the
   claim rules put them on distinct enrolled hosts other than the producer's). A model already
   submitted to this competition (or its baseline or frontier) is a ``duplicate``: no referee
@@ -42,10 +45,11 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from trainfleet.coordinator import market_sources
 from trainfleet.errors import BadRequest, Conflict, NotFound
 from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import JobRecord
-from trainfleet.verify.market import CompetitionSpec, payment
+from trainfleet.verify.market import OPERATOR, CompetitionSpec, payment
 from trainfleet.verify.panel import RefereeReport, failed_report, judge, report_from_losses
 from trainfleet.verify.spec import MAX_WINDOWS, RefereeTask
 
@@ -274,6 +278,31 @@ class MarketDriver:
             score,
         )
         return record
+
+    def submit_job(self, ref: str, job_ref: str, claim: float) -> SubmissionRecord:
+        """Submit the model a completed gpt train job wrote (``model.safetensors`` in its
+        packed artifact, read bounded by the family's size and stored content addressed).
+        Its producer is the host of the job's accepted attempt: its referees avoid that
+        host, and a payment goes to it."""
+        queue = self.coord.queue
+        competition = queue.get_competition(ref)
+        job = market_sources.completed_train_job(queue, job_ref)
+        if not job.host:
+            raise BadRequest(f"job {job.name} ({job.id[:12]}) has no host on record")
+        limit = model_bytes_limit(competition.spec.params())
+        store, staging = self.coord.store, self.coord.staging_dir
+        with market_sources.job_model(store, staging, job, limit) as sha256:
+            return self.submit(competition.id, sha256, claim, job.host)
+
+    def submit_run(self, ref: str, run_ref: str, round: int, claim: float) -> SubmissionRecord:
+        """Submit a run's global weights at the start of ``round`` (one past its last round:
+        its final weights). Their producer is ``"operator"``: the coordinator computed them
+        (the outer step over many hosts' contributions), so any enrolled host may referee
+        them, and a payment goes to the operator's account."""
+        queue = self.coord.queue
+        competition = queue.get_competition(ref)
+        sha256 = market_sources.run_weights(queue, run_ref, round)
+        return self.submit(competition.id, sha256, claim, OPERATOR)
 
     def submit(self, ref: str, sha256: str, claim: float, producer: str) -> SubmissionRecord:
         """Record a submission and queue its referee panel (or answer it as a duplicate)."""

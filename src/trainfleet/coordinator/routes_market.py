@@ -23,6 +23,10 @@ API (JSON shapes are the pydantic models named):
 - ``POST /v1/market/competitions/{competition}/submissions`` (auth ``submitter``; the producer
   is "operator" or the host the join token is enrolled for): ``{"sha256", "claim"}`` ->
   ``SubmissionRecord`` (state ``refereeing``, or ``duplicate`` for a model submitted before).
+  Instead of ``sha256``, the operator (only: 403 for a host) may name ``"job"`` (a completed
+  gpt train job: its ``model.safetensors``, produced by the job's host) or ``"run"`` and
+  ``"round"`` (a run round's global weights, produced by "operator");
+  ``coordinator.market_sources``.
 - ``GET /v1/market/competitions/{competition}/leaderboard`` (auth ``market``): ``Leaderboard``:
   accepted submissions by trusted score (the panel's, never the claim).
 - ``GET /v1/market/submissions/{submission}`` (auth ``submitter``, so a host that submitted
@@ -34,7 +38,7 @@ API (JSON shapes are the pydantic models named):
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from starlette.responses import StreamingResponse
 
 from trainfleet.coordinator.endpoints import HEX64, INT64_MAX, Ctx, Param, RouteTable
@@ -79,7 +83,31 @@ class NewCompetition(Body):
 
 
 class NewSubmission(Body):
-    sha256: str = Field(pattern=HEX64, description="sha256 of the uploaded model")
+    """Exactly one source: ``sha256`` (an uploaded model), ``job`` (a completed gpt train
+    job's ``model.safetensors``), or ``run`` with ``round`` (a run round's global weights)."""
+
+    sha256: str | None = Field(None, pattern=HEX64, description="sha256 of the uploaded model")
+    job: str | None = Field(
+        None,
+        pattern=REF_PATTERN,
+        max_length=128,
+        description="operator only: a completed train job of the gpt recipe (name, id or id"
+        " prefix); its model.safetensors is submitted, produced by the job's host",
+    )
+    run: str | None = Field(
+        None,
+        pattern=REF_PATTERN,
+        max_length=128,
+        description="operator only, with round: a run (name or id) whose global weights at"
+        " the start of that round are submitted, produced by the operator",
+    )
+    round: int | None = Field(
+        None,
+        ge=0,
+        le=INT64_MAX,
+        description="with run: the round whose starting weights are submitted (one past the"
+        " run's last round: its final weights)",
+    )
     claim: float = Field(
         ge=0,
         le=MAX_LOSS,
@@ -87,6 +115,18 @@ class NewSubmission(Body):
         description="the submitter's own held-out loss (nats/token): checked by the"
         " referees, never used for ranking or payment",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> NewSubmission:
+        if (self.run is None) != (self.round is None):
+            raise ValueError("run and round go together: a run round's weights need both")
+        given = [k for k in ("sha256", "job", "run") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one model source: sha256 (an uploaded model), job, or run and"
+                f" round (got {', '.join(given) or 'none'})"
+            )
+        return self
 
 
 class CompetitionList(Body):
@@ -239,19 +279,31 @@ async def competition_detail(ctx: Ctx) -> CompetitionDetail:
     "POST",
     "/v1/market/competitions/{competition}/submissions",
     auth="submitter",
-    summary="Submit an uploaded model with its claimed held-out loss; referees re-measure it",
+    summary="Submit a model (uploaded, a job's, or a run round's) with its claimed held-out"
+    " loss; referees re-measure it",
     body=NewSubmission,
     response=SubmissionRecord,
     path_params=(COMPETITION,),
-    errors=(409,),  # the frontier moved while the submission was made: submit again
+    # 403: a host naming a job or a run; 409: the frontier moved while the submission was
+    # made (submit again)
+    errors=(403, 409),
 )
 async def submit(ctx: Ctx) -> SubmissionRecord:
     body: NewSubmission = ctx.body
     producer = ctx.worker_id  # for auth "submitter": "operator" or the enrolled host
     assert producer is not None
-    return await ctx.run_io(
-        ctx.coord.market.submit, ctx.path("competition"), body.sha256, body.claim, producer
-    )
+    market, competition = ctx.coord.market, ctx.path("competition")
+    if body.sha256 is not None:
+        return await ctx.run_io(market.submit, competition, body.sha256, body.claim, producer)
+    if producer != OPERATOR:  # a host vouches only for bytes it uploads itself
+        raise Forbidden(
+            "only the operator may submit a job's or a run's model; a host submits a model"
+            " it uploads (sha256)"
+        )
+    if body.job is not None:
+        return await ctx.run_io(market.submit_job, competition, body.job, body.claim)
+    assert body.run is not None and body.round is not None
+    return await ctx.run_io(market.submit_run, competition, body.run, body.round, body.claim)
 
 
 @routes.route(
