@@ -81,7 +81,11 @@ class CompetitionSpec(BaseModel):
     dataset: DatasetSpec = Field(description="the dataset whose held-out shards judge models")
     rate: float = Field(gt=0, le=MAX_RATE, description="credits paid per nat of loss reduction")
     margin: float = Field(
-        0.0, ge=0, le=100, description="nats an improvement's lower bound must exceed"
+        # bench/verify: 0.01 nats stops paying noisy copies of the frontier
+        0.01,
+        ge=0,
+        le=100,
+        description="nats an improvement's lower bound must exceed",
     )
     referees: int = Field(3, ge=1, le=MAX_REFEREES, description="n: referees per submission")
     quorum: int = Field(2, ge=1, le=MAX_REFEREES, description="m: referees that must agree")
