@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -138,21 +139,24 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def uvicorn_options(tls: TlsFiles | None = None) -> dict[str, Any]:
+    """How ``serve`` configures uvicorn: quiet, no access log, the proxy headers only where
+    trusted proxies are named (``FORWARDED_ALLOW_IPS``), TLS where given."""
+    return {
+        "log_level": "warning",
+        "access_log": False,
+        "proxy_headers": bool(os.environ.get(FORWARDED_ALLOW_IPS_ENV)),
+        "ssl_certfile": str(tls.cert) if tls else None,
+        "ssl_keyfile": str(tls.key) if tls else None,
+    }
+
+
 def serve(coord: Coordinator, host: str, port: int, tls: TlsFiles | None = None) -> None:
     """Serve ``coord`` with uvicorn until interrupted; closes its queue afterwards."""
     app = create_app(coord)
     scheme = "https" if tls else "http"
     log.info("coordinator on %s://%s:%d  store=%s", scheme, host, port, coord.store)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        proxy_headers=bool(os.environ.get(FORWARDED_ALLOW_IPS_ENV)),
-        ssl_certfile=str(tls.cert) if tls else None,
-        ssl_keyfile=str(tls.key) if tls else None,
-    )
+    config = uvicorn.Config(app, host=host, port=port, **uvicorn_options(tls))
     try:
         _Server(config, coord.work.close).run()
     finally:
