@@ -1,6 +1,6 @@
 """Review of the referee claim rules (brief REVIEW10), on both backends. ``queue/claims.py``
-is being reworked by another helper: a gap found here is an ``xfail(strict=True)`` test
-that names it, for whoever owns ``_choose`` to make pass."""
+was being reworked by another helper meanwhile; the gap found here (the incumbent
+refereeing challenges to its own frontier) is closed in ``claims.panel_blocker``."""
 
 from __future__ import annotations
 
@@ -25,12 +25,6 @@ def market(queue: JobQueue) -> JobQueue:
     return queue
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW10: a referee may be the host whose model is the frontier under challenge;"
-    " the incumbent gains by under-reporting every challenger (RefereeTask carries no"
-    " frontier producer and claims._choose does not check it)",
-)
 def test_the_incumbent_s_host_never_referees_a_challenge_to_its_own_frontier(
     market: JobQueue,
 ) -> None:

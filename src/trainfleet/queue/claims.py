@@ -13,11 +13,12 @@ every slot holds a running job gets a 409 naming one.
 Two rules beyond capability and scheduling (issue 10), checked in ``_choose``:
 
 - a referee job (``kind = "referee"``) goes only to a worker on an *enrolled* host (not an
-  ``open:`` one) that did not produce the model under review and has not taken another job
-  of the same panel: distinct hosts, not distinct workers, since one machine running three
-  workers is one referee (``referee_blocker``). On PostgreSQL, where claims run side by
-  side, the panel is locked for the claim (``pg_try_advisory_xact_lock``) so two workers of
-  one host cannot take two of its jobs at once; a claim that finds it locked skips the job;
+  ``open:`` one) that did not produce the model under review, nor the frontier it challenges,
+  and has not taken another job of the same panel: distinct hosts, not distinct workers,
+  since one machine running three workers is one referee (``referee_blocker``). On
+  PostgreSQL, where claims run side by side, the panel is locked for the claim
+  (``pg_try_advisory_xact_lock``) so two workers of one host cannot take two of its jobs at
+  once; a claim that finds it locked skips the job;
 - a private job (``tier = "private"``) goes only to a worker whose attestation is valid
   now (``workers.attested_until``, read with the worker's row; ``tier_blocker``).
 
@@ -143,7 +144,8 @@ def referee_host_blocker(spec: JobSpec, host: str) -> str | None:
 
 
 def panel_blocker(conn: Conn, spec: JobSpec, host: str, job_id: str) -> str | None:
-    """The rule on the panel: no other of its jobs was taken by a worker of ``host``."""
+    """The rules on the panel: no other of its jobs was taken by a worker of ``host``, and
+    ``host`` did not produce the frontier model the submission is compared with."""
     task = spec.task
     if not isinstance(task, RefereeTask):
         return None
@@ -153,6 +155,13 @@ def panel_blocker(conn: Conn, spec: JobSpec, host: str, job_id: str) -> str | No
     ).fetchone()
     if taken is not None:
         return f"host {host} already took a job of this panel (one referee per host)"
+    incumbent = conn.execute(
+        "SELECT 1 FROM submissions WHERE competition_id = ? AND sha256 = ? AND producer = ?"
+        " AND state = 'accepted' LIMIT 1",
+        (task.competition_id, task.frontier, host),
+    ).fetchone()
+    if incumbent is not None:  # it would gain by under-reporting every challenger
+        return f"host {host} produced the frontier model this submission challenges"
     return None
 
 
