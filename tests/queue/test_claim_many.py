@@ -84,3 +84,35 @@ def test_a_worker_claiming_several_jobs_holds_the_last_as_its_current_job(
     got = queue.claim_many(w.id, 3)
     current = {r.id: r.current_job for r in queue.list_workers()}[w.id]
     assert current == got[-1].job.id
+
+
+def test_batches_write_each_jobs_events_as_one_by_one_calls_do(queue: JobQueue) -> None:
+    """Batched claims, beats and completions write their events together (issue 9): each job
+    still shows exactly the events, in the order, of a job claimed, beaten and completed
+    alone, a refused item rolls back alone, and the worker's slot is freed."""
+    if getattr(queue, "complete_plain_many", None) is None:
+        return  # a queue without batch completions
+    queue.apply_manifest(manifest_of(JOBS))
+    w, _ = queue.register_worker(make_cap("cpu-a"))
+    alone = queue.claim_many(w.id, 1)[0]
+    queue.heartbeat(alone.job.id, w.id, alone.epoch)
+    queue.complete_plain(alone.job.id, w.id, alone.epoch, {}, None)
+    queue.set_worker_slots(w.id, 3)
+    got = queue.claim_many(w.id, 3)
+    queue.heartbeat_each(w.id, [(c.job.id, c.epoch) for c in got])
+    clean = queue.complete_plain_many(w.id, [(c.job.id, c.epoch, {}) for c in got[::2]], {})
+    assert not any(isinstance(r, Exception) for r in clean)
+    # refused: the batch reruns item by item
+    items = [(got[1].job.id, got[1].epoch + 1, {}), (got[1].job.id, got[1].epoch, {})]
+    out = queue.complete_plain_many(w.id, items, {})
+    assert isinstance(out[0], StaleEpoch) and not isinstance(out[1], Exception)
+
+    def story(job_id: str) -> list[tuple[str, str | None, str | None, int | None]]:
+        return [(e.kind, e.from_state, e.to_state, e.epoch) for e in queue.events(job_id)]
+
+    expected = story(alone.job.id)
+    assert [k for k, *_ in expected][-3:] == ["claimed", "running", "completed"]
+    for c in got:
+        assert story(c.job.id) == expected
+        assert queue.get_job(c.job.id).state == "completed"
+    assert {r.id: r.current_job for r in queue.list_workers()}[w.id] is None

@@ -16,6 +16,9 @@ stored safetensors file and the producer whose hosts the referees must avoid:
   coordinator's outer step produced (round R-1's), already safetensors in the store; round R
   one past the run's last round is the run's final weights. The producer is ``"operator"``:
   the coordinator computed them, from the contributions of many hosts.
+
+Neither source may be private (``tier = "private"``): referee jobs are public, and an
+accepted model becomes the frontier that every later panel downloads.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ if TYPE_CHECKING:
 
 SLACK_BYTES = 16 << 20  # tar headers, config.json and metrics.json before the model
 MAX_MEMBERS = 64  # a gpt train job's outputs: three files
+# A private job's or run's model stays on attested workers; a market's referees are public
+# jobs, and an accepted model becomes the frontier every later panel downloads.
+PRIVATE_REFUSED = "its model would reach unattested referees, so it cannot be submitted"
 
 
 class _Capped:
@@ -71,6 +77,8 @@ def completed_train_job(queue: JobQueue, ref: str) -> JobRecord:
         raise BadRequest(
             f"{label} is a {what}: only a train job of the gpt recipe makes a market model"
         )
+    if spec.tier == "private":
+        raise BadRequest(f"{label} is private: {PRIVATE_REFUSED}")
     if job.state != "completed":
         raise BadRequest(f"{label} is {job.state}: only a completed job's model can be submitted")
     return job
@@ -133,6 +141,8 @@ def run_weights(queue: JobQueue, ref: str, round: int) -> str:
     """The sha256 of run ``ref``'s global weights at the start of ``round`` (for the round
     after its last, the final weights): ``NotFound`` for a run or round that has none."""
     run = queue.get_run(ref)
+    if run.spec.tier == "private":
+        raise BadRequest(f"run {run.name} is private: {PRIVATE_REFUSED}")
     rounds = {r.round: r for r in queue.run_rounds(run.id)}
     if round in rounds:
         return rounds[round].weights

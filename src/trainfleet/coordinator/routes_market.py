@@ -294,6 +294,14 @@ async def submit(ctx: Ctx) -> SubmissionRecord:
     assert producer is not None
     market, competition = ctx.coord.market, ctx.path("competition")
     if body.sha256 is not None:
+        round_of = ctx.coord.queue.weights_round
+        if producer != OPERATOR and await ctx.run(round_of, body.sha256) is not None:
+            # A replica worker knows each round's digest from its task: those weights are
+            # the fleet's work, submitted by the operator (run and round), never by a host.
+            raise Forbidden(
+                "this model is a run's global weights: only the operator submits them"
+                " (run and round)"
+            )
         return await ctx.run_io(market.submit, competition, body.sha256, body.claim, producer)
     if producer != OPERATOR:  # a host vouches only for bytes it uploads itself
         raise Forbidden(

@@ -51,7 +51,13 @@ from trainfleet.queue.db import Conn, Dialect, Row
 from trainfleet.queue.fleet_cache import SPECS, FleetCache, Member
 from trainfleet.queue.scheduling import Candidate, deferrals
 from trainfleet.queue.sqlite_attempts import affinity_wait
-from trainfleet.queue.sqlite_schema import insert_event, job_record, load_job
+from trainfleet.queue.sqlite_schema import (
+    EventRow,
+    insert_event,
+    insert_events,
+    job_record,
+    load_job,
+)
 from trainfleet.queue.sqlite_workers import touch
 from trainfleet.verify.spec import RefereeTask
 
@@ -92,11 +98,13 @@ def claim_many(
     me = fleet.member(conn, wrow)
     attested = attested_until(wrow) > clock()
     taken = None
+    events: list[EventRow] = []  # the claims' events, written together at the end
     for row in _choose(conn, me, clock(), settings, fleet, free, attested=attested):
-        got = _take(conn, row, me, clock)
+        got = _take(conn, row, me, clock, events)
         if got is not None:
             out.append(got)
             taken = got.job.id
+    insert_events(conn, events)
     if taken is not None:  # once for the batch: the worker's current job is its last claim
         conn.execute("UPDATE workers SET current_job = ? WHERE id = ?", (taken, worker_id))
     return out
@@ -306,11 +314,14 @@ def _lock_panel(conn: Conn, panel: str) -> bool:
     return bool(conn.execute(sql, (PANEL_LOCK_CLASS, panel)).fetchone()[0])
 
 
-def _take(conn: Conn, row: Row, me: Member, clock: Callable[[], float]) -> Claim | None:
+def _take(
+    conn: Conn, row: Row, me: Member, clock: Callable[[], float], events: list[EventRow]
+) -> Claim | None:
     """Claim the pending job ``row``: fenced in the WHERE clause (still pending, same epoch),
     the claimed row RETURNED whole (no second read); None if the row moved meanwhile. The
     job takes the current manifest's hash (unchanged when no manifest was applied). The
-    caller sets the worker's ``current_job``, once for all the jobs it takes."""
+    caller sets the worker's ``current_job``, once for all the jobs it takes, and writes the
+    claim's event, appended to ``events`` (``insert_events``)."""
     now = clock()
     took = conn.execute(
         "UPDATE jobs SET state = 'claimed', epoch = epoch + 1, attempt = attempt + 1,"
@@ -323,16 +334,9 @@ def _take(conn: Conn, row: Row, me: Member, clock: Callable[[], float]) -> Claim
     if took is None:
         return None
     epoch, attempt = int(took["epoch"]), int(took["attempt"])
-    insert_event(
-        conn,
-        clock(),
-        row["id"],
-        "claimed",
-        "pending",
-        "claimed",
-        me.worker_id,
-        epoch,
-        detail=f"attempt {attempt} on host {me.cap.host}",
+    detail = f"attempt {attempt} on host {me.cap.host}"
+    events.append(
+        (clock(), row["id"], "claimed", "pending", "claimed", me.worker_id, epoch, detail)
     )
     return Claim(job=job_record(took), epoch=epoch, attempt=attempt)
 

@@ -77,9 +77,11 @@ from trainfleet.queue.runs_base import (
 )
 from trainfleet.queue.shard_plans import plan_expected_shards
 from trainfleet.queue.sqlite_schema import (
+    EventRow,
     artifact_record,
     event_record,
     find_job_row,
+    insert_events,
     job_record,
     log_line,
     read_hosts,
@@ -238,19 +240,23 @@ class SQLQueue(JobQueue):
         rolled back alone and returned as its error."""
         with self._tx() as conn:
             touched: list[bool] = []  # the worker is marked seen once for the whole batch
+            events: list[EventRow] = []  # and a clean batch's events written at once
 
             def one(item: tuple[str, int]) -> HeartbeatReply:
                 if not touched:
                     sqlite_workers.touch(conn, worker_id, self.clock())
                     touched.append(True)
                 return sqlite_attempts.heartbeat(
-                    conn, item[0], worker_id, item[1], self.clock, touched=True
+                    conn, item[0], worker_id, item[1], self.clock, touched=True, events=events
                 )
 
             def alone(item: tuple[str, int]) -> HeartbeatReply:
+                events.clear()  # the batch was rolled back: each item now writes its own
                 return sqlite_attempts.heartbeat(conn, item[0], worker_id, item[1], self.clock)
 
-            return sqlite_attempts.each_item(conn, items, one, alone)
+            out = sqlite_attempts.each_item(conn, items, one, alone)
+            insert_events(conn, events)
+            return out
 
     def append_log(self, job_id: str, worker_id: str, epoch: int, lines: list[str]) -> int:
         with self._tx() as conn:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from trainfleet.capability.model import Capability
@@ -37,9 +38,11 @@ from trainfleet.queue.ledger import shard_reports
 from trainfleet.queue.log_quota import admit_lines
 from trainfleet.queue.sqlite_data import check_shards
 from trainfleet.queue.sqlite_schema import (
+    EventRow,
     artifact_record,
     find_job_row,
     insert_event,
+    insert_events,
     job_record,
     load_job,
     read_hosts,
@@ -51,6 +54,8 @@ Out = TypeVar("Out")
 
 MAX_LOG_LINE_CHARS = 4096  # what is kept of each log line
 AFFINITY_WAIT_S = 2.0  # a replica task waits this long for its slot's previous worker
+# What SQLite and PostgreSQL integers hold: a worker's epoch outside it never reaches the SQL.
+SQL_INTEGERS = range(-(2**63), 2**63)
 
 
 def fenced(conn: Conn, job_id: str, worker_id: str, epoch: int) -> Row:
@@ -87,10 +92,31 @@ def heartbeat(
     clock: Callable[[], float],
     *,
     touched: bool = False,
+    events: list[EventRow] | None = None,
 ) -> HeartbeatReply:
-    """``touched``: the caller marked the worker seen in this transaction already."""
+    """``touched``: the caller marked the worker seen in this transaction already;
+    ``events``: where a batch of beats collects its events, to write them at once.
+
+    The usual beats are one fenced UPDATE each, no read first (issue 9): the attempt's first
+    (claimed -> running, with its event), then a later one (running). Only a beat neither
+    matches reads the row, to say why (cancelled, stale, not found)."""
     if not touched:
         touch(conn, worker_id, clock())
+    for before in ("claimed", "running") if epoch in SQL_INTEGERS else ():
+        now = clock()
+        beat = conn.execute(
+            "UPDATE jobs SET heartbeat_at = ?, state = 'running', updated_at = ?"
+            " WHERE id = ? AND epoch = ? AND worker_id = ? AND state = ?",
+            (now, now, job_id, epoch, worker_id, before),
+        )
+        if beat.rowcount == 1:
+            if before == "claimed":
+                event = (now, job_id, "running", "claimed", "running", worker_id, epoch, "")
+                if events is None:
+                    insert_events(conn, [event])
+                else:
+                    events.append(event)
+            return HeartbeatReply(cancel=False, state="running")
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if (
         row is not None
@@ -209,9 +235,11 @@ def complete(
     clock: Callable[[], float],
     *,
     row: Row | None = None,
+    later: Later | None = None,
 ) -> JobRecord:
     """Complete the attempt (fenced); ``row``: the job's row, if the caller just read it in
-    this transaction."""
+    this transaction; ``later``: where a batch collects the completion's event and worker
+    slot, written for all its items at once (``Later.write``) when no shard check follows."""
     if row is None:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if (
@@ -237,16 +265,53 @@ def complete(
             f"epoch {epoch} of job {row['name']} was written off while it completed",
             current_epoch=row["epoch"],
         )
-    release_worker(conn, worker_id, job_id)
-    insert_event(conn, clock(), job_id, "completed", row["state"], "completed", worker_id, epoch)
+    event: EventRow = (
+        clock(),
+        job_id,
+        "completed",
+        row["state"],
+        "completed",
+        worker_id,
+        epoch,
+        "",
+    )
     # Shard hashes are checked only where there is something to check: a job with a dataset,
     # or a result reporting hashes anyway (noted on the job).
     has_data = SPECS.get(job_id, row["spec"]).trained_dataset is not None
+    if later is not None and not has_data and not shard_reports(result):
+        later.events.append(event)
+        later.released.append(job_id)
+        return job_record(done)
+    release_worker(conn, worker_id, job_id)
+    insert_events(conn, [event])
     if (has_data or shard_reports(result)) and check_shards(
         conn, job_id, worker_id, epoch, result, now
     ):
         return load_job(conn, job_id)  # flagged: the flags are on the row now
     return job_record(done)
+
+
+@dataclass
+class Later:
+    """What a batch of completions writes once for all its items (issue 9): their events in
+    one multi-row INSERT, and the worker's slot freed if it is held by any of their jobs.
+    Neither is read by a later item of the batch, so the writes are the same as one by one."""
+
+    events: list[EventRow] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)  # job ids
+
+    def clear(self) -> None:
+        self.events.clear()
+        self.released.clear()
+
+    def write(self, conn: Conn, worker_id: str) -> None:
+        insert_events(conn, self.events)
+        if self.released:
+            marks = ", ".join("?" * len(self.released))
+            conn.execute(
+                f"UPDATE workers SET current_job = NULL WHERE id = ? AND current_job IN ({marks})",
+                (worker_id, *self.released),
+            )
 
 
 def complete_plain(
@@ -257,6 +322,7 @@ def complete_plain(
     result: dict[str, Any],
     clock: Callable[[], float],
     start: Beat | None = None,
+    later: Later | None = None,
 ) -> tuple[JobRecord, JobRecord | None]:
     """A completion in ONE transaction: the job (by reference), the result's artifact checked
     (uploaded by this very attempt), the attempt's first beat if the coordinator's heartbeat
@@ -283,7 +349,7 @@ def complete_plain(
     fresh: Row | None = row
     if start is not None and start.job_id == job_id and renew(conn, [start])[0].state:
         fresh = None  # the beat moved it to running: read it again
-    record = complete(conn, job_id, worker_id, epoch, result, clock, row=fresh)
+    record = complete(conn, job_id, worker_id, epoch, result, clock, row=fresh, later=later)
     return record, record
 
 
@@ -461,12 +527,20 @@ def complete_plain_many(
 ) -> list[tuple[JobRecord, JobRecord | None] | ApiError]:
     """``complete_plain`` each ``(job_ref, epoch, result)`` in one transaction, each item in
     its own savepoint: an item refused (fenced, not found...) is rolled back alone and
-    returned as its error. ``starts``: first beats still in the heartbeat book, by job id."""
-    return each_item(
-        conn,
-        items,
-        lambda i: complete_plain(conn, i[0], worker_id, i[1], i[2], clock, starts.get(i[0])),
-    )
+    returned as its error. ``starts``: first beats still in the heartbeat book, by job id.
+    A clean batch writes its events and frees the worker's slot once (``Later``)."""
+    later = Later()
+
+    def one(i: tuple[str, int, dict[str, Any]]) -> tuple[JobRecord, JobRecord | None]:
+        return complete_plain(conn, i[0], worker_id, i[1], i[2], clock, starts.get(i[0]), later)
+
+    def alone(i: tuple[str, int, dict[str, Any]]) -> tuple[JobRecord, JobRecord | None]:
+        later.clear()  # the batch was rolled back: each item now writes its own
+        return complete_plain(conn, i[0], worker_id, i[1], i[2], clock, starts.get(i[0]))
+
+    out = each_item(conn, items, one, alone)
+    later.write(conn, worker_id)
+    return out
 
 
 def each_item(

@@ -172,15 +172,20 @@ class Quote:
             value = getattr(self, name)
             if not isinstance(value, str) or not HEX64.fullmatch(value):
                 raise AttestationMalformed(f"the quote's {name} is not 64 lowercase hex digits")
-        issued = self.issued_at
-        if (
-            isinstance(issued, bool)
-            or not isinstance(issued, int | float)
-            or not math.isfinite(issued)
-        ):
+        if not _finite_number(self.issued_at):
             raise AttestationMalformed("the quote's issued_at is not a finite number")
         if not isinstance(self.enclave, str) or not ENCLAVE.fullmatch(self.enclave):
             raise AttestationMalformed("the quote's enclave is not a short lowercase name")
+
+
+def _finite_number(value: object) -> bool:
+    """A JSON number a float can hold: an int of 400 digits is not (``OverflowError``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class Verifier(Protocol):
