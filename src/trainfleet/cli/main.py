@@ -8,6 +8,7 @@ Connection options of every operator command come from flags, then environment v
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -268,6 +269,8 @@ def _attestation(
         )
     except (OSError, ValueError) as err:
         _fail(str(err), 2)
+    if not math.isfinite(ttl_s):
+        _fail(f"--attest-ttl-s must be a finite number of seconds, not {ttl_s}", 2)
     return AttestationPolicy(verifier, ttl_s=ttl_s)
 
 

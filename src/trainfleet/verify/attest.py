@@ -303,6 +303,13 @@ class AttestationPolicy:
     ttl_s: float = DEFAULT_ATTEST_TTL_S  # an accepted attestation lasts this long
     nonce_ttl_s: float = NONCE_TTL_S
 
+    def __post_init__(self) -> None:
+        # An infinite ttl would attest a worker forever (and its reply is not JSON).
+        for name in ("ttl_s", "nonce_ttl_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"the attestation {name} must be a positive number, not {value}")
+
 
 def _verifies(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
     try:
