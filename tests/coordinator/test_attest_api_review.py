@@ -233,12 +233,6 @@ def test_one_nonce_used_at_once_by_two_coordinators_attests_once(
             second.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: an attestation stays valid until attested_until even after the"
-    " operator drops its measurement from the allowlist (restart with a new --measurements);"
-    " the claim rule reads attested_until only",
-)
 def test_a_measurement_dropped_from_the_allowlist_ends_its_attestations(
     tmp_path: Path, clock: FakeClock, make_queue: Callable[..., JobQueue], keys: tuple[Path, Path]
 ) -> None:

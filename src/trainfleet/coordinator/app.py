@@ -166,6 +166,18 @@ def _wait_idle(lock: threading.Lock) -> None:
         pass
 
 
+async def _end_disallowed_attestations(coord: Coordinator, run: Run) -> None:
+    """A coordinator that pins measurements ends the attestations of builds no longer on its
+    allowlist at start-up (a restart with a shorter ``--measurements``)."""
+    policy = coord.attestation
+    allowed = getattr(policy.verifier, "measurements", None) if policy is not None else None
+    if allowed is None:
+        return
+    ended = await run(coord.queue.end_attestations_except, list(allowed))
+    if ended:
+        log.info("ended %d attestation(s) whose measurement is no longer allowed", ended)
+
+
 def create_app(coord: Coordinator) -> Starlette:
     table = api_routes()
     # Declared through the route table too, so the OpenAPI document lists every served path.
@@ -231,6 +243,7 @@ def create_app(coord: Coordinator) -> Starlette:
             await asyncio.to_thread(coord.leader.start)
             listener = listen_for_work(coord.queue, coord.work.notify)
             await _renew_if_new_term(coord, run)
+            await _end_disallowed_attestations(coord, run)
             tasks = [
                 asyncio.create_task(flush_forever(coord.beats, coord.beat_flush_s, run)),
                 asyncio.create_task(_reap_forever(coord)),

@@ -491,6 +491,10 @@ class JobQueue(abc.ABC):
     def attest_worker(self, worker_id: str, nonce: str, measurement: str, until: float) -> None:
         """Consume the nonce (checked again) and mark the worker attested until ``until``."""
 
+    @abc.abstractmethod
+    def end_attestations_except(self, measurements: Sequence[str]) -> int:
+        """End the attestations whose measurement is not allowed any more; how many."""
+
     # the training market (queue.sqlite_market, verify.market) ---------------------------
     @abc.abstractmethod
     def create_competition(

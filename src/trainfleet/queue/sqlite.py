@@ -544,6 +544,12 @@ class SQLQueue(JobQueue):
             sqlite_attest.attest_worker(conn, worker_id, nonce, measurement, until, self.clock())
         self.fleet.invalidate(worker_id)  # a claim's cached view of it may carry the old term
 
+    def end_attestations_except(self, measurements: Sequence[str]) -> int:
+        with self._tx() as conn:
+            ended = sqlite_attest.end_attestations_except(conn, measurements)
+        self.fleet.invalidate()
+        return ended
+
     # the training market (sqlite_market) ------------------------------------------------
     def create_competition(
         self, spec: CompetitionSpec, baseline_sha: str, baseline_score: float

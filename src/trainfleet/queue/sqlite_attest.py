@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Sequence
 
 from trainfleet.errors import NotFound, Unauthorized
 from trainfleet.queue.db import Conn
@@ -82,3 +83,15 @@ def attest_worker(
     ).fetchone()
     if row is None:
         raise Unauthorized(f"worker {worker_id} is revoked or deregistered; register again")
+
+
+def end_attestations_except(conn: Conn, measurements: Sequence[str]) -> int:
+    """End every attestation whose measurement is not in ``measurements`` (the allowlist a
+    coordinator starts with): a build the operator dropped stops claiming private work now,
+    not when its attestation would have expired. The number of workers it ended."""
+    sql = "UPDATE workers SET attested_until = NULL WHERE attested_until IS NOT NULL"
+    params: list[str] = list(measurements)
+    if params:
+        marks = ", ".join("?" for _ in params)
+        sql += f" AND (measurement IS NULL OR measurement NOT IN ({marks}))"
+    return len(conn.execute(sql + " RETURNING id", params).fetchall())
