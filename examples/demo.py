@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -87,6 +88,40 @@ def shutdown(workers: list[subprocess.Popen[bytes]], server: subprocess.Popen[by
     if server.poll() is None:
         server.send_signal(signal.SIGTERM)
     stop(server, timeout_s=30)
+
+
+class Children:
+    """A demo's processes: each started detached (``detach``) with its output in
+    ``LOGS/NAME.log``; the first one started is the coordinator, the others its workers."""
+
+    def __init__(self, logs: Path, env: dict[str, str]):
+        self.logs = logs
+        self.env = env
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._files: list[IO[bytes]] = []
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        self._files.append(log)
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=detach,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        """Stop the workers, then the coordinator (``shutdown``); close the logs."""
+        if self.procs:
+            shutdown(self.procs[1:], self.procs[0])
+        for log in self._files:
+            log.close()
 
 
 def progress_line(jobs: list[dict], started: float) -> str:
@@ -158,28 +193,12 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     state = root / "state"
     env = {**os.environ, "TRAINFLEET_URL": url, "TRAINFLEET_STATE_DIR": str(state)}
-    procs: list[subprocess.Popen[bytes]] = []
-    logs = []
-
-    def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (root / "logs" / f"{name}.log").open("wb")
-        logs.append(log)
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=detach,
-        )
-        procs.append(proc)
-        return proc
+    children = Children(root / "logs", env)
+    spawn = children.spawn
 
     console.rule("trainfleet demo")
     console.print(f"coordinator  {url}  (state and logs in {root})")
-    server = spawn(
+    spawn(
         "coordinator",
         trainfleet(
             "serve",
@@ -295,9 +314,7 @@ def main() -> int:
             " then the coordinator"
         )
     finally:
-        shutdown(procs[1:], server)
-        for log in logs:
-            log.close()
+        children.stop()
     if interrupted:
         console.print(f"stopped; the state is kept in {os.path.relpath(state)}.")
         return 130

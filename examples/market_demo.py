@@ -51,7 +51,7 @@ from trainfleet.train.inner import init_weights
 from trainfleet.verify.market import CompetitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import detach, free_port, shutdown, trainfleet  # the sibling example's helpers
+from demo import Children, free_port, trainfleet  # the sibling example's helpers
 
 REPO = Path(__file__).resolve().parents[1]
 REFEREES = ("ref-a", "ref-b", "ref-c")
@@ -305,24 +305,8 @@ def main() -> int:
         "PYTHONUNBUFFERED": "1",  # a command's stdout and stderr lines arrive in order
     }
     env.pop("TRAINFLEET_TOKEN", None)
-    procs: list[subprocess.Popen[bytes]] = []
-    logs = []
-
-    def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (root / "logs" / f"{name}.log").open("wb")
-        logs.append(log)
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=detach,
-        )
-        procs.append(proc)
-        return proc
+    children = Children(root / "logs", env)
+    spawn = children.spawn
 
     console.rule("trainfleet market demo")
     console.print(f"coordinator  {url}  (state and logs in {os.path.relpath(root)})")
@@ -333,7 +317,7 @@ def main() -> int:
         "--heartbeat-interval-s", "1", "--heartbeat-timeout-s", "10",
     )  # fmt: skip
     console.print(Text(f"$ trainfleet {shlex.join(serve)} &", style="bold"), soft_wrap=True)
-    server = spawn("coordinator", trainfleet(*serve))
+    spawn("coordinator", trainfleet(*serve))
     console.print(
         f"(every command below runs with TRAINFLEET_URL={url}; the operator's also with"
         f" TRAINFLEET_STATE_DIR={walk.at('state')}, where `serve` keeps the operator token)"
@@ -362,9 +346,7 @@ def main() -> int:
             " then the coordinator"
         )
     finally:
-        shutdown(procs[1:], server)
-        for log in logs:
-            log.close()
+        children.stop()
     if interrupted:
         console.print(f"stopped; the state is kept in {os.path.relpath(root)}.")
         return 130
