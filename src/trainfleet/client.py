@@ -203,7 +203,15 @@ class Client:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         headers = {**self._headers(), **kwargs.pop("headers", {})}
         try:
-            response = self._http.request(method, path, headers=headers, **kwargs)
+            try:
+                response = self._http.request(method, path, headers=headers, **kwargs)
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # A read on a kept-alive connection the server closed as idle just as we
+                # sent (uvicorn closes them after 5 s): a GET changes nothing, so it is sent
+                # once more, on a fresh connection. Anything else is reported as it is.
+                if method != "GET":
+                    raise
+                response = self._http.request(method, path, headers=headers, **kwargs)
         except httpx.TransportError as err:
             untrusted = _untrusted(self.url, err)
             if untrusted is not None:
