@@ -148,6 +148,14 @@ def run_path(ref: str) -> str:
     return quote(ref, safe="")
 
 
+def pipeline_path(ref: str) -> str:
+    """A pipeline reference (name or id) as one URL path segment; :class:`EmptyReference`
+    (a ValueError) for an empty one."""
+    if not ref or not ref.strip():
+        raise EmptyReference("empty pipeline reference: give a pipeline name or id")
+    return quote(ref, safe="")
+
+
 def market_path(ref: str, what: str) -> str:
     """A competition or submission reference as one URL path segment; :class:`EmptyReference`
     (a ValueError) for an empty one."""
@@ -176,6 +184,7 @@ class Client:
         urls = split_urls(url)
         self.url = ",".join(urls)
         self.token = token
+        self.ca_cert = ca_cert  # handed on to a pipeline job's process (attach.json)
         if bucket is None and max_mbps is not None:
             bucket = TokenBucket.from_mbps(max_mbps)
         self.bucket = bucket
@@ -348,6 +357,24 @@ class Client:
     def run(self, ref: str) -> dict[str, Any]:
         """One run by name (its newest run) or id: ``{run, rounds, contributions, same_name}``."""
         result: dict[str, Any] = self.request("GET", f"/v1/runs/{run_path(ref)}")
+        return result
+
+    def attach_pipeline(self, job_id: str, epoch: int) -> dict[str, Any]:
+        """Attach a claimed producer or consumer job to its pipeline (worker auth): the
+        ``PipelineAttach`` reply (secret, attempt token, spec, teacher model)."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/jobs/{job_id}/pipeline", json={"epoch": epoch}
+        )
+        return result
+
+    def pipelines(self) -> list[dict[str, Any]]:
+        """Pipelines, oldest first: ``[{pipeline, counts}]``."""
+        result: list[dict[str, Any]] = self.request("GET", "/v1/pipelines")["pipelines"]
+        return result
+
+    def pipeline(self, ref: str) -> dict[str, Any]:
+        """One pipeline by name (its newest) or id: ``{pipeline, counts, jobs}``."""
+        result: dict[str, Any] = self.request("GET", f"/v1/pipelines/{pipeline_path(ref)}")
         return result
 
     def cancel(self, ref: str) -> dict[str, Any]:

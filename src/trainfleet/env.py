@@ -27,6 +27,10 @@ ROUTER_FILE = "TRAINFLEET_ROUTER_FILE"  # the router the coordinator handed over
 # `trainfleet join --max-mbps N`: the volunteer's link cap (Mbit/s), handed to replica programs
 # (which pick their pseudo-gradient codec from it); never part of a run's spec.
 MAX_MBPS = "TRAINFLEET_MAX_MBPS"
+# A pipeline producer's data plane (`store = "http"`): the address its FeatureServer binds
+# (default 127.0.0.1) and the host consumers reach it at (default: the bind host).
+FEATURE_HOST = "TRAINFLEET_FEATURE_HOST"
+FEATURE_ADVERTISE = "TRAINFLEET_FEATURE_ADVERTISE"
 
 DEFAULT_MAX_SHARDS = 8  # `join --max-shards`: shards kept in memory
 DEFAULT_CACHE_GIB = 4.0  # `join --cache-gib`: disk bound of the shard cache

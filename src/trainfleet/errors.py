@@ -20,11 +20,19 @@
     ├── StorageUnavailable      the artifact store cannot be opened (no bucket, no access)
     ├── CorpusTooSmall          a corpus split is shorter than one training window
     ├── SchemaTooNew            the database's schema is newer than this trainfleet knows
-    └── DataError               a dataset spec cannot be materialized as pinned
-        ├── SourceUnavailable   the source cannot be read here (offline, missing files/extra)
-        ├── SourceMismatch      the source differs from what the spec pins (version, hash)
-        ├── ShardMismatch       rebuilt shard bytes differ from the recorded content hash
-        └── RoutingMismatch     a router does not match a re-fit from its spec (fatal)
+    ├── DataError               a dataset spec cannot be materialized as pinned
+    │   ├── SourceUnavailable   the source cannot be read here (offline, missing files/extra)
+    │   ├── SourceMismatch      the source differs from what the spec pins (version, hash)
+    │   ├── ShardMismatch       rebuilt shard bytes differ from the recorded content hash
+    │   └── RoutingMismatch     a router does not match a re-fit from its spec (fatal)
+    └── FeatureError            a feature-store operation refused (data plane); ``reason``
+        ├── SampleGone          get after release / abort / GC (use after free)
+        ├── StaleGeneration     the ref's generation is not the key's current one
+        ├── HashMismatch        bytes read do not hash to the ref's content hash
+        ├── BadRef              the ref's HMAC does not verify (forged / other pipeline)
+        ├── FeatureAuthError    missing or wrong pipeline secret (data plane auth)
+        ├── Backpressure        put waited wait_s over the high watermark
+        └── StoreUnavailable    the store cannot be reached (HTTP connect error, dir gone)
 
 User mistakes (bad manifest, bad flag, bad request) surface as these, and the CLI turns them
 into a one-line message and a non-zero exit; the HTTP API turns ``ApiError`` into a JSON body
@@ -171,3 +179,75 @@ class ShardMismatch(DataError):
 
 class RoutingMismatch(DataError):
     """A router handed to a worker differs from the re-fit of its spec: refuse, never retry."""
+
+
+class FeatureError(TrainfleetError):
+    """A feature-store operation was refused (data plane). ``reason`` is a short machine
+    word (``SampleGone``: "released", "aborted", "expired", "unknown"); ``code`` names the
+    class, so a data-plane server can send it and a client raise the same class again
+    (``FEATURE_ERRORS``)."""
+
+    code = "feature_error"
+
+    def __init__(self, message: str, *, reason: str = ""):
+        self.message = message
+        self.reason = reason or self.code
+        super().__init__(message)
+
+
+class SampleGone(FeatureError):
+    """The sample was released, aborted or garbage-collected: a use after free."""
+
+    code = "sample_gone"
+
+
+class StaleGeneration(FeatureError):
+    """The ref's generation is not its key's current one (the key was put again)."""
+
+    code = "stale_generation"
+
+
+class HashMismatch(FeatureError):
+    """The bytes read do not hash to (or are not the size of) the ref's content hash."""
+
+    code = "hash_mismatch"
+
+
+class BadRef(FeatureError):
+    """The ref's HMAC does not verify with this secret (forged, altered, other pipeline), or
+    the ref names another store."""
+
+    code = "bad_ref"
+
+
+class FeatureAuthError(FeatureError):
+    """The pipeline secret is missing or wrong (data-plane authentication)."""
+
+    code = "feature_auth"
+
+
+class Backpressure(FeatureError):
+    """A put waited ``wait_s`` above the store's high watermark and gave up."""
+
+    code = "backpressure"
+
+
+class StoreUnavailable(FeatureError):
+    """The feature store cannot be reached: connection refused, directory gone, closed."""
+
+    code = "store_unavailable"
+
+
+FEATURE_ERRORS: dict[str, type[FeatureError]] = {
+    cls.code: cls
+    for cls in (
+        FeatureError,
+        SampleGone,
+        StaleGeneration,
+        HashMismatch,
+        BadRef,
+        FeatureAuthError,
+        Backpressure,
+        StoreUnavailable,
+    )
+}

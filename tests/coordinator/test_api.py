@@ -237,7 +237,7 @@ def test_openapi_describes_every_served_path(api: Api) -> None:
     assert beat["parameters"][0]["name"] == "job_id"
     # One security scheme per kind of token; each operation lists those it accepts.
     schemes = spec["components"]["securitySchemes"]
-    assert set(schemes) == {"joinToken", "workerCredential", "operatorToken"}
+    assert set(schemes) == {"joinToken", "workerCredential", "operatorToken", "attemptToken"}
     assert beat["security"] == [{"workerCredential": []}]
     assert spec["paths"]["/v1/workers/register"]["post"]["security"] == [{"joinToken": []}]
     reader = spec["paths"]["/v1/routers/{fit_id}"]["get"]["security"]

@@ -46,6 +46,7 @@ from trainfleet.cli.db import app as db_app
 from trainfleet.cli.fleet import hosts_app, workers_app
 from trainfleet.cli.hints import WorkerTag, serve_hints
 from trainfleet.cli.market import app as market_app
+from trainfleet.cli.pipelines import list_pipelines, pipeline_app
 from trainfleet.cli.runs import list_runs, run_app
 from trainfleet.client import Client
 
@@ -704,6 +705,8 @@ app.add_typer(market_app)
 app.add_typer(workers_app)
 app.command("runs")(list_runs)
 app.add_typer(run_app)
+app.command("pipelines")(list_pipelines)
+app.add_typer(pipeline_app)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Build the coordinator's ASGI app: routes, JSON errors, OpenAPI, metrics, and the tasks its
 lifespan runs: the heartbeat flusher (``beats``), the reaper, the artifact GC and the round
-driver of collaborative runs (``rounds``). The reaper flushes the heartbeat book before each
+driver of collaborative runs (``rounds``), the market's (``market``) and the pipelines'
+(``pipelines``). The reaper flushes the heartbeat book before each
 pass, so it never misses a beat that arrived, and it restarts every active lease after a
 wall-clock step, so that a step neither requeues running jobs nor keeps lost ones (the rule:
 ``clock_steps``). A reaped job wakes the long-poll claims (``longpoll``). On a PostgreSQL
@@ -34,6 +35,7 @@ from trainfleet.coordinator import (
     routes_hosts,
     routes_market,
     routes_operator,
+    routes_pipelines,
     routes_read,
     routes_runs,
     routes_worker,
@@ -44,6 +46,7 @@ from trainfleet.coordinator.endpoints import RAW_PATH_KEY, Ctx, RouteTable
 from trainfleet.coordinator.fastpath import FastPath
 from trainfleet.coordinator.market import drive_forever as drive_market_forever
 from trainfleet.coordinator.notify import listen_for_work
+from trainfleet.coordinator.pipelines import drive_forever as drive_pipelines_forever
 from trainfleet.coordinator.rounds import TICK_S as ROUND_TICK_S
 from trainfleet.coordinator.state import Coordinator
 from trainfleet.coordinator.writer import run_on
@@ -64,6 +67,7 @@ def api_routes() -> RouteTable:
         routes_runs,
         routes_attest,
         routes_market,
+        routes_pipelines,
     ):
         table.include(module.routes)
     return table
@@ -250,6 +254,7 @@ def create_app(coord: Coordinator) -> Starlette:
                 asyncio.create_task(_collect_garbage_forever(coord)),
                 asyncio.create_task(_drive_rounds_forever(coord)),
                 asyncio.create_task(drive_market_forever(coord)),
+                asyncio.create_task(drive_pipelines_forever(coord)),
             ]
             yield
         finally:

@@ -13,7 +13,14 @@ Kinds of caller (``Auth``):
 - ``submitter``: the operator token (the caller is ``OPERATOR``) or an enrolled host's join
   token (the caller is that host): who submits a model to the market (``routes_market``);
 - ``market``: as ``submitter``, or anyone with ``--public-reads``: who competes may read a
-  competition's terms, its leaderboard and the ledger.
+  competition's terms, its leaderboard and the ledger;
+- ``attempt``: a pipeline job's process (``routes_pipelines``), with the attempt token its
+  worker got at attach: ``f"{job_id}.{epoch}.{mac}"``, ``mac`` = HMAC-SHA256 of
+  ``f"attempt:{job_id}:{epoch}"`` keyed by the pipeline's secret (``attempt_token``). It is
+  checked against the secret in constant time and valid only while that epoch is the job's
+  active attempt (401 for a wrong or unknown token, 409 once the attempt is written off; the
+  MAC is checked before the fence answers, so a stranger learns nothing but 401). The
+  handler reads the caller as ``ctx.attempt`` (an ``AttemptCaller``).
 
 Every check is a constant-time comparison or a lookup by token hash. Worker and host
 lookups are cached in memory (``TokenCache``) for at most ``TOKEN_TTL_S``, so a busy fleet's
@@ -30,22 +37,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.requests import Request
 
 from trainfleet.capability.model import Capability
 from trainfleet.coordinator.writer import run_on
-from trainfleet.errors import Unauthorized
-from trainfleet.queue.base import WorkerRecord
+from trainfleet.errors import ApiError, Conflict, Unauthorized
+from trainfleet.queue.base import JobRecord, WorkerRecord
 from trainfleet.verify.market import OPERATOR  # the producer of what the operator submits
 
 if TYPE_CHECKING:
     from trainfleet.coordinator.state import Coordinator
 
-Auth = Literal["none", "join", "worker", "operator", "read", "reader", "submitter", "market"]
+Auth = Literal[
+    "none", "join", "worker", "operator", "read", "reader", "submitter", "market", "attempt"
+]
 
 TOKEN_TTL_S = 1.0  # how long another coordinator's revoke may go unseen here
 SOLE_TOKEN_TTL_S = 60.0  # the same on a database only this coordinator serves (SQLite)
@@ -116,8 +127,12 @@ def _same(given: str, expected: str) -> bool:
 
 async def authenticate(auth: Auth, request: Request, coord: Coordinator) -> str | None:
     """Check the caller; returns the worker id for ``worker`` (and a worker ``reader``),
-    the producer (``OPERATOR`` or a host name) for ``submitter``."""
+    the producer (``OPERATOR`` or a host name) for ``submitter``. An ``attempt`` caller is
+    put on ``request.state.attempt`` (``AttemptCaller``)."""
     if auth == "none" or (auth in ("read", "market") and coord.public_reads):
+        return None
+    if auth == "attempt":
+        request.state.attempt = await authenticate_attempt(bearer_token(request), coord)
         return None
     token = bearer_token(request)
     if auth in ("submitter", "market"):  # market: who competes may read the terms and ledger
@@ -163,6 +178,86 @@ def _ttl_s(coord: Coordinator) -> float | None:
     writer), else None: the cache's own, short enough for another coordinator's revoke."""
     sole = getattr(getattr(coord.queue, "db", None), "single_writer", False)
     return SOLE_TOKEN_TTL_S if sole is True else None
+
+
+# -- pipeline attempts --------------------------------------------------------------------------
+_ATTEMPT_TOKEN = re.compile(r"([0-9a-f]{64})\.([1-9][0-9]{0,17})\.([0-9a-f]{64})")
+
+
+@dataclass(frozen=True)
+class AttemptCaller:
+    """A pipeline job's running attempt, authenticated by its attempt token."""
+
+    job: JobRecord
+    epoch: int
+    pipeline: Any  # queue.pipelines_base.PipelineRecord
+    secret: str  # the pipeline's secret (hex): never sent back on these routes
+
+    @property
+    def pipeline_id(self) -> str:
+        return str(self.pipeline.id)
+
+    @property
+    def role(self) -> str:
+        return self.job.spec.kind
+
+
+def attempt_mac(secret_hex: str, job_id: str, epoch: int) -> str:
+    """HMAC-SHA256 of ``attempt:{job_id}:{epoch}`` keyed by the pipeline's secret (hex)."""
+    message = f"attempt:{job_id}:{epoch}".encode()
+    return hmac.new(bytes.fromhex(secret_hex), message, hashlib.sha256).hexdigest()
+
+
+def attempt_token(secret_hex: str, job_id: str, epoch: int) -> str:
+    """The token a pipeline job's process sends (``Authorization: Bearer ...``)."""
+    return f"{job_id}.{epoch}.{attempt_mac(secret_hex, job_id, epoch)}"
+
+
+async def authenticate_attempt(token: str, coord: Coordinator) -> AttemptCaller:
+    """The attempt ``token`` names, if its MAC verifies and the attempt is active:
+    ``Unauthorized`` (401) for a malformed, wrong or unknown token, ``StaleEpoch``/
+    ``Conflict`` (409) for a genuine token of an attempt that was written off or ended."""
+    match = _ATTEMPT_TOKEN.fullmatch(token)
+    if match is None:
+        raise Unauthorized(
+            "not a pipeline attempt token: send the attach reply's attempt_token"
+            " (JOB_ID.EPOCH.MAC) as 'Authorization: Bearer ...'"
+        )
+    job_id, epoch, mac = match[1], int(match[2]), match[3]
+    queue = coord.queue
+    try:
+        job, pipeline, secret = await run_on(
+            coord.db_executor, queue.pipeline_attempt, job_id, epoch
+        )
+    except Conflict as fenced:  # StaleEpoch too: only a genuine token may hear it
+        known = await run_on(coord.db_executor, _secret_of, queue, job_id)
+        if known is None or not _same(mac, attempt_mac(known, job_id, epoch)):
+            raise _wrong_attempt() from None
+        raise fenced
+    except ApiError:  # no such job, or not a pipeline job: the token is not one we issued
+        raise _wrong_attempt() from None
+    if not _same(mac, attempt_mac(secret, job_id, epoch)):
+        raise _wrong_attempt()
+    return AttemptCaller(job=job, epoch=epoch, pipeline=pipeline, secret=secret)
+
+
+def _wrong_attempt() -> Unauthorized:
+    return Unauthorized("wrong pipeline attempt token")
+
+
+def _secret_of(queue: Any, job_id: str) -> str | None:
+    """The secret of the pipeline job ``job_id`` belongs to, or None (not a pipeline job)."""
+    try:
+        job = queue.get_job(job_id)
+    except ApiError:
+        return None
+    task = job.spec.pipeline_task
+    if task is None:
+        return None
+    try:
+        return str(queue.pipeline_secret(task.pipeline_id))
+    except ApiError:
+        return None
 
 
 def _join_host(token: str, coord: Coordinator) -> bool:

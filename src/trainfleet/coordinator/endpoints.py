@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from trainfleet.coordinator.auth import Auth, authenticate
+from trainfleet.coordinator.auth import AttemptCaller, Auth, authenticate
 from trainfleet.coordinator.bodies import MAX_JSON_BYTES, parse_json, read_limited
 from trainfleet.coordinator.writer import run_on
 from trainfleet.errors import ApiError, BadRequest
@@ -190,6 +190,13 @@ class Ctx:
         assert self.worker_id is not None, "worker endpoint without worker auth"
         return self.worker_id
 
+    @property
+    def attempt(self) -> AttemptCaller:
+        """The pipeline attempt calling an ``attempt``-auth route (``auth.AttemptCaller``)."""
+        caller = getattr(self.request.state, "attempt", None)
+        assert isinstance(caller, AttemptCaller), "attempt endpoint without attempt auth"
+        return caller
+
 
 Handler = Callable[[Ctx], Awaitable[BaseModel | Response | None]]
 
@@ -209,6 +216,7 @@ class Endpoint:
     errors: tuple[int, ...] = ()  # status codes beyond those implied by auth, params and body
     media_type: str | None = None  # of a 200 that is not a JSON model (text, bytes)
     links: dict[str, Any] = field(default_factory=dict)  # OpenAPI links of the 200 response
+    max_body_bytes: int = MAX_JSON_BYTES  # a JSON body past this is refused (413)
 
     @property
     def operation_id(self) -> str:
@@ -238,6 +246,7 @@ class RouteTable:
         errors: tuple[int, ...] = (),
         media_type: str | None = None,
         links: dict[str, Any] | None = None,
+        max_body_bytes: int = MAX_JSON_BYTES,
     ) -> Callable[[Handler], Handler]:
         own = {p.name: p for p in path_params}
         names = [seg[1:-1].split(":")[0] for seg in path.split("/") if seg.startswith("{")]
@@ -261,6 +270,7 @@ class RouteTable:
                     errors,
                     media_type,
                     links or {},
+                    max_body_bytes,
                 )
             )
             return handler
@@ -300,7 +310,7 @@ class RouteTable:
     @staticmethod
     async def _parse(ep: Endpoint, request: Request) -> BaseModel:
         assert ep.body is not None
-        raw = await read_limited(request, MAX_JSON_BYTES)
+        raw = await read_limited(request, ep.max_body_bytes)
         # A small body (a heartbeat's epoch) is parsed here; a large one's depth scan and
         # decoding are CPU work, done off the event loop.
         if len(raw) <= INLINE_PARSE_BYTES:

@@ -33,6 +33,12 @@ SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
         "scheme": "bearer",
         "description": "the operator token: every operator and read endpoint",
     },
+    "attemptToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "a pipeline job attempt's token (JOB_ID.EPOCH.MAC), as the attach"
+        " reply (POST /v1/jobs/{job_id}/pipeline) gives it: valid while that attempt runs",
+    },
 }
 
 # The schemes each kind of caller (``Auth``) accepts: any one of them (OR).
@@ -45,6 +51,7 @@ ACCEPTS: dict[str, list[str]] = {
     "reader": ["operatorToken", "workerCredential"],
     "submitter": ["operatorToken", "joinToken"],  # a market submission's producer
     "market": ["operatorToken", "joinToken"],  # a market's terms and ledger (or none, public)
+    "attempt": ["attemptToken"],  # a pipeline job's process (routes_pipelines)
 }
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -79,7 +86,7 @@ def error_codes(ep: Endpoint) -> list[int]:
         codes.add(403)  # a host's token used to register as another host
     if ep.path_params:
         codes.add(404)
-    if ep.method != "GET" and ep.auth in ("worker", "operator"):
+    if ep.method != "GET" and ep.auth in ("worker", "operator", "attempt"):
         codes.add(409)
     if ep.body or ep.raw_body:
         codes.add(413)

@@ -30,6 +30,7 @@ from trainfleet.data.spec import (
 from trainfleet.data.tokenize import get_tokenizer
 from trainfleet.errors import ManifestError, ManifestTooDeep
 from trainfleet.manifest.names import HOST_NAME_RULE, HostName, Name
+from trainfleet.manifest.pipelines import STUDENT_IGNORED, PipelineSpec
 from trainfleet.manifest.runs import RunSpec
 from trainfleet.manifest.spec import (
     RENAMED_KEYS,
@@ -41,7 +42,7 @@ from trainfleet.manifest.spec import (
 from trainfleet.queue.matching import blockers
 from trainfleet.train.recipes import RECIPES, GPTParams
 
-_TOP_LEVEL = {"defaults", "hosts", "datasets", "jobs", "runs"}
+_TOP_LEVEL = {"defaults", "hosts", "datasets", "jobs", "runs", "pipelines"}
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
 _HOST_NAME: TypeAdapter[str] = TypeAdapter(HostName)
 _DATASET: TypeAdapter[Any] = TypeAdapter(DatasetSpec)
@@ -424,6 +425,9 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
             if not (problem.startswith("defaults.") and problem in problems):
                 problems.append(problem)
     runs = _parse_runs(raw.get("runs", []), datasets, hosts, {j.name for j in jobs}, problems)
+    pipelines = _parse_pipelines(
+        raw.get("pipelines", []), datasets, jobs, {r.name for r in runs}, problems
+    )
     if problems:
         raise ManifestError(path, problems)
     warnings = _pattern_warnings(
@@ -435,7 +439,13 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
             f" a hand-back does not count); rename it in {', '.join(renamed)}"
         )
     return Manifest(
-        defaults=defaults, hosts=hosts, datasets=datasets, jobs=jobs, runs=runs, warnings=warnings
+        defaults=defaults,
+        hosts=hosts,
+        datasets=datasets,
+        jobs=jobs,
+        runs=runs,
+        pipelines=pipelines,
+        warnings=warnings,
     )
 
 
@@ -514,6 +524,89 @@ def _check_run(
     )
     _check_job(placement, hosts, where, problems)  # an impossible placement is reported
     return run.model_copy(update={"hyper": {k: getattr(params, k) for k in run.hyper}})
+
+
+def _parse_pipelines(
+    raw: Any,
+    datasets: dict[str, Any],
+    jobs: list[JobSpec],
+    run_names: set[str],
+    problems: list[str],
+) -> list[PipelineSpec]:
+    """``[[pipelines]]``: each names its dataset (resolved like a run's) and its teacher job;
+    ``[defaults]`` does not apply. The teacher's id is filled in (part of the identity)."""
+    if not isinstance(raw, list):
+        problems.append("pipelines: must be an array of [[pipelines]] tables")
+        return []
+    by_name = {job.name: job for job in jobs}
+    pipelines: list[PipelineSpec] = []
+    seen: dict[str, int] = {}
+    for i, body in enumerate(raw):
+        label = body.get("name") if isinstance(body, dict) else None
+        where = f"pipelines[{i}] ({label!r})" if label else f"pipelines[{i}]"
+        if not isinstance(body, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        if "teacher_id" in body:
+            problems.append(f"{where}.teacher_id: set by the loader from teacher; remove it")
+            continue
+        merged = dict(body)
+        if "dataset" not in merged:
+            problems.append(f"{where}.dataset: a pipeline needs a dataset (a [datasets.NAME])")
+            continue
+        if not _resolve_dataset(merged, datasets, where, problems):
+            continue
+        spec = _validate(PipelineSpec, merged, f"{where}.", problems)
+        if isinstance(label, str) and label in seen:
+            problems.append(f"{where}.name: duplicate pipeline name (first at [{seen[label]}])")
+            continue
+        if isinstance(label, str):
+            seen[label] = i
+            if label in by_name or label in run_names:
+                problems.append(f"{where}.name: a job or run is named {label!r} too")
+        if spec is not None:
+            checked = _check_pipeline(spec, by_name, where, problems)
+            if checked is not None:
+                pipelines.append(checked)
+    return pipelines
+
+
+def _check_pipeline(
+    spec: PipelineSpec, jobs: dict[str, JobSpec], where: str, problems: list[str]
+) -> PipelineSpec | None:
+    """The pipeline with its teacher's id and its student as GPTParams read them, or None
+    (and problems)."""
+    from trainfleet.manifest.identity import job_id
+
+    teacher = jobs.get(spec.teacher)
+    if teacher is None or teacher.kind != "train" or teacher.recipe != "gpt":
+        problems.append(
+            f"{where}.teacher: {spec.teacher!r} names no [[jobs]] train job of recipe 'gpt'"
+            + suggest(spec.teacher, [j.name for j in jobs.values() if j.kind == "train"])
+        )
+        return None
+    if spec.dataset.router is not None:
+        problems.append(f"{where}.dataset: a pipeline draws from a dataset without a router")
+    ignored = [k for k in STUDENT_IGNORED if k in spec.student]
+    if ignored:
+        problems.append(
+            f"{where}.student: {', '.join(ignored)} do not apply to a student (its steps are"
+            " the samples; its data the dataset)"
+        )
+        return None
+    try:
+        student = GPTParams.model_validate(spec.student)
+    except ValidationError as err:
+        problems.extend(_problems(f"{where}.student.", err, GPTParams))
+        return None
+    teacher_seq_len = GPTParams.model_validate(teacher.hyper).seq_len
+    if student.seq_len > teacher_seq_len:
+        problems.append(
+            f"{where}.student.seq_len: {student.seq_len} is longer than the teacher's"
+            f" ({teacher_seq_len}); the teacher cannot label positions it never saw"
+        )
+    normalized = {k: getattr(student, k) for k in spec.student}
+    return spec.model_copy(update={"student": normalized, "teacher_id": job_id(teacher)})
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -17,25 +17,32 @@ from pydantic import (
 
 from trainfleet.data.spec import DatasetSpec, content_fields
 from trainfleet.manifest.names import HostName, Name, _Spec
+from trainfleet.manifest.pipelines import PipelineSpec, PipelineTask
 from trainfleet.manifest.runs import ReplicaTask, RunSpec
 from trainfleet.verify.spec import RefereeTask
 
 Scalar = str | int | float | bool
-JobKind = Literal["train", "command", "replica", "referee"]
+JobKind = Literal["train", "command", "replica", "referee", "producer", "consumer"]
 Tier = Literal["public", "private"]
 
 
 def _task_kind(value: Any) -> str:
-    """Which task a job carries: a referee task names a submission, a replica task a run."""
+    """Which task a job carries: a referee task names a submission, a pipeline task its
+    role, a replica task a run."""
     if isinstance(value, RefereeTask) or (isinstance(value, dict) and "submission_id" in value):
         return "referee"
+    if isinstance(value, PipelineTask) or (isinstance(value, dict) and "role" in value):
+        return "pipeline"
     return "replica"
 
 
 # A replica task parses exactly as before (same JSON, same identity); a referee task is told
-# apart by its submission_id, and ``JobSpec`` checks that it rides on a kind='referee' job.
+# apart by its submission_id, a pipeline task by its role, and ``JobSpec`` checks that each
+# rides on a job of its kind.
 Task = Annotated[
-    Annotated[ReplicaTask, Tag("replica")] | Annotated[RefereeTask, Tag("referee")],
+    Annotated[ReplicaTask, Tag("replica")]
+    | Annotated[RefereeTask, Tag("referee")]
+    | Annotated[PipelineTask, Tag("pipeline")],
     Discriminator(_task_kind),
 ]
 
@@ -148,7 +155,8 @@ class JobSpec(_Spec):
     task: Task | None = Field(
         None,
         description="for kind='replica': the run, round and replica slot it trains; for"
-        " kind='referee': the submission and held-out subset it re-measures",
+        " kind='referee': the submission and held-out subset it re-measures; for"
+        " kind='producer'/'consumer': the pipeline, role and index",
     )
 
     @model_validator(mode="before")
@@ -166,6 +174,19 @@ class JobSpec(_Spec):
             )
         if referee_task and self.kind != "referee":
             raise ValueError(f"a referee task rides on a kind='referee' job, not {self.kind!r}")
+        pipeline_task = self.task if isinstance(self.task, PipelineTask) else None
+        if self.kind in ("producer", "consumer") and (
+            pipeline_task is None or pipeline_task.role != self.kind
+        ):
+            raise ValueError(
+                f"a kind={self.kind!r} job needs a pipeline task of that role: pipeline jobs"
+                " are made by the coordinator from [[pipelines]], never written in a manifest"
+            )
+        if pipeline_task is not None and self.kind != pipeline_task.role:
+            raise ValueError(
+                f"a {pipeline_task.role} task rides on a kind={pipeline_task.role!r} job,"
+                f" not {self.kind!r}"
+            )
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -200,6 +221,11 @@ class JobSpec(_Spec):
     def replica_task(self) -> ReplicaTask | None:
         """Its replica task, if it is a run's (None for every other job)."""
         return self.task if isinstance(self.task, ReplicaTask) else None
+
+    @property
+    def pipeline_task(self) -> PipelineTask | None:
+        """Its pipeline task, if it is a pipeline's producer or consumer."""
+        return self.task if isinstance(self.task, PipelineTask) else None
 
     @property
     def panel(self) -> str | None:
@@ -265,13 +291,16 @@ class Defaults(_Spec):
 
 
 class Manifest(_Spec):
-    """A whole manifest: defaults, host policies, datasets, jobs and runs."""
+    """A whole manifest: defaults, host policies, datasets, jobs, runs and pipelines."""
 
     defaults: Defaults = Field(default_factory=Defaults)
     hosts: dict[HostName, HostPolicy] = Field(default_factory=dict)
     datasets: dict[Name, DatasetSpec] = Field(default_factory=dict)
     jobs: list[JobSpec] = Field(default_factory=list)
     runs: list[RunSpec] = Field(default_factory=list, description="collaborative DiLoCo runs")
+    pipelines: list[PipelineSpec] = Field(
+        default_factory=list, description="knowledge-distillation pipelines (producer/consumer)"
+    )
     warnings: list[str] = Field(
         default_factory=list,
         exclude=True,
@@ -290,4 +319,9 @@ class Manifest(_Spec):
             if run.name in runs:
                 raise ValueError(f"duplicate run name {run.name!r}")
             runs.add(run.name)
+        pipelines: set[str] = set()
+        for pipeline in self.pipelines:
+            if pipeline.name in pipelines:
+                raise ValueError(f"duplicate pipeline name {pipeline.name!r}")
+            pipelines.add(pipeline.name)
         return self

@@ -38,6 +38,14 @@ if TYPE_CHECKING:
         LedgerEntry,
         SubmissionRecord,
     )
+    from trainfleet.queue.pipelines_base import (
+        AckResult,
+        LeaseReply,
+        PipelineCounts,
+        PipelineRecord,
+        ProducerSync,
+        PublishReply,
+    )
     from trainfleet.verify.market import CompetitionSpec
     from trainfleet.verify.panel import RefereeReport
     from trainfleet.verify.panel import Verdict as PanelVerdict
@@ -202,6 +210,11 @@ class ReloadPlan(_Record):
         default_factory=list,
         description="collaborative runs; state: added, kept, changed (scheduling, or a new"
         " identity under the same name: the old run is superseded) or removed (paused)",
+    )
+    pipelines: list[PlanEntry] = Field(
+        default_factory=list,
+        description="pipelines; state: added, kept, changed (scheduling, or a new identity"
+        " under the same name: changes.id = [old, new]), superseded (the old one) or removed",
     )
 
 
@@ -417,8 +430,8 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     def is_bound(self, sha256: str) -> bool:
-        """Whether any artifact record, or a run's weights or momentum, names this digest
-        (the artifact GC keeps it)."""
+        """Whether any artifact record, a run's weights or momentum, a market model, or a
+        pipeline's teacher model names this digest (the artifact GC keeps it)."""
 
     # collaborative runs (records: queue.runs_base; round rules: coordinator.rounds) --------
     @abc.abstractmethod
@@ -560,3 +573,60 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     def balances(self, competition_id: str | None = None) -> dict[str, float]:
         """Credits paid to each account, summed from the ledger."""
+
+    # disaggregated pipelines (queue.sqlite_pipelines, queue.sqlite_pipeline_refs) -------
+    def list_pipelines(self) -> list[PipelineRecord]:
+        raise NotImplementedError
+
+    def get_pipeline(self, ref: str) -> PipelineRecord:
+        """A pipeline by id, or by name (the newest of that name); ``NotFound``."""
+        raise NotImplementedError
+
+    def pipeline_counts(self, pipeline_id: str) -> PipelineCounts:
+        raise NotImplementedError
+
+    def pipeline_jobs(self, pipeline_id: str) -> list[JobRecord]:
+        raise NotImplementedError
+
+    def pipelines_to_drive(self) -> list[PipelineRecord]:
+        """Pipelines waiting for their teacher's model or producing."""
+        raise NotImplementedError
+
+    def start_pipeline(self, pipeline_id: str, teacher_model: str) -> PipelineRecord:
+        """Record the teacher's model and insert the producer and consumer jobs."""
+        raise NotImplementedError
+
+    def fail_pipeline(self, pipeline_id: str, reason: str) -> PipelineRecord:
+        """End the pipeline as failed; its unfinished jobs are cancelled."""
+        raise NotImplementedError
+
+    def ensure_consumers(self, pipeline_id: str) -> int:
+        """Consumer jobs 0..consumers-1 exist; pending ones beyond are cancelled."""
+        raise NotImplementedError
+
+    def pipeline_attempt(self, job_id: str, epoch: int) -> tuple[JobRecord, PipelineRecord, str]:
+        """The current attempt's job, its pipeline and the pipeline's secret (hex);
+        ``StaleEpoch`` unless ``epoch`` is the job's active attempt."""
+        raise NotImplementedError
+
+    def publish_samples(self, job_id: str, epoch: int, refs: list[dict[str, Any]]) -> PublishReply:
+        raise NotImplementedError
+
+    def lease_samples(self, job_id: str, epoch: int, max_samples: int) -> LeaseReply:
+        raise NotImplementedError
+
+    def ack_samples(self, job_id: str, epoch: int, acks: list[tuple[str, int]]) -> list[AckResult]:
+        raise NotImplementedError
+
+    def return_samples(self, job_id: str, epoch: int, sample_ids: list[str]) -> int:
+        raise NotImplementedError
+
+    def producer_sync(self, job_id: str, epoch: int, released: list[str]) -> ProducerSync:
+        raise NotImplementedError
+
+    def settle_pipelines(self, now: float | None = None) -> int:
+        """Apply the ref queue's time and attempt rules; the rows changed."""
+        raise NotImplementedError
+
+    def pipeline_secret(self, pipeline_id: str) -> str:
+        raise NotImplementedError

@@ -219,6 +219,35 @@ V5_POSTGRES: list[Step] = [
     " THEN jsonb_array_length(spec::jsonb -> 'allowed_hosts') > 0 ELSE false END",
 ]
 
+# Version 6 (issue 11): disaggregated pipelines. ``pipelines`` holds one row per pipeline
+# identity (its secret, hex, never served to readers; its teacher's model digest, kept from
+# the artifact GC); ``pipeline_samples`` is the durable ref queue: one row per sample, its
+# current ref (JSON) and state; ``jobs.pipeline_id`` finds a pipeline's producer/consumer jobs.
+V6_TABLES = [
+    "CREATE TABLE IF NOT EXISTS pipelines (id TEXT PRIMARY KEY, seq INTEGER NOT NULL,"
+    " name TEXT NOT NULL, spec TEXT NOT NULL, secret TEXT NOT NULL, state TEXT NOT NULL,"
+    " teacher_job TEXT NOT NULL, teacher_model TEXT, consumers INTEGER NOT NULL,"
+    " in_manifest INTEGER NOT NULL DEFAULT 1, detail TEXT NOT NULL DEFAULT '',"
+    " created_at REAL NOT NULL, updated_at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS pipelines_by_name ON pipelines (name, seq)",
+    "CREATE INDEX IF NOT EXISTS pipelines_by_teacher_model ON pipelines (teacher_model)",
+    "CREATE TABLE IF NOT EXISTS pipeline_samples (pipeline_id TEXT NOT NULL,"
+    " sample_id TEXT NOT NULL, idx INTEGER NOT NULL, bucket INTEGER NOT NULL,"
+    " ref TEXT NOT NULL, producer_job TEXT NOT NULL, producer_epoch INTEGER NOT NULL,"
+    " state TEXT NOT NULL, released INTEGER NOT NULL DEFAULT 0, consumer_job TEXT,"
+    " consumer_epoch INTEGER, step INTEGER, leased_until REAL, produced_at REAL NOT NULL,"
+    " consumed_at REAL, committed_at REAL, released_at REAL,"
+    " times_produced INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (pipeline_id, sample_id))",
+    "CREATE INDEX IF NOT EXISTS pipeline_samples_by_state ON pipeline_samples"
+    " (pipeline_id, state, idx)",
+]
+V6_COLUMNS: list[Step] = [
+    AddColumns("jobs", (("pipeline_id", "TEXT"),)),
+    "CREATE INDEX IF NOT EXISTS jobs_by_pipeline ON jobs (pipeline_id)",
+]
+V6_SQLITE: list[Step] = [*V6_TABLES, *V6_COLUMNS]
+V6_POSTGRES: list[Step] = [*(schema_v1.to_postgres(s) for s in V6_TABLES), *V6_COLUMNS]
+
 MIGRATIONS: list[Migration] = [
     Migration(
         1,
@@ -232,6 +261,7 @@ MIGRATIONS: list[Migration] = [
     Migration(3, "worker slots, jobs by worker, workers by host", V3_STEPS, V3_STEPS),
     Migration(4, "market, attestation, tiers", V4_SQLITE, V4_POSTGRES),
     Migration(5, "jobs.allowed_hosts for the claim's filter", V5_SQLITE, V5_POSTGRES),
+    Migration(6, "pipelines, the durable ref queue, jobs.pipeline_id", V6_SQLITE, V6_POSTGRES),
 ]
 
 

@@ -76,6 +76,7 @@ from trainfleet.queue.runs_base import (
     Verdict,
 )
 from trainfleet.queue.shard_plans import plan_expected_shards
+from trainfleet.queue.sqlite_pipelines_queue import PIPELINE_BOUND, PipelineMethods
 from trainfleet.queue.sqlite_schema import (
     EventRow,
     artifact_record,
@@ -94,7 +95,7 @@ from trainfleet.verify.panel import RefereeReport
 from trainfleet.verify.panel import Verdict as PanelVerdict
 
 
-class SQLQueue(JobQueue):
+class SQLQueue(PipelineMethods, JobQueue):
     """The queue on one ``Database`` (it upgrades the schema on open). ``clock`` is
     injectable so tests control time."""
 
@@ -431,6 +432,7 @@ class SQLQueue(JobQueue):
             conn.execute(sql, (sha256,)).fetchone() is not None
             or sqlite_runs.is_bound(conn, sha256)
             or conn.execute(MARKET_BOUND, (sha256,) * 3).fetchone() is not None
+            or conn.execute(PIPELINE_BOUND, (sha256,)).fetchone() is not None
         )
 
     def list_workers(self) -> list[WorkerRecord]:

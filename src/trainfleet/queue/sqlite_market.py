@@ -302,17 +302,25 @@ def panel_jobs(conn: Conn, submission_id: str) -> list[JobRecord]:
 
 def holds_model(conn: Conn, worker_id: str, sha256: str) -> bool:
     """Whether ``worker_id`` holds an active referee job naming model ``sha256`` (candidate
-    or frontier): the worker's own active jobs (``jobs_by_worker``, a handful) are read,
-    never the queue's."""
+    or frontier), or an active producer job of a pipeline whose teacher model it is (issue
+    11): the worker's own active jobs (``jobs_by_worker``, a handful) are read, never the
+    queue's."""
     rows = conn.execute(
         "SELECT * FROM jobs WHERE worker_id = ? AND state IN ('claimed', 'running')"
-        " AND panel IS NOT NULL",
+        " AND (panel IS NOT NULL OR pipeline_id IS NOT NULL)",
         (worker_id,),
     ).fetchall()
     for row in rows:
-        task = job_record(row).spec.task
+        spec = job_record(row).spec
+        task = spec.task
         if isinstance(task, RefereeTask) and sha256 in (task.candidate, task.frontier):
             return True
+        if spec.kind == "producer" and row["pipeline_id"] is not None:
+            teacher = conn.execute(
+                "SELECT teacher_model FROM pipelines WHERE id = ?", (row["pipeline_id"],)
+            ).fetchone()
+            if teacher is not None and teacher["teacher_model"] == sha256:
+                return True
     return False
 
 

@@ -7,7 +7,8 @@ changed jobs get their new scheduling fields, and jobs gone from the manifest ar
 is no longer claimable, so an edited job's old version never runs ahead of the new one.
 ``requeue`` of a removed job is the explicit way to run it anyway: it marks the job
 ``pinned`` (claimable although not in the manifest) until a reload adds it back. Runs
-(``[[runs]]``) are reloaded by ``sqlite_runs_reload.apply_runs``; their replica jobs are not part of
+(``[[runs]]``) are reloaded by ``sqlite_runs_reload.apply_runs`` and pipelines
+(``[[pipelines]]``) by ``sqlite_pipelines_reload.apply_pipelines``; their jobs are not part of
 the jobs' diff. Each
 function runs on a connection the caller has already put inside a write transaction, and
 ``clock`` is the queue's clock.
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from trainfleet.errors import Conflict
 from trainfleet.manifest.identity import manifest_hash
 from trainfleet.manifest.spec import JobSpec, Manifest
-from trainfleet.queue import sqlite_runs_reload
+from trainfleet.queue import sqlite_pipelines_reload, sqlite_runs_reload
 from trainfleet.queue.base import JobRecord, PlanEntry, ReloadPlan
 from trainfleet.queue.db import Conn
 from trainfleet.queue.reload import Diff, StoredJob, diff_manifest
@@ -51,13 +52,14 @@ def apply_manifest(
         )
         for r in conn.execute(
             "SELECT id, name, state, spec, in_manifest FROM jobs"
-            " WHERE kind NOT IN ('replica', 'referee')"
+            " WHERE kind NOT IN ('replica', 'referee', 'producer', 'consumer')"
         )
     ]
     diff = diff_manifest(manifest, stored)
     if not dry_run:
         _apply_diff(conn, manifest, mhash, diff, clock)
     runs = sqlite_runs_reload.apply_runs(conn, manifest, clock, dry_run=dry_run)
+    pipelines = sqlite_pipelines_reload.apply_pipelines(conn, manifest, clock, dry_run=dry_run)
     return ReloadPlan(
         manifest_hash=mhash,
         added=[
@@ -70,6 +72,7 @@ def apply_manifest(
         applied=not dry_run,
         warnings=manifest.warnings,
         runs=runs,
+        pipelines=pipelines,
     )
 
 

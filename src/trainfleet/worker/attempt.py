@@ -26,6 +26,10 @@ run; the same outcomes apply to the download), and on exit 0 the pseudo-gradient
 is uploaded and reported with a ``contribution`` record. A ``referee`` job (one referee of a
 market submission's panel) fetches the candidate and frontier models the same way
 (:mod:`trainfleet.worker.referee_task`) and completes with its loss arrays, uploading nothing.
+A ``producer`` or ``consumer`` job (one side of a pipeline) first attaches to its pipeline
+and writes ``attach.json``, a producer also fetches its teacher model
+(:mod:`trainfleet.worker.pipeline_task`); its output directory is then uploaded and
+completed like a train job's.
 """
 
 from __future__ import annotations
@@ -51,9 +55,17 @@ from trainfleet.data.prepare import CacheSettings
 from trainfleet.data.spec import DatasetSpec
 from trainfleet.data.verify import router_fit_id
 from trainfleet.errors import ApiError, CoordinatorUnavailable
+from trainfleet.worker import pipeline_task
 from trainfleet.worker import referee_task as referee
 from trainfleet.worker.disk import DISK_FULL_BYTES, free_bytes, job_filled_disk, tree_bytes
-from trainfleet.worker.launch import RefereeFiles, ReplicaFiles, build_argv, build_env
+from trainfleet.worker.launch import (
+    PipelineFiles,
+    Prepared,
+    RefereeFiles,
+    ReplicaFiles,
+    build_argv,
+    build_env,
+)
 from trainfleet.worker.logship import LogLimits, LogSpool
 from trainfleet.worker.process import JobProcess, ensure_dir, is_disk_full
 from trainfleet.worker.replica_task import (
@@ -67,13 +79,14 @@ from trainfleet.worker.report import Reply, Reporter, cut_text
 from trainfleet.worker.result import MetricsError, read_metrics
 
 log = logging.getLogger(__name__)
-_Files = TypeVar("_Files", ReplicaFiles, RefereeFiles)
+_Files = TypeVar("_Files", ReplicaFiles, RefereeFiles, PipelineFiles)
 
 TERM_GRACE_S = 10.0
 USAGE_ERROR_EXIT = 2  # a built-in trainer exiting 2 rejected its parameters: never retried
 REFUSED_EXIT = 3  # a built-in trainer exiting 3 refused its data (a wrong router): never retried
 NOT_RETRIED_EXITS = (USAGE_ERROR_EXIT, REFUSED_EXIT)
-BUILTIN_KINDS = ("train", "replica", "referee")  # programs of ours: exits 2 and 3 mean the above
+# Programs of ours: exits 2 and 3 mean the above.
+BUILTIN_KINDS = ("train", "replica", "referee", "producer", "consumer")
 REPORT_PATIENCE_S = 3600.0  # how long a finished attempt keeps trying to report
 LOG_FLUSH_S = 0.5
 DISK_CHECK_S = 1.0
@@ -256,13 +269,9 @@ class Attempt:
                 if is_disk_full(err):
                     return self._disk_full("preparing the attempt", err, started=False)
                 return self._fail(_disk_message("preparing the attempt", err))
-            replica: ReplicaFiles | RefereeFiles | None = None
-            if self.spec["kind"] in ("replica", "referee"):
-                prepared = (
-                    self._prepare_replica()
-                    if self.spec["kind"] == "replica"
-                    else self._prepare_referee()
-                )
+            replica: Prepared | None = None
+            if self.spec["kind"] in ("replica", "referee", *pipeline_task.PIPELINE_KINDS):
+                prepared = self._prepare()
                 if isinstance(prepared, Outcome):
                     return prepared
                 replica = prepared
@@ -283,6 +292,36 @@ class Attempt:
             self._done.set()
             for t in threads:
                 t.join(timeout=30)
+
+    def _prepare(self) -> Prepared | Outcome:
+        """The files a replica, referee or pipeline program starts with, or how the attempt
+        ended if they could not be had."""
+        kind = self.spec["kind"]
+        if kind == "replica":
+            return self._prepare_replica()
+        if kind == "referee":
+            return self._prepare_referee()
+        return self._prepare_pipeline()
+
+    def _prepare_pipeline(self) -> PipelineFiles | Outcome:
+        """Attach to the pipeline, write ``attach.json`` (0600), fetch a producer's teacher
+        model, while heartbeats go on (``worker.pipeline_task``)."""
+        cache = referee.models_cache(self.weights)
+        ca = getattr(self.client, "ca_cert", None)
+        return self._fetch(
+            "pipeline attach",
+            lambda give_up: pipeline_task.prepare(
+                self.job_id,
+                self.epoch,
+                self.spec["kind"],
+                self.dir,
+                cache,
+                self.client,
+                self.client.url,
+                None if ca is None else str(Path(ca).resolve()),  # the job has its own cwd
+                give_up,
+            ),
+        )
 
     def _prepare_replica(self) -> ReplicaFiles | Outcome:
         """The replica program's files (weights fetched while heartbeats go on), or how

@@ -10,6 +10,11 @@ setting, from which the replica picks its pseudo-gradient codec.
 A ``referee`` job (one referee of a market submission's panel) runs ``python -m
 trainfleet.verify.referee`` on the files the worker prepared for it (:class:`RefereeFiles`:
 the task, the candidate and the frontier model, fetched by sha256).
+
+A ``producer`` or ``consumer`` job (one side of a disaggregated pipeline, issue 11) runs
+``python -m trainfleet.pipeline.producer`` (or ``.consumer``) on the files the worker
+prepared for it (:class:`PipelineFiles`: ``attach.json``, mode 0600, holding the pipeline's
+secret and the attempt token; for a producer, the teacher model fetched by sha256).
 """
 
 from __future__ import annotations
@@ -44,13 +49,40 @@ class RefereeFiles:
     frontier: Path  # the competition's frontier model it is compared with
 
 
+@dataclass(frozen=True)
+class PipelineFiles:
+    """What the worker prepared for a pipeline producer or consumer job."""
+
+    attach: Path  # attach.json (mode 0600): the attach reply + "coordinator" url + "ca" path
+    teacher: Path | None  # a producer's teacher model.safetensors (in the models cache)
+
+
+Prepared = ReplicaFiles | RefereeFiles | PipelineFiles
+
+
 def build_argv(
     spec: dict[str, Any],
     output_dir: Path,
-    replica: ReplicaFiles | RefereeFiles | None = None,
+    replica: Prepared | None = None,
 ) -> list[str]:
-    """The job's command line: the built-in trainer, the replica or referee program
-    (``replica`` gives its prepared files), or the manifest's command + --key value."""
+    """The job's command line: the built-in trainer, the replica, referee or pipeline
+    program (``replica`` gives its prepared files), or the manifest's command + --key value."""
+    if spec["kind"] in ("producer", "consumer"):
+        if not isinstance(replica, PipelineFiles):
+            raise ValueError(f"a {spec['kind']} job needs its prepared files")
+        argv = [
+            sys.executable,
+            "-u",
+            "-m",
+            f"trainfleet.pipeline.{spec['kind']}",
+            "--attach",
+            str(replica.attach),
+        ]
+        if spec["kind"] == "producer":
+            if replica.teacher is None:
+                raise ValueError("a producer job needs its teacher model")
+            argv += ["--teacher", str(replica.teacher)]
+        return [*argv, "--output", str(output_dir)]
     if spec["kind"] == "referee":
         if not isinstance(replica, RefereeFiles):
             raise ValueError("a referee job needs its prepared files")
