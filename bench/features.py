@@ -10,8 +10,10 @@
    InProcessStore with a FeatureServer; the consumer gets through an HttpStore over
    loopback). Method: one transfer at a time, timed from the producer's put start to the
    consumer's get end (CLOCK_MONOTONIC, which both processes share), so the ref's handoff
-   over a pipe is in it (tens of microseconds); GB/s = sample bytes / median time over the
-   repeats, after one warm-up. The consumer releases each sample after timing it.
+   over a pipe is in it (tens of microseconds); the consumer releases each sample after
+   timing it. The arms take turns, one transfer each per round (a shared machine's load
+   drifts: every arm sees the same drift), a warm-up round first; GB/s = sample bytes /
+   median time over the rounds (``_best_gbps``: over the fastest).
    Reference, measured in the same run: the shared-memory copy ceiling, the same two copies
    without any store logic (no encode, no hash, no file): the producer process copies the
    tensor's bytes into a fresh ``multiprocessing.shared_memory`` block, the consumer process
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import multiprocessing as mp
 import statistics
 import sys
@@ -69,6 +72,7 @@ def nbytes(size_mib: float) -> int:
     return max(int(size_mib * MIB) // 4, 1) * 4
 
 
+@functools.lru_cache(maxsize=2)
 def sample_tensor(size_bytes: int) -> torch.Tensor:
     return torch.arange(size_bytes // 4, dtype=torch.float32)
 
@@ -154,66 +158,47 @@ def producer(root: Path) -> Iterator[tuple[Connection, dict[str, str]]]:
 # --- the measurements ---------------------------------------------------------------------
 
 
-def _median_gbps(size: int, seconds: list[float]) -> float:
-    return size / statistics.median(seconds) / 1e9
-
-
-def ceiling(size: int, repeats: int, conn: Connection, warm: bool) -> float:
-    """GB/s of the bare two-copy path through a shared-memory block."""
-    op = "shm_warm" if warm else "shm"
-    times: list[float] = []
-    for i in range(repeats + 1):
-        conn.send((op, size, ""))
-        start, name = conn.recv()
-        block = SharedMemory(name=name)
-        try:
-            buf = block.buf
-            assert buf is not None
-            out = bytearray(buf[:size])  # the consumer's copy, into fresh memory
-            del buf
-            end = time.perf_counter()
-        finally:
-            block.close()
-        assert len(out) == size
-        if not warm:
-            conn.send(("unlink", size, name))
-            conn.recv()
-        if i:  # the first is a warm-up
-            times.append(end - start)
-    return _median_gbps(size, times)
-
-
-def across(
-    size: int, repeats: int, conn: Connection, backend: str, consumer: FeatureStore
-) -> float:
-    """GB/s from the producer's put start to this process's get end."""
-    times: list[float] = []
-    for i in range(repeats + 1):
-        conn.send((backend, size, f"s{i}"))
-        start, ref_json = conn.recv()
-        ref = SampleRef.model_validate_json(ref_json)
-        got = consumer.get(ref)
+def ceiling(size: int, conn: Connection, warm: bool) -> float:
+    """Seconds of one transfer over the bare two-copy path through a shared-memory block."""
+    conn.send(("shm_warm" if warm else "shm", size, ""))
+    start, name = conn.recv()
+    block = SharedMemory(name=name)
+    try:
+        buf = block.buf
+        assert buf is not None
+        out = bytearray(buf[:size])  # the consumer's copy, into fresh memory
+        del buf
         end = time.perf_counter()
-        assert got["x"].numel() * 4 == size
-        consumer.release(ref)
-        if i:
-            times.append(end - start)
-    return _median_gbps(size, times)
+    finally:
+        block.close()
+    assert len(out) == size
+    if not warm:
+        conn.send(("unlink", size, name))
+        conn.recv()
+    return end - start
 
 
-def in_process(size: int, repeats: int) -> float:
-    times: list[float] = []
+def across(size: int, conn: Connection, backend: str, consumer: FeatureStore, i: int) -> float:
+    """Seconds from the producer's put start to this process's get end."""
+    conn.send((backend, size, f"s{i}"))
+    start, ref_json = conn.recv()
+    ref = SampleRef.model_validate_json(ref_json)
+    got = consumer.get(ref)
+    end = time.perf_counter()
+    assert got["x"].numel() * 4 == size
+    consumer.release(ref)
+    return end - start
+
+
+def in_process(size: int, store: FeatureStore, i: int) -> float:
+    """Seconds of a put and a get in this process (no IPC: the upper bound)."""
     t = sample_tensor(size)
-    with InProcessStore(secret=SECRET) as store:
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            ref = store.put(f"s{i}", {"x": t})
-            store.get(ref)
-            end = time.perf_counter()
-            store.release(ref)
-            if i:
-                times.append(end - start)
-    return _median_gbps(size, times)
+    start = time.perf_counter()
+    ref = store.put(f"s{i}", {"x": t})
+    store.get(ref)
+    end = time.perf_counter()
+    store.release(ref)
+    return end - start
 
 
 def size_label(size_mib: float) -> str:
@@ -221,8 +206,8 @@ def size_label(size_mib: float) -> str:
 
 
 def throughput(sizes_mib: Sequence[float], repeats: dict[float, int]) -> dict[str, Any]:
-    """Section 1: the ceiling and every backend, size by size (close together in time: the
-    machine's load drifts)."""
+    """Section 1: the ceiling and every backend, size by size, in rounds of one transfer
+    each (so a drift in the machine's load touches every arm alike); medians and bests."""
     metrics: dict[str, Any] = {}
     root = SHM_ROOT / f"bench-features-{uuid.uuid4().hex[:8]}"
     try:
@@ -230,17 +215,27 @@ def throughput(sizes_mib: Sequence[float], repeats: dict[float, int]) -> dict[st
             producer(root) as (conn, addresses),
             SharedDirStore(root, secret=SECRET) as shared_dir,
             HttpStore(addresses["http"], SECRET) as http,
+            InProcessStore(secret=SECRET) as memory,
         ):
+            arms: dict[str, Callable[[int, int], float]] = {
+                "shm_copy_ceiling": lambda size, i: ceiling(size, conn, False),
+                "shm_copy_ceiling_warm": lambda size, i: ceiling(size, conn, True),
+                "in_process": lambda size, i: in_process(size, memory, i),
+                "shared_dir": lambda size, i: across(size, conn, "shared_dir", shared_dir, i),
+                "http": lambda size, i: across(size, conn, "http", http, i),
+            }
             for mib in sizes_mib:
-                size, label, n = nbytes(mib), size_label(mib), repeats[mib]
-                say(f"{mib:g} MiB: ceiling, in_process, shared_dir, http")
-                metrics[f"shm_copy_ceiling_{label}_gbps"] = ceiling(size, n, conn, False)
-                metrics[f"shm_copy_ceiling_warm_{label}_gbps"] = ceiling(size, n, conn, True)
-                metrics[f"in_process_{label}_gbps"] = in_process(size, n)
-                metrics[f"shared_dir_{label}_gbps"] = across(
-                    size, n, conn, "shared_dir", shared_dir
-                )
-                metrics[f"http_{label}_gbps"] = across(size, n, conn, "http", http)
+                size, label = nbytes(mib), size_label(mib)
+                say(f"{mib:g} MiB: {repeats[mib]} rounds of {', '.join(arms)}")
+                times: dict[str, list[float]] = {arm: [] for arm in arms}
+                for i in range(repeats[mib] + 1):  # round 0 warms up
+                    for arm, transfer in arms.items():
+                        took_s = transfer(size, i)
+                        if i:
+                            times[arm].append(took_s)
+                for arm, took in times.items():
+                    metrics[f"{arm}_{label}_gbps"] = size / statistics.median(took) / 1e9
+                    metrics[f"{arm}_{label}_best_gbps"] = size / min(took) / 1e9
     finally:
         if root.exists():
             for path in root.iterdir():
@@ -306,16 +301,19 @@ def table(m: dict[str, Any], sizes_mib: Sequence[float]) -> list[tuple[str, str,
     rows: list[tuple[str, str, str]] = []
     for mib in sizes_mib:
         label = size_label(mib)
-        cold = m[f"shm_copy_ceiling_{label}_gbps"]
-        ceil = f"{cold:.2f} (warm {m[f'shm_copy_ceiling_warm_{label}_gbps']:.2f})"
+        ceil = f"shm copy ceiling {m[f'shm_copy_ceiling_{label}_gbps']:.2f}"
+        ceil += f" (best {m[f'shm_copy_ceiling_{label}_best_gbps']:.2f};"
+        ceil += f" warm block {m[f'shm_copy_ceiling_warm_{label}_gbps']:.2f})"
         for backend in BACKENDS:
             ours = f"{m[f'{backend}_{label}_gbps']:.2f}"
+            best = m[f"{backend}_{label}_best_gbps"]
             ratio = m[f"{backend}_{label}_ceiling_ratio"]
             rows.append(
                 (
-                    f"put+get GB/s {mib:g} MiB, {backend} (ceiling/ours {ratio:.2f}x)",
+                    f"put+get GB/s {mib:g} MiB, {backend} (best {best:.2f}; ceiling/ours "
+                    f"{ratio:.2f}x)",
                     ours,
-                    f"shm copy ceiling {ceil}",
+                    ceil,
                 )
             )
     for name in BACKENDS:
@@ -352,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--repeats",
         type=int,
         default=None,
-        help="timed transfers per size (default: 20 up to 4 MiB, 10 beyond; quick 5)",
+        help="timed rounds per size (default: 30 up to 4 MiB, 15 to 16, 10 beyond; quick 5)",
     )
     parser.add_argument(
         "--interleave-ops",
@@ -366,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     default_sizes = "1,4,16" if args.quick else "1,4,16,64"
     sizes_mib = [float(s) for s in (args.sizes_mib or default_sizes).split(",")]
     repeats = {
-        mib: args.repeats or (5 if args.quick else 20 if mib <= 4 else 10) for mib in sizes_mib
+        mib: args.repeats or (5 if args.quick else 30 if mib <= 4 else 15 if mib <= 16 else 10)
+        for mib in sizes_mib
     }
     num_ops = args.interleave_ops or (2000 if args.quick else 100_000)
     metrics = throughput(sizes_mib, repeats)
@@ -383,8 +382,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "repeats": {f"{k:g}": v for k, v in repeats.items()},
             "interleave_ops": num_ops,
             "seed": args.seed,
-            "method": "one transfer at a time: producer's put start to consumer's get end, "
-            "median over repeats after one warm-up; GB/s = sample bytes / time",
+            "method": "one transfer at a time, producer's put start to consumer's get end; "
+            "arms take turns, one transfer each per round, after a warm-up round; "
+            "GB/s = sample bytes / median time (best: / fastest)",
             "ceiling": "producer copies the bytes into a fresh multiprocessing.shared_memory "
             "block, consumer copies them out into fresh memory (warm: one reused block)",
             "shm_root": str(SHM_ROOT),

@@ -326,11 +326,12 @@ def test_a_lying_server_is_caught_by_the_client(lie: str) -> None:
             return Response(data[:-10], media_type="application/octet-stream")
         return Response(b"<html>hello</html>", status_code=502)
 
-    async def release(request: Request) -> Response:  # an endless "JSON" reply
+    async def release(request: Request) -> Response:  # a 4 MiB "JSON" reply
         async def stream() -> AsyncIterator[bytes]:
             yield b'{"freed": true, "x": "'
-            while True:
+            for _ in range(64):
                 yield b"x" * 65536
+            yield b'"}'
 
         return StreamingResponse(stream(), media_type="application/json")
 

@@ -67,6 +67,8 @@ MAX_REF_BYTES = 4096  # a request body: one SampleRef's JSON is ~600 bytes
 MAX_REPLY_BYTES = 64 * 1024  # a JSON reply (refusal, release, health) read by the client
 DEFAULT_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5
+READ_ONLY_PATHS = frozenset({"/v1/get", "/health"})
 
 # The status each refusal is sent with; a class not here (the base) is a 400.
 STATUS: dict[type[FeatureError], int] = {
@@ -225,7 +227,13 @@ class ThreadedServer:
         self.host = host
         self.port = int(sock.getsockname()[1])
         self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=STOP_TIMEOUT_S,  # a stalled download ends stop()
+            )
         )
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, name=name, daemon=True
@@ -241,7 +249,7 @@ class ThreadedServer:
                 raise StoreUnavailable(f"the {self._thread.name} server did not start")
             ready.wait(0.005)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 2 * STOP_TIMEOUT_S) -> None:
         self.server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout=timeout_s)
@@ -467,7 +475,15 @@ class HttpStore(FeatureStore):
             headers=None if body is None else {"content-type": "application/json"},
         )
         try:
-            reply = self._client.send(request, stream=True)
+            try:
+                reply = self._client.send(request, stream=True)
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # A kept-alive connection the server closed as idle just as we sent: a get
+                # changes nothing, so it is sent once more on a fresh connection; a release
+                # or retain might have counted, so it is not.
+                if path not in READ_ONLY_PATHS:
+                    raise
+                reply = self._client.send(request, stream=True)
         except httpx.TransportError as e:
             raise self._unavailable(e) from e
         if reply.status_code != 200:

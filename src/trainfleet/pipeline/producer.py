@@ -196,15 +196,9 @@ def make_store(
 
     store = stack.enter_context(InProcessStore(**guards))
     host = os.environ.get(env.FEATURE_HOST) or "127.0.0.1"
-    server = FeatureServer(store, secret, host=host, port=0)
-    server.start()
-    stack.callback(server.stop)
-    advertise = os.environ.get(env.FEATURE_ADVERTISE)
-    if advertise:
-        port = server.address.rsplit(":", 1)[1]
-        store.address = f"http://{advertise}:{port}"
-    else:
-        store.address = server.address
+    advertise = os.environ.get(env.FEATURE_ADVERTISE) or None
+    server = FeatureServer(store, secret, host=host, port=0, advertise=advertise).start()
+    stack.callback(server.stop)  # sets store.address: refs name the server
     return store
 
 
