@@ -2,6 +2,7 @@
 #   make demo   create .venv, install, run the main job (a sweep on a 3-worker local fleet)
 #   make test   create .venv, install, lint + type-check + run the whole test suite
 #   make market-demo   a training-market competition on a local fleet (examples/market_demo.py)
+#   make pipeline-demo   knowledge distillation on a disaggregated pipeline (examples/pipeline_demo.py)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 # its wall time on a 2-core machine. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo market-demo test test-fast lint bench clean
+.PHONY: setup demo market-demo pipeline-demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +31,9 @@ demo: setup
 
 market-demo: setup
 	$(BIN)/python examples/market_demo.py
+
+pipeline-demo: setup
+	$(BIN)/python examples/pipeline_demo.py
 
 lint: setup
 	$(BIN)/ruff check src tests examples bench
@@ -53,4 +57,4 @@ bench: setup
 	$(BIN)/python -m bench.verify
 
 clean:
-	rm -rf $(VENV) .demo .market-demo .trainfleet .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .demo .market-demo .pipeline-demo .trainfleet .pytest_cache .ruff_cache .mypy_cache

@@ -330,9 +330,10 @@ def table(m: dict[str, Any], sizes_mib: Sequence[float]) -> list[tuple[str, str,
     if "goal_shared_dir_ratio" in m:
         rows.append(
             (
-                f"shared-dir at {GOAL_SIZE_MIB:g} MiB: ceiling / ours",
+                f"shared-dir at {GOAL_SIZE_MIB:g} MiB: ceiling / ours (medians)",
                 f"{m['goal_shared_dir_ratio']:.2f}x",
-                f"goal <= {GOAL_RATIO:g}x ({'held' if m['goal_shared_dir_held'] else 'missed'})",
+                f"goal <= {GOAL_RATIO:g}x ({'held' if m['goal_shared_dir_held'] else 'missed'};"
+                f" fastest rounds: {m['goal_shared_dir_best_ratio']:.2f}x)",
             )
         )
     return rows
@@ -371,9 +372,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metrics = throughput(sizes_mib, repeats)
     metrics.update(interleavings(num_ops, args.seed))
     if GOAL_SIZE_MIB in sizes_mib:
-        ratio = metrics[f"shared_dir_{size_label(GOAL_SIZE_MIB)}_ceiling_ratio"]
+        label = size_label(GOAL_SIZE_MIB)
+        ratio = metrics[f"shared_dir_{label}_ceiling_ratio"]
         metrics["goal_shared_dir_ratio"] = ratio
         metrics["goal_shared_dir_held"] = bool(ratio <= GOAL_RATIO)
+        metrics["goal_shared_dir_best_ratio"] = (
+            metrics[f"shm_copy_ceiling_{label}_best_gbps"]
+            / metrics[f"shared_dir_{label}_best_gbps"]
+        )
     result = {
         "benchmark": "features",
         "params": {

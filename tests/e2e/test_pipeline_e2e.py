@@ -36,6 +36,7 @@ from trainfleet.manifest.pipelines import PipelineSpec, sample_id
 from trainfleet.pipeline import distill
 from trainfleet.testing import ServedFleet
 from trainfleet.testing.worker import WorkerHandle
+from trainfleet.train.recipes import GPTParams
 from trainfleet.train.trainer import deterministic_torch
 
 pytestmark = pytest.mark.slow
@@ -157,7 +158,7 @@ class WireTap:
 
 
 def _events(conn: h11.Connection) -> list[Any]:
-    events = []
+    events: list[Any] = []
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
@@ -222,7 +223,9 @@ def tapped(tmp_path: Path) -> Any:
 # -- reading the fleet -----------------------------------------------------------------------
 def show(fleet: ServedFleet, name: str) -> dict[str, Any]:
     """``trainfleet pipeline show NAME --json``."""
-    out: dict[str, Any] = json.loads(fleet.cli("pipeline", "show", name, "--json", check=True).stdout)
+    out: dict[str, Any] = json.loads(
+        fleet.cli("pipeline", "show", name, "--json", check=True).stdout
+    )
     return out
 
 
@@ -233,7 +236,9 @@ def wait_completed(fleet: ServedFleet, name: str, timeout_s: float = 240) -> dic
         assert state != "failed", detail["pipeline"]["detail"]
         return detail if state == "completed" else None
 
-    result: dict[str, Any] = wait_until(check, timeout_s, f"pipeline {name} to complete", interval_s=0.5)
+    result: dict[str, Any] = wait_until(
+        check, timeout_s, f"pipeline {name} to complete", interval_s=0.5
+    )
     return result
 
 
@@ -257,7 +262,8 @@ def assert_exactly_once(detail: dict[str, Any], samples: int) -> dict[str, list[
     every = [sid for ids in kept.values() for sid in ids]
     assert sorted(every) == [sample_id(i) for i in range(samples)], kept  # none twice, none lost
     counts = detail["counts"]
-    assert counts["produced"] == counts["consumed"] == counts["released"] == samples, counts
+    assert counts["produced"] == counts["consumed"] == counts["committed"] == samples, counts
+    assert counts["released"] == samples, counts
     assert counts["backlog"] == 0 and counts["in_flight"] == 0, counts
     return kept
 
@@ -278,7 +284,7 @@ def test_two_students_distill_exactly_once_and_no_tensor_crosses_the_control_pla
     tapped: tuple[ServedFleet, WireTap], tmp_path: Path
 ) -> None:
     fleet, tap = tapped
-    samples = 32
+    samples = 48
     fleet.reload(MANIFEST + pipeline_toml("kd", samples=samples, consumers=2))
     for host in ("cpu-a", "cpu-b", "cpu-c"):
         fleet.start_worker(host)
@@ -296,12 +302,15 @@ def test_two_students_distill_exactly_once_and_no_tensor_crosses_the_control_pla
     teacher_file = tmp_path / "teacher.safetensors"
     fleet.operator.download(done["pipeline"]["teacher_model"], teacher_file)
     teacher_job = fleet.job("teacher")["job"]
-    from trainfleet.train.recipes import GPTParams
-
-    teacher = distill.load_teacher(teacher_file, GPTParams.model_validate(teacher_job["spec"]["hyper"]))
+    teacher = distill.load_teacher(
+        teacher_file, GPTParams.model_validate(teacher_job["spec"]["hyper"])
+    )
     params = distill.student_params(spec)
     windows = distill.SampleWindows(
-        distill.prepare(spec.dataset, log=lambda _: None), params.batch_size, params.seq_len, spec.seed
+        distill.prepare(spec.dataset, log=lambda _: None),
+        params.batch_size,
+        params.seq_len,
+        spec.seed,
     )
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for i in range(samples):
@@ -324,7 +333,6 @@ def test_two_students_distill_exactly_once_and_no_tensor_crosses_the_control_pla
         assert ref.store.startswith("http://127.0.0.1:")  # the producer's own server
     tensor_bytes = sum(ref.size for ref in published.values())
     control_bytes = sum(len(m.request_body) + len(m.reply_body) for m in messages)
-    print('DBG bytes', control_bytes, tensor_bytes, len(messages), len(needles) if False else '')
     assert control_bytes < tensor_bytes / 10, (control_bytes, tensor_bytes)
     # No body, on any route, holds a piece of any sample's tensors, raw or base64.
     bodies = [m.request_body + b"\n" + m.reply_body for m in tap.messages()]
@@ -335,6 +343,8 @@ def test_two_students_distill_exactly_once_and_no_tensor_crosses_the_control_pla
             for start in (0, len(raw) // 2, len(raw) - 96):
                 piece = raw[start : start + 96]
                 needles += [piece[:48], base64.b64encode(piece)[8:72]]
+    encoded = [encode_tensors(sample) for sample in tensors.values()]
+    assert all(any(n in e for e in encoded) for n in needles[::2])  # raw pieces: found there
     assert not [n for n in needles for body in bodies if n in body]
 
     # Bit for bit: each student's losses are those of the same student trained here on the
@@ -346,13 +356,20 @@ def test_two_students_distill_exactly_once_and_no_tensor_crosses_the_control_pla
         job = next(j for j in shown["jobs"] if j["name"] == name)
         got = metrics_of(job)
         order = [(sid, tensors[sid]) for sid in ids]
-        quiet: dict[str, Any] = {"num_threads": NUM_THREADS, "heldout": heldout, "log": lambda _: None}
+        quiet: dict[str, Any] = {
+            "num_threads": NUM_THREADS,
+            "heldout": heldout,
+            "log": lambda _: None,
+        }
         again = distill.train_student(order, params, spec, **quiet)
         assert again.losses == got["losses"], name
         baseline = distill.train_student(order, params, hard, **quiet)
         assert baseline.heldout_loss is not None
-        print('DBG', name, len(ids), got['heldout_loss'], baseline.heldout_loss, shown['counts'])
-        assert got["heldout_loss"] < baseline.heldout_loss - 0.02, (name, got, baseline.heldout_loss)
+        assert got["heldout_loss"] < baseline.heldout_loss - 0.05, (
+            name,
+            got,
+            baseline.heldout_loss,
+        )
 
 
 def test_a_killed_consumer_and_a_changing_consumer_count_lose_no_sample(

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,7 +29,7 @@ from trainfleet.errors import (
     StaleGeneration,
     StoreUnavailable,
 )
-from trainfleet.features import InProcessStore, SampleRef, open_store
+from trainfleet.features import InProcessStore, SampleRef, SharedDirStore, open_store
 from trainfleet.features.http import (
     MAX_REF_BYTES,
     FeatureServer,
@@ -87,6 +88,21 @@ def test_refs_name_the_server_and_a_consumer_gets_releases_retains(
         assert health["stats"]["released"] == 1
         stats = consumer.stats()
         assert (stats.gets, stats.released) == (1, 1)
+
+
+def test_a_served_shared_dir_store_sends_its_private_buffer(tmp_path: Path) -> None:
+    store = SharedDirStore(tmp_path / "d", secret=SECRET)
+    server = FeatureServer(store, SECRET).start()
+    try:
+        ref = store.put("a", sample(3), holders=2)
+        assert ref.store == server.address
+        with HttpStore(server.address, SECRET) as consumer:
+            assert same(consumer.get(ref), sample(3))
+            assert consumer.release(ref) is False
+            assert same(store.get(ref), sample(3))
+    finally:
+        server.stop()
+        store.close()
 
 
 def test_every_request_needs_the_secret(

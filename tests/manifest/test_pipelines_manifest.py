@@ -131,3 +131,8 @@ def test_sample_ids_and_buckets_are_stable() -> None:
     values = {bucket(sample_id(i)) for i in range(200)}
     assert all(0 <= v < 2**31 for v in values) and len(values) == 200
     assert {v % 3 for v in values} == {0, 1, 2}  # every partition gets samples
+
+
+def test_a_private_teacher_is_refused_its_model_would_leave_the_tier() -> None:
+    private = pipeline().replace('name = "teacher"\n', 'name = "teacher"\ntier = "private"\n', 1)
+    assert "teacher: 'teacher' is a private job" in problems(private)

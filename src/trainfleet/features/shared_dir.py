@@ -49,8 +49,9 @@ OVERLAP_MIN_BYTES = 4 << 20  # from this size on, sha256 may run on a second thr
 
 
 def _idle_core() -> bool:
-    """Whether the 1-minute load average leaves a core of this process's CPUs free."""
-    return os.getloadavg()[0] + 1 <= len(os.sched_getaffinity(0))
+    """Whether this process's CPUs have spare capacity (1-minute load average below their
+    count): then the hash thread overlaps the copy instead of queueing behind other work."""
+    return os.getloadavg()[0] < len(os.sched_getaffinity(0))
 
 
 class _Digest:

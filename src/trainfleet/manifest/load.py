@@ -585,6 +585,13 @@ def _check_pipeline(
             + suggest(spec.teacher, [j.name for j in jobs.values() if j.kind == "train"])
         )
         return None
+    if teacher.tier == "private":
+        problems.append(
+            f"{where}.teacher: {spec.teacher!r} is a private job; a pipeline hands its"
+            " teacher's model to producer workers and its logits to students outside the"
+            " private tier"
+        )
+        return None
     if spec.dataset.router is not None:
         problems.append(f"{where}.dataset: a pipeline draws from a dataset without a router")
     ignored = [k for k in STUDENT_IGNORED if k in spec.student]

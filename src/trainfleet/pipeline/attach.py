@@ -4,7 +4,8 @@ The worker asks the coordinator to attach the attempt (``POST /v1/jobs/{job}/pip
 adds ``coordinator`` (the URL) and ``ca`` (a CA file or null) to the reply, and writes it,
 mode 0600, into the attempt directory. The programs (``pipeline.producer``,
 ``pipeline.consumer``) read it with ``load_attach``, which names the offending field of a
-malformed file instead of failing later with a traceback.
+malformed file instead of failing later with a traceback. ``run_program`` maps what a
+program raises to its exit code, as ``python -m trainfleet.train`` does.
 """
 
 from __future__ import annotations

@@ -59,7 +59,6 @@ from trainfleet.train.trainer import (
 )
 
 SAMPLE_TENSORS = ("tokens", "topk_values", "topk_indices")
-SAMPLE_ID_DIGITS = 8
 # GPTParams keys a pipeline's ``student`` table may not set: the pipeline decides them.
 STUDENT_FORBIDDEN = ("steps", "corpus", "corpus_bytes", "heldout_fraction")
 
@@ -81,13 +80,6 @@ class DistillSpec(Protocol):
     def alpha(self) -> float: ...
     @property
     def seed(self) -> int: ...
-
-
-def sample_index(sample_id: str) -> int:
-    """The index a sample id names (ValueError if it is not one)."""
-    if not (sample_id.isdigit() and len(sample_id) == SAMPLE_ID_DIGITS):
-        raise ValueError(f"not a sample id: {sample_id!r}")
-    return int(sample_id)
 
 
 def student_params(spec: DistillSpec) -> GPTParams:
