@@ -399,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "env": environment(
             safetensors=package_version("safetensors"),
+            blake3=package_version("blake3"),
             httpx=package_version("httpx"),
             uvicorn=package_version("uvicorn"),
         ),

@@ -36,7 +36,9 @@ def test_quick_run_writes_the_metrics(tmp_path: Path, monkeypatch: pytest.Monkey
     assert result["benchmark"] == "features"
     assert result["params"]["quick"] is True
     assert result["params"]["sizes_mib"] == [0.01, 0.05]
-    assert {"cores", "torch", "commit", "safetensors", "httpx", "uvicorn"} <= set(result["env"])
+    assert {"cores", "torch", "commit", "safetensors", "blake3", "httpx", "uvicorn"} <= set(
+        result["env"]
+    )
     for label in ("0p01mib", "0p05mib"):
         assert metrics[f"shm_copy_ceiling_{label}_gbps"] > 0
         assert metrics[f"shm_copy_ceiling_warm_{label}_gbps"] > 0

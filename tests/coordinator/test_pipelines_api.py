@@ -97,7 +97,7 @@ class Started:
             "sample_id": sid,
             "key": sid,
             "generation": 1,
-            "sha256": hashlib.sha256(sid.encode()).hexdigest(),
+            "digest": hashlib.sha256(sid.encode()).hexdigest(),  # any 64 hex: never fetched
             "size": 100,
             **fields,
         }
@@ -213,7 +213,10 @@ def test_attach_replies_with_the_secret_token_spec_and_teacher(started: Started)
     assert len(secret) == 64 and int(secret, 16) >= 0
     assert consumer["secret"] == secret  # one secret per pipeline
     job_id, epoch = started.producer.job_id, started.producer.epoch
-    assert producer["attempt_token"] == attempt_token(secret, job_id, epoch)
+    key = started.api.coord.queue.pipeline_attempt_key(started.pipeline_id)
+    assert key != secret  # the attempt key signs tokens; no job is ever told it
+    assert producer["attempt_token"] == attempt_token(key, job_id, epoch)
+    assert key not in json.dumps(producer)
     assert producer["attempt_token"].startswith(f"{job_id}.{epoch}.")
 
 

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from livefleet import wait_until
-from trainfleet.features.ref import SampleRef, encode_tensors, sha256_hex
+from trainfleet.features.ref import SampleRef, digest_hex, encode_tensors
 from trainfleet.manifest.pipelines import PipelineSpec, sample_id
 from trainfleet.pipeline import distill
 from trainfleet.testing import ServedFleet
@@ -234,6 +234,8 @@ def wait_completed(fleet: ServedFleet, name: str, timeout_s: float = 240) -> dic
         detail = fleet.operator.pipeline(name)
         state = detail["pipeline"]["state"]
         assert state != "failed", detail["pipeline"]["detail"]
+        failed = {j["name"]: j["error"] for j in detail["jobs"] if j["state"] == "failed"}
+        assert not failed, failed  # fail fast: a pipeline whose job failed waits forever
         return detail if state == "completed" else None
 
     result: dict[str, Any] = wait_until(
@@ -297,7 +299,7 @@ def test_two_students_distill_exactly_once_and_no_tensor_crosses_the_control_pla
     assert "kd" in listing and "completed" in listing
 
     # The same samples, made again here: the teacher's model from the artifact store, the
-    # spec the coordinator holds. Their bytes hash to the refs' sha256: these are the bytes.
+    # spec the coordinator holds. Their bytes hash to the refs' digests: these are the bytes.
     spec = PipelineSpec.model_validate(done["pipeline"]["spec"])
     teacher_file = tmp_path / "teacher.safetensors"
     fleet.operator.download(done["pipeline"]["teacher_model"], teacher_file)
@@ -329,7 +331,7 @@ def test_two_students_distill_exactly_once_and_no_tensor_crosses_the_control_pla
                 published[ref.sample_id] = ref
     assert sorted(published) == sorted(tensors)
     for sid, ref in published.items():
-        assert sha256_hex(encode_tensors(tensors[sid])) == ref.sha256, sid
+        assert digest_hex(encode_tensors(tensors[sid])) == ref.digest, sid
         assert ref.store.startswith("http://127.0.0.1:")  # the producer's own server
     tensor_bytes = sum(ref.size for ref in published.values())
     control_bytes = sum(len(m.request_body) + len(m.reply_body) for m in messages)

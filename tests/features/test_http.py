@@ -176,7 +176,7 @@ def test_a_ref_with_an_unknown_field_or_bad_values_is_400(
         {"generation": 0},
         {"key": "../x"},
         {"size": -1},
-        {"sha256": "XYZ"},
+        {"digest": "XYZ"},
     ):
         fields = {**ref.model_dump(), **change}
         reply = raw.post("/v1/get", content=json.dumps(fields), headers=headers)
@@ -315,7 +315,7 @@ def test_a_server_serving_other_bytes_is_caught_by_the_client() -> None:
         ref = store.put("a", sample())
         with HttpStore(server.address, SECRET) as consumer, pytest.raises(HashMismatch) as e:
             consumer.get(ref)
-        assert e.value.reason == "sha256"
+        assert e.value.reason == "digest"
     finally:
         server.stop()
         store.close()

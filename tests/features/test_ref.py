@@ -19,7 +19,7 @@ FIELDS: dict[str, Any] = {
     "sample_id": "00000007",
     "key": "00000007",
     "generation": 3,
-    "sha256": "a" * 64,
+    "digest": "a" * 64,
     "size": 123,
 }
 
@@ -53,7 +53,7 @@ def test_refs_are_validated() -> None:
         ("key", ""),
         ("key", "x" * 201),
         ("generation", 0),
-        ("sha256", "A" * 64),
+        ("digest", "A" * 64),
         ("size", -1),
         ("mac", "00"),
     ]:

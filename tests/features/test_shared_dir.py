@@ -3,15 +3,16 @@ separate handles and separate processes, corruption and a vanished directory."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from featurekit import SECRET, same, sample
@@ -161,7 +162,7 @@ def test_corrupted_blobs_fail_the_hash_check(tmp_path: Path) -> None:
     blob.write_bytes(data)
     with pytest.raises(HashMismatch) as e:
         store.get(ref)
-    assert e.value.reason == "sha256"
+    assert e.value.reason == "digest"
     blob.write_bytes(data[:-1])
     with pytest.raises(HashMismatch) as e:
         store.get(ref)
@@ -211,7 +212,7 @@ def test_large_samples_hash_alike_with_or_without_the_hash_thread(
     store = SharedDirStore(tmp_path / "d", secret=SECRET, hash_thread=hash_thread)
     big = {"x": torch.randn(3 * 1024 * 1024 + 5), "y": torch.arange(7)}  # 12 MiB, odd end
     ref = store.put("big", big)
-    assert ref.sha256 == hashlib.sha256(encode_tensors(big)).hexdigest()
+    assert ref.digest == blake3.blake3(encode_tensors(big)).hexdigest()
     assert same(store.get(ref), big)
     blob = tmp_path / "d" / "big.1.bin"
     data = bytearray(blob.read_bytes())
@@ -219,4 +220,30 @@ def test_large_samples_hash_alike_with_or_without_the_hash_thread(
     blob.write_bytes(data)
     with pytest.raises(HashMismatch):
         store.get(ref)
+    store.close()
+
+
+def test_stale_tmp_files_of_crashed_writers_are_swept(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    stale_blob = root / f"k.{'a' * 32}.tmp"  # a writer died between write and rename
+    stale_sidecar = root / "k.gen.tmp"
+    fresh_blob = root / f"k.{'b' * 32}.tmp"  # a writer still writing
+    for path in (stale_blob, stale_sidecar, fresh_blob):
+        path.write_bytes(b"partial")
+    old = time.time() - 7200
+    os.utime(stale_blob, (old, old))
+    os.utime(stale_sidecar, (old, old))
+
+    store = SharedDirStore(root, secret=SECRET, tmp_max_age_s=3600)  # opening sweeps
+    assert not stale_blob.exists() and not stale_sidecar.exists()
+    assert fresh_blob.exists()
+    ref = store.put("k", sample())  # the store works over what was left
+    assert same(store.get(ref), sample())
+
+    os.utime(fresh_blob, (old, old))  # that writer crashed too, later
+    assert store.collect() == 0  # no sample is old (max_age_s unset) ...
+    assert not fresh_blob.exists()  # ... but the stale tmp went
+    assert sorted(p.name for p in root.iterdir()) == [".lock", "k.1.bin", "k.gen"]
+    assert store.sweep_tmp() == 0
     store.close()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
+from pathlib import Path
 
+import blake3
 import pytest
 from featurekit import SECRET, StoreFactory, resign, same, sample, wait_for
 
@@ -18,7 +19,15 @@ from trainfleet.errors import (
     StaleGeneration,
     StoreUnavailable,
 )
-from trainfleet.features import SampleRef, encode_tensors, open_store, verify_ref
+from trainfleet.features import (
+    GuardedStore,
+    InProcessStore,
+    SampleRef,
+    SharedDirStore,
+    encode_tensors,
+    open_store,
+    verify_ref,
+)
 
 
 def test_put_get_round_trip_and_ref_fields(store_factory: StoreFactory) -> None:
@@ -29,7 +38,7 @@ def test_put_get_round_trip_and_ref_fields(store_factory: StoreFactory) -> None:
     assert ref.store == store.address
     assert (ref.pipeline, ref.sample_id, ref.key, ref.generation) == ("p1", "000001", "000001", 1)
     assert ref.size == len(data)
-    assert ref.sha256 == hashlib.sha256(data).hexdigest()
+    assert ref.digest == blake3.blake3(data).hexdigest()  # BLAKE3-256 of the encoded bytes
     verify_ref(ref, SECRET)
     assert same(store.get(ref), tensors)
     assert same(store.get(ref), tensors)  # a get does not consume
@@ -114,9 +123,10 @@ def test_re_put_bumps_generation_and_stales_old_refs(store_factory: StoreFactory
 def test_hash_and_size_mismatch_fail(store_factory: StoreFactory) -> None:
     store = store_factory()
     ref = store.put("a", sample())
-    flipped = f"{int(ref.sha256, 16) ^ 1:064x}"
-    with pytest.raises(HashMismatch):
-        store.get(resign(ref, sha256=flipped))
+    flipped = f"{int(ref.digest, 16) ^ 1:064x}"
+    with pytest.raises(HashMismatch) as e:
+        store.get(resign(ref, digest=flipped))
+    assert e.value.reason == "digest"
     with pytest.raises(HashMismatch):
         store.get(resign(ref, size=ref.size - 1))
     with pytest.raises(HashMismatch):
@@ -130,7 +140,7 @@ def test_forged_refs_fail_and_change_nothing(store_factory: StoreFactory) -> Non
     forged = [
         resign(ref, secret=b"another pipeline's secret"),
         ref.model_copy(update={"generation": 2}),  # altered, MAC left as it was
-        ref.model_copy(update={"sha256": "0" * 64}),
+        ref.model_copy(update={"digest": "0" * 64}),
         resign(ref, store="dir:/somewhere/else"),
     ]
     for bad in forged:
@@ -313,3 +323,32 @@ def test_concurrent_puts_gets_and_releases(store_factory: StoreFactory) -> None:
     assert not errors
     stats = store.stats()
     assert (stats.puts, stats.released, stats.held_refs) == (80, 80, 0)
+
+
+@pytest.mark.parametrize("backend", ["memory", "shared_dir"])
+def test_read_encoded_is_a_get_without_the_decode(tmp_path: Path, backend: str) -> None:
+    store: GuardedStore = (
+        InProcessStore(secret=SECRET)
+        if backend == "memory"
+        else SharedDirStore(tmp_path / "d", secret=SECRET)
+    )
+    try:
+        ref = store.put("a", sample())
+        assert bytes(store.read_encoded(ref)) == encode_tensors(sample())
+        assert store.stats().gets == 1  # counts as a get
+        lying = resign(ref, digest="0" * 64)
+        with pytest.raises(HashMismatch) as e:
+            store.read_encoded(lying)
+        assert e.value.reason == "digest"
+        # verify=False: every check but the digest (left to whoever receives the bytes)
+        assert bytes(store.read_encoded(lying, verify=False)) == encode_tensors(sample())
+        with pytest.raises(HashMismatch):
+            store.read_encoded(resign(ref, size=ref.size + 1), verify=False)
+        with pytest.raises(BadRef):
+            store.read_encoded(resign(ref, secret=b"other"), verify=False)
+        store.release(ref)
+        with pytest.raises(SampleGone):
+            store.read_encoded(ref, verify=False)
+        assert store.stats().gets == 2
+    finally:
+        store.close()

@@ -21,7 +21,7 @@ def ref(idx: int, generation: int = 1, secret: bytes = SECRET) -> SampleRef:
         sample_id=sample_id(idx),
         key=sample_id(idx),
         generation=generation,
-        sha256="0" * 64,
+        digest="0" * 64,
         size=1,
         secret=secret,
     )

@@ -16,9 +16,9 @@ Kinds of caller (``Auth``):
   competition's terms, its leaderboard and the ledger;
 - ``attempt``: a pipeline job's process (``routes_pipelines``), with the attempt token its
   worker got at attach: ``f"{job_id}.{epoch}.{mac}"``, ``mac`` = HMAC-SHA256 of
-  ``f"attempt:{job_id}:{epoch}"`` keyed by the pipeline's secret (``attempt_token``). It is
-  checked against the secret in constant time and valid only while that epoch is the job's
-  active attempt (401 for a wrong or unknown token, 409 once the attempt is written off; the
+  ``f"attempt:{job_id}:{epoch}"`` keyed by the pipeline's attempt key (``attempt_token``),
+  which no job holds (every job holds the secret). It is checked in constant time and valid
+  only while that epoch is the job's active attempt (401 for a wrong or unknown token, 409 once the attempt is written off; the
   MAC is checked before the fence answers, so a stranger learns nothing but 401). The
   handler reads the caller as ``ctx.attempt`` (an ``AttemptCaller``).
 
@@ -202,15 +202,16 @@ class AttemptCaller:
         return self.job.spec.kind
 
 
-def attempt_mac(secret_hex: str, job_id: str, epoch: int) -> str:
-    """HMAC-SHA256 of ``attempt:{job_id}:{epoch}`` keyed by the pipeline's secret (hex)."""
+def attempt_mac(key_hex: str, job_id: str, epoch: int) -> str:
+    """HMAC-SHA256 of ``attempt:{job_id}:{epoch}`` keyed by the pipeline's attempt key (hex):
+    not its secret, which every job of the pipeline holds and could mint others' tokens with."""
     message = f"attempt:{job_id}:{epoch}".encode()
-    return hmac.new(bytes.fromhex(secret_hex), message, hashlib.sha256).hexdigest()
+    return hmac.new(bytes.fromhex(key_hex), message, hashlib.sha256).hexdigest()
 
 
-def attempt_token(secret_hex: str, job_id: str, epoch: int) -> str:
+def attempt_token(key_hex: str, job_id: str, epoch: int) -> str:
     """The token a pipeline job's process sends (``Authorization: Bearer ...``)."""
-    return f"{job_id}.{epoch}.{attempt_mac(secret_hex, job_id, epoch)}"
+    return f"{job_id}.{epoch}.{attempt_mac(key_hex, job_id, epoch)}"
 
 
 async def authenticate_attempt(token: str, coord: Coordinator) -> AttemptCaller:
@@ -226,17 +227,17 @@ async def authenticate_attempt(token: str, coord: Coordinator) -> AttemptCaller:
     job_id, epoch, mac = match[1], int(match[2]), match[3]
     queue = coord.queue
     try:
-        job, pipeline, secret = await run_on(
-            coord.db_executor, queue.pipeline_attempt, job_id, epoch
+        job, pipeline, secret, key = await run_on(
+            coord.db_executor, _attempt_of, queue, job_id, epoch
         )
     except Conflict as fenced:  # StaleEpoch too: only a genuine token may hear it
-        known = await run_on(coord.db_executor, _secret_of, queue, job_id)
+        known = await run_on(coord.db_executor, _attempt_key_of, queue, job_id)
         if known is None or not _same(mac, attempt_mac(known, job_id, epoch)):
             raise _wrong_attempt() from None
         raise fenced
     except ApiError:  # no such job, or not a pipeline job: the token is not one we issued
         raise _wrong_attempt() from None
-    if not _same(mac, attempt_mac(secret, job_id, epoch)):
+    if not _same(mac, attempt_mac(key, job_id, epoch)):
         raise _wrong_attempt()
     return AttemptCaller(job=job, epoch=epoch, pipeline=pipeline, secret=secret)
 
@@ -245,8 +246,15 @@ def _wrong_attempt() -> Unauthorized:
     return Unauthorized("wrong pipeline attempt token")
 
 
-def _secret_of(queue: Any, job_id: str) -> str | None:
-    """The secret of the pipeline job ``job_id`` belongs to, or None (not a pipeline job)."""
+def _attempt_of(queue: Any, job_id: str, epoch: int) -> tuple[JobRecord, Any, str, str]:
+    """The running attempt's job, pipeline, secret and attempt key (or the queue's refusal)."""
+    job, pipeline, secret = queue.pipeline_attempt(job_id, epoch)
+    return job, pipeline, secret, str(queue.pipeline_attempt_key(pipeline.id))
+
+
+def _attempt_key_of(queue: Any, job_id: str) -> str | None:
+    """The attempt key of the pipeline job ``job_id`` belongs to, or None (not a pipeline
+    job)."""
     try:
         job = queue.get_job(job_id)
     except ApiError:
@@ -255,7 +263,7 @@ def _secret_of(queue: Any, job_id: str) -> str | None:
     if task is None:
         return None
     try:
-        return str(queue.pipeline_secret(task.pipeline_id))
+        return str(queue.pipeline_attempt_key(task.pipeline_id))
     except ApiError:
         return None
 

@@ -3,7 +3,7 @@
 A pipeline (``[[pipelines]]`` in the manifest) runs producer jobs (a teacher computing
 features) that feed consumer jobs (a student trainer) through a feature store
 (``trainfleet.features``). Only references travel here: a ``SampleRef`` names a sample's
-bytes in a store (address, key, generation, sha256, size, HMAC); no route carries tensor
+bytes in a store (address, key, generation, BLAKE3 digest, size, HMAC); no route carries tensor
 bytes, and every body is bounded (``MAX_BODY_BYTES``, 256 KiB: 413 beyond). The rules (who
 may publish, lease, ack; what settles) are the queue's (``queue.sqlite_pipeline_refs``);
 these routes authenticate, bound and translate.
@@ -239,7 +239,9 @@ async def attach_pipeline(ctx: Ctx) -> PipelineAttach:
         role=job.spec.kind,
         index=task.index,
         secret=secret,
-        attempt_token=attempt_token(secret, job.id, epoch),
+        attempt_token=attempt_token(
+            await ctx.run(queue.pipeline_attempt_key, pipeline.id), job.id, epoch
+        ),
         spec=pipeline.spec.model_dump(mode="json"),
         teacher_model=pipeline.teacher_model,
         teacher_params=params,

@@ -17,7 +17,7 @@ old refs, backpressure. :func:`run_interleavings` checks them against a referenc
 
 An RDMA backend (e.g. Mooncake's transfer engine) fits the same seam: ``put`` registers the
 encoded bytes in pinned memory and returns a ref whose ``store`` is the engine's segment
-address; ``get`` is a one-sided read into a local buffer followed by the same sha256 check;
+address; ``get`` is a one-sided read into a local buffer followed by the same digest check;
 ``release`` / ``abort`` travel as small control messages to the producer, which owns the
 refcount and tombstones exactly as :class:`GuardedStore` does here.
 """

@@ -18,17 +18,17 @@ the same class the store did: 410 gone, 409 stale generation, 422 bad ref or has
 400 malformed, 413 too large, 503 store closed. Bad input never gets a 500.
 
 The client trusts nothing it receives: it checks the ref's MAC before asking, reads at most
-``ref.size`` bytes, and hashes what arrived against ``ref.sha256`` (a server that lies, or a
-corrupted transfer, raises :class:`HashMismatch`). The server checks the MAC, the store, the
-generation and the tombstone, and the size, but leaves the sha256 to the client: one hash
-per transfer, on the side that must trust it. Connection failures raise
+``ref.size`` bytes, and hashes what arrived against ``ref.digest`` (BLAKE3; a server that
+lies, or a corrupted transfer, raises :class:`HashMismatch`). The server checks the MAC, the
+store, the generation and the tombstone, and the size (``GuardedStore.read_encoded`` with
+``verify=False``), but leaves the digest to the client: one hash per transfer, on the side
+that must trust it. Connection failures raise
 :class:`StoreUnavailable` (the producer is gone: the control plane re-produces the sample).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
@@ -58,7 +58,7 @@ from trainfleet.errors import (
     StaleGeneration,
     StoreUnavailable,
 )
-from trainfleet.features.ref import SampleRef, decode_tensors, verify_ref
+from trainfleet.features.ref import SampleRef, content_hasher, decode_tensors, verify_ref
 from trainfleet.features.store import FeatureStore, GuardedStore, StoreStats
 
 log = logging.getLogger(__name__)
@@ -112,21 +112,6 @@ async def _read_bounded(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def read_checked(store: GuardedStore, ref: SampleRef) -> bytes | bytearray | memoryview:
-    """The encoded bytes ``ref`` names in ``store``, after every check but the sha256 (the
-    client hashes what it receives): MAC, store address, generation, tombstone, size.
-    ``GuardedStore.get`` less the hash and the decode, so it reaches into the same hooks."""
-    store._check(ref)
-    data = store._read(ref.key, ref.generation, ref.size)
-    if len(data) != ref.size:
-        raise HashMismatch(
-            f"{ref.key}: stored {len(data)} bytes, the ref says {ref.size}", reason="size"
-        )
-    with store._cond:  # a get served counts in the producer's stats like a local one
-        store._gets += 1
-    return data
-
-
 def create_app(store: GuardedStore, secret: bytes) -> Starlette:
     """The data-plane app serving ``store`` to callers that hold ``secret``."""
     expected = bearer(secret).encode()
@@ -156,7 +141,9 @@ def create_app(store: GuardedStore, secret: bytes) -> Starlette:
         if isinstance(ref, Response):
             return ref
         try:
-            data = await asyncio.to_thread(read_checked, store, ref)
+            # The client hashes what it receives; a get served counts in the producer's
+            # stats like a local one.
+            data = await asyncio.to_thread(store.read_encoded, ref, verify=False)
         except FeatureError as e:
             return _feature_refusal(e)
         body = data if isinstance(data, bytes) else memoryview(data)
@@ -349,7 +336,7 @@ class HttpStore(FeatureStore):
         # The tensors are views of a buffer this call allocated: nothing else holds it.
         self._check(ref)
         data = bytearray(ref.size)
-        digest = hashlib.sha256()  # hashed as it arrives, while the server still sends
+        digest = content_hasher()  # hashed as it arrives, while the server still sends
         received = 0
         with self._call("POST", "/v1/get", ref) as reply:
             declared = reply.headers.get("content-length")
@@ -376,9 +363,9 @@ class HttpStore(FeatureStore):
             raise HashMismatch(
                 f"{ref.key}: received {received} bytes, the ref says {ref.size}", reason="size"
             )
-        if digest.hexdigest() != ref.sha256:
+        if digest.hexdigest() != ref.digest:
             raise HashMismatch(
-                f"{ref.key}: bytes received do not hash to the ref's sha256", reason="sha256"
+                f"{ref.key}: bytes received do not hash to the ref's digest", reason="digest"
             )
         tensors = decode_tensors(data)
         with self._lock:

@@ -196,7 +196,7 @@ def run_interleavings(
                 check_get(ref, expect(ref))
             elif op == "forged":
                 assert ref is not None
-                kind = rng.choice(["secret", "altered", "store", "sha", "size"])
+                kind = rng.choice(["secret", "altered", "store", "digest", "size"])
                 if kind == "secret":
                     check_get(resign(ref, other_secret), BadRef)
                 elif kind == "altered":
@@ -205,8 +205,8 @@ def run_interleavings(
                     check_get(resign(ref, store="mem:elsewhere"), BadRef)
                 else:
                     bad = (
-                        resign(ref, sha256=f"{int(ref.sha256, 16) ^ 1:064x}")
-                        if kind == "sha"
+                        resign(ref, digest=f"{int(ref.digest, 16) ^ 1:064x}")
+                        if kind == "digest"
                         else resign(ref, size=ref.size + 1)
                     )
                     check_get(bad, expect(ref) or HashMismatch)

@@ -2,7 +2,7 @@
 
 Used when producer and consumer share a process (colocated mode, library tests) and as the
 producer-side store that a ``FeatureServer`` serves over HTTP. It keeps the encoded bytes,
-not the tensors, so the sha256 check on get means the same here as on every other backend,
+not the tensors, so the digest check on get means the same here as on every other backend,
 and a get decodes into fresh memory (clone on fetch). Every store registers its
 ``mem:<id>`` address in a process-local registry, so ``open_store`` can find it again.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainfleet.errors import HashMismatch
-from trainfleet.features.ref import Encoded, sha256_hex
+from trainfleet.features.ref import Encoded, digest_hex
 from trainfleet.features.store import GuardedStore, check_state
 
 _REGISTRY: weakref.WeakValueDictionary[str, InProcessStore] = weakref.WeakValueDictionary()
@@ -51,12 +51,12 @@ class InProcessStore(GuardedStore):
 
     def _publish(self, key: str, encoded: Encoded, holders: int) -> tuple[int, str]:
         data = encoded.to_bytes()  # the store's own copy: the caller may reuse its tensors
-        sha = sha256_hex(data)
+        digest = digest_hex(data)
         with self._mem_lock:
             old = self._entries.get(key)
             generation = 1 if old is None else old.generation + 1
             self._entries[key] = _Entry(generation, holders, None, data)
-        return generation, sha
+        return generation, digest
 
     def _read(self, key: str, generation: int, size: int) -> bytes:
         with self._mem_lock:

@@ -1,10 +1,16 @@
 """Sample references and the tensor encoding of the feature store.
 
 A :class:`SampleRef` is all the control plane ever carries about a sample: where its bytes
-live (``store``), which key and generation they were published under, their sha256 and size,
-and an HMAC-SHA256 over all of that with the pipeline's secret. A consumer can therefore
+live (``store``), which key and generation they were published under, their content digest
+and size, and an HMAC-SHA256 over all of that with the pipeline's secret. A consumer can therefore
 check, before touching the data plane, that a ref was minted by someone holding the secret
 and not altered on the way; the store then checks that the bytes it reads hash to the ref.
+
+The content digest is BLAKE3-256 (:func:`content_hasher`), not sha256: it guards integrity
+(a torn, stale or corrupted blob, a lying server) while the MAC guards authenticity, and it is
+on the data path of every put and get. Single-threaded BLAKE3 hashes about 3x faster than
+sha256 here (16 MiB: 2.9 ms against 9.3 ms), which is what brings a put+get across processes
+within 2x of a bare shared-memory copy. It runs on one thread: the cores are shared.
 
 Tensors travel as safetensors bytes, exactly those ``safetensors.torch.save`` writes (a test
 compares them). :func:`encode_parts` gives them as pieces (header, then each tensor's own
@@ -27,6 +33,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import blake3
 import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,7 +96,9 @@ class SampleRef(BaseModel):
     sample_id: str = Field(pattern=SAMPLE_ID_PATTERN, description="The sample's id.")
     key: str = Field(pattern=KEY_PATTERN, description="Storage key (default: the sample id).")
     generation: int = Field(ge=1, description="Bumped by every put on the same key.")
-    sha256: str = Field(pattern=_HEX64, description="sha256 of the encoded bytes, 64 hex.")
+    digest: str = Field(
+        pattern=_HEX64, description="BLAKE3-256 of the encoded bytes, 64 hex (content check)."
+    )
     size: int = Field(ge=0, description="Bytes of the encoded payload.")
     mac: str = Field(
         pattern=_HEX64, description="HMAC-SHA256(secret, canonical JSON of the other fields)."
@@ -118,7 +127,7 @@ def sign_ref(
     sample_id: str,
     key: str,
     generation: int,
-    sha256: str,
+    digest: str,
     size: int,
     secret: bytes,
 ) -> SampleRef:
@@ -129,7 +138,7 @@ def sign_ref(
         "sample_id": sample_id,
         "key": key,
         "generation": generation,
-        "sha256": sha256,
+        "digest": digest,
         "size": size,
     }
     return SampleRef(**fields, mac=_mac(fields, secret))
@@ -147,8 +156,17 @@ def verify_ref(ref: SampleRef, secret: bytes) -> None:
         )
 
 
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+def content_hasher() -> blake3.blake3:
+    """A fresh BLAKE3 hasher for a sample's content digest (``update``, ``hexdigest``), on
+    one thread (``max_threads=1``: the cores are shared with the training that uses them)."""
+    return blake3.blake3(max_threads=1)
+
+
+def digest_hex(data: bytes | bytearray | memoryview) -> str:
+    """The content digest a ref carries: BLAKE3-256 of ``data``, 64 hex."""
+    hasher = content_hasher()
+    hasher.update(data)
+    return hasher.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ refcount, tombstone):
 - every ref is checked against its HMAC (``BadRef``) and must name this store;
 - a get of a released / aborted / garbage-collected sample fails (``SampleGone`` with the
   reason), never returns bytes; a ref of a key's older generation fails
-  (``StaleGeneration``); bytes that do not hash to the ref fail (``HashMismatch``);
+  (``StaleGeneration``); bytes that do not hash to the ref's BLAKE3 digest fail
+  (``HashMismatch``);
 - a get returns tensors that share no memory with the store (clone on fetch);
 - ``release`` is refcounted (``holders`` at put, ``retain`` adds one) and idempotent once
   freed; ``abort`` frees at once whatever the count;
@@ -18,8 +19,10 @@ refcount, tombstone):
   the high watermark, it waits until they drain to the low watermark, up to ``wait_s``, then
   raises ``Backpressure``.
 
-The check order on get is: MAC, store, generation, tombstone, size, sha256. One sha256 on
-put and one on get; nothing is hashed twice.
+The check order on get is: MAC, store, generation, tombstone, size, digest. One digest on
+put and one on get; nothing is hashed twice. :meth:`GuardedStore.read_encoded` is a get
+without the decode, for a server that hands the bytes on (and leaves the digest to its
+client).
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ from trainfleet.features.ref import (
     check_key,
     check_sample_id,
     decode_tensors,
+    digest_hex,
     encode_parts,
-    sha256_hex,
     sign_ref,
     verify_ref,
 )
@@ -195,7 +198,7 @@ class GuardedStore(FeatureStore):
     @abc.abstractmethod
     def _publish(self, key: str, data: Encoded, holders: int) -> tuple[int, str]:
         """Store ``data`` as the key's next generation with ``holders`` holds, freeing the
-        previous generation; return (generation, sha256 hex of the bytes)."""
+        previous generation; return (generation, content digest of the bytes)."""
 
     @abc.abstractmethod
     def _read(self, key: str, generation: int, size: int) -> bytes | bytearray:
@@ -203,9 +206,10 @@ class GuardedStore(FeatureStore):
         :func:`check_state` says, or ``HashMismatch`` if the blob is not ``size`` bytes."""
 
     def _read_hashed(self, key: str, generation: int, size: int) -> tuple[bytes | bytearray, str]:
-        """:meth:`_read` and the sha256 of what it read (a backend may hash as it reads)."""
+        """:meth:`_read` and the content digest of what it read (a backend may hash as it
+        reads)."""
         data = self._read(key, generation, size)
-        return data, sha256_hex(data)
+        return data, digest_hex(data)
 
     @abc.abstractmethod
     def _unref(self, key: str, generation: int) -> bool:
@@ -257,7 +261,7 @@ class GuardedStore(FeatureStore):
         data = encode_parts(tensors)
         self._admit(data.size, wait_s)
         try:
-            generation, sha = self._publish(key, data, holders)
+            generation, digest = self._publish(key, data, holders)
         finally:
             with self._cond:
                 self._reserved_bytes -= data.size
@@ -271,7 +275,7 @@ class GuardedStore(FeatureStore):
             sample_id=sample_id,
             key=key,
             generation=generation,
-            sha256=sha,
+            digest=digest,
             size=data.size,
             secret=self._secret,
         )
@@ -279,20 +283,31 @@ class GuardedStore(FeatureStore):
     def get(self, ref: SampleRef, *, clone: bool = True) -> dict[str, torch.Tensor]:
         # Every backend decodes into memory of its own (a private buffer, or a copy of
         # immutable bytes), so clone=False shares nothing either: it only permits sharing.
+        return decode_tensors(self.read_encoded(ref))
+
+    def read_encoded(self, ref: SampleRef, *, verify: bool = True) -> bytes | bytearray:
+        """The encoded (safetensors) bytes ``ref`` names, after every check of :meth:`get`:
+        MAC, store, generation, tombstone, size and, when ``verify``, the content digest.
+        ``verify=False`` leaves the digest to whoever receives the bytes (a ``FeatureServer``:
+        its client hashes what arrives, one hash per transfer). Counts as a get. The result is
+        a buffer nobody else holds, or immutable bytes: the caller must not write to it
+        unless it is a ``bytearray``."""
         self._check(ref)
-        data, sha = self._read_hashed(ref.key, ref.generation, ref.size)
+        if verify:
+            data, digest = self._read_hashed(ref.key, ref.generation, ref.size)
+        else:
+            data, digest = self._read(ref.key, ref.generation, ref.size), ref.digest
         if len(data) != ref.size:
             raise HashMismatch(
                 f"{ref.key}: read {len(data)} bytes, the ref says {ref.size}", reason="size"
             )
-        if sha != ref.sha256:
+        if digest != ref.digest:
             raise HashMismatch(
-                f"{ref.key}: bytes read do not hash to the ref's sha256", reason="sha256"
+                f"{ref.key}: bytes read do not hash to the ref's digest", reason="digest"
             )
-        tensors = decode_tensors(data)
         with self._cond:
             self._gets += 1
-        return tensors
+        return data
 
     def release(self, ref: SampleRef) -> bool:
         self._check(ref)

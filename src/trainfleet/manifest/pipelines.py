@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
@@ -118,6 +120,37 @@ class PipelineSpec(_Spec):
             "producers": self.producers,
             "store": self.store,
         }
+
+    def ref_store_problem(self, address: str) -> str | None:
+        """Why a ref naming store ``address`` must not be published or opened (None: it may).
+
+        A producer holds the pipeline secret, so it can sign any ref; the store a ref names is
+        checked against the pipeline's own so that a producer cannot point consumers at a
+        local directory (``dir:/etc``), another process's in-process store or a non-HTTP
+        scheme. A ``dir:`` pipeline's refs name exactly its directory; an ``http`` pipeline's
+        name ``http(s)://host:port`` with nothing else (no path, user, query or fragment)."""
+        if self.store != "http":
+            # its directory as configured, or as the producer's store resolves it (symlinks
+            # resolved on this host: configure the real path when hosts differ)
+            path = self.store[len("dir:") :]
+            own = {self.store, f"dir:{os.path.normpath(path)}", f"dir:{os.path.realpath(path)}"}
+            return None if address in own else f"store is not {self.store!r}"
+        parts = urlsplit(address)
+        try:
+            parts.port  # noqa: B018 (a bad port raises)
+        except ValueError:
+            return "store has a bad port"
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or "@" in parts.netloc
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or any(c.isspace() for c in address)
+        ):
+            return "store is not an http(s)://host:port address"
+        return None
 
     def job_name(self, role: Role, index: int) -> str:
         """The name of its producer p or consumer k."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from trainfleet.errors import FeatureError
+from trainfleet.errors import BadRef, FeatureError
 from trainfleet.features import FeatureStore, open_store
 from trainfleet.features.ref import SampleRef
 from trainfleet.manifest.pipelines import PipelineSpec
@@ -88,14 +88,24 @@ class _Stores:
     """The stores refs name, opened once each; closes those it opened (not in-process ones,
     which belong to their producer)."""
 
-    def __init__(self, secret: bytes, opener: Callable[..., FeatureStore]):
+    def __init__(
+        self,
+        secret: bytes,
+        opener: Callable[..., FeatureStore],
+        spec: PipelineSpec | None = None,
+    ):
         self.secret = secret
+        self.spec = spec
         self.opener = opener
         self.open: dict[str, FeatureStore] = {}
 
     def get(self, ref: SampleRef) -> dict[str, torch.Tensor]:
         store = self.open.get(ref.store)
         if store is None:
+            # only the pipeline's own store (never a local dir or URL a producer made up)
+            problem = self.spec.ref_store_problem(ref.store) if self.spec else None
+            if problem:
+                raise BadRef(f"sample {ref.sample_id}: {problem}")
             store = self.open[ref.store] = self.opener(ref.store, self.secret)
         return store.get(ref)
 
@@ -118,14 +128,17 @@ def consume(
     poll_s: float = POLL_S,
     stop: threading.Event | None = None,
     opener: Callable[..., FeatureStore] = open_store,
+    check_store: bool = False,
     log: Callable[[str], None] = print,
 ) -> ConsumerResult:
     """Train a student on the samples this consumer leases (module doc); write its outputs
     to ``output_dir`` when given. Held-out tokens come from ``heldout`` or, with ``evaluate``,
-    from the dataset's held-out split."""
+    from the dataset's held-out split. With ``check_store`` (the worker program), a ref is
+    only opened if it names the pipeline's own kind of store (``spec.ref_store_problem``):
+    otherwise it is returned like one whose get failed."""
     params = student_params(spec)
     stop = stop or threading.Event()
-    stores = _Stores(secret, opener)
+    stores = _Stores(secret, opener, spec if check_store else None)
     outcome: dict[str, bool] = {}
     returned: list[str] = []
     refused: list[str] = []
@@ -213,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 attach.secret_bytes,
                 output_dir=args.output,
                 num_threads=num_threads,
+                check_store=True,
                 log=_log,
             )
 

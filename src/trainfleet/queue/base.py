@@ -630,3 +630,7 @@ class JobQueue(abc.ABC):
 
     def pipeline_secret(self, pipeline_id: str) -> str:
         raise NotImplementedError
+
+    def pipeline_attempt_key(self, pipeline_id: str) -> str:
+        """The key of its jobs' attempt tokens (hex); never handed to a job."""
+        raise NotImplementedError

@@ -220,12 +220,14 @@ V5_POSTGRES: list[Step] = [
 ]
 
 # Version 6 (issue 11): disaggregated pipelines. ``pipelines`` holds one row per pipeline
-# identity (its secret, hex, never served to readers; its teacher's model digest, kept from
-# the artifact GC); ``pipeline_samples`` is the durable ref queue: one row per sample, its
+# identity (its secret, hex, never served to readers; its attempt key, which signs the
+# attempt tokens of its jobs and is never handed to any of them; its teacher's model digest,
+# kept from the artifact GC); ``pipeline_samples`` is the durable ref queue: one row per sample, its
 # current ref (JSON) and state; ``jobs.pipeline_id`` finds a pipeline's producer/consumer jobs.
 V6_TABLES = [
     "CREATE TABLE IF NOT EXISTS pipelines (id TEXT PRIMARY KEY, seq INTEGER NOT NULL,"
-    " name TEXT NOT NULL, spec TEXT NOT NULL, secret TEXT NOT NULL, state TEXT NOT NULL,"
+    " name TEXT NOT NULL, spec TEXT NOT NULL, secret TEXT NOT NULL,"
+    " attempt_key TEXT NOT NULL, state TEXT NOT NULL,"
     " teacher_job TEXT NOT NULL, teacher_model TEXT, consumers INTEGER NOT NULL,"
     " in_manifest INTEGER NOT NULL DEFAULT 1, detail TEXT NOT NULL DEFAULT '',"
     " created_at REAL NOT NULL, updated_at REAL NOT NULL)",

@@ -85,6 +85,9 @@ def _checked_idx(ref: dict[str, Any], pipeline: Row, spec: PipelineSpec, index: 
         raise BadRequest(f"sample {sid!r}: its ref does not verify ({err})"[:500]) from None
     if parsed.pipeline != pipeline["id"]:
         raise BadRequest(f"sample {sid!r}: its ref names another pipeline")
+    problem = spec.ref_store_problem(parsed.store)
+    if problem:
+        raise BadRequest(f"sample {sid!r}: {problem}")
     idx = int(sid) if sid.isdigit() and len(sid) == 8 else -1
     if not 0 <= idx < spec.samples or sample_id(idx) != sid:
         raise BadRequest(f"sample {sid!r}: not a sample id of this pipeline (00000000..)")
@@ -206,12 +209,15 @@ def lease(conn: Conn, job_id: str, epoch: int, max_samples: int, now: float) -> 
     if stranded:
         marks = ", ".join("?" for _ in stranded)
         rows = _take(conn, pid, f"bucket % ? IN ({marks})", (num, *stranded), max_samples)
-    for row in rows:
-        conn.execute(
+    taken = []
+    for row in rows:  # a row another transaction leased meanwhile (rowcount 0) is not ours
+        if conn.execute(
             "UPDATE pipeline_samples SET state = 'leased', consumer_job = ?, consumer_epoch = ?,"
             " leased_until = ? WHERE pipeline_id = ? AND sample_id = ? AND state = 'ready'",
             (job_id, epoch, now + spec.lease_s, pid, row["sample_id"]),
-        )
+        ).rowcount:
+            taken.append(row)
+    rows = taken
     return LeaseReply(
         samples=[json.loads(r["ref"]) for r in rows],
         retire=False,

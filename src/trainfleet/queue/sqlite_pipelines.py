@@ -47,7 +47,7 @@ pending again when ``consumers`` grows back (an operator's cancel stands)."""
 # rows -> records ------------------------------------------------------------------------
 def pipeline_record(row: Row) -> PipelineRecord:
     d = dict(row)
-    for key in ("secret", "seq"):
+    for key in ("secret", "attempt_key", "seq"):
         d.pop(key)
     d["spec"] = PipelineSpec.model_validate_json(d["spec"])
     d["in_manifest"] = bool(d["in_manifest"])
@@ -87,6 +87,12 @@ def pipelines_to_drive(conn: Conn) -> list[PipelineRecord]:
 
 def pipeline_secret(conn: Conn, pipeline_id: str) -> str:
     return str(pipeline_row(conn, pipeline_id)["secret"])
+
+
+def pipeline_attempt_key(conn: Conn, pipeline_id: str) -> str:
+    """The key of the attempt tokens of the pipeline's jobs (hex). Unlike the secret, no job
+    ever holds it: a job that knows the secret cannot mint another job's attempt token."""
+    return str(pipeline_row(conn, pipeline_id)["attempt_key"])
 
 
 def pipeline_jobs(conn: Conn, pipeline_id: str) -> list[JobRecord]:

@@ -56,6 +56,9 @@ class PipelineMethods:
     def pipeline_secret(self, pipeline_id: str) -> str:
         return rows.pipeline_secret(self._conn(), pipeline_id)
 
+    def pipeline_attempt_key(self, pipeline_id: str) -> str:
+        return rows.pipeline_attempt_key(self._conn(), pipeline_id)
+
     def pipeline_attempt(self, job_id: str, epoch: int) -> tuple[JobRecord, PipelineRecord, str]:
         with self._tx() as conn:  # one snapshot of the job and its pipeline
             return rows.pipeline_attempt(conn, job_id, epoch)

@@ -114,11 +114,11 @@ def _insert(conn: Conn, spec: PipelineSpec, pid: str, now: float) -> None:
     assert spec.teacher_id is not None, "the loader sets the teacher's id"
     seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM pipelines").fetchone()[0] + 1
     conn.execute(
-        "INSERT INTO pipelines (id, seq, name, spec, secret, state, teacher_job, teacher_model,"
-        " consumers, in_manifest, detail, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, 'waiting', ?, NULL, ?, 1, '', ?, ?)",
-        (pid, seq, spec.name, spec.model_dump_json(), secrets.token_hex(32), spec.teacher_id,
-         spec.consumers, now, now),
+        "INSERT INTO pipelines (id, seq, name, spec, secret, attempt_key, state, teacher_job,"
+        " teacher_model, consumers, in_manifest, detail, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, 'waiting', ?, NULL, ?, 1, '', ?, ?)",
+        (pid, seq, spec.name, spec.model_dump_json(), secrets.token_hex(32),
+         secrets.token_hex(32), spec.teacher_id, spec.consumers, now, now),
     )  # fmt: skip
 
 
