@@ -18,9 +18,10 @@ Kinds of caller (``Auth``):
   worker got at attach: ``f"{job_id}.{epoch}.{mac}"``, ``mac`` = HMAC-SHA256 of
   ``f"attempt:{job_id}:{epoch}"`` keyed by the pipeline's attempt key (``attempt_token``),
   which no job holds (every job holds the secret). It is checked in constant time and valid
-  only while that epoch is the job's active attempt (401 for a wrong or unknown token, 409 once the attempt is written off; the
-  MAC is checked before the fence answers, so a stranger learns nothing but 401). The
-  handler reads the caller as ``ctx.attempt`` (an ``AttemptCaller``).
+  only while that epoch is the job's active attempt (401 for a wrong or unknown token, 409
+  once the attempt is written off; the MAC is checked before the fence answers, so a
+  stranger learns nothing but 401). The handler reads the caller as ``ctx.attempt`` (an
+  ``AttemptCaller``).
 
 Every check is a constant-time comparison or a lookup by token hash. Worker and host
 lookups are cached in memory (``TokenCache``) for at most ``TOKEN_TTL_S``, so a busy fleet's
