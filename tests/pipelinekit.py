@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetkit import FakeClock, make_cap, manifest_of
-from trainfleet.features.ref import SampleRef, sign_ref
+from trainfleet.features.ref import sign_ref
 from trainfleet.manifest.pipelines import bucket, sample_id
 from trainfleet.queue import JobQueue
 from trainfleet.queue.base import JobRecord
