@@ -55,6 +55,7 @@ bench: setup
 	$(BIN)/python -m bench.diloco_link
 	$(BIN)/python -m bench.diloco_churn
 	$(BIN)/python -m bench.verify
+	$(BIN)/python -m bench.features
 
 clean:
 	rm -rf $(VENV) .demo .market-demo .pipeline-demo .trainfleet .pytest_cache .ruff_cache .mypy_cache
