@@ -55,12 +55,13 @@ Operator (auth ``read``); a pipeline record never carries its secret:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
 from trainfleet.coordinator.auth import attempt_token
-from trainfleet.coordinator.endpoints import HEX64, INT64_MAX, Ctx, Param, RouteTable
+from trainfleet.coordinator.endpoints import HEX64, INT64_MAX, Ctx, Handler, Param, RouteTable
 from trainfleet.coordinator.schemas import Body, EpochBody
 from trainfleet.errors import BadRequest, Forbidden
 from trainfleet.features.ref import SampleRef
@@ -248,16 +249,29 @@ async def attach_pipeline(ctx: Ctx) -> PipelineAttach:
     )
 
 
-@routes.route(
-    "POST",
-    "/v1/pipelines/{pipeline_id}/publish",
-    auth="attempt",
-    summary="A producer publishes refs of the samples it put in its store",
-    body=PublishBody,
-    response=PipelinePublished,
-    path_params=(PIPELINE_ID,),
-    errors=(403,),
-    max_body_bytes=MAX_BODY_BYTES,
+def _attempt_route(
+    action: str, summary: str, body: type[Body], response: type[Body]
+) -> Callable[[Handler], Handler]:
+    """A route of the ref queue, ``POST /v1/pipelines/{pipeline_id}/ACTION``: called by a
+    pipeline job's process with its attempt token, bounded to ``MAX_BODY_BYTES``."""
+    return routes.route(
+        "POST",
+        f"/v1/pipelines/{{pipeline_id}}/{action}",
+        auth="attempt",
+        summary=summary,
+        body=body,
+        response=response,
+        path_params=(PIPELINE_ID,),
+        errors=(403,),
+        max_body_bytes=MAX_BODY_BYTES,
+    )
+
+
+@_attempt_route(
+    "publish",
+    "A producer publishes refs of the samples it put in its store",
+    PublishBody,
+    PipelinePublished,
 )
 async def publish(ctx: Ctx) -> PipelinePublished:
     job_id, epoch = _caller(ctx, "producer")
@@ -266,16 +280,11 @@ async def publish(ctx: Ctx) -> PipelinePublished:
     return PipelinePublished.model_validate(reply)
 
 
-@routes.route(
-    "POST",
-    "/v1/pipelines/{pipeline_id}/lease",
-    auth="attempt",
-    summary="A consumer leases ready samples of its partition (refs only)",
-    body=LeaseBody,
-    response=PipelineLease,
-    path_params=(PIPELINE_ID,),
-    errors=(403,),
-    max_body_bytes=MAX_BODY_BYTES,
+@_attempt_route(
+    "lease",
+    "A consumer leases ready samples of its partition (refs only)",
+    LeaseBody,
+    PipelineLease,
 )
 async def lease(ctx: Ctx) -> PipelineLease:
     job_id, epoch = _caller(ctx, "consumer")
@@ -284,16 +293,11 @@ async def lease(ctx: Ctx) -> PipelineLease:
     return PipelineLease.model_validate(reply)
 
 
-@routes.route(
-    "POST",
-    "/v1/pipelines/{pipeline_id}/ack",
-    auth="attempt",
-    summary="A consumer acknowledges leased samples at the steps that train on them",
-    body=AckBody,
-    response=PipelineAcks,
-    path_params=(PIPELINE_ID,),
-    errors=(403,),
-    max_body_bytes=MAX_BODY_BYTES,
+@_attempt_route(
+    "ack",
+    "A consumer acknowledges leased samples at the steps that train on them",
+    AckBody,
+    PipelineAcks,
 )
 async def ack(ctx: Ctx) -> PipelineAcks:
     job_id, epoch = _caller(ctx, "consumer")
@@ -302,16 +306,11 @@ async def ack(ctx: Ctx) -> PipelineAcks:
     return PipelineAcks.model_validate({"results": results})
 
 
-@routes.route(
-    "POST",
-    "/v1/pipelines/{pipeline_id}/return",
-    auth="attempt",
-    summary="A consumer returns leased samples it could not fetch (produced again)",
-    body=ReturnBody,
-    response=PipelineReturned,
-    path_params=(PIPELINE_ID,),
-    errors=(403,),
-    max_body_bytes=MAX_BODY_BYTES,
+@_attempt_route(
+    "return",
+    "A consumer returns leased samples it could not fetch (produced again)",
+    ReturnBody,
+    PipelineReturned,
 )
 async def return_samples(ctx: Ctx) -> PipelineReturned:
     job_id, epoch = _caller(ctx, "consumer")
@@ -320,16 +319,11 @@ async def return_samples(ctx: Ctx) -> PipelineReturned:
     return PipelineReturned(returned=returned)
 
 
-@routes.route(
-    "POST",
-    "/v1/pipelines/{pipeline_id}/sync",
-    auth="attempt",
-    summary="A producer reports freed samples; the reply lists what to free and produce",
-    body=SyncBody,
-    response=PipelineSync,
-    path_params=(PIPELINE_ID,),
-    errors=(403,),
-    max_body_bytes=MAX_BODY_BYTES,
+@_attempt_route(
+    "sync",
+    "A producer reports freed samples; the reply lists what to free and produce",
+    SyncBody,
+    PipelineSync,
 )
 async def sync(ctx: Ctx) -> PipelineSync:
     job_id, epoch = _caller(ctx, "producer")
