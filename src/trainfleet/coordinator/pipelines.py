@@ -15,7 +15,9 @@ pipeline still to drive (``queue.pipelines_to_drive``: waiting or producing):
 - **waiting, teacher failed or cancelled** (or its output holds no usable model): the
   pipeline fails with the reason (``queue.fail_pipeline``).
 - **producing**: ``queue.ensure_consumers`` inserts the consumer jobs a reload asked for (and
-  cancels pending ones past the new count; the partition follows ``consumers``).
+  cancels pending ones past the new count; the partition follows ``consumers``). A pipeline
+  that can never complete fails with the reason: a producer job failed for good, or a
+  consumer job did and no consumer job is left to train on what is not yet committed.
 
 Then ``queue.settle_pipelines`` applies the time and attempt rules of the ref queue (expired
 leases, dead attempts, completed pipelines). When jobs were inserted, long-poll claims are
@@ -70,6 +72,10 @@ class PipelineDriver:
     def _drive(self, pipeline: Any) -> int:
         queue = self.coord.queue
         if pipeline.state == "producing":
+            stuck = self._stuck(pipeline)
+            if stuck:
+                self._fail(pipeline, stuck)
+                return 0
             return queue.ensure_consumers(pipeline.id)
         if pipeline.state != "waiting" or not pipeline.teacher_job:
             return 0
@@ -95,6 +101,28 @@ class PipelineDriver:
             jobs,
         )
         return max(jobs, 1)
+
+    def _stuck(self, pipeline: Any) -> str:
+        """Why a producing pipeline can never complete, or "": a producer job failed for
+        good (no other producer makes its share), or a consumer job failed and no consumer
+        job is left pending or active to train on what is not yet committed."""
+        queue = self.coord.queue
+        jobs = queue.pipeline_jobs(pipeline.id)
+        failed = [j for j in jobs if j.state == "failed"]
+        if not failed:
+            return ""
+        producers = [j for j in failed if j.spec.kind == "producer"]
+        active = [
+            j
+            for j in jobs
+            if j.spec.kind == "consumer" and j.state in ("pending", "claimed", "running")
+        ]
+        counts = queue.pipeline_counts(pipeline.id)
+        if not producers and (active or counts.committed >= counts.samples):
+            return ""  # the other consumers take over its partition (or all is committed)
+        job = (producers or failed)[0]
+        why = (job.error or "no reason given").splitlines()[0][:300]
+        return f"job {job.name} failed: {why}"
 
     def _start(self, pipeline: Any, teacher: JobRecord) -> Any:
         """Extract the teacher's model into the store and start the pipeline on it."""

@@ -22,6 +22,7 @@ from trainfleet.manifest.pipelines import PipelineSpec, pipeline_id
 from trainfleet.manifest.spec import Manifest
 from trainfleet.queue.base import PlanEntry
 from trainfleet.queue.db import Conn, Row
+from trainfleet.queue.reload_specs import SpecTable, plan_specs
 from trainfleet.queue.sqlite_pipelines import cancel_unfinished, pipeline_job
 from trainfleet.queue.sqlite_schema import SPEC_SET, job_record, scheduling_columns
 
@@ -45,69 +46,14 @@ def apply_pipelines(
     conn: Conn, manifest: Manifest, clock: Callable[[], float], *, dry_run: bool
 ) -> list[PlanEntry]:
     """Plan (and unless ``dry_run``, write) the pipelines part of a reload."""
-    now = clock()
-    stored = {r["id"]: r for r in conn.execute("SELECT * FROM pipelines ORDER BY seq")}
-    entries: list[PlanEntry] = []
-    handled: set[str] = set()
-    for spec in manifest.pipelines:
-        pid = pipeline_id(spec)
-        handled.add(pid)
-        old = stored.get(pid)
-        if old is None:
-            entries += _add(conn, spec, pid, stored, handled, now, dry_run=dry_run)
-            continue
-        before = PipelineSpec.model_validate_json(old["spec"]).model_dump(mode="json")
-        after = spec.model_dump(mode="json")
-        delta = {
-            k: [before.get(k), v]
-            for k, v in after.items()
-            if k not in _IDENTITY and before.get(k) != v
-        }
-        if not old["in_manifest"]:
-            delta["in_manifest"] = [False, True]
-        state = "changed" if delta else "kept"
-        entries.append(PlanEntry(id=pid, name=spec.name, state=state, changes=delta))
-        if delta and not dry_run:
-            _update(conn, pid, spec, now)
-    for r in stored.values():
-        if r["id"] in handled or not r["in_manifest"]:
-            continue
-        entries.append(PlanEntry(id=r["id"], name=r["name"], state="removed"))
-        if not dry_run:
-            conn.execute(
-                "UPDATE pipelines SET in_manifest = 0, updated_at = ? WHERE id = ?",
-                (now, r["id"]),
-            )
-    return entries
+    return plan_specs(conn, manifest.pipelines, PIPELINES, clock(), dry_run=dry_run)
 
 
-def _add(
-    conn: Conn,
-    spec: PipelineSpec,
-    pid: str,
-    stored: dict[str, Row],
-    handled: set[str],
-    now: float,
-    *,
-    dry_run: bool,
-) -> list[PlanEntry]:
-    """A new identity: added, or replacing (superseding) the live one of the same name."""
-    entries = []
-    for r in stored.values():
-        if r["name"] != spec.name or r["state"] not in ("waiting", "producing"):
-            continue
-        handled.add(r["id"])
-        entries.append(
-            PlanEntry(id=pid, name=spec.name, state="changed", changes={"id": [r["id"], pid]})
-        )
-        entries.append(PlanEntry(id=r["id"], name=r["name"], state="superseded"))
-        if not dry_run:
-            _supersede(conn, r, pid, now)
-    if not entries:
-        entries.append(PlanEntry(id=pid, name=spec.name, state="added"))
-    if not dry_run:
-        _insert(conn, spec, pid, now)
-    return entries
+def _remove(conn: Conn, r: Row, now: float) -> None:
+    """Gone from the manifest: left to finish (its jobs are pinned), marked as such."""
+    conn.execute(
+        "UPDATE pipelines SET in_manifest = 0, updated_at = ? WHERE id = ?", (now, r["id"])
+    )
 
 
 def _insert(conn: Conn, spec: PipelineSpec, pid: str, now: float) -> None:
@@ -122,8 +68,9 @@ def _insert(conn: Conn, spec: PipelineSpec, pid: str, now: float) -> None:
     )  # fmt: skip
 
 
-def _update(conn: Conn, pid: str, spec: PipelineSpec, now: float) -> None:
+def _update(conn: Conn, old: Row, spec: PipelineSpec, now: float) -> None:
     """New scheduling fields: the stored spec, ``consumers``, and its pending jobs'."""
+    pid = old["id"]
     conn.execute(
         "UPDATE pipelines SET spec = ?, consumers = ?, in_manifest = 1, updated_at = ?"
         " WHERE id = ?",
@@ -150,3 +97,17 @@ def _supersede(conn: Conn, old: Row, new_id: str, now: float) -> None:
         (reason, now, old["id"]),
     )
     cancel_unfinished(conn, old["id"], reason, now)
+
+
+PIPELINES = SpecTable(
+    table="pipelines",
+    model=PipelineSpec,
+    identity=frozenset(_IDENTITY),
+    live_states=("waiting", "producing"),
+    spec_id=pipeline_id,
+    insert=_insert,
+    update=_update,
+    supersede=_supersede,
+    remove=_remove,
+    list_superseded=True,
+)

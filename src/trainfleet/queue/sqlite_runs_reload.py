@@ -23,6 +23,7 @@ from trainfleet.manifest.runs import RunSpec
 from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue.base import PlanEntry
 from trainfleet.queue.db import Conn, Row
+from trainfleet.queue.reload_specs import SpecTable, plan_specs
 from trainfleet.queue.sqlite_runs import (
     TASK_RUN,
     cancel_tasks,
@@ -62,60 +63,17 @@ def apply_runs(
     conn: Conn, manifest: Manifest, clock: Callable[[], float], *, dry_run: bool
 ) -> list[PlanEntry]:
     """Plan (and unless ``dry_run``, write) the runs part of a reload."""
-    now = clock()
-    stored = {r["id"]: r for r in conn.execute("SELECT * FROM runs ORDER BY seq")}
-    entries: list[PlanEntry] = []
-    handled: set[str] = set()
-    for spec in manifest.runs:
-        rid = run_id(spec)
-        handled.add(rid)
-        old = stored.get(rid)
-        if old is None:
-            replaced = [
-                r
-                for r in stored.values()
-                if r["name"] == spec.name and r["state"] in ("active", "paused")
-            ]
-            for r in replaced:
-                handled.add(r["id"])
-                entries.append(
-                    PlanEntry(
-                        id=rid, name=spec.name, state="changed", changes={"id": [r["id"], rid]}
-                    )
-                )
-                if not dry_run:
-                    _supersede(conn, r, rid, clock)
-            if not replaced:
-                entries.append(PlanEntry(id=rid, name=spec.name, state="added"))
-            if not dry_run:
-                _insert_run(conn, spec, rid, now)
-            continue
-        before = RunSpec.model_validate_json(old["spec"]).model_dump(mode="json")
-        after = spec.model_dump(mode="json")
-        delta = {
-            k: [before.get(k), v]
-            for k, v in after.items()
-            if k not in _IDENTITY and before.get(k) != v
-        }
-        if not old["in_manifest"]:
-            delta["in_manifest"] = [False, True]
-        entries.append(
-            PlanEntry(id=rid, name=spec.name, state="changed" if delta else "kept", changes=delta)
-        )
-        if not dry_run and delta:
-            _update_run(conn, old, spec, now)
-    for r in stored.values():
-        if r["id"] in handled or not r["in_manifest"]:
-            continue
-        entries.append(PlanEntry(id=r["id"], name=r["name"], state="removed"))
-        if not dry_run:
-            state = "paused" if r["state"] == "active" else r["state"]
-            conn.execute(
-                "UPDATE runs SET in_manifest = 0, state = ?, updated_at = ? WHERE id = ?",
-                (state, now, r["id"]),
-            )
-            set_claimable(conn, r["id"], False, now)
-    return entries
+    return plan_specs(conn, manifest.runs, RUNS, clock(), dry_run=dry_run)
+
+
+def _remove_run(conn: Conn, r: Row, now: float) -> None:
+    """Gone from the manifest: an active run pauses, its tasks not claimable."""
+    state = "paused" if r["state"] == "active" else r["state"]
+    conn.execute(
+        "UPDATE runs SET in_manifest = 0, state = ?, updated_at = ? WHERE id = ?",
+        (state, now, r["id"]),
+    )
+    set_claimable(conn, r["id"], False, now)
 
 
 def _insert_run(conn: Conn, spec: RunSpec, rid: str, now: float) -> None:
@@ -147,8 +105,7 @@ def _update_run(conn: Conn, old: Row, spec: RunSpec, now: float) -> None:
     set_claimable(conn, old["id"], state == "active", now)
 
 
-def _supersede(conn: Conn, old: Row, new_id: str, clock: Callable[[], float]) -> None:
-    now = clock()
+def _supersede(conn: Conn, old: Row, new_id: str, now: float) -> None:
     conn.execute(
         "UPDATE runs SET state = 'superseded', in_manifest = 0, updated_at = ? WHERE id = ?",
         (now, old["id"]),
@@ -157,4 +114,19 @@ def _supersede(conn: Conn, old: Row, new_id: str, clock: Callable[[], float]) ->
         "UPDATE rounds SET detail = ? WHERE run_id = ? AND state = 'open'",
         (f"superseded by run {new_id[:12]}", old["id"]),
     )
-    cancel_tasks(conn, old["id"], None, f"run superseded by {new_id[:12]}", clock, active=True)
+    cancel_tasks(
+        conn, old["id"], None, f"run superseded by {new_id[:12]}", lambda: now, active=True
+    )
+
+
+RUNS = SpecTable(
+    table="runs",
+    model=RunSpec,
+    identity=frozenset(_IDENTITY),
+    live_states=("active", "paused"),
+    spec_id=run_id,
+    insert=_insert_run,
+    update=_update_run,
+    supersede=_supersede,
+    remove=_remove_run,
+)
