@@ -3,11 +3,13 @@
 consumer job ended with one failed while samples are still uncommitted. A consumer that fails
 while another is still running is not fatal: the others take over its partition."""
 
+# ruff: noqa: F811  (the fixture ``started`` is imported, and named by the tests)
+
 from __future__ import annotations
 
 from typing import Any
 
-from test_pipelines_api import Attempt, Started, _quiet_driver, started  # noqa: F401
+from test_pipelines_api import Attempt, Started, _quiet_driver, started  # noqa: F401  (fixtures)
 
 from trainfleet.coordinator.pipelines import PipelineDriver
 

@@ -205,11 +205,13 @@ def test_a_stranded_partition_is_taken_by_a_live_consumer(
     kit.publish(producer, list(range(16)))
     mine = queue.lease_samples(c0.id, c0.epoch, 256)
     assert [int(s["sample_id"]) for s in mine.samples] == partition(2, 0, 16)
-    assert queue.lease_samples(c0.id, c0.epoch, 256).samples == []  # c1 pending: not stranded
-    c1_job = next(j for j in queue.pipeline_jobs(kit.pipeline.id) if j.name.endswith("consumer1"))
-    queue.cancel(c1_job.id)
+    # c1 waits for a free worker (pending): its partition is not left waiting with it
     stranded = queue.lease_samples(c0.id, c0.epoch, 256)
     assert [int(s["sample_id"]) for s in stranded.samples] == partition(2, 1, 16)
+    c1 = kit.claim_consumer(1)
+    assert queue.lease_samples(c1.id, c1.epoch, 256).samples == []  # nothing leased twice
+    c1_job = next(j for j in queue.pipeline_jobs(kit.pipeline.id) if j.name.endswith("consumer1"))
+    queue.cancel(c1_job.id)
     assert queue.ensure_consumers(kit.pipeline.id) == 0  # an operator's cancel stands
 
 

@@ -15,7 +15,8 @@ The rules (the design's durable queue, one lock for what is one transaction ther
   consumer job completed with that attempt, ``requeued`` when it must be produced again;
 - consumer ``k`` of ``num`` leases the ready samples whose stable ``bucket(sample_id) % num ==
   k``, in index order; when its partition is empty it also takes ready samples of partitions
-  whose consumer job is neither pending nor running (nothing is stranded); ``k >= num``
+  whose consumer job is not running (pending for want of a worker, finished, cancelled:
+  nothing is stranded); ``k >= num``
   retires; ``done`` = every sample published and none ready, leased or requeued;
 - ack: leased by this attempt -> consumed; already consumed/committed by this attempt ->
   accepted again (idempotent, the first step kept); anything else -> refused with a reason;
@@ -297,7 +298,7 @@ class LocalControl:
 
     def _orphaned(self, partition: int) -> bool:
         job = self._jobs.get(("consumer", partition))
-        return job is None or job.status not in ("pending", "running")
+        return job is None or job.status != "running"
 
     def _ack(self, attempt: LocalAttempt, acks: list[tuple[str, int]]) -> list[AckResult]:
         with self._changed:

@@ -9,7 +9,9 @@ attempt may publish, lease, ack, return or sync. The rules (``pipeline_samples.s
   with the new ref; any other is skipped (reported).
 - lease: consumer k of ``num`` (the pipeline's current ``consumers``) takes ``ready``
   samples with ``bucket % num == k`` in idx order; with none of its own, those of partitions
-  whose consumer job is not pending or active (finished, cancelled), so none is stranded.
+  whose consumer job is not claimed or running (still pending for want of a free worker,
+  finished, cancelled), so none is stranded: a pipeline needs only its producers and one
+  consumer running at once.
   ``k >= num``: retire. Nothing is leased twice: a lease changes ``ready`` rows only, in one
   serialized transaction.
 - ack: ``leased`` by this attempt -> ``consumed`` (the consumer trains on it only then);
@@ -180,9 +182,9 @@ def producer_sync(
 
 # consumer ---------------------------------------------------------------------------------
 def _stranded(conn: Conn, pipeline_id: str, num: int, index: int) -> list[int]:
-    """Partitions (< num, not ``index``) whose consumer job is not pending or active."""
+    """Partitions (< num, not ``index``) whose consumer job is not claimed or running."""
     jobs = consumer_jobs(conn, pipeline_id)
-    alive = {k for k, j in jobs.items() if j["state"] in ("pending", "claimed", "running")}
+    alive = {k for k, j in jobs.items() if j["state"] in ("claimed", "running")}
     return [k for k in range(num) if k != index and k not in alive]
 
 
