@@ -17,7 +17,7 @@ from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue import JobQueue, open_queue
 from trainfleet.queue.db import open_database
 from trainfleet.queue.migrations import MIGRATIONS, migrate, schema_state
-from trainfleet.queue.sqlite_schema import SPEC_COLUMNS, SPEC_MARKS, scheduling_columns
+from trainfleet.queue.sqlite_schema import SPEC_COLUMNS, scheduling_columns
 from trainfleet.testing.postgres import fresh_schema, require_server
 
 
@@ -384,12 +384,16 @@ def _at_version_5(url: str) -> Iterator[str]:
     try:
         migrate(db, to=5)
         spec = JobSpec(name="old", kind="command", command=["true"])
+        # The spec columns as of version 5 (version 7 added ``submitter``, the last one).
+        columns = SPEC_COLUMNS.removesuffix(", submitter")
+        values = scheduling_columns(spec)[: len(columns.split(","))]
+        marks = ", ".join("?" for _ in values)
         with db.tx() as conn:
             conn.execute(
-                f"INSERT INTO jobs (id, seq, name, state, {SPEC_COLUMNS}, created_at,"
+                f"INSERT INTO jobs (id, seq, name, state, {columns}, created_at,"
                 f" updated_at, pending_since, manifest_hash) VALUES (?, 1, 'old', 'pending',"
-                f" {SPEC_MARKS}, 1000, 1000, 1000, 'm')",
-                ("c" * 64, *scheduling_columns(spec)),
+                f" {marks}, 1000, 1000, 1000, 'm')",
+                ("c" * 64, *values),
             )
         assert schema_state(db).version == 5
     finally:
@@ -402,7 +406,7 @@ def test_migration_6_upgrades_a_version_5_database_which_then_runs_a_pipeline(
 ) -> None:
     db = open_database(v5_url)
     try:
-        assert [m.version for m in migrate(db)] == [6]
+        assert [m.version for m in migrate(db)] == [6, 7]
         with db.read() as conn:
             old = conn.execute("SELECT name, pipeline_id FROM jobs").fetchall()
             assert [tuple(r) for r in old] == [("old", None)]

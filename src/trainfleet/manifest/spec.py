@@ -88,6 +88,7 @@ _JOB_DEFAULTABLE = (
     "max_failures",
     "timeout_s",
     "tier",
+    "submitter",
 )
 
 # Keys renamed in a release: old manifest key -> new one. The loader accepts the old key with a
@@ -151,6 +152,16 @@ class JobSpec(_Spec):
     tier: Tier = Field(
         "public",
         description="'private': only a worker with a valid attestation may claim it",
+    )
+    after: list[Name] = Field(
+        default_factory=list,
+        description="names of jobs that must complete first: the job waits (state"
+        " 'waiting') until every one has completed, and fails if one fails or is cancelled",
+    )
+    submitter: Name = Field(
+        "operator",
+        description="who the work is for: fair share orders the jobs of one priority by"
+        " their submitter's recent (decayed) compute use, least first",
     )
     task: Task | None = Field(
         None,
@@ -272,6 +283,7 @@ class Defaults(_Spec):
     max_failures: int | None = Field(None, ge=1, le=100)
     timeout_s: float | None = Field(None, gt=0)
     tier: Tier | None = None
+    submitter: Name | None = None
     prefer_cuda_wait_s: float = Field(
         30.0, ge=0, description="how long prefer_cuda jobs wait for a CUDA host"
     )

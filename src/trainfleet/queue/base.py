@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from trainfleet.verify.panel import RefereeReport
     from trainfleet.verify.panel import Verdict as PanelVerdict
 
-JobState = Literal["pending", "claimed", "running", "completed", "failed", "cancelled"]
+JobState = Literal["waiting", "pending", "claimed", "running", "completed", "failed", "cancelled"]
 ACTIVE_STATES: tuple[JobState, ...] = ("claimed", "running")
 TERMINAL_STATES: tuple[JobState, ...] = ("completed", "failed", "cancelled")
 

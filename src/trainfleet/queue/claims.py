@@ -214,7 +214,8 @@ def _choose(
         " WHERE state = 'pending'"
         " AND (in_manifest = 1 OR pinned = 1) AND (require_cuda = 0 OR ? = 1)"
         " AND min_vram_gib <= ? AND min_ram_gib <= ? AND min_cores <= ?"
-        f" AND (tier = 'public' OR ? = 1) AND {host_filter(conn)} ORDER BY priority DESC, seq",
+        f" AND (tier = 'public' OR ? = 1) AND {host_filter(conn)}"
+        " ORDER BY priority DESC, fair, seq",
         (int(cap.cuda), cap.vram_gib, cap.ram_gib, cap.cores, int(attested), f",{cap.host},"),
     )
     chosen: list[Row] = []

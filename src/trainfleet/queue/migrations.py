@@ -250,6 +250,43 @@ V6_COLUMNS: list[Step] = [
 V6_SQLITE: list[Step] = [*V6_TABLES, *V6_COLUMNS]
 V6_POSTGRES: list[Step] = [*(schema_v1.to_postgres(s) for s in V6_TABLES), *V6_COLUMNS]
 
+# Version 7 (issue 12): operator experience.
+# - ``jobs.submitter``: who the work is for (the spec's ``submitter``), and ``jobs.fair``: the
+#   submitter's fair-share level (0 = least recent use), kept by the leader's fair-share tick;
+#   the claim orders pending jobs by priority, then fair level, then seq, so the claim index
+#   is rebuilt with ``fair`` after ``priority``. ``jobs.charged_at``: up to when the current
+#   attempt's time has been charged to its submitter.
+# - ``fair_usage``: each submitter's decayed use in job-hours as of ``at``, and its level.
+# - ``jobs.origin``: 'submit' for a job added by ``trainfleet submit`` (kept across reloads),
+#   else 'manifest' (a run's, a market's or a pipeline's jobs are told apart by their kind).
+# - a job with ``after`` starts in state 'waiting' (no column: the state says it).
+V7_COLUMNS = AddColumns(
+    "jobs",
+    (
+        ("submitter", "TEXT NOT NULL DEFAULT 'operator'"),
+        ("fair", "INTEGER NOT NULL DEFAULT 0"),
+        ("charged_at", "REAL"),
+        ("origin", "TEXT NOT NULL DEFAULT 'manifest'"),
+    ),
+)
+V7_TABLES = [
+    "CREATE TABLE IF NOT EXISTS fair_usage (submitter TEXT PRIMARY KEY,"
+    " usage_h REAL NOT NULL DEFAULT 0, at REAL NOT NULL, level INTEGER NOT NULL DEFAULT 0)",
+]
+V7_INDEXES: list[Step] = [
+    "DROP INDEX IF EXISTS jobs_pending_claim",
+    "CREATE INDEX IF NOT EXISTS jobs_pending_claim ON jobs (priority DESC, fair, seq,"
+    " allowed_hosts, require_cuda, min_vram_gib, min_ram_gib, min_cores, tier, in_manifest,"
+    " pinned) WHERE state = 'pending'",
+    "CREATE INDEX IF NOT EXISTS jobs_by_submitter ON jobs (submitter, state)",
+]
+V7_SQLITE: list[Step] = [V7_COLUMNS, *V7_TABLES, *V7_INDEXES]
+V7_POSTGRES: list[Step] = [
+    V7_COLUMNS,
+    *(schema_v1.to_postgres(s) for s in V7_TABLES),
+    *V7_INDEXES,
+]
+
 MIGRATIONS: list[Migration] = [
     Migration(
         1,
@@ -264,6 +301,12 @@ MIGRATIONS: list[Migration] = [
     Migration(4, "market, attestation, tiers", V4_SQLITE, V4_POSTGRES),
     Migration(5, "jobs.allowed_hosts for the claim's filter", V5_SQLITE, V5_POSTGRES),
     Migration(6, "pipelines, the durable ref queue, jobs.pipeline_id", V6_SQLITE, V6_POSTGRES),
+    Migration(
+        7,
+        "submitters and fair share, job origin, waiting jobs, claim index with fair level",
+        V7_SQLITE,
+        V7_POSTGRES,
+    ),
 ]
 
 

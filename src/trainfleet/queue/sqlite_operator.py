@@ -63,7 +63,7 @@ def apply_manifest(
     return ReloadPlan(
         manifest_hash=mhash,
         added=[
-            PlanEntry(id=jid, name=spec.name, state=None if dry_run else "pending")
+            PlanEntry(id=jid, name=spec.name, state=None if dry_run else initial_state(spec))
             for jid, spec in diff.added
         ],
         kept=diff.kept,
@@ -74,6 +74,12 @@ def apply_manifest(
         runs=runs,
         pipelines=pipelines,
     )
+
+
+def initial_state(spec: JobSpec) -> str:
+    """A new job waits for the jobs it names in ``after`` (state 'waiting'); others are
+    pending at once."""
+    return "waiting" if spec.after else "pending"
 
 
 def _apply_diff(
@@ -101,11 +107,12 @@ def _apply_diff(
         conn.execute(
             f"INSERT INTO jobs (id, seq, name, state, {SPEC_COLUMNS}, created_at, updated_at,"
             " pending_since, manifest_hash)"
-            f" VALUES (?, ?, ?, 'pending', {SPEC_MARKS}, ?, ?, ?, ?)",
+            f" VALUES (?, ?, ?, ?, {SPEC_MARKS}, ?, ?, ?, ?)",
             (
                 jid,
                 seq,
                 spec.name,
+                initial_state(spec),
                 *scheduling_columns(spec),
                 now,
                 now,
@@ -113,7 +120,9 @@ def _apply_diff(
                 mhash,
             ),
         )
-        insert_event(conn, clock(), jid, "added", None, "pending", detail=f"manifest {mhash[:12]}")
+        insert_event(
+            conn, clock(), jid, "added", None, initial_state(spec), detail=f"manifest {mhash[:12]}"
+        )
     for entry, spec in diff.changed:
         conn.execute(
             f"UPDATE jobs SET {SPEC_SET}, in_manifest = 1, pinned = 0, updated_at = ? WHERE id = ?",

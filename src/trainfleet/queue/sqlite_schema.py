@@ -221,14 +221,14 @@ def same_name_refs(conn: db.Conn, job_id: str) -> list[JobRef]:
 # What queries read of a job's spec, kept in columns beside the JSON (``scheduling_columns``).
 SPEC_COLUMNS = (
     "spec, priority, require_cuda, min_vram_gib, min_ram_gib, min_cores,"
-    " kind, run_id, round, replica, timeout_s, panel, tier, allowed_hosts"
+    " kind, run_id, round, replica, timeout_s, panel, tier, allowed_hosts, submitter"
 )
 SPEC_SET = ", ".join(f"{c.strip()} = ?" for c in SPEC_COLUMNS.split(","))
 SPEC_MARKS = ", ".join("?" for _ in SPEC_COLUMNS.split(","))  # one placeholder a column
 
 SpecColumns = tuple[
     str, int, int, float, float, int, str, str | None, int | None, int | None, float,
-    str | None, str, str | None,
+    str | None, str, str | None, str,
 ]  # fmt: skip
 
 
@@ -253,6 +253,7 @@ def scheduling_columns(spec: JobSpec) -> SpecColumns:
         spec.panel,
         spec.tier,
         host_list(spec.allowed_hosts),
+        spec.submitter,
     )
 
 
