@@ -124,6 +124,47 @@ class Children:
             log.close()
 
 
+class StepFailed(RuntimeError):
+    """A walkthrough step did not do what the walkthrough expects; the message says what."""
+
+
+Check = tuple[str, bool, str]  # what was checked, whether it held, what was seen
+
+
+def say_interrupted(console: Console) -> None:
+    console.print(
+        "\n[yellow]interrupted[/]: stopping the workers (each hands back its running job),"
+        " then the coordinator"
+    )
+
+
+def summarize(
+    console: Console,
+    checks: list[Check],
+    failure: str | None,
+    root: Path,
+    *,
+    expected: int,
+    good: str,
+    bad: str,
+    started: float,
+) -> int:
+    """Print a walkthrough's checks and its verdict; its exit status (0: every one of at least
+    ``expected`` checks held and no step failed)."""
+    console.rule("summary")
+    for what, ok, seen in checks:
+        mark = "[green]ok[/]     " if ok else "[red]DIFFERS[/]"
+        console.print(f"{mark} {what}: ", Text(seen), sep="")
+    if failure:
+        console.print(f"[red]DIFFERS[/] {failure} (logs in {root / 'logs'})")
+    ok = not failure and len(checks) >= expected and all(ok for _, ok, _ in checks)
+    console.print(
+        (f"[green]{good}[/]" if ok else f"[red]{bad}[/]")
+        + f" in {time.monotonic() - started:.0f}s; workers stopped, coordinator stopped."
+    )
+    return 0 if ok else 1
+
+
 def progress_line(jobs: list[dict], started: float) -> str:
     done = sum(j["state"] in TERMINAL for j in jobs)
     states = ", ".join(

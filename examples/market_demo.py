@@ -51,7 +51,15 @@ from trainfleet.train.inner import init_weights
 from trainfleet.verify.market import CompetitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import Children, free_port, trainfleet  # the sibling example's helpers
+from demo import (  # the sibling example's helpers
+    Check,
+    Children,
+    StepFailed,
+    free_port,
+    say_interrupted,
+    summarize,
+    trainfleet,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REFEREES = ("ref-a", "ref-b", "ref-c")
@@ -61,10 +69,6 @@ LIGHT_STEPS = 20  # the model behind the inflated claim: barely trained
 INFLATION_NATS = 1.0  # how far below its own score the inflated claim goes
 Spawn = Callable[[str, list[str]], "subprocess.Popen[bytes]"]
 console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
-
-
-class StepFailed(RuntimeError):
-    """A CLI command of the walkthrough exited with a status it should not have."""
 
 
 class Walkthrough:
@@ -162,15 +166,13 @@ def submission_id(submit_output: str) -> str:
     return found.group(1)
 
 
-def check(outcomes: list[tuple[str, bool, str]], what: str, ok: bool, detail: str) -> None:
+def check(outcomes: list[Check], what: str, ok: bool, detail: str) -> None:
     outcomes.append((what, ok, detail))
 
 
-def walkthrough(
-    walk: Walkthrough, client: Client, competition_file: Path
-) -> list[tuple[str, bool, str]]:
+def walkthrough(walk: Walkthrough, client: Client, competition_file: Path) -> list[Check]:
     """Steps 2-6 (the fleet is up); what was checked, whether it held, and what was seen."""
-    outcomes: list[tuple[str, bool, str]] = []
+    outcomes: list[Check] = []
     spec = load_competition(competition_file)
     relfile = (
         os.path.relpath(competition_file, REPO)
@@ -322,7 +324,7 @@ def main() -> int:
         f"(every command below runs with TRAINFLEET_URL={url}; the operator's also with"
         f" TRAINFLEET_STATE_DIR={walk.at('state')}, where `serve` keeps the operator token)"
     )
-    outcomes: list[tuple[str, bool, str]] = []
+    outcomes: list[Check] = []
     failure = ""
     interrupted = False
     try:
@@ -341,28 +343,23 @@ def main() -> int:
         failure = str(err)
     except KeyboardInterrupt:
         interrupted = True
-        console.print(
-            "\n[yellow]interrupted[/]: stopping the workers (each hands back its running job),"
-            " then the coordinator"
-        )
+        say_interrupted(console)
     finally:
         children.stop()
     if interrupted:
         console.print(f"stopped; the state is kept in {os.path.relpath(root)}.")
         return 130
 
-    console.rule("summary")
-    for what, ok, detail in outcomes:
-        mark = "[green]ok[/]     " if ok else "[red]DIFFERS[/]"
-        console.print(f"{mark} {what}: ", Text(detail), sep="")
-    if failure:
-        console.print(f"[red]DIFFERS[/] {failure} (logs in {root / 'logs'})")
-    ok = not failure and len(outcomes) == 4 and all(ok for _, ok, _ in outcomes)
-    console.print(
-        ("[green]the market behaved as expected[/]" if ok else "[red]the market did not[/]")
-        + f" in {time.monotonic() - started:.0f}s; workers stopped, coordinator stopped."
+    return summarize(
+        console,
+        outcomes,
+        failure,
+        root,
+        expected=4,
+        good="the market behaved as expected",
+        bad="the market did not",
+        started=started,
     )
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -44,17 +44,21 @@ from trainfleet.manifest.pipelines import PipelineSpec, sample_id
 from trainfleet.pipeline import distill
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import Children, free_port, trainfleet  # the sibling example's helpers
+from demo import (  # the sibling example's helpers
+    Check,
+    Children,
+    StepFailed,
+    free_port,
+    say_interrupted,
+    summarize,
+    trainfleet,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTS = ("host-a", "host-b", "host-c")
 PIPELINE = "distill"
 DONE = {"completed", "failed", "superseded"}
 console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
-
-
-class StepFailed(RuntimeError):
-    """A command of the walkthrough failed, or the pipeline did not finish in time."""
 
 
 def run_cli(shown: str, argv: list[str], env: dict[str, str], *, quiet: bool = False) -> str:
@@ -127,9 +131,9 @@ def baseline_losses(detail: dict[str, Any], students: dict[str, list[str]]) -> d
     return out
 
 
-def outcome(detail: dict[str, Any]) -> list[tuple[str, bool, str]]:
+def outcome(detail: dict[str, Any]) -> list[Check]:
     """What was checked, whether it held, and what was seen."""
-    checks: list[tuple[str, bool, str]] = []
+    checks: list[Check] = []
     record, counts = detail["pipeline"], detail["counts"]
     samples = int(record["spec"]["samples"])
     checks.append(
@@ -209,7 +213,7 @@ def main() -> int:
     )  # fmt: skip
     console.print(Text(f"$ trainfleet {shlex.join(serve)} &", style="bold"), soft_wrap=True)
     children.spawn("coordinator", trainfleet(*serve))
-    checks: list[tuple[str, bool, str]] = []
+    checks: list[Check] = []
     failure = ""
     interrupted = False
     try:
@@ -250,28 +254,23 @@ def main() -> int:
         failure = str(err)
     except KeyboardInterrupt:
         interrupted = True
-        console.print(
-            "\n[yellow]interrupted[/]: stopping the workers (each hands back its running job),"
-            " then the coordinator"
-        )
+        say_interrupted(console)
     finally:
         children.stop()
     if interrupted:
         console.print(f"stopped; the state is kept in {os.path.relpath(root)}.")
         return 130
 
-    console.rule("summary")
-    for what, ok, seen in checks:
-        mark = "[green]ok[/]     " if ok else "[red]DIFFERS[/]"
-        console.print(f"{mark} {what}: ", Text(seen), sep="")
-    if failure:
-        console.print(f"[red]DIFFERS[/] {failure} (logs in {root / 'logs'})")
-    ok = not failure and len(checks) >= 3 and all(ok for _, ok, _ in checks)
-    console.print(
-        ("[green]the students learned more from the teacher[/]" if ok else "[red]it did not[/]")
-        + f" in {time.monotonic() - started:.0f}s; workers stopped, coordinator stopped."
+    return summarize(
+        console,
+        checks,
+        failure,
+        root,
+        expected=3,
+        good="the students learned more from the teacher",
+        bad="it did not",
+        started=started,
     )
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":
