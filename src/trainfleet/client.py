@@ -330,6 +330,12 @@ class Client:
         body = {"text": text, "path": path, "dry_run": dry_run}
         return self.request("POST", "/v1/manifest", json=body)
 
+    def add_job(self, text: str, path: str) -> dict[str, Any]:
+        """Submit one job (``text``: manifest syntax with one ``[[jobs]]`` table) into the
+        live queue: its ``JobRecord``. (Not ``submit_job``: that name is the market's.)"""
+        result: dict[str, Any] = self.request("POST", "/v1/jobs", json={"text": text, "path": path})
+        return result
+
     def status(self) -> dict[str, Any]:
         return self.request("GET", "/v1/status")
 
@@ -348,6 +354,12 @@ class Client:
 
     def workers(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/workers")["workers"]
+
+    def fair_share(self) -> dict[str, Any]:
+        """Fair share: ``{half_life_h, interval_s, at, submitters: [...]}``, each submitter's
+        decayed usage, share, factor, level and job counts (``FairShareReport`` JSON)."""
+        result: dict[str, Any] = self.request("GET", "/v1/fair-share")
+        return result
 
     def runs(self) -> list[dict[str, Any]]:
         """Collaborative runs, oldest first (``RunRecord`` JSON)."""

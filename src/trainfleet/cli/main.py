@@ -43,11 +43,20 @@ from trainfleet.cli.common import safe_stdio as _safe_stdio
 from trainfleet.cli.common import setup_logging as _setup_logging
 from trainfleet.cli.data import app as data_app
 from trainfleet.cli.db import app as db_app
+from trainfleet.cli.fairshare import list_shares
 from trainfleet.cli.fleet import hosts_app, workers_app
 from trainfleet.cli.hints import WorkerTag, serve_hints
 from trainfleet.cli.market import app as market_app
 from trainfleet.cli.pipelines import list_pipelines, pipeline_app
 from trainfleet.cli.runs import list_runs, run_app
+from trainfleet.cli.service import ForceOpt as _ForceOpt
+from trainfleet.cli.service import InstallServiceOpt as _InstallServiceOpt
+from trainfleet.cli.service import PrintServiceOpt as _PrintServiceOpt
+from trainfleet.cli.service import ServiceAction
+from trainfleet.cli.service import ServiceNameOpt as _ServiceNameOpt
+from trainfleet.cli.service import ServiceUserOpt as _ServiceUserOpt
+from trainfleet.cli.service import UninstallServiceOpt as _UninstallServiceOpt
+from trainfleet.cli.submit import submit as submit_job
 from trainfleet.client import Client
 
 if TYPE_CHECKING:
@@ -227,7 +236,8 @@ def serve(
         coord = build_coordinator(cfg)
         coord.attestation = attestation
         if manifest is not None:
-            plan = coord.queue.apply_manifest(load_manifest(manifest))
+            # ``after`` may name submitted jobs; the queue checks them (queue.deps).
+            plan = coord.queue.apply_manifest(load_manifest(manifest, external_after=True))
             err_console.print(
                 f"loaded {manifest}: {render.plan_summary(plan.model_dump())}",
                 markup=False,
@@ -309,14 +319,16 @@ def _check_port_free(host: str, port: int) -> None:
 
 @app.command()
 def join(
+    ctx: typer.Context,
     url: Annotated[
-        str,
+        str | None,
         typer.Argument(
             help="Coordinator URL, e.g. http://10.0.0.5:8470; or several coordinators of one"
             " database, comma-separated (URL1,URL2): requests go round-robin over them and"
-            " fail over to the next when one refuses the connection."
+            " fail over to the next when one refuses the connection.",
+            show_default=False,
         ),
-    ],
+    ] = None,
     token_file: Annotated[
         Path | None,
         typer.Option(
@@ -402,10 +414,25 @@ def join(
     ] = None,
     state_dir: StateOpt = DEFAULT_STATE,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    install_service: _InstallServiceOpt = False,
+    uninstall_service: _UninstallServiceOpt = False,
+    print_service: _PrintServiceOpt = False,
+    service_name: _ServiceNameOpt = None,
+    service_user: _ServiceUserOpt = None,
+    force: _ForceOpt = False,
 ) -> None:
     """Join the fleet as a worker: claim, run, heartbeat and report until stopped (Ctrl-C)."""
     from trainfleet.data.prepare import GIB, CacheSettings
     from trainfleet.worker.daemon import Worker, WorkerConfig
+
+    service = ServiceAction.parse(
+        install_service, uninstall_service, print_service, service_name, service_user, force
+    )
+    if service is not None and service.uninstall:
+        service.uninstall_now()
+        return
+    if url is None:
+        _fail("missing argument URL (the coordinator's, e.g. http://10.0.0.5:8470)", 2)
 
     if token is not None:
         _fail(
@@ -443,6 +470,9 @@ def join(
             enclave_from_spec(enclave)  # a bad spec or key file: a message, not a traceback
         except ValueError as err:
             _fail(str(err), 2)
+    if service is not None:  # --install-service / --print-service: the unit, not the worker
+        service.install_or_print(ctx, url, join_token)
+        return
     # Each line names the host the worker registered as (the token decides it), not this
     # machine's hostname.
     _setup_logging(log_level, "[%(worker_tag)s] ")
@@ -496,7 +526,8 @@ def reload(
             text = manifest.read_text(encoding="utf-8")
         except OSError as err:
             _fail(f"cannot read {manifest}: {err.strerror}", 2)
-        parse_manifest(text, str(manifest))  # the same checks the coordinator runs, first here
+        # The same checks the coordinator runs, first here (it alone knows submitted jobs).
+        parse_manifest(text, str(manifest), external_after=True)
         with _client(url, token, state_dir) as client:
             plan = client.reload(text, str(manifest), dry_run=dry_run)
     if as_json:
@@ -706,7 +737,9 @@ app.add_typer(workers_app)
 app.command("runs")(list_runs)
 app.add_typer(run_app)
 app.command("pipelines")(list_pipelines)
+app.command("shares")(list_shares)
 app.add_typer(pipeline_app)
+app.command("submit")(submit_job)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 STATE_STYLE = {
+    "waiting": "blue",
     "pending": "yellow",
     "claimed": "cyan",
     "running": "cyan",
@@ -159,7 +160,7 @@ def plan_table(plan: dict[str, Any]) -> Table:
                 f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in entry.get("changes", {}).items()
             )
             if kind == "removed":
-                pending = entry.get("state") == "pending"
+                pending = entry.get("state") in ("pending", "waiting")
                 details = "not claimable unless requeued" if pending else "stays, in its state"
             table.add_row(
                 Text(kind, style=styles[kind]),

@@ -32,12 +32,14 @@ from trainfleet.coordinator import (
     routes_attest,
     routes_batch,
     routes_data,
+    routes_fairshare,
     routes_hosts,
     routes_market,
     routes_operator,
     routes_pipelines,
     routes_read,
     routes_runs,
+    routes_submit,
     routes_worker,
 )
 from trainfleet.coordinator.beats import Run, flush_forever
@@ -50,6 +52,7 @@ from trainfleet.coordinator.pipelines import drive_forever as drive_pipelines_fo
 from trainfleet.coordinator.rounds import TICK_S as ROUND_TICK_S
 from trainfleet.coordinator.state import Coordinator
 from trainfleet.coordinator.writer import run_on
+from trainfleet.manifest.spec import FairShareSpec
 from trainfleet.queue.base import JobRecord
 
 log = logging.getLogger(__name__)
@@ -61,8 +64,10 @@ def api_routes() -> RouteTable:
         routes_worker,
         routes_batch,
         routes_operator,
+        routes_submit,
         routes_read,
         routes_data,
+        routes_fairshare,
         routes_hosts,
         routes_runs,
         routes_attest,
@@ -124,6 +129,41 @@ async def _reap_forever(coord: Coordinator) -> None:
             log.warning("job %s (%s) lost its worker: now %s", job.name, job.id[:12], job.state)
         if any(job.state == "pending" for job in reaped):
             coord.work.notify()
+
+
+DEPS_TICK_S = 0.5
+
+
+async def _resolve_dependencies_forever(coord: Coordinator) -> None:
+    """The dependency step (``queue.deps``) every ``DEPS_TICK_S``, on the leader only: waiting
+    jobs whose parents completed become claimable (long-poll claims are woken), those with a
+    failed parent fail."""
+    run = db_runner(coord)
+    while True:
+        await asyncio.sleep(DEPS_TICK_S)
+        if not coord.leader.is_leader:
+            continue  # another coordinator of this database resolves (coordinator.leader)
+        try:
+            moved = await run(coord.queue.resolve_dependencies)
+        except Exception:
+            log.exception("dependency step failed; retrying")
+            continue
+        if moved:
+            coord.work.notify()
+
+
+async def _fair_share_forever(coord: Coordinator) -> None:
+    """The fair-share tick (``queue.fairshare``) on the leader: at start, then every
+    ``[fair_share] interval_s`` of the manifest applied (read back by each tick)."""
+    run = db_runner(coord)
+    interval_s = FairShareSpec().interval_s
+    while True:
+        if coord.leader.is_leader:  # else another coordinator of this database ticks
+            try:
+                interval_s = (await run(coord.queue.fair_share_tick)).interval_s
+            except Exception:
+                log.exception("fair-share tick failed; retrying")
+        await asyncio.sleep(interval_s)
 
 
 async def _collect_garbage_forever(coord: Coordinator) -> None:
@@ -251,6 +291,8 @@ def create_app(coord: Coordinator) -> Starlette:
             tasks = [
                 asyncio.create_task(flush_forever(coord.beats, coord.beat_flush_s, run)),
                 asyncio.create_task(_reap_forever(coord)),
+                asyncio.create_task(_fair_share_forever(coord)),
+                asyncio.create_task(_resolve_dependencies_forever(coord)),
                 asyncio.create_task(_collect_garbage_forever(coord)),
                 asyncio.create_task(_drive_rounds_forever(coord)),
                 asyncio.create_task(drive_market_forever(coord)),

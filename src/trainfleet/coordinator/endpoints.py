@@ -217,6 +217,7 @@ class Endpoint:
     media_type: str | None = None  # of a 200 that is not a JSON model (text, bytes)
     links: dict[str, Any] = field(default_factory=dict)  # OpenAPI links of the 200 response
     max_body_bytes: int = MAX_JSON_BYTES  # a JSON body past this is refused (413)
+    status: int = 200  # of a success with a JSON model (201: it created something)
 
     @property
     def operation_id(self) -> str:
@@ -247,6 +248,7 @@ class RouteTable:
         media_type: str | None = None,
         links: dict[str, Any] | None = None,
         max_body_bytes: int = MAX_JSON_BYTES,
+        status: int = 200,
     ) -> Callable[[Handler], Handler]:
         own = {p.name: p for p in path_params}
         names = [seg[1:-1].split(":")[0] for seg in path.split("/") if seg.startswith("{")]
@@ -271,6 +273,7 @@ class RouteTable:
                     media_type,
                     links or {},
                     max_body_bytes,
+                    status,
                 )
             )
             return handler
@@ -297,7 +300,9 @@ class RouteTable:
                 elif result is None:
                     response = Response(status_code=204)
                 else:  # serialized by pydantic's core in one pass (no dict, no json.dumps)
-                    response = Response(result.model_dump_json(), media_type=JSON_MEDIA)
+                    response = Response(
+                        result.model_dump_json(), status_code=ep.status, media_type=JSON_MEDIA
+                    )
             except ApiError as err:
                 response = error_response(err)
             coord.metrics.observe_request(

@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from trainfleet.queue.base import JobQueue
 
-JOB_STATES = ("pending", "claimed", "running", "completed", "failed", "cancelled")
+JOB_STATES = ("waiting", "pending", "claimed", "running", "completed", "failed", "cancelled")
 
 
 class _QueueCollector(Collector):

@@ -148,7 +148,7 @@ def _operation(ep: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
     ok: dict[str, Any]
     if ep.response:
         ok = {
-            "description": "OK",
+            "description": "Created" if ep.status == 201 else "OK",
             "content": {"application/json": {"schema": refs[(ep.response, "serialization")]}},
         }
     elif ep.media_type:
@@ -160,7 +160,7 @@ def _operation(ep: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
     if ok:
         if ep.links:
             ok["links"] = ep.links
-        op["responses"]["200"] = ok
+        op["responses"][str(ep.status)] = ok
     for code in error_codes(ep):
         op["responses"][str(code)] = {
             "description": ERROR_TEXT.get(code, "error"),

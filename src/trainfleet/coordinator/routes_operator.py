@@ -37,7 +37,8 @@ def _parse(text: str, path: str) -> Manifest:
     sees it, and otherwise by the loader's own rule on the parsed tree (dotted keys)."""
     check_toml_depth(text, f"manifest {path}", MAX_DEPTH)
     try:
-        return parse_manifest(text, path)
+        # ``after`` may name submitted jobs: the queue checks those (queue.deps.check_reload).
+        return parse_manifest(text, path, external_after=True)
     except ManifestTooDeep:
         raise BadRequest(f"manifest {path} nests deeper than {MAX_DEPTH} levels") from None
     except ManifestError as err:

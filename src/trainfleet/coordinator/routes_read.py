@@ -22,7 +22,7 @@ from trainfleet.queue.base import JobRecord, LogLine
 
 routes = RouteTable()
 
-STATES = ("pending", "claimed", "running", "completed", "failed", "cancelled")
+STATES = ("waiting", "pending", "claimed", "running", "completed", "failed", "cancelled")
 STATE = Param("state", "only jobs in this state", enum=STATES)
 AFTER = Param(
     "after", "return lines after this sequence number", "integer", 0, INT64_MAX, default=0

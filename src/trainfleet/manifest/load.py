@@ -29,12 +29,14 @@ from trainfleet.data.spec import (
 )
 from trainfleet.data.tokenize import get_tokenizer
 from trainfleet.errors import ManifestError, ManifestTooDeep
+from trainfleet.manifest.deps import after_problems
 from trainfleet.manifest.names import HOST_NAME_RULE, HostName, Name
 from trainfleet.manifest.pipelines import STUDENT_IGNORED, PipelineSpec
 from trainfleet.manifest.runs import RunSpec
 from trainfleet.manifest.spec import (
     RENAMED_KEYS,
     Defaults,
+    FairShareSpec,
     HostPolicy,
     JobSpec,
     Manifest,
@@ -42,7 +44,7 @@ from trainfleet.manifest.spec import (
 from trainfleet.queue.matching import blockers
 from trainfleet.train.recipes import RECIPES, GPTParams
 
-_TOP_LEVEL = {"defaults", "hosts", "datasets", "jobs", "runs", "pipelines"}
+_TOP_LEVEL = {"defaults", "hosts", "datasets", "jobs", "runs", "pipelines", "fair_share"}
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
 _HOST_NAME: TypeAdapter[str] = TypeAdapter(HostName)
 _DATASET: TypeAdapter[Any] = TypeAdapter(DatasetSpec)
@@ -377,8 +379,13 @@ def _check_job(
     return job
 
 
-def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
-    """Parse and validate manifest text. Raises ``ManifestError`` listing every problem."""
+def parse_manifest(
+    text: str, path: str = "<manifest>", *, external_after: bool = False
+) -> Manifest:
+    """Parse and validate manifest text. Raises ``ManifestError`` listing every problem.
+
+    ``external_after``: a job's ``after`` may name a job not in this text (one submitted to
+    the coordinator, which checks those names itself: ``queue.deps.check_reload``)."""
     raw = _read_toml(text, path)
     problems: list[str] = []
     renamed: list[str] = []
@@ -394,11 +401,13 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
             hosts[name] = policy
     datasets = _parse_datasets(raw.get("datasets", {}), problems)
     defaults = _parse_defaults(raw.get("defaults", {}), datasets, problems, renamed)
+    fair_share = _validate(FairShareSpec, raw.get("fair_share", {}), "fair_share.", problems)
     raw_jobs = raw.get("jobs", [])
     if not isinstance(raw_jobs, list):
         problems.append("jobs: must be an array of [[jobs]] tables")
         raw_jobs = []
     jobs: list[JobSpec] = []
+    wheres: dict[str, str] = {}  # job name -> its place in the file, for ``after`` problems
     seen: dict[str, int] = {}
     for i, body in enumerate(raw_jobs):
         label = body.get("name") if isinstance(body, dict) else None
@@ -421,9 +430,11 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
             seen[label] = i
         if job is not None:
             jobs.append(_check_job(job, hosts, where, job_problems))
+            wheres[job.name] = where
         for problem in _attribute(job_problems, where, _inherited(body, defaults)):
             if not (problem.startswith("defaults.") and problem in problems):
                 problems.append(problem)
+    problems += after_problems(jobs, wheres, external=external_after)
     runs = _parse_runs(raw.get("runs", []), datasets, hosts, {j.name for j in jobs}, problems)
     pipelines = _parse_pipelines(
         raw.get("pipelines", []), datasets, jobs, {r.name for r in runs}, problems
@@ -440,6 +451,7 @@ def parse_manifest(text: str, path: str = "<manifest>") -> Manifest:
         )
     return Manifest(
         defaults=defaults,
+        fair_share=fair_share,
         hosts=hosts,
         datasets=datasets,
         jobs=jobs,
@@ -616,11 +628,11 @@ def _check_pipeline(
     return spec.model_copy(update={"student": normalized, "teacher_id": job_id(teacher)})
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and parse a manifest file."""
+def load_manifest(path: str | Path, *, external_after: bool = False) -> Manifest:
+    """Read and parse a manifest file (``external_after``: as ``parse_manifest``'s)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise ManifestError(str(p), [f"cannot read: {err.strerror or err}"]) from None
-    return parse_manifest(text, str(p))
+    return parse_manifest(text, str(p), external_after=external_after)

@@ -302,10 +302,32 @@ class Defaults(_Spec):
         return merged
 
 
+class FairShareSpec(_Spec):
+    """``[fair_share]``: how jobs of one priority are ordered by their submitters' recent use
+    (Slurm's multifactor fair-share factor with ``PriorityDecayHalfLife``)."""
+
+    half_life_h: float = Field(
+        168.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="hours after which a job-hour of use counts half (Slurm's default: 7 days)",
+    )
+    interval_s: float = Field(
+        5.0, gt=0, le=3600, description="seconds between the leader's fair-share ticks"
+    )
+    shares: dict[Name, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict,
+        description="submitter -> weight; a submitter not named has weight 1",
+    )
+
+
 class Manifest(_Spec):
     """A whole manifest: defaults, host policies, datasets, jobs, runs and pipelines."""
 
     defaults: Defaults = Field(default_factory=Defaults)
+    fair_share: FairShareSpec = Field(
+        default_factory=FairShareSpec, description="fair-share ordering within a priority"
+    )
     hosts: dict[HostName, HostPolicy] = Field(default_factory=dict)
     datasets: dict[Name, DatasetSpec] = Field(default_factory=dict)
     jobs: list[JobSpec] = Field(default_factory=list)

@@ -33,6 +33,7 @@ from trainfleet.queue.runs_base import (
 
 if TYPE_CHECKING:
     from trainfleet.queue.beats import Beat, FlushResult
+    from trainfleet.queue.fairshare import FairShareReport, FairShareState
     from trainfleet.queue.market_base import (
         CompetitionRecord,
         LedgerEntry,
@@ -250,6 +251,18 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     def requeue(self, job_id: str, reason: str = "requeued by operator") -> JobRecord: ...
 
+    def add_job(self, spec: JobSpec) -> JobRecord:
+        """Submit one job into the live queue, kept across reloads (``queue.sqlite_submit``):
+        ``Conflict`` for a name or identity already taken, ``BadRequest`` for an ``after``
+        name no job answers to."""
+        raise NotImplementedError
+
+    def resolve_dependencies(self) -> int:
+        """The dependency step (``queue.deps``): release waiting jobs whose parents all
+        completed, fail those with a failed, cancelled or missing parent (cascading); the
+        number of jobs moved."""
+        raise NotImplementedError
+
     # workers -------------------------------------------------------------------------
     @abc.abstractmethod
     def register_worker(self, capability: Capability) -> tuple[WorkerRecord, str]:
@@ -411,6 +424,15 @@ class JobQueue(abc.ABC):
     def logs(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[LogLine]: ...
 
     @abc.abstractmethod
+    def jobs_page(self, state: str, limit: int, *, newest_first: bool = False) -> list[JobRecord]:
+        """At most ``limit`` jobs in ``state``, in queue order (or newest first): a bounded read
+        for views that poll (the dashboard), where ``list_jobs`` would read every row."""
+
+    @abc.abstractmethod
+    def log_tail(self, job_id: str, limit: int) -> list[LogLine]:
+        """A job's last ``limit`` log lines, oldest first."""
+
+    @abc.abstractmethod
     def artifacts(self, job_id: str) -> list[ArtifactRecord]: ...
 
     @abc.abstractmethod
@@ -427,6 +449,15 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state."""
+
+    # fair share (queue.fairshare) ------------------------------------------------------
+    @abc.abstractmethod
+    def fair_share_tick(self) -> FairShareState:
+        """The leader's tick: charge running attempts, recompute levels, rewrite stale ones."""
+
+    @abc.abstractmethod
+    def fair_share(self) -> FairShareReport:
+        """Every submitter's decayed usage, share, factor and level now."""
 
     @abc.abstractmethod
     def is_bound(self, sha256: str) -> bool:

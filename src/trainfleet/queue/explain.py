@@ -71,9 +71,11 @@ def explain_job(
     now: float,
     attested: Collection[str] = (),
     panel_hosts: Collection[str] = (),
+    waiting: str = "",
 ) -> dict[str, Any]:
     """``attested``: the ids of the workers attested now; ``panel_hosts``: the hosts that
-    took another job of a referee job's panel."""
+    took another job of a referee job's panel; ``waiting``: a waiting job's parents not
+    completed yet, in words (``queue.deps.waiting_text``)."""
     spec = job.spec
     out: dict[str, Any] = {
         "id": job.id,
@@ -83,6 +85,10 @@ def explain_job(
         "hosts": {},
         "eligible_online": [],
     }
+    if job.state == "waiting":
+        removed = "" if job.in_manifest or job.pinned else " (removed from the manifest)"
+        out["message"] = (waiting or "waiting for its parents") + removed
+        return out
     if job.state != "pending":
         out["message"] = _active_summary(job, now)
         return out

@@ -29,6 +29,8 @@ from trainfleet.data.spec import dataset_digest
 from trainfleet.errors import ApiError
 from trainfleet.manifest.spec import JobSpec, Manifest
 from trainfleet.queue import (
+    deps,
+    fairshare,
     sqlite_attempts,
     sqlite_attest,
     sqlite_data,
@@ -36,6 +38,7 @@ from trainfleet.queue import (
     sqlite_market,
     sqlite_operator,
     sqlite_runs,
+    sqlite_submit,
     sqlite_workers,
 )
 from trainfleet.queue.base import (
@@ -143,6 +146,17 @@ class SQLQueue(PipelineMethods, JobQueue):
     def requeue(self, job_id: str, reason: str = "requeued by operator") -> JobRecord:
         with self._tx() as conn:
             return sqlite_operator.requeue(conn, job_id, reason, self.clock)
+
+    def add_job(self, spec: JobSpec) -> JobRecord:
+        with self._tx() as conn:
+            return sqlite_submit.add_job(conn, spec, self.clock)
+
+    def resolve_dependencies(self) -> int:
+        # Looked at without the write lock first: most steps find nothing to move.
+        if not deps.plan_moves(self._conn()):
+            return 0
+        with self._tx() as conn:
+            return deps.resolve(conn, self.clock)
 
     # workers ----------------------------------------------------------------------------
     def register_worker(self, capability: Capability) -> tuple[WorkerRecord, str]:
@@ -417,6 +431,23 @@ class SQLQueue(PipelineMethods, JobQueue):
         )
         return [log_line(r) for r in rows]
 
+    def jobs_page(self, state: str, limit: int, *, newest_first: bool = False) -> list[JobRecord]:
+        order = "DESC" if newest_first else "ASC"
+        sql = f"SELECT * FROM jobs WHERE state = ? ORDER BY seq {order} LIMIT ?"
+        return [job_record(r) for r in self._conn().execute(sql, (state, limit)).fetchall()]
+
+    def log_tail(self, job_id: str, limit: int) -> list[LogLine]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT seq, attempt, epoch, at, line FROM logs WHERE job_id = ?"
+                " ORDER BY seq DESC LIMIT ?",
+                (job_id, limit),
+            )
+            .fetchall()
+        )
+        return [log_line(r) for r in reversed(rows)]
+
     def artifacts(self, job_id: str) -> list[ArtifactRecord]:
         rows = (
             self._conn()
@@ -446,7 +477,7 @@ class SQLQueue(PipelineMethods, JobQueue):
         job = job_record(find_job_row(conn, ref))
         hosts = read_hosts(conn)
         now = self.clock()
-        return explain_job(
+        out = explain_job(
             job,
             candidates=sqlite_workers.candidates(
                 conn, hosts, now, self.settings.idle_window_s, self.settings.offline_after_s
@@ -456,7 +487,14 @@ class SQLQueue(PipelineMethods, JobQueue):
             now=now,
             attested=sqlite_market.attested_workers(conn, now),
             panel_hosts=sqlite_market.panel_hosts(conn, job.spec.panel, job.id),
+            waiting=deps.waiting_text(deps.waiting_for(conn, job.spec.after))
+            if job.state == "waiting"
+            else "",
         )
+        if job.state in ("pending", "waiting"):  # its place among the jobs of its priority
+            note = fairshare.note(conn, job.spec.submitter, job.priority, now)
+            out["message"] = f"{out['message']}\n{note}"
+        return out
 
     def current_manifest_hash(self) -> str | None:
         value = read_meta(self._conn(), "manifest_hash", "")
@@ -465,6 +503,14 @@ class SQLQueue(PipelineMethods, JobQueue):
     def counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
+
+    # fair share (queue.fairshare) -------------------------------------------------------
+    def fair_share_tick(self) -> fairshare.FairShareState:
+        with self._tx() as conn:
+            return fairshare.tick(conn, self.clock())
+
+    def fair_share(self) -> fairshare.FairShareReport:
+        return fairshare.report(self._conn(), self.clock())
 
     # collaborative runs (sqlite_runs) ---------------------------------------------------
     def list_runs(self) -> list[RunRecord]:

@@ -33,6 +33,7 @@ from trainfleet.queue.base import (
 )
 from trainfleet.queue.beats import Beat, renew
 from trainfleet.queue.db import Conn, Row
+from trainfleet.queue.fairshare import charge_spans
 from trainfleet.queue.fleet_cache import SPECS
 from trainfleet.queue.ledger import shard_reports
 from trainfleet.queue.log_quota import admit_lines
@@ -275,15 +276,18 @@ def complete(
         epoch,
         "",
     )
+    used = (row["submitter"], charged_from(row, now), now)  # the attempt's uncharged time
     # Shard hashes are checked only where there is something to check: a job with a dataset,
     # or a result reporting hashes anyway (noted on the job).
     has_data = SPECS.get(job_id, row["spec"]).trained_dataset is not None
     if later is not None and not has_data and not shard_reports(result):
         later.events.append(event)
         later.released.append(job_id)
+        later.used.append(used)
         return job_record(done)
     release_worker(conn, worker_id, job_id)
     insert_events(conn, [event])
+    charge_spans(conn, used[0], [used[1:]])
     if (has_data or shard_reports(result)) and check_shards(
         conn, job_id, worker_id, epoch, result, now
     ):
@@ -294,15 +298,18 @@ def complete(
 @dataclass
 class Later:
     """What a batch of completions writes once for all its items (issue 9): their events in
-    one multi-row INSERT, and the worker's slot freed if it is held by any of their jobs.
-    Neither is read by a later item of the batch, so the writes are the same as one by one."""
+    one multi-row INSERT, the worker's slot freed if it is held by any of their jobs, and
+    the attempts' time charged to their submitters (``fairshare``), once per submitter. None
+    is read by a later item of the batch, so the writes are the same as one by one."""
 
     events: list[EventRow] = field(default_factory=list)
     released: list[str] = field(default_factory=list)  # job ids
+    used: list[tuple[str, float, float]] = field(default_factory=list)  # (submitter, from, to)
 
     def clear(self) -> None:
         self.events.clear()
         self.released.clear()
+        self.used.clear()
 
     def write(self, conn: Conn, worker_id: str) -> None:
         insert_events(conn, self.events)
@@ -312,6 +319,8 @@ class Later:
                 f"UPDATE workers SET current_job = NULL WHERE id = ? AND current_job IN ({marks})",
                 (worker_id, *self.released),
             )
+        for submitter in dict.fromkeys(s for s, _, _ in self.used):
+            charge_spans(conn, submitter, [(a, b) for s, a, b in self.used if s == submitter])
 
 
 def complete_plain(
@@ -381,8 +390,11 @@ def _end_attempt(
     retryable: bool,
     kind: str,
 ) -> None:
-    """Close the active attempt: back to pending, or failed when attempts are used up."""
+    """Close the active attempt: back to pending, or failed when attempts are used up. Its
+    time is charged to its submitter, and a job back to pending takes the submitter's
+    fair-share level at once (the charge read it)."""
     now = clock()
+    fair = charge_spans(conn, row["submitter"], [(charged_from(row, now), now)])
     failures = row["num_failures"] + int(count)
     spec = SPECS.get(row["id"], row["spec"])
     max_failures = spec.max_failures
@@ -400,8 +412,8 @@ def _end_attempt(
     conn.execute(
         "UPDATE jobs SET state = ?, num_failures = ?, worker_id = CASE WHEN ? = 'pending'"
         " THEN NULL ELSE worker_id END, pending_since = ?, finished_at = ?, updated_at = ?,"
-        " error = ? WHERE id = ?",
-        (to_state, failures, to_state, now, finished, now, error, row["id"]),
+        " error = ?, fair = ? WHERE id = ?",
+        (to_state, failures, to_state, now, finished, now, error, fair, row["id"]),
     )
     insert_event(
         conn,
@@ -414,6 +426,12 @@ def _end_attempt(
         row["epoch"],
         detail,
     )
+
+
+def charged_from(row: Row, now: float) -> float:
+    """Where the active attempt's uncharged time starts: its claim, or the last fair-share
+    tick that charged it."""
+    return max(row["claimed_at"] or now, row["charged_at"] or 0.0)
 
 
 def _round_over(conn: Conn, spec: JobSpec) -> str:

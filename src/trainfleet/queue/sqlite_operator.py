@@ -6,7 +6,10 @@ changed jobs get their new scheduling fields, and jobs gone from the manifest ar
 ``in_manifest = 0``: they stay visible, an active one finishes its attempt, but a pending one
 is no longer claimable, so an edited job's old version never runs ahead of the new one.
 ``requeue`` of a removed job is the explicit way to run it anyway: it marks the job
-``pinned`` (claimable although not in the manifest) until a reload adds it back. Runs
+``pinned`` (claimable although not in the manifest) until a reload adds it back. A job
+with ``after`` waits for its parents (``queue.deps``): requeue refuses a waiting job and
+puts a failed one back to waiting; a reload whose ``after`` names do not resolve, or close
+a cycle through submitted jobs, is refused before anything is written. Runs
 (``[[runs]]``) are reloaded by ``sqlite_runs_reload.apply_runs`` and pipelines
 (``[[pipelines]]``) by ``sqlite_pipelines_reload.apply_pipelines``; their jobs are not part of
 the jobs' diff. Each
@@ -22,9 +25,10 @@ from collections.abc import Callable
 from trainfleet.errors import Conflict
 from trainfleet.manifest.identity import manifest_hash
 from trainfleet.manifest.spec import JobSpec, Manifest
-from trainfleet.queue import sqlite_pipelines_reload, sqlite_runs_reload
+from trainfleet.queue import fairshare, sqlite_pipelines_reload, sqlite_runs_reload
 from trainfleet.queue.base import JobRecord, PlanEntry, ReloadPlan
 from trainfleet.queue.db import Conn
+from trainfleet.queue.deps import check_reload, check_submit_cycle, waiting_for, waiting_text
 from trainfleet.queue.reload import Diff, StoredJob, diff_manifest
 from trainfleet.queue.sqlite_schema import (
     SPEC_COLUMNS,
@@ -42,6 +46,7 @@ def apply_manifest(
     conn: Conn, manifest: Manifest, clock: Callable[[], float], *, dry_run: bool
 ) -> ReloadPlan:
     mhash = manifest_hash(manifest)
+    check_reload(conn, manifest)  # its ``after`` names and the submitted jobs (queue.deps)
     stored = [
         StoredJob(
             id=r["id"],
@@ -95,6 +100,11 @@ def _apply_diff(
         "INSERT INTO meta (key, value) VALUES ('prefer_cuda_wait_s', ?)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (str(manifest.defaults.prefer_cuda_wait_s),),
+    )
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (fairshare.META_KEY, manifest.fair_share.model_dump_json()),
     )
     conn.execute(
         "INSERT INTO meta (key, value) VALUES ('manifest_hash', ?)"
@@ -162,16 +172,25 @@ def requeue(conn: Conn, ref: str, reason: str, clock: Callable[[], float]) -> Jo
     pin = not row["in_manifest"]
     if row["state"] == "pending" and (row["pinned"] or not pin):
         raise Conflict(f"job {row['name']} is already pending")
+    after = JobSpec.model_validate_json(row["spec"]).after
+    if row["state"] == "waiting":
+        raise Conflict(
+            f"job {row['name']} is {waiting_text(waiting_for(conn, after))}; it runs when its"
+            " parents complete"
+        )
+    to_state = "waiting" if after else "pending"  # a child waits for its parents again
+    if after:
+        check_submit_cycle(conn, row["name"], after)
     if pin:
         reason += " (removed from the manifest; pinned: claimable until a reload adds it back)"
     now = clock()
     # Bumping the epoch fences off a worker still running the old attempt.
     conn.execute(
-        "UPDATE jobs SET state = 'pending', epoch = epoch + 1, num_failures = 0,"
+        "UPDATE jobs SET state = ?, epoch = epoch + 1, num_failures = 0,"
         " worker_id = NULL, host = NULL, pending_since = ?, updated_at = ?,"
         " finished_at = NULL, error = NULL, result = NULL, pinned = ? WHERE id = ?",
-        (now, now, int(pin or row["pinned"]), row["id"]),
+        (to_state, now, now, int(pin or row["pinned"]), row["id"]),
     )
     release_worker(conn, row["worker_id"], row["id"])
-    insert_event(conn, clock(), row["id"], "requeued", row["state"], "pending", detail=reason)
+    insert_event(conn, clock(), row["id"], "requeued", row["state"], to_state, detail=reason)
     return load_job(conn, row["id"])

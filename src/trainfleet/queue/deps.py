@@ -1,0 +1,229 @@
+"""Job dependencies on the SQL queue: release or fail waiting jobs, and the checks that keep
+the graph of ``after`` names free of cycles across a reload and a submit.
+
+A job with ``after`` starts 'waiting' (``sqlite_operator.initial_state``); claims never see
+it (they select 'pending'). The leader's dependency step (``resolve``, every ~0.5 s from the
+coordinator's lifespan) looks at each waiting job still in the manifest, pinned or submitted:
+
+- every parent 'completed' -> 'pending' (event "released": "job-a, job-b completed");
+- a parent 'failed' or 'cancelled' -> 'failed' ("parent job-a failed: <its error>");
+- a parent name no job answers to -> 'failed' ("parent job-a does not exist").
+
+A parent name means the newest job of that name (max seq) in the manifest or submitted
+(``in_manifest = 1 OR origin = 'submit'``): an edited job's new version, never a removed
+one. A failed child is itself a parent: ``resolve`` repeats until nothing moves, so a whole
+chain fails in one transaction. A waiting job a reload removed is left alone (not claimable,
+like a removed pending job) until a reload adds it back.
+
+The functions take a ``db.Conn`` like the other ``sqlite_*`` modules; ``plan_moves`` only
+reads, so the caller can look first without the write lock and write only when some job
+moves (the step runs every half second; most find nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+
+from trainfleet.errors import BadRequest
+from trainfleet.manifest.deps import cycle_text, find_cycle
+from trainfleet.manifest.identity import job_id
+from trainfleet.manifest.spec import Manifest
+from trainfleet.queue import db
+from trainfleet.queue.fleet_cache import SPECS
+from trainfleet.queue.sqlite_schema import insert_event
+
+# The jobs a name may resolve to: in the manifest, or submitted (never a removed version).
+CURRENT = "(in_manifest = 1 OR origin = 'submit')"
+# The waiting jobs the step resolves: a removed one waits, unclaimable, like a removed pending.
+RESOLVED = "(in_manifest = 1 OR pinned = 1 OR origin = 'submit')"
+ENDED_BADLY = ("failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Parent:
+    name: str
+    state: str | None  # None: no job of that name
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Move:
+    job_id: str
+    to_state: str  # 'pending' or 'failed'
+    detail: str  # the released event's detail, or the failed job's error
+
+
+def parents(conn: db.Conn, names: Iterable[str]) -> dict[str, Parent]:
+    """Each name's current job (the newest of that name in the manifest or submitted); a
+    name without one is absent."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    marks = ", ".join("?" for _ in wanted)
+    rows = conn.execute(
+        f"SELECT name, state, error, seq FROM jobs WHERE name IN ({marks}) AND {CURRENT}"
+        " ORDER BY seq",
+        tuple(wanted),
+    ).fetchall()
+    return {r["name"]: Parent(r["name"], r["state"], r["error"]) for r in rows}  # newest wins
+
+
+def decide(after: list[str], found: dict[str, Parent]) -> tuple[str, str] | None:
+    """What happens to a waiting job with these parents now: ``(to_state, detail)``, or None
+    while it still waits. A missing or failed parent decides before one still running."""
+    for name in after:
+        parent = found.get(name)
+        if parent is None:
+            return "failed", f"parent {name} does not exist"
+        if parent.state in ENDED_BADLY:
+            return "failed", f"parent {name} {parent.state}: {parent.error or 'no reason'}"
+    if not after:  # a reload took its ``after`` away
+        return "pending", "no parents left"
+    if all(found[name].state == "completed" for name in after):
+        return "pending", ", ".join(after) + " completed"
+    return None
+
+
+def plan_moves(conn: db.Conn) -> list[Move]:
+    """The waiting jobs that move now (reads only)."""
+    rows = conn.execute(
+        f"SELECT id, spec FROM jobs WHERE state = 'waiting' AND {RESOLVED} ORDER BY seq"
+    ).fetchall()
+    if not rows:
+        return []
+    waits = [(r["id"], SPECS.get(r["id"], r["spec"]).after) for r in rows]
+    found = parents(conn, (name for _, after in waits for name in after))
+    moves = []
+    for waiting_id, after in waits:
+        decided = decide(after, found)
+        if decided is not None:
+            moves.append(Move(waiting_id, *decided))
+    return moves
+
+
+def apply_moves(conn: db.Conn, moves: list[Move], clock: Callable[[], float]) -> int:
+    """Write ``moves`` (each only if its job is still waiting); the number written."""
+    now = clock()
+    moved = 0
+    for move in moves:
+        if move.to_state == "pending":
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'pending', pending_since = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'waiting'",
+                (now, now, move.job_id),
+            )
+            kind = "released"
+        else:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'waiting'",
+                (move.detail, now, now, move.job_id),
+            )
+            kind = "failed"
+        if cur.rowcount:
+            moved += 1
+            insert_event(conn, now, move.job_id, kind, "waiting", move.to_state, detail=move.detail)
+    return moved
+
+
+def resolve(conn: db.Conn, clock: Callable[[], float]) -> int:
+    """The dependency step, inside the caller's write transaction: move waiting jobs until
+    nothing moves (a failed child fails its own children at once); the number moved."""
+    total = 0
+    while moves := plan_moves(conn):
+        moved = apply_moves(conn, moves, clock)
+        if not moved:
+            break
+        total += moved
+    return total
+
+
+def waiting_for(conn: db.Conn, after: list[str]) -> list[Parent]:
+    """The parents not completed yet, in ``after``'s order (a missing one with state None)."""
+    found = parents(conn, after)
+    out = [found.get(name, Parent(name, None)) for name in after]
+    return [parent for parent in out if parent.state != "completed"]
+
+
+def waiting_text(pending: list[Parent]) -> str:
+    """'waiting for job-a (running), job-b (pending)'."""
+    named = ", ".join(f"{p.name} ({p.state or 'no such job'})" for p in pending)
+    return f"waiting for {named}" if named else "waiting: every parent completed; released soon"
+
+
+# checks that keep the graph acyclic ------------------------------------------------------
+def submitted_edges(conn: db.Conn, skip: Collection[str] = ()) -> dict[str, list[str]]:
+    """``name -> after`` of the unfinished jobs that were submitted (not in the manifest),
+    except the names in ``skip``: the part of the graph a manifest does not hold."""
+    rows = conn.execute(
+        "SELECT id, name, spec FROM jobs WHERE origin = 'submit' AND in_manifest = 0"
+        " AND state NOT IN ('completed', 'failed', 'cancelled') ORDER BY seq"
+    ).fetchall()
+    return {
+        r["name"]: list(SPECS.get(r["id"], r["spec"]).after) for r in rows if r["name"] not in skip
+    }
+
+
+def check_reload(conn: db.Conn, manifest: Manifest) -> None:
+    """Refuse (``BadRequest``, with problems) a manifest whose ``after`` names a job neither
+    in it nor submitted, whose new jobs take the name of an unfinished submitted job, or
+    that closes a cycle through submitted jobs."""
+    names = {job.name for job in manifest.jobs}
+    submitted = submitted_edges(conn)
+    outside = sorted({n for job in manifest.jobs for n in job.after if n not in names})
+    known = _submitted_names(conn, outside)
+    problems = [
+        f"jobs ({job.name!r}).after: no job named {name!r} in the manifest or submitted"
+        for job in manifest.jobs
+        for name in job.after
+        if name not in names and name not in known
+    ]
+    ids = {job_id(job) for job in manifest.jobs}
+    for row in conn.execute(
+        "SELECT id, name, state FROM jobs WHERE origin = 'submit' AND in_manifest = 0"
+        " AND state NOT IN ('completed', 'failed', 'cancelled')"
+    ).fetchall():
+        if row["name"] in names and row["id"] not in ids:
+            problems.append(
+                f"jobs ({row['name']!r}).name: held by a submitted job ({row['id'][:12]},"
+                f" {row['state']}); rename it, or cancel the submitted job first"
+            )
+    edges = {**submitted, **{job.name: list(job.after) for job in manifest.jobs}}
+    cycle = find_cycle(edges)
+    if cycle is not None:
+        via = sorted(set(cycle) & set(submitted) - names)
+        problems.append(
+            f"after: dependency cycle {cycle_text(cycle)}"
+            + (f" (through submitted job(s) {', '.join(via)})" if via else "")
+        )
+    if problems:
+        raise BadRequest("the manifest's dependencies cannot be applied", problems=problems)
+
+
+def _submitted_names(conn: db.Conn, names: list[str]) -> set[str]:
+    """Which of ``names`` a submitted job (in any state) has."""
+    if not names:
+        return set()
+    marks = ", ".join("?" for _ in names)
+    rows = conn.execute(
+        f"SELECT DISTINCT name FROM jobs WHERE origin = 'submit' AND name IN ({marks})",
+        tuple(names),
+    ).fetchall()
+    return {r["name"] for r in rows}
+
+
+def check_submit_cycle(conn: db.Conn, name: str, after: list[str]) -> None:
+    """Refuse a submitted job whose ``after`` would close a cycle with the jobs still
+    waiting (a requeued job may wait again for a name the new job takes)."""
+    edges = {
+        r["name"]: list(SPECS.get(r["id"], r["spec"]).after)
+        for r in conn.execute(
+            f"SELECT id, name, spec FROM jobs WHERE state = 'waiting' AND {CURRENT} ORDER BY seq"
+        ).fetchall()
+    }
+    edges[name] = list(after)
+    cycle = find_cycle(edges)
+    if cycle is not None and name in cycle:
+        at = cycle.index(name)  # told from the job at hand: "q -> p -> q"
+        raise BadRequest(f"after: dependency cycle {cycle_text(cycle[at:-1] + cycle[: at + 1])}")
