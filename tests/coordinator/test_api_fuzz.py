@@ -96,6 +96,13 @@ def test_the_api_conforms_to_its_description_under_fuzzing(
     )
 
 
+def _not_http(response: requests.Response) -> bool:
+    """The HTTP parser's own refusal of bytes that are not a valid HTTP request (a header
+    name with a ';', say): the server answers 400 in plain text before any route runs, so
+    no operation's description can cover it. Everything that parses reaches the app."""
+    return response.status_code == 400 and response.text == "Invalid HTTP request received."
+
+
 def _fuzz(
     operation: Any,
     mode: GenerationMode,
@@ -117,6 +124,8 @@ def _fuzz(
     )
     def run(case: Any) -> None:
         response = case.call(base_url=url, session=session, headers=headers, timeout=30)
+        if _not_http(response):
+            return
         case.validate_response(response, checks=CHECKS)
 
     try:
