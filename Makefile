@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # its wall time on a 2-core machine. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo market-demo pipeline-demo test test-fast lint bench clean
+.PHONY: setup demo market-demo pipeline-demo test test-fast lint browser bench clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,18 @@ lint: setup
 	$(BIN)/ruff format --check src tests examples bench
 	$(BIN)/mypy
 
-test: lint
+# The dashboard's browser tests drive Debian's chromium (Playwright's own download is not
+# used). Installs it when missing: as root, else through passwordless sudo, else says how.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+		elif sudo -n true 2>/dev/null; then \
+			sudo -n apt-get update -q && sudo -n apt-get install -y -q chromium; \
+		else echo "chromium is missing: run 'sudo apt-get install -y chromium', then make test"; \
+			exit 1; fi; \
+	fi
+
+test: lint browser
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: setup

@@ -90,3 +90,25 @@ def test_user_mistakes_get_clear_errors(fleet: LiveFleet, tmp_path: Path) -> Non
     assert code == 1 and "no job named 'ghost'" in out
     assert "Traceback" not in out
     assert [j["name"] for j in fleet.operator.jobs()] == ["a"]
+
+
+def test_a_file_that_is_not_utf8_is_a_clear_error(fleet: LiveFleet, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[[jobs]]\nname = "caf\xe9"\nkind = "command"\ncommand = ["true"]\n')
+    code, out = run(fleet, str(path))
+    assert code == 2 and "not UTF-8 text" in out and "Traceback" not in out
+    assert [j["name"] for j in fleet.operator.jobs()] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("user", "submitter"),
+    [("jane.doe@corp.example", "jane.doe-corp.example"), ("CORP\\jane doe", "CORP-jane-doe"),
+     ("_svc", "svc"), ("Ω", "operator"), ("", "operator")],
+)  # fmt: skip
+def test_the_default_submitter_is_user_made_a_valid_name(
+    fleet: LiveFleet, monkeypatch: pytest.MonkeyPatch, user: str, submitter: str
+) -> None:
+    monkeypatch.setenv("USER", user)
+    code, out = run(fleet, "--json", "--name", "u", "--", "true")
+    assert code == 0, out
+    assert json.loads(out)["spec"]["submitter"] == submitter

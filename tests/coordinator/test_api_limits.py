@@ -277,7 +277,7 @@ def test_openapi_declares_every_parameter_and_error(api: Api) -> None:
             assert "400" in codes
             if op.get("security"):
                 assert "401" in codes, (path, method)
-            for code in codes - {"200", "204"}:
+            for code in {c for c in codes if not c.startswith("2")}:
                 content = op["responses"][code]["content"]["application/json"]
                 assert content["schema"] == error_ref, (path, method, code)
     claim = paths["/v1/workers/claim"]["post"]["responses"]["200"]

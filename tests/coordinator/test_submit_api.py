@@ -94,6 +94,21 @@ def test_the_client_submits_and_maps_refusals(api: Api) -> None:
         ({"path": "x.toml"}, 400, "bad_request", "invalid request body"),
         ({"text": 5}, 400, "bad_request", "invalid request body"),
         ({"text": job_text("a")}, 409, "conflict", "held by a manifest job"),
+        # [fair_share] is the manifest's: refused, not silently dropped
+        (
+            {"text": "[fair_share]\nhalf_life_h = 1\n" + job_text("x")},
+            400,
+            "bad_request",
+            "fair_share",
+        ),
+        # values a JSON column cannot hold back: stored, they made every read of the job fail
+        ({"text": job_text("x") + "hyper = { lr = nan }\n"}, 400, "bad_request", "finite number"),
+        ({"text": job_text("x") + "timeout_s = inf\n"}, 400, "bad_request", "finite number"),
+        ({"text": job_text("x") + "min_ram_gib = inf\n"}, 400, "bad_request", "finite number"),
+        # integers past SQLite's 64 bits: the insert raised OverflowError (a 500)
+        ({"text": job_text("x") + f"priority = {2**70}\n"}, 400, "bad_request", "less than"),
+        ({"text": job_text("x") + f"priority = {-(2**70)}\n"}, 400, "bad_request", "greater than"),
+        ({"text": job_text("x") + f"min_cores = {2**63}\n"}, 400, "bad_request", "less than"),
     ],
 )
 def test_malformed_or_refused_submits_get_4xx_json(

@@ -10,7 +10,7 @@ from fleetkit import FakeClock, make_cap, manifest_of
 from trainfleet.errors import BadRequest, Conflict
 from trainfleet.manifest import parse_manifest
 from trainfleet.manifest.spec import JobSpec, Manifest
-from trainfleet.queue import JobQueue
+from trainfleet.queue import JobQueue, deps
 
 CHAIN = """
 [[jobs]]
@@ -269,3 +269,33 @@ def test_the_dependency_step_uses_the_queue_clock(make_queue, clock: FakeClock) 
     queue.resolve_dependencies()
     b = queue.get_job("b")
     assert b.pending_since == clock()
+
+
+def chain_toml(n: int, *, reverse: bool) -> str:
+    """``n`` command jobs, each after the one before; ``reverse``: the file lists the
+    children first (so a step that walks the file in order meets each before its parent)."""
+    jobs = [
+        f'[[jobs]]\nname = "j{i}"\nkind = "command"\ncommand = ["true"]\n'
+        + (f'after = ["j{i - 1}"]\n' if i else "")
+        for i in range(n)
+    ]
+    return "".join(reversed(jobs) if reverse else jobs)
+
+
+def test_a_deep_chain_fails_in_one_pass_over_the_waiting_jobs(
+    queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The leader runs the step every 0.5 s inside the write lock: a failure cascading down
+    # a chain must cost one read of the waiting jobs, not one read per level (O(n^2)).
+    queue.apply_manifest(reloaded(chain_toml(300, reverse=True)))
+    queue.cancel("j0")
+    reads = []
+    original = deps.waiting_rows
+    monkeypatch.setattr(deps, "waiting_rows", lambda conn: reads.append(1) or original(conn))
+    assert queue.resolve_dependencies() == 299
+    assert len(reads) <= 2  # the look without the lock, then the one inside it
+    last = queue.get_job("j299")
+    assert last.state == "failed" and last.error is not None
+    assert last.error.startswith("parent j298 failed: parent j297 failed: parent j296 failed:")
+    # each child quotes its parent's reason, bounded: not a reason growing with the depth
+    assert len(last.error) <= deps.MAX_REASON_CHARS + 40

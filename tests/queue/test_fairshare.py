@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from fleetkit import FakeClock, make_cap, manifest_of
+from trainfleet.errors import StaleEpoch
 from trainfleet.queue import JobQueue
 from trainfleet.queue import fairshare as fs
 
@@ -273,3 +274,69 @@ def test_the_report_counts_jobs_and_forgets_negligible_use(
     queue.fair_share_tick()
     assert queue.fair_share().submitters == []
     assert sql(queue, "SELECT submitter FROM fair_usage") == []
+
+
+def test_a_clock_stepping_back_does_not_charge_a_running_attempt_twice(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    load(queue, ("a1", "alice", 0))
+    wid = worker(queue)
+    claim = queue.claim(wid)
+    assert claim is not None
+    clock.advance(3600)
+    queue.fair_share_tick()  # charged up to t0 + 1 h
+    clock.advance(-1800)  # the clock steps back half an hour...
+    assert queue.fair_share_tick().charged_h == 0.0
+    clock.advance(1800)  # ...and comes back: nothing new was used
+    queue.complete(claim.job.id, wid, claim.epoch, {})
+    assert standing(queue, "alice").usage_h == pytest.approx(fs.interval_hours(0, 3600, H))
+
+
+@pytest.mark.parametrize("end", ["cancel", "requeue", "revoke"])
+def test_an_attempt_ended_by_the_operator_is_charged_up_to_its_end(
+    queue: JobQueue, clock: FakeClock, end: str
+) -> None:
+    load(queue, ("a1", "alice", 0))
+    wid = worker(queue)
+    claim = queue.claim(wid)
+    assert claim is not None
+    clock.advance(600)
+    queue.fair_share_tick()
+    clock.advance(1200)  # not yet charged by a tick when the attempt ends
+    if end == "cancel":
+        queue.cancel("a1")
+    elif end == "requeue":
+        queue.requeue("a1")
+    else:
+        queue.revoke_worker(wid)
+    assert standing(queue, "alice").usage_h == pytest.approx(fs.interval_hours(0, 1800, H))
+    clock.advance(3600)  # no longer running: nothing more is charged
+    queue.fair_share_tick()
+    assert standing(queue, "alice").usage_h == pytest.approx(
+        fs.decay(fs.interval_hours(0, 1800, H), 3600, H)
+    )
+
+
+def test_each_attempt_is_charged_once_whatever_ends_it(queue: JobQueue, clock: FakeClock) -> None:
+    load(queue, ("a1", "alice", 0))
+    wid, other = worker(queue), worker(queue, "cpu-b")
+    first = queue.claim(wid)
+    assert first is not None
+    clock.advance(600)
+    queue.fail(first.job.id, wid, first.epoch, "flaky")  # retried: 600 s charged
+    second = queue.claim(other)
+    assert second is not None and second.epoch > first.epoch
+    clock.advance(300)
+    queue.fair_share_tick()
+    clock.advance(60)
+    assert [j.name for j in queue.reap()] == ["a1"]  # lost after 360 s: charged up to the reap
+    charged = standing(queue, "alice").usage_h
+    # the written-off attempts come back late: fenced, and nothing more is charged
+    with pytest.raises(StaleEpoch):
+        queue.complete(first.job.id, wid, first.epoch, {})
+    with pytest.raises(StaleEpoch):
+        queue.fail(second.job.id, other, second.epoch, "late")
+    queue.fair_share_tick()
+    assert standing(queue, "alice").usage_h == charged
+    expected = fs.decay(fs.interval_hours(0, 600, H), 360, H) + fs.interval_hours(0, 360, H)
+    assert charged == pytest.approx(expected, rel=1e-9)

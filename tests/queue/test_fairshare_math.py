@@ -81,9 +81,33 @@ def test_the_fair_share_table_is_validated_like_every_spec() -> None:
         ("[fair_share]\nhalf_lif_h = 2\n", "fair_share.half_lif_h"),
         ("[fair_share]\nhalf_life_h = 0\n", "fair_share.half_life_h"),
         ("[fair_share]\ninterval_s = -1\n", "fair_share.interval_s"),
+        # a tick (a write transaction) every nanosecond would hold the write lock for good
+        ("[fair_share]\ninterval_s = 1e-9\n", "fair_share.interval_s"),
+        ("[fair_share]\nhalf_life_h = inf\n", "fair_share.half_life_h"),
+        ("[fair_share.shares]\nalice = inf\n", "fair_share.shares.alice"),
         ("[fair_share]\nhalf_life_h = nan\n", "fair_share.half_life_h"),
         ("[fair_share.shares]\nalice = 0\n", "fair_share.shares.alice"),
         ("fair_share = 3\n", "fair_share"),
     ]:
         with pytest.raises(ManifestError, match=where.replace(".", r"\.")):
             manifest_of(text)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"a": 5e-324, "b": 1.0, "c": 1.0},  # a's share underflows to 0
+        {"a": 1e308, "b": 1e308},  # the sum overflows to inf
+        {"a": 1e308, "b": 5e-324},
+    ],
+)
+def test_extreme_share_weights_give_finite_factors_and_levels(weights: dict[str, float]) -> None:
+    shares = fs.share_fractions(weights, weights)
+    assert all(0.0 <= s <= 1.0 for s in shares.values())
+    assert sum(shares.values()) == pytest.approx(1.0)
+    for usage in (0.0, 0.5, 1.0):
+        for share in shares.values():
+            f = fs.factor(usage, share)
+            assert 0.0 <= f <= 1.0 and 0 <= fs.level(f) <= fs.LEVELS
+    assert fs.factor(0.0, 0.0) == 1.0  # no use: first in line, whatever the share
+    assert fs.factor(0.5, 0.0) == 0.0  # use against no share: last

@@ -2,7 +2,7 @@
 and removed in temporary directories with a fake ``systemctl`` (a real executable that
 records its calls), and every refusal. ``systemd-analyze verify`` checks the rendered unit
 where it is installed. Starting the unit under a running systemd is in
-``tests/cli/test_cli_service.py``."""
+``tests/e2e/test_service_e2e.py``."""
 
 from __future__ import annotations
 
@@ -87,9 +87,10 @@ def spec(*flags: str, name: str | None = None, token: str = TOKEN) -> ServiceSpe
 
 
 def settings(unit: str) -> dict[str, list[str]]:
-    """Every ``Key=value`` of a unit, by key (comments and sections left out)."""
+    """Every ``Key=value`` of a unit, by key (comments and sections left out). Lines end at
+    ``\\n`` only, as systemd reads them (not at U+2028 or U+0085, as ``splitlines`` would)."""
     out: dict[str, list[str]] = {}
-    for line in unit.splitlines():
+    for line in unit.split("\n"):
         if "=" in line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
             out.setdefault(key, []).append(value)
@@ -251,6 +252,30 @@ def test_tokens_are_escaped_in_the_env_file_and_line_breaks_refused() -> None:
         spec(token="a\nb")
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://h:1/\\",  # a trailing backslash continues a unit line onto the next
+        "http://h:1/\\\\",
+        "http://h:1/\nExecStartPre=/bin/sh -c evil",
+        "http://h:1/\rExecStartPre=/bin/sh",  # systemd ends a line at \r as well
+        "http://h:1/\u2028x\x85y",
+        "http://h:1/ $HOME ; %n",
+    ],
+)
+def test_a_join_url_cannot_end_break_or_inject_a_line_of_the_unit(url: str) -> None:
+    s = ServiceSpec(join_args=(url, "--host", url), token=TOKEN, user="root", launcher=LAUNCHER)
+    unit = render_unit(s, Path("/etc/trainfleet/worker.env"))
+    lines = unit.split("\n")
+    assert not any(line.endswith("\\") for line in lines)  # no continuation line
+    assert "\r" not in unit
+    got = settings(unit)
+    assert got["Wants"] == ["network-online.target"]  # the line after Description= survives
+    assert "ExecStartPre" not in got and len(got["ExecStart"]) == 1
+    assert systemd_words(got["ExecStart"][0])[2:5] == [url, "--host", url]
+    assert got["Description"][0].startswith("trainfleet worker for http://h:1/")
+
+
 @pytest.mark.parametrize("name", ["", "-x", "a/b", "a b", "x" * 65, "ä"])
 def test_bad_service_names_are_refused(name: str) -> None:
     with pytest.raises(ServiceError, match="--service-name"):
@@ -349,6 +374,21 @@ def test_install_refuses_before_writing_anything(
         install(spec(), replace(host, **change))  # type: ignore[arg-type]
     assert list(host.systemd_dir.iterdir()) == []
     assert not host.etc_dir.exists()
+
+
+def test_a_unit_that_cannot_be_rendered_leaves_no_token_behind(host: Host) -> None:
+    # an installation under a path systemd cannot start is refused: before the env file
+    # (a copy of the token nothing would use) is written, not after
+    bad = ServiceSpec(
+        join_args=("http://10.0.0.5:8470",),
+        token=TOKEN,
+        user="root",
+        launcher=('/opt/my "venv"/bin/trainfleet',),
+    )
+    with pytest.raises(ServiceError, match="quotes, backslashes"):
+        install(bad, host)
+    assert not host.env_path(None).exists()
+    assert list(host.systemd_dir.iterdir()) == []
 
 
 def test_install_refuses_where_systemd_is_not_running(host: Host) -> None:

@@ -37,6 +37,7 @@ from trainfleet.manifest import parse_manifest
 
 COMMAND_LINE = "<command line>"  # the path a shortcut's errors name
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+_NOT_NAME = re.compile(r"[^A-Za-z0-9._-]+")  # what a manifest name may not hold
 
 
 def toml_value(value: Any) -> str:
@@ -93,7 +94,10 @@ def command_job_text(
 
 
 def default_submitter() -> str:
-    return os.environ.get("USER") or "operator"
+    """``$USER`` made a valid name (``jane.doe@corp`` -> ``jane.doe-corp``: each run of
+    other characters becomes ``-``), else 'operator'; ``--submitter`` says it exactly."""
+    user = _NOT_NAME.sub("-", os.environ.get("USER", "")).lstrip("._-")[:128].rstrip("-")
+    return user or "operator"
 
 
 def submit(
@@ -160,6 +164,8 @@ def submit(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as err:
             fail(f"cannot read {path}: {err.strerror or err}", 2)
+        except UnicodeDecodeError as err:
+            fail(f"cannot read {path}: not UTF-8 text (byte {err.start})", 2)
     else:
         if not args:
             fail("--name needs the command to run after `--` (see --help)", 2)

@@ -31,6 +31,7 @@ from trainfleet.artifacts.gc import collect_garbage
 from trainfleet.coordinator import (
     routes_attest,
     routes_batch,
+    routes_dashboard,
     routes_data,
     routes_fairshare,
     routes_hosts,
@@ -73,6 +74,7 @@ def api_routes() -> RouteTable:
         routes_attest,
         routes_market,
         routes_pipelines,
+        routes_dashboard,
     ):
         table.include(module.routes)
     return table

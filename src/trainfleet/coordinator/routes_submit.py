@@ -2,9 +2,11 @@
 
 The body's text is manifest syntax holding exactly one ``[[jobs]]`` table, plus the
 ``[datasets.*]`` and ``[defaults]`` it uses, parsed by the manifest loader (the same keys and
-the same errors as a reload). Its ``after`` may name jobs of the manifest or submitted ones;
-the queue checks those names, the job's name and its identity in the transaction that
-inserts it (``queue.sqlite_submit``). A reload keeps the job (it is not the manifest's).
+the same errors as a reload); ``[hosts]``, ``[[runs]]``, ``[[pipelines]]`` and a
+``[fair_share]`` that says anything are the manifest's, refused rather than dropped. Its
+``after`` may name jobs of the manifest or submitted ones; the queue checks those names, the
+job's name and its identity in the transaction that inserts it (``queue.sqlite_submit``). A
+reload keeps the job (it is not the manifest's).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from trainfleet.coordinator.schemas import Body
 from trainfleet.errors import BadRequest, ManifestError, ManifestTooDeep
 from trainfleet.manifest import parse_manifest
 from trainfleet.manifest.load import MAX_DEPTH
-from trainfleet.manifest.spec import JobSpec
+from trainfleet.manifest.spec import FairShareSpec, JobSpec
 from trainfleet.queue.base import JobRecord
 
 routes = RouteTable()
@@ -72,6 +74,7 @@ def parse_job(text: str, path: str) -> JobSpec:
             ("hosts", manifest.hosts),
             ("runs", manifest.runs),
             ("pipelines", manifest.pipelines),
+            ("fair_share", manifest.fair_share != FairShareSpec()),
         )
         if present
     ]

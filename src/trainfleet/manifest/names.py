@@ -8,6 +8,7 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Field,
     StringConstraints,
     ValidationInfo,
     WithJsonSchema,
@@ -17,6 +18,11 @@ from pydantic_core import PydanticCustomError
 from trainfleet.capability.model import HOST_NAME_PATTERN, is_host_name
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+# An integer the queue keeps in an SQL INTEGER column (64-bit signed): a priority. (A field
+# with a bound of its own, like min_cores >= 1, says ``le=INT64_MAX`` instead: pydantic keeps
+# the type's lower bound over the field's.)
+INT64_MAX = 2**63 - 1
+Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
 HOST_NAME_RULE = "1-63 of letters, digits, '.', '_', '-', starting with a letter or digit"
 
 
@@ -42,4 +48,6 @@ HostName = Annotated[
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity anywhere in a manifest: the queue stores specs as JSON, which holds
+    # neither (pydantic writes null), so such a spec could not be read back.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from trainfleet.data.spec import DatasetSpec, content_fields
-from trainfleet.manifest.names import HostName, Name, _Spec
+from trainfleet.manifest.names import HostName, Int64, Name, _Spec
 
 # Up to 80 characters: its jobs' names, f"{name}.consumer{k}", must stay valid job Names.
 PipelineName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")]
@@ -76,7 +76,7 @@ class PipelineSpec(_Spec):
     )
     lease_s: float = Field(60, gt=0, le=86_400, description="a leased, un-acked sample returns")
     max_ref_age_s: float = Field(3600, gt=0, description="a held ref older than this is freed")
-    priority: int = Field(0, description="priority of its jobs")
+    priority: Int64 = Field(0, description="priority of its jobs")
     producer_hosts: list[HostName] = Field(
         default_factory=list, description="hosts that may run its producers; empty = any"
     )

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, model_validator
 
 from trainfleet.data.spec import DatasetSpec, content_fields
-from trainfleet.manifest.names import HostName, Name, _Spec
+from trainfleet.manifest.names import INT64_MAX, HostName, Int64, Name, _Spec
 
 # Up to 100 characters: a task's job name, f"{run}.r{round}.k{replica}", must stay a valid Name.
 RunName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
@@ -109,11 +109,11 @@ class RunSpec(_Spec):
     gang_size: int = Field(
         1, ge=1, le=64, description="ranks of a data-parallel gang (torch.distributed) per task"
     )
-    priority: int = Field(0, description="higher runs first; FIFO within a priority")
+    priority: Int64 = Field(0, description="higher runs first; FIFO within a priority")
     require_cuda: bool = Field(False, description="only CUDA hosts may claim its tasks")
     min_vram_gib: float = Field(0, ge=0, description="minimum VRAM of one GPU")
     min_ram_gib: float = Field(0, ge=0, description="minimum host RAM")
-    min_cores: int = Field(1, ge=1, description="minimum CPU cores")
+    min_cores: int = Field(1, ge=1, le=INT64_MAX, description="minimum CPU cores")
     allowed_hosts: list[HostName] = Field(
         default_factory=list, description="host names that may run its tasks; empty = any"
     )

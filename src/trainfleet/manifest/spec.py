@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from trainfleet.data.spec import DatasetSpec, content_fields
-from trainfleet.manifest.names import HostName, Name, _Spec
+from trainfleet.manifest.names import INT64_MAX, HostName, Int64, Name, _Spec
 from trainfleet.manifest.pipelines import PipelineSpec, PipelineTask
 from trainfleet.manifest.runs import ReplicaTask, RunSpec
 from trainfleet.verify.spec import RefereeTask
@@ -120,7 +120,7 @@ class JobSpec(_Spec):
     )
     model: str = Field("", description="label for what is trained (shown in tables)")
     mode: str = Field("full", description="run mode; for 'gpt': 'full' or 'smoke'")
-    priority: int = Field(0, description="higher runs first; FIFO within a priority")
+    priority: Int64 = Field(0, description="higher runs first; FIFO within a priority")
     hyper: dict[str, Scalar] = Field(
         default_factory=dict, description="hyperparameters (recipe params or --flags)"
     )
@@ -130,7 +130,7 @@ class JobSpec(_Spec):
     )
     min_vram_gib: float = Field(0, ge=0, description="minimum VRAM of one GPU; needs require_cuda")
     min_ram_gib: float = Field(0, ge=0, description="minimum host RAM")
-    min_cores: int = Field(1, ge=1, description="minimum CPU cores")
+    min_cores: int = Field(1, ge=1, le=INT64_MAX, description="minimum CPU cores")
     allowed_hosts: list[HostName] = Field(
         default_factory=list, description="host names that may run it; empty = any"
     )
@@ -313,7 +313,10 @@ class FairShareSpec(_Spec):
         description="hours after which a job-hour of use counts half (Slurm's default: 7 days)",
     )
     interval_s: float = Field(
-        5.0, gt=0, le=3600, description="seconds between the leader's fair-share ticks"
+        5.0,
+        ge=0.05,  # each tick is a write transaction: not a busy loop on the write lock
+        le=3600,
+        description="seconds between the leader's fair-share ticks (0.05 to 3600)",
     )
     shares: dict[Name, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
         default_factory=dict,

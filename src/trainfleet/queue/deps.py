@@ -6,14 +6,16 @@ it (they select 'pending'). The leader's dependency step (``resolve``, every ~0.
 coordinator's lifespan) looks at each waiting job still in the manifest, pinned or submitted:
 
 - every parent 'completed' -> 'pending' (event "released": "job-a, job-b completed");
-- a parent 'failed' or 'cancelled' -> 'failed' ("parent job-a failed: <its error>");
+- a parent 'failed' or 'cancelled' -> 'failed' ("parent job-a failed: <its error>", the
+  error cut to ``MAX_REASON_CHARS`` so reasons do not grow down a chain);
 - a parent name no job answers to -> 'failed' ("parent job-a does not exist").
 
 A parent name means the newest job of that name (max seq) in the manifest or submitted
 (``in_manifest = 1 OR origin = 'submit'``): an edited job's new version, never a removed
-one. A failed child is itself a parent: ``resolve`` repeats until nothing moves, so a whole
-chain fails in one transaction. A waiting job a reload removed is left alone (not claimable,
-like a removed pending job) until a reload adds it back.
+one. A failed child is itself a parent: ``plan_moves`` carries a failure down to the jobs
+waiting for it in the same plan, so a whole chain fails in one transaction, with one read
+of the waiting jobs however deep it is. A waiting job a reload removed is left alone (not
+claimable, like a removed pending job) until a reload adds it back.
 
 The functions take a ``db.Conn`` like the other ``sqlite_*`` modules; ``plan_moves`` only
 reads, so the caller can look first without the write lock and write only when some job
@@ -22,6 +24,7 @@ moves (the step runs every half second; most find nothing).
 
 from __future__ import annotations
 
+from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
@@ -38,6 +41,7 @@ CURRENT = "(in_manifest = 1 OR origin = 'submit')"
 # The waiting jobs the step resolves: a removed one waits, unclaimable, like a removed pending.
 RESOLVED = "(in_manifest = 1 OR pinned = 1 OR origin = 'submit')"
 ENDED_BADLY = ("failed", "cancelled")
+MAX_REASON_CHARS = 1000  # of a parent's error quoted in its child's
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Parent:
     name: str
     state: str | None  # None: no job of that name
     error: str | None = None
+    job_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,13 @@ class Move:
     job_id: str
     to_state: str  # 'pending' or 'failed'
     detail: str  # the released event's detail, or the failed job's error
+
+
+@dataclass(frozen=True)
+class Waiting:
+    job_id: str
+    name: str
+    after: list[str]
 
 
 def parents(conn: db.Conn, names: Iterable[str]) -> dict[str, Parent]:
@@ -62,11 +74,20 @@ def parents(conn: db.Conn, names: Iterable[str]) -> dict[str, Parent]:
         return {}
     marks = ", ".join("?" for _ in wanted)
     rows = conn.execute(
-        f"SELECT name, state, error, seq FROM jobs WHERE name IN ({marks}) AND {CURRENT}"
+        f"SELECT id, name, state, error, seq FROM jobs WHERE name IN ({marks}) AND {CURRENT}"
         " ORDER BY seq",
         tuple(wanted),
     ).fetchall()
-    return {r["name"]: Parent(r["name"], r["state"], r["error"]) for r in rows}  # newest wins
+    return {  # newest wins
+        r["name"]: Parent(r["name"], r["state"], r["error"], r["id"]) for r in rows
+    }
+
+
+def reason(error: str | None) -> str:
+    """A parent's error as its child quotes it, cut to ``MAX_REASON_CHARS``: down a chain
+    each child quotes the one before, and the reasons must not grow with its depth."""
+    text = error or "no reason"
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
 def decide(after: list[str], found: dict[str, Parent]) -> tuple[str, str] | None:
@@ -77,7 +98,7 @@ def decide(after: list[str], found: dict[str, Parent]) -> tuple[str, str] | None
         if parent is None:
             return "failed", f"parent {name} does not exist"
         if parent.state in ENDED_BADLY:
-            return "failed", f"parent {name} {parent.state}: {parent.error or 'no reason'}"
+            return "failed", f"parent {name} {parent.state}: {reason(parent.error)}"
     if not after:  # a reload took its ``after`` away
         return "pending", "no parents left"
     if all(found[name].state == "completed" for name in after):
@@ -85,20 +106,41 @@ def decide(after: list[str], found: dict[str, Parent]) -> tuple[str, str] | None
     return None
 
 
-def plan_moves(conn: db.Conn) -> list[Move]:
-    """The waiting jobs that move now (reads only)."""
+def waiting_rows(conn: db.Conn) -> list[Waiting]:
+    """The waiting jobs the step resolves, in queue order."""
     rows = conn.execute(
-        f"SELECT id, spec FROM jobs WHERE state = 'waiting' AND {RESOLVED} ORDER BY seq"
+        f"SELECT id, name, spec FROM jobs WHERE state = 'waiting' AND {RESOLVED} ORDER BY seq"
     ).fetchall()
-    if not rows:
+    return [Waiting(r["id"], r["name"], SPECS.get(r["id"], r["spec"]).after) for r in rows]
+
+
+def plan_moves(conn: db.Conn) -> list[Move]:
+    """The waiting jobs that move now (reads only), a failure carried down to the jobs
+    waiting for the failed one in the same plan: one read of the waiting jobs and one of
+    their parents, then O(jobs + edges) however deep the chain (the leader runs this every
+    half second, in the write lock when something moves)."""
+    waits = waiting_rows(conn)
+    if not waits:
         return []
-    waits = [(r["id"], SPECS.get(r["id"], r["spec"]).after) for r in rows]
-    found = parents(conn, (name for _, after in waits for name in after))
-    moves = []
-    for waiting_id, after in waits:
-        decided = decide(after, found)
-        if decided is not None:
-            moves.append(Move(waiting_id, *decided))
+    found = parents(conn, (name for w in waits for name in w.after))
+    children: dict[str, list[Waiting]] = defaultdict(list)
+    for w in waits:
+        for name in w.after:
+            children[name].append(w)
+    moves: list[Move] = []
+    moved: set[str] = set()
+    todo = deque(waits)
+    while todo:
+        w = todo.popleft()
+        decided = None if w.job_id in moved else decide(w.after, found)
+        if decided is None:
+            continue
+        moved.add(w.job_id)
+        moves.append(Move(w.job_id, *decided))
+        current = found.get(w.name)
+        if decided[0] == "failed" and current is not None and current.job_id == w.job_id:
+            found[w.name] = Parent(w.name, "failed", decided[1], w.job_id)
+            todo.extend(children[w.name])  # its own children fail in this plan too
     return moves
 
 
@@ -128,15 +170,10 @@ def apply_moves(conn: db.Conn, moves: list[Move], clock: Callable[[], float]) ->
 
 
 def resolve(conn: db.Conn, clock: Callable[[], float]) -> int:
-    """The dependency step, inside the caller's write transaction: move waiting jobs until
-    nothing moves (a failed child fails its own children at once); the number moved."""
-    total = 0
-    while moves := plan_moves(conn):
-        moved = apply_moves(conn, moves, clock)
-        if not moved:
-            break
-        total += moved
-    return total
+    """The dependency step, inside the caller's write transaction: move every waiting job
+    that can move (a failed child fails its own children in the same step); the number
+    moved."""
+    return apply_moves(conn, plan_moves(conn), clock)
 
 
 def waiting_for(conn: db.Conn, after: list[str]) -> list[Parent]:

@@ -4,9 +4,11 @@ The model is Slurm's multifactor fair-share factor with ``PriorityDecayHalfLife`
 
 - usage: each submitter's decayed job-hours U_s (one worker slot for one hour = 1); use at
   time t counts ``2^-((now - t) / H)`` at ``now``, H the half-life (``[fair_share]
-  half_life_h``, default 168 h). An attempt is charged at its end (complete, fail, lost) for
-  its time since ``max(claimed_at, charged_at)``, and by the leader's tick for every running
-  attempt's time since then (then ``charged_at = now``). A charge of the interval [a, b] is
+  half_life_h``, default 168 h). An attempt is charged at its end (complete, fail, lost, and
+  the operator's cancel, requeue or revoke: ``charge_ended``) for its time since
+  ``max(claimed_at, charged_at)``, and by the leader's tick for every running attempt's time
+  since then (then ``charged_at = now``; never moved back by a clock stepping back, nor is a
+  usage row's time, so no span is charged twice). A charge of the interval [a, b] is
   the exact integral of the decay over it (``interval_hours``), so charging a long attempt
   in pieces, tick by tick, adds up to charging it once at its end.
 - factor: ``F_s = 2^-(u_s / s_s)`` with ``u_s = U_s / sum(U)`` (0 when nobody used anything)
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainfleet.manifest.spec import FairShareSpec
-from trainfleet.queue.db import Conn
+from trainfleet.queue.db import Conn, Row
 
 META_KEY = "fair_share"  # the ``meta`` row holding the applied ``[fair_share]`` as JSON
 LEVELS = 10  # levels are 0..LEVELS
@@ -72,14 +74,21 @@ def normalized(usages: Mapping[str, float]) -> dict[str, float]:
 
 
 def share_fractions(submitters: Iterable[str], weights: Mapping[str, float]) -> dict[str, float]:
-    """Each submitter's share of the fleet: its weight (default 1) over the weights of all."""
+    """Each submitter's share of the fleet: its weight (default 1) over the weights of all.
+    The weights are scaled by the largest first, so weights near the float limits (1e308,
+    5e-324) neither overflow the sum nor divide by it into nonsense."""
     ws = {s: weights.get(s, 1.0) for s in submitters}
-    total = sum(ws.values())
-    return {s: w / total for s, w in ws.items()}
+    top = max(ws.values(), default=1.0)
+    scaled = {s: w / top for s, w in ws.items()}
+    total = sum(scaled.values())
+    return {s: w / total for s, w in scaled.items()}
 
 
 def factor(usage: float, share: float) -> float:
-    """Slurm's fair-share factor ``2^-(usage / share)``: 1 for no use, 0.5 at its share."""
+    """Slurm's fair-share factor ``2^-(usage / share)``: 1 for no use, 0.5 at its share. A
+    share too small to represent (0) makes any use the most (0) and no use still 1."""
+    if share <= 0.0:
+        return 1.0 if usage <= 0.0 else 0.0
     return 2.0 ** (-usage / share)
 
 
@@ -141,14 +150,30 @@ def settings(conn: Conn) -> FairShareSpec:
 
 
 # -- charging --------------------------------------------------------------------------------
+def charged_from(row: Row, now: float) -> float:
+    """Where an active attempt's uncharged time starts: its claim, or the last fair-share
+    tick that charged it (``row``: a ``jobs`` row's ``claimed_at`` and ``charged_at``)."""
+    return max(row["claimed_at"] or now, row["charged_at"] or 0.0)
+
+
+def charge_ended(conn: Conn, row: Row, now: float) -> None:
+    """Charge the attempt of a job row that the operator ends while it is claimed or running
+    (cancel, requeue, revoke) for its time since the last charge; other rows charge nothing.
+    ``row`` needs ``state``, ``submitter``, ``claimed_at`` and ``charged_at``."""
+    if row["state"] in ("claimed", "running"):
+        charge_spans(conn, row["submitter"], [(charged_from(row, now), now)])
+
+
 # One statement reads the settings and the submitter's usage row (either may be missing).
 _CHARGE_READ = (
     "SELECT m.value AS config, u.usage_h, u.at, u.level FROM (SELECT 1 AS one) AS o"
     " LEFT JOIN meta m ON m.key = ? LEFT JOIN fair_usage u ON u.submitter = ?"
 )
+# A usage row's time never goes back (a clock stepped back does not decay it twice).
+_LATER_AT = "CASE WHEN excluded.at > fair_usage.at THEN excluded.at ELSE fair_usage.at END"
 _UPSERT = (
     "INSERT INTO fair_usage (submitter, usage_h, at, level) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (submitter) DO UPDATE SET usage_h = excluded.usage_h, at = excluded.at"
+    f" ON CONFLICT (submitter) DO UPDATE SET usage_h = excluded.usage_h, at = {_LATER_AT}"
 )
 
 
@@ -196,8 +221,7 @@ def _standings(
     for r in conn.execute(
         "SELECT submitter, claimed_at, charged_at FROM jobs WHERE state IN ('claimed', 'running')"
     ):
-        start = max(r["claimed_at"] or now, r["charged_at"] or 0.0)
-        uncharged[r["submitter"]] += interval_hours(start, now, h)
+        uncharged[r["submitter"]] += interval_hours(charged_from(r, now), now, h)
     stored = {
         r["submitter"]: (decay(r["usage_h"], now - r["at"], h), int(r["level"]))
         for r in conn.execute("SELECT submitter, usage_h, at, level FROM fair_usage")
@@ -238,7 +262,12 @@ def tick(conn: Conn, now: float) -> FairShareState:
     of the pending and waiting rows whose level differs from their submitter's."""
     spec = settings(conn)
     standings, uncharged, stored = _standings(conn, now, spec)
-    conn.execute("UPDATE jobs SET charged_at = ? WHERE state IN ('claimed', 'running')", (now,))
+    # Never back: after a clock step back, the time up to the old mark is charged already.
+    conn.execute(
+        "UPDATE jobs SET charged_at = ? WHERE state IN ('claimed', 'running')"
+        " AND (charged_at IS NULL OR charged_at < ?)",
+        (now, now),
+    )
     state = FairShareState(at=now, interval_s=spec.interval_s)
     for s in stored:
         if s not in standings:  # negligible use and no job: forgotten
@@ -250,7 +279,7 @@ def tick(conn: Conn, now: float) -> FairShareState:
             conn.execute(
                 "INSERT INTO fair_usage (submitter, usage_h, at, level) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (submitter) DO UPDATE SET usage_h = excluded.usage_h,"
-                " at = excluded.at, level = excluded.level",
+                f" at = {_LATER_AT}, level = excluded.level",
                 (s, st.usage_h, now, st.level),
             )
         if st.level != old_level:

@@ -33,7 +33,7 @@ from trainfleet.queue.base import (
 )
 from trainfleet.queue.beats import Beat, renew
 from trainfleet.queue.db import Conn, Row
-from trainfleet.queue.fairshare import charge_spans
+from trainfleet.queue.fairshare import charge_spans, charged_from
 from trainfleet.queue.fleet_cache import SPECS
 from trainfleet.queue.ledger import shard_reports
 from trainfleet.queue.log_quota import admit_lines
@@ -426,12 +426,6 @@ def _end_attempt(
         row["epoch"],
         detail,
     )
-
-
-def charged_from(row: Row, now: float) -> float:
-    """Where the active attempt's uncharged time starts: its claim, or the last fair-share
-    tick that charged it."""
-    return max(row["claimed_at"] or now, row["charged_at"] or 0.0)
 
 
 def _round_over(conn: Conn, spec: JobSpec) -> str:

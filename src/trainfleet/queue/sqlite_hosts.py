@@ -27,6 +27,7 @@ from trainfleet.capability.model import (
 from trainfleet.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from trainfleet.queue.base import HostRecord, JobRecord, WorkerRecord
 from trainfleet.queue.db import Conn
+from trainfleet.queue.fairshare import charge_ended
 from trainfleet.queue.sqlite_schema import insert_event, load_job, token_hash
 from trainfleet.queue.sqlite_workers import register_worker
 
@@ -114,10 +115,12 @@ def _revoke_workers(conn: Conn, where: str, value: str, now: float, why: str) ->
             "UPDATE workers SET state = 'revoked', current_job = NULL WHERE id = ?", (worker_id,)
         )
         jobs = conn.execute(
-            "SELECT id, state FROM jobs WHERE worker_id = ? AND state IN (?, ?)",
+            "SELECT id, state, submitter, claimed_at, charged_at FROM jobs"
+            " WHERE worker_id = ? AND state IN (?, ?)",
             (worker_id, *ACTIVE),
         ).fetchall()
         for job in jobs:
+            charge_ended(conn, job, now)
             conn.execute(
                 "UPDATE jobs SET state = 'pending', epoch = epoch + 1, worker_id = NULL,"
                 " host = NULL, pending_since = ?, updated_at = ? WHERE id = ?",

@@ -156,6 +156,7 @@ def cancel(conn: Conn, ref: str, reason: str, clock: Callable[[], float]) -> Job
     if row["state"] in ("completed", "failed", "cancelled"):
         raise Conflict(f"job {row['name']} is already {row['state']}")
     now = clock()
+    fairshare.charge_ended(conn, row, now)
     conn.execute(
         "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, error = ?"
         " WHERE id = ?",
@@ -184,6 +185,7 @@ def requeue(conn: Conn, ref: str, reason: str, clock: Callable[[], float]) -> Jo
     if pin:
         reason += " (removed from the manifest; pinned: claimable until a reload adds it back)"
     now = clock()
+    fairshare.charge_ended(conn, row, now)
     # Bumping the epoch fences off a worker still running the old attempt.
     conn.execute(
         "UPDATE jobs SET state = ?, epoch = epoch + 1, num_failures = 0,"

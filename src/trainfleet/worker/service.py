@@ -144,6 +144,13 @@ def _path_value(path: Path) -> str:
     return text.replace("%", "%%")
 
 
+def _line_value(text: str) -> str:
+    """Free text for a setting that takes the rest of the line (``Description=``): control
+    characters and backslashes become ``?``, so it cannot end the line early nor, with a
+    trailing backslash, continue it onto the next setting."""
+    return "".join(ch if ch.isprintable() and ch != "\\" else "?" for ch in text)
+
+
 def _env_file_value(value: str) -> str:
     """A double-quoted value of an ``EnvironmentFile=`` line (POSIX shell double-quote escapes:
     ``\\``, ``"``, ``$`` and backquote)."""
@@ -246,7 +253,7 @@ def render_unit(spec: ServiceSpec, env_file: Path) -> str:
         + "`. The join token is in",
         f"# {env_file} (root only), never in this file.",
         "[Unit]",
-        f"Description={''.join(ch if ch.isprintable() else '?' for ch in description)}",
+        f"Description={_line_value(description)}",
         "Wants=network-online.target",
         "After=network-online.target",
         f"StartLimitIntervalSec={START_LIMIT_INTERVAL_S}",
@@ -357,10 +364,11 @@ def install(spec: ServiceSpec, host: Host, *, force: bool = False) -> Installed:
         )
     if not host.systemd_dir.is_dir():
         raise ServiceError(f"no {host.systemd_dir} directory")
+    unit_text = render_unit(spec, env_path)  # may refuse: before the token is written
     host.etc_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     host.etc_dir.chmod(0o700)
     write_atomic(env_path, render_env_file(spec), 0o600)
-    write_atomic(unit_path, render_unit(spec, env_path), 0o644)
+    write_atomic(unit_path, unit_text, 0o644)
     _run(systemctl, "daemon-reload")
     if replaced:
         _run(systemctl, "enable", spec.unit_name)
