@@ -239,6 +239,10 @@ def main() -> int:
 
     console.rule("trainfleet demo")
     console.print(f"coordinator  {url}  (state and logs in {root})")
+    console.print(
+        f"dashboard    {url}/dashboard  (operator token: {state / 'operator.token'})",
+        markup=False,
+    )
     spawn(
         "coordinator",
         trainfleet(

@@ -26,11 +26,15 @@ def fleet(tmp_path: Path) -> Iterator[LiveFleet]:
         yield live
 
 
-def run(fleet: LiveFleet, *args: str) -> tuple[int, str]:
+def fleet_cli(fleet: LiveFleet, command: str, *args: str) -> tuple[int, str]:
     result = runner.invoke(
-        app, ["submit", "--url", fleet.url, "--token", fleet.operator_token, *args]
+        app, [command, "--url", fleet.url, "--token", fleet.operator_token, *args]
     )
     return result.exit_code, result.output
+
+
+def run(fleet: LiveFleet, *args: str) -> tuple[int, str]:
+    return fleet_cli(fleet, "submit", *args)
 
 
 def test_the_shortcut_writes_one_command_job_table() -> None:
@@ -69,6 +73,9 @@ def test_submit_a_file_and_the_shortcut(fleet: LiveFleet, tmp_path: Path) -> Non
         "bob",
     )
     assert fleet.job("c")["job"]["spec"]["after"] == ["b"]
+    code, out = fleet_cli(fleet, "list")
+    assert code == 0, out
+    assert "c (submitted)" in out and "(removed)" not in out  # kept, not removed by a reload
 
 
 def test_user_mistakes_get_clear_errors(fleet: LiveFleet, tmp_path: Path) -> None:

@@ -37,10 +37,11 @@ def test_a_submitted_job_waits_and_is_released_by_the_leader(api: Api) -> None:
     r = submit(api, job_text("b", "a"), path="b.toml")
     assert r.status_code == 201, r.text
     job = r.json()
-    assert (job["name"], job["state"], job["in_manifest"], job["pinned"]) == (
+    assert (job["name"], job["state"], job["in_manifest"], job["pinned"], job["submitted"]) == (
         "b",
         "waiting",
         False,
+        True,
         True,
     )
     explained = api.http.get("/v1/jobs/b/explain", headers=OP).json()["message"]

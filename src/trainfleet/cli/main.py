@@ -602,7 +602,13 @@ def show(
     if data["artifacts"]:
         console.print(render.artifacts_table(data["artifacts"]))
     for other in data.get("same_name", []):
-        where = "in the manifest" if other["in_manifest"] else "removed from the manifest"
+        where = (
+            "submitted"
+            if other.get("submitted")
+            else "in the manifest"
+            if other["in_manifest"]
+            else "removed from the manifest"
+        )
         console.print(
             f"also named {other['name']}: {other['id'][:12]} ({other['state']}, {where})",
             markup=False,

@@ -93,7 +93,9 @@ def jobs_table(jobs: list[dict[str, Any]], title: str = "jobs") -> Table:
         result = _object(job.get("result"))
         metrics = _object(result.get("metrics"))
         name = plain(job["name"])
-        if not job.get("in_manifest", True):
+        if job.get("submitted"):
+            name.append(" (submitted)", style="dim")
+        elif not job.get("in_manifest", True):
             name.append(" (removed)", style="dim")
         table.add_row(
             _short(job["id"], 12),

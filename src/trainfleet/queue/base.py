@@ -104,6 +104,11 @@ class JobRecord(_Record):
         description="an operator requeued it after a reload removed it: claimable although"
         " not in the manifest (cleared when a reload adds it back)",
     )
+    submitted: bool = Field(
+        False,
+        description="added by `trainfleet submit` (POST /v1/jobs), not by a manifest: kept"
+        " and claimable across reloads (in_manifest is false)",
+    )
     manifest_hash: str
     result: dict[str, Any] | None
     error: str | None

@@ -56,6 +56,7 @@ def job_record(row: db.Row) -> JobRecord:
         finished_at=row["finished_at"],
         in_manifest=bool(row["in_manifest"]),
         pinned=bool(row["pinned"]),
+        submitted=row["origin"] == "submit",
         manifest_hash=row["manifest_hash"],
         result=_loads(row["result"]) if row["result"] else None,
         error=row["error"],
