@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium (Playwright, Debian's chromium) against a live
 fleet (``dashseed``): each page renders what ``GET /v1/dashboard`` says, a bad token and an
-unreachable coordinator are shown, a cancel from the page takes effect after a confirmation,
+unreachable coordinator are shown, a cancel, a requeue and a revoke from the page take effect
+after a confirmation,
 and HTML a worker made up stays text. A screenshot of each page is saved for review, in
 ``$DASHBOARD_SCREENSHOTS`` or the test's temporary folder (the path is printed)."""
 
@@ -258,3 +259,43 @@ def test_a_cancel_from_the_page_asks_first_then_takes_effect(
     expect(tab.get_by_test_id("count-cancelled")).to_have_text(
         str(summary(fleet)["counts"]["cancelled"]), timeout=WAIT_MS
     )
+
+
+def confirm(page: Page, button: Locator, names: str) -> None:
+    """Click an action's button, check its dialog names ``names``, and say yes."""
+    dialog = page.get_by_test_id("confirm-dialog")
+    button.click()
+    expect(dialog).to_be_visible()
+    expect(page.get_by_test_id("confirm-text")).to_contain_text(names)
+    page.get_by_test_id("confirm-yes").click()
+    expect(dialog).to_be_hidden()
+
+
+def test_a_requeue_from_the_page_takes_effect(page: Page, fleet: LiveFleet) -> None:
+    # huge-ram needs 4096 GiB: once requeued it stays pending, whatever else the fleet does
+    fleet.operator.cancel("huge-ram")
+    tab = open_tab(page, "queue")
+    job = tab.locator('[data-job-name="huge-ram"]')
+    expect(job).to_have_attribute("data-state", "cancelled", timeout=WAIT_MS)
+    confirm(page, job.get_by_test_id("requeue"), "huge-ram")
+    expect(page.get_by_test_id("action-result")).to_contain_text("huge-ram is now pending")
+    assert fleet.job("huge-ram")["job"]["state"] == "pending"
+    expect(tab.locator('[data-job-name="huge-ram"]')).to_have_attribute(
+        "data-state", "pending", timeout=WAIT_MS
+    )
+
+
+def test_a_revoke_from_the_page_takes_effect(page: Page, fleet: LiveFleet) -> None:
+    # a scripted replica worker: it holds no job, so nothing else in the fleet moves
+    worker = next(w for w in summary(fleet)["workers"] if w["host"] == dashseed.REPLICA_HOSTS[1])
+    tab = open_tab(page, "fleet")
+    row = tab.locator(f'[data-worker-id="{worker["id"]}"]')
+    expect(row).to_have_attribute("data-state", worker["state"])
+    confirm(page, row.get_by_test_id("revoke"), worker["id"][:8])
+    expect(page.get_by_test_id("action-result")).to_contain_text("revoked")
+    states = {w["id"]: w["state"] for w in fleet.operator.workers()}
+    assert states[worker["id"]] == "revoked"
+    expect(tab.locator(f'[data-worker-id="{worker["id"]}"]')).to_have_attribute(
+        "data-state", "revoked", timeout=WAIT_MS
+    )
+    expect(row.get_by_test_id("revoke")).to_have_count(0)
