@@ -349,7 +349,8 @@ def main() -> int:
             f"Everything is kept in {rel}. To look around, `{tf} serve --state-dir {rel}`"
             f" reopens it; then, in another shell: `{tf} show gpt-lr3e-3 --state-dir {rel}`"
             f" or `{tf} logs gpt-lr3e-3 --state-dir {rel}`"
-            f" or `{tf} run show collab-gpt --state-dir {rel}`."
+            f" or `{tf} run show collab-gpt --state-dir {rel}`, or open"
+            f" http://127.0.0.1:8470/dashboard with the token in {rel}/operator.token."
         )
         client.close()
     except KeyboardInterrupt:
