@@ -1,8 +1,9 @@
 """The dashboard in a real headless Chromium (Playwright, Debian's chromium) against a live
 fleet (``dashseed``): each page renders what ``GET /v1/dashboard`` says, a bad token and an
 unreachable coordinator are shown, a cancel, a requeue and a revoke from the page take effect
-after a confirmation, and HTML a worker made up stays text. A screenshot of each page is saved for review, in
-``$DASHBOARD_SCREENSHOTS`` or the test's temporary folder (the path is printed)."""
+after a confirmation, and HTML a worker made up stays text. A screenshot of each page is saved
+for review, in ``$DASHBOARD_SCREENSHOTS`` or the test's temporary folder (the path is
+printed)."""
 
 from __future__ import annotations
 

@@ -276,6 +276,16 @@ def test_a_join_url_cannot_end_break_or_inject_a_line_of_the_unit(url: str) -> N
     assert got["Description"][0].startswith("trainfleet worker for http://h:1/")
 
 
+@pytest.mark.parametrize(
+    "url", ["http://user:secret@h:1", "https://h:2,http://u:p@h:1/x", "http://token@h:1"]
+)
+def test_a_url_with_a_user_or_password_is_refused(url: str) -> None:
+    # the unit file is world-readable: a password in it would be every user's
+    with pytest.raises(ServiceError, match="user name or password"):
+        ServiceSpec(join_args=(url,), token=TOKEN, user="root", launcher=LAUNCHER)
+    assert ServiceSpec(join_args=("http://h:1/a@b",), token=TOKEN, user="root", launcher=LAUNCHER)
+
+
 @pytest.mark.parametrize("name", ["", "-x", "a/b", "a b", "x" * 65, "ä"])
 def test_bad_service_names_are_refused(name: str) -> None:
     with pytest.raises(ServiceError, match="--service-name"):

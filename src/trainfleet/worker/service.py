@@ -56,6 +56,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from trainfleet import __version__, env
 from trainfleet.errors import TrainfleetError
@@ -194,6 +195,14 @@ def check_name(name: str | None) -> None:
         )
 
 
+def _has_userinfo(url: str) -> bool:
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:  # not a URL at all: the worker refuses it when it starts
+        return False
+    return "@" in parts.netloc
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     """What the unit and its environment file say: a pure value, rendered anywhere."""
@@ -211,6 +220,12 @@ class ServiceSpec:
             raise ServiceError(f"invalid --service-user {self.user!r}")
         if not self.token or any(ch in self.token for ch in "\n\r\0"):
             raise ServiceError("the join token is empty or holds a line break")
+        if self.join_args and any(_has_userinfo(u) for u in self.join_args[0].split(",")):
+            raise ServiceError(
+                "the coordinator URL carries a user name or password, and the unit file is"
+                " readable by every user: give the URL without them (the join token is"
+                " what authenticates the worker)"
+            )
 
     @property
     def stem(self) -> str:
