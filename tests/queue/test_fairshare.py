@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import pipelinekit
 from fleetkit import FakeClock, make_cap, manifest_of
 from trainfleet.errors import StaleEpoch
 from trainfleet.queue import JobQueue
@@ -340,3 +341,15 @@ def test_each_attempt_is_charged_once_whatever_ends_it(queue: JobQueue, clock: F
     assert standing(queue, "alice").usage_h == charged
     expected = fs.decay(fs.interval_hours(0, 600, H), 360, H) + fs.interval_hours(0, 360, H)
     assert charged == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_pipeline_job_cancelled_with_its_pipeline_is_charged(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    kit = pipelinekit.start(queue, clock)
+    attempt = kit.claim("prod")  # the producer
+    clock.advance(900)
+    queue.fail_pipeline(kit.pipeline.id, "teacher gone")  # cancels its running job
+    assert queue.get_job(attempt.job.id).state == "cancelled"
+    used = standing(queue, attempt.job.spec.submitter).usage_h
+    assert used == pytest.approx(fs.interval_hours(0, 900, H))

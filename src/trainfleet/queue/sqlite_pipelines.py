@@ -26,6 +26,7 @@ from trainfleet.manifest.pipelines import PipelineSpec, PipelineTask, Role
 from trainfleet.manifest.spec import JobSpec
 from trainfleet.queue.base import JobRecord
 from trainfleet.queue.db import Conn, Row
+from trainfleet.queue.fairshare import charge_ended
 from trainfleet.queue.pipelines_base import PipelineRecord
 from trainfleet.queue.sqlite_schema import (
     SPEC_COLUMNS,
@@ -145,8 +146,11 @@ def _revive(conn: Conn, row: Row, now: float) -> None:
 
 
 def cancel_jobs(conn: Conn, rows: list[Row], reason: str, now: float) -> int:
-    """Cancel these jobs (rows with id, state, worker_id); returns how many."""
+    """Cancel these jobs (rows with id, state, worker_id; a claimed or running one also
+    submitter, claimed_at and charged_at: its time is charged to fair share); returns how
+    many."""
     for job in rows:
+        charge_ended(conn, job, now)
         conn.execute(
             "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, error = ?"
             " WHERE id = ?",
@@ -159,8 +163,8 @@ def cancel_jobs(conn: Conn, rows: list[Row], reason: str, now: float) -> int:
 
 def cancel_unfinished(conn: Conn, pipeline_id: str, reason: str, now: float) -> int:
     rows = conn.execute(
-        "SELECT id, state, worker_id FROM jobs WHERE pipeline_id = ?"
-        " AND state IN ('pending', 'claimed', 'running')",
+        "SELECT id, state, worker_id, submitter, claimed_at, charged_at FROM jobs"
+        " WHERE pipeline_id = ? AND state IN ('pending', 'claimed', 'running')",
         (pipeline_id,),
     ).fetchall()
     return cancel_jobs(conn, rows, reason, now)
