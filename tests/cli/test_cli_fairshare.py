@@ -44,7 +44,11 @@ def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             "half_life_h": 168.0,
             "interval_s": 5.0,
             "at": 1.0,
-            "submitters": [standing("alice"), standing("bob", usage_h=0.0, level=0)],
+            "submitters": [
+                standing("alice"),
+                standing("bob", usage_h=0.0, level=0),
+                standing("carol", usage_h=0.00123, level=1),  # a few seconds of use
+            ],
         },
         "status": 200,
     }
@@ -85,6 +89,7 @@ def test_shares_prints_one_line_per_submitter(served: dict[str, Any]) -> None:
         "2",
     ]
     assert cells(result.output, "bob")[1:6] == ["0.00", "62%", "50%", "0.42", "0"]
+    assert cells(result.output, "carol")[1] == "0.0012"  # not "0.00" beside its 62%
 
 
 def test_shares_json_is_the_coordinators_reply(served: dict[str, Any]) -> None:

@@ -254,6 +254,7 @@ def test_explain_names_the_submitters_use_share_factor_and_level(
         " share 50%): factor 0.25, level 8 of 10; at priority 0, jobs of levels below 8 go first"
     ) in message
     assert "submitter bob used 0.0 job-hours" in queue.explain("b1")["message"]
+    assert fs._hours(0.00123) == "0.0012" and fs._hours(0.25) == "0.2"  # minutes are not 0.0
     assert "fair share" not in queue.explain("a1")["message"]  # completed: no place in line
 
 

@@ -44,6 +44,11 @@ def _number(value: Any, spec: str) -> str:
         return "-"
 
 
+def _small(value: Any) -> bool:
+    """Use under 0.01 job-hours (36 s) but not 0: shown to 2 significant digits, not 0.00."""
+    return isinstance(value, float) and 0 < abs(value) < 0.01
+
+
 def shares_table(report: dict[str, Any]) -> Table:
     """One line per submitter of a ``FairShareReport``; the half-life in the title."""
     half_life = _number(report.get("half_life_h"), "g")
@@ -58,7 +63,7 @@ def shares_table(report: dict[str, Any]) -> Table:
         row = row if isinstance(row, dict) else {}
         table.add_row(
             render.plain(row.get("submitter", "-")),
-            _number(row.get("usage_h"), ".2f"),
+            _number(row.get("usage_h"), ".2g" if _small(row.get("usage_h")) else ".2f"),
             _number(row.get("usage"), ".0%"),
             _number(row.get("share"), ".0%"),
             _number(row.get("factor"), ".2f"),

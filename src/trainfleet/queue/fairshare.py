@@ -92,6 +92,11 @@ def factor(usage: float, share: float) -> float:
     return 2.0 ** (-usage / share)
 
 
+def _hours(h: float) -> str:
+    """Job-hours for a message: one decimal, but a few minutes of use are not "0.0"."""
+    return f"{h:.1f}" if h == 0 or abs(h) >= 0.1 else f"{h:.2g}"
+
+
 def level(f: float) -> int:
     """``round(10 * (1 - F))``, halves rounded up: 0 (least use) .. 10."""
     return min(LEVELS, max(0, math.floor(LEVELS * (1.0 - f) + 0.5)))
@@ -319,7 +324,7 @@ def note(conn: Conn, submitter: str, priority: int, now: float) -> str:
         else "no job goes before it on fair share (level 0 is the lowest)"
     )
     return (
-        f"fair share: submitter {submitter} used {mine.usage_h:.1f} job-hours recently"
+        f"fair share: submitter {submitter} used {_hours(mine.usage_h)} job-hours recently"
         f" ({mine.usage:.0%} of the fleet's use, share {mine.share:.0%}): factor"
         f" {mine.factor:.2f}, level {mine.level} of {LEVELS}; at priority {priority}, {order}"
     )
