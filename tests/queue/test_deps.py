@@ -299,3 +299,33 @@ def test_a_deep_chain_fails_in_one_pass_over_the_waiting_jobs(
     assert last.error.startswith("parent j298 failed: parent j297 failed: parent j296 failed:")
     # each child quotes its parent's reason, bounded: not a reason growing with the depth
     assert len(last.error) <= deps.MAX_REASON_CHARS + 40
+
+
+def test_the_step_looks_at_waiting_jobs_only_when_something_could_move_one(
+    queue: JobQueue, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks: list[int] = []
+    plan = deps.plan_moves
+    monkeypatch.setattr(deps, "plan_moves", lambda conn: looks.append(1) or plan(conn))
+
+    def step() -> tuple[int, bool]:
+        """(jobs moved, whether the step read the waiting jobs)"""
+        before = len(looks)
+        return queue.resolve_dependencies(), len(looks) > before
+
+    queue.apply_manifest(manifest_of(CHAIN))
+    assert step() == (0, True)  # the first step looks
+    assert step() == (0, False)  # nothing happened since
+    wid = worker(queue)
+    claim = queue.claim(wid)
+    assert claim is not None and claim.job.name == "a"
+    queue.heartbeat(claim.job.id, wid, claim.epoch)  # now running
+    assert step() == (0, False)  # a claim and a start cannot move a waiting job
+    queue.complete(claim.job.id, wid, claim.epoch, {})
+    assert step() == (1, True)  # a job ended: b released
+    assert step() == (0, False)
+    clock.advance(deps.FULL_LOOK_S)  # the backstop: a look however quiet the log
+    assert step() == (0, True)
+    queue.cancel("b")  # an operator's action is an event too: c fails with its parent
+    assert step() == (1, True)
+    assert states(queue)["c"] == "failed"

@@ -19,7 +19,12 @@ claimable, like a removed pending job) until a reload adds it back.
 
 The functions take a ``db.Conn`` like the other ``sqlite_*`` modules; ``plan_moves`` only
 reads, so the caller can look first without the write lock and write only when some job
-moves (the step runs every half second; most find nothing).
+moves (the step runs every half second; most find nothing). Reading every waiting job costs
+about 0.1 s at 10,000 of them, so ``Watch`` skips the look while the event log says nothing
+that could move one happened since the last (only claims and starts, or nothing at all),
+and looks anyway every ``FULL_LOOK_S``: a change that writes no event (a reload editing a
+waiting job's ``after``), or an event that commits on PostgreSQL after a later one was
+seen, waits at most that long.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ CURRENT = "(in_manifest = 1 OR origin = 'submit')"
 # The waiting jobs the step resolves: a removed one waits, unclaimable, like a removed pending.
 RESOLVED = "(in_manifest = 1 OR pinned = 1 OR origin = 'submit')"
 ENDED_BADLY = ("failed", "cancelled")
+FULL_LOOK_S = 5.0  # the longest the step skips looking at the waiting jobs
+# Events that cannot move a waiting job: a claim, a start, a note about a log, and this
+# step's own moves (``apply_moves``: a failure already carried down to the jobs after it).
+_QUIET_EVENT = (
+    "(COALESCE(to_state, '') IN ('claimed', 'running') OR kind IN ('log_truncated', 'released')"
+    " OR (kind = 'failed' AND from_state = 'waiting'))"
+)
 MAX_REASON_CHARS = 1000  # of a parent's error quoted in its child's
 
 
@@ -104,6 +116,32 @@ def decide(after: list[str], found: dict[str, Parent]) -> tuple[str, str] | None
     if all(found[name].state == "completed" for name in after):
         return "pending", ", ".join(after) + " completed"
     return None
+
+
+class Watch:
+    """Whether the dependency step needs to look at the waiting jobs now (one per queue)."""
+
+    def __init__(self) -> None:
+        self.seen = -1  # the newest event seq at the last ``due``
+        self.looked_at: float | None = None  # when the last full look was allowed
+
+    def due(self, conn: db.Conn, now: float) -> bool:
+        """True when an event since the last call could move a waiting job (a job ended,
+        was added, requeued, cancelled...), or ``FULL_LOOK_S`` passed since the last look.
+        Two reads of the events' primary key, over the new events only."""
+        top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        seen, self.seen = self.seen, top
+        last = self.looked_at
+        if seen < 0 or last is None or not 0 <= now - last < FULL_LOOK_S:
+            self.looked_at = now
+            return True
+        if top == seen:
+            return False
+        stirred = conn.execute(
+            f"SELECT 1 FROM events WHERE seq > ? AND seq <= ? AND NOT {_QUIET_EVENT} LIMIT 1",
+            (seen, top),
+        ).fetchone()
+        return stirred is not None
 
 
 def waiting_rows(conn: db.Conn) -> list[Waiting]:

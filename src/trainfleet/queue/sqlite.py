@@ -112,6 +112,7 @@ class SQLQueue(PipelineMethods, JobQueue):
         self.settings = settings or QueueSettings()
         self.clock = clock
         self._plan_lock = threading.Lock()
+        self._deps_watch = deps.Watch()
         self._reads = StatementConn(db)
         self.fleet = FleetCache()  # the claim's view of workers and host policies
         try:
@@ -152,8 +153,10 @@ class SQLQueue(PipelineMethods, JobQueue):
             return sqlite_submit.add_job(conn, spec, self.clock)
 
     def resolve_dependencies(self) -> int:
-        # Looked at without the write lock first: most steps find nothing to move.
-        if not deps.plan_moves(self._conn()):
+        # Looked at without the write lock first: most steps find nothing to move, and most
+        # need not look at all (nothing that could move a waiting job happened).
+        reads = self._conn()
+        if not self._deps_watch.due(reads, self.clock()) or not deps.plan_moves(reads):
             return 0
         with self._tx() as conn:
             return deps.resolve(conn, self.clock)
