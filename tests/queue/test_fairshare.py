@@ -12,7 +12,7 @@ import pytest
 import pipelinekit
 from fleetkit import FakeClock, make_cap, manifest_of
 from trainfleet.errors import StaleEpoch
-from trainfleet.queue import JobQueue
+from trainfleet.queue import Claim, JobQueue
 from trainfleet.queue import fairshare as fs
 
 H = 168.0
@@ -49,6 +49,15 @@ def run_for(queue: JobQueue, clock: FakeClock, wid: str, seconds: float) -> str:
     clock.advance(seconds)
     queue.complete(claim.job.id, wid, claim.epoch, {})
     return claim.job.name
+
+
+def alices_job_claimed(queue: JobQueue) -> tuple[str, Claim]:
+    """Alice's one job a1, claimed by a worker on cpu-a: (that worker, the claim)."""
+    load(queue, ("a1", "alice", 0))
+    wid = worker(queue)
+    claim = queue.claim(wid)
+    assert claim is not None
+    return wid, claim
 
 
 def drain(queue: JobQueue, wid: str) -> list[str]:
@@ -281,10 +290,7 @@ def test_the_report_counts_jobs_and_forgets_negligible_use(
 def test_a_clock_stepping_back_does_not_charge_a_running_attempt_twice(
     queue: JobQueue, clock: FakeClock
 ) -> None:
-    load(queue, ("a1", "alice", 0))
-    wid = worker(queue)
-    claim = queue.claim(wid)
-    assert claim is not None
+    wid, claim = alices_job_claimed(queue)
     clock.advance(3600)
     queue.fair_share_tick()  # charged up to t0 + 1 h
     clock.advance(-1800)  # the clock steps back half an hour...
@@ -298,10 +304,7 @@ def test_a_clock_stepping_back_does_not_charge_a_running_attempt_twice(
 def test_an_attempt_ended_by_the_operator_is_charged_up_to_its_end(
     queue: JobQueue, clock: FakeClock, end: str
 ) -> None:
-    load(queue, ("a1", "alice", 0))
-    wid = worker(queue)
-    claim = queue.claim(wid)
-    assert claim is not None
+    wid, _ = alices_job_claimed(queue)
     clock.advance(600)
     queue.fair_share_tick()
     clock.advance(1200)  # not yet charged by a tick when the attempt ends
