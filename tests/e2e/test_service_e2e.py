@@ -100,6 +100,14 @@ def test_the_installed_unit_runs_a_worker_that_stops_gracefully(tmp_path: Path) 
                 stdin=subprocess.DEVNULL,
             )
 
+        refused = cli(
+            "join", "http://user:secret@127.0.0.1:1", "--token-file", str(token_file),
+            "--service-name", "e2e", "--install-service",
+        )  # fmt: skip
+        assert refused.returncode == 1, refused.stderr
+        assert "user name or password" in refused.stderr and "secret" not in refused.stderr
+        assert not (tmp_path / "etc" / "trainfleet").exists()  # nothing written, no token
+
         workdir = tmp_path / "svc-work"
         installed = cli(
             "join", fleet.url, "--token-file", str(token_file), "--service-name", "e2e",
