@@ -198,7 +198,12 @@ def test_a_partitioned_worker_neither_holds_up_the_round_nor_applies_twice(
         assert victim.proxy.partitioned
         rnd = closed["rounds"][r]
         assert rnd["accepted"] >= 1 and rnd["quorum_at"] is not None
-        assert not [c for c in closed["contributions"] if c["job_id"] == job_id]
+        # (Past a short lease the slot may already be re-run by cpu-a: that one may count.)
+        assert not [
+            c
+            for c in closed["contributions"]
+            if c["job_id"] == job_id and c["worker_id"] in victims
+        ]
         if lease_s > 3:  # the replica finishes while cut off; its worker holds the result
             wait_until(lambda: not victim.job_names(), 120, "cpu-b's replica to finish")
         else:  # cut off past the lease: the coordinator writes the attempt off
