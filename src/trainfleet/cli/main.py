@@ -205,11 +205,12 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the coordinator (HTTP API on HOST:PORT; state in STATE_DIR)."""
-    from trainfleet.coordinator.server import ServeConfig, TlsFiles, build_coordinator
+    from trainfleet.coordinator.server import ServeConfig, TlsFiles, build_coordinator, tune_gc
     from trainfleet.coordinator.server import serve as run_server
     from trainfleet.manifest import load_manifest
 
     _setup_logging(log_level, "[coordinator] ")
+    tune_gc()
     if heartbeat_timeout_s <= heartbeat_interval_s:
         _fail("--heartbeat-timeout-s must exceed --heartbeat-interval-s")
     if (tls_cert is None) != (tls_key is None):
