@@ -121,7 +121,8 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Arm], dict[str, str]
                 arms.append(Arm("trainfleet", args.pg_n, pg_jobs, db="postgresql", coordinators=2))
     if args.long:  # rounds of at least 100k jobs, each on a fresh server, each checked
         per_round = max(args.jobs, 100_000)
-        arms += [Arm("trainfleet", 64, per_round) for _ in range(math.ceil(1e6 / per_round))]
+        rounds = math.ceil(1e6 / per_round)
+        arms += [Arm("trainfleet", 64, per_round, long=True) for _ in range(rounds)]
     return arms, skipped
 
 

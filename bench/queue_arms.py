@@ -41,6 +41,7 @@ class Arm:
     db: str = "sqlite"  # or "postgresql"
     coordinators: int = 1
     batch: int = 0  # 0: single-job endpoints; k: up to k jobs per request
+    long: bool = False  # a round of the long mode (``--long``), not one of the table's arms
 
     @property
     def name(self) -> str:
@@ -48,6 +49,8 @@ class Arm:
         if self.coordinators > 1:
             parts.append(f"{self.coordinators}coord")
         parts.append(f"batch{self.batch}" if self.batch else "unbatched")
+        if self.long:
+            parts.append("long")
         return "_".join(parts)
 
 
@@ -95,6 +98,7 @@ def run_arm(arm: Arm, tmp: Path, *, seed: int = 0, pg_url: str = "") -> dict[str
         "db": arm.db,
         "coordinators": arm.coordinators,
         "batch": arm.batch,
+        "long": arm.long,
         "n": arm.n,
         "jobs": arm.jobs,
         "cycles": stats.cycles,

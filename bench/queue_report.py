@@ -17,7 +17,9 @@ ANCHORS = {
 
 def _find(results: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     for r in results:
-        if "failed" not in r and all(r.get(k) == v for k, v in match.items()):
+        if "failed" in r or r.get("long"):  # the long mode's rounds are not the table's arms
+            continue
+        if all(r.get(k) == v for k, v in match.items()):
             return r
     return None
 
@@ -80,7 +82,7 @@ def goals(results: list[dict[str, Any]], *, long_mode: bool) -> list[dict[str, A
         _goal("violations over every arm", violations, "0", violations == 0 if checked else None)
     )
     if long_mode:
-        claims = sum(r["check"]["claims"] for r in checked if r.get("n") == 64)
+        claims = sum(r["check"]["claims"] for r in checked if r.get("long"))
         out.append(
             _goal(
                 f"long mode: violations in {claims} claims",
