@@ -114,13 +114,22 @@ class SQLiteConn:
 
 
 def sqlite_connect(path: str) -> sqlite3.Connection:
-    """Autocommit mode (transactions are explicit), rows by name and by index, WAL."""
+    """Autocommit mode (transactions are explicit), rows by name and by index, WAL.
+
+    ``temp_store=MEMORY`` keeps SQLite's temporary files in memory, the statement journal
+    among them: the coordinator's writer runs each request of a group commit inside its own
+    SAVEPOINT (``coordinator.group_commit``), and SQLite copies every page a savepoint first
+    changes into that journal, which spills to a temporary file past 64 KiB. Measured with
+    ``bench.queue_inproc`` (issue 9): the writer thread made 89 write calls and wrote 189 KB
+    per unbatched cycle, 74 of them and 157 KB to that file; in memory, 15 calls and 31 KB (the
+    write-ahead log), and 10-20% less CPU per cycle."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 
 
