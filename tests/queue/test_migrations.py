@@ -386,3 +386,39 @@ def test_version_5_fills_allowed_hosts_and_claims_still_check_the_spec(
         assert claim is not None and claim.job.name == "p"
     finally:
         queue.close()
+
+
+def test_version_8_finds_old_and_new_events_of_a_job_by_its_seq(
+    db: Database, db_url: str
+) -> None:
+    """Events written before version 8 get their job's seq; the queue then reads a job's old
+    events and its new ones through the seq index, and no other job's."""
+    make_issue8(db)
+    migrate(db, to=7)
+    migrate(db)
+    with db.read() as conn:
+        rows = conn.execute("SELECT job_id, job_seq FROM events ORDER BY seq").fetchall()
+        if db.dialect == Dialect.SQLITE:
+            names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        else:
+            names = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+                )
+            }
+    assert [tuple(r) for r in rows] == [("a" * 64, 1), ("b" * 64, 2)]
+    assert "events_by_job_seq" in names and "events_by_job" not in names
+    db.close()
+    queue = open_queue(db_url)
+    try:
+        worker, _ = queue.register_worker(make_cap())
+        claim = queue.claim(worker.id)
+        assert claim is not None and claim.job.id == "a" * 64
+        assert [e.kind for e in queue.events("a" * 64)] == ["created", "claimed"]
+        assert [e.kind for e in queue.events("b" * 64)] == ["created"]
+        with queue.db.read() as conn:  # every new event carries its job's seq
+            seqs = conn.execute("SELECT job_seq FROM events WHERE kind = 'claimed'").fetchall()
+        assert [r[0] for r in seqs] == [1]
+    finally:
+        queue.close()

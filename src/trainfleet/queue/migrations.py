@@ -287,6 +287,20 @@ V7_POSTGRES: list[Step] = [
     *V7_INDEXES,
 ]
 
+# Version 8 (issue 9): the events of a job are found by the job's ``seq`` (``events.job_seq``,
+# with ``job_id`` still on every row) instead of by its id. The id is a hash, so an index on
+# it takes each new event at a random place: one more page of the log written per event
+# (measured with ``bench.queue_inproc``: 3.7 of the 7.7 pages the write-ahead log took per
+# claim cycle were that index's). Jobs are claimed in about their ``seq`` order, so the
+# events of the jobs in flight land on a few pages. Every insert fills ``job_seq`` from the
+# job's row (``sqlite_schema.insert_event``); jobs are never deleted.
+V8_STEPS: list[Step] = [
+    AddColumns("events", (("job_seq", "INTEGER"),)),
+    "UPDATE events SET job_seq = (SELECT seq FROM jobs WHERE jobs.id = events.job_id)",
+    "CREATE INDEX IF NOT EXISTS events_by_job_seq ON events (job_seq, seq)",
+    "DROP INDEX IF EXISTS events_by_job",
+]
+
 MIGRATIONS: list[Migration] = [
     Migration(
         1,
@@ -307,6 +321,7 @@ MIGRATIONS: list[Migration] = [
         V7_SQLITE,
         V7_POSTGRES,
     ),
+    Migration(8, "events found by their job's seq", V8_STEPS, V8_STEPS),
 ]
 
 

@@ -417,7 +417,11 @@ class SQLQueue(PipelineMethods, JobQueue):
     def events(self, job_id: str) -> list[Event]:
         rows = (
             self._conn()
-            .execute("SELECT * FROM events WHERE job_id = ? ORDER BY seq", (job_id,))
+            .execute(
+                "SELECT * FROM events WHERE job_seq = (SELECT seq FROM jobs WHERE id = ?)"
+                " AND job_id = ? ORDER BY seq",
+                (job_id, job_id),
+            )
             .fetchall()
         )
         return [event_record(r) for r in rows]

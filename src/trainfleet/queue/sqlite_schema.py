@@ -126,6 +126,12 @@ def read_hosts(conn: db.Conn) -> dict[str, HostPolicy]:
     return {r["name"]: HostPolicy.model_validate_json(r["policy"]) for r in rows}
 
 
+# An event row: the job's id, and its ``seq`` read from the job's row (what the index of a
+# job's events is on: migration 8).
+EVENT_COLUMNS = "job_id, job_seq, at, kind, from_state, to_state, worker_id, epoch, detail"
+EVENT_VALUES = "(?, (SELECT seq FROM jobs WHERE id = ?), ?, ?, ?, ?, ?, ?, ?)"
+
+
 def insert_event(
     conn: db.Conn,
     at: float,
@@ -140,9 +146,8 @@ def insert_event(
     """Append one transition (or note) to a job's event log. A job (back) in pending tells
     the other coordinators of a PostgreSQL database at commit (``queue.notify``)."""
     conn.execute(
-        "INSERT INTO events (job_id, at, kind, from_state, to_state, worker_id, epoch, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (job_id, at, kind, from_state, to_state, worker_id, epoch, detail),
+        f"INSERT INTO events ({EVENT_COLUMNS}) VALUES {EVENT_VALUES}",
+        (job_id, job_id, at, kind, from_state, to_state, worker_id, epoch, detail),
     )
     if to_state == "pending":
         notify_work(conn)
@@ -161,9 +166,8 @@ def insert_events(conn: db.Conn, events: list[EventRow]) -> None:
             insert_event(conn, *event)
         return
     conn.execute(
-        "INSERT INTO events (job_id, at, kind, from_state, to_state, worker_id, epoch, detail)"
-        " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(events)),
-        tuple(v for at, job, *rest in events for v in (job, at, *rest)),
+        f"INSERT INTO events ({EVENT_COLUMNS}) VALUES " + ", ".join([EVENT_VALUES] * len(events)),
+        tuple(v for at, job, *rest in events for v in (job, job, at, *rest)),
     )
     if any(e[4] == "pending" for e in events):
         notify_work(conn)
