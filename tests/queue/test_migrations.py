@@ -388,9 +388,7 @@ def test_version_5_fills_allowed_hosts_and_claims_still_check_the_spec(
         queue.close()
 
 
-def test_version_8_finds_old_and_new_events_of_a_job_by_its_seq(
-    db: Database, db_url: str
-) -> None:
+def test_version_8_finds_old_and_new_events_of_a_job_by_its_seq(db: Database, db_url: str) -> None:
     """Events written before version 8 get their job's seq; the queue then reads a job's old
     events and its new ones through the seq index, and no other job's."""
     make_issue8(db)
