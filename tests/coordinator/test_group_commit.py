@@ -95,3 +95,53 @@ def test_event_loop_calls_are_answered_on_the_loop_and_a_cancelled_one_is_skippe
     finally:
         writer.shutdown()
         db.close()
+
+
+def test_a_clean_group_takes_no_savepoints_and_a_failed_one_runs_again_with_them(
+    tmp_path: Path,
+) -> None:
+    """A group none of whose calls fails commits with no savepoint; one whose call fails is
+    rolled back whole and run again with a savepoint per call, so every other call's writes
+    land exactly once."""
+    db = SQLiteDatabase(tmp_path / "g.db")
+    with db.tx() as conn:
+        conn.execute("CREATE TABLE t (v INTEGER)")
+    statements: list[str] = []
+    db.raw.set_trace_callback(statements.append)
+    writer = GroupWriter(db)
+    try:
+        for calls in ([1, 2, 3], [4, "fail", 6]):
+            started, release = threading.Event(), threading.Event()
+
+            def block(
+                started: threading.Event = started, release: threading.Event = release
+            ) -> bool:
+                started.set()
+                return release.wait(30)
+
+            blocker = writer.submit(block)
+            assert started.wait(30)  # the writer is busy: the calls below wait as one group
+            statements.clear()
+            futures = [
+                writer.submit(insert_then_fail, db, 5)
+                if v == "fail"
+                else writer.submit(insert, db, v)
+                for v in calls
+            ]
+            release.set()
+            assert blocker.result(30) is True
+            for v, future in zip(calls, futures, strict=True):
+                if v == "fail":
+                    with pytest.raises(ValueError, match="refused 5"):
+                        future.result(30)
+                else:
+                    assert future.result(30) == v
+            savepoints = [s for s in statements if s.startswith("SAVEPOINT")]
+            assert len(savepoints) == (0 if calls == [1, 2, 3] else 3)
+        assert writer.groups == 2 and writer.retried == 1
+        with db.read() as conn:
+            values = [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v").fetchall()]
+        assert values == [1, 2, 3, 4, 6]
+    finally:
+        writer.shutdown()
+        db.close()
