@@ -116,8 +116,8 @@ def _revoke_workers(conn: Conn, where: str, value: str, now: float, why: str) ->
         )
         jobs = conn.execute(
             "SELECT id, state, submitter, claimed_at, charged_at FROM jobs"
-            " WHERE worker_id = ? AND state IN (?, ?)",
-            (worker_id, *ACTIVE),
+            " WHERE worker_id = ? AND state IN ('claimed', 'running')",  # jobs_by_worker's
+            (worker_id,),
         ).fetchall()
         for job in jobs:
             charge_ended(conn, job, now)
