@@ -51,6 +51,7 @@ import uvicorn
 from trainfleet.artifacts import ArtifactStore
 from trainfleet.artifacts.s3 import DEFAULT_PART_BYTES
 from trainfleet.coordinator.app import create_app
+from trainfleet.coordinator.oneshot import http_option
 from trainfleet.coordinator.state import Coordinator
 from trainfleet.queue import QueueSettings, open_queue
 
@@ -159,8 +160,10 @@ class _Server(uvicorn.Server):
 
 def uvicorn_options(tls: TlsFiles | None = None) -> dict[str, Any]:
     """How ``serve`` configures uvicorn: quiet, no access log, the proxy headers only where
-    trusted proxies are named (``FORWARDED_ALLOW_IPS``), TLS where given."""
+    trusted proxies are named (``FORWARDED_ALLOW_IPS``), TLS where given, one write per
+    response (``oneshot``)."""
     return {
+        **http_option(),
         "log_level": "warning",
         "access_log": False,
         "proxy_headers": bool(os.environ.get(FORWARDED_ALLOW_IPS_ENV)),
