@@ -534,3 +534,34 @@ def test_reload_plan_carries_the_manifest_warnings(queue: JobQueue) -> None:
         manifest_of('[hosts.h]\nallow_jobs = ["nope-*"]\n[[jobs]]\nname = "j"\n'), dry_run=True
     )
     assert plan.warnings == ["hosts.h.allow_jobs: pattern 'nope-*' matches no job"]
+
+
+def test_heartbeats_mark_the_worker_seen_once_a_second_and_revocation_still_fences(
+    queue: JobQueue, clock
+) -> None:
+    """A heartbeat writes the worker's last_seen at most once every ``SEEN_EVERY_S``; a beat
+    skipped that write is still fenced: a revoked worker's next beat is refused."""
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "j"\n[[jobs]]\nname = "k"'))
+    w = register(queue)
+    c = queue.claim(w)
+    assert c is not None
+
+    def last_seen() -> float:
+        with queue.db.read() as conn:  # type: ignore[attr-defined]
+            row = conn.execute("SELECT last_seen FROM workers WHERE id = ?", (w,)).fetchone()
+            return float(row[0])
+
+    clock.advance(5)
+    queue.heartbeat(c.job.id, w, c.epoch)
+    first = last_seen()
+    assert first == clock()
+    clock.advance(0.5)
+    queue.heartbeat(c.job.id, w, c.epoch)
+    assert last_seen() == first  # within the second: not written again
+    clock.advance(0.6)
+    queue.heartbeat(c.job.id, w, c.epoch)
+    assert last_seen() == clock()  # a second later: written
+    assert [j.name for j in queue.revoke_worker(w)] == ["j"]  # requeued
+    clock.advance(0.1)
+    with pytest.raises((StaleEpoch, Conflict, Unauthorized)):
+        queue.heartbeat(c.job.id, w, c.epoch)

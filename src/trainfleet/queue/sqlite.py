@@ -17,6 +17,7 @@ The schema is ``migrations``'s, applied when the queue opens. ``SQLiteQueue(path
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -97,6 +98,9 @@ from trainfleet.verify.market import CompetitionSpec
 from trainfleet.verify.panel import RefereeReport
 from trainfleet.verify.panel import Verdict as PanelVerdict
 
+SEEN_EVERY_S = 1.0  # a worker's heartbeats write its last_seen at most this often
+MAX_SEEN = 100_000  # workers remembered for that (then forgotten all at once)
+
 
 class SQLQueue(PipelineMethods, JobQueue):
     """The queue on one ``Database`` (it upgrades the schema on open). ``clock`` is
@@ -115,6 +119,7 @@ class SQLQueue(PipelineMethods, JobQueue):
         self._deps_watch = deps.Watch()
         self._reads = StatementConn(db)
         self.fleet = FleetCache()  # the claim's view of workers and host policies
+        self._seen: dict[str, float] = {}  # worker -> when a heartbeat last marked it seen
         try:
             migrate(db)
         except BaseException:
@@ -247,8 +252,21 @@ class SQLQueue(PipelineMethods, JobQueue):
         return job_record(sqlite_attempts.fenced(self._conn(), job_id, worker_id, epoch))
 
     def heartbeat(self, job_id: str, worker_id: str, epoch: int) -> HeartbeatReply:
+        """A heartbeat marks its worker seen at most once every ``SEEN_EVERY_S`` (a write to
+        the worker's row, the third of a claim cycle's on the workers table): ``last_seen``
+        is kept to that resolution, far finer than any timeout that reads it. A revoked
+        worker's beat is still refused by the fence: revoking requeues its jobs."""
         with self._tx() as conn:
-            return sqlite_attempts.heartbeat(conn, job_id, worker_id, epoch, self.clock)
+            now = self.clock()
+            touched = now - self._seen.get(worker_id, -math.inf) < SEEN_EVERY_S
+            if not touched:
+                sqlite_workers.touch(conn, worker_id, now)
+                if len(self._seen) >= MAX_SEEN:
+                    self._seen.clear()
+                self._seen[worker_id] = now
+            return sqlite_attempts.heartbeat(
+                conn, job_id, worker_id, epoch, self.clock, touched=True
+            )
 
     def heartbeat_each(
         self, worker_id: str, items: list[tuple[str, int]]
