@@ -5,6 +5,8 @@
     python -m bench.queue --quick          (under a minute)
     python -m bench.queue --jobs 100000    (the issue's 100k seeded jobs per arm)
     python -m bench.queue --arms sqlite,reference --sizes 64
+    python -m bench.queue --arms sqlite,reference,batched --sizes 64 --pairs 5   (the goals
+                                            on the median of 5 alternated pairs)
     python -m bench.queue --long           (also 1M claims, rounds of 100k jobs, checked)
     python -m bench.queue --arms fleet --fleet-on two   (the fleet on two PG coordinators)
 
@@ -68,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--long", action="store_true", help="also 1M claims at N=64 on SQLite (rounds of 100k)"
     )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="run each of our SQLite arms and its reference this many times, alternately;"
+        " the goals take the median pair (a shared machine's noise moves single runs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "queue.json")
     args = p.parse_args(argv)
@@ -98,16 +107,20 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Arm], dict[str, str]
 
     arms: list[Arm] = []
     for n in sizes:
-        if "reference" in chosen:
-            arms.append(Arm("reference", n, jobs(n)))
-        if "sqlite" in chosen:
-            arms.append(Arm("trainfleet", n, jobs(n)))
+        for k in range(args.pairs):
+            if "reference" in chosen:
+                arms.append(Arm("reference", n, jobs(n), pair=k))
+            if "sqlite" in chosen:
+                arms.append(Arm("trainfleet", n, jobs(n), pair=k))
     if "batched" in chosen:
-        arms.append(Arm("reference", args.batch_n, 2 * args.jobs, batch=args.batch))
         why = batch_supported(tmp)
-        if why is None:
-            arms.append(Arm("trainfleet", args.batch_n, 2 * args.jobs, batch=args.batch))
-        else:
+        for k in range(args.pairs):
+            arms.append(Arm("reference", args.batch_n, 2 * args.jobs, batch=args.batch, pair=k))
+            if why is None:
+                arms.append(
+                    Arm("trainfleet", args.batch_n, 2 * args.jobs, batch=args.batch, pair=k)
+                )
+        if why is not None:
             skipped["trainfleet batched"] = why
     if chosen & {"postgresql", "two"}:
         why = postgres_reachable(args.db)

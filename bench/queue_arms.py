@@ -42,6 +42,7 @@ class Arm:
     coordinators: int = 1
     batch: int = 0  # 0: single-job endpoints; k: up to k jobs per request
     long: bool = False  # a round of the long mode (``--long``), not one of the table's arms
+    pair: int = 0  # which run of this arm and its reference (``--pairs``)
 
     @property
     def name(self) -> str:
@@ -51,6 +52,8 @@ class Arm:
         parts.append(f"batch{self.batch}" if self.batch else "unbatched")
         if self.long:
             parts.append("long")
+        if self.pair:
+            parts.append(f"pair{self.pair + 1}")
         return "_".join(parts)
 
 
@@ -99,6 +102,7 @@ def run_arm(arm: Arm, tmp: Path, *, seed: int = 0, pg_url: str = "") -> dict[str
         "coordinators": arm.coordinators,
         "batch": arm.batch,
         "long": arm.long,
+        "pair": arm.pair,
         "n": arm.n,
         "jobs": arm.jobs,
         "cycles": stats.cycles,

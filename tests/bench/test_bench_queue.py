@@ -213,3 +213,42 @@ def test_the_goals_read_the_table_arms_and_count_only_the_long_rounds(
         assert long_goal["met"] is True
     short = report.goals(table + rounds[:1], long_mode=True)
     assert [g["met"] for g in short if g["goal"].startswith("long mode")] == [False]
+
+
+def test_the_goals_take_the_median_pair_each_against_its_own_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With --pairs, each run of ours is divided by the reference run of its own pair and
+    the goal is the median of those ratios (a pair that ran, not a mean), not the first."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    report = importlib.import_module("bench.queue_report")
+
+    def arm(server: str, pair: int, cycles: float, p99: float = 10.0) -> dict[str, Any]:
+        return {
+            "server": server,
+            "db": "sqlite",
+            "n": 64,
+            "batch": 0,
+            "coordinators": 1,
+            "long": False,
+            "pair": pair,
+            "cycles_per_s": cycles,
+            "claim_got_p99_ms": p99,
+            "check": {"violations": 0, "claims": 100},
+        }
+
+    results = [
+        arm("reference", 0, 1000.0),
+        arm("trainfleet", 0, 500.0, p99=60.0),  # 0.50: a noisy first pair
+        arm("reference", 1, 2000.0),
+        arm("trainfleet", 1, 1800.0, p99=20.0),  # 0.90
+        arm("reference", 2, 1000.0),
+        arm("trainfleet", 2, 850.0, p99=30.0),  # 0.85
+    ]
+    goals = {g["goal"]: g for g in report.goals(results, long_mode=False)}
+    ratio = goals["unbatched N=64 SQLite vs reference cycles/s"]
+    assert ratio["pairs"] == [0.5, 0.9, 0.85]
+    assert ratio["ours"] == 0.85 and ratio["met"] is True
+    assert goals["unbatched N=64 SQLite claim p99 (ms)"]["ours"] == 30.0
+    two = report.goals(results[:4], long_mode=False)  # even: the lower of the middle two
+    assert two[0]["ours"] == 0.5 and two[0]["met"] is False
