@@ -214,3 +214,28 @@ def test_an_unreachable_postgres_is_a_clear_error_without_the_password() -> None
     with pytest.raises(DatabaseUnavailable, match=r"postgres:\*\*\*@127.0.0.1:1/") as err:
         PostgresDatabase("postgresql://postgres:hunter2@127.0.0.1:1/test", connect_timeout_s=0.5)
     assert "hunter2" not in str(err.value)
+
+
+def test_rows_read_by_name_and_position_whatever_the_shape_of_the_result(
+    database: Database,
+) -> None:
+    """Rows come back readable by name and by index on both engines, for results of every
+    shape one connection sees in turn (PostgreSQL names them from the result itself, one
+    index per shape); a statement without rows returns none."""
+    with database.tx() as conn:  # the fixture made table t
+        conn.execute("INSERT INTO t (id, name, flag) VALUES (1, 'a', 0), (2, 'b', 1)")
+    with database.read() as conn:
+        wide = conn.execute("SELECT * FROM t ORDER BY id").fetchall()
+        narrow = conn.execute("SELECT name, id FROM t WHERE id = 2").fetchone()
+        again = conn.execute("SELECT * FROM t WHERE id = 1").fetchone()
+        repeated = conn.execute("SELECT 1 AS x, 2 AS y").fetchone()
+    assert [(r["id"], r["name"], r["flag"], r["note"]) for r in wide] == [
+        (1, "a", 0, None),
+        (2, "b", 1, None),
+    ]
+    assert (narrow["name"], narrow["id"], narrow[0], narrow[1]) == ("b", 2, "b", 2)
+    assert dict(again) == {"id": 1, "name": "a", "flag": 0, "note": None}
+    assert (repeated["x"], repeated["y"]) == (1, 2)
+    with database.tx() as conn:
+        cur = conn.execute("UPDATE t SET flag = 2 WHERE id = 1")
+        assert cur.rowcount == 1

@@ -8,7 +8,7 @@ keeps its connection warm. A database that takes concurrent writers (``single_wr
 PostgreSQL) gets a pool sized to its connection pool.
 
 On SQLite the calls waiting for that thread at once commit together, in one transaction,
-each in its own savepoint (``coordinator.group_commit``).
+a call that fails rolled back alone (``coordinator.group_commit``).
 
 The rule that keeps this fast: nothing slow runs on that thread; on SQLite not even the WAL
 checkpoints, which run on a thread of their own (``queue.checkpoint``). Shard planning, decoding a

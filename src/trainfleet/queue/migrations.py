@@ -299,7 +299,7 @@ V7_POSTGRES: list[Step] = [
 # a finished job leaves them and no write touches them after.
 V8_STEPS: list[Step] = [
     AddColumns("events", (("job_seq", "INTEGER"),)),
-    "UPDATE events SET job_seq = (SELECT seq FROM jobs WHERE jobs.id = events.job_id)",
+    "UPDATE events SET job_seq = jobs.seq FROM jobs WHERE jobs.id = events.job_id",  # a join
     "CREATE INDEX IF NOT EXISTS events_by_job_seq ON events (job_seq, seq)",
     "DROP INDEX IF EXISTS events_by_job",
     "DROP INDEX IF EXISTS jobs_by_worker",
