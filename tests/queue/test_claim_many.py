@@ -116,3 +116,26 @@ def test_batches_write_each_jobs_events_as_one_by_one_calls_do(queue: JobQueue) 
         assert story(c.job.id) == expected
         assert queue.get_job(c.job.id).state == "completed"
     assert {r.id: r.current_job for r in queue.list_workers()}[w.id] is None
+
+
+def test_a_claim_pages_past_many_rows_its_host_denies_to_the_one_it_may_take(
+    queue: JobQueue,
+) -> None:
+    """On PostgreSQL the claim's scan reads pending rows in pages (``claims._pending``); a
+    claimant whose host denies the first 60 rows in claim order still gets the job after
+    them, and the jobs it skipped stay pending for the others."""
+    blocked = "\n".join(f'[[jobs]]\nname = "blocked-{i:02d}"\npriority = 5' for i in range(60))
+    queue.apply_manifest(
+        manifest_of(
+            blocked
+            + '\n[[jobs]]\nname = "open"\npriority = 1'
+            + '\n[hosts.cpu-a]\ndeny_jobs = ["blocked-*"]'
+        )
+    )
+    worker, _ = queue.register_worker(make_cap("cpu-a"))
+    claim = queue.claim(worker.id)
+    assert claim is not None and claim.job.name == "open"
+    other, _ = queue.register_worker(make_cap("cpu-b"))
+    names = [c.job.name for c in queue.claim_many(other.id, 1)]
+    assert names == ["blocked-00"]  # claim order kept across the pages
+    assert queue.counts()["pending"] == 59
