@@ -182,6 +182,24 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
 
+def n64_arm(
+    server: str, cycles: float, p99: float, *, claims: int = 100, long: bool = False, pair: int = 0
+) -> dict[str, Any]:
+    """One unbatched N=64 SQLite arm's result, as ``queue_arms.run_arm`` writes it."""
+    return {
+        "server": server,
+        "db": "sqlite",
+        "n": 64,
+        "batch": 0,
+        "coordinators": 1,
+        "long": long,
+        "pair": pair,
+        "cycles_per_s": cycles,
+        "claim_got_p99_ms": p99,
+        "check": {"violations": 0, "claims": claims},
+    }
+
+
 def test_the_goals_read_the_table_arms_and_count_only_the_long_rounds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -191,17 +209,8 @@ def test_the_goals_read_the_table_arms_and_count_only_the_long_rounds(
     report = importlib.import_module("bench.queue_report")
 
     def arm(server: str, p99: float, claims: int, *, long: bool = False) -> dict[str, Any]:
-        return {
-            "server": server,
-            "db": "sqlite",
-            "n": 64,
-            "batch": 0,
-            "coordinators": 1,
-            "long": long,
-            "cycles_per_s": 1000.0 if server == "trainfleet" else 2000.0,
-            "claim_got_p99_ms": p99,
-            "check": {"violations": 0, "claims": claims},
-        }
+        cycles = 1000.0 if server == "trainfleet" else 2000.0
+        return n64_arm(server, cycles, p99, claims=claims, long=long)
 
     rounds = [arm("trainfleet", 900.0, 500_000, long=True) for _ in range(2)]
     table = [arm("reference", 5.0, 3000), arm("trainfleet", 30.0, 3000)]
@@ -224,18 +233,7 @@ def test_the_goals_take_the_median_pair_each_against_its_own_reference(
     report = importlib.import_module("bench.queue_report")
 
     def arm(server: str, pair: int, cycles: float, p99: float = 10.0) -> dict[str, Any]:
-        return {
-            "server": server,
-            "db": "sqlite",
-            "n": 64,
-            "batch": 0,
-            "coordinators": 1,
-            "long": False,
-            "pair": pair,
-            "cycles_per_s": cycles,
-            "claim_got_p99_ms": p99,
-            "check": {"violations": 0, "claims": 100},
-        }
+        return n64_arm(server, cycles, p99, pair=pair)
 
     results = [
         arm("reference", 0, 1000.0),
