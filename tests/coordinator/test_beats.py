@@ -250,3 +250,45 @@ def test_a_long_poll_with_nothing_to_claim_answers_null_and_a_bad_wait_is_a_400(
     for body in ({"wait_s": 31}, {"wait_s": -1}, {"wait_s": "x"}, {"other": 1}):
         r = api.http.post("/v1/workers/claim", json=body, headers=worker.auth)
         assert_error(r, 400, "bad_request")
+
+
+def test_a_big_flush_is_written_in_chunks_and_a_failed_chunk_keeps_its_beats_and_the_rest(
+    queue: JobQueue, book: HeartbeatBook, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More beats than ``FLUSH_CHUNK`` go to the database in several transactions, so no one
+    of them holds the writer for the whole flush; a chunk that fails keeps its beats and
+    every later one for the next flush, and the chunks before it stay written."""
+    from trainfleet.coordinator import beats as beats_module
+
+    monkeypatch.setattr(beats_module, "FLUSH_CHUNK", 2)
+    jobs = "\n".join(f'[[jobs]]\nname = "j{i}"' for i in range(5))
+    queue.apply_manifest(manifest_of(jobs))
+    held = []
+    for i in range(5):
+        worker, _ = queue.register_worker(make_cap(f"h{i}"))
+        claim = queue.claim(worker.id)
+        assert claim is not None
+        held.append((claim.job.id, worker.id, claim.epoch))
+        beat(book, claim.job.id, worker.id, claim.epoch)  # the database answers: running
+    clock.advance(3)
+    for job_id, worker, epoch in held:
+        beat(book, job_id, worker, epoch)  # in memory now
+    sizes: list[int] = []
+    real = queue.heartbeat_many
+
+    def failing_third(chunk: list[Beat]) -> Any:
+        sizes.append(len(chunk))
+        if len(sizes) == 2:
+            raise RuntimeError("the disk is full")
+        return real(chunk)
+
+    async def run(fn: Callable[..., Any], *args: Any) -> Any:
+        return failing_third(*args) if fn == queue.heartbeat_many else fn(*args)
+
+    with pytest.raises(RuntimeError, match="disk is full"):
+        asyncio.run(book.flush(run))
+    written = [queue.get_job(j).heartbeat_at == clock.now for j, _, _ in held]
+    assert sum(written) == 2  # the first chunk; the second failed and the third never ran
+    sizes.clear()
+    assert flush(book) == 3  # the failed chunk's beats and the rest: kept for the next flush
+    assert all(queue.get_job(j).heartbeat_at == clock.now for j, _, _ in held)
