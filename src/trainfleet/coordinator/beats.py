@@ -241,6 +241,7 @@ class HeartbeatBook:
             beats = list(self._pending.values())
             self._pending.clear()
             self._starts.clear()
+            # At least one call, even with no beats: it also counts the online workers.
             for first in range(0, max(len(beats), 1), FLUSH_CHUNK):
                 chunk = beats[first : first + FLUSH_CHUNK]
                 try:

@@ -4,12 +4,12 @@ On SQLite every queue call of the coordinator runs on one thread (``coordinator/
 and each write transaction pays its own ``BEGIN IMMEDIATE`` and ``COMMIT`` (the commit
 writes the log): issue 9 measured those two at about 40% of that thread's time with 64
 workers. When several calls are waiting, ``GroupWriter`` runs them together inside one
-transaction, each call inside its own savepoint, and commits once:
+transaction and commits once:
 
 - each call still sees the state every earlier call left, and a call's own transaction
   (``Database.tx``) joins the group's, so every read-check-write stays atomic;
-- a call that raises is rolled back to its savepoint alone and gets its error; the others
-  are unaffected;
+- a call that raises is rolled back alone and gets its error; the others are unaffected
+  (see "Optimistic" below);
 - no reply is given before the group commits: a call's result is only seen once its writes
   are in the log, as before. If the commit itself fails, every call of the group gets that
   error (nothing of the group was written).

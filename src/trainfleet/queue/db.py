@@ -117,9 +117,9 @@ def sqlite_connect(path: str) -> sqlite3.Connection:
     """Autocommit mode (transactions are explicit), rows by name and by index, WAL.
 
     ``temp_store=MEMORY`` keeps SQLite's temporary files in memory, the statement journal
-    among them: the coordinator's writer runs each request of a group commit inside its own
-    SAVEPOINT (``coordinator.group_commit``), and SQLite copies every page a savepoint first
-    changes into that journal, which spills to a temporary file past 64 KiB. Measured with
+    among them: SQLite copies every page a SAVEPOINT (a batch's, a retried group commit's
+    call: ``coordinator.group_commit``) first changes into that journal, which spills to a
+    temporary file past 64 KiB. Measured with
     ``bench.queue_inproc`` (issue 9): the writer thread made 89 write calls and wrote 189 KB
     per unbatched cycle, 74 of them and 157 KB to that file; in memory, 15 calls and 31 KB (the
     write-ahead log), and 10-20% less CPU per cycle."""

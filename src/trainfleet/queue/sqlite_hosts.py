@@ -31,8 +31,6 @@ from trainfleet.queue.fairshare import charge_ended
 from trainfleet.queue.sqlite_schema import insert_event, load_job, token_hash
 from trainfleet.queue.sqlite_workers import register_worker
 
-ACTIVE = ("claimed", "running")
-
 
 def _check_name(name: str, *, open_ok: bool = False) -> None:
     """The one host-name policy, whole-string (a trailing newline is not a name)."""
