@@ -24,7 +24,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 from fleetkit import FakeClock, make_cap
 from trainfleet.artifacts import ArtifactStore
 from trainfleet.client import Client
-from trainfleet.coordinator.app import create_app
+from trainfleet.coordinator.app import create_app, db_runner
 from trainfleet.coordinator.state import Coordinator
 from trainfleet.errors import (
     BadRequest,
@@ -129,6 +129,17 @@ class Api:
         self.reload(ONE_JOB)
         worker = self.register()
         return worker, self.claim(worker)["job"]["id"]
+
+    def flush(self) -> int:
+        """The heartbeat book's flush (``beats.flush_forever``, every ``beat_flush_s``): its
+        beats written, and what the database says of their jobs read back (a cancel)."""
+        return self.http.portal.call(self.coord.beats.flush, db_runner(self.coord))
+
+    def reap(self) -> list[Any]:
+        """The reaper's pass (``app._reap_forever``): the heartbeat book's beats are written
+        first, then the lost attempts requeued."""
+        self.flush()
+        return self.coord.queue.reap()
 
     def job(self, ref: str) -> dict[str, Any]:
         r = self.http.get(f"/v1/jobs/{ref}", headers=OP)
@@ -666,7 +677,7 @@ def test_a_stale_worker_is_fenced_off_everywhere(api: Api, tmp_path: Path) -> No
     old = api.claim(first)
     job_id = old["job"]["id"]
     api.clock.advance(11)  # past heartbeat_timeout_s without a beat
-    api.coord.queue.reap()  # the app's reaper may have done this already; same outcome
+    api.reap()  # the app's reaper may have done this already; same outcome
     assert api.job(job_id)["job"]["state"] == "pending"
     new = api.claim(second)
     assert (new["job"]["id"], new["epoch"], new["attempt"]) == (job_id, 2, 2)

@@ -122,6 +122,9 @@ def test_batch_heartbeat_replies_per_beat(api: Api) -> None:
     assert [x["outcome"] for x in replies] == ["ok", "ok", "fenced"]
     assert replies[0]["state"] == "running" and replies[0]["cancel"] is False
     assert replies[0]["heartbeat_interval_s"] > 0
+    # The beats were answered from memory; a read through the API writes them first.
+    r = api.http.get(f"/v1/jobs/{got[1]['job']['id']}", headers=OP)
+    assert r.json()["job"]["state"] == "running"
     assert api.coord.queue.get_job(got[1]["job"]["id"]).state == "running"
 
 

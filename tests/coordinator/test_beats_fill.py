@@ -13,7 +13,7 @@ from test_beats import direct
 
 from fleetkit import make_cap, manifest_of
 from trainfleet.coordinator.beats import HeartbeatBook, Pace
-from trainfleet.errors import Conflict
+from trainfleet.errors import Conflict, StaleEpoch
 from trainfleet.queue.sqlite import SQLQueue
 
 
@@ -60,10 +60,51 @@ def test_a_completion_writes_the_unflushed_first_beat_first(
     assert start is not None and start.start
     _, record = queue.complete_plain(job_id, worker, epoch, {}, start)
     assert record is not None and record.state == "completed"
+    assert record.heartbeat_at == start.at  # the beat's lease renewal, folded in
     assert kinds(queue, job_id)[-2:] == [
         ("running", "claimed", "running"),
         ("completed", "running", "completed"),
     ]
+    running = [e for e in queue.events(job_id) if e.kind == "running"]
+    assert [e.at for e in running] == [start.at]  # stamped when the beat arrived
+
+
+def test_a_start_beat_of_a_job_already_running_adds_no_second_running_event(
+    queue: SQLQueue, book: HeartbeatBook
+) -> None:
+    job_id, worker, epoch = claimed(queue, book)
+    queue.heartbeat(job_id, worker, epoch)  # written straight to the database
+    book.answer(job_id, worker, epoch)
+    start = book.take_start(job_id, worker, epoch)
+    assert start is not None
+    _, record = queue.complete_plain(job_id, worker, epoch, {}, start)
+    assert record is not None and record.state == "completed"
+    assert [k for k, _, _ in kinds(queue, job_id)] == ["claimed", "running", "completed"]
+
+
+def test_a_batch_folds_each_start_and_a_fenced_item_writes_nothing(
+    queue: SQLQueue, book: HeartbeatBook
+) -> None:
+    queue.apply_manifest(manifest_of(ONE_JOB + ONE_JOB.replace("solo", "duo")))
+    worker, _ = queue.register_worker(make_cap("cpu-a"))
+    queue.set_worker_slots(worker.id, 2)
+    got = queue.claim_many(worker.id, 2)
+    assert len(got) == 2
+    starts = {}
+    for c in got:
+        book.expect(c.job.id, worker.id, c.epoch)
+        book.answer(c.job.id, worker.id, c.epoch)
+        beat = book.take_start(c.job.id, worker.id, c.epoch)
+        assert beat is not None
+        starts[c.job.id] = beat
+    good, bad = got
+    items = [(good.job.id, good.epoch, {}), (bad.job.id, bad.epoch + 1, {})]
+    out = queue.complete_plain_many(worker.id, items, starts)
+    assert not isinstance(out[0], Exception) and out[0][0].state == "completed"
+    assert isinstance(out[1], StaleEpoch)
+    assert [k for k, _, _ in kinds(queue, good.job.id)] == ["claimed", "running", "completed"]
+    assert [e.kind for e in queue.events(bad.job.id)][-1] == "claimed"  # nothing written
+    assert queue.get_job(bad.job.id).state == "claimed"
 
 
 def test_a_claim_asked_again_after_a_beat_is_not_redelivered(

@@ -206,7 +206,7 @@ def test_a_reaped_task_is_reclaimed_with_byte_identical_weights(api: Api) -> Non
         headers=workers[1].auth,
     )
     assert r.status_code == 200
-    api.coord.queue.reap()
+    api.reap()
     c = api.register("cpu-c")
     again = claim(api, c)
     assert again is not None and again.job_id == tasks[0].job_id and again.epoch == 2
@@ -343,7 +343,7 @@ def test_a_lost_task_of_a_closed_round_is_cancelled_not_requeued(api: Api) -> No
     detail = tick(api)
     assert detail["rounds"][0]["state"] == "closed" and detail["run"]["round"] == 1
     api.clock.advance(11)  # past heartbeat_timeout_s: slot 2's attempt is lost
-    api.coord.queue.reap()
+    api.reap()
     lost = api.coord.queue.get_job(tasks[2].job_id)
     assert lost.state == "cancelled"
     assert "round 0 of run dl has closed" in (lost.error or "") + " ".join(

@@ -253,7 +253,7 @@ def test_a_stale_attempt_cannot_complete_a_reclaimed_slot(api: Api) -> None:
     workers, tasks = _round0(api, run_toml(replicas=1, min_quorum=1), hosts="a")
     old = tasks[0]
     api.clock.advance(11)  # past the heartbeat timeout: the claim is reaped
-    api.coord.queue.reap()  # the reaper's pass (a claim no longer reaps: coordinator.state)
+    api.reap()  # the reaper's pass (a claim no longer reaps: coordinator.state)
     other = api.register("cpu-b")
     api.clock.advance(3)  # past the affinity wait
     new = claim(api, other)

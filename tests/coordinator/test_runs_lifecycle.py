@@ -108,10 +108,13 @@ def test_a_new_identity_under_a_run_name_supersedes_the_old_run(api: Api) -> Non
     assert detail["run"]["id"] == entry["id"] != old_id
     assert [r["state"] for r in detail["same_name"]] == ["superseded"]
     assert detail["rounds"][0]["state"] == "open"
-    assert api.job(held.job_id)["job"]["state"] == "cancelled"  # its worker hears it next beat
-    r = api.http.post(
-        f"/v1/jobs/{held.job_id}/heartbeat", json={"epoch": held.epoch}, headers=w.auth
-    )
+    assert api.job(held.job_id)["job"]["state"] == "cancelled"
+    # The heartbeat book answers beats from memory and hears of the cancel when it flushes
+    # one of them (coordinator.beats): the worker learns it at its next beat after that.
+    beat = f"/v1/jobs/{held.job_id}/heartbeat"
+    api.http.post(beat, json={"epoch": held.epoch}, headers=w.auth)
+    api.flush()
+    r = api.http.post(beat, json={"epoch": held.epoch}, headers=w.auth)
     assert r.json()["cancel"] is True
     runs = api.http.get("/v1/runs", headers=OP).json()["runs"]
     assert [(r["name"], r["state"]) for r in runs] == [("dl", "superseded"), ("dl", "active")]

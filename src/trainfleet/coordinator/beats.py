@@ -9,12 +9,16 @@ latest beat of each attempt, every ``beat_flush_s``, ``FLUSH_CHUNK`` beats to a 
   claim fills the book (``expect``), so even an attempt's first beat is answered from memory;
   the flush then moves the job from ``claimed`` to ``running`` and writes the ``running``
   event at the beat's time (``queue.beats``), and a completion arriving before that flush
-  writes the beat first, in its own transaction (``take_start``). A beat the book does not
+  folds the beat into its own UPDATE (``take_start``). Every other route writes the book's
+  first beats before it runs (``write_starts``), so a read on this coordinator sees a job
+  ``running`` as soon as its worker was told so. A beat the book does not
   know exactly (a stale epoch, an attempt the book forgot or claimed through another
   coordinator) is answered by the database, as before, and fills the book.
 - **Cancels and requeues** reach the book within one flush: each flushed beat returns the
   job's state, so a cancelled job's worker is told to stop at its next beat, and an attempt
-  written off is forgotten (its worker's next beat gets the database's 409).
+  written off is forgotten (its worker's next beat gets the database's 409). The operator's
+  cancel, requeue and revoke routes drop the attempt from the book at once; a job a reload
+  or a run's round ends is heard of when one of its beats is flushed.
 - **Durability rule**: a coordinator crash loses at most one flush interval of beats. That is
   safe: on start the coordinator renews every active lease (``queue.renew_leases``), so no job
   is reaped for beats it lost, and fencing keeps a written-off worker's writes out. The
@@ -50,10 +54,11 @@ Run = Callable[..., Awaitable[Any]]  # runs a blocking queue call off the event 
 DEFAULT_BUDGET_PER_S = 500.0  # heartbeats a second the fleet may send this coordinator
 FLUSH_CHUNK = 128  # beats written in one transaction of a flush
 # Whether a claim fills the book (``expect``), so an attempt's first beat is answered from
-# memory too and its claimed -> running is written by the next flush (or the completion's or
-# the next claim's transaction). Off: a read then sees ``claimed`` for up to one flush after
-# the first beat, which the tests and the read API do not expect yet (issue 9 follow-up).
-FILL_ON_CLAIM = False
+# memory too; its claimed -> running is written by the next flush, by the completion (folded
+# into its UPDATE: ``sqlite_attempts.complete``) or the next claim's transaction, or before
+# any other route runs (``write_starts``). Another coordinator on the same database sees
+# ``running`` within one flush (``beat_flush_s``), as it sees every lease renewal.
+FILL_ON_CLAIM = True
 
 
 class BeatReply(HeartbeatReply):
@@ -231,6 +236,19 @@ class HeartbeatBook:
         )
 
     # flushing ---------------------------------------------------------------------------
+    async def write_starts(self, run: Run) -> None:
+        """Flush now if the book holds a first beat: every route but the worker's claim,
+        beat and completion (which write or fold those beats in their own transaction)
+        runs after this, so a read on this coordinator sees a job ``running`` once its
+        worker was told so. Nothing to write, nothing done. A flush that fails is logged
+        and kept for the next one; the route still runs (a read needs no write)."""
+        if not self._starts:
+            return
+        try:
+            await self.flush(run)
+        except Exception:
+            log.exception("writing the first beats before a read failed; retried at the next flush")
+
     async def flush(self, run: Run) -> int:
         """Write every pending beat, ``FLUSH_CHUNK`` to a transaction, one after the other;
         returns how many. Flushes never overlap, so a reaper pass that flushed first sees

@@ -66,8 +66,9 @@ async def complete_attempt(ctx: Ctx, job_ref: str, epoch: int, result: dict[str,
             beats.give_back(start)
         raise
     if record is None:
-        if start is not None:
-            beats.give_back(start)  # flushed as usual: the slow paths below do not write it
+        if start is not None:  # the slow paths below do not fold it: written first
+            beats.give_back(start)
+            await beats.write_starts(ctx.run_db)
         if job.spec.trained_dataset is not None:
             await ctx.run_io(queue.ensure_shard_plan, job.id)
         if job.spec.kind == "replica":  # a run's task: its pseudo-gradient is judged

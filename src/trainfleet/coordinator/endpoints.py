@@ -218,6 +218,11 @@ class Endpoint:
     links: dict[str, Any] = field(default_factory=dict)  # OpenAPI links of the 200 response
     max_body_bytes: int = MAX_JSON_BYTES  # a JSON body past this is refused (413)
     status: int = 200  # of a success with a JSON model (201: it created something)
+    # Whether the first beats the heartbeat book answered from memory are written before the
+    # handler runs, so it reads every job whose worker was told it runs as ``running``
+    # (``beats.HeartbeatBook.write_starts``). Off only for the claim, heartbeat and
+    # completion routes, which write or fold those beats themselves.
+    settles_beats: bool = True
 
     @property
     def operation_id(self) -> str:
@@ -249,6 +254,7 @@ class RouteTable:
         links: dict[str, Any] | None = None,
         max_body_bytes: int = MAX_JSON_BYTES,
         status: int = 200,
+        settles_beats: bool = True,
     ) -> Callable[[Handler], Handler]:
         own = {p.name: p for p in path_params}
         names = [seg[1:-1].split(":")[0] for seg in path.split("/") if seg.startswith("{")]
@@ -274,6 +280,7 @@ class RouteTable:
                     links or {},
                     max_body_bytes,
                     status,
+                    settles_beats,
                 )
             )
             return handler
@@ -294,7 +301,10 @@ class RouteTable:
                 worker_id = await authenticate(ep.auth, request, coord)
                 path_values = _path_values(ep, request)
                 body = await self._parse(ep, request) if ep.body else None
-                result = await ep.handler(Ctx(request, coord, worker_id, body, ep, path_values))
+                ctx = Ctx(request, coord, worker_id, body, ep, path_values)
+                if ep.settles_beats:
+                    await coord.beats.write_starts(ctx.run_db)
+                result = await ep.handler(ctx)
                 if isinstance(result, Response):
                     response = result
                 elif result is None:

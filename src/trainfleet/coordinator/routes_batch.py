@@ -104,6 +104,7 @@ class CompletionsResponse(Body):
     body=ClaimsBody,
     response=ClaimsResponse,
     errors=(409, 422),
+    settles_beats=False,  # writes or folds the first beats itself
 )
 async def claim_batch(ctx: Ctx) -> ClaimsResponse:
     body: ClaimsBody = ctx.body
@@ -135,6 +136,7 @@ async def claim_batch(ctx: Ctx) -> ClaimsResponse:
     body=HeartbeatsBody,
     response=HeartbeatsResponse,
     errors=(422,),
+    settles_beats=False,  # writes or folds the first beats itself
 )
 async def heartbeat_batch(ctx: Ctx) -> HeartbeatsResponse:
     body: HeartbeatsBody = ctx.body
@@ -159,6 +161,7 @@ async def heartbeat_batch(ctx: Ctx) -> HeartbeatsResponse:
     body=CompletionsBody,
     response=CompletionsResponse,
     errors=(422,),
+    settles_beats=False,  # writes or folds the first beats itself
 )
 async def complete_batch(ctx: Ctx) -> CompletionsResponse:
     """Few hops for the whole batch: the results are checked here, and every plain job

@@ -109,6 +109,7 @@ async def deregister(ctx: Ctx) -> None:
             ("Fail", "fail", "fail or hand back the attempt (with claim.epoch)"),
         )
     },
+    settles_beats=False,  # writes or folds the first beats itself
 )
 async def claim(ctx: Ctx) -> ClaimResponse:
     async def claim_once() -> Claim | None:
@@ -136,6 +137,7 @@ async def claim(ctx: Ctx) -> ClaimResponse:
     " heartbeat interval and lease to keep",
     body=EpochBody,
     response=BeatReply,
+    settles_beats=False,  # writes or folds the first beats itself
 )
 async def heartbeat(ctx: Ctx) -> BeatReply:
     """Answered from the coordinator's heartbeat book, written in batches (``beats``)."""
@@ -274,6 +276,7 @@ async def _stream_and_store(ctx: Ctx, sha256: str, size: int) -> bool:
     summary="Complete the attempt with its result; result.artifact must be uploaded first",
     body=CompleteBody,
     response=JobRecord,
+    settles_beats=False,  # writes or folds the first beats itself
 )
 async def complete(ctx: Ctx) -> JobRecord:
     body: CompleteBody = ctx.body

@@ -17,6 +17,7 @@ and ``clock`` is the queue's clock.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -237,10 +238,17 @@ def complete(
     *,
     row: Row | None = None,
     later: Later | None = None,
+    start: Beat | None = None,
 ) -> JobRecord:
     """Complete the attempt (fenced); ``row``: the job's row, if the caller just read it in
     this transaction; ``later``: where a batch collects the completion's event and worker
-    slot, written for all its items at once (``Later.write``) when no shard check follows."""
+    slot, written for all its items at once (``Later.write``) when no shard check follows.
+
+    ``start``: the attempt's first beat, still unwritten (the coordinator's heartbeat book
+    held it), folded into the completion's one UPDATE: its lease renewal, and for a job
+    still ``claimed`` its ``running`` event before the ``completed`` one. The rows and
+    events are those of the beat written first (``queue.beats.renew``), in one statement
+    fewer and without reading the row twice (issue 9)."""
     if row is None:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if (
@@ -253,40 +261,38 @@ def complete(
         return job_record(row)  # the same report again: its reply was lost
     row = _check_fence(row, job_id, worker_id, epoch)
     now = clock()
+    beat_at = -math.inf if start is None else start.at
     # Fenced in the WHERE clause too: on a backend where claims run beside this transaction
     # the row is re-checked as it is written, never completed for a written-off attempt.
     done = conn.execute(
-        "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, updated_at = ?"
+        "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, updated_at = ?,"
+        " heartbeat_at = CASE WHEN heartbeat_at < ? THEN ? ELSE heartbeat_at END"
         " WHERE id = ? AND epoch = ? AND worker_id = ? AND state IN ('claimed', 'running')"
         " RETURNING *",
-        (json.dumps(result), now, now, job_id, epoch, worker_id),
+        (json.dumps(result), now, now, beat_at, beat_at, job_id, epoch, worker_id),
     ).fetchone()
     if done is None:
         raise StaleEpoch(
             f"epoch {epoch} of job {row['name']} was written off while it completed",
             current_epoch=row["epoch"],
         )
-    event: EventRow = (
-        clock(),
-        job_id,
-        "completed",
-        row["state"],
-        "completed",
-        worker_id,
-        epoch,
-        "",
-    )
+    was = row["state"]
+    events: list[EventRow] = []
+    if start is not None and was == "claimed":  # the first beat's move, as renew writes it
+        events.append((start.at, job_id, "running", "claimed", "running", worker_id, epoch, ""))
+        was = "running"
+    events.append((clock(), job_id, "completed", was, "completed", worker_id, epoch, ""))
     used = (row["submitter"], charged_from(row, now), now)  # the attempt's uncharged time
     # Shard hashes are checked only where there is something to check: a job with a dataset,
     # or a result reporting hashes anyway (noted on the job).
     has_data = SPECS.get(job_id, row["spec"]).trained_dataset is not None
     if later is not None and not has_data and not shard_reports(result):
-        later.events.append(event)
+        later.events.extend(events)
         later.released.append(job_id)
         later.used.append(used)
         return job_record(done)
     release_worker(conn, worker_id, job_id)
-    insert_events(conn, [event])
+    insert_events(conn, events)
     charge_spans(conn, used[0], [used[1:]])
     if (has_data or shard_reports(result)) and check_shards(
         conn, job_id, worker_id, epoch, result, now
@@ -355,10 +361,15 @@ def complete_plain(
             raise BadRequest(f"result names artifact {artifact!r}, not uploaded by this attempt")
     if spec.kind == "replica" or spec.trained_dataset is not None:
         return job_record(row), None
-    fresh: Row | None = row
-    if start is not None and start.job_id == job_id and renew(conn, [start])[0].state:
-        fresh = None  # the beat moved it to running: read it again
-    record = complete(conn, job_id, worker_id, epoch, result, clock, row=fresh, later=later)
+    if start is not None and (start.job_id, start.worker_id, start.epoch) != (
+        job_id,
+        worker_id,
+        epoch,
+    ):
+        start = None  # another attempt's beat: fenced, as renew would find it
+    record = complete(
+        conn, job_id, worker_id, epoch, result, clock, row=row, later=later, start=start
+    )
     return record, record
 
 
