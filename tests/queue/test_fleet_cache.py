@@ -106,6 +106,19 @@ def test_a_spec_rewritten_under_its_id_is_parsed_again(queue: JobQueue) -> None:
     assert SPECS.parses == parses
 
 
+def test_a_job_written_here_is_claimed_without_parsing_its_spec(queue: JobQueue) -> None:
+    """The writer of a job's row keeps the spec it serialized (``scheduling_columns``): the
+    job's first claim and its record read no JSON back."""
+    queue.apply_manifest(manifest_of('[[jobs]]\nname = "kept-spec"\nhyper = { seed = 41 }'))
+    parses = SPECS.parses
+    got = queue.claim(worker(queue))
+    assert got is not None and got.job.spec.hyper == {"seed": 41}
+    assert SPECS.parses == parses
+    SPECS.keep(got.job.id, "{}", got.job.spec)  # a text no row holds: the row's is parsed
+    assert queue.get_job(got.job.id).spec.hyper == {"seed": 41}
+    assert SPECS.parses == parses + 1
+
+
 def test_a_denied_job_is_judged_once_for_every_worker_of_its_class(queue: JobQueue) -> None:
     """The claim order's head holds a job no claimer of cpu-a may take: each later claim
     passes it with a lookup, not a new ``blockers`` verdict (the scan does not slow down as

@@ -230,10 +230,17 @@ class SpecCache:
         hit = self._specs.get(job_id)
         if hit is not None and hit[0] == text:
             return hit
-        entry = (text, JobSpec.model_validate_json(text))
         with self._lock:
             self.parses += 1
+        return self.keep(job_id, text, JobSpec.model_validate_json(text))
+
+    def keep(self, job_id: str, text: str, spec: JobSpec) -> tuple[str, JobSpec]:
+        """Keep ``spec`` as job ``job_id``'s, valid while its stored text is ``text`` (the
+        writer of a job's row keeps the spec it serialized: ``scheduling_columns``)."""
+        entry = (text, spec)
+        with self._lock:
             self._specs[job_id] = entry
+            self._specs.move_to_end(job_id)
             while len(self._specs) > self._max:
                 self._specs.popitem(last=False)
         return entry

@@ -250,7 +250,7 @@ def _insert_referee_jobs(conn: Conn, tasks: list[JobSpec], now: float) -> None:
             f"INSERT INTO jobs (id, seq, name, state, {SPEC_COLUMNS}, created_at, updated_at,"
             f" pending_since, manifest_hash, in_manifest, pinned) VALUES (?, ?, ?, 'pending',"
             f" {SPEC_MARKS}, ?, ?, ?, ?, 0, 1)",
-            (jid, seq, spec.name, *scheduling_columns(spec), now, now, now, mhash),
+            (jid, seq, spec.name, *scheduling_columns(spec, jid), now, now, now, mhash),
         )
         assert isinstance(spec.task, RefereeTask)
         detail = f"referee {spec.task.index} of submission {spec.task.submission_id[:12]}"

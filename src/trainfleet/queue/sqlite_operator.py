@@ -123,7 +123,7 @@ def _apply_diff(
                 seq,
                 spec.name,
                 initial_state(spec),
-                *scheduling_columns(spec),
+                *scheduling_columns(spec, jid),
                 now,
                 now,
                 now,
@@ -136,7 +136,7 @@ def _apply_diff(
     for entry, spec in diff.changed:
         conn.execute(
             f"UPDATE jobs SET {SPEC_SET}, in_manifest = 1, pinned = 0, updated_at = ? WHERE id = ?",
-            (*scheduling_columns(spec), now, entry.id),
+            (*scheduling_columns(spec, entry.id), now, entry.id),
         )
         insert_event(
             conn, clock(), entry.id, "changed", None, None, detail=json.dumps(entry.changes)

@@ -127,7 +127,7 @@ def _insert_job(conn: Conn, job: JobSpec, pipeline_id: str, now: float) -> str:
         f"INSERT INTO jobs (id, seq, name, state, {SPEC_COLUMNS}, created_at, updated_at,"
         f" pending_since, manifest_hash, in_manifest, pinned, pipeline_id) VALUES (?, ?, ?,"
         f" 'pending', {SPEC_MARKS}, ?, ?, ?, ?, 0, 1, ?)",
-        (jid, seq, job.name, *scheduling_columns(job), now, now, now,
+        (jid, seq, job.name, *scheduling_columns(job, jid), now, now, now,
          read_meta(conn, "manifest_hash", ""), pipeline_id),
     )  # fmt: skip
     insert_event(conn, now, jid, "added", None, "pending", detail=f"pipeline {pipeline_id[:12]}")

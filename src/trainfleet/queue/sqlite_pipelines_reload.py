@@ -85,7 +85,7 @@ def _update(conn: Conn, old: Row, spec: PipelineSpec, now: float) -> None:
         job = pipeline_job(spec, pid, task.role, task.index)
         conn.execute(
             f"UPDATE jobs SET {SPEC_SET}, updated_at = ? WHERE id = ?",
-            (*scheduling_columns(job), now, row["id"]),
+            (*scheduling_columns(job, row["id"]), now, row["id"]),
         )
 
 

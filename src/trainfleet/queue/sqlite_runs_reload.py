@@ -100,7 +100,7 @@ def _update_run(conn: Conn, old: Row, spec: RunSpec, now: float) -> None:
         job = JobSpec.model_validate_json(row["spec"]).model_copy(update=sched)
         conn.execute(
             f"UPDATE jobs SET {SPEC_SET}, updated_at = ? WHERE id = ?",
-            (*scheduling_columns(job), now, row["id"]),
+            (*scheduling_columns(job, row["id"]), now, row["id"]),
         )
     set_claimable(conn, old["id"], state == "active", now)
 

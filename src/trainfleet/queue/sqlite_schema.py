@@ -237,14 +237,19 @@ SpecColumns = tuple[
 ]  # fmt: skip
 
 
-def scheduling_columns(spec: JobSpec) -> SpecColumns:
-    """The values of ``SPEC_COLUMNS``: what a claim's SQL prefilter, the reaper and the run
-    queries read, so no query parses JSON (``json_extract`` is SQLite's alone). ``panel``
-    is a referee job's submission id (its panel's jobs go to distinct hosts);
-    ``allowed_hosts`` is ``host_list``'s text of the job's hosts (NULL: any host)."""
+def scheduling_columns(spec: JobSpec, job_id: str) -> SpecColumns:
+    """The values of ``SPEC_COLUMNS`` for job ``job_id``: what a claim's SQL prefilter, the
+    reaper and the run queries read, so no query parses JSON (``json_extract`` is SQLite's
+    alone). ``panel`` is a referee job's submission id (its panel's jobs go to distinct
+    hosts); ``allowed_hosts`` is ``host_list``'s text of the job's hosts (NULL: any host).
+
+    ``spec`` is kept in ``SPECS`` under the text written, so the job's first claim does not
+    parse it again (a rolled-back write leaves an entry no row's text matches: harmless)."""
     task = spec.replica_task
+    text = spec.model_dump_json()
+    SPECS.keep(job_id, text, spec)
     return (
-        spec.model_dump_json(),
+        text,
         spec.priority,
         int(spec.require_cuda),
         spec.min_vram_gib,

@@ -74,7 +74,7 @@ def add_job(conn: db.Conn, spec: JobSpec, clock: Callable[[], float]) -> JobReco
             seq,
             spec.name,
             state,
-            *scheduling_columns(spec),
+            *scheduling_columns(spec, jid),
             now,
             now,
             now,
