@@ -152,7 +152,17 @@ def _insert_tasks(conn: Conn, tasks: list[JobSpec], now: float, claimable: bool)
             f"INSERT INTO jobs (id, seq, name, state, {SPEC_COLUMNS}, created_at, updated_at,"
             f" pending_since, manifest_hash, in_manifest) VALUES (?, ?, ?, 'pending', {SPEC_MARKS},"
             " ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (jid, seq, spec.name, *scheduling_columns(spec, jid), now, now, now, mhash, int(claimable)),
+            (
+                jid,
+                seq,
+                spec.name,
+                *scheduling_columns(spec, jid),
+                now,
+                now,
+                now,
+                mhash,
+                int(claimable),
+            ),
         )
         insert_event(conn, now, jid, "added", None, "pending", detail="replica task")
 
