@@ -4,17 +4,30 @@ coordinator's requeue metric."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import httpx
 import pytest
 
 from fleetkit import make_cap
-from livefleet import LiveFleet
 from trainfleet.client import Client
 from trainfleet.errors import Unauthorized
+from trainfleet.testing import LiveFleet
 
 pytestmark = pytest.mark.slow
 
 ONE_JOB = '[[jobs]]\nname = "solo"\nkind = "command"\ncommand = ["true"]\n'
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[LiveFleet]:
+    """The claim below is held without a heartbeat while the CLI starts (seconds on a busy
+    machine): a lease no run of this test outlasts, so only the revoke requeues it."""
+    with LiveFleet(
+        tmp_path, heartbeat_interval_s=0.5, heartbeat_timeout_s=600.0, reap_interval_s=0.25
+    ) as live:
+        yield live
 
 
 def requeue_metric(fleet: LiveFleet) -> str:
@@ -28,8 +41,8 @@ def requeue_metric(fleet: LiveFleet) -> str:
 
 def test_rotate_with_revoke_workers_shows_and_counts_the_requeued_job(fleet: LiveFleet) -> None:
     fleet.reload(ONE_JOB)
-    host = Client(fleet.url, fleet.worker_token("cpu-a"))
-    reg = host.register(make_cap("cpu-a").model_dump(mode="json"))
+    with Client(fleet.url, fleet.worker_token("cpu-a")) as host:
+        reg = host.register(make_cap("cpu-a").model_dump(mode="json"))
     with Client(fleet.url, reg["token"]) as worker:
         claim = worker.claim()
         assert claim is not None and claim["job"]["name"] == "solo"
@@ -43,7 +56,6 @@ def test_rotate_with_revoke_workers_shows_and_counts_the_requeued_job(fleet: Liv
         assert requeue_metric(fleet) == "trainfleet_lost_attempts_total 1.0"
         with pytest.raises(Unauthorized):
             worker.claim()
-    host.close()
     # Without --revoke-workers nothing is requeued, and the reply says so.
     reply = fleet.operator.rotate_host("cpu-a")
     assert reply["requeued"] == [] and reply["host"] == "cpu-a"
