@@ -119,3 +119,21 @@ def test_a_claim_asked_again_after_a_beat_is_not_redelivered(
     for b in starts:  # the 409 rolled the beat back: the route gives it back to the book
         book.give_back(b)
     assert book.take_starts(worker) == starts
+
+
+def test_a_failed_write_before_a_route_keeps_the_first_beat_for_the_next_flush(
+    queue: SQLQueue, book: HeartbeatBook
+) -> None:
+    """``write_starts`` runs before every route but the hot six: a database that refuses the
+    write (a full disk) is logged, the route still runs, and the beat is written later."""
+    job_id, worker, epoch = claimed(queue, book)
+    book.answer(job_id, worker, epoch)
+
+    async def refused(fn: Any, *args: Any) -> Any:
+        raise OSError("no space left on device")
+
+    asyncio.run(book.write_starts(refused))  # does not raise: the route goes on
+    assert queue.get_job(job_id).state == "claimed"
+    asyncio.run(book.write_starts(direct))
+    assert queue.get_job(job_id).state == "running"
+    assert kinds(queue, job_id)[-1] == ("running", "claimed", "running")
