@@ -386,7 +386,7 @@ def _at_version_5(url: str) -> Iterator[str]:
         spec = JobSpec(name="old", kind="command", command=["true"])
         # The spec columns as of version 5 (version 7 added ``submitter``, the last one).
         columns = SPEC_COLUMNS.removesuffix(", submitter")
-        values = scheduling_columns(spec)[: len(columns.split(","))]
+        values = scheduling_columns(spec, "c" * 64)[: len(columns.split(","))]
         marks = ", ".join("?" for _ in values)
         with db.tx() as conn:
             conn.execute(
