@@ -14,18 +14,20 @@ takes exactly those six routes off that path:
   read, decoded by the same ``bodies.parse_json`` (the standard library's json: decoding is
   a few microseconds of a request's hundred or more, so no faster parser is worth a
   dependency), and checked by hand against the body's model (``_parse_*``): a body the
-  model would accept unchanged becomes that model without validation (``model_construct``);
+  model would accept unchanged becomes that model without validation (``model_construct``).
+  A batch body (a list of beats or results) is validated by its model instead, the slow
+  path's own call: for a list that is faster than a hand check of each item;
 - the route's own handler runs, as it would behind Starlette (one hop to the writer, the
   heartbeat book, the long poll), and its reply goes out as pre-encoded bytes.
 
 Anything unusual goes to the Starlette app instead, with the body it has read so far handed
 on unchanged: a credential the cache does not hold, a quoted or odd job id, a larger body
-(declared or read), a body the model would refuse or coerce (a string epoch, an unknown
-key...). The answer to such a request, and to every
-other route, is then exactly what it always was: its error body, its status, its OpenAPI
-entry. A request the fast path does answer gets the same reply as the slow path would give
-(``tests/coordinator/test_fastpath.py`` runs a table of requests through both), and counts
-in the same request metrics.
+(declared or read), a body the model would refuse (an unknown key...) or, for a single
+job's body, coerce (a string epoch). The answer to such a request, and to every other route,
+is then exactly what it always was: its error body, its status, its OpenAPI entry. A
+request the fast path does answer gets the same reply as the slow path would give
+(``tests/coordinator/test_fastpath.py`` runs a table of requests through both), and counts in
+the same request metrics.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Histogram
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,11 +56,9 @@ from trainfleet.coordinator.endpoints import (
 from trainfleet.coordinator.longpoll import MAX_WAIT_S, ClaimWait
 from trainfleet.coordinator.routes_batch import (
     MAX_ITEMS,
-    BeatItem,
     ClaimsBody,
     CompletionsBody,
     HeartbeatsBody,
-    ResultItem,
 )
 from trainfleet.coordinator.schemas import CompleteBody, EpochBody
 from trainfleet.errors import ApiError
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from trainfleet.coordinator.state import Coordinator
 
 JOB_PARAM = "{job_id}"
-MAX_JOB_REF = 256  # endpoints.JOB_REF's max_length, and the batch items' job_id's
+MAX_JOB_REF = 256  # endpoints.JOB_REF's max_length
 _PLAIN_BYTES = bytes(range(0x20, 0x7F)).replace(b"%", b"")  # printable ASCII but '%'
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _Parse = Callable[[Any], BaseModel | None]
@@ -101,12 +101,6 @@ def _wait_s(data: dict[str, Any]) -> float:
     return float(value)
 
 
-def _job_ref(value: Any) -> str:
-    if type(value) is not str or not 1 <= len(value) <= MAX_JOB_REF:
-        raise _Unusual
-    return value
-
-
 def _result(data: dict[str, Any]) -> dict[str, Any]:
     result = data.get("result", {})
     if type(result) is not dict:
@@ -114,15 +108,7 @@ def _result(data: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _items(data: Any, key: str) -> list[Any]:
-    items = _keys(data, frozenset({key}), frozenset({key}))[key]
-    if type(items) is not list or len(items) > MAX_ITEMS:
-        raise _Unusual
-    return items
-
-
 _EPOCH = frozenset({"epoch"})
-_JOB_EPOCH = frozenset({"job_id", "epoch"})
 
 
 def _parse_claim(data: Any) -> ClaimWait:
@@ -145,26 +131,19 @@ def _parse_complete(data: Any) -> CompleteBody:
     return CompleteBody.model_construct(epoch=_int(body["epoch"], 1), result=_result(body))
 
 
-def _parse_beats(data: Any) -> HeartbeatsBody:
-    beats = []
-    for item in _items(data, "beats"):
-        beat = _keys(item, _JOB_EPOCH, _JOB_EPOCH)
-        beats.append(
-            BeatItem.model_construct(job_id=_job_ref(beat["job_id"]), epoch=_int(beat["epoch"], 1))
-        )
-    return HeartbeatsBody.model_construct(beats=beats)
+def _validated(model: type[BaseModel]) -> _Parse:
+    """A batch body checked by its model's own validation, as the slow path checks it (the
+    same call, so the same model for every body it accepts): for a list of items that is
+    several times faster than checking each item by hand and building it unvalidated. A
+    body it refuses goes the slow way, which answers the 422."""
 
+    def parse(data: Any) -> BaseModel:
+        try:
+            return model.model_validate(data)
+        except ValidationError:
+            raise _Unusual from None
 
-def _parse_results(data: Any) -> CompletionsBody:
-    results = []
-    for item in _items(data, "results"):
-        one = _keys(item, _JOB_EPOCH, frozenset({"job_id", "epoch", "result"}))
-        results.append(
-            ResultItem.model_construct(
-                job_id=_job_ref(one["job_id"]), epoch=_int(one["epoch"], 1), result=_result(one)
-            )
-        )
-    return CompletionsBody.model_construct(results=results)
+    return parse
 
 
 # The hot routes by their handler's name (the route table's operation id): a route renamed or
@@ -173,9 +152,9 @@ PARSERS: dict[str, _Parse] = {
     "claim": _parse_claim,
     "claim_batch": _parse_claims,
     "heartbeat": _parse_epoch,
-    "heartbeat_batch": _parse_beats,
+    "heartbeat_batch": _validated(HeartbeatsBody),
     "complete": _parse_complete,
-    "complete_batch": _parse_results,
+    "complete_batch": _validated(CompletionsBody),
 }
 
 

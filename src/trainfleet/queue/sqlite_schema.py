@@ -36,8 +36,16 @@ def token_hash(token: str) -> str:
 
 
 # rows -> records ------------------------------------------------------------------------
-def job_record(row: db.Row) -> JobRecord:
-    return JobRecord(
+def job_record(row: db.Row, **changed: Any) -> JobRecord:
+    """The record of job ``row``; ``changed``: fields a write has just changed that the row
+    (read before it) does not show."""
+    fields = job_fields(row)
+    fields.update(changed)
+    return JobRecord(**fields)
+
+
+def job_fields(row: db.Row) -> dict[str, Any]:
+    return dict(
         id=row["id"],
         name=row["name"],
         state=row["state"],
@@ -165,11 +173,16 @@ def insert_events(conn: db.Conn, events: list[EventRow]) -> None:
         for event in events:
             insert_event(conn, *event)
         return
+    params: list[object] = []
+    pending = False
+    for at, job, kind, from_state, to_state, worker, epoch, detail in events:
+        params += (job, job, at, kind, from_state, to_state, worker, epoch, detail)
+        pending = pending or to_state == "pending"
     conn.execute(
         f"INSERT INTO events ({EVENT_COLUMNS}) VALUES " + ", ".join([EVENT_VALUES] * len(events)),
-        tuple(v for at, job, *rest in events for v in (job, job, at, *rest)),
+        params,
     )
-    if any(e[4] == "pending" for e in events):
+    if pending:
         notify_work(conn)
 
 
