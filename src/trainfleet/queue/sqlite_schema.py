@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from trainfleet.capability.model import Capability
 from trainfleet.capability.policy import effective_capability
@@ -29,6 +31,8 @@ from trainfleet.queue.base import (
 from trainfleet.queue.fleet_cache import SPECS
 from trainfleet.queue.notify import notify_work
 
+M = TypeVar("M", bound=BaseModel)
+
 
 def token_hash(token: str) -> str:
     """What is stored for a worker's bearer token: its SHA-256, never the token itself."""
@@ -41,7 +45,28 @@ def job_record(row: db.Row, **changed: Any) -> JobRecord:
     (read before it) does not show."""
     fields = job_fields(row)
     fields.update(changed)
-    return JobRecord(**fields)
+    for name in _TIMES:  # as validation makes them: a time stored as an integer is a float
+        value = fields[name]
+        if type(value) is not float and value is not None:
+            fields[name] = float(value)
+    return trusted(JobRecord, fields)
+
+
+_TIMES = ("created_at", "updated_at", "pending_since", "claimed_at", "heartbeat_at", "finished_at")
+
+
+def trusted(model: type[M], fields: dict[str, Any]) -> M:
+    """``model`` holding exactly ``fields`` (every field, each of its declared type), built
+    without validation: for records made from our own rows on the writer's hot path, where
+    validating each (and the job's spec again inside it) cost more than the rest of making
+    it (issue 9). What ``model_construct`` does, less its pass over defaults and aliases;
+    ``tests/queue/test_records.py`` holds it equal to the validated model."""
+    record = model.__new__(model)
+    object.__setattr__(record, "__dict__", fields)
+    object.__setattr__(record, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(record, "__pydantic_extra__", None)
+    object.__setattr__(record, "__pydantic_private__", None)
+    return record
 
 
 def job_fields(row: db.Row) -> dict[str, Any]:
