@@ -46,6 +46,7 @@ from trainfleet.queue.sqlite_schema import (
     insert_event,
     insert_events,
     job_record,
+    json_value,
     load_job,
     read_hosts,
 )
@@ -266,12 +267,13 @@ def complete(
     # the row is re-checked as it is written, never completed for a written-off attempt.
     # Only the column the row read above cannot tell is returned: a RETURNING * of the
     # whole row cost more than the rest of the statement (issue 9).
+    stored = json.dumps(result)
     done = conn.execute(
         "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, updated_at = ?,"
         " heartbeat_at = CASE WHEN heartbeat_at < ? THEN ? ELSE heartbeat_at END"
         " WHERE id = ? AND epoch = ? AND worker_id = ? AND state IN ('claimed', 'running')"
         " RETURNING heartbeat_at",
-        (json.dumps(result), now, now, beat_at, beat_at, job_id, epoch, worker_id),
+        (stored, now, now, beat_at, beat_at, job_id, epoch, worker_id),
     ).fetchone()
     if done is None:
         raise StaleEpoch(
@@ -291,7 +293,7 @@ def complete(
     record = job_record(
         row,
         state="completed",
-        result=result,
+        result=json_value(stored),  # as a later read finds it, not the caller's object
         finished_at=now,
         updated_at=now,
         heartbeat_at=done["heartbeat_at"],

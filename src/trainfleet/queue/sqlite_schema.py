@@ -91,13 +91,13 @@ def job_fields(row: db.Row) -> dict[str, Any]:
         pinned=bool(row["pinned"]),
         submitted=row["origin"] == "submit",
         manifest_hash=row["manifest_hash"],
-        result=_loads(row["result"]) if row["result"] else None,
+        result=json_value(row["result"]) if row["result"] else None,
         error=row["error"],
-        flags=_loads(row["flags"]),
+        flags=json_value(row["flags"]),
     )
 
 
-def _loads(text: str) -> Any:
+def json_value(text: str) -> Any:
     """``json.loads``, without the parser for the texts most rows hold: no flags, an empty
     result (a fresh object each time: the caller may own it)."""
     if text == "[]":
