@@ -10,9 +10,12 @@ The queue's SQL is written once, in a subset both engines accept (``?`` placehol
 - PostgreSQL: a ``psycopg_pool`` pool; ``tx()`` first takes ``pg_advisory_xact_lock`` on the
   schema's write key (``schema_key``): the same guarantee as ``BEGIN IMMEDIATE``, across any
   number of coordinators on one database. ``tx(shared=True)`` takes the shared variant, for
-  the claim and the batched heartbeat flush only: those run side by side (a claim picks rows
-  with ``FOR UPDATE SKIP LOCKED``), and no exclusive writer (cancel, requeue, reap, reload,
-  complete) interleaves.
+  the claim, the batched heartbeat flush and a plain completion only: those run side by side
+  (a claim picks rows with ``FOR UPDATE SKIP LOCKED``, a completion locks its job's row
+  ``FOR UPDATE``), and no exclusive writer (cancel, requeue, reap, reload, a completion that
+  checks shard hashes) interleaves. Shared writers lock rows, so two of them can deadlock
+  (PostgreSQL then aborts one: ``lock_conflicts``); the caller runs that one again under
+  the exclusive lock.
 
 A transaction or read opened while the same thread is already inside one joins it (same
 connection, no new BEGIN): a nested ``tx()`` on PostgreSQL would otherwise wait forever on
@@ -79,6 +82,9 @@ class Database(Protocol):
     dialect: Dialect
     single_writer: bool  # True: the coordinator runs every queue call on ONE thread
     url: str
+    # What a shared transaction raises when the database aborted it for a lock conflict with
+    # another shared one (a deadlock): run again under the exclusive lock, it cannot recur.
+    lock_conflicts: tuple[type[BaseException], ...]
 
     def tx(self, *, shared: bool = False) -> AbstractContextManager[Conn]: ...
     def read(self) -> AbstractContextManager[Conn]: ...
@@ -142,6 +148,7 @@ class SQLiteDatabase:
 
     dialect = Dialect.SQLITE
     single_writer = True
+    lock_conflicts: tuple[type[BaseException], ...] = ()  # every transaction is exclusive
 
     def __init__(self, path: str | Path):
         self.path = str(path)
@@ -306,6 +313,7 @@ class PostgresDatabase:
 
     dialect = Dialect.POSTGRES
     single_writer = False
+    lock_conflicts: tuple[type[BaseException], ...]  # psycopg's DeadlockDetected (set on open)
 
     def __init__(self, url: str, *, pool_size: int = 10, connect_timeout_s: float = 10.0):
         import psycopg
@@ -314,6 +322,7 @@ class PostgresDatabase:
         self.url = url
         self.pool_size = pool_size
         self._psycopg = psycopg
+        self.lock_conflicts = (psycopg.errors.DeadlockDetected,)
         self._local = threading.local()
         self.pool = ConnectionPool(
             url,

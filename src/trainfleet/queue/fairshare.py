@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainfleet.manifest.spec import FairShareSpec
-from trainfleet.queue.db import Conn, Row
+from trainfleet.queue.db import Conn, Dialect, Row
 
 META_KEY = "fair_share"  # the ``meta`` row holding the applied ``[fair_share]`` as JSON
 LEVELS = 10  # levels are 0..LEVELS
@@ -180,17 +180,34 @@ _UPSERT = (
     "INSERT INTO fair_usage (submitter, usage_h, at, level) VALUES (?, ?, ?, ?)"
     f" ON CONFLICT (submitter) DO UPDATE SET usage_h = excluded.usage_h, at = {_LATER_AT}"
 )
+# The same sum with the stored usage decayed in the statement, on the row as it stands when
+# the statement gets its row lock (``decay``'s arithmetic, in its order): for PostgreSQL, where
+# completions charge side by side under the shared write lock and a read-then-write would
+# lose one of two charges made at once.
+_ADD_DECAYED = (
+    "INSERT INTO fair_usage (submitter, usage_h, at, level) VALUES (?, ?, ?, 0)"
+    " ON CONFLICT (submitter) DO UPDATE SET usage_h = fair_usage.usage_h"
+    " * power(CAST(2.0 AS DOUBLE PRECISION), -(CASE WHEN excluded.at > fair_usage.at"
+    " THEN excluded.at - fair_usage.at ELSE 0.0 END) / 3600.0 / ?) + excluded.usage_h,"
+    f" at = {_LATER_AT}"
+)
 
 
 def charge_spans(conn: Conn, submitter: str, spans: Iterable[tuple[float, float]]) -> int:
     """Charge ``submitter`` for slot time over each ``(start, end)`` (the end is when it is
-    charged); two statements for any number of spans. Returns its stored level."""
+    charged); two statements for any number of spans. Returns its stored level.
+
+    On PostgreSQL the write adds to the row in one statement (``_ADD_DECAYED``): charges may
+    run side by side there. SQLite's writes are serialized, and its ``power`` is optional."""
     row = conn.execute(_CHARGE_READ, (META_KEY, submitter)).fetchone()
     spec = _parse(row["config"]) if row["config"] else FairShareSpec()
     spans, h = list(spans), spec.half_life_h
     now = max(end for _, end in spans)
     hours = sum(decay(interval_hours(a, b, h), now - b, h) for a, b in spans)
-    _write(conn, submitter, row["usage_h"], row["at"], hours, now, h)
+    if conn.dialect == Dialect.POSTGRES:
+        conn.execute(_ADD_DECAYED, (submitter, hours, now, h))
+    else:
+        _write(conn, submitter, row["usage_h"], row["at"], hours, now, h)
     return int(row["level"] or 0)
 
 

@@ -357,7 +357,7 @@ def complete_plain(
 
     Returns ``(job, record)``; ``record`` is None, and nothing is written, for a job whose
     completion needs slow work first (a dataset's shard plan, a replica task's judging)."""
-    row = find_job_row(conn, job_ref)
+    row = find_job_row(conn, job_ref, lock=True)  # on PostgreSQL: beside claims and beats
     job_id = row["id"]
     spec = SPECS.get(job_id, row["spec"])
     artifact = result.get("artifact")

@@ -216,15 +216,32 @@ def load_job(conn: db.Conn, job_id: str) -> JobRecord:
     return job_record(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 
-def find_job_row(conn: db.Conn, ref: str) -> db.Row:
+def find_job_row(conn: db.Conn, ref: str, *, lock: bool = False) -> db.Row:
     """Resolve a job reference: a full id, a name, or an unambiguous hex id prefix.
 
     A name several jobs had (editing a job's hyperparameters makes a new job under the same
     name) resolves to the one in the current manifest; ``same_name_refs`` lists the others.
+
+    ``lock``: on PostgreSQL the job's row is read ``FOR UPDATE`` (locked to the end of the
+    transaction), for a writer that runs beside others under the shared write lock (a
+    completion): what it read is still the row when it writes it.
     """
-    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (ref,)).fetchone()
+    by_id = "SELECT * FROM jobs WHERE id = ?"
+    if lock and conn.dialect == db.Dialect.POSTGRES:
+        by_id += " FOR UPDATE"
+    else:
+        lock = False
+    row = conn.execute(by_id, (ref,)).fetchone()
     if row is not None:
         return row
+    found = _find_by_name_or_prefix(conn, ref)
+    row = conn.execute(by_id, (found["id"],)).fetchone() if lock else found
+    if row is None:
+        raise NotFound(f"no job {ref!r}")
+    return row
+
+
+def _find_by_name_or_prefix(conn: db.Conn, ref: str) -> db.Row:
     rows = conn.execute("SELECT * FROM jobs WHERE name = ? ORDER BY seq", (ref,)).fetchall()
     current = [r for r in rows if r["in_manifest"]]
     if len(rows) > 1 and len(current) == 1:

@@ -1,0 +1,199 @@
+"""Completions side by side on PostgreSQL (issue 9): a plain completion shares the write lock
+with claims, heartbeat flushes and other completions (``SQLQueue._completing``). What that
+must not cost: a fair-share charge lost to a concurrent one, a dependency step that misses a
+completion committed after a later event, a deadlock between two completions left as an
+error. Each is injected here against the real server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from fleetkit import make_cap, manifest_of
+from pgkit import require_postgres
+from trainfleet.queue.base import JobRecord
+from trainfleet.queue.fairshare import interval_hours
+from trainfleet.queue.sqlite import PostgresQueue
+from trainfleet.queue.sqlite_attempts import complete_plain
+from trainfleet.testing.postgres import fresh_schema
+from trainfleet.testing.wait import wait_until
+
+T0 = 1_000_000.0  # claims happen here
+T1 = T0 + 1800.0  # and completions here (the clock is the test's)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def pg() -> Iterator[tuple[str, PostgresQueue, Clock]]:
+    require_postgres()
+    clock = Clock()
+    with fresh_schema() as url:
+        queue = PostgresQueue(url, clock=clock, pool_size=10)
+        try:
+            yield url, queue, clock
+        finally:
+            queue.close()
+
+
+def _jobs(n: int, extra: str = "") -> str:
+    return "".join(f'[[jobs]]\nname = "j{i}"\n' for i in range(n)) + extra
+
+
+def _claim_one_each(queue: PostgresQueue, workers: int) -> list[tuple[str, JobRecord]]:
+    """``workers`` new workers (one host each), each holding one claimed job."""
+    held = []
+    for i in range(workers):
+        worker, _ = queue.register_worker(make_cap(f"h{i}"))
+        claim = queue.claim(worker.id)
+        assert claim is not None
+        held.append((worker.id, claim.job))
+    return held
+
+
+def _waiting_on_lock(url: str, locktype: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = %s AND NOT granted", (locktype,)
+        ).fetchone()
+        return bool(row and row[0])
+
+
+def _usage(url: str) -> float:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT usage_h FROM fair_usage WHERE submitter = 'operator'").fetchone()
+        return float(row[0]) if row else 0.0
+
+
+def _finish(
+    queue: PostgresQueue, gate: threading.Barrier, worker_id: str, job: JobRecord, done: list
+) -> None:
+    gate.wait(10)
+    _, record = queue.complete_plain(job.id, worker_id, job.epoch, {"metrics": {}})
+    assert record is not None
+    done.append(record)
+
+
+def test_completions_at_once_each_charge_fair_share(pg: tuple[str, PostgresQueue, Clock]) -> None:
+    """Eight completions released together, four times over: every attempt's half hour is
+    charged to the submitter (a charge read then written would lose some of them)."""
+    url, queue, clock = pg
+    workers, rounds = 8, 4
+    queue.apply_manifest(manifest_of(_jobs(workers * rounds)))
+    done: list[JobRecord] = []
+    for _ in range(rounds):
+        clock.now = T0
+        held = _claim_one_each(queue, workers)
+        clock.now = T1
+        gate = threading.Barrier(workers)
+        threads = [threading.Thread(target=_finish, args=(queue, gate, *h, done)) for h in held]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert len(done) == workers * rounds
+    assert queue.counts() == {"completed": workers * rounds}
+    one = interval_hours(T0, T1, 24.0 * 7)  # the default half-life: no decay at one instant
+    assert _usage(url) == pytest.approx(one * workers * rounds, rel=1e-9)
+    with psycopg.connect(url, autocommit=True) as conn:
+        busy = conn.execute("SELECT COUNT(*) FROM workers WHERE current_job IS NOT NULL")
+        assert busy.fetchone()[0] == 0
+
+
+def test_a_deadlock_between_completions_runs_again_alone(
+    pg: tuple[str, PostgresQueue, Clock],
+) -> None:
+    """A batch locks its jobs' rows in its order; another writer holding the second row and
+    then asking for the first deadlocks it. PostgreSQL aborts one of the two; when it is the
+    batch, it runs again under the exclusive lock and completes both jobs, once each."""
+    url, queue, clock = pg
+    queue.apply_manifest(manifest_of(_jobs(2)))
+    worker, _ = queue.register_worker(make_cap("h0"))
+    queue.set_worker_slots(worker.id, 2)
+    claims = queue.claim_many(worker.id, 2)
+    assert len(claims) == 2
+    first, second = (c.job for c in claims)
+    clock.now = T1
+    out: list[object] = []
+    other_aborted: list[bool] = []
+    with psycopg.connect(url, autocommit=True) as other:
+        with other.transaction():
+            # The batch waits first, so its own deadlock check (1 s by default) fires first:
+            # PostgreSQL aborts the batch, not this transaction.
+            other.execute("SET LOCAL deadlock_timeout = '30s'")
+            other.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (second.id,))
+            batch = threading.Thread(
+                target=lambda: out.extend(
+                    queue.complete_plain_many(
+                        worker.id,
+                        [(first.id, first.epoch, {}), (second.id, second.epoch, {})],
+                        {},
+                    )
+                )
+            )
+            batch.start()
+            wait_until(lambda: _waiting_on_lock(url, "transactionid"), timeout_s=10, what="batch")
+            try:  # the cycle: the batch holds the first row and waits for the second
+                other.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (first.id,))
+            except psycopg.errors.DeadlockDetected:
+                other_aborted.append(True)
+                raise
+        batch.join(30)
+    assert not batch.is_alive()
+    assert [type(o) for o in out] == [tuple, tuple], out
+    assert [o[1].state for o in out] == ["completed", "completed"]  # type: ignore[index]
+    assert queue.counts() == {"completed": 2}
+    assert len([e for e in queue.events(first.id) if e.kind == "completed"]) == 1
+
+
+def test_the_dependency_step_waits_for_a_completion_still_committing(
+    pg: tuple[str, PostgresQueue, Clock],
+) -> None:
+    """A parent's completion holds its event's seq while a later completion (a higher seq)
+    commits first. The dependency step must still see the parent complete: it reads the
+    events under the exclusive lock, after every completion in flight (the clock never moves,
+    so no periodic full look would cover a miss)."""
+    url, queue, clock = pg
+    # "other" is someone else's: completions of one submitter queue on its fair-share row.
+    extra = '[[jobs]]\nname = "child"\nafter = ["j0"]\n[[jobs]]\nname = "other"\n'
+    queue.apply_manifest(manifest_of(_jobs(1, extra + 'submitter = "someone"\n')))
+    assert queue.resolve_dependencies() == 0  # the watch has looked once
+    (w0, parent), (w1, other) = _claim_one_each(queue, 2)
+    assert {parent.name, other.name} == {"j0", "other"}
+    if parent.name != "j0":
+        (w0, parent), (w1, other) = (w1, other), (w0, parent)
+    committing, release = threading.Event(), threading.Event()
+
+    def slow_parent() -> None:  # the parent's completion, paused before its commit
+        with queue.db.tx(shared=True) as conn:
+            complete_plain(conn, parent.id, w0, parent.epoch, {}, clock)
+            committing.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=slow_parent)
+    holder.start()
+    moved: list[int] = []
+    try:
+        assert committing.wait(10)
+        queue.complete_plain(other.id, w1, other.epoch, {})  # a later seq, committed first
+        step = threading.Thread(target=lambda: moved.append(queue.resolve_dependencies()))
+        step.start()
+        wait_until(
+            lambda: moved or _waiting_on_lock(url, "advisory"), timeout_s=10, what="the step"
+        )
+    finally:
+        release.set()
+    holder.join(30)
+    step.join(30)
+    moved.append(queue.resolve_dependencies())
+    assert sum(moved) == 1
+    assert queue.get_job("child").state == "pending"
