@@ -16,6 +16,7 @@ from trainfleet.queue import open_queue
 from trainfleet.queue.base import QueueSettings
 from trainfleet.queue.claims import claim_many
 from trainfleet.queue.db import (
+    Conn,
     Database,
     DatabaseUnavailable,
     Dialect,
@@ -239,3 +240,46 @@ def test_rows_read_by_name_and_position_whatever_the_shape_of_the_result(
     with database.tx() as conn:
         cur = conn.execute("UPDATE t SET flag = 2 WHERE id = 1")
         assert cur.rowcount == 1
+
+
+class _Recording:
+    """A ``Conn`` that keeps every statement it runs (the real connection runs it)."""
+
+    def __init__(self, conn: Conn):
+        self.conn = conn
+        self.dialect = conn.dialect
+        self.seen: list[tuple[str, object]] = []
+
+    def execute(self, sql: str, params: object = ()) -> object:
+        self.seen.append((sql, params))
+        return self.conn.execute(sql, params)  # type: ignore[arg-type]
+
+    def executemany(self, sql: str, seq: object) -> None:
+        self.conn.executemany(sql, seq)  # type: ignore[arg-type]
+
+
+def test_postgres_claim_pages_come_in_the_claim_index_order_without_a_sort() -> None:
+    """The claim's page of pending rows (``claims._pending``: ordered by priority, fair level,
+    seq and id, LIMIT) is the first entries of ``jobs_pending_claim`` (migration 9): with
+    sorting disabled the planner still finds no plan without a Sort node only if the index
+    gives that order. Before migration 9 it read and sorted every pending row per page."""
+    require_postgres()
+    with fresh_schema() as url:
+        queue = PostgresQueue(url, pool_size=2)
+        try:
+            jobs = "".join(f'[[jobs]]\nname = "j{i}"\npriority = {i % 3}\n' for i in range(300))
+            queue.apply_manifest(manifest_of(jobs))
+            worker, _ = queue.register_worker(make_cap("h1"))
+            with queue.db.tx(shared=True) as conn:
+                spy = _Recording(conn)
+                assert claim_many(spy, worker.id, queue.clock, queue.settings)  # type: ignore[arg-type]
+                page = [(s, p) for s, p in spy.seen if "ORDER BY priority DESC" in s]
+                assert page, [s for s, _ in spy.seen]
+                sql, params = page[0]
+                conn.execute("ANALYZE jobs")
+                conn.execute("SET LOCAL enable_sort = off")
+                plan = [r[0] for r in conn.execute("EXPLAIN " + sql, params).fetchall()]
+        finally:
+            queue.close()
+    text = "\n".join(plan)
+    assert "jobs_pending_claim" in text and "Sort" not in text, text

@@ -310,6 +310,20 @@ V8_STEPS: list[Step] = [
     " WHERE state IN ('claimed', 'running')",
 ]
 
+# Version 9 (issue 9): PostgreSQL's claim index ends its order with ``id``. A claim there reads
+# the pending rows in keyset pages ordered by ``priority DESC, fair, seq, id``
+# (``claims._pending``; ``id`` breaks ties so a page boundary never skips a row); with the
+# index ordered only to ``seq``, the planner read every pending row the worker could take and
+# sorted them for each page (3,800 rows, 4-7 ms, in ``bench.queue``'s PostgreSQL arm). With
+# ``id`` in the index the page is its first rows. SQLite reads the scan lazily in the index's
+# order without ``id`` and keeps its index.
+V9_POSTGRES: list[Step] = [
+    "DROP INDEX IF EXISTS jobs_pending_claim",
+    "CREATE INDEX IF NOT EXISTS jobs_pending_claim ON jobs (priority DESC, fair, seq, id,"
+    " allowed_hosts, require_cuda, min_vram_gib, min_ram_gib, min_cores, tier, in_manifest,"
+    " pinned) WHERE state = 'pending'",
+]
+
 MIGRATIONS: list[Migration] = [
     Migration(
         1,
@@ -331,6 +345,7 @@ MIGRATIONS: list[Migration] = [
         V7_POSTGRES,
     ),
     Migration(8, "events found by their job's seq, indexes of active jobs", V8_STEPS, V8_STEPS),
+    Migration(9, "PostgreSQL's claim index in the claim's keyset order", [], V9_POSTGRES),
 ]
 
 
