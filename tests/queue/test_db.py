@@ -283,3 +283,44 @@ def test_postgres_claim_pages_come_in_the_claim_index_order_without_a_sort() -> 
             queue.close()
     text = "\n".join(plan)
     assert "jobs_pending_claim" in text and "Sort" not in text, text
+
+
+def test_postgres_claims_of_several_jobs_skip_held_rows_in_claim_order() -> None:
+    """Claims of three jobs each on PostgreSQL: the rows another claim holds (locked, not yet
+    committed) are skipped, the rest are taken in claim order (priority first), and nothing
+    is taken twice or waited on."""
+    require_postgres()
+    with fresh_schema() as url:
+        queue = PostgresQueue(url, pool_size=4)
+        jobs = "".join(f'[[jobs]]\nname = "j{i}"\npriority = {i // 3}\n' for i in range(9))
+        queue.apply_manifest(manifest_of(jobs))  # j6-j8 first, then j3-j5, then j0-j2
+        workers = []
+        for host in ("h1", "h2", "h3"):
+            worker, _ = queue.register_worker(make_cap(host))
+            queue.set_worker_slots(worker.id, 3)
+            workers.append(worker.id)
+        taken: dict[str, list[str]] = {}
+        release = threading.Event()
+
+        def claim(worker_id: str, hold: bool) -> None:
+            with queue.db.tx(shared=True) as conn:
+                got = claim_many(conn, worker_id, queue.clock, queue.settings, 3)
+                taken[worker_id] = [c.job.name for c in got]
+                if hold:
+                    release.wait(30)
+
+        first = threading.Thread(target=claim, args=(workers[0], True))
+        first.start()
+        try:
+            wait_until(lambda: workers[0] in taken, timeout_s=10, what="the first claim")
+            claim(workers[1], False)  # the first claim's rows are held, not yet committed
+        finally:
+            release.set()
+        first.join(10)
+        claim(workers[2], False)
+        queue.close()
+    assert taken == {
+        workers[0]: ["j6", "j7", "j8"],
+        workers[1]: ["j3", "j4", "j5"],
+        workers[2]: ["j0", "j1", "j2"],
+    }
