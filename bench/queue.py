@@ -18,9 +18,10 @@ latency p50/p99 for claims that got a job and for empty ones, the server's CPU p
 (psutil on its pid: steadier than throughput on a shared machine) and the generator's CPU
 per request. Arms: ``sqlite`` and ``postgresql`` (ours, one coordinator), ``two`` (two
 coordinators on one PostgreSQL database), ``batched`` (up to --batch jobs per request, ours
-and the reference), ``reference`` (``queue_ref``: a minimal ASGI server with the same SQL
-essentials and fencing), ``fleet`` (``queue_fleet``: --fleet workers heartbeating while 64
-claim). Every arm ends with the invariant checks of ``queue_check`` on the database.
+and the reference), ``pgbatched`` (ours batched on PostgreSQL), ``reference``
+(``queue_ref``: a minimal ASGI server with the same SQL essentials and fencing), ``fleet``
+(``queue_fleet``: --fleet workers heartbeating while 64 claim). Every arm ends with the
+invariant checks of ``queue_check`` on the database.
 Defaults use --jobs 3000 per arm (300 at N = 1, --pg-jobs 1000 on PostgreSQL) to fit a few
 minutes; say --jobs 100000 --pg-jobs 100000 for the issue's size.
 """
@@ -44,7 +45,7 @@ from bench.queue_fleet import run_fleet
 from bench.queue_report import ANCHORS, goals, print_table
 from bench.queue_servers import postgres_reachable, trainfleet_servers
 
-ALL_ARMS = ("sqlite", "reference", "postgresql", "two", "batched", "fleet")
+ALL_ARMS = ("sqlite", "reference", "postgresql", "two", "batched", "pgbatched", "fleet")
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -122,7 +123,7 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Arm], dict[str, str]
                 )
         if why is not None:
             skipped["trainfleet batched"] = why
-    if chosen & {"postgresql", "two"}:
+    if chosen & {"postgresql", "two", "pgbatched"}:
         why = postgres_reachable(args.db)
         if why is not None:
             skipped["postgresql"] = f"no PostgreSQL at {args.db}: {why}"
@@ -132,6 +133,10 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Arm], dict[str, str]
                 arms.append(Arm("trainfleet", args.pg_n, pg_jobs, db="postgresql"))
             if "two" in chosen:
                 arms.append(Arm("trainfleet", args.pg_n, pg_jobs, db="postgresql", coordinators=2))
+            if "pgbatched" in chosen and batch_supported(tmp) is None:
+                arms.append(
+                    Arm("trainfleet", args.batch_n, 2 * pg_jobs, db="postgresql", batch=args.batch)
+                )
     if args.long:  # rounds of at least 100k jobs, each on a fresh server, each checked
         per_round = max(args.jobs, 100_000)
         rounds = math.ceil(1e6 / per_round)

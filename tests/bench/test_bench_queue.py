@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from pgkit import require_postgres
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -175,6 +177,25 @@ def test_the_reference_server_serves_the_same_api_batched(
     result = arms.run_arm(arms.Arm("reference", 4, 40, batch=4), tmp_path / "ref")
     assert result["errors"] == 0, result["error_examples"]
     assert (result["cycles"], result["check"]["claims"]) == (40, 40)
+    assert result["check"]["violations"] == 0, result["check"]["examples"]
+
+
+@pytest.mark.slow
+def test_a_batched_run_on_postgresql_against_live_coordinators(
+    bench: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """Two trainfleet serve processes on one PostgreSQL database, 8 workers claiming,
+    heartbeating and completing 4 jobs per request: claims, flushes and batches of
+    completions side by side under the shared lock, every job done exactly once, nothing
+    violated."""
+    require_postgres()
+    from trainfleet.testing.postgres import TEST_URL
+
+    arms = bench["queue_arms"]
+    arm = arms.Arm("trainfleet", 8, 160, db="postgresql", coordinators=2, batch=4)
+    result = arms.run_arm(arm, tmp_path / "pg", pg_url=TEST_URL)
+    assert result["errors"] == 0, result["error_examples"]
+    assert (result["cycles"], result["check"]["claims"]) == (160, 160)
     assert result["check"]["violations"] == 0, result["check"]["examples"]
 
 

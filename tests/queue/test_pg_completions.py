@@ -15,6 +15,7 @@ import pytest
 from fleetkit import make_cap, manifest_of
 from pgkit import require_postgres
 from trainfleet.queue.base import JobRecord
+from trainfleet.queue.beats import Beat, renew
 from trainfleet.queue.fairshare import interval_hours
 from trainfleet.queue.sqlite import PostgresQueue
 from trainfleet.queue.sqlite_attempts import complete_plain
@@ -112,19 +113,19 @@ def test_completions_at_once_each_charge_fair_share(pg: tuple[str, PostgresQueue
 def test_a_deadlock_between_completions_runs_again_alone(
     pg: tuple[str, PostgresQueue, Clock],
 ) -> None:
-    """A batch locks its jobs' rows in its order; another writer holding the second row and
-    then asking for the first deadlocks it. PostgreSQL aborts one of the two; when it is the
-    batch, it runs again under the exclusive lock and completes both jobs, once each."""
+    """A batch locks its jobs' rows in id order; another writer (one that does not keep that
+    order) holding the higher row and then asking for the lower deadlocks it. PostgreSQL
+    aborts one of the two; when it is the batch, it runs again under the exclusive lock and
+    completes both jobs, once each."""
     url, queue, clock = pg
     queue.apply_manifest(manifest_of(_jobs(2)))
     worker, _ = queue.register_worker(make_cap("h0"))
     queue.set_worker_slots(worker.id, 2)
     claims = queue.claim_many(worker.id, 2)
     assert len(claims) == 2
-    first, second = (c.job for c in claims)
+    first, second = sorted((c.job for c in claims), key=lambda j: j.id)
     clock.now = T1
     out: list[object] = []
-    other_aborted: list[bool] = []
     with psycopg.connect(url, autocommit=True) as other:
         with other.transaction():
             # The batch waits first, so its own deadlock check (1 s by default) fires first:
@@ -142,17 +143,15 @@ def test_a_deadlock_between_completions_runs_again_alone(
             )
             batch.start()
             wait_until(lambda: _waiting_on_lock(url, "transactionid"), timeout_s=10, what="batch")
-            try:  # the cycle: the batch holds the first row and waits for the second
-                other.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (first.id,))
-            except psycopg.errors.DeadlockDetected:
-                other_aborted.append(True)
-                raise
+            # The cycle: the batch holds the lower row and waits for the higher.
+            other.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (first.id,))
         batch.join(30)
     assert not batch.is_alive()
     assert [type(o) for o in out] == [tuple, tuple], out
     assert [o[1].state for o in out] == ["completed", "completed"]  # type: ignore[index]
     assert queue.counts() == {"completed": 2}
     assert len([e for e in queue.events(first.id) if e.kind == "completed"]) == 1
+    assert queue.run_again_alone == 1  # the batch was aborted, and ran again
 
 
 def test_the_dependency_step_waits_for_a_completion_still_committing(
@@ -197,3 +196,35 @@ def test_the_dependency_step_waits_for_a_completion_still_committing(
     moved.append(queue.resolve_dependencies())
     assert sum(moved) == 1
     assert queue.get_job("child").state == "pending"
+
+
+def test_a_batch_and_a_heartbeat_flush_lock_rows_in_one_order(
+    pg: tuple[str, PostgresQueue, Clock],
+) -> None:
+    """A batch of completions naming its jobs in descending id order, beside a heartbeat flush
+    that holds the lower id and then asks for the higher one: the batch locks its rows in id
+    order first (the flush's order), so it waits for the flush instead of holding the higher
+    row against it. Were they in a cycle, this flush (its deadlock check made the quicker)
+    would be the one PostgreSQL aborts, and the test would fail with it."""
+    url, queue, clock = pg
+    queue.apply_manifest(manifest_of(_jobs(2)))
+    worker, _ = queue.register_worker(make_cap("h0"))
+    queue.set_worker_slots(worker.id, 2)
+    low, high = sorted((c.job for c in queue.claim_many(worker.id, 2)), key=lambda j: j.id)
+    clock.now = T1
+    out: list[object] = []
+    batch = threading.Thread(
+        target=lambda: out.extend(
+            queue.complete_plain_many(
+                worker.id, [(high.id, high.epoch, {}), (low.id, low.epoch, {})], {}
+            )
+        )
+    )
+    with queue.db.tx(shared=True) as conn:  # the flush: its rows in id order
+        conn.execute("SET LOCAL deadlock_timeout = '10ms'")
+        renew(conn, [Beat(low.id, worker.id, low.epoch, T1)])
+        batch.start()
+        wait_until(lambda: _waiting_on_lock(url, "transactionid"), timeout_s=10, what="batch")
+        renew(conn, [Beat(high.id, worker.id, high.epoch, T1)])
+    batch.join(30)
+    assert [o[1].state for o in out] == ["completed", "completed"]  # type: ignore[index]

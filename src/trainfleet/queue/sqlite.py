@@ -124,6 +124,7 @@ class SQLQueue(PipelineMethods, JobQueue):
         self._reads = StatementConn(db)
         self.fleet = FleetCache()  # the claim's view of workers and host policies
         self._seen: dict[str, float] = {}  # worker -> when a heartbeat last marked it seen
+        self.run_again_alone = 0  # shared transactions aborted for a deadlock, run again
         try:
             migrate(db)
         except BaseException:
@@ -370,8 +371,8 @@ class SQLQueue(PipelineMethods, JobQueue):
             try:
                 with self._tx(shared=True) as conn:
                     return write(conn)
-            except self.db.lock_conflicts:
-                pass  # rolled back: once more, alone
+            except self.db.lock_conflicts:  # rolled back: once more, alone
+                self.run_again_alone += 1
         with self._tx() as conn:
             return write(conn)
 
