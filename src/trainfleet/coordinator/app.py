@@ -54,7 +54,9 @@ from trainfleet.coordinator.rounds import TICK_S as ROUND_TICK_S
 from trainfleet.coordinator.state import Coordinator
 from trainfleet.coordinator.writer import run_on
 from trainfleet.manifest.spec import FairShareSpec
+from trainfleet.queue import vacuum
 from trainfleet.queue.base import JobRecord
+from trainfleet.queue.db import Dialect
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,22 @@ async def _fair_share_forever(coord: Coordinator) -> None:
             except Exception:
                 log.exception("fair-share tick failed; retrying")
         await asyncio.sleep(interval_s)
+
+
+async def _vacuum_forever(coord: Coordinator) -> None:
+    """On PostgreSQL without autovacuum, the leader vacuums ``jobs`` when its dead rows pile
+    up (``queue.vacuum``), on the ordinary threadpool: it may take seconds."""
+    db = getattr(coord.queue, "db", None)
+    if db is None or db.dialect != Dialect.POSTGRES:
+        return
+    while True:
+        await asyncio.sleep(vacuum.CHECK_S)
+        if not coord.leader.is_leader:
+            continue  # another coordinator of this database vacuums (coordinator.leader)
+        try:
+            await run_in_threadpool(vacuum.vacuum_jobs_if_bloated, db)
+        except Exception:
+            log.exception("vacuum of jobs failed; retrying")
 
 
 async def _collect_garbage_forever(coord: Coordinator) -> None:
@@ -296,6 +314,7 @@ def create_app(coord: Coordinator) -> Starlette:
                 asyncio.create_task(_fair_share_forever(coord)),
                 asyncio.create_task(_resolve_dependencies_forever(coord)),
                 asyncio.create_task(_collect_garbage_forever(coord)),
+                asyncio.create_task(_vacuum_forever(coord)),
                 asyncio.create_task(_drive_rounds_forever(coord)),
                 asyncio.create_task(drive_market_forever(coord)),
                 asyncio.create_task(drive_pipelines_forever(coord)),
