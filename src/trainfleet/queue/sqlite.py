@@ -364,9 +364,10 @@ class SQLQueue(PipelineMethods, JobQueue):
         worker's slot and charges fair share by row-locked writes, and its events are not
         read until every shared writer is done (``resolve_dependencies``). A result that
         reports shard hashes takes the exclusive lock: its check reads other attempts'
-        reports. Should PostgreSQL abort it for a deadlock with another shared writer (two
-        batches naming the same jobs in another order), it runs again under the exclusive
-        lock, where none can recur. On SQLite every transaction is exclusive."""
+        reports. Shared writers lock job rows in id order (a batch first locks all of its
+        own: ``sqlite_attempts.complete_plain_many``); should PostgreSQL still abort one for
+        a deadlock (another process locking rows in another order), it runs again under the
+        exclusive lock, where none can recur. On SQLite every transaction is exclusive."""
         if not any(shard_reports(result) for result in results):
             try:
                 with self._tx(shared=True) as conn:
