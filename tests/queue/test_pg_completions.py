@@ -61,10 +61,12 @@ def _claim_one_each(queue: PostgresQueue, workers: int) -> list[tuple[str, JobRe
     return held
 
 
-def _waiting_on_lock(url: str, locktype: str) -> bool:
+def _blocked_by(url: str, pid: int) -> bool:
+    """Whether a session waits for a lock the session ``pid`` holds (only this test's: other
+    tests wait on locks of the same server at the same time)."""
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT COUNT(*) FROM pg_locks WHERE locktype = %s AND NOT granted", (locktype,)
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (pid,)
         ).fetchone()
         return bool(row and row[0])
 
@@ -113,10 +115,11 @@ def test_completions_at_once_each_charge_fair_share(pg: tuple[str, PostgresQueue
 def test_a_deadlock_between_completions_runs_again_alone(
     pg: tuple[str, PostgresQueue, Clock],
 ) -> None:
-    """A batch locks its jobs' rows in id order; another writer (one that does not keep that
-    order) holding the higher row and then asking for the lower deadlocks it. PostgreSQL
-    aborts one of the two; when it is the batch, it runs again under the exclusive lock and
-    completes both jobs, once each."""
+    """A batch locks its jobs' rows in id order; another shared writer that does not keep
+    that order, holding the higher row and then asking for the lower, deadlocks it.
+    PostgreSQL aborts one of the two; when it is the batch, it runs again under the exclusive
+    lock (after the other writer's end: it holds the shared lock) and completes both jobs,
+    once each."""
     url, queue, clock = pg
     queue.apply_manifest(manifest_of(_jobs(2)))
     worker, _ = queue.register_worker(make_cap("h0"))
@@ -131,6 +134,7 @@ def test_a_deadlock_between_completions_runs_again_alone(
             # The batch waits first, so its own deadlock check (1 s by default) fires first:
             # PostgreSQL aborts the batch, not this transaction.
             other.execute("SET LOCAL deadlock_timeout = '30s'")
+            other.execute("SELECT pg_advisory_xact_lock_shared(%s)", (queue.db.write_key,))
             other.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (second.id,))
             batch = threading.Thread(
                 target=lambda: out.extend(
@@ -142,7 +146,8 @@ def test_a_deadlock_between_completions_runs_again_alone(
                 )
             )
             batch.start()
-            wait_until(lambda: _waiting_on_lock(url, "transactionid"), timeout_s=10, what="batch")
+            pid = other.info.backend_pid
+            wait_until(lambda: _blocked_by(url, pid), timeout_s=10, what="the batch")
             # The cycle: the batch holds the lower row and waits for the higher.
             other.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (first.id,))
         batch.join(30)
@@ -171,10 +176,12 @@ def test_the_dependency_step_waits_for_a_completion_still_committing(
     if parent.name != "j0":
         (w0, parent), (w1, other) = (w1, other), (w0, parent)
     committing, release = threading.Event(), threading.Event()
+    pids: list[int] = []
 
     def slow_parent() -> None:  # the parent's completion, paused before its commit
         with queue.db.tx(shared=True) as conn:
             complete_plain(conn, parent.id, w0, parent.epoch, {}, clock)
+            pids.append(conn.raw.info.backend_pid)  # type: ignore[attr-defined]
             committing.set()
             release.wait(30)
 
@@ -186,9 +193,7 @@ def test_the_dependency_step_waits_for_a_completion_still_committing(
         queue.complete_plain(other.id, w1, other.epoch, {})  # a later seq, committed first
         step = threading.Thread(target=lambda: moved.append(queue.resolve_dependencies()))
         step.start()
-        wait_until(
-            lambda: moved or _waiting_on_lock(url, "advisory"), timeout_s=10, what="the step"
-        )
+        wait_until(lambda: moved or _blocked_by(url, pids[0]), timeout_s=10, what="the step")
     finally:
         release.set()
     holder.join(30)
@@ -224,7 +229,8 @@ def test_a_batch_and_a_heartbeat_flush_lock_rows_in_one_order(
         conn.execute("SET LOCAL deadlock_timeout = '10ms'")
         renew(conn, [Beat(low.id, worker.id, low.epoch, T1)])
         batch.start()
-        wait_until(lambda: _waiting_on_lock(url, "transactionid"), timeout_s=10, what="batch")
+        pid = conn.raw.info.backend_pid  # type: ignore[attr-defined]
+        wait_until(lambda: _blocked_by(url, pid), timeout_s=10, what="the batch")
         renew(conn, [Beat(high.id, worker.id, high.epoch, T1)])
     batch.join(30)
     assert [o[1].state for o in out] == ["completed", "completed"]  # type: ignore[index]

@@ -366,8 +366,10 @@ class SQLQueue(PipelineMethods, JobQueue):
         reports shard hashes takes the exclusive lock: its check reads other attempts'
         reports. Shared writers lock job rows in id order (a batch first locks all of its
         own: ``sqlite_attempts.complete_plain_many``); should PostgreSQL still abort one for
-        a deadlock (another process locking rows in another order), it runs again under the
-        exclusive lock, where none can recur. On SQLite every transaction is exclusive."""
+        a deadlock, it runs again under the exclusive lock, which waits for every other
+        trainfleet writer to end: none can recur there (a session outside trainfleet locking
+        rows by hand still can, and gets its error). On SQLite every transaction is
+        exclusive."""
         if not any(shard_reports(result) for result in results):
             try:
                 with self._tx(shared=True) as conn:
