@@ -14,9 +14,9 @@ import pytest
 
 from fleetkit import make_cap, manifest_of
 from pgkit import require_postgres
+from trainfleet.queue import fairshare
 from trainfleet.queue.base import JobRecord
 from trainfleet.queue.beats import Beat, renew
-from trainfleet.queue.fairshare import interval_hours
 from trainfleet.queue.sqlite import PostgresQueue
 from trainfleet.queue.sqlite_attempts import complete_plain
 from trainfleet.testing.postgres import fresh_schema
@@ -105,7 +105,9 @@ def test_completions_at_once_each_charge_fair_share(pg: tuple[str, PostgresQueue
             t.join(30)
     assert len(done) == workers * rounds
     assert queue.counts() == {"completed": workers * rounds}
-    one = interval_hours(T0, T1, 24.0 * 7)  # the default half-life: no decay at one instant
+    one = fairshare.interval_hours(
+        T0, T1, 24.0 * 7
+    )  # the default half-life: no decay at one instant
     assert _usage(url) == pytest.approx(one * workers * rounds, rel=1e-9)
     with psycopg.connect(url, autocommit=True) as conn:
         busy = conn.execute("SELECT COUNT(*) FROM workers WHERE current_job IS NOT NULL")
@@ -234,3 +236,28 @@ def test_a_batch_and_a_heartbeat_flush_lock_rows_in_one_order(
         renew(conn, [Beat(high.id, worker.id, high.epoch, T1)])
     batch.join(30)
     assert [o[1].state for o in out] == ["completed", "completed"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("half_lives", [10.0, 2000.0])
+def test_a_charge_long_after_the_last_matches_python(
+    pg: tuple[str, PostgresQueue, Clock], half_lives: float
+) -> None:
+    """The charge decays the stored usage in SQL on PostgreSQL (``fairshare._ADD_DECAYED``):
+    the same figure as ``decay`` in Python, also past a thousand half-lives, where a float
+    underflows to 0 (an error in PostgreSQL, 0 in Python)."""
+    url, queue, _ = pg
+    queue.apply_manifest(manifest_of('[fair_share]\nhalf_life_h = 0.01\n[[jobs]]\nname = "a"\n'))
+    h, later = 0.01, T0 + half_lives * 0.01 * 3600
+    with queue.db.tx() as conn:
+        fairshare.charge_spans(conn, "s", [(T0 - 30, T0)])
+    with queue.db.tx(shared=True) as conn:
+        fairshare.charge_spans(conn, "s", [(later - 30, later)])
+    first, second = (
+        fairshare.interval_hours(T0 - 30, T0, h),
+        fairshare.interval_hours(later - 30, later, h),
+    )
+    expected = fairshare.decay(first, later - T0, h) + second
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT usage_h, at FROM fair_usage WHERE submitter = 's'").fetchone()
+    assert row is not None and row[1] == later
+    assert row[0] == pytest.approx(expected, rel=1e-12)

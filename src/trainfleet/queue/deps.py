@@ -118,6 +118,10 @@ def decide(after: list[str], found: dict[str, Parent]) -> tuple[str, str] | None
     return None
 
 
+def newest_seq(conn: db.Conn) -> int:
+    return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
+
 class Watch:
     """Whether the dependency step needs to look at the waiting jobs now (one per queue)."""
 
@@ -125,11 +129,13 @@ class Watch:
         self.seen = -1  # the newest event seq at the last ``due``
         self.looked_at: float | None = None  # when the last full look was allowed
 
-    def due(self, conn: db.Conn, now: float) -> bool:
+    def due(self, conn: db.Conn, now: float, top: int | None = None) -> bool:
         """True when an event since the last call could move a waiting job (a job ended,
         was added, requeued, cancelled...), or ``FULL_LOOK_S`` passed since the last look.
-        Two reads of the events' primary key, over the new events only."""
-        top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        Two reads of the events' primary key, over the new events only. ``top``: the newest
+        seq, read by the caller where reading it takes a lock (``newest_seq``)."""
+        if top is None:
+            top = newest_seq(conn)
         seen, self.seen = self.seen, top
         last = self.looked_at
         if seen < 0 or last is None or not 0 <= now - last < FULL_LOOK_S:

@@ -183,13 +183,18 @@ _UPSERT = (
 # The same sum with the stored usage decayed in the statement, on the row as it stands when
 # the statement gets its row lock (``decay``'s arithmetic, in its order): for PostgreSQL, where
 # completions charge side by side under the shared write lock and a read-then-write would
-# lose one of two charges made at once.
+# lose one of two charges made at once. PostgreSQL raises an error where a float result
+# underflows to 0 (Python returns 0): past 960 half-lives the decayed usage (below 1e-289 of
+# itself, nothing against any charge) is taken as 0.
+_EXPONENT = (
+    "-(CASE WHEN excluded.at > fair_usage.at THEN excluded.at - fair_usage.at ELSE 0.0 END)"
+    " / 3600.0 / ?"
+)
 _ADD_DECAYED = (
     "INSERT INTO fair_usage (submitter, usage_h, at, level) VALUES (?, ?, ?, 0)"
-    " ON CONFLICT (submitter) DO UPDATE SET usage_h = fair_usage.usage_h"
-    " * power(CAST(2.0 AS DOUBLE PRECISION), -(CASE WHEN excluded.at > fair_usage.at"
-    " THEN excluded.at - fair_usage.at ELSE 0.0 END) / 3600.0 / ?) + excluded.usage_h,"
-    f" at = {_LATER_AT}"
+    f" ON CONFLICT (submitter) DO UPDATE SET usage_h = CASE WHEN {_EXPONENT} < -960 THEN 0.0"
+    f" ELSE fair_usage.usage_h * power(CAST(2.0 AS DOUBLE PRECISION), {_EXPONENT}) END"
+    f" + excluded.usage_h, at = {_LATER_AT}"
 )
 
 
@@ -205,7 +210,7 @@ def charge_spans(conn: Conn, submitter: str, spans: Iterable[tuple[float, float]
     now = max(end for _, end in spans)
     hours = sum(decay(interval_hours(a, b, h), now - b, h) for a, b in spans)
     if conn.dialect == Dialect.POSTGRES:
-        conn.execute(_ADD_DECAYED, (submitter, hours, now, h))
+        conn.execute(_ADD_DECAYED, (submitter, hours, now, h, h))
     else:
         _write(conn, submitter, row["usage_h"], row["at"], hours, now, h)
     return int(row["level"] or 0)

@@ -163,18 +163,18 @@ class SQLQueue(PipelineMethods, JobQueue):
             return sqlite_submit.add_job(conn, spec, self.clock)
 
     def resolve_dependencies(self) -> int:
+        top = None
         if not self.db.single_writer:
             # PostgreSQL: completions commit side by side, so an event can become visible
-            # after one with a higher seq; the watch's newest seq is read under the exclusive
-            # lock, which no shared writer holds, so every seq below it has committed.
+            # after one with a higher seq. The watch's newest seq is read under the exclusive
+            # lock, which no shared writer holds: every seq below it has committed. Only that
+            # read: the plan below reads without the lock.
             with self._tx() as conn:
-                if not self._deps_watch.due(conn, self.clock()) or not deps.plan_moves(conn):
-                    return 0
-                return deps.resolve(conn, self.clock)
+                top = deps.newest_seq(conn)
         # Looked at without the write lock first: most steps find nothing to move, and most
         # need not look at all (nothing that could move a waiting job happened).
         reads = self._conn()
-        if not self._deps_watch.due(reads, self.clock()) or not deps.plan_moves(reads):
+        if not self._deps_watch.due(reads, self.clock(), top) or not deps.plan_moves(reads):
             return 0
         with self._tx() as conn:
             return deps.resolve(conn, self.clock)

@@ -337,7 +337,7 @@ class Later:
                 f"UPDATE workers SET current_job = NULL WHERE id = ? AND current_job IN ({marks})",
                 (worker_id, *self.released),
             )
-        for submitter in dict.fromkeys(s for s, _, _ in self.used):
+        for submitter in sorted({s for s, _, _ in self.used}):  # rows locked in one order
             charge_spans(conn, submitter, [(a, b) for s, a, b in self.used if s == submitter])
 
 
