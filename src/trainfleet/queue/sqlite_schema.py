@@ -226,11 +226,8 @@ def find_job_row(conn: db.Conn, ref: str, *, lock: bool = False) -> db.Row:
     transaction), for a writer that runs beside others under the shared write lock (a
     completion): what it read is still the row when it writes it.
     """
-    by_id = "SELECT * FROM jobs WHERE id = ?"
-    if lock and conn.dialect == db.Dialect.POSTGRES:
-        by_id += " FOR UPDATE"
-    else:
-        lock = False
+    lock = lock and conn.dialect == db.Dialect.POSTGRES
+    by_id = "SELECT * FROM jobs WHERE id = ?" + (" FOR UPDATE" if lock else "")
     row = conn.execute(by_id, (ref,)).fetchone()
     if row is not None:
         return row

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from trainfleet.queue.db import Database, Dialect, PostgresDatabase
+from trainfleet.queue.db import Database, PostgresDatabase
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def needs_vacuum(autovacuum: bool, dead: int, live: int) -> bool:
 def vacuum_jobs_if_bloated(db: Database) -> Vacuumed | None:
     """``VACUUM (ANALYZE) jobs`` when ``needs_vacuum`` says so (PostgreSQL only); what it
     found, or None when nothing was done."""
-    if db.dialect != Dialect.POSTGRES or not isinstance(db, PostgresDatabase):
+    if not isinstance(db, PostgresDatabase):  # SQLite updates rows in place
         return None
     with db.read() as conn:
         row = conn.execute(_STATS).fetchone()
