@@ -143,10 +143,9 @@ def coordinator(tmp_path: Path, *, fast: bool) -> Iterator[tuple[Api, dict[str, 
 
 
 def fast_path_of(api: Api) -> FastPath:
-    app: Any = api.http.app
-    while not isinstance(app, FastPath):
-        app = app.middleware_stack if hasattr(app, "middleware_stack") else app.app
-    return app
+    fast: Any = api.http.app.fast  # type: ignore[attr-defined]
+    assert isinstance(fast, FastPath)
+    return fast
 
 
 def run_script(api: Api, workers: dict[str, Worker]) -> list[tuple[int, Any]]:
@@ -241,3 +240,34 @@ def test_a_sole_coordinator_keeps_credentials_cached_past_the_shared_ttl(tmp_pat
         assert api.coord.tokens.get("worker", w1.token) == w1.id
         clock.advance(SOLE_TOKEN_TTL_S)
         assert api.coord.tokens.get("worker", w1.token) is None
+
+
+def test_an_unexpected_error_on_the_fast_path_is_the_apps_json_500(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fast path runs in front of Starlette's error middleware, so it answers an
+    unexpected error itself, as that middleware would: the app's JSON 500, no details in
+    the reply, the error in the log."""
+    from starlette.testclient import TestClient
+
+    with coordinator(tmp_path, fast=True) as (api, workers):
+        w1 = workers["w1"]
+        api.claim(w1)  # the credential is cached: the next claim goes the fast way
+        served = fast_path_of(api).served
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the disk is on fire")
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(api.coord.queue, "claim_many", broken)
+            http = TestClient(api.http.app, raise_server_exceptions=False)
+            try:
+                r = http.post("/v1/workers/claim", headers=w1.auth)
+            finally:
+                http.close()
+        assert fast_path_of(api).served == served + 1
+        assert r.status_code == 500, r.text
+        message = "internal error; see the coordinator log"
+        assert r.json() == {"error": "internal", "message": message}
+        assert "on fire" not in r.text
+        assert "the disk is on fire" in caplog.text

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fleetkit import FakeClock, make_cap, manifest_of
 from trainfleet.coordinator.group_commit import GroupWriter
 from trainfleet.coordinator.writer import run_on
 from trainfleet.queue.db import SQLiteDatabase
+from trainfleet.queue.sqlite import SQLiteQueue
 
 
 def insert(db: SQLiteDatabase, value: int) -> int:
@@ -145,3 +148,137 @@ def test_a_clean_group_takes_no_savepoints_and_a_failed_one_runs_again_with_them
     finally:
         writer.shutdown()
         db.close()
+
+
+# A group's claims and completions leave their events and fair-share charges to be written
+# together (``SQLiteDatabase.group``): the rows must be those of the same calls one by one.
+SIX = "\n".join(f'[[jobs]]\nname = "j{i}"' for i in range(6))
+
+
+def _in_one_group(writer: GroupWriter, calls: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``calls`` (fn, *args) as one group: the writer is held busy while they queue.
+    Each outcome is its value or the exception it raised."""
+    started, release = threading.Event(), threading.Event()
+
+    def block() -> bool:
+        started.set()
+        return release.wait(30)
+
+    blocker = writer.submit(block)
+    assert started.wait(30)
+    futures = [writer.submit(fn, *args) for fn, *args in calls]
+    release.set()
+    assert blocker.result(30) is True
+    return [f.exception(30) or f.result(30) for f in futures]
+
+
+def _one_by_one(_: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+    out = []
+    for fn, *args in calls:
+        try:
+            out.append(fn(*args))
+        except Exception as err:  # compared with the group's outcome
+            out.append(err)
+    return out
+
+
+def _scenario(tmp_path: Path, run: Any) -> tuple[list[Any], dict[str, Any], list[str]]:
+    """The same calls, in the same steps and times, through ``run``; returns every call's
+    outcome (as plain data), what the database holds afterwards, and the statements."""
+    clock = FakeClock()
+    queue = SQLiteQueue(tmp_path / "q.db", clock=clock)
+    queue.reap_on_claim = False  # as in the coordinator (its reaper runs on its own)
+    queue.apply_manifest(manifest_of(SIX))
+    workers = [queue.register_worker(make_cap(f"cpu-{i}"))[0].id for i in range(4)]
+    role = {w: f"w{i}" for i, w in enumerate(workers)}
+    statements: list[str] = []
+    queue.db.raw.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    writer = GroupWriter(queue.db)
+    outcomes: list[Any] = []
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Exception):
+            return type(value).__name__
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, tuple):  # complete_plain's (job, record)
+            return (value[0].name, value[0].state)
+        if hasattr(value, "job"):  # a Claim
+            return (value.job.name, value.epoch)
+        if hasattr(value, "kind"):  # an Event
+            return (value.kind, value.to_state)
+        return value
+
+    try:
+        claims = run(writer, [(queue.claim_many, w, 1) for w in workers])
+        outcomes += plain(claims)
+        held = {w: c[0] for w, c in zip(workers, claims, strict=True)}
+        clock.advance(3)
+        w0, w1, w2, w3 = workers
+        step = [
+            (queue.complete_plain, held[w0].job.id, w0, held[w0].epoch, {"m": 0}),
+            (queue.claim_many, w0, 1),  # the same worker, its slot freed in this group
+            (queue.complete_plain, held[w1].job.id, w1, held[w1].epoch, {"m": 1}),
+            (queue.events, held[w1].job.id),  # a read: it sees the completion before it
+        ]
+        outcomes += plain(run(writer, step))
+        clock.advance(1)
+        failing = [
+            (queue.complete_plain, held[w2].job.id, w2, held[w2].epoch, {"m": 2}),
+            (queue.complete_plain, held[w3].job.id, w3, held[w3].epoch + 1, {}),  # stale
+            (queue.complete_plain, held[w3].job.id, w3, held[w3].epoch, {"m": 3}),
+        ]
+        outcomes += plain(run(writer, failing))
+    finally:
+        writer.shutdown()
+    with queue.db.read() as conn:
+        history = [
+            (r["name"], r["kind"], r["from_state"], r["to_state"], role.get(r["worker_id"]))
+            for r in conn.execute(
+                "SELECT j.name, e.kind, e.from_state, e.to_state, e.worker_id FROM events e"
+                " JOIN jobs j ON j.id = e.job_id ORDER BY e.seq"
+            ).fetchall()
+        ]
+        slots = {
+            role[r["id"]]: r["current_job"] and queue.get_job(r["current_job"]).name
+            for r in conn.execute("SELECT id, current_job FROM workers").fetchall()
+        }
+        usage = conn.execute("SELECT usage_h FROM fair_usage").fetchall()
+    jobs = {j.name: (j.state, j.epoch, role.get(j.worker_id or "")) for j in queue.list_jobs()}
+    state = {"history": history, "slots": slots, "jobs": jobs, "usage": [u[0] for u in usage]}
+    queue.close()
+    return outcomes, state, statements
+
+
+def test_a_groups_claims_and_completions_write_what_they_would_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """Claims and completions waiting together leave their events and fair-share charges to
+    the end of the group (one INSERT, one charge per submitter); a claim by a worker whose
+    job completed earlier in the group still gets the slot, a read in the group sees what
+    the calls before it wrote, and a group whose call fails runs again with every write in
+    place once. Every outcome, event (in order), slot, job and charge is the same as with
+    the calls made one by one."""
+    grouped, state, statements = _scenario(tmp_path / "group", _in_one_group)
+    alone, expected, _ = _scenario(tmp_path / "alone", _one_by_one)
+    assert grouped == alone
+    assert [name for name, kind, *_ in state["history"] if kind == "completed"] == [
+        "j0",
+        "j1",
+        "j2",
+        "j3",
+    ]
+    # the read in the group saw the completion made before it in the group
+    assert [("added", "pending"), ("claimed", "claimed"), ("completed", "completed")] in grouped
+    assert "StaleEpoch" in grouped
+    assert state["history"] == expected["history"]
+    assert state["slots"] == expected["slots"] and state["slots"]["w0"] == "j4"
+    assert state["jobs"] == expected["jobs"]
+    assert state["usage"] == pytest.approx(expected["usage"])
+    assert state["usage"] and state["usage"][0] > 0
+    # The first group (four claims) wrote its events in one INSERT; the second's events and
+    # charge went in before the read, together; the third ran again, a savepoint per call.
+    inserts = [s for s in statements if s.startswith("INSERT INTO events")]
+    charges = [s for s in statements if s.startswith("INSERT INTO fair_usage")]
+    assert len(inserts) == 1 + 1 + 2
+    assert len(charges) == 1 + 2

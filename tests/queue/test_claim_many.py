@@ -139,3 +139,21 @@ def test_a_claim_pages_past_many_rows_its_host_denies_to_the_one_it_may_take(
     names = [c.job.name for c in queue.claim_many(other.id, 1)]
     assert names == ["blocked-00"]  # claim order kept across the pages
     assert queue.counts()["pending"] == 59
+
+
+def test_insert_events_past_one_statements_worth_keeps_every_event_in_order(
+    queue: JobQueue,
+) -> None:
+    """A group commit can gather thousands of events (32 batch claims of 64 jobs): they go
+    in as several multi-row INSERTs, every one kept, in order."""
+    from trainfleet.queue.sqlite_schema import MAX_EVENTS_PER_INSERT, insert_events
+
+    queue.apply_manifest(manifest_of(JOBS))
+    job = queue.get_job("j0")
+    n = 2 * MAX_EVENTS_PER_INSERT + 3
+    rows = [(1.0 + i, job.id, "note", None, None, None, None, f"n{i}") for i in range(n)]
+    db = queue.db  # type: ignore[attr-defined]
+    with db.tx() as conn:
+        insert_events(conn, rows)
+    notes = [e.detail for e in queue.events(job.id) if e.kind == "note"]
+    assert notes == [f"n{i}" for i in range(n)]

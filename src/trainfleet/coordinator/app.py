@@ -333,20 +333,36 @@ def create_app(coord: Coordinator) -> Starlette:
                 await asyncio.to_thread(listener.stop)
             await asyncio.to_thread(coord.leader.stop)  # another coordinator may lead now
 
-    app = Starlette(
+    app = CoordinatorApp(
         routes=table.starlette_routes(coord),
         exception_handlers={HTTPException: http_error, Exception: server_error},
-        # The hot worker routes skip the routing and body validation below (fastpath).
-        middleware=[
-            Middleware(FastPath, coord=coord, endpoints=table.endpoints),
-            Middleware(RawPathRouting),
-        ],
+        middleware=[Middleware(RawPathRouting)],
         lifespan=lifespan,
     )
+    # The hot worker routes skip Starlette altogether: its middleware, routing and body
+    # validation (fastpath); an unexpected error there gets the same JSON 500.
+    app.fast = FastPath(app.starlette_call, coord, table.endpoints, on_error=server_error)
     # "/v1/jobs/" is a 404, not a redirect the description cannot list.
     app.router.redirect_slashes = False
     app.state.coordinator = coord
     return app
+
+
+class CoordinatorApp(Starlette):
+    """The coordinator's Starlette app behind its fast path (``fastpath.FastPath``), which
+    answers the hot worker requests itself and hands every other request to Starlette."""
+
+    fast: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.fast(scope, receive, send)
+
+    async def starlette_call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Starlette's own handling of a request (its middleware, routes, handlers)."""
+        await super().__call__(scope, receive, send)
 
 
 class RawPathRouting:

@@ -146,12 +146,19 @@ def _not_json(constant: str) -> Any:
     )
 
 
+# json.loads(raw, parse_constant=...) builds a decoder for every call; one serves them all.
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def parse_json(raw: bytes, limit: int = MAX_DEPTH) -> Any:
     """Decode a JSON body whose nesting is at most ``limit``; :class:`BadRequest` otherwise."""
     if json_too_deep(raw, limit):
         raise BadRequest(f"request body nests deeper than {limit} levels")
     try:
-        value = json.loads(raw or b"{}", parse_constant=_not_json)
+        if raw.isascii() and b"\x00" not in raw:  # UTF-8 for sure (no UTF-16/32 zeros)
+            value = _DECODER.decode(raw.decode("ascii") or "{}")
+        else:
+            value = json.loads(raw, parse_constant=_not_json)
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an int of >4300 digits
         raise BadRequest(f"request body is not valid JSON: {err}") from None
     except RecursionError:  # unreachable after the scan; kept as a last line of defence

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -168,9 +168,16 @@ class FastPath:
     """ASGI wrapper: the hot routes of ``endpoints`` (``PARSERS``) answered here, everything
     else (and anything unusual about a hot request) passed to ``app``."""
 
-    def __init__(self, app: ASGIApp, coord: Coordinator, endpoints: list[Endpoint]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        coord: Coordinator,
+        endpoints: list[Endpoint],
+        on_error: Callable[[Request, Exception], Awaitable[Response]] | None = None,
+    ) -> None:
         self.app = app
         self.coord = coord
+        self.on_error = on_error  # the app's reply to an unexpected error (a JSON 500)
         self.exact: dict[bytes, _Hot] = {}  # "/v1/claims" -> its route
         self.job_prefix = b""  # "/v1/jobs/"
         self.by_suffix: dict[bytes, _Hot] = {}  # "/heartbeat" -> its route
@@ -261,14 +268,22 @@ class FastPath:
         started = time.perf_counter()
         self.served += 1
         path_values = None if job_id is None else {"job_id": job_id}
-        ctx = Ctx(Request(scope, receive), self.coord, worker_id, body, ep, path_values)
+        request = Request(scope, receive)
+        ctx = Ctx(request, self.coord, worker_id, body, ep, path_values)
         try:
             result = await ep.handler(ctx)
         except ApiError as err:
-            response = error_response(err)
+            response: Response = error_response(err)
             self._observe(ep.path, response.status_code, started)
             await response(scope, receive, send)
             return
+        except Exception as err:  # as Starlette's ServerErrorMiddleware: reply, then raise
+            if self.on_error is None:
+                raise
+            response = await self.on_error(request, err)
+            self._observe(ep.path, response.status_code, started)
+            await response(scope, receive, send)
+            raise
         if isinstance(result, Response):  # not one of the hot handlers' own replies today
             self._observe(ep.path, result.status_code, started)
             await result(scope, receive, send)

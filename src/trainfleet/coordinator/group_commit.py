@@ -43,6 +43,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from trainfleet.queue.sqlite_attempts import Later
+
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 32
@@ -134,15 +136,20 @@ class GroupWriter(ThreadPoolExecutor):
         _deliver(outcomes)
 
     def _clean(self, group: list[_Item]) -> list[_Outcome] | None:
-        """The group in one transaction without savepoints; None, with nothing written, if
-        any call raised."""
+        """The group in one transaction without savepoints, its claims and completions
+        leaving their events and fair-share charges to be written together at the end
+        (``SQLiteDatabase.group``); None, with nothing written, if any call (or those writes)
+        raised."""
         outcomes: list[_Outcome] = []
+        settled = False
         try:
-            with self.db.tx():
+            with self.db.group(Later()):
                 for future, fn, args, kwargs in group:
                     outcomes.append((future, True, fn(*args, **kwargs)))
+                self.db.settle()
+                settled = True
         except BaseException:
-            if len(outcomes) < len(group):  # a call raised: the transaction rolled back
+            if not settled:  # a call raised: the transaction rolled back
                 return None
             raise  # the commit itself failed
         return outcomes

@@ -50,10 +50,9 @@ from trainfleet.queue.base import Claim, QueueSettings
 from trainfleet.queue.db import Conn, Dialect, Row
 from trainfleet.queue.fleet_cache import SPECS, FleetCache, Member
 from trainfleet.queue.scheduling import Candidate, deferrals
-from trainfleet.queue.sqlite_attempts import affinity_wait
+from trainfleet.queue.sqlite_attempts import Later, affinity_wait
 from trainfleet.queue.sqlite_schema import (
     EventRow,
-    insert_event,
     insert_events,
     job_record,
     load_job,
@@ -73,15 +72,18 @@ def claim_many(
     max_jobs: int = 1,
     *,
     fleet: FleetCache | None = None,
+    later: Later | None = None,
 ) -> list[Claim]:
     """Up to ``max_jobs`` claims for ``worker_id``: its unacknowledged claims again, then new
-    jobs for its free slots. ``Conflict`` if every slot holds a running job."""
+    jobs for its free slots. ``Conflict`` if every slot holds a running job. ``later``: where
+    a group commit collects the claims' events (``SQLiteDatabase.group``), else written here."""
     fleet = fleet or FleetCache()
     wrow = touch(conn, worker_id, clock())
     slots = worker_slots(wrow)
     held = _held(conn, wrow, slots)
     again = [r for r in held if r["state"] == "claimed"][:max_jobs]
-    out = [_redeliver(conn, r, worker_id, clock) for r in again]
+    events: list[EventRow] = []  # the claims' events, written together at the end
+    out = [_redeliver(conn, r, worker_id, clock, events) for r in again]
     free = min(max_jobs - len(out), slots - len(held))
     if free <= 0:
         if not out and held:
@@ -94,20 +96,27 @@ def claim_many(
                 epoch=busy["epoch"],
                 state=busy["state"],
             )
+        _write_events(conn, events, later)
         return out
     me = fleet.member(conn, wrow)
     attested = attested_until(wrow) > clock()
     taken = None
-    events: list[EventRow] = []  # the claims' events, written together at the end
     for row in _choose(conn, me, clock(), settings, fleet, free, attested=attested):
         got = _take(conn, row, me, clock, events)
         if got is not None:
             out.append(got)
             taken = got.job.id
-    insert_events(conn, events)
+    _write_events(conn, events, later)
     if taken is not None:  # once for the batch: the worker's current job is its last claim
         conn.execute("UPDATE workers SET current_job = ? WHERE id = ?", (taken, worker_id))
     return out
+
+
+def _write_events(conn: Conn, events: list[EventRow], later: Later | None) -> None:
+    if later is None:
+        insert_events(conn, events)
+    else:
+        later.events.extend(events)
 
 
 def worker_slots(wrow: Row) -> int:
@@ -383,22 +392,15 @@ def _take(
     return Claim(job=job_record(took), epoch=epoch, attempt=attempt)
 
 
-def _redeliver(conn: Conn, row: Row, worker_id: str, clock: Callable[[], float]) -> Claim:
+def _redeliver(
+    conn: Conn, row: Row, worker_id: str, clock: Callable[[], float], events: list[EventRow]
+) -> Claim:
     """A claim ``worker_id`` already holds and never heartbeat: its reply was probably lost.
 
     Same epoch, same attempt, nothing counted: asking again is idempotent.
     """
-    insert_event(
-        conn,
-        clock(),
-        row["id"],
-        "redelivered",
-        None,
-        None,
-        worker_id,
-        row["epoch"],
-        detail=f"claim of attempt {row['attempt']} asked again (its reply was probably lost)",
-    )
+    why = f"claim of attempt {row['attempt']} asked again (its reply was probably lost)"
+    events.append((clock(), row["id"], "redelivered", None, None, worker_id, row["epoch"], why))
     return Claim(job=load_job(conn, row["id"]), epoch=row["epoch"], attempt=row["attempt"])
 
 

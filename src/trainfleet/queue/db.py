@@ -78,6 +78,13 @@ class Conn(Protocol):
     def executemany(self, sql: str, seq: Sequence[Params]) -> None: ...
 
 
+class Deferred(Protocol):
+    """Writes that the calls of one group transaction leave to be done together
+    (``SQLiteDatabase.group``); ``write`` does them and forgets them."""
+
+    def write(self, conn: Conn) -> None: ...
+
+
 class Database(Protocol):
     dialect: Dialect
     single_writer: bool  # True: the coordinator runs every queue call on ONE thread
@@ -86,8 +93,10 @@ class Database(Protocol):
     # another shared one (a deadlock): run again under the exclusive lock, it cannot recur.
     lock_conflicts: tuple[type[BaseException], ...]
 
-    def tx(self, *, shared: bool = False) -> AbstractContextManager[Conn]: ...
+    # defer: a call that may leave writes to the group transaction it joins (``deferred``).
+    def tx(self, *, shared: bool = False, defer: bool = False) -> AbstractContextManager[Conn]: ...
     def read(self) -> AbstractContextManager[Conn]: ...
+    def deferred(self) -> Deferred | None: ...
     def close(self) -> None: ...
 
 
@@ -158,11 +167,14 @@ class SQLiteDatabase:
         self._lock = threading.RLock()
         self.raw = sqlite_connect(self.path)
         self._conn = SQLiteConn(self.raw)
+        self._deferred: Deferred | None = None  # the open group's (``group``)
 
     @contextmanager
-    def tx(self, *, shared: bool = False) -> Iterator[Conn]:
+    def tx(self, *, shared: bool = False, defer: bool = False) -> Iterator[Conn]:
         with self._lock:
             if self.raw.in_transaction:  # nested on this thread: join the open transaction
+                if not defer:
+                    self.settle()
                 yield self._conn
                 return
             self.raw.execute("BEGIN IMMEDIATE")
@@ -176,7 +188,34 @@ class SQLiteDatabase:
     @contextmanager
     def read(self) -> Iterator[Conn]:
         with self._lock:
+            self.settle()
             yield self._conn
+
+    @contextmanager
+    def group(self, deferred: Deferred) -> Iterator[Conn]:
+        """One transaction for the calls of a group commit (``coordinator.group_commit``), in
+        which a call that joins with ``tx(defer=True)`` may leave writes to ``deferred``
+        (``deferred()``): several calls' events in one INSERT, their fair-share charges in
+        one per submitter. Those writes are done before any other call joins the
+        transaction or reads in it, so no call reads a state they would change; the group
+        does them last with ``settle``, before it commits. The lock is held throughout:
+        another thread's read waits for the commit, as for any transaction."""
+        with self.tx() as conn:
+            self._deferred = deferred
+            try:
+                yield conn
+            finally:
+                self._deferred = None
+
+    def deferred(self) -> Deferred | None:
+        """The open group's deferred writes, for a call inside ``tx(defer=True)`` (None: no
+        group is open; write at once)."""
+        return self._deferred
+
+    def settle(self) -> None:
+        """Do the open group's deferred writes now (nothing outside a group)."""
+        if self._deferred is not None:
+            self._deferred.write(self._conn)
 
     def close(self) -> None:
         with self._lock:
@@ -374,7 +413,7 @@ class PostgresDatabase:
                 self._local.conn = None
 
     @contextmanager
-    def tx(self, *, shared: bool = False) -> Iterator[Conn]:
+    def tx(self, *, shared: bool = False, defer: bool = False) -> Iterator[Conn]:
         with self._checkout() as (conn, nested):
             if nested and conn.raw.info.transaction_status != 0:  # 0: idle, no transaction
                 yield conn
@@ -388,6 +427,10 @@ class PostgresDatabase:
     def read(self) -> Iterator[Conn]:
         with self._checkout() as (conn, _):
             yield conn
+
+    def deferred(self) -> Deferred | None:
+        """None: no group commit here (concurrent writers); every call writes at once."""
+        return None
 
     def close(self) -> None:
         self.pool.close()

@@ -137,8 +137,14 @@ class SQLQueue(PipelineMethods, JobQueue):
         commit); safe from any thread."""
         return self._reads
 
-    def _tx(self, *, shared: bool = False) -> AbstractContextManager[Conn]:
-        return self.db.tx(shared=shared)
+    def _tx(self, *, shared: bool = False, defer: bool = False) -> AbstractContextManager[Conn]:
+        return self.db.tx(shared=shared, defer=defer)
+
+    def _later(self) -> sqlite_attempts.Later | None:
+        """Where a claim or completion in a group commit leaves its events and charges
+        (``SQLiteDatabase.group``); None: write them at once."""
+        deferred = self.db.deferred()
+        return deferred if isinstance(deferred, sqlite_attempts.Later) else None
 
     def close(self) -> None:
         self.db.close()
@@ -250,11 +256,19 @@ class SQLQueue(PipelineMethods, JobQueue):
         written first in the same transaction (``queue.beats.renew``)."""
         if self.reap_on_claim:
             self.reap()
-        with self._tx(shared=True) as conn:
+        # In a group commit the claims' events may join the group's (``SQLiteDatabase.group``);
+        # first beats written here (``renew``) come after what the group left, in order.
+        with self._tx(shared=True, defer=not starts) as conn:
             if starts:
                 renew(conn, starts)
             return claim_many(
-                conn, worker_id, self.clock, self.settings, max_jobs, fleet=self.fleet
+                conn,
+                worker_id,
+                self.clock,
+                self.settings,
+                max_jobs,
+                fleet=self.fleet,
+                later=self._later(),
             )
 
     def set_worker_slots(self, worker_id: str, slots: int) -> None:
@@ -339,8 +353,9 @@ class SQLQueue(PipelineMethods, JobQueue):
         return self._completing(
             [result],
             lambda conn: sqlite_attempts.complete_plain(
-                conn, job_ref, worker_id, epoch, result, self.clock, start
+                conn, job_ref, worker_id, epoch, result, self.clock, start, self._later()
             ),
+            defer=True,  # in a group commit: events, slot and charge with the group's
         )
 
     def complete_plain_many(
@@ -357,7 +372,9 @@ class SQLQueue(PipelineMethods, JobQueue):
             ),
         )
 
-    def _completing(self, results: list[dict[str, Any]], write: Callable[[Conn], T]) -> T:
+    def _completing(
+        self, results: list[dict[str, Any]], write: Callable[[Conn], T], *, defer: bool = False
+    ) -> T:
         """A plain completion's transaction. On PostgreSQL it shares the write lock, as claims
         do (issue 9: completions waiting on each other for the exclusive lock held 64 workers
         to 250 cycles/s): it locks its job's row (``find_job_row(lock=True)``), frees its
@@ -372,7 +389,7 @@ class SQLQueue(PipelineMethods, JobQueue):
         exclusive."""
         if not any(shard_reports(result) for result in results):
             try:
-                with self._tx(shared=True) as conn:
+                with self._tx(shared=True, defer=defer) as conn:
                     return write(conn)
             except self.db.lock_conflicts:  # rolled back: once more, alone
                 self.run_again_alone += 1

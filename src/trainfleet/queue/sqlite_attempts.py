@@ -298,11 +298,13 @@ def complete(
         updated_at=now,
         heartbeat_at=done["heartbeat_at"],
     )
-    if later is not None and not has_data and not shard_reports(result):
-        later.events.extend(events)
-        later.released.append(job_id)
-        later.used.append(used)
-        return record
+    if later is not None:
+        if not has_data and not shard_reports(result):
+            later.events.extend(events)
+            later.released.append((worker_id, job_id))
+            later.used.append(used)
+            return record
+        later.write(conn)  # what was left goes first: the events stay in their order
     release_worker(conn, worker_id, job_id)
     insert_events(conn, events)
     charge_spans(conn, used[0], [used[1:]])
@@ -315,13 +317,17 @@ def complete(
 
 @dataclass
 class Later:
-    """What a batch of completions writes once for all its items (issue 9): their events in
-    one multi-row INSERT, the worker's slot freed if it is held by any of their jobs, and
-    the attempts' time charged to their submitters (``fairshare``), once per submitter. None
-    is read by a later item of the batch, so the writes are the same as one by one."""
+    """What several completions and claims write once for all (issue 9): their events in one
+    multi-row INSERT, in the order they came; each worker's slot freed if it is held by one
+    of its completed jobs; the attempts' time charged to their submitters (``fairshare``),
+    once per submitter. Used by a batch of completions, and by a group commit's calls
+    (``SQLiteDatabase.group``). None of it is read by a later item of the batch, nor by a
+    later claim or completion of the group (a claim reads the worker's ``current_job`` only
+    to read that job's row, which is already written), so the writes are the same as one by
+    one."""
 
     events: list[EventRow] = field(default_factory=list)
-    released: list[str] = field(default_factory=list)  # job ids
+    released: list[tuple[str, str]] = field(default_factory=list)  # (worker id, job id)
     used: list[tuple[str, float, float]] = field(default_factory=list)  # (submitter, from, to)
 
     def clear(self) -> None:
@@ -329,16 +335,22 @@ class Later:
         self.released.clear()
         self.used.clear()
 
-    def write(self, conn: Conn, worker_id: str) -> None:
-        insert_events(conn, self.events)
-        if self.released:
-            marks = ", ".join("?" * len(self.released))
+    def write(self, conn: Conn) -> None:
+        """Write what was left, and forget it."""
+        events, released, used = self.events, self.released, self.used
+        self.events, self.released, self.used = [], [], []
+        insert_events(conn, events)
+        jobs_of: dict[str, list[str]] = {}
+        for worker_id, job_id in released:
+            jobs_of.setdefault(worker_id, []).append(job_id)
+        for worker_id, job_ids in jobs_of.items():
+            marks = ", ".join("?" * len(job_ids))
             conn.execute(
                 f"UPDATE workers SET current_job = NULL WHERE id = ? AND current_job IN ({marks})",
-                (worker_id, *self.released),
+                (worker_id, *job_ids),
             )
-        for submitter in sorted({s for s, _, _ in self.used}):  # rows locked in one order
-            charge_spans(conn, submitter, [(a, b) for s, a, b in self.used if s == submitter])
+        for submitter in sorted({s for s, _, _ in used}):  # rows locked in one order
+            charge_spans(conn, submitter, [(a, b) for s, a, b in used if s == submitter])
 
 
 def complete_plain(
@@ -584,7 +596,7 @@ def complete_plain_many(
         return complete_plain(conn, i[0], worker_id, i[1], i[2], clock, starts.get(i[0]))
 
     out = each_item(conn, items, one, alone)
-    later.write(conn, worker_id)
+    later.write(conn)
     return out
 
 

@@ -191,22 +191,26 @@ EventRow = tuple[float, str, str, str | None, str | None, str | None, int | None
 worker_id, epoch, detail), the arguments of ``insert_event`` in its order."""
 
 
+MAX_EVENTS_PER_INSERT = 500  # 4,500 parameters: far inside SQLite's and PostgreSQL's limits
+
+
 def insert_events(conn: db.Conn, events: list[EventRow]) -> None:
     """``insert_event`` for each of ``events``, in their order, as ONE multi-row INSERT (a
-    batch of claims writes its events in one statement instead of one each; issue 9)."""
+    batch of claims writes its events in one statement instead of one each; issue 9), or
+    one per ``MAX_EVENTS_PER_INSERT``."""
     if len(events) <= 1:
         for event in events:
             insert_event(conn, *event)
         return
-    params: list[object] = []
     pending = False
-    for at, job, kind, from_state, to_state, worker, epoch, detail in events:
-        params += (job, job, at, kind, from_state, to_state, worker, epoch, detail)
-        pending = pending or to_state == "pending"
-    conn.execute(
-        f"INSERT INTO events ({EVENT_COLUMNS}) VALUES " + ", ".join([EVENT_VALUES] * len(events)),
-        params,
-    )
+    for start in range(0, len(events), MAX_EVENTS_PER_INSERT):
+        chunk = events[start : start + MAX_EVENTS_PER_INSERT]
+        params: list[object] = []
+        for at, job, kind, from_state, to_state, worker, epoch, detail in chunk:
+            params += (job, job, at, kind, from_state, to_state, worker, epoch, detail)
+            pending = pending or to_state == "pending"
+        values = ", ".join([EVENT_VALUES] * len(chunk))
+        conn.execute(f"INSERT INTO events ({EVENT_COLUMNS}) VALUES {values}", params)
     if pending:
         notify_work(conn)
 
