@@ -54,8 +54,9 @@ def test_autovacuum_is_off_for_jobs_where_the_server_or_the_table_turns_it_off(
 
 def test_sqlite_has_nothing_to_vacuum(tmp_path: Path) -> None:
     queue = SQLiteQueue(tmp_path / "q.db")
+    vac = vacuum.Vacuum()
     try:
-        assert vacuum.vacuum_jobs_if_bloated(queue.db) is None
+        assert vac.run_if_bloated(queue.db) is None
     finally:
         queue.close()
 
@@ -120,13 +121,14 @@ def test_the_leader_vacuums_jobs_past_the_threshold(
     pg: tuple[str, PostgresQueue], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, queue = pg
+    vac = vacuum.Vacuum()  # what the leader's loop holds
     monkeypatch.setattr(vacuum, "MIN_DEAD", 50)
     queue.apply_manifest(manifest_of("".join(f'[[jobs]]\nname = "j{i}"\n' for i in range(40))))
-    assert vacuum.vacuum_jobs_if_bloated(queue.db) is None  # 40 live rows, none dead
+    assert vac.run_if_bloated(queue.db) is None  # 40 live rows, none dead
     _rewrite_jobs(url)  # 80 dead rows
     wait_until(lambda: _stats(url)[1] >= 80, timeout_s=15, what="the dead rows counted")
     autovacuum, _, _ = _stats(url)
-    done = vacuum.vacuum_jobs_if_bloated(queue.db)
+    done = vac.run_if_bloated(queue.db)
     if autovacuum:  # a server that runs autovacuum is left to it
         assert done is None and not _stats(url)[2]
         return
@@ -166,6 +168,7 @@ def test_a_vacuum_an_old_transaction_holds_back_runs_again_only_past_what_it_lef
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     url, queue = own_db
+    vac = vacuum.Vacuum()  # what the leader's loop holds
     monkeypatch.setattr(vacuum, "MIN_DEAD", 50)
     caplog.set_level(logging.INFO, logger=vacuum.__name__)
     _jobs(queue, url)
@@ -174,18 +177,18 @@ def test_a_vacuum_an_old_transaction_holds_back_runs_again_only_past_what_it_lef
         old.execute("SELECT count(*) FROM jobs")  # its snapshot: every row as it is now
         _rewrite_jobs(url)  # 80 dead rows, all of them still seen by `old`
         wait_until(lambda: _dead(url) >= 80, timeout_s=15, what="the dead rows counted")
-        first = vacuum.vacuum_jobs_if_bloated(queue.db)
+        first = vac.run_if_bloated(queue.db)
         assert first is not None and first.left >= 80  # it could remove none of them
         [warning] = _warnings(caplog)
         assert "an old transaction" in warning and f"pid {old.info.backend_pid}" in warning
 
         vacuums = _vacuum_count(url)
-        assert vacuum.vacuum_jobs_if_bloated(queue.db) is None  # not again at the next check
+        assert vac.run_if_bloated(queue.db) is None  # not again at the next check
         assert _vacuum_count(url) == vacuums
 
         _rewrite_jobs(url)  # 80 more: past the 80 it left by more than 52
         wait_until(lambda: _dead(url) >= 160, timeout_s=15, what="the dead rows counted")
-        again = vacuum.vacuum_jobs_if_bloated(queue.db)
+        again = vac.run_if_bloated(queue.db)
         assert again is not None and again.left >= 160
         assert len(_warnings(caplog)) == 1  # said once, not at every vacuum it holds back
         old.execute("COMMIT")
@@ -193,10 +196,10 @@ def test_a_vacuum_an_old_transaction_holds_back_runs_again_only_past_what_it_lef
     with psycopg.connect(url, autocommit=True) as conn:  # a vacuum other than the leader's
         conn.execute("VACUUM jobs")
     assert _dead(url) == 0
-    assert vacuum.vacuum_jobs_if_bloated(queue.db) is None
+    assert vac.run_if_bloated(queue.db) is None
     _rewrite_jobs(url)  # 80 dead rows: past the threshold again, counted from none left
     wait_until(lambda: _dead(url) >= 80, timeout_s=15, what="the dead rows counted")
-    done = vacuum.vacuum_jobs_if_bloated(queue.db)
+    done = vac.run_if_bloated(queue.db)
     assert done is not None and done.left == 0  # nothing holds them back any more
     assert len(_warnings(caplog)) == 1
 
@@ -207,6 +210,7 @@ def test_a_vacuum_gives_up_waiting_for_its_lock_and_the_next_check_retries(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     url, queue = pg
+    vac = vacuum.Vacuum()  # what the leader's loop holds
     monkeypatch.setattr(vacuum, "MIN_DEAD", 50)
     monkeypatch.setattr(vacuum, "LOCK_TIMEOUT_S", 0.5)
     caplog.set_level(logging.WARNING, logger=vacuum.__name__)
@@ -217,7 +221,7 @@ def test_a_vacuum_gives_up_waiting_for_its_lock_and_the_next_check_retries(
     with psycopg.connect(url) as holder:  # a transaction: the lock lasts until its end
         holder.execute("LOCK TABLE jobs IN SHARE UPDATE EXCLUSIVE MODE")  # VACUUM's own lock
         check = threading.Thread(
-            target=lambda: results.append(vacuum.vacuum_jobs_if_bloated(queue.db)), daemon=True
+            target=lambda: results.append(vac.run_if_bloated(queue.db)), daemon=True
         )
         started = time.monotonic()
         check.start()
@@ -232,7 +236,7 @@ def test_a_vacuum_gives_up_waiting_for_its_lock_and_the_next_check_retries(
     [warning] = _warnings(caplog)
     assert "waiting for its lock" in warning
     assert not _stats(url)[2]  # no VACUUM ran
-    assert vacuum.vacuum_jobs_if_bloated(queue.db) is not None  # the next check, lock free
+    assert vac.run_if_bloated(queue.db) is not None  # the next check, lock free
     assert _stats(url)[2]
 
 
@@ -240,6 +244,7 @@ def test_the_tables_autovacuum_reloption_is_read_and_lets_the_leader_vacuum(
     pg: tuple[str, PostgresQueue], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, queue = pg
+    vac = vacuum.Vacuum()  # what the leader's loop holds
     monkeypatch.setattr(vacuum, "MIN_DEAD", 50)
 
     def table_autovacuum(option: str) -> bool:
@@ -258,5 +263,5 @@ def test_the_tables_autovacuum_reloption_is_read_and_lets_the_leader_vacuum(
     _rewrite_jobs(url)
     wait_until(lambda: _dead(url) >= 80, timeout_s=15, what="the dead rows counted")
     # Vacuumed whatever the server's setting: where it is on, only the reloption says so.
-    assert vacuum.vacuum_jobs_if_bloated(queue.db) is not None
+    assert vac.run_if_bloated(queue.db) is not None
     assert _stats(url)[2]

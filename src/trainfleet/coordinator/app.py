@@ -176,12 +176,13 @@ async def _vacuum_forever(coord: Coordinator) -> None:
     db = getattr(coord.queue, "db", None)
     if db is None or db.dialect != Dialect.POSTGRES:
         return
+    leader_vacuum = vacuum.Vacuum()  # what its last vacuum left (a new leader learns anew)
     while True:
         await asyncio.sleep(vacuum.CHECK_S)
         if not coord.leader.is_leader:
             continue  # another coordinator of this database vacuums (coordinator.leader)
         try:
-            await run_in_threadpool(vacuum.vacuum_jobs_if_bloated, db)
+            await run_in_threadpool(leader_vacuum.run_if_bloated, db)
         except Exception:
             log.exception("vacuum of jobs failed; retrying")
 

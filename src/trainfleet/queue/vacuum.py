@@ -164,17 +164,3 @@ def _describe(oldest: Row | None) -> str:
         )
     seen = [str(value) for value in (oldest[1], oldest[2]) if value is not None]
     return f"pid {oldest[0]}" + (f" ({', '.join(seen)})" if seen else "")
-
-
-# What the last vacuum of each database left, by the database's URL.
-_vacuums: dict[str, Vacuum] = {}
-
-
-def vacuum_jobs_if_bloated(db: Database) -> Vacuumed | None:
-    """``Vacuum.run_if_bloated`` with the ``Vacuum`` this module keeps per database URL
-    (``_vacuums``), so that its caller, the leader's loop in ``coordinator.app``, holds no
-    state. A coordinator that becomes leader knows nothing of what the last vacuum left, and
-    learns it from its own first one."""
-    if not isinstance(db, PostgresDatabase):
-        return None
-    return _vacuums.setdefault(db.url, Vacuum()).run_if_bloated(db)
