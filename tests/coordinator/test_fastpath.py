@@ -258,16 +258,19 @@ def test_an_unexpected_error_on_the_fast_path_is_the_apps_json_500(
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("the disk is on fire")
 
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(api.coord.queue, "claim_many", broken)
-            http = TestClient(api.http.app, raise_server_exceptions=False)
-            try:
-                r = http.post("/v1/workers/claim", headers=w1.auth)
-            finally:
-                http.close()
-        assert fast_path_of(api).served == served + 1
-        assert r.status_code == 500, r.text
         message = "internal error; see the coordinator log"
-        assert r.json() == {"error": "internal", "message": message}
-        assert "on fire" not in r.text
-        assert "the disk is on fire" in caplog.text
+        # in the route's handler, and before it (the credential cache)
+        for target, name in ((api.coord.queue, "claim_many"), (api.coord.tokens, "get")):
+            caplog.clear()
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(target, name, broken)
+                http = TestClient(api.http.app, raise_server_exceptions=False)
+                try:
+                    r = http.post("/v1/workers/claim", headers=w1.auth)
+                finally:
+                    http.close()
+            assert r.status_code == 500, (name, r.text)
+            assert r.json() == {"error": "internal", "message": message}
+            assert "on fire" not in r.text
+            assert "the disk is on fire" in caplog.text
+        assert fast_path_of(api).served == served + 1  # the handler's: the other never ran

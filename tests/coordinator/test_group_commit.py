@@ -282,3 +282,99 @@ def test_a_groups_claims_and_completions_write_what_they_would_one_by_one(
     charges = [s for s in statements if s.startswith("INSERT INTO fair_usage")]
     assert len(inserts) == 1 + 1 + 2
     assert len(charges) == 1 + 2
+
+
+PRIORITY = """
+[hosts.big]
+priority = 10
+[hosts.small]
+[[jobs]]
+name = "a"
+priority = 5
+[[jobs]]
+name = "b"
+"""
+
+
+@pytest.mark.parametrize("run", [_in_one_group, _one_by_one], ids=["group", "alone"])
+def test_a_claim_after_a_completion_in_its_group_sees_that_worker_idle(
+    tmp_path: Path, run: Any
+) -> None:
+    """A worker whose job completed earlier in the group is idle to the claims after it:
+    a worker of a lower-priority host leaves it the next job (``claims._idle_betters``
+    reads other workers' ``current_job``, so a group frees each slot at once)."""
+    clock = FakeClock()
+    queue = SQLiteQueue(tmp_path / "q.db", clock=clock)
+    queue.reap_on_claim = False
+    queue.apply_manifest(manifest_of(PRIORITY))
+    big = queue.register_worker(make_cap("big"))[0].id
+    small = queue.register_worker(make_cap("small"))[0].id
+    held = queue.claim(big)
+    assert held is not None and held.job.name == "a"
+    clock.advance(1)
+    writer = GroupWriter(queue.db)
+    try:
+        done, got = run(
+            writer,
+            [
+                (queue.complete_plain, held.job.id, big, held.epoch, {}),
+                (queue.claim_many, small, 1),
+            ],
+        )
+    finally:
+        writer.shutdown()
+        queue.close()
+    assert done[0].state == "completed"
+    assert got == []  # "b" waits for the idle worker of the higher-priority host
+
+
+def test_a_deferred_write_that_fails_inside_a_call_rolls_the_group_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes left to the group are done before another call reads. If they fail there and
+    that call carries on (it caught the error), the group must not commit without them: it
+    runs again, a savepoint per call, and every write lands once."""
+    from trainfleet.queue import sqlite_attempts
+
+    clock = FakeClock()
+    queue = SQLiteQueue(tmp_path / "q.db", clock=clock)
+    queue.reap_on_claim = False
+    queue.apply_manifest(manifest_of(SIX))
+    worker = queue.register_worker(make_cap("cpu-a"))[0].id
+    held = queue.claim(worker)
+    assert held is not None
+    clock.advance(6)  # the attempt ran 6 s: 1/600 of a job-hour to charge
+    charge = sqlite_attempts.charge_spans
+    failures: list[str] = []
+
+    def charge_once_failing(*args: Any) -> None:
+        if not failures:
+            failures.append("charge")
+            raise RuntimeError("the disk is full")
+        charge(*args)
+
+    monkeypatch.setattr(sqlite_attempts, "charge_spans", charge_once_failing)
+
+    def careless_read() -> str:
+        try:
+            queue.counts()  # a read: the group's deferred writes go first, and fail
+        except RuntimeError as err:
+            return str(err)
+        return "read"
+
+    writer = GroupWriter(queue.db)
+    try:
+        done, read = _in_one_group(
+            writer,
+            [(queue.complete_plain, held.job.id, worker, held.epoch, {}), (careless_read,)],
+        )
+        assert writer.retried == 1
+    finally:
+        writer.shutdown()
+    assert failures == ["charge"] and read == "read"  # the second run read without failing
+    assert done[0].state == "completed"
+    kinds = [e.kind for e in queue.events(held.job.id)]
+    assert kinds.count("completed") == 1
+    [standing] = queue.fair_share().submitters
+    assert standing.usage_h == pytest.approx(1 / 600, rel=1e-3)  # charged once
+    queue.close()

@@ -204,21 +204,49 @@ class FastPath:
         if hot is None:
             await self.app(scope, receive, send)
             return
-        worker_id, length = self._caller(scope)
-        if worker_id is None:
-            await self.app(scope, receive, send)
-            return
-        read, raw = await _read_body(receive, length)
-        body = None
-        if raw is not None:
-            try:
-                body = hot.parse(parse_json(raw))
-            except (ApiError, _Unusual):
-                body = None
-        if body is None:  # the slow path answers, from the same bytes
-            await self.app(scope, _Replay(read, receive), send)
+        started = time.perf_counter()
+        try:
+            worker_id, read, body = await self._accept(hot, scope, receive)
+        except Exception as err:
+            await self._fail(hot.endpoint, scope, receive, send, err, started)
+            raise
+        if worker_id is None or body is None:  # the slow path answers, from the same bytes
+            await self.app(scope, _Replay(read, receive) if read else receive, send)
             return
         await self._serve(hot.endpoint, scope, receive, send, worker_id, body, job_id)
+
+    async def _accept(
+        self, hot: _Hot, scope: Scope, receive: Receive
+    ) -> tuple[str | None, list[Message], BaseModel | None]:
+        """The caller (None: not cached), the messages read and the checked body (None: not
+        one the fast path answers)."""
+        worker_id, length = self._caller(scope)
+        if worker_id is None:
+            return None, [], None
+        read, raw = await _read_body(receive, length)
+        if raw is None:
+            return worker_id, read, None
+        try:
+            return worker_id, read, hot.parse(parse_json(raw))
+        except (ApiError, _Unusual):
+            return worker_id, read, None
+
+    async def _fail(
+        self,
+        ep: Endpoint,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        err: Exception,
+        started: float,
+    ) -> None:
+        """Reply to an unexpected error as Starlette's ServerErrorMiddleware would, in front
+        of which this runs: the app's own reply (a JSON 500). The caller raises it again."""
+        if self.on_error is None:
+            return
+        response = await self.on_error(Request(scope, receive), err)
+        self._observe(ep.path, response.status_code, started)
+        await response(scope, receive, send)
 
     def _route(self, raw_path: Any) -> tuple[_Hot | None, str | None]:
         """The hot route of ``raw_path`` and its job id, if it is one."""
@@ -268,8 +296,7 @@ class FastPath:
         started = time.perf_counter()
         self.served += 1
         path_values = None if job_id is None else {"job_id": job_id}
-        request = Request(scope, receive)
-        ctx = Ctx(request, self.coord, worker_id, body, ep, path_values)
+        ctx = Ctx(Request(scope, receive), self.coord, worker_id, body, ep, path_values)
         try:
             result = await ep.handler(ctx)
         except ApiError as err:
@@ -277,12 +304,8 @@ class FastPath:
             self._observe(ep.path, response.status_code, started)
             await response(scope, receive, send)
             return
-        except Exception as err:  # as Starlette's ServerErrorMiddleware: reply, then raise
-            if self.on_error is None:
-                raise
-            response = await self.on_error(request, err)
-            self._observe(ep.path, response.status_code, started)
-            await response(scope, receive, send)
+        except Exception as err:
+            await self._fail(ep, scope, receive, send, err, started)
             raise
         if isinstance(result, Response):  # not one of the hot handlers' own replies today
             self._observe(ep.path, result.status_code, started)

@@ -141,12 +141,15 @@ class GroupWriter(ThreadPoolExecutor):
         (``SQLiteDatabase.group``); None, with nothing written, if any call (or those writes)
         raised."""
         outcomes: list[_Outcome] = []
+        later = Later(free_slots_later=False)
         settled = False
         try:
-            with self.db.group(Later()):
+            with self.db.group(later):
                 for future, fn, args, kwargs in group:
                     outcomes.append((future, True, fn(*args, **kwargs)))
                 self.db.settle()
+                if later.failed:  # a call caught the failure of a write left to the group
+                    raise _LeftUnwritten
                 settled = True
         except BaseException:
             if not settled:  # a call raised: the transaction rolled back
@@ -171,6 +174,10 @@ class GroupWriter(ThreadPoolExecutor):
                     conn.execute("RELEASE SAVEPOINT tf_group")
                     outcomes.append((future, True, value))
         return outcomes
+
+
+class _LeftUnwritten(Exception):
+    """A group's deferred writes failed inside a call that went on: roll the group back."""
 
 
 def _starts(target: _Target) -> bool:

@@ -301,7 +301,10 @@ def complete(
     if later is not None:
         if not has_data and not shard_reports(result):
             later.events.extend(events)
-            later.released.append((worker_id, job_id))
+            if later.free_slots_later:
+                later.released.append((worker_id, job_id))
+            else:
+                release_worker(conn, worker_id, job_id)
             later.used.append(used)
             return record
         later.write(conn)  # what was left goes first: the events stay in their order
@@ -318,17 +321,23 @@ def complete(
 @dataclass
 class Later:
     """What several completions and claims write once for all (issue 9): their events in one
-    multi-row INSERT, in the order they came; each worker's slot freed if it is held by one
-    of its completed jobs; the attempts' time charged to their submitters (``fairshare``),
-    once per submitter. Used by a batch of completions, and by a group commit's calls
-    (``SQLiteDatabase.group``). None of it is read by a later item of the batch, nor by a
-    later claim or completion of the group (a claim reads the worker's ``current_job`` only
-    to read that job's row, which is already written), so the writes are the same as one by
-    one."""
+    multi-row INSERT, in the order they came; the attempts' time charged to their submitters
+    (``fairshare``), once per submitter; and, for a batch of one worker's completions
+    (``free_slots_later``), the worker's slot freed once. None of it is read by a later item
+    of the batch, nor by a later claim or completion of a group commit
+    (``SQLiteDatabase.group``), so the writes are the same as one by one. A group frees each
+    slot at once: a claim reads other workers' ``current_job`` (an idle worker of a
+    higher-priority host is left the job: ``claims._idle_betters``), and each completion of a
+    group is another worker's anyway.
 
+    A write that fails marks it ``failed``: the caller must not commit what it holds (a
+    group runs again, a call at a time)."""
+
+    free_slots_later: bool = True
     events: list[EventRow] = field(default_factory=list)
     released: list[tuple[str, str]] = field(default_factory=list)  # (worker id, job id)
     used: list[tuple[str, float, float]] = field(default_factory=list)  # (submitter, from, to)
+    failed: bool = False
 
     def clear(self) -> None:
         self.events.clear()
@@ -339,18 +348,23 @@ class Later:
         """Write what was left, and forget it."""
         events, released, used = self.events, self.released, self.used
         self.events, self.released, self.used = [], [], []
-        insert_events(conn, events)
-        jobs_of: dict[str, list[str]] = {}
-        for worker_id, job_id in released:
-            jobs_of.setdefault(worker_id, []).append(job_id)
-        for worker_id, job_ids in jobs_of.items():
-            marks = ", ".join("?" * len(job_ids))
-            conn.execute(
-                f"UPDATE workers SET current_job = NULL WHERE id = ? AND current_job IN ({marks})",
-                (worker_id, *job_ids),
-            )
-        for submitter in sorted({s for s, _, _ in used}):  # rows locked in one order
-            charge_spans(conn, submitter, [(a, b) for s, a, b in used if s == submitter])
+        try:
+            insert_events(conn, events)
+            jobs_of: dict[str, list[str]] = {}
+            for worker_id, job_id in released:
+                jobs_of.setdefault(worker_id, []).append(job_id)
+            for worker_id, job_ids in jobs_of.items():
+                marks = ", ".join("?" * len(job_ids))
+                conn.execute(
+                    "UPDATE workers SET current_job = NULL"
+                    f" WHERE id = ? AND current_job IN ({marks})",
+                    (worker_id, *job_ids),
+                )
+            for submitter in sorted({s for s, _, _ in used}):  # rows locked in one order
+                charge_spans(conn, submitter, [(a, b) for s, a, b in used if s == submitter])
+        except BaseException:
+            self.failed = True
+            raise
 
 
 def complete_plain(
