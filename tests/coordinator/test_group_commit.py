@@ -378,3 +378,69 @@ def test_a_deferred_write_that_fails_inside_a_call_rolls_the_group_back(
     [standing] = queue.fair_share().submitters
     assert standing.usage_h == pytest.approx(1 / 600, rel=1e-3)  # charged once
     queue.close()
+
+
+def test_hot_calls_run_on_the_loop_and_wait_there_while_the_thread_holds_the_database(
+    tmp_path: Path,
+) -> None:
+    """``call_inline``: a hot route's calls run as a group on the event loop's own thread
+    when the writer thread is idle; while the thread is in a transaction they wait on the
+    loop, which goes on serving (here: a callback), and run once it is done."""
+    db = SQLiteDatabase(tmp_path / "g.db")
+    with db.tx() as conn:
+        conn.execute("CREATE TABLE t (v INTEGER)")
+    writer = GroupWriter(db)
+
+    def insert_on(value: int) -> str:
+        insert(db, value)
+        return threading.current_thread().name
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        names = await asyncio.gather(*(writer.call_inline(loop, insert_on, v) for v in (1, 2, 3)))
+        assert set(names) == {threading.current_thread().name}  # run here, on the loop
+        assert writer.inline_groups == 1  # the three of one turn: one group
+
+        started, release = threading.Event(), threading.Event()
+
+        def hold() -> bool:
+            with db.tx():  # the thread holds the database
+                started.set()
+                return release.wait(30)
+
+        held = writer.submit(hold)
+        assert await asyncio.to_thread(started.wait, 30)
+        waiting = writer.call_inline(loop, insert_on, 4)
+        served = asyncio.Event()  # the loop is not blocked: it serves what comes next
+        loop.call_soon(served.set)
+        await asyncio.wait_for(served.wait(), 30)
+        assert not waiting.done()
+        release.set()
+        assert await asyncio.wait_for(waiting, 30) == threading.current_thread().name
+        assert held.result(30) is True
+
+    try:
+        asyncio.run(scenario())
+        with db.read() as conn:
+            values = [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v").fetchall()]
+        assert values == [1, 2, 3, 4]
+    finally:
+        writer.shutdown()
+        db.close()
+
+
+def test_hot_calls_left_waiting_at_shutdown_get_an_error(tmp_path: Path) -> None:
+    db = SQLiteDatabase(tmp_path / "g.db")
+    writer = GroupWriter(db)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        waiting = writer.call_inline(loop, lambda: 1)
+        writer.shutdown()  # before the loop's next turn ran the call
+        with pytest.raises(RuntimeError, match="shut down"):
+            await asyncio.wait_for(waiting, 30)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        db.close()

@@ -58,7 +58,7 @@ async def complete_attempt(ctx: Ctx, job_ref: str, epoch: int, result: dict[str,
     check_result(result)
     start = beats.take_start(job_ref, ctx.worker, epoch)
     try:
-        job, record = await ctx.run_db(
+        job, record = await ctx.run_hot(
             _complete_plain, queue, job_ref, ctx.worker, epoch, result, start
         )
     except BaseException:

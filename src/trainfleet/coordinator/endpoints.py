@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from trainfleet.coordinator.auth import AttemptCaller, Auth, authenticate
 from trainfleet.coordinator.bodies import MAX_JSON_BYTES, parse_json, read_limited
-from trainfleet.coordinator.writer import run_on
+from trainfleet.coordinator.writer import run_hot, run_on
 from trainfleet.errors import ApiError, BadRequest
 
 if TYPE_CHECKING:
@@ -179,6 +179,12 @@ class Ctx:
         """``fn`` on ``coord.db_executor`` (``coordinator/writer.py``): queue transactions only,
         nothing slow."""
         return await run_on(self.coord.db_executor, fn, *args, **kwargs)
+
+    async def run_hot(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``run_db`` for a hot route's short call (a claim, a completion): on SQLite it may
+        run on the event loop itself (``writer.run_hot``). Never for anything that may take
+        long: it would hold the loop."""
+        return await run_hot(self.coord.db_executor, fn, *args, **kwargs)
 
     async def run_io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` on the ordinary threadpool: file I/O and CPU work that must not hold the

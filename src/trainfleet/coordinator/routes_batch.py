@@ -183,7 +183,7 @@ async def complete_batch(ctx: Ctx) -> CompletionsResponse:
         taken = [beats.take_start(items[i].job_id, ctx.worker, items[i].epoch) for i in todo]
         starts = {b.job_id: b for b in taken if b is not None}
         try:
-            done = await ctx.run_db(
+            done = await ctx.run_hot(
                 queue.complete_plain_many,
                 ctx.worker,
                 [(items[i].job_id, items[i].epoch, items[i].result) for i in todo],

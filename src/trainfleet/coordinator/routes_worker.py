@@ -317,7 +317,7 @@ async def claim_with_starts(ctx: Ctx, max_jobs: int) -> list[Claim]:
         return await ctx.run_db(queue.claim_many, ctx.worker, max_jobs)
     starts = beats.take_starts(ctx.worker)
     try:
-        return await ctx.run_db(queue.claim_many, ctx.worker, max_jobs, starts=starts)
+        return await ctx.run_hot(queue.claim_many, ctx.worker, max_jobs, starts=starts)
     except BaseException:
         for beat in starts:
             beats.give_back(beat)

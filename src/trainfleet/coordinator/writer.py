@@ -8,7 +8,10 @@ keeps its connection warm. A database that takes concurrent writers (``single_wr
 PostgreSQL) gets a pool sized to its connection pool.
 
 On SQLite the calls waiting for that thread at once commit together, in one transaction,
-a call that fails rolled back alone (``coordinator.group_commit``).
+a call that fails rolled back alone (``coordinator.group_commit``). The hot routes' short
+calls (a claim, a completion: ``Ctx.run_hot``) run as such groups on the event loop itself
+while that thread is idle: the thread and the loop share the GIL, and each waiting for the
+other cost more than the work on a loaded machine.
 
 The rule that keeps this fast: nothing slow runs on that thread; on SQLite not even the WAL
 checkpoints, which run on a thread of their own (``queue.checkpoint``). Shard planning, decoding a
@@ -30,6 +33,7 @@ T = TypeVar("T")
 
 DEFAULT_POOL = 8  # writers for a multi-writer database that does not say its pool size
 GROUP_COMMIT = True  # SQLite: queue calls waiting together share one transaction
+HOT_ON_LOOP = True  # SQLite: a hot route's calls run on the event loop when the writer is idle
 
 
 def make_db_executor(queue: object) -> ThreadPoolExecutor:
@@ -59,4 +63,16 @@ async def run_on(
     return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
 
-__all__ = ["make_db_executor", "run_on"]
+async def run_hot(
+    executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """``run_on`` for a short call of a hot route: on SQLite on the event loop itself when the
+    writer thread is idle (``GroupWriter.call_inline``)."""
+    if isinstance(executor, GroupWriter) and HOT_ON_LOOP:
+        loop = asyncio.get_running_loop()
+        result: T = await executor.call_inline(loop, fn, *args, **kwargs)
+        return result
+    return await run_on(executor, fn, *args, **kwargs)
+
+
+__all__ = ["make_db_executor", "run_hot", "run_on"]

@@ -212,6 +212,14 @@ class SQLiteDatabase:
         group is open; write at once)."""
         return self._deferred
 
+    def try_hold(self) -> bool:
+        """Take the connection's lock if no other thread holds it (the event loop's group
+        commits: ``group_commit.GroupWriter.call_inline``); the caller ``release``s it."""
+        return self._lock.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._lock.release()
+
     def settle(self) -> None:
         """Do the open group's deferred writes now (nothing outside a group)."""
         if self._deferred is not None:
