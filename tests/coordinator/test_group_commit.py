@@ -400,6 +400,9 @@ def test_hot_calls_run_on_the_loop_and_wait_there_while_the_thread_holds_the_dat
         names = await asyncio.gather(*(writer.call_inline(loop, insert_on, v) for v in (1, 2, 3)))
         assert set(names) == {threading.current_thread().name}  # run here, on the loop
         assert writer.inline_groups == 1  # the three of one turn: one group
+        many = [writer.call_inline(loop, insert_on, 100 + v) for v in range(writer.max_group + 1)]
+        await asyncio.gather(*many)
+        assert writer.inline_groups == 3  # at most one group a turn: the loop serves between
 
         started, release = threading.Event(), threading.Event()
 
@@ -423,7 +426,7 @@ def test_hot_calls_run_on_the_loop_and_wait_there_while_the_thread_holds_the_dat
         asyncio.run(scenario())
         with db.read() as conn:
             values = [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v").fetchall()]
-        assert values == [1, 2, 3, 4]
+        assert values == [1, 2, 3, 4, *range(100, 100 + writer.max_group + 1)]
     finally:
         writer.shutdown()
         db.close()

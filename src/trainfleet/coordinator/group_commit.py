@@ -124,12 +124,13 @@ class GroupWriter(ThreadPoolExecutor):
         if not self.db.try_hold():  # the writer thread is in a transaction: look again soon
             loop.call_later(INLINE_RETRY_S, self._drain, loop)
             return
-        items, self._inline = self._inline, []
+        # One group per turn: the loop serves its sockets (heartbeats) between groups.
+        items, self._inline = self._inline[: self.max_group], self._inline[self.max_group :]
+        if self._inline:
+            loop.call_soon(self._drain, loop)
         try:
-            items = [item for item in items if _starts(item[0])]
-            for start in range(0, len(items), self.max_group):
-                self._run(items[start : start + self.max_group])
-                self.inline_groups += 1
+            self._run([item for item in items if _starts(item[0])])
+            self.inline_groups += 1
         finally:
             self.db.release()
 
