@@ -8,8 +8,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -61,15 +61,22 @@ def test_sqlite_has_nothing_to_vacuum(tmp_path: Path) -> None:
         queue.close()
 
 
-@pytest.fixture
-def pg() -> Iterator[tuple[str, PostgresQueue]]:
+def _queue_in(
+    place: Callable[[], AbstractContextManager[str]],
+) -> Iterator[tuple[str, PostgresQueue]]:
+    """A queue (and its URL) in a schema or database ``place`` makes, closed afterwards."""
     require_postgres()
-    with fresh_schema() as url:
+    with place() as url:
         queue = PostgresQueue(url, pool_size=2)
         try:
             yield url, queue
         finally:
             queue.close()
+
+
+@pytest.fixture
+def pg() -> Iterator[tuple[str, PostgresQueue]]:
+    yield from _queue_in(fresh_schema)
 
 
 @contextmanager
@@ -88,13 +95,7 @@ def _fresh_database() -> Iterator[str]:
 
 @pytest.fixture
 def own_db() -> Iterator[tuple[str, PostgresQueue]]:
-    require_postgres()
-    with _fresh_database() as url:
-        queue = PostgresQueue(url, pool_size=2)
-        try:
-            yield url, queue
-        finally:
-            queue.close()
+    yield from _queue_in(_fresh_database)
 
 
 def _stats(url: str) -> tuple[bool, int, bool]:
