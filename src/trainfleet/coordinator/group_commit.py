@@ -97,7 +97,7 @@ class GroupWriter(ThreadPoolExecutor):
     ) -> asyncio.Future[Any]:
         """``call`` for a short call of a hot route (a claim, a completion): run on the event
         loop itself, with the other such calls of the same turn of the loop as one group,
-        when the writer thread does not hold the database; else on the writer, as ``call``.
+        once the writer thread does not hold the database.
 
         The writer thread and the event loop share the GIL: with both busy, each waited for
         the other, and on a loaded machine that handover cost more than the work (issue 9:
