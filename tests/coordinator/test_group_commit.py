@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from fleetkit import FakeClock, make_cap, manifest_of
+from trainfleet.coordinator import group_commit
 from trainfleet.coordinator.group_commit import GroupWriter
 from trainfleet.coordinator.writer import run_on
 from trainfleet.queue.db import SQLiteDatabase
@@ -446,4 +447,42 @@ def test_hot_calls_left_waiting_at_shutdown_get_an_error(tmp_path: Path) -> None
     try:
         asyncio.run(scenario())
     finally:
+        db.close()
+
+
+def test_hot_calls_waiting_for_the_thread_are_woken_when_it_lets_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the writer thread holds the database, the loop's hot calls do not keep looking
+    (each look takes the GIL the thread needs for its statements): the thread's release
+    wakes them. With the fallback recheck an hour away, they still run as soon as it lets go."""
+    monkeypatch.setattr(group_commit, "INLINE_RECHECK_S", 3600.0)
+    db = SQLiteDatabase(tmp_path / "g.db")
+    with db.tx() as conn:
+        conn.execute("CREATE TABLE t (v INTEGER)")
+    writer = GroupWriter(db)
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        with db.tx():
+            started.set()
+            return release.wait(30)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        held = writer.submit(hold)
+        assert await asyncio.to_thread(started.wait, 30)
+        waiting = [writer.call_inline(loop, insert, db, v) for v in (1, 2)]
+        await asyncio.sleep(0)  # the drain runs, finds the database held, and waits
+        assert writer._recheck is not None and not any(w.done() for w in waiting)
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*waiting), 30) == [1, 2]
+        assert held.result(30) is True
+        assert writer._recheck is None  # the recheck timer was cancelled, not left to fire
+
+    try:
+        asyncio.run(scenario())
+        assert writer.inline_groups == 1
+    finally:
+        writer.shutdown()
         db.close()

@@ -211,6 +211,53 @@ def test_sqlite_queue_keeps_its_path_and_dialect(tmp_path: Path) -> None:
         queue.close()
 
 
+def test_sqlite_try_hold_calls_its_waiter_once_the_holder_lets_go(tmp_path: Path) -> None:
+    """``try_hold(on_free)``: refused while another thread holds the connection; the waiter
+    is called once, when the holder's outermost transaction or read ends (not at a nested
+    one's end), and then the lock can be taken."""
+    db = SQLiteDatabase(tmp_path / "h.db")
+    woken: list[str] = []
+    inner_done, outer_go, read_go = threading.Event(), threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with db.tx():
+            with db.tx():  # nested: joins; its end must not wake the waiter
+                assert wait_until(lambda: outer_go.is_set(), 30)
+            inner_done.set()
+            assert read_go.wait(30)
+        with db.read():  # a read holds the lock too
+            pass
+
+    try:
+        assert db.try_hold() and db.try_hold()  # re-entrant on its own thread
+        db.release()
+        db.release()
+        thread = threading.Thread(target=holder)
+        with db.tx():  # the holder waits for this one
+            thread.start()
+
+        def holder_has_it() -> bool:
+            if db.try_hold():
+                db.release()
+                return False
+            return True
+
+        assert wait_until(holder_has_it, 30)
+        assert not db.try_hold(lambda: woken.append("first"))
+        assert not db.try_hold(lambda: woken.append("second"))  # replaces the first waiter
+        outer_go.set()
+        assert inner_done.wait(30)
+        assert woken == []  # the nested transaction ended; the outer one still holds it
+        read_go.set()
+        thread.join(30)
+        assert woken == ["second"]  # once, the latest waiter
+        assert db.try_hold()  # and it is free
+        db.release()
+        assert woken == ["second"]  # no waiter left to call
+    finally:
+        db.close()
+
+
 def test_an_unreachable_postgres_is_a_clear_error_without_the_password() -> None:
     with pytest.raises(DatabaseUnavailable, match=r"postgres:\*\*\*@127.0.0.1:1/") as err:
         PostgresDatabase("postgresql://postgres:hunter2@127.0.0.1:1/test", connect_timeout_s=0.5)

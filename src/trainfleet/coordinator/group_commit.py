@@ -48,7 +48,9 @@ from trainfleet.queue.sqlite_attempts import Later
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 32
-INLINE_RETRY_S = 0.0005  # how soon the loop's hot calls look again at a busy database
+# How soon the loop's hot calls look again at a busy database if its holder has not said it
+# let go (``SQLiteDatabase.try_hold``'s waiter wakes them as soon as it does).
+INLINE_RECHECK_S = 0.005
 # Where a call's outcome goes: an executor's future (``submit``) or the event loop's (``call``).
 _Target = Future[Any] | asyncio.Future[Any]
 _Item = tuple[_Target, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -69,6 +71,7 @@ class GroupWriter(ThreadPoolExecutor):
         self.inline_groups = 0  # groups of hot calls run on the event loop (``call_inline``)
         self._closed = False
         self._inline: list[_Item] = []  # this turn of the loop's hot calls
+        self._recheck: asyncio.TimerHandle | None = None  # set while they wait for the database
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="trainfleet-writer", daemon=True)
         self._thread.start()
@@ -103,9 +106,13 @@ class GroupWriter(ThreadPoolExecutor):
         the other, and on a loaded machine that handover cost more than the work (issue 9:
         0.70 against 0.80-0.88 ms of server CPU per claim cycle at 64 workers). Anything
         that may run long (a manifest, a run's planning) still goes to the thread, and
-        while the thread holds the database these calls wait on the loop (looked at again
-        every ``INLINE_RETRY_S``), never blocking it. They never go to the thread: fed by
-        the loop, it would keep the database busy and the loop would find it so."""
+        while the thread holds the database these calls wait on the loop, never blocking
+        it, until the thread lets the database go (it wakes the loop) or ``INLINE_RECHECK_S``
+        passes. They never go to the thread: fed by the loop, it would keep the database busy
+        and the loop would find it so. Nor does the loop look again and again: a waiting loop
+        that keeps taking the GIL slowed the thread's statements several times over (each
+        statement gives the GIL up and waits to get it back), and so kept the database busy
+        for longer (issue 9: 5,000 looks in a 3 s run)."""
         waiter = loop.create_future()
         if self._closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -116,13 +123,17 @@ class GroupWriter(ThreadPoolExecutor):
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run the hot calls waiting on the loop, as groups, once the database is free."""
+        if self._recheck is not None:  # this call came first: its timer is not needed
+            self._recheck.cancel()
+            self._recheck = None
         if self._closed:
             items, self._inline = self._inline, []
             closed = RuntimeError("the coordinator's writer has shut down")
             _deliver([(future, False, closed) for future, _, _, _ in items])
             return
-        if not self.db.try_hold():  # the writer thread is in a transaction: look again soon
-            loop.call_later(INLINE_RETRY_S, self._drain, loop)
+        if not self.db.try_hold(lambda: _wake(loop, self._woken)):
+            # The writer thread is in a transaction: wait until it lets go.
+            self._recheck = loop.call_later(INLINE_RECHECK_S, self._drain, loop)
             return
         # One group per turn: the loop serves its sockets (heartbeats) between groups.
         items, self._inline = self._inline[: self.max_group], self._inline[self.max_group :]
@@ -133,6 +144,11 @@ class GroupWriter(ThreadPoolExecutor):
             self.inline_groups += 1
         finally:
             self.db.release()
+
+    def _woken(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The database's holder let it go: drain now if the hot calls are waiting for it."""
+        if self._recheck is not None:
+            self._drain(loop)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -223,6 +239,12 @@ class GroupWriter(ThreadPoolExecutor):
 
 class _LeftUnwritten(Exception):
     """A group's deferred writes failed inside a call that went on: roll the group back."""
+
+
+def _wake(loop: asyncio.AbstractEventLoop, fn: Callable[[asyncio.AbstractEventLoop], None]) -> None:
+    """``fn(loop)`` on ``loop``, from any thread (nothing once the loop has closed)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, loop)
 
 
 def _starts(target: _Target) -> bool:

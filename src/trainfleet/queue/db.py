@@ -28,7 +28,7 @@ import re
 import sqlite3
 import threading
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from enum import StrEnum
 from functools import lru_cache
@@ -165,13 +165,37 @@ class SQLiteDatabase:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._depth = 0  # how deep the lock's holder has taken it (only the holder counts)
+        self._on_free: Callable[[], None] | None = None  # ``try_hold``'s waiter
+        self._waiter = threading.Lock()  # guards ``_on_free``
         self.raw = sqlite_connect(self.path)
         self._conn = SQLiteConn(self.raw)
         self._deferred: Deferred | None = None  # the open group's (``group``)
 
     @contextmanager
-    def tx(self, *, shared: bool = False, defer: bool = False) -> Iterator[Conn]:
+    def _held(self) -> Iterator[None]:
+        """The connection's lock; the waiter ``try_hold`` left is called once it is free."""
         with self._lock:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                last = self._depth == 0
+        if last:
+            self._freed()
+
+    def _freed(self) -> None:
+        if self._on_free is None:  # the common case, read without the guard
+            return
+        with self._waiter:
+            on_free, self._on_free = self._on_free, None
+        if on_free is not None:
+            on_free()
+
+    @contextmanager
+    def tx(self, *, shared: bool = False, defer: bool = False) -> Iterator[Conn]:
+        with self._held():
             if self.raw.in_transaction:  # nested on this thread: join the open transaction
                 if not defer:
                     self.settle()
@@ -187,7 +211,7 @@ class SQLiteDatabase:
 
     @contextmanager
     def read(self) -> Iterator[Conn]:
-        with self._lock:
+        with self._held():
             self.settle()
             yield self._conn
 
@@ -212,13 +236,34 @@ class SQLiteDatabase:
         group is open; write at once)."""
         return self._deferred
 
-    def try_hold(self) -> bool:
+    def try_hold(self, on_free: Callable[[], None] | None = None) -> bool:
         """Take the connection's lock if no other thread holds it (the event loop's group
-        commits: ``group_commit.GroupWriter.call_inline``); the caller ``release``s it."""
-        return self._lock.acquire(blocking=False)
+        commits: ``group_commit.GroupWriter.call_inline``); the caller ``release``s it.
+
+        ``on_free``: where the lock is held, called (on the holder's thread, once) when its
+        holder lets it go, so that the caller need not keep looking. One waiter at a time: a
+        later ``on_free`` replaces an earlier one. It may be called once the lock is taken
+        again by then, or after this call took it after all: the caller looks again."""
+        if self._lock.acquire(blocking=False):
+            self._depth += 1
+            return True
+        if on_free is None:
+            return False
+        with self._waiter:
+            self._on_free = on_free
+        if self._lock.acquire(blocking=False):  # let go before the waiter was seen
+            with self._waiter:
+                self._on_free = None
+            self._depth += 1
+            return True
+        return False
 
     def release(self) -> None:
+        self._depth -= 1
+        last = self._depth == 0
         self._lock.release()
+        if last:
+            self._freed()
 
     def settle(self) -> None:
         """Do the open group's deferred writes now (nothing outside a group)."""
