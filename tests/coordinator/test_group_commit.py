@@ -18,6 +18,14 @@ from trainfleet.queue.db import SQLiteDatabase
 from trainfleet.queue.sqlite import SQLiteQueue
 
 
+def table_db(tmp_path: Path) -> SQLiteDatabase:
+    """A database with one table, ``t (v)``."""
+    db = SQLiteDatabase(tmp_path / "g.db")
+    with db.tx() as conn:
+        conn.execute("CREATE TABLE t (v INTEGER)")
+    return db
+
+
 def insert(db: SQLiteDatabase, value: int) -> int:
     with db.tx() as conn:
         conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
@@ -31,9 +39,7 @@ def insert_then_fail(db: SQLiteDatabase, value: int) -> None:
 
 
 def test_waiting_calls_commit_together_and_a_failure_rolls_back_alone(tmp_path: Path) -> None:
-    db = SQLiteDatabase(tmp_path / "g.db")
-    with db.tx() as conn:
-        conn.execute("CREATE TABLE t (v INTEGER)")
+    db = table_db(tmp_path)
     writer = GroupWriter(db)
     release = threading.Event()
     try:
@@ -65,9 +71,7 @@ def test_event_loop_calls_are_answered_on_the_loop_and_a_cancelled_one_is_skippe
 ) -> None:
     """``run_on`` (``coordinator.writer``) awaits ``GroupWriter.call``: a group's answers reach
     the loop together; a call whose awaiting task was cancelled before its turn never runs."""
-    db = SQLiteDatabase(tmp_path / "g.db")
-    with db.tx() as conn:
-        conn.execute("CREATE TABLE t (v INTEGER)")
+    db = table_db(tmp_path)
     writer = GroupWriter(db)
     started, release = threading.Event(), threading.Event()
 
@@ -107,9 +111,7 @@ def test_a_clean_group_takes_no_savepoints_and_a_failed_one_runs_again_with_them
     """A group none of whose calls fails commits with no savepoint; one whose call fails is
     rolled back whole and run again with a savepoint per call, so every other call's writes
     land exactly once."""
-    db = SQLiteDatabase(tmp_path / "g.db")
-    with db.tx() as conn:
-        conn.execute("CREATE TABLE t (v INTEGER)")
+    db = table_db(tmp_path)
     statements: list[str] = []
     db.raw.set_trace_callback(statements.append)
     writer = GroupWriter(db)
@@ -387,9 +389,7 @@ def test_hot_calls_run_on_the_loop_and_wait_there_while_the_thread_holds_the_dat
     """``call_inline``: a hot route's calls run as a group on the event loop's own thread
     when the writer thread is idle; while the thread is in a transaction they wait on the
     loop, which goes on serving (here: a callback), and run once it is done."""
-    db = SQLiteDatabase(tmp_path / "g.db")
-    with db.tx() as conn:
-        conn.execute("CREATE TABLE t (v INTEGER)")
+    db = table_db(tmp_path)
     writer = GroupWriter(db)
 
     def insert_on(value: int) -> str:
@@ -457,9 +457,7 @@ def test_hot_calls_waiting_for_the_thread_are_woken_when_it_lets_go(
     (each look takes the GIL the thread needs for its statements): the thread's release
     wakes them. With the fallback recheck an hour away, they still run as soon as it lets go."""
     monkeypatch.setattr(group_commit, "INLINE_RECHECK_S", 3600.0)
-    db = SQLiteDatabase(tmp_path / "g.db")
-    with db.tx() as conn:
-        conn.execute("CREATE TABLE t (v INTEGER)")
+    db = table_db(tmp_path)
     writer = GroupWriter(db)
     started, release = threading.Event(), threading.Event()
 
