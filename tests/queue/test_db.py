@@ -254,6 +254,22 @@ def test_sqlite_try_hold_calls_its_waiter_once_the_holder_lets_go(tmp_path: Path
         assert db.try_hold()  # and it is free
         db.release()
         assert woken == ["second"]  # no waiter left to call
+
+        # A holder whose transaction fails lets the lock go, and calls the waiter, all the same.
+        failing_go = threading.Event()
+
+        def failing_holder() -> None:
+            with pytest.raises(ValueError), db.tx():
+                assert failing_go.wait(30)
+                raise ValueError("refused")
+
+        thread = threading.Thread(target=failing_holder)
+        thread.start()
+        assert wait_until(holder_has_it, 30)
+        assert not db.try_hold(lambda: woken.append("after a failure"))
+        failing_go.set()
+        thread.join(30)
+        assert woken == ["second", "after a failure"]
     finally:
         db.close()
 

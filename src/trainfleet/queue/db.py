@@ -174,16 +174,20 @@ class SQLiteDatabase:
 
     @contextmanager
     def _held(self) -> Iterator[None]:
-        """The connection's lock; the waiter ``try_hold`` left is called once it is free."""
-        with self._lock:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                last = self._depth == 0
-        if last:
-            self._freed()
+        """The connection's lock; the waiter ``try_hold`` left is called once it is free
+        (a transaction that raised lets it go too)."""
+        last = False
+        try:
+            with self._lock:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                    last = self._depth == 0
+        finally:
+            if last:
+                self._freed()
 
     def _freed(self) -> None:
         if self._on_free is None:  # the common case, read without the guard
