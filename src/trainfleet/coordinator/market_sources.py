@@ -33,7 +33,7 @@ import zstandard
 
 from trainfleet.artifacts.store import IngestBuffer
 from trainfleet.errors import BadRequest, NotFound
-from trainfleet.train.trainer import WEIGHTS_FILE
+from trainfleet.train.recipes import WEIGHTS_FILE
 
 if TYPE_CHECKING:
     from pathlib import Path

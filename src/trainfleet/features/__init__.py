@@ -24,14 +24,26 @@ refcount and tombstones exactly as :class:`GuardedStore` does here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainfleet.errors import StoreUnavailable
-from trainfleet.features.interleave import InterleaveReport, run_interleavings
 from trainfleet.features.memory import InProcessStore, lookup
 from trainfleet.features.ref import SampleRef, decode_tensors, encode_tensors, sign_ref, verify_ref
 from trainfleet.features.shared_dir import SharedDirStore
 from trainfleet.features.store import FeatureStore, GuardedStore, StoreStats
+
+if TYPE_CHECKING:
+    from trainfleet.features.interleave import InterleaveReport, run_interleavings
+
+
+def __getattr__(name: str) -> Any:
+    """The interleaving checker on first use: it imports torch, which the coordinator (a
+    user of the refs alone) never needs to load."""
+    if name in ("InterleaveReport", "run_interleavings"):
+        from trainfleet.features import interleave
+
+        return getattr(interleave, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(address: str, secret: bytes, **kw: Any) -> FeatureStore:

@@ -31,14 +31,16 @@ import struct
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import blake3
-import safetensors.torch
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainfleet.errors import BadRef
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 KEY_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
@@ -47,37 +49,50 @@ _KEY_RE = re.compile(KEY_PATTERN)
 _HEX64 = r"^[0-9a-f]{64}$"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_CODES = {dtype: code for code, dtype in _DTYPES.items()}
-# safetensors orders tensors by its Dtype enum, descending: this is that enum's order.
-_RANK = {
-    dtype: rank
-    for rank, dtype in enumerate(
-        [
-            torch.bool,
-            torch.uint8,
-            torch.int8,
-            torch.int16,
-            torch.float16,
-            torch.bfloat16,
-            torch.int32,
-            torch.float32,
-            torch.float64,
-            torch.int64,
-        ]
+
+@dataclass(frozen=True)
+class _Dtypes:
+    """safetensors' dtype codes and their torch dtypes; made at first use, so that the refs'
+    side of this module (the coordinator's) never imports torch."""
+
+    by_code: dict[str, torch.dtype]
+    codes: dict[torch.dtype, str]
+    rank: dict[torch.dtype, int]  # safetensors orders tensors by this enum order, descending
+
+
+@cache
+def _dtypes() -> _Dtypes:
+    import torch
+
+    by_code = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    order = [
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.float16,
+        torch.bfloat16,
+        torch.int32,
+        torch.float32,
+        torch.float64,
+        torch.int64,
+    ]
+    return _Dtypes(
+        by_code,
+        {dtype: code for code, dtype in by_code.items()},
+        {dtype: rank for rank, dtype in enumerate(order)},
     )
-}
 
 
 class SampleRef(BaseModel):
@@ -189,17 +204,22 @@ class Encoded:
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def encode_parts(tensors: Mapping[str, torch.Tensor]) -> Encoded:
     """``tensors`` as safetensors, byte for byte what ``safetensors.torch.save`` writes
     (tensors sorted by dtype, largest first, then by name; header padded to 8 bytes)."""
+    import safetensors.torch
+
+    dtypes = _dtypes()
     plain = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    if any(t.dtype not in _CODES for t in plain.values()) or sys.byteorder != "little":
+    if any(t.dtype not in dtypes.codes for t in plain.values()) or sys.byteorder != "little":
         data = safetensors.torch.save(plain)
         return Encoded([memoryview(data)], len(data))
-    order = sorted(plain, key=lambda name: (-_RANK[plain[name].dtype], name))
+    order = sorted(plain, key=lambda name: (-dtypes.rank[plain[name].dtype], name))
     header: dict[str, Any] = {}
     parts: list[memoryview] = []
     offset = 0
@@ -207,7 +227,7 @@ def encode_parts(tensors: Mapping[str, torch.Tensor]) -> Encoded:
         t = plain[name]
         nbytes = t.numel() * t.element_size()
         header[name] = {
-            "dtype": _CODES[t.dtype],
+            "dtype": dtypes.codes[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -229,6 +249,9 @@ def decode_tensors(data: bytes | bytearray | memoryview) -> dict[str, torch.Tens
     """Tensors from safetensors bytes. Over a writable buffer (``bytearray``) the tensors are
     views of it: the caller hands over a buffer nobody else holds. Immutable ``bytes`` are
     decoded by safetensors, which copies."""
+    import safetensors.torch
+    import torch
+
     if isinstance(data, bytes) or sys.byteorder != "little":
         return safetensors.torch.load(bytes(data))
     view = memoryview(data)
@@ -245,7 +268,7 @@ def decode_tensors(data: bytes | bytearray | memoryview) -> dict[str, torch.Tens
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _DTYPES.get(info.get("dtype"))
+        dtype = _dtypes().by_code.get(info.get("dtype"))
         if dtype is None:  # a rarer dtype: let safetensors handle the whole buffer
             return safetensors.torch.load(bytes(view))
         shape = [int(d) for d in info["shape"]]

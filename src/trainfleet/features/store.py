@@ -32,8 +32,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainfleet.errors import (
@@ -56,6 +56,9 @@ from trainfleet.features.ref import (
     sign_ref,
     verify_ref,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 Clock = Callable[[], float]
 POLL_S = 0.02  # how often a put blocked by backpressure re-reads state other processes change

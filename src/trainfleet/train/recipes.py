@@ -69,6 +69,11 @@ class Recipe:
     description: str
 
 
+# A trained recipe's weights, in its output directory and in its artifact: named here, where
+# no torch is imported, so that the coordinator reads it without loading torch (about 2 s of
+# CPU at every start).
+WEIGHTS_FILE = "model.safetensors"
+
 RECIPES: dict[str, Recipe] = {
     "gpt": Recipe(
         name="gpt",

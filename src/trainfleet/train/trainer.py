@@ -37,13 +37,12 @@ from trainfleet.data.spec import DatasetSpec, SyntheticDataset
 from trainfleet.errors import CorpusTooSmall
 from trainfleet.train.feed import ShardFeed
 from trainfleet.train.model import GPT
-from trainfleet.train.recipes import RECIPES, GPTParams
+from trainfleet.train.recipes import RECIPES, WEIGHTS_FILE, GPTParams
 
 SMOKE_STEPS = 5
 MIN_LR_RATIO = 0.1  # cosine decay ends at this fraction of the peak learning rate
 GRAD_CLIP = 1.0
 NUM_PROGRESS_LINES = 10
-WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 
