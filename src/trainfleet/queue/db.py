@@ -174,20 +174,14 @@ class SQLiteDatabase:
 
     @contextmanager
     def _held(self) -> Iterator[None]:
-        """The connection's lock; the waiter ``try_hold`` left is called once it is free
-        (a transaction that raised lets it go too)."""
-        last = False
+        """The connection's lock, let go by ``release`` (which calls the waiter ``try_hold``
+        left), a transaction that raised included."""
+        self._lock.acquire()
+        self._depth += 1
         try:
-            with self._lock:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
-                    last = self._depth == 0
+            yield
         finally:
-            if last:
-                self._freed()
+            self.release()
 
     def _freed(self) -> None:
         if self._on_free is None:  # the common case, read without the guard
