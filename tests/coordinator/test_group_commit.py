@@ -484,3 +484,41 @@ def test_hot_calls_waiting_for_the_thread_are_woken_when_it_lets_go(
     finally:
         writer.shutdown()
         db.close()
+
+
+def test_a_wake_after_the_loop_has_closed_is_dropped_not_raised_in_the_holder(
+    tmp_path: Path,
+) -> None:
+    """A holder that lets the database go after the coordinator's loop closed (a shutdown
+    while the writer thread finishes a call) calls the waiter the loop left: that must not
+    raise in the holder's thread, after its commit."""
+    db = table_db(tmp_path)
+    loop = asyncio.new_event_loop()
+    loop.close()
+    woke: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    thread_errors: list[BaseException] = []
+
+    def holder() -> None:
+        try:
+            with db.tx() as conn:
+                conn.execute("INSERT INTO t (v) VALUES (1)")
+                started.set()
+                assert release.wait(30)
+        except BaseException as err:
+            thread_errors.append(err)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert started.wait(30)
+        assert not db.try_hold(lambda: group_commit._wake(loop, lambda _: woke.append("run")))
+        release.set()
+        thread.join(30)
+        assert thread_errors == [] and woke == []  # dropped: nobody runs that loop any more
+        with db.read() as conn:  # and the holder's transaction committed
+            assert conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
+    finally:
+        release.set()
+        db.close()
