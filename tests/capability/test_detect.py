@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import socket
@@ -20,6 +22,17 @@ from trainfleet.capability.model import Capability
 @pytest.fixture(scope="module")
 def detected() -> Capability:
     return detect_capability()
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch, tmp_path) -> pytest.MonkeyPatch:
+    """A driver mark that exists (so the CUDA probe runs), and a fresh probe cache."""
+    mark = tmp_path / "nvidia-version"
+    mark.write_text("NVRM version: test\n")
+    monkeypatch.setattr(detect, "DRIVER_MARKS", (str(mark),))
+    detect._cuda_devices.cache_clear()
+    yield monkeypatch
+    detect._cuda_devices.cache_clear()
 
 
 def test_hardware(detected):
@@ -82,3 +95,56 @@ def test_detection_reports_every_cuda_device_and_its_memory() -> None:
     props = torch.cuda.get_device_properties(0)
     assert cap.gpu_names[0] == props.name
     assert cap.vram_gib >= props.total_memory / 1024**3 - 0.01
+
+
+def test_without_an_nvidia_driver_no_probe_runs_and_the_version_comes_from_metadata(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_child(*args, **kwargs):
+        raise AssertionError("no probe should run without a driver")
+
+    monkeypatch.setattr(detect, "DRIVER_MARKS", ("/nonexistent/nvidia",))
+    monkeypatch.setattr(detect.subprocess, "run", no_child)
+    detect._cuda_devices.cache_clear()
+    try:
+        assert detect._cuda_devices() == ((), (), torch.__version__)
+    finally:
+        detect._cuda_devices.cache_clear()
+
+
+def test_with_a_driver_the_real_probe_asks_torch_in_a_child(probe) -> None:
+    names, vram, version = detect._cuda_devices()
+    assert version == torch.__version__
+    assert (
+        len(names) == len(vram) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    )
+
+
+def test_the_probes_devices_are_what_the_worker_reports(probe) -> None:
+    reply = {"torch": "9.9.9+cu999", "devices": [["Fake H200", 150 * 1024**3], ["Fake H200", 10]]}
+    probe.setattr(detect, "_PROBE", f"print({json.dumps(reply)!r})")
+    cap = detect_capability()
+    assert cap.cuda and cap.num_gpus == 2 and cap.gpu_names == ["Fake H200", "Fake H200"]
+    assert cap.vram_gib == 150.0
+    assert cap.torch_version == "9.9.9+cu999"
+
+
+@pytest.mark.parametrize(
+    "script, why",
+    [
+        ("import sys; print('boom', file=sys.stderr); sys.exit(3)", "exit status 3: boom"),
+        ("print('not json')", "Expecting value"),
+        ('print(\'{"torch": "2"}\')', "devices"),
+        ('print(\'{"torch": "2", "devices": [["x", "many"]]}\')', "invalid literal"),
+        ("pass", "list index out of range"),
+    ],
+)
+def test_a_failed_probe_reports_no_gpu_and_says_why(
+    probe, caplog: pytest.LogCaptureFixture, script: str, why: str
+) -> None:
+    probe.setattr(detect, "_PROBE", script)
+    with caplog.at_level(logging.WARNING, logger=detect.__name__):
+        cap = detect_capability()
+    assert not cap.cuda and cap.num_gpus == 0 and cap.vram_gib == 0
+    assert cap.torch_version == torch.__version__  # from the installed metadata
+    assert why in caplog.text and "CPU jobs only" in caplog.text

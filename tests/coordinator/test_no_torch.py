@@ -10,12 +10,13 @@ import subprocess
 import sys
 
 
-def loaded_after(modules: list[str]) -> list[str]:
+def loaded_after(modules: list[str], then: str = "") -> list[str]:
     """The torch modules (and safetensors' torch side) a fresh interpreter holds after
-    importing ``modules``."""
+    importing ``modules`` and running ``then``."""
     code = (
         "import importlib, json, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"{then}\n"
         "print(json.dumps(sorted(m for m in sys.modules"
         " if m.split('.')[0] == 'torch' or m == 'safetensors.torch')))"
     )
@@ -28,6 +29,13 @@ def loaded_after(modules: list[str]) -> list[str]:
 def test_the_coordinator_and_the_worker_daemon_import_no_torch() -> None:
     assert loaded_after(["trainfleet.coordinator.server", "trainfleet.cli.main"]) == []
     assert loaded_after(["trainfleet.worker.daemon"]) == []
+
+
+def test_a_worker_detects_its_capability_without_torch() -> None:
+    """Its import took 1.5-2 s of CPU in every `trainfleet join` (a third of the suite's
+    worker start-ups' CPU), and on a GPU machine it would keep a CUDA context in the daemon."""
+    then = "from trainfleet.capability import detect_capability; detect_capability()"
+    assert loaded_after(["trainfleet.worker.daemon"], then) == []
 
 
 def test_the_refs_side_of_the_feature_store_imports_no_torch_and_the_tensor_side_still_works() -> (
