@@ -63,6 +63,9 @@ def test_killed_worker_job_is_requeued_and_completed_elsewhere(fleet: Fleet) -> 
     wait_until(lambda: fleet.operator.logs("long")["lines"], 30, "the job's first log lines")
     kill_tree(first)  # the worker and its job die without a word
     first.wait(timeout=10)
+    # Back in the queue once its beats stop (3 s here); only then may a worker that leaves
+    # after 2 s idle start, or it could find nothing to do and go.
+    fleet.wait_state("long", {"pending"}, timeout_s=30)
     second = fleet.start_worker("host-b", "--exit-when-idle-s", "2")
     job = fleet.wait_state("long", {"completed", "failed"}, timeout_s=120)
     assert job["state"] == "completed"
@@ -81,18 +84,18 @@ def test_stale_epoch_is_refused_after_the_job_moved_on(fleet: Fleet) -> None:
     # A worker that claims and then goes silent, played by the test over real HTTP.
     with Client(fleet.url, fleet.worker_token("ghost")) as joiner:
         token = joiner.register(make_cap("ghost").model_dump(mode="json"))["token"]
-    ghost = Client(fleet.url, token)
-    claim = ghost.claim()
-    assert claim is not None and claim["epoch"] == 1
-    real = fleet.start_worker("real", "--exit-when-idle-s", "2")
-    job = fleet.wait_state("j", {"completed"}, timeout_s=60)  # requeued after 3 s of silence
-    assert job["host"] == "real" and job["epoch"] == 2
-    with pytest.raises(StaleEpoch):
-        ghost.complete(claim["job"]["id"], 1, {"metrics": {"heldout_loss": 0.0}})
-    with pytest.raises(StaleEpoch):
-        ghost.heartbeat(claim["job"]["id"], 1)
+    with Client(fleet.url, token) as ghost:
+        claim = ghost.claim()
+        assert claim is not None and claim["epoch"] == 1
+        fleet.wait_state("j", {"pending"}, timeout_s=30)  # requeued after 3 s of silence
+        real = fleet.start_worker("real", "--exit-when-idle-s", "2")
+        job = fleet.wait_state("j", {"completed"}, timeout_s=60)
+        assert job["host"] == "real" and job["epoch"] == 2
+        with pytest.raises(StaleEpoch):
+            ghost.complete(claim["job"]["id"], 1, {"metrics": {"heldout_loss": 0.0}})
+        with pytest.raises(StaleEpoch):
+            ghost.heartbeat(claim["job"]["id"], 1)
     assert fleet.job("j")["job"]["result"]["metrics"]["heldout_loss"] == 1.5
-    ghost.close()
     real.wait(timeout=60)
 
 
