@@ -2,9 +2,9 @@
 
 The worker daemon never imports torch (it runs jobs; it does not train): torch's version is
 read from its installed metadata, and CUDA devices are asked for only where an NVIDIA driver
-is present, by torch in a short-lived child process. So a worker on a CPU machine starts in
-well under a second and stays at about a third of the memory, and on a GPU machine the
-daemon holds no CUDA context: every byte of GPU memory is its jobs'.
+is present, by torch in a short-lived child process. So on a CPU machine `trainfleet join`
+imports and detects in 0.6 s of CPU and 65 MiB (1.9 s and 247 MiB with torch), and on a GPU
+machine the daemon holds no CUDA context: all GPU memory is left to its jobs.
 """
 
 from __future__ import annotations
