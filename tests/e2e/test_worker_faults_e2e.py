@@ -5,6 +5,7 @@ time, and no job process outlives its attempt."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,8 @@ def test_a_job_printing_one_long_line_then_failing_is_failed_not_lost(fleet: Fle
     # The same daemon goes on to the next job.
     assert fleet.wait_state("after", {"completed"}, timeout_s=30)["host"] == "cpu-a"
     assert w.poll() is None
+    # Registered, ran, reported and uploaded without loading torch (its jobs load it).
+    assert "libtorch" not in Path(f"/proc/{w.pid}/maps").read_text()
     lines = fleet.operator.logs("loud")["lines"]
     assert any(len(line["line"]) <= 4096 and line["line"].startswith("xxx") for line in lines)
 
