@@ -15,9 +15,6 @@ from typing import Annotated
 import typer
 
 from trainfleet.cli.common import JsonOpt, err_console, fail, print_json
-from trainfleet.verify.attest import keygen as make_keys
-from trainfleet.verify.attest import measure as measure_install
-from trainfleet.verify.attest import worker_config
 
 attest_app = typer.Typer(
     name="attest",
@@ -33,6 +30,10 @@ def keygen(
 ) -> None:
     """Write a SIMULATED attestation key pair (Ed25519) into DIRECTORY. Anyone holding the
     private key can attest any measurement: it is for tests and local use, not security."""
+    # Loaded on use: every command loads this module, and the verify package loads the
+    # manifest's models and numpy (0.14 s of each command's start).
+    from trainfleet.verify.attest import keygen as make_keys
+
     try:
         private, public = make_keys(directory)
     except FileExistsError:
@@ -54,6 +55,9 @@ def keygen(
 def measure(as_json: JsonOpt = False) -> None:
     """Print this install's measurement (sha256 of trainfleet's source files and the worker
     config it covers): a line for the coordinator's --measurements allowlist."""
+    from trainfleet.verify.attest import measure as measure_install
+    from trainfleet.verify.attest import worker_config
+
     config = worker_config()
     value = measure_install(config)
     if as_json:

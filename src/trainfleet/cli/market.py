@@ -28,7 +28,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -50,7 +50,9 @@ from trainfleet.cli.common import (
     fail,
     print_json,
 )
-from trainfleet.verify.market import CompetitionSpec
+
+if TYPE_CHECKING:  # loaded on use: the verify package loads the manifest's models and numpy
+    from trainfleet.verify.market import CompetitionSpec
 
 ACCEPTED, REJECTED, USAGE, UNDECIDED = 0, 1, 2, 3
 POLL_S = 0.5
@@ -82,6 +84,8 @@ def load_competition(path: Path) -> CompetitionSpec:
     table = data.get("competition")
     if not isinstance(table, dict):
         raise CompetitionFileError(f"{path} has no [competition] table")
+    from trainfleet.verify.market import CompetitionSpec
+
     try:
         return CompetitionSpec.model_validate(table)
     except ValidationError as err:
@@ -407,6 +411,7 @@ def score(
     over its held-out pool, the quantity referees estimate): the honest --claim for submit."""
     from trainfleet.data.prepare import CacheSettings
     from trainfleet.errors import CorpusTooSmall, DataError
+    from trainfleet.verify.market import CompetitionSpec
     from trainfleet.verify.referee import SCORE_WINDOWS, ModelRefused, heldout_score, load_model
 
     if (competition is None) == (file is None):

@@ -33,7 +33,6 @@ from trainfleet.cli.common import (
     fail,
     print_json,
 )
-from trainfleet.manifest import parse_manifest
 
 COMMAND_LINE = "<command line>"  # the path a shortcut's errors name
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
@@ -173,6 +172,8 @@ def submit(
         text = command_job_text(
             name, args, after or [], priority, submitter or default_submitter(), settings or []
         )
+    from trainfleet.manifest import parse_manifest  # on use: every command loads this module
+
     with errors():
         parse_manifest(text, path, external_after=True)  # the loader's checks, first here
         with client(url, token, state_dir) as c:
