@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 
@@ -148,3 +149,17 @@ def test_a_failed_probe_reports_no_gpu_and_says_why(
     assert not cap.cuda and cap.num_gpus == 0 and cap.vram_gib == 0
     assert cap.torch_version == torch.__version__  # from the installed metadata
     assert why in caplog.text and "CPU jobs only" in caplog.text
+
+
+def test_a_probe_that_hangs_is_killed_at_its_timeout_and_reports_no_gpu(
+    probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    probe.setattr(detect, "_PROBE", "import time; print('starting', flush=True); time.sleep(60)")
+    probe.setattr(detect, "PROBE_TIMEOUT_S", 0.5)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # other fixtures'
+    with caplog.at_level(logging.WARNING, logger=detect.__name__):
+        cap = detect_capability()
+    assert not cap.cuda and cap.num_gpus == 0
+    assert "timed out after 0.5 seconds" in caplog.text and "CPU jobs only" in caplog.text
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before  # the probe did not outlive its timeout
