@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -26,14 +27,20 @@ def detected() -> Capability:
 
 
 @pytest.fixture
-def probe(monkeypatch: pytest.MonkeyPatch, tmp_path) -> pytest.MonkeyPatch:
-    """A driver mark that exists (so the CUDA probe runs), and a fresh probe cache."""
-    mark = tmp_path / "nvidia-version"
-    mark.write_text("NVRM version: test\n")
-    monkeypatch.setattr(detect, "DRIVER_MARKS", (str(mark),))
+def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """The probe's per-process cache emptied before and after the test."""
     detect._cuda_devices.cache_clear()
     yield monkeypatch
     detect._cuda_devices.cache_clear()
+
+
+@pytest.fixture
+def probe(fresh: pytest.MonkeyPatch, tmp_path) -> pytest.MonkeyPatch:
+    """A driver mark that exists, so the CUDA probe runs."""
+    mark = tmp_path / "nvidia-version"
+    mark.write_text("NVRM version: test\n")
+    fresh.setattr(detect, "DRIVER_MARKS", (str(mark),))
+    return fresh
 
 
 def test_hardware(detected):
@@ -99,18 +106,14 @@ def test_detection_reports_every_cuda_device_and_its_memory() -> None:
 
 
 def test_without_an_nvidia_driver_no_probe_runs_and_the_version_comes_from_metadata(
-    monkeypatch: pytest.MonkeyPatch,
+    fresh: pytest.MonkeyPatch,
 ) -> None:
     def no_child(*args, **kwargs):
         raise AssertionError("no probe should run without a driver")
 
-    monkeypatch.setattr(detect, "DRIVER_MARKS", ("/nonexistent/nvidia",))
-    monkeypatch.setattr(detect.subprocess, "run", no_child)
-    detect._cuda_devices.cache_clear()
-    try:
-        assert detect._cuda_devices() == ((), (), torch.__version__)
-    finally:
-        detect._cuda_devices.cache_clear()
+    fresh.setattr(detect, "DRIVER_MARKS", ("/nonexistent/nvidia",))
+    fresh.setattr(detect.subprocess, "run", no_child)
+    assert detect._cuda_devices() == ((), (), torch.__version__)
 
 
 def test_with_a_driver_the_real_probe_asks_torch_in_a_child(probe) -> None:
